@@ -1,0 +1,227 @@
+//! The persisted POSIX format: how a blob's metadata says what it is.
+//!
+//! simfs speaks the keys other Azure tools already write, so a container stays readable by
+//! them and simfs reads what they wrote:
+//!
+//! | key            | meaning                                   | written by            |
+//! |----------------|-------------------------------------------|-----------------------|
+//! | `hdi_isfolder` | `true`: a directory marker blob           | Blobfuse2, AMLFS, ADLS|
+//! | `is_symlink`   | `true`: the body is the link target       | Blobfuse2             |
+//! | `permissions`  | octal mode bits, e.g. `0755` or `4755`    | Azure Managed Lustre  |
+//! | `owner`/`group`| numeric uid / gid                         | Azure Managed Lustre  |
+//! | `mtime`        | RFC 3339 with nanoseconds                 | rclone                |
+//!
+//! Keys are matched case-insensitively (the store lower-cases them) and so are the boolean
+//! values. A value that does not parse is ignored — the mount-wide default applies — and
+//! reported, never fatal: the filesystem must not fail on what a container holds.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+pub const KEY_IS_FOLDER: &str = "hdi_isfolder";
+pub const KEY_IS_SYMLINK: &str = "is_symlink";
+pub const KEY_PERMISSIONS: &str = "permissions";
+pub const KEY_OWNER: &str = "owner";
+pub const KEY_GROUP: &str = "group";
+pub const KEY_MTIME: &str = "mtime";
+
+/// What a blob's metadata says about the POSIX object it stands for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PosixMeta {
+    pub is_folder: bool,
+    pub is_symlink: bool,
+    /// Permission bits including setuid/setgid/sticky (at most 0o7777).
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mtime: Option<SystemTime>,
+    /// Values present but not understood, as `key=value`, for `simfs check`.
+    pub rejected: Vec<String>,
+}
+
+fn is_true(v: &str) -> bool {
+    v.trim().eq_ignore_ascii_case("true")
+}
+
+/// Reads the simfs-relevant keys from (lower-cased) metadata.
+pub fn parse(meta: &BTreeMap<String, String>) -> PosixMeta {
+    let mut out = PosixMeta {
+        is_folder: meta.get(KEY_IS_FOLDER).is_some_and(|v| is_true(v)),
+        is_symlink: meta.get(KEY_IS_SYMLINK).is_some_and(|v| is_true(v)),
+        ..Default::default()
+    };
+    let mut take = |key: &str, parsed: Option<()>| {
+        if parsed.is_none() {
+            out.rejected.push(format!("{key}={}", meta[key]));
+        }
+    };
+    let mut mode = None;
+    let mut uid = None;
+    let mut gid = None;
+    let mut mtime = None;
+    if let Some(v) = meta.get(KEY_PERMISSIONS) {
+        mode = parse_mode(v);
+        take(KEY_PERMISSIONS, mode.map(|_| ()));
+    }
+    if let Some(v) = meta.get(KEY_OWNER) {
+        uid = v.trim().parse::<u32>().ok();
+        take(KEY_OWNER, uid.map(|_| ()));
+    }
+    if let Some(v) = meta.get(KEY_GROUP) {
+        gid = v.trim().parse::<u32>().ok();
+        take(KEY_GROUP, gid.map(|_| ()));
+    }
+    if let Some(v) = meta.get(KEY_MTIME) {
+        mtime = parse_time(v);
+        take(KEY_MTIME, mtime.map(|_| ()));
+    }
+    out.mode = mode;
+    out.uid = uid;
+    out.gid = gid;
+    out.mtime = mtime;
+    out
+}
+
+/// Octal (`755`, `0755`, `04755`) or symbolic (`rwxr-xr-x`, `-rwsr-xr-t`) permissions.
+pub fn parse_mode(v: &str) -> Option<u32> {
+    let v = v.trim();
+    if !v.is_empty() && v.len() <= 6 && v.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        let m = u32::from_str_radix(v, 8).ok()?;
+        return (m <= 0o7777).then_some(m);
+    }
+    let sym = match v.len() {
+        10 => &v[1..],
+        9 => v,
+        _ => return None,
+    };
+    let b = sym.as_bytes();
+    let mut mode = 0u32;
+    for (i, triple) in b.chunks(3).enumerate() {
+        let shift = 6 - 3 * i as u32;
+        mode |= match triple[0] {
+            b'r' => 4,
+            b'-' => 0,
+            _ => return None,
+        } << shift;
+        mode |= match triple[1] {
+            b'w' => 2,
+            b'-' => 0,
+            _ => return None,
+        } << shift;
+        let special = [0o4000, 0o2000, 0o1000][i];
+        let exec_char = if i == 2 { (b't', b'T') } else { (b's', b'S') };
+        mode |= match triple[2] {
+            b'x' => 1 << shift,
+            b'-' => 0,
+            c if c == exec_char.0 => (1 << shift) | special,
+            c if c == exec_char.1 => special,
+            _ => return None,
+        };
+    }
+    Some(mode)
+}
+
+/// RFC 3339 (rclone writes nanoseconds), or Unix seconds with an optional fraction.
+pub fn parse_time(v: &str) -> Option<SystemTime> {
+    let v = v.trim();
+    if let Ok(t) = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339) {
+        let nanos = t.unix_timestamp_nanos();
+        return if nanos >= 0 {
+            Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).ok()?))
+        } else {
+            SystemTime::UNIX_EPOCH.checked_sub(Duration::from_nanos(u64::try_from(-nanos).ok()?))
+        };
+    }
+    let secs: f64 = v.parse().ok()?;
+    if !secs.is_finite() || secs.abs() > 1e12 {
+        return None;
+    }
+    if secs >= 0.0 {
+        Some(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs))
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(Duration::from_secs_f64(-secs))
+    }
+}
+
+/// Formats a time the way rclone writes `mtime` (RFC 3339, nanoseconds, UTC).
+pub fn format_time(t: SystemTime) -> String {
+    let nanos = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    };
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        crate::blob::normalize_metadata(pairs.iter().map(|(k, v)| (*k, *v)))
+    }
+
+    #[test]
+    fn reads_blobfuse2_and_amlfs_keys_case_insensitively() {
+        let m = parse(&meta(&[
+            ("HDI_ISFOLDER", "True"),
+            ("Permissions", "0750"),
+            ("owner", "1000"),
+            ("group", "100"),
+            ("mtime", "2024-03-01T10:20:30.123456789Z"),
+        ]));
+        assert!(m.is_folder);
+        assert!(!m.is_symlink);
+        assert_eq!(m.mode, Some(0o750));
+        assert_eq!((m.uid, m.gid), (Some(1000), Some(100)));
+        let d = m
+            .mtime
+            .unwrap()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap();
+        assert_eq!(d.as_secs(), 1_709_288_430);
+        assert_eq!(d.subsec_nanos(), 123_456_789);
+        assert!(m.rejected.is_empty());
+    }
+
+    #[test]
+    fn keeps_setuid_setgid_and_sticky_bits() {
+        assert_eq!(parse_mode("4755"), Some(0o4755));
+        assert_eq!(parse_mode("01777"), Some(0o1777));
+        assert_eq!(parse_mode("rwsr-sr-t"), Some(0o7755));
+        assert_eq!(parse_mode("-rw-r--r--"), Some(0o644));
+        assert_eq!(parse_mode("rwSr--r-T"), Some(0o5644));
+    }
+
+    #[test]
+    fn rejects_garbage_values_without_failing() {
+        let m = parse(&meta(&[
+            ("permissions", "0999"),
+            ("owner", "root"),
+            ("mtime", "yesterday"),
+            ("is_symlink", "yes"),
+        ]));
+        assert_eq!(m.mode, None);
+        assert_eq!(m.uid, None);
+        assert_eq!(m.mtime, None);
+        assert!(!m.is_symlink, "only 'true' means true");
+        assert_eq!(m.rejected.len(), 3);
+        assert_eq!(parse_mode("77777"), None);
+        assert_eq!(parse_mode(""), None);
+    }
+
+    #[test]
+    fn time_round_trips_through_rclone_format() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 42);
+        assert_eq!(parse_time(&format_time(t)), Some(t));
+        assert_eq!(
+            parse_time("1700000000.5"),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_500))
+        );
+    }
+}

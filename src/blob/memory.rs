@@ -1,0 +1,146 @@
+//! An in-memory container with Azure's listing semantics (name order, prefix, `startFrom`,
+//! opaque markers, page size), used by unit tests and benchmarks in place of the service.
+
+use super::{BlobError, BlobProps, BlobResult, BlobStore, ListPage, ListQuery};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::RwLock;
+use std::time::SystemTime;
+
+#[derive(Clone)]
+struct Stored {
+    props: BlobProps,
+    data: Bytes,
+}
+
+pub struct MemoryStore {
+    blobs: RwLock<BTreeMap<String, Stored>>,
+    page_size: usize,
+    etag_counter: std::sync::atomic::AtomicU64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::with_page_size(5000)
+    }
+
+    /// A store whose listing pages hold at most `page_size` blobs (small pages exercise paging).
+    pub fn with_page_size(page_size: usize) -> Self {
+        MemoryStore {
+            blobs: RwLock::new(BTreeMap::new()),
+            page_size: page_size.max(1),
+            etag_counter: Default::default(),
+        }
+    }
+
+    /// Stores `data` at `name` with `metadata`, replacing any blob there, with a fresh ETag.
+    pub fn put(&self, name: &str, data: impl Into<Bytes>, metadata: &[(&str, &str)]) {
+        let data = data.into();
+        let n = self
+            .etag_counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let props = BlobProps {
+            name: name.to_string(),
+            size: data.len() as u64,
+            etag: format!("\"0x{n:016X}\""),
+            last_modified: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+            content_md5: Some(md5_of(&data)),
+            metadata: super::normalize_metadata(metadata.iter().map(|(k, v)| (*k, *v))),
+        };
+        self.blobs
+            .write()
+            .unwrap()
+            .insert(name.to_string(), Stored { props, data });
+    }
+
+    /// Overrides the stored Content-MD5 (tests of verification use a wrong one).
+    pub fn set_content_md5(&self, name: &str, md5: Option<Vec<u8>>) {
+        if let Some(s) = self.blobs.write().unwrap().get_mut(name) {
+            s.props.content_md5 = md5;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.blobs.read().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub fn md5_of(data: &[u8]) -> Vec<u8> {
+    use md5::{Digest, Md5};
+    Md5::digest(data).to_vec()
+}
+
+#[async_trait]
+impl BlobStore for MemoryStore {
+    async fn list(&self, q: &ListQuery) -> BlobResult<ListPage> {
+        let blobs = self.blobs.read().unwrap();
+        let mut lower = q.prefix.clone();
+        if let Some(s) = &q.start_from {
+            if *s > lower {
+                lower = s.clone();
+            }
+        }
+        let max = q
+            .max_results
+            .map(|m| m as usize)
+            .unwrap_or(self.page_size)
+            .min(self.page_size);
+        let mut page = ListPage::default();
+        let iter = blobs
+            .range(lower..)
+            .filter(|(k, _)| match &q.marker {
+                Some(m) => k.as_str() > m.as_str(),
+                None => true,
+            })
+            .take_while(|(k, _)| k.starts_with(&q.prefix));
+        for (name, stored) in iter {
+            if page.blobs.len() == max {
+                page.next_marker = page.blobs.last().map(|b| b.name.clone());
+                break;
+            }
+            page.blobs.push(BlobProps {
+                name: name.clone(),
+                ..stored.props.clone()
+            });
+        }
+        Ok(page)
+    }
+
+    async fn head(&self, name: &str) -> BlobResult<BlobProps> {
+        self.blobs
+            .read()
+            .unwrap()
+            .get(name)
+            .map(|s| s.props.clone())
+            .ok_or_else(|| BlobError::NotFound(name.to_string()))
+    }
+
+    async fn get_range(&self, name: &str, range: Range<u64>, etag: &str) -> BlobResult<Bytes> {
+        let blobs = self.blobs.read().unwrap();
+        let s = blobs
+            .get(name)
+            .ok_or_else(|| BlobError::NotFound(name.to_string()))?;
+        if s.props.etag != etag {
+            return Err(BlobError::PreconditionFailed(name.to_string()));
+        }
+        let end = range.end.min(s.data.len() as u64) as usize;
+        let start = (range.start as usize).min(end);
+        Ok(s.data.slice(start..end))
+    }
+
+    async fn check_access(&self) -> BlobResult<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,118 @@
+//! The container, seen through one narrow trait.
+//!
+//! `BlobStore` is everything simfs asks of Azure Blob Storage: a page of a flat listing (with
+//! metadata), a HEAD, and a ranged GET guarded by an ETag. The Azure implementation lives in
+//! `azure.rs`; `memory.rs` is a complete in-process store for unit tests and `faulty.rs` wraps
+//! any store to count requests and inject failures. Keeping the trait this small is what lets
+//! the filesystem core be tested without a network.
+//!
+//! Errors carry their meaning (`NotFound`, `PreconditionFailed`, `Auth`, ...) rather than HTTP
+//! codes so callers can map them to errnos without knowing which store produced them.
+
+pub mod auth;
+pub mod azure;
+pub mod faulty;
+pub mod format;
+pub mod listing;
+pub mod memory;
+pub mod sas;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::SystemTime;
+
+/// Properties of one blob as the listing or a HEAD reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobProps {
+    /// Full blob name within the container (not stripped of the mount prefix).
+    pub name: String,
+    pub size: u64,
+    pub etag: String,
+    pub last_modified: SystemTime,
+    /// Raw Content-MD5 bytes when the service has one (whole-blob uploads only).
+    pub content_md5: Option<Vec<u8>>,
+    /// Metadata with keys lower-cased: Azure keys are case-insensitive.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// One page of a flat, name-ordered listing.
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    pub blobs: Vec<BlobProps>,
+    /// Opaque continuation; `None` when the listing under the query is complete.
+    pub next_marker: Option<String>,
+}
+
+/// A listing request: names under `prefix`, at or after `start_from`, resuming at `marker`.
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    pub prefix: String,
+    pub start_from: Option<String>,
+    pub marker: Option<String>,
+    pub max_results: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum BlobError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("the container does not exist: {0}")]
+    ContainerNotFound(String),
+    #[error("the blob changed since it was indexed (ETag mismatch): {0}")]
+    PreconditionFailed(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("the storage service cannot be reached: {0}")]
+    Unreachable(String),
+    #[error("the storage service answered with an error: {0}")]
+    Service(String),
+    #[error("the service returned inconsistent data: {0}")]
+    Invalid(String),
+}
+
+impl BlobError {
+    /// The errno a filesystem operation that failed on this error should return.
+    pub fn errno(&self) -> i32 {
+        match self {
+            BlobError::NotFound(_) | BlobError::ContainerNotFound(_) => libc::ENOENT,
+            BlobError::PreconditionFailed(_) => libc::ESTALE,
+            BlobError::Auth(_) => libc::EACCES,
+            BlobError::Unreachable(_) | BlobError::Service(_) | BlobError::Invalid(_) => libc::EIO,
+        }
+    }
+}
+
+pub type BlobResult<T> = Result<T, BlobError>;
+
+/// What simfs needs from a container. Implementations must be cheap to share across threads.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// A page of blobs ordered by name. Honouring `start_from` is an optimisation the listing
+    /// relies on for parallelism; a store that ignores it must still return correct pages.
+    async fn list(&self, query: &ListQuery) -> BlobResult<ListPage>;
+
+    /// Properties and metadata of one blob.
+    async fn head(&self, name: &str) -> BlobResult<BlobProps>;
+
+    /// Bytes `range` of blob `name`, failing with `PreconditionFailed` when its ETag is no
+    /// longer `etag`.
+    async fn get_range(&self, name: &str, range: Range<u64>, etag: &str) -> BlobResult<Bytes>;
+
+    /// Confirms the container exists and the credentials can list it.
+    async fn check_access(&self) -> BlobResult<()>;
+}
+
+/// Lower-cases metadata keys: Azure treats them case-insensitively, simfs reads them so.
+pub fn normalize_metadata<I, K, V>(pairs: I) -> BTreeMap<String, String>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<str>,
+    V: Into<String>,
+{
+    pairs
+        .into_iter()
+        .map(|(k, v)| (k.as_ref().to_ascii_lowercase(), v.into()))
+        .collect()
+}

@@ -1,0 +1,236 @@
+//! The local cache: whole blobs hydrated to the NVMe on first open.
+//!
+//! A cached file is named by the blob's name *and* ETag, so a blob that changed in the
+//! container is never served from a stale copy: its new ETag names a different file.
+//! Downloads go to `tmp/` and are renamed into `data/` only once complete and verified (size,
+//! and Content-MD5 when the service has one), so any file in `data/` is whole. Concurrent
+//! opens of one blob download it once (single-flight through moka's `try_get_with`).
+//! Directories are 0700 and files 0600: the cache holds data other users may not read.
+//!
+//! Large blobs are fetched as parallel ranged GETs written at their offsets. Eviction, reads
+//! during hydration and pinning of open files will extend this module; its layout already
+//! keys files so that an evicted one is simply downloaded again.
+
+use crate::blob::{BlobError, BlobStore};
+use crate::index::BlobRef;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("cache disk: {0}")]
+    Io(Arc<std::io::Error>),
+    #[error("downloaded data failed verification: {0}")]
+    Corrupt(String),
+}
+
+impl From<std::io::Error> for CacheError {
+    fn from(e: std::io::Error) -> Self {
+        CacheError::Io(Arc::new(e))
+    }
+}
+
+impl CacheError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            // A read must never look like a missing file because the service is unwell.
+            CacheError::Blob(BlobError::NotFound(_)) => libc::EIO,
+            CacheError::Blob(e) => e.errno(),
+            CacheError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            CacheError::Corrupt(_) => libc::EIO,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    /// Blobs larger than this are fetched as parallel ranges of this size.
+    pub chunk_size: u64,
+    /// Ranged GETs in flight for one blob.
+    pub parallel: usize,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            chunk_size: 8 << 20,
+            parallel: 8,
+        }
+    }
+}
+
+pub struct Cache {
+    data_dir: PathBuf,
+    tmp_dir: PathBuf,
+    store: Arc<dyn BlobStore>,
+    rt: tokio::runtime::Handle,
+    opts: CacheOptions,
+    /// Hydrated files known to be whole; also the single-flight point for downloads.
+    present: moka::sync::Cache<String, Arc<PathBuf>>,
+    tmp_seq: AtomicU64,
+    pub downloads: AtomicU64,
+}
+
+fn private_dir(p: &Path) -> std::io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(p)?;
+    std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+}
+
+impl Cache {
+    /// A cache rooted at `dir` (created 0700). Leftover partial downloads are removed.
+    pub fn new(
+        dir: &Path,
+        store: Arc<dyn BlobStore>,
+        rt: tokio::runtime::Handle,
+        opts: CacheOptions,
+    ) -> std::io::Result<Cache> {
+        let data_dir = dir.join("data");
+        let tmp_dir = dir.join("tmp");
+        private_dir(dir)?;
+        private_dir(&data_dir)?;
+        if tmp_dir.exists() {
+            std::fs::remove_dir_all(&tmp_dir)?;
+        }
+        private_dir(&tmp_dir)?;
+        Ok(Cache {
+            data_dir,
+            tmp_dir,
+            store,
+            rt,
+            opts,
+            present: moka::sync::Cache::new(1 << 20),
+            tmp_seq: AtomicU64::new(0),
+            downloads: AtomicU64::new(0),
+        })
+    }
+
+    /// The cache file name for a blob version: hashes, so any blob name and ETag fit.
+    fn key(blob: &BlobRef) -> String {
+        let name = Sha256::digest(blob.name.as_bytes());
+        let etag = Sha256::digest(blob.etag.as_bytes());
+        format!("{}-{}", hex::encode(&name[..16]), hex::encode(&etag[..8]))
+    }
+
+    /// Whether the blob version is in the cache, without any network request.
+    pub fn is_cached(&self, blob: &BlobRef) -> bool {
+        let key = Self::key(blob);
+        self.present.contains_key(&key) || self.whole_file(&key, blob.size).is_some()
+    }
+
+    fn whole_file(&self, key: &str, size: u64) -> Option<PathBuf> {
+        let p = self.data_dir.join(key);
+        let md = std::fs::metadata(&p).ok()?;
+        (md.len() == size).then_some(p)
+    }
+
+    /// Opens the cached copy of `blob`, downloading it first when it is not cached.
+    pub fn open(&self, blob: &BlobRef) -> Result<File, CacheError> {
+        let key = Self::key(blob);
+        let path = self
+            .present
+            .try_get_with(key.clone(), || -> Result<Arc<PathBuf>, CacheError> {
+                if let Some(p) = self.whole_file(&key, blob.size) {
+                    return Ok(Arc::new(p));
+                }
+                self.rt.block_on(self.download(&key, blob)).map(Arc::new)
+            })
+            .map_err(|e| (*e).clone())?;
+        match File::open(path.as_ref()) {
+            Ok(f) => Ok(f),
+            Err(e) => {
+                // Removed behind our back (someone cleaned the cache): forget it and refetch.
+                self.present.invalidate(&key);
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    let p = self.rt.block_on(self.download(&key, blob))?;
+                    return Ok(File::open(p)?);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn download(&self, key: &str, blob: &BlobRef) -> Result<PathBuf, CacheError> {
+        self.downloads.fetch_add(1, Ordering::Relaxed);
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .tmp_dir
+            .join(format!("{key}.{}.{seq}", std::process::id()));
+        let result = self.fill(&tmp, blob).await;
+        if let Err(e) = &result {
+            tracing::warn!("hydrating {:?} failed: {e}", blob.name);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(result.unwrap_err());
+        }
+        let dest = self.data_dir.join(key);
+        std::fs::rename(&tmp, &dest)?;
+        Ok(dest)
+    }
+
+    async fn fill(&self, tmp: &Path, blob: &BlobRef) -> Result<(), CacheError> {
+        let file = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(tmp)?;
+        if blob.size > 0 {
+            file.set_len(blob.size)?;
+        }
+        let chunk = self.opts.chunk_size.max(1);
+        let ranges =
+            (0..blob.size.div_ceil(chunk)).map(|i| i * chunk..((i + 1) * chunk).min(blob.size));
+        let mut fetches = futures::stream::iter(ranges.map(|r| {
+            let store = self.store.clone();
+            async move {
+                let data = store.get_range(&blob.name, r.clone(), &blob.etag).await;
+                (r, data)
+            }
+        }))
+        .buffer_unordered(self.opts.parallel.max(1));
+        while let Some((r, data)) = fetches.next().await {
+            let data = data?;
+            if data.len() as u64 != r.end - r.start {
+                return Err(CacheError::Corrupt(format!(
+                    "{:?}: range {}..{} returned {} bytes",
+                    blob.name,
+                    r.start,
+                    r.end,
+                    data.len()
+                )));
+            }
+            file.write_all_at(&data, r.start)?;
+        }
+        if let Some(expected) = &blob.content_md5 {
+            let actual = md5_file(tmp)?;
+            if &actual != expected {
+                return Err(CacheError::Corrupt(format!(
+                    "{:?}: Content-MD5 mismatch",
+                    blob.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn md5_file(p: &Path) -> std::io::Result<Vec<u8>> {
+    use md5::{Digest as _, Md5};
+    let mut f = File::open(p)?;
+    let mut h = Md5::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finalize().to_vec());
+        }
+        h.update(&buf[..n]);
+    }
+}

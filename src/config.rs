@@ -1,0 +1,419 @@
+//! From the command line to a validated configuration.
+//!
+//! The source is `az://ACCOUNT/CONTAINER[/PREFIX]` (public cloud, or `--endpoint` for Azurite
+//! and other clouds), or `CONTAINER[/PREFIX]` when a connection string names the account.
+//! Credentials are resolved once, here, in a documented order, and never read from argv:
+//! only from files and environment variables (the variables' names are what the Azure CLI
+//! and SDKs use). Environment access goes through a closure so tests can supply their own.
+
+use crate::blob::auth::{parse_connection_string, Credential, Secret};
+use crate::index::build::Defaults;
+use std::path::PathBuf;
+use url::Url;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMode {
+    /// SAS, account key or connection string if configured, else Entra ID (workload identity
+    /// when its token file is set, else managed identity).
+    Auto,
+    Sas,
+    AccountKey,
+    ManagedIdentity,
+    WorkloadIdentity,
+    AzureCli,
+    ServicePrincipal,
+    Anonymous,
+}
+
+/// Where the container is and how to reach it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SourceArgs {
+    /// az://ACCOUNT/CONTAINER[/PREFIX], or CONTAINER[/PREFIX] with a connection string.
+    pub source: String,
+    /// Blob service endpoint, e.g. http://127.0.0.1:10000/devstoreaccount1 (Azurite) or
+    /// https://ACCOUNT.blob.core.usgovcloudapi.net. Default: the public cloud endpoint.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub auth: AuthMode,
+    /// File holding a SAS token (else $AZURE_STORAGE_SAS_TOKEN).
+    #[arg(long)]
+    pub sas_token_file: Option<PathBuf>,
+    /// File holding the account key (else $AZURE_STORAGE_KEY); simfs signs its own SAS.
+    #[arg(long)]
+    pub account_key_file: Option<PathBuf>,
+    /// File holding a connection string (else $AZURE_STORAGE_CONNECTION_STRING).
+    #[arg(long)]
+    pub connection_string_file: Option<PathBuf>,
+    /// Client id of a user-assigned managed identity or service principal ($AZURE_CLIENT_ID).
+    #[arg(long)]
+    pub client_id: Option<String>,
+    /// Local directory for the index and cached data (put it on the NVMe).
+    #[arg(long)]
+    pub cache_dir: PathBuf,
+    /// Owner of blobs without an `owner` key [default: the mounting user].
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// Group of blobs without a `group` key [default: the mounting user's group].
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Mode of files without a `permissions` key (octal).
+    #[arg(long, default_value = "0644", value_parser = parse_octal)]
+    pub file_mode: u32,
+    /// Mode of directories without a `permissions` key (octal).
+    #[arg(long, default_value = "0755", value_parser = parse_octal)]
+    pub dir_mode: u32,
+    /// List the container again instead of reusing the persisted index.
+    #[arg(long)]
+    pub reindex: bool,
+    /// List requests in flight at once while indexing.
+    #[arg(long, default_value_t = 32)]
+    pub list_concurrency: usize,
+}
+
+fn parse_octal(s: &str) -> Result<u32, String> {
+    crate::blob::format::parse_mode(s).ok_or_else(|| format!("{s:?} is not an octal mode"))
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+/// A resolved source: everything needed to reach the container.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The container URL without any query string (what the index records).
+    pub container_url: Url,
+    pub account: String,
+    pub container: String,
+    /// Blob-name prefix of the mount root: empty, or ending in `/`.
+    pub prefix: String,
+    pub credential: Credential,
+}
+
+/// Container names: 3-63 of a-z, 0-9 and '-', starting and ending alphanumeric, no "--".
+pub fn valid_container_name(c: &str) -> bool {
+    if c == "$root" || c == "$web" {
+        return true;
+    }
+    let b = c.as_bytes();
+    (3..=63).contains(&b.len())
+        && b.iter()
+            .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || x == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+        && !c.contains("--")
+}
+
+fn read_secret_file(p: &PathBuf, what: &str) -> Result<Secret, ConfigError> {
+    match std::fs::read_to_string(p) {
+        Ok(s) if !s.trim().is_empty() => Ok(Secret::new(s)),
+        Ok(_) => err(format!("{what} file {} is empty", p.display())),
+        Err(e) => err(format!("cannot read {what} file {}: {e}", p.display())),
+    }
+}
+
+/// Resolves the source and credential from arguments and the environment (`env`).
+pub fn resolve(
+    a: &SourceArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Target, ConfigError> {
+    let conn = match (
+        &a.connection_string_file,
+        env("AZURE_STORAGE_CONNECTION_STRING"),
+    ) {
+        (Some(p), _) => Some(
+            read_secret_file(p, "connection string")?
+                .expose()
+                .to_string(),
+        ),
+        (None, Some(s)) if !s.trim().is_empty() => Some(s),
+        _ => None,
+    }
+    .map(|s| parse_connection_string(&s).map_err(ConfigError))
+    .transpose()?;
+
+    let (account, path) = match a.source.strip_prefix("az://") {
+        Some(rest) => match rest.split_once('/') {
+            Some((acct, path)) if !acct.is_empty() => (acct.to_string(), path.to_string()),
+            _ => {
+                return err(format!(
+                    "source {:?}: expected az://ACCOUNT/CONTAINER[/PREFIX]",
+                    a.source
+                ))
+            }
+        },
+        None if a.source.contains("://") => {
+            return err(format!(
+                "source {:?}: only az:// sources are supported",
+                a.source
+            ))
+        }
+        None => match conn.as_ref().and_then(|c| c.account.clone()) {
+            Some(acct) => (acct, a.source.clone()),
+            None => return err(format!(
+                "source {:?} names no account: use az://ACCOUNT/CONTAINER or a connection string",
+                a.source
+            )),
+        },
+    };
+    if let Some(c) = &conn {
+        if c.account.as_deref().is_some_and(|ca| ca != account) {
+            return err(format!(
+                "the connection string is for another account than {account:?}"
+            ));
+        }
+    }
+    let path = path.trim_matches('/');
+    let (container, prefix) = match path.split_once('/') {
+        Some((c, p)) => (c.to_string(), p.trim_matches('/').to_string()),
+        None => (path.to_string(), String::new()),
+    };
+    if !valid_container_name(&container) {
+        return err(format!(
+            "{container:?} is not a valid container name (3-63 lowercase letters, digits, hyphens)"
+        ));
+    }
+    if crate::index::names::split_blob_name(&prefix).is_err() && !prefix.is_empty() {
+        return err(format!(
+            "prefix {prefix:?} has an empty, '.' or '..' segment"
+        ));
+    }
+    let prefix = if prefix.is_empty() {
+        prefix
+    } else {
+        format!("{prefix}/")
+    };
+
+    let endpoint = match (
+        &a.endpoint,
+        conn.as_ref().and_then(|c| c.blob_endpoint.clone()),
+    ) {
+        (Some(e), _) => e.trim_end_matches('/').to_string(),
+        (None, Some(e)) => e,
+        (None, None) => format!("https://{account}.blob.core.windows.net"),
+    };
+    let mut container_url =
+        Url::parse(&endpoint).map_err(|e| ConfigError(format!("endpoint {endpoint:?}: {e}")))?;
+    if container_url.query().is_some() {
+        return err("the endpoint must not carry a query string: give a SAS with --sas-token-file");
+    }
+    container_url
+        .path_segments_mut()
+        .map_err(|_| ConfigError(format!("endpoint {endpoint:?} cannot be a base URL")))?
+        .pop_if_empty()
+        .push(&container);
+
+    let credential = resolve_credential(a, env, &account, conn.as_ref())?;
+    Ok(Target {
+        container_url,
+        account,
+        container,
+        prefix,
+        credential,
+    })
+}
+
+fn resolve_credential(
+    a: &SourceArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    account: &str,
+    conn: Option<&crate::blob::auth::ConnectionString>,
+) -> Result<Credential, ConfigError> {
+    let envs = |k: &str| env(k).filter(|v| !v.trim().is_empty()).map(Secret::new);
+    let sas = || -> Result<Option<Secret>, ConfigError> {
+        Ok(match &a.sas_token_file {
+            Some(p) => Some(read_secret_file(p, "SAS token")?),
+            None => conn
+                .and_then(|c| c.sas.clone())
+                .or_else(|| envs("AZURE_STORAGE_SAS_TOKEN")),
+        })
+    };
+    let key = || -> Result<Option<Secret>, ConfigError> {
+        Ok(match &a.account_key_file {
+            Some(p) => Some(read_secret_file(p, "account key")?),
+            None => conn
+                .and_then(|c| c.account_key.clone())
+                .or_else(|| envs("AZURE_STORAGE_KEY"))
+                .or_else(|| envs("AZURE_STORAGE_ACCOUNT_KEY")),
+        })
+    };
+    let client_id = a.client_id.clone().or_else(|| env("AZURE_CLIENT_ID"));
+    let key_cred = |k: Secret| Credential::AccountKey {
+        account: account.to_string(),
+        key: k,
+    };
+    Ok(match a.auth {
+        AuthMode::Sas => Credential::Sas(sas()?.ok_or_else(|| {
+            ConfigError("--auth sas: no SAS token (--sas-token-file, $AZURE_STORAGE_SAS_TOKEN or a connection string)".into())
+        })?),
+        AuthMode::AccountKey => key_cred(key()?.ok_or_else(|| {
+            ConfigError("--auth account-key: no key (--account-key-file, $AZURE_STORAGE_KEY or a connection string)".into())
+        })?),
+        AuthMode::ManagedIdentity => Credential::ManagedIdentity { client_id },
+        AuthMode::WorkloadIdentity => Credential::WorkloadIdentity,
+        AuthMode::AzureCli => Credential::AzureCli,
+        AuthMode::Anonymous => Credential::Anonymous,
+        AuthMode::ServicePrincipal => Credential::ClientSecret {
+            tenant_id: env("AZURE_TENANT_ID")
+                .ok_or_else(|| ConfigError("--auth service-principal needs $AZURE_TENANT_ID".into()))?,
+            client_id: client_id
+                .ok_or_else(|| ConfigError("--auth service-principal needs --client-id or $AZURE_CLIENT_ID".into()))?,
+            secret: envs("AZURE_CLIENT_SECRET")
+                .ok_or_else(|| ConfigError("--auth service-principal needs $AZURE_CLIENT_SECRET".into()))?,
+        },
+        AuthMode::Auto => {
+            if let Some(s) = sas()? {
+                Credential::Sas(s)
+            } else if let Some(k) = key()? {
+                key_cred(k)
+            } else if env("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+                Credential::WorkloadIdentity
+            } else {
+                Credential::ManagedIdentity { client_id }
+            }
+        }
+    })
+}
+
+impl SourceArgs {
+    pub fn defaults(&self) -> Defaults {
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Defaults {
+            uid: self.uid.unwrap_or(uid),
+            gid: self.gid.unwrap_or(gid),
+            file_mode: self.file_mode,
+            dir_mode: self.dir_mode,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct T {
+        #[command(flatten)]
+        a: SourceArgs,
+    }
+
+    fn args(argv: &[&str]) -> SourceArgs {
+        let mut v = vec!["t"];
+        v.extend_from_slice(argv);
+        T::parse_from(v).a
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn az_source_with_prefix_and_public_endpoint() {
+        let t = resolve(
+            &args(&["az://acct/data/train/v1/", "--cache-dir", "/c"]),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            t.container_url.as_str(),
+            "https://acct.blob.core.windows.net/data"
+        );
+        assert_eq!(t.container, "data");
+        assert_eq!(t.prefix, "train/v1/");
+        assert_eq!(
+            t.credential,
+            Credential::ManagedIdentity { client_id: None }
+        );
+    }
+
+    #[test]
+    fn endpoint_overrides_for_azurite() {
+        let t = resolve(
+            &args(&[
+                "az://devstoreaccount1/data",
+                "--endpoint",
+                "http://127.0.0.1:10000/devstoreaccount1/",
+                "--cache-dir",
+                "/c",
+            ]),
+            &no_env,
+        )
+        .unwrap();
+        assert_eq!(
+            t.container_url.as_str(),
+            "http://127.0.0.1:10000/devstoreaccount1/data"
+        );
+        assert_eq!(t.prefix, "");
+    }
+
+    #[test]
+    fn connection_string_supplies_account_endpoint_and_key() {
+        let env = |k: &str| {
+            (k == "AZURE_STORAGE_CONNECTION_STRING")
+                .then(|| "UseDevelopmentStorage=true".to_string())
+        };
+        let t = resolve(&args(&["data/sub", "--cache-dir", "/c"]), &env).unwrap();
+        assert_eq!(t.account, "devstoreaccount1");
+        assert_eq!(
+            t.container_url.as_str(),
+            "http://127.0.0.1:10000/devstoreaccount1/data"
+        );
+        assert!(matches!(t.credential, Credential::AccountKey { .. }));
+    }
+
+    #[test]
+    fn sas_from_environment_wins_in_auto_mode() {
+        let env = |k: &str| match k {
+            "AZURE_STORAGE_SAS_TOKEN" => Some("?sv=x&sig=y".to_string()),
+            "AZURE_STORAGE_KEY" => Some("a2V5".to_string()),
+            _ => None,
+        };
+        let t = resolve(&args(&["az://a/cont", "--cache-dir", "/c"]), &env).unwrap();
+        assert_eq!(t.credential, Credential::Sas(Secret::new("?sv=x&sig=y")));
+        let t = resolve(
+            &args(&["az://a/cont", "--cache-dir", "/c", "--auth", "account-key"]),
+            &env,
+        )
+        .unwrap();
+        assert!(matches!(t.credential, Credential::AccountKey { .. }));
+    }
+
+    #[test]
+    fn bad_sources_get_clear_errors() {
+        let e = |argv: &[&str]| resolve(&args(argv), &no_env).unwrap_err().0;
+        assert!(
+            e(&["az://acct/Bad_Name", "--cache-dir", "/c"]).contains("not a valid container name")
+        );
+        assert!(e(&["data", "--cache-dir", "/c"]).contains("names no account"));
+        assert!(e(&["s3://b/k", "--cache-dir", "/c"]).contains("only az://"));
+        assert!(e(&["az://acct/data/a/../b", "--cache-dir", "/c"]).contains("prefix"));
+        assert!(
+            e(&["az://acct/data", "--cache-dir", "/c", "--auth", "sas"]).contains("no SAS token")
+        );
+        assert!(e(&[
+            "az://acct/data",
+            "--cache-dir",
+            "/c",
+            "--sas-token-file",
+            "/nonexistent"
+        ])
+        .contains("cannot read SAS token file"));
+    }
+
+    #[test]
+    fn container_name_rules() {
+        assert!(valid_container_name("data-01"));
+        assert!(valid_container_name("$root"));
+        assert!(!valid_container_name("ab"));
+        assert!(!valid_container_name("-ab"));
+        assert!(!valid_container_name("a--b"));
+        assert!(!valid_container_name("UPPER"));
+    }
+}

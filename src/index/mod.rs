@@ -1,0 +1,345 @@
+//! The SQLite index: every inode, directory entry and attribute of the mounted tree.
+//!
+//! The index is the filesystem's metadata: lookup, getattr, readdir and readlink read it and
+//! nothing else. It lives on the cache disk in WAL mode so readers never wait for the writer.
+//! Inode numbers are SQLite rowids, persisted, so they are stable across remounts of the same
+//! index. Directory entries are a table of their own (`dentries`), separate from `inodes`, so
+//! that one inode can have several names (hardlinks) without a schema change.
+//!
+//! `meta` records which container and prefix the index describes and whether its listing
+//! completed; an index for another source, or an unfinished one, is never reused.
+
+pub mod build;
+pub mod names;
+pub mod sync;
+
+use names::Name;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+pub const ROOT_INO: u64 = 1;
+const SCHEMA_VERSION: &str = "1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+}
+
+impl Kind {
+    fn to_i64(self) -> i64 {
+        match self {
+            Kind::Dir => 1,
+            Kind::File => 2,
+            Kind::Symlink => 3,
+        }
+    }
+    fn from_i64(v: i64) -> rusqlite::Result<Kind> {
+        match v {
+            1 => Ok(Kind::Dir),
+            2 => Ok(Kind::File),
+            3 => Ok(Kind::Symlink),
+            _ => Err(rusqlite::Error::IntegralValueOutOfRange(0, v)),
+        }
+    }
+}
+
+/// Attributes of one inode, FUSE-free.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    /// Permission bits, setuid/setgid/sticky included.
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub nlink: u32,
+}
+
+/// Where an inode's data comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobRef {
+    pub name: String,
+    pub etag: String,
+    pub size: u64,
+    pub content_md5: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Name,
+    pub attr: Attr,
+}
+
+/// Something `simfs check` reports about a blob: hidden from the tree, or shown with some of
+/// its metadata ignored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub blob: String,
+    pub hidden: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("index database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("index file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("index is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl IndexError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            IndexError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            _ => libc::EIO,
+        }
+    }
+}
+
+pub type IndexResult<T> = Result<T, IndexError>;
+
+/// Identity of the source an index describes; an index is reused only for the same one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceId {
+    pub container_url: String,
+    pub prefix: String,
+}
+
+pub fn to_ns(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        Err(e) => -(e.duration().as_nanos().min(i64::MAX as u128) as i64),
+    }
+}
+
+pub fn from_ns(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE inodes(
+    ino      INTEGER PRIMARY KEY,
+    kind     INTEGER NOT NULL,
+    perm     INTEGER NOT NULL,
+    uid      INTEGER NOT NULL,
+    gid      INTEGER NOT NULL,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    nlink    INTEGER NOT NULL,
+    blob     TEXT,
+    etag     TEXT,
+    md5      BLOB,
+    target   BLOB
+);
+CREATE TABLE dentries(
+    parent INTEGER NOT NULL,
+    name   BLOB NOT NULL,
+    ino    INTEGER NOT NULL,
+    PRIMARY KEY(parent, name)
+) WITHOUT ROWID;
+CREATE INDEX dentries_by_ino ON dentries(ino);
+CREATE TABLE findings(blob TEXT NOT NULL, hidden INTEGER NOT NULL, reason TEXT NOT NULL);
+";
+
+const ATTR_COLS: &str =
+    "i.ino, i.kind, i.perm, i.uid, i.gid, i.size, i.mtime_ns, i.ctime_ns, i.nlink";
+
+fn row_attr(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Attr> {
+    Ok(Attr {
+        ino: row.get::<_, i64>(at)? as u64,
+        kind: Kind::from_i64(row.get(at + 1)?)?,
+        perm: row.get::<_, i64>(at + 2)? as u32,
+        uid: row.get::<_, i64>(at + 3)? as u32,
+        gid: row.get::<_, i64>(at + 4)? as u32,
+        size: row.get::<_, i64>(at + 5)? as u64,
+        mtime: from_ns(row.get(at + 6)?),
+        ctime: from_ns(row.get(at + 7)?),
+        nlink: row.get::<_, i64>(at + 8)? as u32,
+    })
+}
+
+/// A read-only view of a complete index, shared by all FUSE threads through a connection pool.
+pub struct Index {
+    path: PathBuf,
+    pool: crossbeam::queue::ArrayQueue<Connection>,
+}
+
+impl Index {
+    /// Opens a complete index for `source`; None when there is none, it is unfinished or it
+    /// describes another source.
+    pub fn open_existing(path: &Path, source: &SourceId) -> IndexResult<Option<Index>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let index = Index {
+            path: path.to_path_buf(),
+            pool: crossbeam::queue::ArrayQueue::new(32),
+        };
+        let ok = index.with_conn(|c| {
+            let get = |k: &str| -> rusqlite::Result<Option<String>> {
+                c.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
+                    .optional()
+            };
+            Ok(get("schema")?.as_deref() == Some(SCHEMA_VERSION)
+                && get("complete")?.as_deref() == Some("1")
+                && get("container_url")?.as_deref() == Some(&source.container_url)
+                && get("prefix")?.as_deref() == Some(&source.prefix))
+        });
+        match ok {
+            Ok(true) => Ok(Some(index)),
+            Ok(false) => Ok(None),
+            // A damaged file is rebuilt, not served.
+            Err(IndexError::Sqlite(e)) => {
+                tracing::warn!("ignoring unreadable index {}: {e}", path.display());
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn connect(&self) -> IndexResult<Connection> {
+        let c = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        c.pragma_update(None, "query_only", true)?;
+        c.pragma_update(None, "cache_size", -16_000)?;
+        c.pragma_update(None, "mmap_size", 256 * 1024 * 1024)?;
+        Ok(c)
+    }
+
+    /// Runs `f` on a pooled read connection.
+    fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> IndexResult<T>) -> IndexResult<T> {
+        let conn = match self.pool.pop() {
+            Some(c) => c,
+            None => self.connect()?,
+        };
+        let out = f(&conn);
+        let _ = self.pool.push(conn);
+        out
+    }
+
+    pub fn getattr(&self, ino: u64) -> IndexResult<Option<Attr>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {ATTR_COLS} FROM inodes i WHERE i.ino = ?1"
+            ))?;
+            Ok(st.query_row([ino as i64], |r| row_attr(r, 0)).optional()?)
+        })
+    }
+
+    pub fn lookup(&self, parent: u64, name: &Name) -> IndexResult<Option<Attr>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {ATTR_COLS} FROM dentries d JOIN inodes i ON i.ino = d.ino
+                 WHERE d.parent = ?1 AND d.name = ?2"
+            ))?;
+            Ok(st
+                .query_row(params![parent as i64, name.as_bytes()], |r| row_attr(r, 0))
+                .optional()?)
+        })
+    }
+
+    /// All entries of directory `ino` in name order (without `.` and `..`).
+    pub fn readdir(&self, ino: u64) -> IndexResult<Vec<DirEntry>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT d.name, {ATTR_COLS} FROM dentries d JOIN inodes i ON i.ino = d.ino
+                 WHERE d.parent = ?1 ORDER BY d.name"
+            ))?;
+            let rows = st.query_map([ino as i64], |r| {
+                let name: Vec<u8> = r.get(0)?;
+                Ok((name, row_attr(r, 1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, attr) = row?;
+                let name = Name::new(&name)
+                    .map_err(|e| IndexError::Corrupt(format!("entry name in {ino}: {e}")))?;
+                out.push(DirEntry { name, attr });
+            }
+            Ok(out)
+        })
+    }
+
+    /// The parent directory of `ino` (the root is its own parent).
+    pub fn parent_of(&self, ino: u64) -> IndexResult<u64> {
+        if ino == ROOT_INO {
+            return Ok(ROOT_INO);
+        }
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached("SELECT parent FROM dentries WHERE ino = ?1 LIMIT 1")?;
+            let p: Option<i64> = st.query_row([ino as i64], |r| r.get(0)).optional()?;
+            Ok(p.map(|p| p as u64).unwrap_or(ROOT_INO))
+        })
+    }
+
+    pub fn readlink(&self, ino: u64) -> IndexResult<Option<Vec<u8>>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached("SELECT target FROM inodes WHERE ino = ?1")?;
+            Ok(st
+                .query_row([ino as i64], |r| r.get::<_, Option<Vec<u8>>>(0))
+                .optional()?
+                .flatten())
+        })
+    }
+
+    pub fn blob_of(&self, ino: u64) -> IndexResult<Option<BlobRef>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT blob, etag, size, md5 FROM inodes WHERE ino = ?1 AND blob IS NOT NULL",
+            )?;
+            Ok(st
+                .query_row([ino as i64], |r| {
+                    Ok(BlobRef {
+                        name: r.get(0)?,
+                        etag: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        size: r.get::<_, i64>(2)? as u64,
+                        content_md5: r.get(3)?,
+                    })
+                })
+                .optional()?)
+        })
+    }
+
+    pub fn findings(&self) -> IndexResult<Vec<Finding>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT blob, hidden, reason FROM findings ORDER BY hidden DESC, blob",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(Finding {
+                    blob: r.get(0)?,
+                    hidden: r.get(1)?,
+                    reason: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// (number of inodes, total bytes of regular files).
+    pub fn totals(&self) -> IndexResult<(u64, u64)> {
+        self.with_conn(|c| {
+            Ok(c.query_row(
+                "SELECT count(*), coalesce(sum(CASE WHEN kind = 2 THEN size END), 0) FROM inodes",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )?)
+        })
+    }
+}

@@ -1,0 +1,107 @@
+//! Building the index from the container: list in parallel, fetch symlink targets, write.
+//!
+//! This is the only part of the index that talks to the network, and it runs before the
+//! mount is served. A listing that fails leaves any previous index untouched.
+
+use super::build::{BuildStats, Defaults, TreeBuilder, MAX_TARGET};
+use super::{Index, IndexError, SourceId};
+use crate::blob::listing::{list_all, ListProgress};
+use crate::blob::{BlobError, BlobStore};
+use futures::StreamExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+#[derive(Clone, Debug)]
+pub struct SyncOptions {
+    /// Requests in flight at once while listing and fetching symlink targets.
+    pub concurrency: usize,
+    pub defaults: Defaults,
+    /// Show a progress line on stderr when indexing takes longer than this.
+    pub progress_after: Option<Duration>,
+}
+
+/// Lists `prefix` of the container and writes a complete index at `db`, returning it opened.
+pub async fn build_index(
+    store: Arc<dyn BlobStore>,
+    source: &SourceId,
+    db: &Path,
+    opts: &SyncOptions,
+) -> Result<(Index, BuildStats), SyncError> {
+    let started = Instant::now();
+    let progress = Arc::new(ListProgress::default());
+    let mut rx = list_all(
+        store.clone(),
+        source.prefix.clone(),
+        opts.concurrency,
+        progress.clone(),
+    );
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut builder = TreeBuilder::new(opts.defaults.clone());
+    while let Some(page) = rx.recv().await {
+        for props in page? {
+            let Some(rel) = props.name.strip_prefix(&source.prefix) else {
+                continue;
+            };
+            let rel = rel.to_string();
+            builder.add(&rel, props);
+        }
+        if bar.is_none() && opts.progress_after.is_some_and(|d| started.elapsed() > d) {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.enable_steady_tick(Duration::from_millis(200));
+            bar = Some(b);
+        }
+        if let Some(b) = &bar {
+            b.set_message(format!(
+                "indexing: {} blobs listed ({} requests)",
+                progress.blobs.load(Ordering::Relaxed),
+                progress.requests.load(Ordering::Relaxed)
+            ));
+        }
+    }
+    let links = builder.pending_symlinks();
+    if let Some(b) = &bar {
+        b.set_message(format!("indexing: reading {} symlink targets", links.len()));
+    }
+    let mut fetched = futures::stream::iter(links.into_iter().map(|(id, blob)| {
+        let store = store.clone();
+        async move {
+            let end = blob.size.min(MAX_TARGET);
+            let data = store.get_range(&blob.name, 0..end, &blob.etag).await;
+            (id, data)
+        }
+    }))
+    .buffer_unordered(opts.concurrency.max(1));
+    while let Some((id, data)) = fetched.next().await {
+        builder.set_target(id, data?.to_vec());
+    }
+    let db_owned = db.to_path_buf();
+    let source2 = source.clone();
+    let stats = tokio::task::spawn_blocking(move || builder.write(&db_owned, &source2))
+        .await
+        .map_err(|e| IndexError::Corrupt(format!("index writer failed: {e}")))??;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    tracing::info!(
+        "indexed {} files, {} directories, {} symlinks ({} hidden) in {:.2?} with {} list requests",
+        stats.files,
+        stats.dirs,
+        stats.symlinks,
+        stats.hidden,
+        started.elapsed(),
+        progress.requests.load(Ordering::Relaxed)
+    );
+    let index = Index::open_existing(db, source)?
+        .ok_or_else(|| IndexError::Corrupt("freshly written index does not open".into()))?;
+    Ok((index, stats))
+}

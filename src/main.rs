@@ -1,0 +1,271 @@
+//! The `simfs` command: mount, unmount, check.
+
+use clap::{Parser, Subcommand};
+use simfs::config::SourceArgs;
+use simfs::mount::{block_unmount_signals, explain, prepare, serve, ServeOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "simfs",
+    version,
+    about = "Mount an Azure Blob container as a POSIX filesystem"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount a container (returns once the mount is serving, then runs in the background).
+    Mount {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Where to mount.
+        mountpoint: PathBuf,
+        /// Stay attached to the terminal (logs to stderr).
+        #[arg(long, short)]
+        foreground: bool,
+        /// Let other users access the mount (needs user_allow_other for non-root).
+        #[arg(long)]
+        allow_other: bool,
+        /// Kernel entry/attribute cache time in seconds (the index is authoritative).
+        #[arg(long, default_value_t = 86400)]
+        attr_timeout: u64,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Unmount a simfs mount.
+    Unmount { mountpoint: PathBuf },
+    /// Index a container and list what the mount hides, and why.
+    Check {
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+}
+
+/// Environment variable through which a background child reports readiness to its parent.
+const READY_FD: &str = "SIMFS_READY_FD";
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIMFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Mount {
+            source,
+            mountpoint,
+            foreground,
+            allow_other,
+            attr_timeout,
+            threads,
+        } => {
+            if !foreground && std::env::var_os(READY_FD).is_none() {
+                return spawn_background(&source, &mountpoint);
+            }
+            block_unmount_signals();
+            init_logging();
+            let opts = ServeOptions {
+                fsname: source.source.clone(),
+                allow_other,
+                ttl: Duration::from_secs(attr_timeout),
+                threads,
+            };
+            mount_foreground(&source, &mountpoint, &opts)
+        }
+        Cmd::Unmount { mountpoint } => unmount(&mountpoint),
+        Cmd::Check { source } => {
+            init_logging();
+            check(&source)
+        }
+    }
+}
+
+/// Reports readiness to the waiting parent, if there is one.
+fn report_ready(result: Result<(), String>) {
+    let Some(fd) = std::env::var(READY_FD)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        if let Err(m) = result {
+            eprintln!("simfs: {m}");
+        }
+        return;
+    };
+    // SAFETY: the parent passed us this descriptor for exactly this one message.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let msg = match result {
+        Ok(()) => "ok\n".to_string(),
+        Err(m) => format!("{m}\n"),
+    };
+    let _ = f.write_all(msg.as_bytes());
+}
+
+fn mount_foreground(
+    source: &SourceArgs,
+    mountpoint: &std::path::Path,
+    opts: &ServeOptions,
+) -> ExitCode {
+    if !mountpoint.is_dir() {
+        report_ready(Err(format!(
+            "mountpoint {} is not a directory",
+            mountpoint.display()
+        )));
+        return ExitCode::FAILURE;
+    }
+    let rt = runtime();
+    let (prepared, _target) = match prepare(source, &rt) {
+        Ok(p) => p,
+        Err((e, target)) => {
+            report_ready(Err(explain(&e, target.as_ref())));
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = serve(prepared.fs.clone(), mountpoint, opts, report_ready);
+    drop(prepared);
+    match result {
+        Ok(()) => {
+            tracing::info!("unmounted {}", mountpoint.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts `simfs mount` again as a detached child and waits until it serves or fails.
+fn spawn_background(source: &SourceArgs, mountpoint: &std::path::Path) -> ExitCode {
+    let (mut reader, writer) = match std::io::pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("simfs: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(&source.cache_dir) {
+        eprintln!("simfs: cache dir {}: {e}", source.cache_dir.display());
+        return ExitCode::FAILURE;
+    }
+    let log_path = source.cache_dir.join("simfs.log");
+    let log = match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("simfs: log file {}: {e}", log_path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let wfd = writer.as_raw_fd();
+    let exe = std::env::current_exe().unwrap_or_else(|_| "simfs".into());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(READY_FD, wfd.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::setsid();
+            let flags = libc::fcntl(wfd, libc::F_GETFD);
+            libc::fcntl(wfd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    drop(writer);
+    if let Err(e) = child {
+        eprintln!("simfs: cannot start the mount process: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut answer = String::new();
+    let _ = reader.read_to_string(&mut answer);
+    match answer.trim() {
+        "ok" => ExitCode::SUCCESS,
+        "" => {
+            eprintln!(
+                "simfs: the mount process exited without mounting {}; see {}",
+                mountpoint.display(),
+                log_path.display()
+            );
+            ExitCode::FAILURE
+        }
+        msg => {
+            eprintln!("simfs: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn unmount(mountpoint: &std::path::Path) -> ExitCode {
+    for (prog, args) in [("fusermount3", vec!["-u"]), ("umount", vec![])] {
+        match std::process::Command::new(prog)
+            .args(&args)
+            .arg(mountpoint)
+            .status()
+        {
+            Ok(s) if s.success() => return ExitCode::SUCCESS,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => eprintln!("simfs: {prog}: {e}"),
+        }
+    }
+    eprintln!("simfs: could not unmount {}", mountpoint.display());
+    ExitCode::FAILURE
+}
+
+fn check(source: &SourceArgs) -> ExitCode {
+    let rt = runtime();
+    let (prepared, target) = match prepare(source, &rt) {
+        Ok(p) => p,
+        Err((e, target)) => {
+            eprintln!("simfs: {}", explain(&e, target.as_ref()));
+            return ExitCode::FAILURE;
+        }
+    };
+    let findings = match prepared.fs.index().findings() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("simfs: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let hidden = findings.iter().filter(|f| f.hidden).count();
+    println!(
+        "{}: {} blob(s) hidden, {} note(s)",
+        target.container_url,
+        hidden,
+        findings.len() - hidden
+    );
+    for f in findings {
+        let tag = if f.hidden { "hidden" } else { "note" };
+        println!("{tag}\t{}\t{}", f.blob, f.reason);
+    }
+    ExitCode::SUCCESS
+}

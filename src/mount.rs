@@ -1,0 +1,244 @@
+//! Wiring: from a resolved configuration to a serving mount.
+//!
+//! `prepare` builds the store, checks access (one request, so a missing container or a bad
+//! credential fails the mount with a one-line cause), reuses or builds the index and opens
+//! the cache. `serve` mounts with fuser and runs until unmounted (or a signal unmounts it).
+//! Each source gets its own state directory under the cache dir, locked while mounted so two
+//! mounts never share one index or cache.
+
+use crate::blob::azure::{AzureOptions, AzureStore};
+use crate::blob::{BlobError, BlobStore};
+use crate::cache::{Cache, CacheOptions};
+use crate::config::{resolve, SourceArgs, Target};
+use crate::fs::SimFs;
+use crate::fuse::SimFuse;
+use crate::index::sync::{build_index, SyncError, SyncOptions};
+use crate::index::{Index, SourceId};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Blob(#[from] BlobError),
+    #[error("index: {0}")]
+    Index(#[from] crate::index::IndexError),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl From<SyncError> for MountError {
+    fn from(e: SyncError) -> Self {
+        match e {
+            SyncError::Blob(b) => MountError::Blob(b),
+            SyncError::Index(i) => MountError::Index(i),
+        }
+    }
+}
+
+/// One line naming the cause, for the terminal.
+pub fn explain(e: &MountError, target: Option<&Target>) -> String {
+    let what = target
+        .map(|t| format!("{} (prefix {:?})", t.container_url, t.prefix))
+        .unwrap_or_default();
+    match e {
+        MountError::Blob(BlobError::ContainerNotFound(_)) => {
+            format!("container not found: {what}")
+        }
+        MountError::Blob(BlobError::Auth(m)) => format!(
+            "access denied to {what} with {}: {m} (is the SAS valid, unexpired and does it allow read and list?)",
+            target.map(|t| t.credential.describe()).unwrap_or("the credential")
+        ),
+        MountError::Blob(BlobError::Unreachable(m)) => {
+            format!("cannot reach the storage service for {what}: {m}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A held lock on a state directory, released when dropped.
+pub struct StateLock(#[allow(dead_code)] File);
+
+fn lock_state(dir: &Path) -> Result<StateLock, MountError> {
+    let f = File::create(dir.join("lock"))
+        .map_err(|e| MountError::Io(format!("{}: {e}", dir.display())))?;
+    // SAFETY: flock on a valid, owned descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(MountError::Io(format!(
+            "{} is in use by another simfs mount of the same source",
+            dir.display()
+        )));
+    }
+    Ok(StateLock(f))
+}
+
+/// The state directory of `source` under `cache_dir`.
+pub fn state_dir(cache_dir: &Path, source: &SourceId) -> PathBuf {
+    let h = Sha256::digest(format!("{}\n{}", source.container_url, source.prefix).as_bytes());
+    cache_dir.join(hex::encode(&h[..8]))
+}
+
+pub struct Prepared {
+    pub fs: Arc<SimFs>,
+    pub lock: StateLock,
+    pub state_dir: PathBuf,
+}
+
+/// Opens (or builds) the index and the cache for `source` on `store`.
+pub fn prepare_with_store(
+    store: Arc<dyn BlobStore>,
+    source: &SourceId,
+    args: &SourceArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Prepared, MountError> {
+    rt.block_on(store.check_access())?;
+    let dir = state_dir(&args.cache_dir, source);
+    std::fs::create_dir_all(&dir)
+        .and_then(|_| {
+            std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        })
+        .map_err(|e| MountError::Io(format!("cache dir {}: {e}", dir.display())))?;
+    let lock = lock_state(&dir)?;
+    let db = dir.join("index.db");
+    let existing = if args.reindex {
+        None
+    } else {
+        Index::open_existing(&db, source)?
+    };
+    let index = match existing {
+        Some(i) => {
+            tracing::info!("reusing the index at {}", db.display());
+            i
+        }
+        None => {
+            let opts = SyncOptions {
+                concurrency: args.list_concurrency,
+                defaults: args.defaults(),
+                progress_after: Some(Duration::from_secs(2)),
+            };
+            rt.block_on(build_index(store.clone(), source, &db, &opts))?
+                .0
+        }
+    };
+    let cache = Cache::new(
+        &dir.join("cache"),
+        store,
+        rt.handle().clone(),
+        CacheOptions::default(),
+    )
+    .map_err(|e| MountError::Io(format!("cache dir {}: {e}", dir.display())))?;
+    Ok(Prepared {
+        fs: Arc::new(SimFs::new(index, cache)),
+        lock,
+        state_dir: dir,
+    })
+}
+
+/// Resolves the source, connects to Azure and prepares the filesystem.
+pub fn prepare(
+    args: &SourceArgs,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(Prepared, Target), (MountError, Option<Target>)> {
+    let target = resolve(args, &|k| std::env::var(k).ok()).map_err(|e| (e.into(), None))?;
+    let store = AzureStore::new(
+        target.container_url.clone(),
+        &target.credential,
+        &AzureOptions::default(),
+    )
+    .map_err(|e| (e.into(), Some(target.clone())))?;
+    let source = SourceId {
+        container_url: target.container_url.to_string(),
+        prefix: target.prefix.clone(),
+    };
+    match prepare_with_store(Arc::new(store), &source, args, rt) {
+        Ok(p) => Ok((p, target)),
+        Err(e) => Err((e, Some(target))),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub fsname: String,
+    pub allow_other: bool,
+    pub ttl: Duration,
+    pub threads: usize,
+}
+
+/// Mounts `fs` at `mountpoint` and serves it until it is unmounted. `ready` is called once
+/// the kernel has completed the FUSE handshake (or with the error that prevented it).
+pub fn serve(
+    fs: Arc<SimFs>,
+    mountpoint: &Path,
+    opts: &ServeOptions,
+    ready: impl FnOnce(Result<(), String>),
+) -> Result<(), MountError> {
+    use fuser::{Config, MountOption, SessionACL};
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(opts.fsname.clone()),
+        MountOption::Subtype("simfs".into()),
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::DefaultPermissions,
+    ];
+    if opts.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(opts.threads.max(1));
+    let fuse = SimFuse::new(fs, opts.ttl);
+    let mut session = match fuser::Session::new(fuse, mountpoint, &config) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("cannot mount at {}: {e}", mountpoint.display());
+            ready(Err(msg.clone()));
+            return Err(MountError::Io(msg));
+        }
+    };
+    let unmounter = std::sync::Mutex::new(session.unmount_callable());
+    install_unmount_on_signal(unmounter);
+    ready(Ok(()));
+    session
+        .run()
+        .map_err(|e| MountError::Io(format!("FUSE session ended with an error: {e}")))
+}
+
+/// SIGINT/SIGTERM/SIGHUP unmount the filesystem, which ends `serve` cleanly.
+fn install_unmount_on_signal(unmounter: std::sync::Mutex<fuser::SessionUnmounter>) {
+    std::thread::spawn(move || {
+        // SAFETY: blocking the signals in this thread and waiting for them with sigwait is
+        // the documented way to handle signals synchronously; the set is initialised first.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::sigaddset(&mut set, s);
+            }
+            let mut sig = 0;
+            libc::sigwait(&set, &mut sig);
+            tracing::info!("signal {sig}: unmounting");
+        }
+        if let Err(e) = unmounter.lock().unwrap().unmount() {
+            tracing::error!("unmount failed: {e}");
+        }
+    });
+}
+
+/// Blocks the unmount signals in the calling thread (call before spawning any thread, so
+/// only the signal thread receives them).
+pub fn block_unmount_signals() {
+    // SAFETY: see install_unmount_on_signal.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
