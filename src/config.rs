@@ -155,10 +155,12 @@ pub fn resolve(
         }
         None => match conn.as_ref().and_then(|c| c.account.clone()) {
             Some(acct) => (acct, a.source.clone()),
-            None => return err(format!(
+            None => {
+                return err(format!(
                 "source {:?} names no account: use az://ACCOUNT/CONTAINER or a connection string",
                 a.source
-            )),
+            ))
+            }
         },
     };
     if let Some(c) = &conn {

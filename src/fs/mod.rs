@@ -212,3 +212,6 @@ impl SimFs {
         self.handles.lock().unwrap().len()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,395 @@
+//! Unit tests of the filesystem core against the in-memory and failure-injecting stores.
+
+use super::*;
+use crate::blob::faulty::FaultyStore;
+use crate::blob::memory::MemoryStore;
+use crate::blob::BlobStore;
+use crate::cache::CacheOptions;
+use crate::index::build::Defaults;
+use crate::index::sync::{build_index, SyncOptions};
+use crate::index::{SourceId, ROOT_INO};
+use std::ffi::OsStr;
+use std::sync::atomic::Ordering;
+
+struct World {
+    fs: Arc<SimFs>,
+    store: Arc<FaultyStore<MemoryStore>>,
+    _rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn defaults() -> Defaults {
+    Defaults {
+        uid: 1000,
+        gid: 1000,
+        file_mode: 0o644,
+        dir_mode: 0o755,
+    }
+}
+
+fn world_with(mem: MemoryStore, prefix: &str, chunk: u64) -> World {
+    let store = Arc::new(FaultyStore::new(mem));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceId {
+        container_url: "mem://test".into(),
+        prefix: prefix.into(),
+    };
+    let opts = SyncOptions {
+        concurrency: 4,
+        defaults: defaults(),
+        progress_after: None,
+    };
+    let dyn_store: Arc<dyn BlobStore> = store.clone();
+    let (index, _) = rt
+        .block_on(build_index(
+            dyn_store.clone(),
+            &source,
+            &dir.path().join("index.db"),
+            &opts,
+        ))
+        .unwrap();
+    let cache = crate::cache::Cache::new(
+        &dir.path().join("cache"),
+        dyn_store,
+        rt.handle().clone(),
+        CacheOptions {
+            chunk_size: chunk,
+            parallel: 4,
+        },
+    )
+    .unwrap();
+    World {
+        fs: Arc::new(SimFs::new(index, cache)),
+        store,
+        _rt: rt,
+        _dir: dir,
+    }
+}
+
+/// A container written with the Blobfuse2 conventions: marker blobs, a symlinked
+/// executable, a checkpoint with a `latest.pt` link, and the odd names real containers hold.
+fn fixture() -> MemoryStore {
+    let s = MemoryStore::with_page_size(3);
+    s.put(
+        "venv",
+        "",
+        &[("hdi_isfolder", "true"), ("permissions", "0750")],
+    );
+    s.put("venv/bin/python3.11", "#!elf", &[("permissions", "0755")]);
+    s.put("venv/bin/python", "python3.11", &[("is_symlink", "true")]);
+    s.put("venv/lib/site.py", "print('hi')", &[]);
+    s.put(
+        "ckpt/step-100.pt",
+        vec![7u8; 10_000],
+        &[("mtime", "2024-01-02T03:04:05.5Z")],
+    );
+    s.put("ckpt/latest.pt", "step-100.pt", &[("Is_Symlink", "TRUE")]);
+    s.put("empty/", "", &[]);
+    s.put("shadow", "I am hidden by shadow/", &[]);
+    s.put("shadow/inner", "x", &[]);
+    s.put("a//b", "empty segment", &[]);
+    s.put("dots/../x", "dot segment", &[]);
+    s.put("bad-meta", "y", &[("permissions", "rwx"), ("owner", "bob")]);
+    s.put("broken-link", "", &[("is_symlink", "true")]);
+    s
+}
+
+fn path(w: &World, p: &str) -> FsResult<Attr> {
+    let mut ino = ROOT_INO;
+    let mut attr = w.fs.getattr(ino)?;
+    for seg in p.split('/').filter(|s| !s.is_empty()) {
+        attr = w.fs.lookup(ino, OsStr::new(seg))?;
+        ino = attr.ino;
+    }
+    Ok(attr)
+}
+
+fn read_all(w: &World, p: &str) -> FsResult<Vec<u8>> {
+    let a = path(w, p)?;
+    let fh = w.fs.open(a.ino, false)?;
+    let data = w.fs.read(fh, 0, (a.size + 10) as u32);
+    w.fs.release(fh);
+    data
+}
+
+#[test]
+fn tree_follows_the_blobfuse2_conventions() {
+    let w = world_with(fixture(), "", 1 << 20);
+    let venv = path(&w, "venv").unwrap();
+    assert_eq!((venv.kind, venv.perm), (Kind::Dir, 0o750));
+    let py = path(&w, "venv/bin/python").unwrap();
+    assert_eq!(py.kind, Kind::Symlink);
+    assert_eq!(w.fs.readlink(py.ino).unwrap(), b"python3.11");
+    assert_eq!(py.size, 10);
+    assert_eq!(path(&w, "venv/bin/python3.11").unwrap().perm, 0o755);
+    let latest = path(&w, "ckpt/latest.pt").unwrap();
+    assert_eq!(w.fs.readlink(latest.ino).unwrap(), b"step-100.pt");
+    let step = path(&w, "ckpt/step-100.pt").unwrap();
+    assert_eq!((step.size, step.perm, step.uid), (10_000, 0o644, 1000));
+    let t = step.mtime.duration_since(std::time::UNIX_EPOCH).unwrap();
+    assert_eq!((t.as_secs(), t.subsec_millis()), (1_704_164_645, 500));
+    // The implicit directory takes the newest mtime below it.
+    assert_eq!(path(&w, "ckpt").unwrap().mtime, step.mtime);
+    assert_eq!(path(&w, "empty").unwrap().kind, Kind::Dir);
+}
+
+#[test]
+fn odd_names_are_hidden_and_reported() {
+    let w = world_with(fixture(), "", 1 << 20);
+    assert_eq!(
+        path(&w, "shadow").unwrap().kind,
+        Kind::Dir,
+        "the directory wins"
+    );
+    assert_eq!(read_all(&w, "shadow/inner").unwrap(), b"x");
+    assert!(matches!(path(&w, "a"), Err(FsError::NotFound)));
+    assert!(matches!(path(&w, "broken-link"), Err(FsError::NotFound)));
+    let bad = path(&w, "bad-meta").unwrap();
+    assert_eq!(
+        (bad.perm, bad.uid),
+        (0o644, 1000),
+        "bad values fall back to defaults"
+    );
+    let findings = w.fs.index().findings().unwrap();
+    let hidden: Vec<_> = findings
+        .iter()
+        .filter(|f| f.hidden)
+        .map(|f| f.blob.as_str())
+        .collect();
+    for b in ["a//b", "dots/../x", "shadow", "broken-link"] {
+        assert!(hidden.contains(&b), "{b} missing from {findings:?}");
+    }
+    assert!(findings
+        .iter()
+        .any(|f| !f.hidden && f.blob == "bad-meta" && f.reason.contains("permissions=rwx")));
+}
+
+#[test]
+fn readdir_lists_dot_entries_then_names_in_order() {
+    let w = world_with(fixture(), "", 1 << 20);
+    let venv = path(&w, "venv").unwrap();
+    let fh = w.fs.opendir(venv.ino).unwrap();
+    let names: Vec<String> =
+        w.fs.readdir(fh)
+            .unwrap()
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .collect();
+    assert_eq!(names, [".", "..", "bin", "lib"]);
+    assert_eq!(w.fs.readdir(fh).unwrap()[1].attr.ino, ROOT_INO);
+    w.fs.releasedir(fh);
+    assert_eq!(w.fs.open_handles(), 0);
+    assert_eq!(venv.nlink, 4, "2 + two subdirectories");
+    let file = path(&w, "venv/lib/site.py").unwrap();
+    assert!(matches!(w.fs.opendir(file.ino), Err(FsError::NotDir)));
+    assert!(matches!(
+        w.fs.lookup(file.ino, OsStr::new("x")),
+        Err(FsError::NotDir)
+    ));
+}
+
+#[test]
+fn names_are_validated_before_the_index_is_asked() {
+    let w = world_with(fixture(), "", 1 << 20);
+    let long = "x".repeat(256);
+    assert_eq!(
+        w.fs.lookup(ROOT_INO, OsStr::new(&long))
+            .unwrap_err()
+            .errno(),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        w.fs.lookup(ROOT_INO, OsStr::new("nope"))
+            .unwrap_err()
+            .errno(),
+        libc::ENOENT
+    );
+}
+
+#[test]
+fn metadata_path_makes_no_request_after_mount() {
+    let w = world_with(fixture(), "", 1 << 20);
+    let data = read_all(&w, "ckpt/step-100.pt").unwrap();
+    assert_eq!(data, vec![7u8; 10_000]);
+    let before = w.store.counters.total();
+    // Walk the whole tree: lookup + getattr + readdir + readlink of everything.
+    let mut stack = vec![ROOT_INO];
+    let mut seen = 0;
+    while let Some(ino) = stack.pop() {
+        let fh = w.fs.opendir(ino).unwrap();
+        for e in w.fs.readdir(fh).unwrap().iter().skip(2) {
+            let a =
+                w.fs.lookup(ino, std::os::unix::ffi::OsStrExt::from_bytes(&e.name[..]))
+                    .unwrap();
+            assert_eq!(w.fs.getattr(a.ino).unwrap(), a);
+            match a.kind {
+                Kind::Dir => stack.push(a.ino),
+                Kind::Symlink => {
+                    w.fs.readlink(a.ino).unwrap();
+                }
+                Kind::File => {}
+            }
+            seen += 1;
+        }
+        w.fs.releasedir(fh);
+    }
+    w.fs.statfs().unwrap();
+    // Re-open of a cached file.
+    assert_eq!(read_all(&w, "ckpt/step-100.pt").unwrap().len(), 10_000);
+    assert!(seen >= 12);
+    assert_eq!(w.store.counters.total(), before, "no request after mount");
+}
+
+#[test]
+fn large_blobs_hydrate_in_parallel_ranges_and_verify() {
+    let mem = MemoryStore::new();
+    let big: Vec<u8> = (0..1_000_003u32).map(|i| (i * 31 % 251) as u8).collect();
+    mem.put("big.bin", big.clone(), &[]);
+    let w = world_with(mem, "", 64 * 1024);
+    let gets = w.store.counters.get.load(Ordering::SeqCst);
+    let a = path(&w, "big.bin").unwrap();
+    let fh = w.fs.open(a.ino, false).unwrap();
+    assert_eq!(
+        w.store.counters.get.load(Ordering::SeqCst) - gets,
+        16,
+        "ceil(1_000_003 / 64 KiB)"
+    );
+    let mid = w.fs.read(fh, 500_000, 1000).unwrap();
+    assert_eq!(mid, &big[500_000..501_000]);
+    let tail = w.fs.read(fh, 1_000_000, 4096).unwrap();
+    assert_eq!(tail, &big[1_000_000..]);
+    w.fs.release(fh);
+}
+
+#[test]
+fn concurrent_opens_download_once() {
+    let mem = MemoryStore::new();
+    mem.put("shared.bin", vec![1u8; 300_000], &[]);
+    let w = world_with(mem, "", 1 << 20);
+    let ino = path(&w, "shared.bin").unwrap().ino;
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let fs = w.fs.clone();
+            std::thread::spawn(move || {
+                let fh = fs.open(ino, false).unwrap();
+                let n = fs.read(fh, 0, 400_000).unwrap().len();
+                fs.release(fh);
+                n
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 300_000);
+    }
+    assert_eq!(w.fs.cache().downloads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn content_md5_mismatch_fails_the_open_and_caches_nothing() {
+    let mem = MemoryStore::new();
+    mem.put("f", "payload", &[]);
+    mem.set_content_md5("f", Some(vec![0u8; 16]));
+    let w = world_with(mem, "", 1 << 20);
+    let ino = path(&w, "f").unwrap().ino;
+    let err = w.fs.open(ino, false).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(err.to_string().contains("Content-MD5"), "{err}");
+    assert_eq!(w.fs.open_handles(), 0);
+    // The next open tries again rather than serving a bad copy.
+    assert!(w.fs.open(ino, false).is_err());
+    assert_eq!(w.fs.cache().downloads.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn service_lost_after_mount_fails_uncached_reads_only() {
+    let mem = MemoryStore::new();
+    mem.put("cached", "warm", &[]);
+    mem.put("cold", "never fetched", &[]);
+    let w = world_with(mem, "", 1 << 20);
+    assert_eq!(read_all(&w, "cached").unwrap(), b"warm");
+    w.store.set_offline(true);
+    assert_eq!(read_all(&w, "cold").unwrap_err().errno(), libc::EIO);
+    assert_eq!(read_all(&w, "cached").unwrap(), b"warm");
+    assert_eq!(path(&w, "cold").unwrap().size, 13, "metadata still served");
+}
+
+#[test]
+fn a_failed_range_discards_the_partial_download() {
+    let mem = MemoryStore::new();
+    mem.put("f", vec![9u8; 200_000], &[]);
+    let w = world_with(mem, "", 65_536);
+    w.store.fail_get_at(131_072);
+    let ino = path(&w, "f").unwrap().ino;
+    assert_eq!(w.fs.open(ino, false).unwrap_err().errno(), libc::EIO);
+    w.store.fail_get_at(u64::MAX);
+    assert_eq!(read_all(&w, "f").unwrap(), vec![9u8; 200_000]);
+}
+
+#[test]
+fn a_changed_blob_is_never_served_from_the_old_copy() {
+    let mem = MemoryStore::new();
+    mem.put("f", "old", &[]);
+    let w = world_with(mem, "", 1 << 20);
+    // Someone rewrites the blob after the index was built: the ETag no longer matches.
+    w.store.inner().put("f", "new!", &[]);
+    let err = read_all(&w, "f").unwrap_err();
+    assert_eq!(err.errno(), libc::ESTALE);
+}
+
+#[test]
+fn mount_prefix_becomes_the_root() {
+    let mem = MemoryStore::new();
+    mem.put("train/v1/a.txt", "A", &[]);
+    mem.put("train/v1/sub/b.txt", "B", &[]);
+    mem.put("train/v2/c.txt", "C", &[]);
+    mem.put("other", "O", &[]);
+    let w = world_with(mem, "train/v1/", 1 << 20);
+    assert_eq!(read_all(&w, "a.txt").unwrap(), b"A");
+    assert_eq!(read_all(&w, "sub/b.txt").unwrap(), b"B");
+    assert!(path(&w, "c.txt").is_err());
+    assert!(path(&w, "other").is_err());
+}
+
+#[test]
+fn opening_for_write_is_refused_on_the_read_only_mount() {
+    let w = world_with(fixture(), "", 1 << 20);
+    let a = path(&w, "venv/lib/site.py").unwrap();
+    assert_eq!(w.fs.open(a.ino, true).unwrap_err().errno(), libc::EROFS);
+    let d = path(&w, "venv").unwrap();
+    assert_eq!(w.fs.open(d.ino, false).unwrap_err().errno(), libc::EISDIR);
+}
+
+#[test]
+fn index_is_reused_with_stable_inodes_only_for_the_same_source() {
+    let w = world_with(fixture(), "", 1 << 20);
+    let ino = path(&w, "venv/bin/python").unwrap().ino;
+    let db = w._dir.path().join("index.db");
+    let same = SourceId {
+        container_url: "mem://test".into(),
+        prefix: "".into(),
+    };
+    let reopened = Index::open_existing(&db, &same).unwrap().unwrap();
+    let venv = reopened
+        .lookup(ROOT_INO, &Name::new(b"venv").unwrap())
+        .unwrap()
+        .unwrap();
+    let bin = reopened
+        .lookup(venv.ino, &Name::new(b"bin").unwrap())
+        .unwrap()
+        .unwrap();
+    let py = reopened
+        .lookup(bin.ino, &Name::new(b"python").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(py.ino, ino);
+    let other = SourceId {
+        container_url: "mem://other".into(),
+        prefix: "".into(),
+    };
+    assert!(Index::open_existing(&db, &other).unwrap().is_none());
+}
