@@ -1,0 +1,226 @@
+//! The real parts the fuse-tests need, each behind a guard that cleans up on drop: an Azurite
+//! on a free loopback port with a temporary data folder, a seeded container, and a simfs
+//! mount that is always unmounted (even when the test panics).
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SIMFS: &str = env!("CARGO_BIN_EXE_simfs");
+pub const SEED: &str = env!("CARGO_BIN_EXE_simfs-seed");
+
+fn azurite_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuse-tests/node_modules/.bin/azurite-blob");
+    assert!(
+        p.exists(),
+        "Azurite is not installed: run fuse-tests/setup.sh (the README's test command does)"
+    );
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Azurite {
+    child: Child,
+    pub port: u16,
+    _data: tempfile::TempDir,
+}
+
+impl Azurite {
+    pub fn start() -> Azurite {
+        let data = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(azurite_bin())
+            .args([
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                &port.to_string(),
+                "--skipApiVersionCheck",
+                "--silent",
+            ])
+            .arg("--location")
+            .arg(data.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start azurite");
+        let az = Azurite {
+            child,
+            port,
+            _data: data,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "azurite did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        az
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/devstoreaccount1", self.port)
+    }
+
+    pub fn connection_string(&self) -> String {
+        format!(
+            "UseDevelopmentStorage=true;BlobEndpoint={}",
+            self.endpoint()
+        )
+    }
+
+    /// Uploads with simfs-seed: `dirs` as DIR=PREFIX, plus synthetic files and a big file.
+    pub fn seed(&self, container: &str, dirs: &[String], files: usize, big_mib: usize) {
+        let mut cmd = Command::new(SEED);
+        cmd.args(["--endpoint", &self.endpoint(), "--container", container])
+            .args([
+                "--files",
+                &files.to_string(),
+                "--big-mib",
+                &big_mib.to_string(),
+            ]);
+        for d in dirs {
+            cmd.args(["--dir", d]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "seed failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let m = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let want = mnt.to_string_lossy().into_owned();
+    m.lines()
+        .any(|l| l.split(' ').nth(1) == Some(want.as_str()))
+}
+
+/// A simfs mount, unmounted on drop.
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+}
+
+impl Mount {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `simfs mount ... --foreground` and waits until the kernel lists the mount.
+    pub fn start(args: &[&str], env: &[(&str, String)]) -> Result<Mount, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(SIMFS);
+        cmd.arg("mount")
+            .args(args)
+            .arg(dir.path())
+            .arg("--foreground");
+        cmd.env_remove("AZURE_STORAGE_CONNECTION_STRING")
+            .env("SIMFS_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if is_mounted(dir.path()) {
+                return Ok(Mount {
+                    dir,
+                    child: Some(child),
+                });
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                return Err(format!("exit {status}: {err}"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("mount did not appear within 60 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn unmount(&mut self) {
+        if is_mounted(self.path()) {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(self.path())
+                .status();
+        }
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.wait();
+        }
+        if is_mounted(self.path()) {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(self.path())
+                .status();
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// Every path below `root` (not following symlinks), sorted.
+pub fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}

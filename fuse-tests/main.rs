@@ -1,0 +1,401 @@
+//! Real mounts of simfs over /dev/fuse against a real Azurite (see harness.rs).
+
+mod harness;
+
+use harness::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// A local tree in the shapes ML users store: nested dirs, a symlinked executable, a
+/// checkpoint directory with a `latest.pt` link, modes that are not the defaults, and a venv.
+fn fixture() -> tempfile::TempDir {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path();
+    std::fs::create_dir_all(r.join("proj/src/pkg/deep")).unwrap();
+    std::fs::write(r.join("proj/src/pkg/__init__.py"), "VALUE = 42\n").unwrap();
+    std::fs::write(r.join("proj/src/pkg/deep/data.txt"), "deep data\n").unwrap();
+    std::fs::write(r.join("proj/tool.sh"), "#!/bin/sh\necho tool-ran \"$@\"\n").unwrap();
+    std::fs::set_permissions(r.join("proj/tool.sh"), PermissionsExt::from_mode(0o750)).unwrap();
+    std::fs::create_dir_all(r.join("proj/bin")).unwrap();
+    std::os::unix::fs::symlink("../tool.sh", r.join("proj/bin/tool")).unwrap();
+    std::fs::set_permissions(r.join("proj/src"), PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::create_dir_all(r.join("ckpt")).unwrap();
+    std::fs::write(r.join("ckpt/step-1.pt"), vec![1u8; 100_000]).unwrap();
+    std::fs::write(r.join("ckpt/step-2.pt"), vec![2u8; 100_000]).unwrap();
+    std::os::unix::fs::symlink("step-2.pt", r.join("ckpt/latest.pt")).unwrap();
+    std::fs::create_dir_all(r.join("empty-dir")).unwrap();
+    let venv = r.join("venv");
+    let ok = Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(
+        ok.success(),
+        "python3 -m venv failed (fuse-tests/setup.sh installs python3-venv)"
+    );
+    t
+}
+
+fn seeded(container: &str, files: usize, big_mib: usize) -> (Azurite, tempfile::TempDir) {
+    let az = Azurite::start();
+    let fx = fixture();
+    az.seed(
+        container,
+        &[format!("{}=", fx.path().display())],
+        files,
+        big_mib,
+    );
+    (az, fx)
+}
+
+fn mount(az: &Azurite, source: &str, cache: &Path, extra: &[&str]) -> Mount {
+    let mut args = vec![source, "--cache-dir", cache.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Mount::start(
+        &args,
+        &[("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())],
+    )
+    .expect("mount")
+}
+
+fn big_expected(mib: usize) -> Vec<u8> {
+    (0..mib << 20).map(|j| (j % 253) as u8).collect()
+}
+
+#[test]
+fn mount_shows_the_container_as_the_same_posix_tree() {
+    let (az, fx) = seeded("data", 50, 20);
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount(&az, "data", cache.path(), &[]);
+    let local = fx.path();
+    for p in walk(local) {
+        let rel = p.strip_prefix(local).unwrap();
+        let q = m.path().join(rel);
+        let a = std::fs::symlink_metadata(&p).unwrap();
+        let b = std::fs::symlink_metadata(&q).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        assert_eq!(a.file_type(), b.file_type(), "{}", rel.display());
+        assert_eq!(
+            a.mode() & 0o7777,
+            b.mode() & 0o7777,
+            "mode of {}",
+            rel.display()
+        );
+        assert_eq!(
+            (a.uid(), a.gid()),
+            (b.uid(), b.gid()),
+            "owner of {}",
+            rel.display()
+        );
+        if a.file_type().is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&p).unwrap(),
+                std::fs::read_link(&q).unwrap()
+            );
+        } else if a.is_file() {
+            assert_eq!(a.mtime(), b.mtime(), "mtime of {}", rel.display());
+            assert_eq!(
+                std::fs::read(&p).unwrap(),
+                std::fs::read(&q).unwrap(),
+                "{}",
+                rel.display()
+            );
+        }
+    }
+    // The symlinked executable runs, the checkpoint link resolves, the venv's python runs.
+    let out = Command::new(m.path().join("proj/bin/tool"))
+        .arg("x")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "tool-ran x\n");
+    assert_eq!(
+        std::fs::read(m.path().join("ckpt/latest.pt")).unwrap(),
+        vec![2u8; 100_000]
+    );
+    let out = Command::new(m.path().join("venv/bin/python"))
+        .args(["-c", "import sys, os; print(sys.prefix)"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        m.path().join("venv").to_str().unwrap()
+    );
+    // A large file arrives byte for byte (parallel ranged GETs).
+    assert!(std::fs::read(m.path().join("big/large.bin")).unwrap() == big_expected(20));
+    let shards = walk(&m.path().join("data"))
+        .iter()
+        .filter(|p| p.is_file())
+        .count();
+    assert_eq!(shards, 50);
+    let st = std::fs::metadata(m.path().join("data")).unwrap();
+    assert!(st.is_dir());
+}
+
+#[test]
+fn metadata_and_cached_files_need_no_service_after_mount() {
+    let (mut az, _fx) = seeded("data", 200, 0);
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount(&az, "data", cache.path(), &[]);
+    let warm = std::fs::read(m.path().join("proj/src/pkg/__init__.py")).unwrap();
+    az.stop();
+    // With the service gone: every stat, readdir and readlink still answers...
+    let paths = walk(m.path());
+    assert!(paths.len() > 200);
+    for p in &paths {
+        let md = std::fs::symlink_metadata(p).unwrap();
+        if md.file_type().is_symlink() {
+            std::fs::read_link(p).unwrap();
+        }
+    }
+    // ...the cached file still reads...
+    assert_eq!(
+        std::fs::read(m.path().join("proj/src/pkg/__init__.py")).unwrap(),
+        warm
+    );
+    // ...and an uncached one fails with EIO instead of hanging or lying.
+    let err = std::fs::read(m.path().join("ckpt/step-1.pt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+}
+
+#[test]
+fn remount_reuses_the_index_and_keeps_inode_numbers() {
+    let (az, _fx) = seeded("data", 20, 0);
+    let cache = tempfile::tempdir().unwrap();
+    let inodes = |root: &Path| -> Vec<(String, u64)> {
+        walk(root)
+            .iter()
+            .map(|p| {
+                let ino = std::fs::symlink_metadata(p).unwrap().ino();
+                (p.strip_prefix(root).unwrap().display().to_string(), ino)
+            })
+            .collect()
+    };
+    let mut m = mount(&az, "data", cache.path(), &[]);
+    let first = inodes(m.path());
+    m.unmount();
+    assert!(!is_mounted(m.path()));
+    // A blob added since: the reused index does not show it, --reindex does.
+    az.seed("data", &[], 0, 1);
+    let m = mount(&az, "data", cache.path(), &[]);
+    assert_eq!(inodes(m.path()), first);
+    assert!(!m.path().join("big").exists());
+    drop(m);
+    let m = mount(&az, "data", cache.path(), &["--reindex"]);
+    assert!(m.path().join("big/large.bin").exists());
+}
+
+#[test]
+fn a_sas_token_file_authenticates_an_az_source() {
+    let (az, _fx) = seeded("data", 5, 0);
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(simfs::blob::auth::DEV_KEY)
+        .unwrap();
+    let now = std::time::SystemTime::now();
+    let sas = simfs::blob::sas::sign_container_sas(
+        "devstoreaccount1",
+        &key,
+        "data",
+        "rl",
+        now - Duration::from_secs(300),
+        now + Duration::from_secs(3600),
+    );
+    let secrets = tempfile::tempdir().unwrap();
+    let sas_file = secrets.path().join("sas");
+    std::fs::write(&sas_file, &sas).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let endpoint = az.endpoint();
+    let args = [
+        "az://devstoreaccount1/data/proj",
+        "--endpoint",
+        &endpoint,
+        "--sas-token-file",
+        sas_file.to_str().unwrap(),
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ];
+    let m = Mount::start(&args, &[]).expect("mount with SAS");
+    assert_eq!(
+        std::fs::read_to_string(m.path().join("src/pkg/__init__.py")).unwrap(),
+        "VALUE = 42\n",
+        "the prefix is the root"
+    );
+    // The SAS never reaches the log or the index.
+    let mut found = false;
+    for p in walk(cache.path()) {
+        if p.is_file() {
+            let data = std::fs::read(&p).unwrap();
+            let sig = sas.rsplit("sig=").next().unwrap();
+            found |= data.windows(sig.len()).any(|w| w == sig.as_bytes());
+        }
+    }
+    assert!(!found, "the SAS signature was written to the cache dir");
+}
+
+fn mount_error(args: &[&str], env: &[(&str, String)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(SIMFS);
+    cmd.arg("mount")
+        .args(args)
+        .arg(dir.path())
+        .env_remove("AZURE_STORAGE_CONNECTION_STRING");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "mount should have failed");
+    assert!(
+        !is_mounted(dir.path()),
+        "a failed mount left a mount behind"
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    err
+}
+
+#[test]
+fn mount_errors_name_the_cause_and_leave_no_mount() {
+    let az = Azurite::start();
+    az.seed("data", &[], 1, 0);
+    let cache = tempfile::tempdir().unwrap();
+    let c = cache.path().to_str().unwrap();
+    let conn = [("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())];
+    let e = mount_error(&["missing", "--cache-dir", c], &conn);
+    assert!(e.contains("container not found"), "{e}");
+    let endpoint = az.endpoint();
+    let bad_sas = [(
+        "AZURE_STORAGE_SAS_TOKEN",
+        "sv=2022-11-02&sr=c&sp=rl&se=2030-01-01T00%3A00%3A00Z&sig=AAAA".to_string(),
+    )];
+    let e = mount_error(
+        &[
+            "az://devstoreaccount1/data",
+            "--endpoint",
+            &endpoint,
+            "--cache-dir",
+            c,
+        ],
+        &bad_sas,
+    );
+    assert!(e.contains("access denied"), "{e}");
+    let dead = format!("http://127.0.0.1:{}/devstoreaccount1", free_port());
+    let e = mount_error(
+        &[
+            "az://devstoreaccount1/data",
+            "--endpoint",
+            &dead,
+            "--cache-dir",
+            c,
+        ],
+        &bad_sas,
+    );
+    assert!(e.contains("cannot reach"), "{e}");
+    let e = mount_error(&["az://devstoreaccount1/Bad_Name", "--cache-dir", c], &[]);
+    assert!(e.contains("not a valid container name"), "{e}");
+}
+
+#[test]
+fn background_mount_returns_serving_and_unmount_leaves_nothing() {
+    let (az, _fx) = seeded("data", 3, 0);
+    let cache = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let out = Command::new(SIMFS)
+        .args([
+            "mount",
+            "data",
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+        ])
+        .arg(mnt.path())
+        .env("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())
+        .output()
+        .unwrap();
+    // Guard first, so a failing assertion below still unmounts.
+    let guard = Mount {
+        dir: mnt,
+        child: None,
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(guard.path()), "mount returned before serving");
+    assert_eq!(
+        std::fs::read_to_string(guard.path().join("proj/src/pkg/deep/data.txt")).unwrap(),
+        "deep data\n"
+    );
+    let st = Command::new(SIMFS)
+        .arg("unmount")
+        .arg(guard.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!is_mounted(guard.path()));
+    // The background process exits once unmounted.
+    let needle = guard.path().to_str().unwrap().to_string();
+    let mut alive = true;
+    for _ in 0..100 {
+        let ps = Command::new("pgrep")
+            .args(["-f", &needle])
+            .output()
+            .unwrap();
+        alive = !String::from_utf8_lossy(&ps.stdout).trim().is_empty();
+        if !alive {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!alive, "the simfs process outlived its mount");
+}
+
+#[test]
+fn check_lists_what_the_mount_hides() {
+    let az = Azurite::start();
+    let odd: Vec<String> = ["ok/file", "a//b", "x/./y", "shadow", "shadow/inner"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut cmd = Command::new(SEED);
+    cmd.args(["--endpoint", &az.endpoint(), "--container", "odd"]);
+    for n in &odd {
+        cmd.args(["--raw", n]);
+    }
+    assert!(cmd.status().unwrap().success());
+    let cache = tempfile::tempdir().unwrap();
+    let out = Command::new(SIMFS)
+        .args([
+            "check",
+            "odd",
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+        ])
+        .env("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())
+        .env("SIMFS_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("3 blob(s) hidden"), "{text}");
+    for line in [
+        "hidden\ta//b\tname not representable: empty path segment",
+        "hidden\tx/./y",
+        "hidden\tshadow\ta directory of the same name exists",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in {text}");
+    }
+    let m = mount(&az, "odd", cache.path(), &[]);
+    assert!(m.path().join("shadow").is_dir());
+    assert_eq!(std::fs::read(m.path().join("ok/file")).unwrap(), b"raw");
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need on a fresh Debian machine: FUSE 3, Node.js/npm,
+# the pinned Azurite, Python's venv module (the demo stores a real venv) and a Rust toolchain
+# check. Safe to run again: it only installs what is missing.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+need_apt=()
+command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+if ((${#need_apt[@]})); then
+  echo "setup: installing ${need_apt[*]}" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo is missing: install Rust (rustup) first" >&2
+  exit 1
+fi
+if [ ! -x "$here/node_modules/.bin/azurite-blob" ] ||
+   [ "$(node -p "require('$here/node_modules/azurite/package.json').version" 2>/dev/null)" != "3.37.0" ]; then
+  echo "setup: installing azurite 3.37.0" >&2
+  (cd "$here" && npm install --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+[ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing (modprobe fuse)" >&2; exit 1; }
