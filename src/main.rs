@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use simfs::config::SourceArgs;
-use simfs::mount::{block_unmount_signals, explain, prepare, serve, ServeOptions};
+use simfs::mount::{block_unmount_signals, prepare, serve, ServeOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
@@ -59,6 +59,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -137,8 +138,8 @@ fn mount_foreground(
     let rt = runtime();
     let (prepared, _target) = match prepare(source, &rt) {
         Ok(p) => p,
-        Err((e, target)) => {
-            report_ready(Err(explain(&e, target.as_ref())));
+        Err(msg) => {
+            report_ready(Err(msg));
             return ExitCode::FAILURE;
         }
     };
@@ -244,8 +245,8 @@ fn check(source: &SourceArgs) -> ExitCode {
     let rt = runtime();
     let (prepared, target) = match prepare(source, &rt) {
         Ok(p) => p,
-        Err((e, target)) => {
-            eprintln!("simfs: {}", explain(&e, target.as_ref()));
+        Err(msg) => {
+            eprintln!("simfs: {msg}");
             return ExitCode::FAILURE;
         }
     };

@@ -140,26 +140,26 @@ pub fn prepare_with_store(
     })
 }
 
-/// Resolves the source, connects to Azure and prepares the filesystem.
+/// Resolves the source, connects to Azure and prepares the filesystem. The error is one
+/// line naming the cause, ready for the terminal.
 pub fn prepare(
     args: &SourceArgs,
     rt: &tokio::runtime::Runtime,
-) -> Result<(Prepared, Target), (MountError, Option<Target>)> {
-    let target = resolve(args, &|k| std::env::var(k).ok()).map_err(|e| (e.into(), None))?;
+) -> Result<(Prepared, Target), String> {
+    let target = resolve(args, &|k| std::env::var(k).ok()).map_err(|e| explain(&e.into(), None))?;
     let store = AzureStore::new(
         target.container_url.clone(),
         &target.credential,
         &AzureOptions::default(),
     )
-    .map_err(|e| (e.into(), Some(target.clone())))?;
+    .map_err(|e| explain(&e.into(), Some(&target)))?;
     let source = SourceId {
         container_url: target.container_url.to_string(),
         prefix: target.prefix.clone(),
     };
-    match prepare_with_store(Arc::new(store), &source, args, rt) {
-        Ok(p) => Ok((p, target)),
-        Err(e) => Err((e, Some(target))),
-    }
+    let prepared = prepare_with_store(Arc::new(store), &source, args, rt)
+        .map_err(|e| explain(&e, Some(&target)))?;
+    Ok((prepared, target))
 }
 
 #[derive(Clone, Debug)]
