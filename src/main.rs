@@ -37,9 +37,9 @@ enum Cmd {
         /// Kernel entry/attribute cache time in seconds (the index is authoritative).
         #[arg(long, default_value_t = 86400)]
         attr_timeout: u64,
-        /// FUSE worker threads.
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
+        /// FUSE worker threads [default: the number of CPUs, 2 to 8].
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Unmount a simfs mount.
     Unmount { mountpoint: PathBuf },
@@ -91,7 +91,9 @@ fn main() -> ExitCode {
                 fsname: source.source.clone(),
                 allow_other,
                 ttl: Duration::from_secs(attr_timeout),
-                threads,
+                threads: threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+                }),
             };
             mount_foreground(&source, &mountpoint, &opts)
         }

@@ -191,6 +191,8 @@ pub fn serve(
         config.acl = SessionACL::All;
     }
     config.n_threads = Some(opts.threads.max(1));
+    // One /dev/fuse descriptor per worker: no thundering herd on a shared one.
+    config.clone_fd = true;
     let fuse = SimFuse::new(fs, opts.ttl);
     let mut session = match fuser::Session::new(fuse, mountpoint, &config) {
         Ok(s) => s,
