@@ -245,9 +245,18 @@ fn resolve_credential(
         })
     };
     let client_id = a.client_id.clone().or_else(|| env("AZURE_CLIENT_ID"));
-    let key_cred = |k: Secret| Credential::AccountKey {
-        account: account.to_string(),
-        key: k,
+    let key_cred = |k: Secret| -> Result<Credential, ConfigError> {
+        use base64::Engine;
+        if base64::engine::general_purpose::STANDARD
+            .decode(k.expose())
+            .is_err()
+        {
+            return err("the account key is not base64 (copy it whole from the portal or `az storage account keys list`)");
+        }
+        Ok(Credential::AccountKey {
+            account: account.to_string(),
+            key: k,
+        })
     };
     Ok(match a.auth {
         AuthMode::Sas => Credential::Sas(sas()?.ok_or_else(|| {
@@ -255,7 +264,7 @@ fn resolve_credential(
         })?),
         AuthMode::AccountKey => key_cred(key()?.ok_or_else(|| {
             ConfigError("--auth account-key: no key (--account-key-file, $AZURE_STORAGE_KEY or a connection string)".into())
-        })?),
+        })?)?,
         AuthMode::ManagedIdentity => Credential::ManagedIdentity { client_id },
         AuthMode::WorkloadIdentity => Credential::WorkloadIdentity,
         AuthMode::AzureCli => Credential::AzureCli,
@@ -272,7 +281,7 @@ fn resolve_credential(
             if let Some(s) = sas()? {
                 Credential::Sas(s)
             } else if let Some(k) = key()? {
-                key_cred(k)
+                key_cred(k)?
             } else if env("AZURE_FEDERATED_TOKEN_FILE").is_some() {
                 Credential::WorkloadIdentity
             } else {

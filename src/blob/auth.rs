@@ -144,8 +144,8 @@ impl SasPolicy {
 
     pub fn signed(account: &str, key: &Secret, container: &str, permissions: &str) -> SasPolicy {
         use base64::Engine;
-        // A key that is not base64 is used as raw bytes: signing then fails at the service
-        // with an authentication error that names the cause.
+        // config rejects keys that are not base64; should one arrive anyway, signing with its
+        // raw bytes fails at the service as an authentication error rather than here.
         let raw = base64::engine::general_purpose::STANDARD
             .decode(key.expose())
             .unwrap_or_else(|_| key.expose().as_bytes().to_vec());

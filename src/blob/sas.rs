@@ -52,16 +52,10 @@ pub fn sign_container_sas(
         "",
     ]
     .join("\n");
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(to_sign.as_bytes());
-    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    let enc = |s: &str| percent_encoding::utf8_percent_encode(s, QUERY_VALUE).to_string();
-    format!(
-        "sv={SAS_VERSION}&sr=c&sp={}&st={}&se={}&sig={}",
-        enc(permissions),
-        enc(&st),
-        enc(&se),
-        enc(&sig)
+    signed_query(
+        key,
+        &to_sign,
+        &[("sr", "c"), ("sp", permissions), ("st", &st), ("se", &se)],
     )
 }
 
@@ -79,17 +73,30 @@ pub fn sign_account_sas(
     // account, permissions, services, resource types, start, expiry, ip, protocol, version,
     // encryption scope, and a trailing newline.
     let to_sign = format!("{account}\n{permissions}\nb\nsco\n{st}\n{se}\n\n\n{SAS_VERSION}\n\n");
+    signed_query(
+        key,
+        &to_sign,
+        &[
+            ("ss", "b"),
+            ("srt", "sco"),
+            ("sp", permissions),
+            ("st", &st),
+            ("se", &se),
+        ],
+    )
+}
+
+/// `sv=VERSION&k=v...&sig=HMAC-SHA256(key, to_sign)`, every value escaped.
+fn signed_query(key: &[u8], to_sign: &str, fields: &[(&str, &str)]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(to_sign.as_bytes());
     let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
     let enc = |s: &str| percent_encoding::utf8_percent_encode(s, QUERY_VALUE).to_string();
-    format!(
-        "sv={SAS_VERSION}&ss=b&srt=sco&sp={}&st={}&se={}&sig={}",
-        enc(permissions),
-        enc(&st),
-        enc(&se),
-        enc(&sig)
-    )
+    let mut q = format!("sv={SAS_VERSION}");
+    for (k, v) in fields.iter().chain([("sig", sig.as_str())].iter()) {
+        q.push_str(&format!("&{k}={}", enc(v)));
+    }
+    q
 }
 
 /// `YYYY-MM-DDThh:mm:ssZ`, the form SAS times take.

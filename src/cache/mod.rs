@@ -163,11 +163,10 @@ impl Cache {
         let tmp = self
             .tmp_dir
             .join(format!("{key}.{}.{seq}", std::process::id()));
-        let result = self.fill(&tmp, blob).await;
-        if let Err(e) = &result {
+        if let Err(e) = self.fill(&tmp, blob).await {
             tracing::warn!("hydrating {:?} failed: {e}", blob.name);
             let _ = std::fs::remove_file(&tmp);
-            return Err(result.unwrap_err());
+            return Err(e);
         }
         let dest = self.data_dir.join(key);
         std::fs::rename(&tmp, &dest)?;
