@@ -393,3 +393,21 @@ fn index_is_reused_with_stable_inodes_only_for_the_same_source() {
     };
     assert!(Index::open_existing(&db, &other).unwrap().is_none());
 }
+
+#[test]
+fn cached_data_is_private_to_the_mounting_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = world_with(fixture(), "", 1 << 20);
+    read_all(&w, "venv/lib/site.py").unwrap();
+    let cache = w._dir.path().join("cache");
+    for d in [cache.clone(), cache.join("data"), cache.join("tmp")] {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", d.display());
+    }
+    let files: Vec<_> = std::fs::read_dir(cache.join("data")).unwrap().collect();
+    assert_eq!(files.len(), 1);
+    for f in files {
+        let mode = f.unwrap().metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}
