@@ -112,6 +112,19 @@ impl Drop for Azurite {
     }
 }
 
+/// `simfs mount ARGS MOUNTPOINT` with exactly the credentials in `env` (none inherited).
+pub fn mount_command(args: &[&str], mountpoint: &Path, env: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(SIMFS);
+    cmd.arg("mount")
+        .args(args)
+        .arg(mountpoint)
+        .env_remove("AZURE_STORAGE_CONNECTION_STRING");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 pub fn is_mounted(mnt: &Path) -> bool {
     let m = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     let want = mnt.to_string_lossy().into_owned();
@@ -133,16 +146,8 @@ impl Mount {
     /// Runs `simfs mount ... --foreground` and waits until the kernel lists the mount.
     pub fn start(args: &[&str], env: &[(&str, String)]) -> Result<Mount, String> {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(SIMFS);
-        cmd.arg("mount")
-            .args(args)
-            .arg(dir.path())
-            .arg("--foreground");
-        cmd.env_remove("AZURE_STORAGE_CONNECTION_STRING")
-            .env("SIMFS_LOG", "warn");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = mount_command(args, dir.path(), env);
+        cmd.arg("--foreground").env("SIMFS_LOG", "warn");
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

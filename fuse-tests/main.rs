@@ -241,14 +241,7 @@ fn a_sas_token_file_authenticates_an_az_source() {
 
 fn mount_error(args: &[&str], env: &[(&str, String)]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(SIMFS);
-    cmd.arg("mount")
-        .args(args)
-        .arg(dir.path())
-        .env_remove("AZURE_STORAGE_CONNECTION_STRING");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    let mut cmd = mount_command(args, dir.path(), env);
     let out = cmd.output().unwrap();
     assert!(!out.status.success(), "mount should have failed");
     assert!(
@@ -306,17 +299,13 @@ fn background_mount_returns_serving_and_unmount_leaves_nothing() {
     let (az, _fx) = seeded("data", 3, 0);
     let cache = tempfile::tempdir().unwrap();
     let mnt = tempfile::tempdir().unwrap();
-    let out = Command::new(SIMFS)
-        .args([
-            "mount",
-            "data",
-            "--cache-dir",
-            cache.path().to_str().unwrap(),
-        ])
-        .arg(mnt.path())
-        .env("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())
-        .output()
-        .unwrap();
+    let out = mount_command(
+        &["data", "--cache-dir", cache.path().to_str().unwrap()],
+        mnt.path(),
+        &[("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())],
+    )
+    .output()
+    .unwrap();
     // Guard first, so a failing assertion below still unmounts.
     let guard = Mount {
         dir: mnt,

@@ -27,7 +27,6 @@ use std::time::{Duration, SystemTime};
 
 pub struct AzureStore {
     client: BlobContainerClient,
-    container_url: Url,
 }
 
 #[derive(Clone, Debug)]
@@ -77,16 +76,9 @@ impl AzureStore {
             client_options,
             ..Default::default()
         };
-        let client = BlobContainerClient::new(container_url.clone(), token, Some(options))
+        let client = BlobContainerClient::new(container_url, token, Some(options))
             .map_err(|e| BlobError::Invalid(e.to_string()))?;
-        Ok(AzureStore {
-            client,
-            container_url,
-        })
-    }
-
-    pub fn container_url(&self) -> &Url {
-        &self.container_url
+        Ok(AzureStore { client })
     }
 }
 

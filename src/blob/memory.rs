@@ -67,14 +67,6 @@ impl MemoryStore {
             s.props.content_md5 = md5;
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.blobs.read().unwrap().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 pub fn md5_of(data: &[u8]) -> Vec<u8> {

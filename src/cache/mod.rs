@@ -119,12 +119,6 @@ impl Cache {
         format!("{}-{}", hex::encode(&name[..16]), hex::encode(&etag[..8]))
     }
 
-    /// Whether the blob version is in the cache, without any network request.
-    pub fn is_cached(&self, blob: &BlobRef) -> bool {
-        let key = Self::key(blob);
-        self.present.contains_key(&key) || self.whole_file(&key, blob.size).is_some()
-    }
-
     fn whole_file(&self, key: &str, size: u64) -> Option<PathBuf> {
         let p = self.data_dir.join(key);
         let md = std::fs::metadata(&p).ok()?;
