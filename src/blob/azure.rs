@@ -5,17 +5,21 @@
 //! authenticates. SDK errors are mapped once, here, onto `BlobError` so the rest of simfs
 //! never sees HTTP status codes.
 
-use super::auth::Credential;
-use super::{BlobError, BlobProps, BlobResult, BlobStore, ListPage, ListQuery};
+use super::auth::{Credential, SasPolicy};
+use super::{BlobError, BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata};
 use async_trait::async_trait;
 use azure_core::error::ErrorKind;
 use azure_core::http::policies::Policy;
+use azure_core::http::headers::ETAG;
 use azure_core::http::{
-    ClientOptions, Etag, ExponentialRetryOptions, RetryOptions, StatusCode, Url,
+    ClientOptions, Etag, ExponentialRetryOptions, RequestContent, RetryOptions, StatusCode, Url,
 };
 use azure_storage_blob::models::{
-    BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders,
-    BlobContainerClientListBlobsOptions, ListBlobsIncludeItem,
+    BlobClientDeleteOptions, BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders,
+    BlobClientSetMetadataOptions, BlobClientStartCopyFromUrlOptions,
+    BlobClientStartCopyFromUrlResultHeaders, BlobContainerClientListBlobsOptions,
+    BlockBlobClientCommitBlockListOptions, BlockBlobClientCommitBlockListResultHeaders,
+    BlockBlobClientUploadOptions, BlockLookupList, CopyStatus, ListBlobsIncludeItem,
 };
 use azure_storage_blob::{BlobContainerClient, BlobContainerClientOptions};
 use bytes::Bytes;
@@ -27,6 +31,8 @@ use std::time::{Duration, SystemTime};
 
 pub struct AzureStore {
     client: BlobContainerClient,
+    /// The SAS in use, if any: a server-side copy's source URL must carry it too.
+    sas: Option<Arc<SasPolicy>>,
 }
 
 #[derive(Clone, Debug)]
@@ -44,7 +50,8 @@ impl Default for AzureOptions {
         AzureOptions {
             max_retries: 4,
             max_retry_time: Duration::from_secs(30),
-            sas_permissions: "rl".into(),
+            // read, add, create, write, delete, list: what a read-write mount does.
+            sas_permissions: "racwdl".into(),
         }
     }
 }
@@ -66,8 +73,9 @@ impl AzureStore {
             }),
             ..Default::default()
         };
-        if let Some(p) = cred.sas_policy(&container, &opts.sas_permissions) {
-            client_options.per_call_policies.push(p as Arc<dyn Policy>);
+        let sas = cred.sas_policy(&container, &opts.sas_permissions);
+        if let Some(p) = &sas {
+            client_options.per_call_policies.push(p.clone() as Arc<dyn Policy>);
         }
         let token = cred
             .token_credential()
@@ -78,8 +86,24 @@ impl AzureStore {
         };
         let client = BlobContainerClient::new(container_url, token, Some(options))
             .map_err(|e| BlobError::Invalid(e.to_string()))?;
-        Ok(AzureStore { client })
+        Ok(AzureStore { client, sas })
     }
+}
+
+fn conditions(expect: &Expect) -> (Option<Etag>, Option<Etag>) {
+    match expect {
+        Expect::Absent => (None, Some(Etag::from("*"))),
+        Expect::Etag(e) => (Some(Etag::from(e.as_str())), None),
+    }
+}
+
+fn to_hash_map(m: &Metadata) -> std::collections::HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn etag_of(what: &str, e: Option<Etag>) -> BlobResult<String> {
+    e.map(String::from)
+        .ok_or_else(|| BlobError::Invalid(format!("{what}: no ETag in the answer")))
 }
 
 /// Maps an SDK error onto what it means to simfs.
@@ -225,5 +249,152 @@ impl BlobStore for AzureStore {
             ..Default::default()
         };
         self.list(&q).await.map(|_| ())
+    }
+
+    async fn put(
+        &self,
+        name: &str,
+        data: Bytes,
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String> {
+        let (if_match, if_none_match) = conditions(expect);
+        let what = format!("PUT {name:?}");
+        let opts = BlockBlobClientUploadOptions {
+            metadata: Some(to_hash_map(metadata)),
+            if_match,
+            if_none_match,
+            // One request: the caller cuts large files into blocks itself.
+            partition_size: NonZero::new((data.len() as u64).max(1)),
+            ..Default::default()
+        };
+        let rsp = self
+            .client
+            .blob_client(name)
+            .block_blob_client()
+            .upload(RequestContent::from(data.to_vec()), Some(opts))
+            .await
+            .map_err(|e| map_err(&what, e))?;
+        etag_of(&what, rsp.etag)
+    }
+
+    async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
+        let len = data.len() as u64;
+        self.client
+            .blob_client(name)
+            .block_blob_client()
+            .stage_block(id, len, RequestContent::from(data.to_vec()), None)
+            .await
+            .map_err(|e| map_err(&format!("stage block of {name:?}"), e))?;
+        Ok(())
+    }
+
+    async fn commit_blocks(
+        &self,
+        name: &str,
+        ids: &[Vec<u8>],
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String> {
+        let (if_match, if_none_match) = conditions(expect);
+        let what = format!("commit blocks of {name:?}");
+        let mut list = BlockLookupList::default();
+        list.latest = Some(ids.to_vec());
+        let opts = BlockBlobClientCommitBlockListOptions {
+            metadata: Some(to_hash_map(metadata)),
+            if_match,
+            if_none_match,
+            ..Default::default()
+        };
+        let body = RequestContent::try_from(list).map_err(|e| map_err(&what, e))?;
+        let rsp = self
+            .client
+            .blob_client(name)
+            .block_blob_client()
+            .commit_block_list(body, Some(opts))
+            .await
+            .map_err(|e| map_err(&what, e))?;
+        etag_of(&what, rsp.etag().map_err(|e| map_err(&what, e))?)
+    }
+
+    async fn set_metadata(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+        etag: &str,
+    ) -> BlobResult<String> {
+        let what = format!("set metadata of {name:?}");
+        let opts = BlobClientSetMetadataOptions {
+            if_match: Some(Etag::from(etag)),
+            ..Default::default()
+        };
+        let rsp = self
+            .client
+            .blob_client(name)
+            .set_metadata(&to_hash_map(metadata), Some(opts))
+            .await
+            .map_err(|e| map_err(&what, e))?;
+        etag_of(
+            &what,
+            rsp.headers().get_optional_string(&ETAG).map(Etag::from),
+        )
+    }
+
+    async fn copy(
+        &self,
+        from: &str,
+        from_etag: &str,
+        to: &str,
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String> {
+        let what = format!("copy {from:?} to {to:?}");
+        let mut source = self.client.blob_client(from).url().clone();
+        if let Some(sas) = &self.sas {
+            source.set_query(Some(sas.token_at(SystemTime::now()).expose()));
+        }
+        let (if_match, if_none_match) = conditions(expect);
+        let opts = BlobClientStartCopyFromUrlOptions {
+            metadata: Some(to_hash_map(metadata)),
+            if_match,
+            if_none_match,
+            source_if_match: Some(Etag::from(from_etag)),
+            ..Default::default()
+        };
+        let target = self.client.blob_client(to);
+        let rsp = target
+            .start_copy_from_url(source.to_string(), Some(opts))
+            .await
+            .map_err(|e| map_err(&what, e))?;
+        let bad = |e: azure_core::Error| map_err(&what, e);
+        let mut status = rsp.copy_status().map_err(bad)?;
+        let mut etag = rsp.etag().map_err(bad)?;
+        // Within one account a copy is usually done when the call returns; a large one may
+        // still be pending and is polled until it settles.
+        let mut delay = Duration::from_millis(50);
+        while status == Some(CopyStatus::Pending) {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+            let p = target.get_properties(None).await.map_err(bad)?;
+            status = p.copy_status().map_err(bad)?;
+            etag = p.etag().map_err(bad)?;
+        }
+        match status {
+            Some(CopyStatus::Success) | None => etag_of(&what, etag),
+            Some(s) => Err(BlobError::Service(format!("{what}: copy ended {s:?}"))),
+        }
+    }
+
+    async fn delete(&self, name: &str, etag: &str) -> BlobResult<()> {
+        let opts = BlobClientDeleteOptions {
+            if_match: Some(Etag::from(etag)),
+            ..Default::default()
+        };
+        self.client
+            .blob_client(name)
+            .delete(Some(opts))
+            .await
+            .map_err(|e| map_err(&format!("DELETE {name:?}"), e))?;
+        Ok(())
     }
 }

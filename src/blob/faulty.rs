@@ -4,7 +4,7 @@
 //! switches to model a service that goes away (every request fails as unreachable) or a
 //! blob that changes behind simfs's back.
 
-use super::{BlobError, BlobProps, BlobResult, BlobStore, ListPage, ListQuery};
+use super::{BlobError, BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::ops::Range;
@@ -16,6 +16,11 @@ pub struct Counters {
     pub list: AtomicU64,
     pub head: AtomicU64,
     pub get: AtomicU64,
+    /// Whole-blob PUTs, staged blocks and block commits.
+    pub put: AtomicU64,
+    pub set_metadata: AtomicU64,
+    pub copy: AtomicU64,
+    pub delete: AtomicU64,
 }
 
 impl Counters {
@@ -23,6 +28,15 @@ impl Counters {
         self.list.load(Ordering::SeqCst)
             + self.head.load(Ordering::SeqCst)
             + self.get.load(Ordering::SeqCst)
+            + self.writes()
+    }
+
+    /// Requests that change the container.
+    pub fn writes(&self) -> u64 {
+        self.put.load(Ordering::SeqCst)
+            + self.set_metadata.load(Ordering::SeqCst)
+            + self.copy.load(Ordering::SeqCst)
+            + self.delete.load(Ordering::SeqCst)
     }
 }
 
@@ -32,6 +46,8 @@ pub struct FaultyStore<S> {
     offline: AtomicBool,
     /// Fail every `get_range` whose range starts at this offset (u64::MAX: never).
     fail_get_at: AtomicU64,
+    /// Every write fails as the service refusing it (a 5xx after retries).
+    refuse_writes: AtomicBool,
 }
 
 impl<S: BlobStore> FaultyStore<S> {
@@ -41,6 +57,7 @@ impl<S: BlobStore> FaultyStore<S> {
             counters: Arc::new(Counters::default()),
             offline: AtomicBool::new(false),
             fail_get_at: AtomicU64::new(u64::MAX),
+            refuse_writes: AtomicBool::new(false),
         }
     }
 
@@ -56,6 +73,20 @@ impl<S: BlobStore> FaultyStore<S> {
     /// Makes ranged GETs starting at `offset` fail with a service error.
     pub fn fail_get_at(&self, offset: u64) {
         self.fail_get_at.store(offset, Ordering::SeqCst);
+    }
+
+    /// Makes every write request fail (reads keep working).
+    pub fn refuse_writes(&self, refuse: bool) {
+        self.refuse_writes.store(refuse, Ordering::SeqCst);
+    }
+
+    fn write_gate(&self, counter: &AtomicU64) -> BlobResult<()> {
+        counter.fetch_add(1, Ordering::SeqCst);
+        self.gate()?;
+        if self.refuse_writes.load(Ordering::SeqCst) {
+            return Err(BlobError::Service("injected: HTTP 503 ServerBusy".into()));
+        }
+        Ok(())
     }
 
     fn gate(&self) -> BlobResult<()> {
@@ -94,6 +125,60 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
         self.gate()?;
         self.inner.check_access().await
     }
+
+    async fn put(
+        &self,
+        name: &str,
+        data: Bytes,
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String> {
+        self.write_gate(&self.counters.put)?;
+        self.inner.put(name, data, metadata, expect).await
+    }
+
+    async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
+        self.write_gate(&self.counters.put)?;
+        self.inner.stage_block(name, id, data).await
+    }
+
+    async fn commit_blocks(
+        &self,
+        name: &str,
+        ids: &[Vec<u8>],
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String> {
+        self.write_gate(&self.counters.put)?;
+        self.inner.commit_blocks(name, ids, metadata, expect).await
+    }
+
+    async fn set_metadata(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+        etag: &str,
+    ) -> BlobResult<String> {
+        self.write_gate(&self.counters.set_metadata)?;
+        self.inner.set_metadata(name, metadata, etag).await
+    }
+
+    async fn copy(
+        &self,
+        from: &str,
+        from_etag: &str,
+        to: &str,
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String> {
+        self.write_gate(&self.counters.copy)?;
+        self.inner.copy(from, from_etag, to, metadata, expect).await
+    }
+
+    async fn delete(&self, name: &str, etag: &str) -> BlobResult<()> {
+        self.write_gate(&self.counters.delete)?;
+        self.inner.delete(name, etag).await
+    }
 }
 
 /// Lets an `Arc<FaultyStore<_>>` be used where a store is expected while the test keeps a
@@ -111,5 +196,36 @@ impl<S: BlobStore> BlobStore for Arc<S> {
     }
     async fn check_access(&self) -> BlobResult<()> {
         (**self).check_access().await
+    }
+    async fn put(&self, n: &str, d: Bytes, m: &Metadata, e: &Expect) -> BlobResult<String> {
+        (**self).put(n, d, m, e).await
+    }
+    async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
+        (**self).stage_block(name, id, data).await
+    }
+    async fn commit_blocks(
+        &self,
+        n: &str,
+        ids: &[Vec<u8>],
+        m: &Metadata,
+        e: &Expect,
+    ) -> BlobResult<String> {
+        (**self).commit_blocks(n, ids, m, e).await
+    }
+    async fn set_metadata(&self, n: &str, m: &Metadata, etag: &str) -> BlobResult<String> {
+        (**self).set_metadata(n, m, etag).await
+    }
+    async fn copy(
+        &self,
+        from: &str,
+        from_etag: &str,
+        to: &str,
+        m: &Metadata,
+        e: &Expect,
+    ) -> BlobResult<String> {
+        (**self).copy(from, from_etag, to, m, e).await
+    }
+    async fn delete(&self, name: &str, etag: &str) -> BlobResult<()> {
+        (**self).delete(name, etag).await
     }
 }

@@ -1,12 +1,14 @@
 //! An in-memory container with Azure's listing semantics (name order, prefix, `startFrom`,
-//! opaque markers, page size), used by unit tests and benchmarks in place of the service.
+//! opaque markers, page size) and its write preconditions (If-Match, If-None-Match), used by
+//! unit tests and benchmarks in place of the service.
 
-use super::{BlobError, BlobProps, BlobResult, BlobStore, ListPage, ListQuery};
+use super::{BlobError, BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::RwLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
 use std::time::SystemTime;
 
 #[derive(Clone)]
@@ -19,6 +21,7 @@ pub struct MemoryStore {
     blobs: RwLock<BTreeMap<String, Stored>>,
     page_size: usize,
     etag_counter: std::sync::atomic::AtomicU64,
+    staged: Mutex<HashMap<(String, Vec<u8>), Bytes>>,
 }
 
 impl Default for MemoryStore {
@@ -38,12 +41,12 @@ impl MemoryStore {
             blobs: RwLock::new(BTreeMap::new()),
             page_size: page_size.max(1),
             etag_counter: Default::default(),
+            staged: Default::default(),
         }
     }
 
-    /// Stores `data` at `name` with `metadata`, replacing any blob there, with a fresh ETag.
-    pub fn put(&self, name: &str, data: impl Into<Bytes>, metadata: &[(&str, &str)]) {
-        let data = data.into();
+    /// Stores `data` at `name` and returns the new ETag (the service's side of every write).
+    fn store(&self, name: &str, data: Bytes, metadata: Metadata) -> String {
         let n = self
             .etag_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -53,12 +56,47 @@ impl MemoryStore {
             etag: format!("\"0x{n:016X}\""),
             last_modified: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
             content_md5: Some(md5_of(&data)),
-            metadata: super::normalize_metadata(metadata.iter().map(|(k, v)| (*k, *v))),
+            metadata,
         };
+        let etag = props.etag.clone();
         self.blobs
             .write()
             .unwrap()
             .insert(name.to_string(), Stored { props, data });
+        etag
+    }
+
+    fn check(&self, name: &str, expect: &Expect) -> BlobResult<()> {
+        let blobs = self.blobs.read().unwrap();
+        let ok = match (expect, blobs.get(name)) {
+            (Expect::Absent, None) => true,
+            (Expect::Etag(e), Some(s)) => &s.props.etag == e,
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(BlobError::PreconditionFailed(format!("{name}: expected {expect:?}")))
+        }
+    }
+
+    /// The content of `name`, if it exists.
+    pub fn data(&self, name: &str) -> Option<Bytes> {
+        self.blobs.read().unwrap().get(name).map(|s| s.data.clone())
+    }
+
+    /// Every blob name in order.
+    pub fn names(&self) -> Vec<String> {
+        self.blobs.read().unwrap().keys().cloned().collect()
+    }
+
+    /// Stores `data` at `name` with `metadata`, replacing any blob there, with a fresh ETag.
+    pub fn put(&self, name: &str, data: impl Into<Bytes>, metadata: &[(&str, &str)]) {
+        self.store(
+            name,
+            data.into(),
+            super::normalize_metadata(metadata.iter().map(|(k, v)| (*k, *v))),
+        );
     }
 
     /// Overrides the stored Content-MD5 (tests of verification use a wrong one).
@@ -134,5 +172,82 @@ impl BlobStore for MemoryStore {
 
     async fn check_access(&self) -> BlobResult<()> {
         Ok(())
+    }
+
+    async fn put(
+        &self,
+        name: &str,
+        data: Bytes,
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String> {
+        self.check(name, expect)?;
+        Ok(self.store(name, data, metadata.clone()))
+    }
+
+    async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
+        self.staged
+            .lock()
+            .unwrap()
+            .insert((name.to_string(), id.to_vec()), data);
+        Ok(())
+    }
+
+    async fn commit_blocks(
+        &self,
+        name: &str,
+        ids: &[Vec<u8>],
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String> {
+        self.check(name, expect)?;
+        let mut staged = self.staged.lock().unwrap();
+        let mut data = Vec::new();
+        for id in ids {
+            let block = staged
+                .get(&(name.to_string(), id.clone()))
+                .ok_or_else(|| BlobError::Service(format!("{name}: block not staged")))?;
+            data.extend_from_slice(block);
+        }
+        staged.retain(|(n, _), _| n != name);
+        drop(staged);
+        Ok(self.store(name, data.into(), metadata.clone()))
+    }
+
+    async fn set_metadata(
+        &self,
+        name: &str,
+        metadata: &Metadata,
+        etag: &str,
+    ) -> BlobResult<String> {
+        self.check(name, &Expect::Etag(etag.to_string()))?;
+        let data = self.data(name).unwrap_or_default();
+        Ok(self.store(name, data, metadata.clone()))
+    }
+
+    async fn copy(
+        &self,
+        from: &str,
+        from_etag: &str,
+        to: &str,
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String> {
+        self.check(from, &Expect::Etag(from_etag.to_string()))?;
+        self.check(to, expect)?;
+        let data = self.data(from).unwrap_or_default();
+        Ok(self.store(to, data, metadata.clone()))
+    }
+
+    async fn delete(&self, name: &str, etag: &str) -> BlobResult<()> {
+        let mut blobs = self.blobs.write().unwrap();
+        match blobs.get(name) {
+            None => Err(BlobError::NotFound(name.to_string())),
+            Some(s) if s.props.etag != etag => Err(BlobError::PreconditionFailed(name.into())),
+            Some(_) => {
+                blobs.remove(name);
+                Ok(())
+            }
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! The container, seen through one narrow trait.
 //!
 //! `BlobStore` is everything simfs asks of Azure Blob Storage: a page of a flat listing (with
-//! metadata), a HEAD, and a ranged GET guarded by an ETag. The Azure implementation lives in
+//! metadata), a HEAD, a ranged GET guarded by an ETag, and the writes: a whole-blob PUT,
+//! staged blocks and their commit, a metadata update, a server-side copy and a delete. Every
+//! write names what it expects to find at the name (`Expect`), so simfs overwrites only a blob
+//! version it has seen and never silently replaces someone else's. The Azure implementation lives in
 //! `azure.rs`; `memory.rs` is a complete in-process store for unit tests and `faulty.rs` wraps
 //! any store to count requests and inject failures. Keeping the trait this small is what lets
 //! the filesystem core be tested without a network.
@@ -16,6 +19,7 @@ pub mod format;
 pub mod listing;
 pub mod memory;
 pub mod sas;
+pub mod upload;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -86,6 +90,19 @@ impl BlobError {
 
 pub type BlobResult<T> = Result<T, BlobError>;
 
+/// Blob metadata as simfs writes it (lower-case keys).
+pub type Metadata = BTreeMap<String, String>;
+
+/// What a write expects to find at its target name; the service refuses the write with
+/// `PreconditionFailed` otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// No blob at the name (a new file).
+    Absent,
+    /// Exactly this version (the one simfs last saw or wrote).
+    Etag(String),
+}
+
 /// What simfs needs from a container. Implementations must be cheap to share across threads.
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
@@ -102,6 +119,45 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Confirms the container exists and the credentials can list it.
     async fn check_access(&self) -> BlobResult<()>;
+
+    /// Writes `data` as the whole blob `name` with `metadata`; returns the new ETag.
+    async fn put(
+        &self,
+        name: &str,
+        data: Bytes,
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String>;
+
+    /// Stages one block of a future `commit_blocks`; ids of one blob have equal lengths.
+    async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()>;
+
+    /// Commits staged blocks, in order, as the blob's content; returns the new ETag.
+    async fn commit_blocks(
+        &self,
+        name: &str,
+        ids: &[Vec<u8>],
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String>;
+
+    /// Replaces the metadata of version `etag` of `name`; returns the new ETag.
+    async fn set_metadata(&self, name: &str, metadata: &Metadata, etag: &str)
+        -> BlobResult<String>;
+
+    /// Server-side copy of version `from_etag` of `from` to `to` with `metadata`, complete
+    /// when this returns; returns the new blob's ETag.
+    async fn copy(
+        &self,
+        from: &str,
+        from_etag: &str,
+        to: &str,
+        metadata: &Metadata,
+        expect: &Expect,
+    ) -> BlobResult<String>;
+
+    /// Deletes version `etag` of `name`.
+    async fn delete(&self, name: &str, etag: &str) -> BlobResult<()>;
 }
 
 /// Lower-cases metadata keys: Azure treats them case-insensitively, simfs reads them so.
