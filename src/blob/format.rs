@@ -24,6 +24,10 @@ pub const KEY_PERMISSIONS: &str = "permissions";
 pub const KEY_OWNER: &str = "owner";
 pub const KEY_GROUP: &str = "group";
 pub const KEY_MTIME: &str = "mtime";
+/// simfs's hard links: the data blob of a multiply-linked inode carries `simfs_inode=<id>`;
+/// each other name is a zero-length blob with `simfs_hardlink=<id>`.
+pub const KEY_INODE: &str = "simfs_inode";
+pub const KEY_HARDLINK: &str = "simfs_hardlink";
 
 /// What a blob's metadata says about the POSIX object it stands for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,6 +39,10 @@ pub struct PosixMeta {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mtime: Option<SystemTime>,
+    /// Hard-link group of a data blob (`simfs_inode`).
+    pub inode_id: Option<String>,
+    /// Hard-link group a stub name belongs to (`simfs_hardlink`).
+    pub hardlink_of: Option<String>,
     /// Values present but not understood, as `key=value`, for `simfs check`.
     pub rejected: Vec<String>,
 }
@@ -74,6 +82,18 @@ pub fn parse(meta: &BTreeMap<String, String>) -> PosixMeta {
     if let Some(v) = meta.get(KEY_MTIME) {
         mtime = parse_time(v);
         take(KEY_MTIME, mtime.map(|_| ()));
+    }
+    let id = |k: &str| {
+        meta.get(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    out.inode_id = id(KEY_INODE);
+    out.hardlink_of = id(KEY_HARDLINK);
+    for k in [KEY_INODE, KEY_HARDLINK] {
+        if meta.contains_key(k) && id(k).is_none() {
+            out.rejected.push(format!("{k}={}", meta[k]));
+        }
     }
     out.mode = mode;
     out.uid = uid;
@@ -141,6 +161,44 @@ pub fn parse_time(v: &str) -> Option<SystemTime> {
     } else {
         SystemTime::UNIX_EPOCH.checked_sub(Duration::from_secs_f64(-secs))
     }
+}
+
+/// What a blob stands for, for `render`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role<'a> {
+    Dir,
+    Symlink,
+    /// File data; `Some(id)` when the inode has (or had) other names.
+    File(Option<&'a str>),
+    /// A hard-link stub of group `id`.
+    Stub(&'a str),
+}
+
+/// The metadata simfs writes for an object with these attributes.
+pub fn render(role: Role<'_>, mode: u32, uid: u32, gid: u32, mtime: SystemTime) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    match role {
+        Role::Dir => {
+            m.insert(KEY_IS_FOLDER.to_string(), "true".to_string());
+        }
+        Role::Symlink => {
+            m.insert(KEY_IS_SYMLINK.to_string(), "true".to_string());
+        }
+        Role::File(Some(id)) => {
+            m.insert(KEY_INODE.to_string(), id.to_string());
+        }
+        Role::File(None) => {}
+        Role::Stub(id) => {
+            // A stub holds no attributes: they live with the data, once.
+            m.insert(KEY_HARDLINK.to_string(), id.to_string());
+            return m;
+        }
+    }
+    m.insert(KEY_PERMISSIONS.to_string(), format!("{:04o}", mode & 0o7777));
+    m.insert(KEY_OWNER.to_string(), uid.to_string());
+    m.insert(KEY_GROUP.to_string(), gid.to_string());
+    m.insert(KEY_MTIME.to_string(), format_time(mtime));
+    m
 }
 
 /// Formats a time the way rclone writes `mtime` (RFC 3339, nanoseconds, UTC).
@@ -213,6 +271,21 @@ mod tests {
         assert_eq!(m.rejected.len(), 3);
         assert_eq!(parse_mode("77777"), None);
         assert_eq!(parse_mode(""), None);
+    }
+
+    #[test]
+    fn rendered_metadata_parses_back_to_the_same_attributes() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5);
+        let m = render(Role::File(Some("ab12")), 0o4750, 1000, 100, t);
+        let p = parse(&m);
+        assert_eq!((p.mode, p.uid, p.gid, p.mtime), (Some(0o4750), Some(1000), Some(100), Some(t)));
+        assert_eq!(p.inode_id.as_deref(), Some("ab12"));
+        assert_eq!(m["permissions"], "4750");
+        let d = parse(&render(Role::Dir, 0o755, 0, 0, t));
+        assert!(d.is_folder && !d.is_symlink);
+        let stub = parse(&render(Role::Stub("ab12"), 0o644, 0, 0, t));
+        assert_eq!(stub.hardlink_of.as_deref(), Some("ab12"));
+        assert_eq!(stub.mode, None, "stubs carry no attributes");
     }
 
     #[test]

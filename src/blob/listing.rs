@@ -144,7 +144,7 @@ mod tests {
     use super::*;
     use crate::blob::faulty::FaultyStore;
     use crate::blob::memory::MemoryStore;
-    use crate::blob::{BlobResult, ListPage};
+    use crate::blob::{BlobResult, Expect, ListPage, Metadata};
     use async_trait::async_trait;
     use bytes::Bytes;
     use std::ops::Range;
@@ -208,6 +208,37 @@ mod tests {
         }
         async fn check_access(&self) -> BlobResult<()> {
             Ok(())
+        }
+        async fn put(&self, n: &str, d: Bytes, m: &Metadata, e: &Expect) -> BlobResult<String> {
+            BlobStore::put(&self.0, n, d, m, e).await
+        }
+        async fn stage_block(&self, n: &str, id: &[u8], d: Bytes) -> BlobResult<()> {
+            self.0.stage_block(n, id, d).await
+        }
+        async fn commit_blocks(
+            &self,
+            n: &str,
+            ids: &[Vec<u8>],
+            m: &Metadata,
+            e: &Expect,
+        ) -> BlobResult<String> {
+            self.0.commit_blocks(n, ids, m, e).await
+        }
+        async fn set_metadata(&self, n: &str, m: &Metadata, e: &str) -> BlobResult<String> {
+            self.0.set_metadata(n, m, e).await
+        }
+        async fn copy(
+            &self,
+            f: &str,
+            fe: &str,
+            t: &str,
+            m: &Metadata,
+            e: &Expect,
+        ) -> BlobResult<String> {
+            self.0.copy(f, fe, t, m, e).await
+        }
+        async fn delete(&self, n: &str, e: &str) -> BlobResult<()> {
+            self.0.delete(n, e).await
         }
     }
 

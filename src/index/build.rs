@@ -6,6 +6,10 @@
 //! `name/`) when there is one and from the mount defaults otherwise; an implicit directory's
 //! mtime is the newest mtime below it, so a rebuilt index shows the same times.
 //!
+//! Hard links (simfs's own format): a stub blob (`simfs_hardlink=<id>`) becomes one more
+//! name of the inode whose data blob carries `simfs_inode=<id>`; a stub whose data blob is
+//! missing is hidden and reported, since it has no data to show.
+//!
 //! The index is written to a temporary file and renamed into place only when complete, so a
 //! crash while indexing never leaves a half index that a later mount would trust.
 
@@ -13,7 +17,7 @@ use super::names::{split_blob_name, Name};
 use super::{to_ns, Finding, IndexResult, Kind, SourceId, SCHEMA, SCHEMA_VERSION};
 use crate::blob::{format, BlobProps};
 use rusqlite::{params, Connection};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -42,12 +46,17 @@ struct Node {
     children: BTreeMap<Name, usize>,
     /// Whether a directory's attributes came from a marker blob (else they are derived).
     explicit: bool,
+    link_id: Option<String>,
 }
 
 pub struct TreeBuilder {
     nodes: Vec<Node>,
     findings: Vec<Finding>,
     defaults: Defaults,
+    /// Hard-link stubs seen: (parent node, name, stub node, group id).
+    stubs: Vec<(usize, Name, usize, String)>,
+    /// Stub blobs resolved to their inode: (inode node, blob name, etag).
+    stub_blobs: Vec<(usize, String, String)>,
 }
 
 impl TreeBuilder {
@@ -57,6 +66,8 @@ impl TreeBuilder {
             nodes: vec![root],
             findings: Vec::new(),
             defaults,
+            stubs: Vec::new(),
+            stub_blobs: Vec::new(),
         }
     }
 
@@ -72,6 +83,7 @@ impl TreeBuilder {
             target: None,
             children: BTreeMap::new(),
             explicit: false,
+            link_id: None,
         }
     }
 
@@ -194,12 +206,52 @@ impl TreeBuilder {
             gid: meta.gid.unwrap_or(self.defaults.gid),
             size: props.size,
             mtime,
+            link_id: meta.inode_id.clone().filter(|_| kind == Kind::File),
             blob: Some(props),
             target: None,
             children: BTreeMap::new(),
             explicit: true,
         };
-        self.insert(cur, leaf.clone(), node);
+        let id = self.insert(cur, leaf.clone(), node);
+        if let (Some(group), Kind::File) = (meta.hardlink_of, kind) {
+            self.stubs.push((cur, leaf.clone(), id, group));
+        }
+    }
+
+    /// Points every hard-link stub's name at the inode holding the group's data.
+    fn resolve_links(&mut self) {
+        let mut anchors: HashMap<String, usize> = HashMap::new();
+        let stub_ids: HashSet<usize> = self.stubs.iter().map(|s| s.2).collect();
+        for (id, n) in self.nodes.iter().enumerate() {
+            if let (Some(l), false) = (&n.link_id, stub_ids.contains(&id)) {
+                if anchors.insert(l.clone(), id).is_some() {
+                    // Two data blobs claim one group (a crash mid-move): both stay visible
+                    // as separate files; stubs join the first.
+                    tracing::warn!("hard-link group {l} has more than one data blob");
+                }
+            }
+        }
+        for (parent, name, stub, group) in std::mem::take(&mut self.stubs) {
+            // A stub may have been displaced by a directory of the same name.
+            if self.nodes[parent].children.get(&name) != Some(&stub) {
+                continue;
+            }
+            let blob = self.nodes[stub].blob.clone();
+            match anchors.get(&group) {
+                Some(&anchor) if self.nodes[anchor].kind == Kind::File => {
+                    self.nodes[parent].children.insert(name, anchor);
+                    if let Some(b) = blob {
+                        self.stub_blobs.push((anchor, b.name, b.etag));
+                    }
+                }
+                _ => {
+                    self.nodes[parent].children.remove(&name);
+                    if let Some(b) = blob {
+                        self.hide(&b.name, format!("hard link to group {group}, whose data blob is missing"));
+                    }
+                }
+            }
+        }
     }
 
     /// Symlinks whose targets must be fetched: (node id, blob).
@@ -233,7 +285,14 @@ impl TreeBuilder {
     /// Derived attributes: implicit directories take the newest mtime below them, and
     /// directory link counts are 2 plus their subdirectories.
     fn finish(&mut self) -> Vec<u32> {
-        let mut nlink = vec![1u32; self.nodes.len()];
+        self.resolve_links();
+        let mut nlink = vec![0u32; self.nodes.len()];
+        nlink[0] = 1;
+        for n in &self.nodes {
+            for &c in n.children.values() {
+                nlink[c] += 1;
+            }
+        }
         // Children always have larger ids than their parents, so a reverse sweep sees every
         // child before its parent.
         for id in (0..self.nodes.len()).rev() {
@@ -276,14 +335,19 @@ impl TreeBuilder {
         {
             let mut ins = tx.prepare(
                 "INSERT INTO inodes(ino, kind, perm, uid, gid, size, mtime_ns, ctime_ns, nlink,
-                                    blob, etag, md5, target)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?12)",
+                                    blob, etag, md5, target, link_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?;
             let mut dent =
                 tx.prepare("INSERT INTO dentries(parent, name, ino) VALUES (?1, ?2, ?3)")?;
             // Only nodes reachable from the root are written (a hidden symlink is detached).
             let mut stack = vec![0usize];
+            let mut written = HashSet::new();
             while let Some(id) = stack.pop() {
+                // A hard-linked inode is reached once per name but written once.
+                if !written.insert(id) {
+                    continue;
+                }
                 let n = &self.nodes[id];
                 let ino = id as i64 + 1;
                 ins.execute(params![
@@ -299,6 +363,7 @@ impl TreeBuilder {
                     n.blob.as_ref().map(|b| b.etag.as_str()),
                     n.blob.as_ref().and_then(|b| b.content_md5.as_deref()),
                     n.target.as_deref(),
+                    n.link_id,
                 ])?;
                 match n.kind {
                     Kind::Dir => stats.dirs += 1,
@@ -309,6 +374,10 @@ impl TreeBuilder {
                     dent.execute(params![ino, name.as_bytes(), c as i64 + 1])?;
                     stack.push(c);
                 }
+            }
+            let mut stub = tx.prepare("INSERT INTO stubs(blob, ino, etag) VALUES (?1, ?2, ?3)")?;
+            for (anchor, blob, etag) in &self.stub_blobs {
+                stub.execute(params![blob, *anchor as i64 + 1, etag])?;
             }
             let mut find =
                 tx.prepare("INSERT INTO findings(blob, hidden, reason) VALUES (?1, ?2, ?3)")?;

@@ -8,10 +8,20 @@
 //!
 //! `meta` records which container and prefix the index describes and whether its listing
 //! completed; an index for another source, or an unfinished one, is never reused.
+//!
+//! The index is also the write-back journal. Every local change marks the inode `pending`
+//! (its container side differs) in the same transaction that makes the change, so a crash at
+//! any point leaves a record of what is still to upload; `gen` counts changes so a sync that
+//! raced with a newer change leaves the inode pending. Reads go through a pool of read-only
+//! connections, writes through one writer connection; WAL lets them run side by side.
+//! Inode numbers come from AUTOINCREMENT so a deleted inode's number is never handed out
+//! again while the kernel may still know it.
 
 pub mod build;
+pub mod journal;
 pub mod names;
 pub mod sync;
+pub mod write;
 
 use names::Name;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -19,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 pub const ROOT_INO: u64 = 1;
-const SCHEMA_VERSION: &str = "1";
+const SCHEMA_VERSION: &str = "2";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -85,8 +95,46 @@ pub struct Finding {
     pub reason: String,
 }
 
+/// A namespace change refused for a POSIX reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("too many links")]
+    TooManyLinks,
+}
+
+impl Refusal {
+    pub fn errno(self) -> i32 {
+        match self {
+            Refusal::NotFound => libc::ENOENT,
+            Refusal::Exists => libc::EEXIST,
+            Refusal::NotEmpty => libc::ENOTEMPTY,
+            Refusal::NotDir => libc::ENOTDIR,
+            Refusal::IsDir => libc::EISDIR,
+            Refusal::Invalid => libc::EINVAL,
+            Refusal::NotPermitted => libc::EPERM,
+            Refusal::TooManyLinks => libc::EMLINK,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("index database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("index file: {0}")]
@@ -98,7 +146,14 @@ pub enum IndexError {
 impl IndexError {
     pub fn errno(&self) -> i32 {
         match self {
+            IndexError::Refused(r) => r.errno(),
             IndexError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            // A full cache disk must reach the writer as ENOSPC, not as a generic I/O error.
+            IndexError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::DiskFull =>
+            {
+                libc::ENOSPC
+            }
             _ => libc::EIO,
         }
     }
@@ -131,7 +186,7 @@ pub fn from_ns(ns: i64) -> SystemTime {
 const SCHEMA: &str = "
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE inodes(
-    ino      INTEGER PRIMARY KEY,
+    ino      INTEGER PRIMARY KEY AUTOINCREMENT,
     kind     INTEGER NOT NULL,
     perm     INTEGER NOT NULL,
     uid      INTEGER NOT NULL,
@@ -143,8 +198,20 @@ CREATE TABLE inodes(
     blob     TEXT,
     etag     TEXT,
     md5      BLOB,
-    target   BLOB
+    target   BLOB,
+    link_id  TEXT,
+    local    INTEGER NOT NULL DEFAULT 0,
+    dirty    INTEGER NOT NULL DEFAULT 0,
+    pending  INTEGER NOT NULL DEFAULT 0,
+    due_ns   INTEGER NOT NULL DEFAULT 0,
+    gen      INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
 );
+CREATE INDEX inodes_by_blob ON inodes(blob) WHERE blob IS NOT NULL;
+CREATE INDEX inodes_pending ON inodes(due_ns) WHERE pending = 1;
+CREATE TABLE stubs(blob TEXT PRIMARY KEY, ino INTEGER NOT NULL, etag TEXT NOT NULL);
+CREATE INDEX stubs_by_ino ON stubs(ino);
 CREATE TABLE dentries(
     parent INTEGER NOT NULL,
     name   BLOB NOT NULL,
@@ -176,6 +243,7 @@ fn row_attr(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Attr> {
 pub struct Index {
     path: PathBuf,
     pool: crossbeam::queue::ArrayQueue<Connection>,
+    writer: std::sync::Mutex<Option<Connection>>,
 }
 
 impl Index {
@@ -188,6 +256,7 @@ impl Index {
         let index = Index {
             path: path.to_path_buf(),
             pool: crossbeam::queue::ArrayQueue::new(32),
+            writer: std::sync::Mutex::new(None),
         };
         let ok = index.with_conn(|c| {
             let get = |k: &str| -> rusqlite::Result<Option<String>> {
@@ -220,6 +289,28 @@ impl Index {
         c.pragma_update(None, "cache_size", -16_000)?;
         c.pragma_update(None, "mmap_size", 256 * 1024 * 1024)?;
         Ok(c)
+    }
+
+    /// Runs `f` in a transaction on the writer connection (opened on first use).
+    pub(crate) fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> IndexResult<T>,
+    ) -> IndexResult<T> {
+        let mut guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let c = Connection::open(&self.path)?;
+            c.pragma_update(None, "journal_mode", "WAL")?;
+            // A process crash loses nothing committed with NORMAL in WAL mode; only a power
+            // loss could, and the cache disk does not survive that anyway.
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            c.busy_timeout(Duration::from_secs(10))?;
+            *guard = Some(c);
+        }
+        let conn = guard.as_mut().expect("opened above");
+        let tx = conn.transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Runs `f` on a pooled read connection.

@@ -1,0 +1,305 @@
+//! The write-back journal: which inodes differ from the container and what the container
+//! holds for them.
+//!
+//! An inode is `pending` from the transaction that changed it until write-back has made the
+//! container match and recorded the result with the same `gen` it started from. Each inode
+//! *claims* the blob names it last wrote or indexed (`inodes.blob` for its data, directory
+//! marker or symlink, `stubs` for its extra hard-link names) together with their ETags:
+//! write-back overwrites or deletes a blob only with the ETag of a claim, so a blob simfs
+//! has never seen is never replaced. When one inode's write replaces a name another inode
+//! claimed (a file renamed over another), the other claim is dropped in the same
+//! transaction that records the write.
+
+use super::{from_ns, row_attr, to_ns, Attr, Index, IndexResult, Kind, ATTR_COLS, ROOT_INO};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::time::SystemTime;
+
+/// Everything write-back needs to bring one inode's container side up to date.
+#[derive(Clone, Debug)]
+pub struct SyncView {
+    pub attr: Attr,
+    /// The claimed data blob (file data, directory marker, symlink) and its ETag.
+    pub blob: Option<(String, String)>,
+    pub link_id: Option<String>,
+    pub target: Option<Vec<u8>>,
+    pub local: bool,
+    pub dirty: bool,
+    pub gen: i64,
+    /// Paths of the inode's names relative to the mount root, sorted; empty once unlinked.
+    pub paths: Vec<Vec<u8>>,
+    /// Claimed hard-link stub blobs and their ETags.
+    pub stubs: Vec<(String, String)>,
+}
+
+/// Who claims a blob name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub ino: u64,
+    pub etag: String,
+    pub stub: bool,
+    /// The claiming inode still has names (else it is waiting to be deleted).
+    pub live: bool,
+    pub kind: Kind,
+    pub local: bool,
+}
+
+/// The path of directory `ino` relative to the mount root (empty for the root).
+fn dir_path(c: &Connection, ino: u64) -> IndexResult<Option<Vec<u8>>> {
+    let mut st = c.prepare_cached("SELECT parent, name FROM dentries WHERE ino = ?1 LIMIT 1")?;
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    let mut cur = ino;
+    while cur != ROOT_INO {
+        let Some((p, n)) = st
+            .query_row([cur as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        parts.push(n);
+        cur = p as u64;
+        if parts.len() > 4096 {
+            return Err(super::IndexError::Corrupt(format!("directory loop above {ino}")));
+        }
+    }
+    parts.reverse();
+    Ok(Some(parts.join(&b'/')))
+}
+
+impl Index {
+    /// The state of a pending inode; None when it is not pending (or gone).
+    pub fn sync_view(&self, ino: u64) -> IndexResult<Option<SyncView>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(&format!(
+                "SELECT {ATTR_COLS}, i.blob, i.etag, i.link_id, i.target, i.local, i.dirty, i.gen
+                 FROM inodes i WHERE i.ino = ?1 AND i.pending = 1"
+            ))?;
+            let Some(mut view) = st
+                .query_row([ino as i64], |r| {
+                    let blob: Option<String> = r.get(9)?;
+                    let etag: Option<String> = r.get(10)?;
+                    Ok(SyncView {
+                        attr: row_attr(r, 0)?,
+                        blob: blob.map(|b| (b, etag.unwrap_or_default())),
+                        link_id: r.get(11)?,
+                        target: r.get(12)?,
+                        local: r.get(13)?,
+                        dirty: r.get(14)?,
+                        gen: r.get(15)?,
+                        paths: Vec::new(),
+                        stubs: Vec::new(),
+                    })
+                })
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let mut names = c.prepare_cached("SELECT parent, name FROM dentries WHERE ino = ?1")?;
+            let rows = names
+                .query_map([ino as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            for (parent, name) in rows {
+                if let Some(mut p) = dir_path(c, parent as u64)? {
+                    if !p.is_empty() {
+                        p.push(b'/');
+                    }
+                    p.extend_from_slice(&name);
+                    view.paths.push(p);
+                }
+            }
+            view.paths.sort();
+            let mut stubs = c.prepare_cached("SELECT blob, etag FROM stubs WHERE ino = ?1")?;
+            view.stubs = stubs
+                .query_map([ino as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(view))
+        })
+    }
+
+    /// Pending inodes due at `now`, oldest first.
+    pub fn due(&self, now: SystemTime, limit: usize) -> IndexResult<Vec<u64>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT ino FROM inodes WHERE pending = 1 AND due_ns <= ?1 ORDER BY due_ns LIMIT ?2",
+            )?;
+            let rows = st.query_map(params![to_ns(now), limit as i64], |r| r.get::<_, i64>(0))?;
+            Ok(rows.map(|r| r.map(|i| i as u64)).collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Number of pending inodes, and when the next one is due.
+    pub fn pending(&self) -> IndexResult<(u64, Option<SystemTime>)> {
+        self.with_conn(|c| {
+            Ok(c.query_row(
+                "SELECT count(*), min(due_ns) FROM inodes WHERE pending = 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?.map(from_ns))),
+            )?)
+        })
+    }
+
+    /// Pending inodes whose last attempt failed: (ino, failures, last error).
+    pub fn failing(&self) -> IndexResult<Vec<(u64, u32, String)>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT ino, failures, coalesce(last_error, '') FROM inodes
+                 WHERE pending = 1 AND failures > 0 ORDER BY ino",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u32, r.get(2)?))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Who claims blob `name`, if anyone.
+    pub fn claim_on(&self, name: &str) -> IndexResult<Option<Claim>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT ino, etag, 0 FROM inodes WHERE blob = ?1
+                 UNION ALL SELECT ino, etag, 1 FROM stubs WHERE blob = ?1 LIMIT 1",
+            )?;
+            let Some((ino, etag, stub)) = st
+                .query_row([name], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        r.get::<_, bool>(2)?,
+                    ))
+                })
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let mut st = c.prepare_cached("SELECT kind, nlink, local FROM inodes WHERE ino = ?1")?;
+            let (kind, nlink, local) = st
+                .query_row([ino], |r| {
+                    Ok((
+                        super::Kind::from_i64(r.get(0)?)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, bool>(2)?,
+                    ))
+                })
+                .optional()?
+                .unwrap_or((Kind::File, 0, false));
+            Ok(Some(Claim {
+                ino: ino as u64,
+                etag,
+                stub,
+                live: nlink > 0,
+                kind,
+                local,
+            }))
+        })
+    }
+
+    /// Records what write-back wrote for `ino`: its data blob (None: nothing, e.g. the root)
+    /// and stubs. Claims other inodes had on these names are dropped. The inode stops being
+    /// pending unless it changed meanwhile (`gen`).
+    pub fn record_sync(
+        &self,
+        ino: u64,
+        gen: i64,
+        blob: Option<&(String, String)>,
+        stubs: &[(String, String)],
+        uploaded_data: bool,
+    ) -> IndexResult<()> {
+        self.write(|tx| {
+            let mut names: Vec<&str> = stubs.iter().map(|s| s.0.as_str()).collect();
+            if let Some((b, _)) = blob {
+                names.push(b);
+            }
+            for n in &names {
+                tx.prepare_cached("UPDATE inodes SET blob = NULL, etag = NULL WHERE blob = ?1 AND ino != ?2")?
+                    .execute(params![n, ino as i64])?;
+                tx.prepare_cached("DELETE FROM stubs WHERE blob = ?1")?
+                    .execute([n])?;
+            }
+            tx.prepare_cached("DELETE FROM stubs WHERE ino = ?1")?
+                .execute([ino as i64])?;
+            for (b, e) in stubs {
+                tx.prepare_cached("INSERT INTO stubs(blob, ino, etag) VALUES (?1, ?2, ?3)")?
+                    .execute(params![b, ino as i64, e])?;
+            }
+            tx.prepare_cached(
+                "UPDATE inodes SET blob = ?2, etag = ?3, md5 = NULL, failures = 0, last_error = NULL,
+                     dirty = CASE WHEN gen = ?4 AND ?5 THEN 0 ELSE dirty END,
+                     pending = CASE WHEN gen = ?4 THEN 0 ELSE 1 END
+                 WHERE ino = ?1",
+            )?
+            .execute(params![
+                ino as i64,
+                blob.map(|b| b.0.as_str()),
+                blob.map(|b| b.1.as_str()),
+                gen,
+                uploaded_data
+            ])?;
+            Ok(())
+        })
+    }
+
+    /// Moves a claim of `ino` to another name (evicted to a temporary blob), or drops it
+    /// (`to` None) when the inode can rewrite it from local state.
+    pub fn move_claim(&self, ino: u64, from: &str, to: Option<(&str, &str)>) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM stubs WHERE blob = ?1 AND ino = ?2")?
+                .execute(params![from, ino as i64])?;
+            tx.prepare_cached(
+                "UPDATE inodes SET blob = ?3, etag = ?4, pending = 1,
+                     dirty = CASE WHEN ?3 IS NULL AND kind = 2 THEN 1 ELSE dirty END
+                 WHERE ino = ?1 AND blob = ?2",
+            )?
+            .execute(params![ino as i64, from, to.map(|t| t.0), to.map(|t| t.1)])?;
+            Ok(())
+        })
+    }
+
+    /// A sync of `ino` failed: retry at `due`.
+    pub fn sync_failed(&self, ino: u64, error: &str, due: SystemTime) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE inodes SET failures = failures + 1, last_error = ?2, due_ns = ?3
+                 WHERE ino = ?1",
+            )?
+            .execute(params![ino as i64, error, to_ns(due)])?;
+            Ok(())
+        })
+    }
+
+    /// Removes an unlinked inode whose blobs are gone and that nothing has open.
+    pub fn remove_inode(&self, ino: u64) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM stubs WHERE ino = ?1")?
+                .execute([ino as i64])?;
+            tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1 AND nlink = 0")?
+                .execute([ino as i64])?;
+            Ok(())
+        })
+    }
+
+    /// Local files whose inode the index no longer has or that are no longer local
+    /// (for cleaning the cache at mount).
+    pub fn local_inodes(&self) -> IndexResult<Vec<u64>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached("SELECT ino FROM inodes WHERE local = 1")?;
+            let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
+            Ok(rows.map(|r| r.map(|i| i as u64)).collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Makes every pending inode due now (mount-time recovery, fsyncdir, unmount).
+    pub fn all_due_now(&self) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.execute("UPDATE inodes SET due_ns = 0 WHERE pending = 1", [])?;
+            Ok(())
+        })
+    }
+
+    /// The local file size after a crash may be larger than the index knows; it wins.
+    pub fn set_size(&self, ino: u64, size: u64) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached("UPDATE inodes SET size = ?2 WHERE ino = ?1")?
+                .execute(params![ino as i64, size as i64])?;
+            Ok(())
+        })
+    }
+}
