@@ -69,6 +69,22 @@ pub struct SourceArgs {
     /// List requests in flight at once while indexing.
     #[arg(long, default_value_t = 32)]
     pub list_concurrency: usize,
+    /// Mount read-only: nothing is ever written to the container.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Seconds a metadata change (chmod, rename, mkdir, ...) waits before it is uploaded, so
+    /// bursts coalesce; data is uploaded on close and fsync regardless.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_delay)]
+    pub upload_delay: f64,
+}
+
+fn parse_delay(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 0 and 3600"
+        )),
+    }
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {

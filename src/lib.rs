@@ -12,3 +12,4 @@ pub mod fs;
 pub mod fuse;
 pub mod index;
 pub mod mount;
+pub mod writeback;

@@ -14,6 +14,7 @@ use crate::fs::SimFs;
 use crate::fuse::SimFuse;
 use crate::index::sync::{build_index, SyncError, SyncOptions};
 use crate::index::{Index, SourceId};
+use crate::writeback::{Writeback, WritebackOptions};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -106,11 +107,18 @@ pub fn prepare_with_store(
         .map_err(|e| MountError::Io(format!("cache dir {}: {e}", dir.display())))?;
     let lock = lock_state(&dir)?;
     let db = dir.join("index.db");
-    let existing = if args.reindex {
-        None
-    } else {
-        Index::open_existing(&db, source)?
-    };
+    let mut existing = Index::open_existing(&db, source)?;
+    if args.reindex {
+        if let Some(i) = &existing {
+            let pending = i.pending()?.0;
+            if pending > 0 {
+                return Err(MountError::Io(format!(
+                    "--reindex would discard {pending} changes not yet uploaded; mount without it first so they are uploaded"
+                )));
+            }
+        }
+        existing = None;
+    }
     let index = match existing {
         Some(i) => {
             tracing::info!("reusing the index at {}", db.display());
@@ -128,13 +136,30 @@ pub fn prepare_with_store(
     };
     let cache = Cache::new(
         &dir.join("cache"),
-        store,
+        store.clone(),
         rt.handle().clone(),
         CacheOptions::default(),
     )
     .map_err(|e| MountError::Io(format!("cache dir {}: {e}", dir.display())))?;
+    let fs = if args.read_only {
+        SimFs::new(index, cache)
+    } else {
+        let opts = WritebackOptions {
+            delay: Duration::from_secs_f64(args.upload_delay),
+            ..Default::default()
+        };
+        let wb = Writeback::new(store, rt.handle().clone(), source.prefix.clone(), opts);
+        let fs = SimFs::with_writeback(index, cache, wb);
+        let pending = fs
+            .recover()
+            .map_err(|e| MountError::Io(format!("recovering pending changes: {e}")))?;
+        if pending > 0 {
+            tracing::info!("{pending} changes from an earlier mount are pending; uploading them");
+        }
+        fs
+    };
     Ok(Prepared {
-        fs: Arc::new(SimFs::new(index, cache)),
+        fs: Arc::new(fs),
         lock,
         state_dir: dir,
     })
@@ -183,17 +208,19 @@ pub fn serve(
     config.mount_options = vec![
         MountOption::FSName(opts.fsname.clone()),
         MountOption::Subtype("simfs".into()),
-        MountOption::RO,
         MountOption::NoDev,
         MountOption::DefaultPermissions,
     ];
+    if fs.is_read_only() {
+        config.mount_options.push(MountOption::RO);
+    }
     if opts.allow_other {
         config.acl = SessionACL::All;
     }
     config.n_threads = Some(opts.threads.max(1));
     // One /dev/fuse descriptor per worker: no thundering herd on a shared one.
     config.clone_fd = true;
-    let fuse = SimFuse::new(fs, opts.ttl);
+    let fuse = SimFuse::new(fs.clone(), opts.ttl);
     let mut session = match fuser::Session::new(fuse, mountpoint, &config) {
         Ok(s) => s,
         Err(e) => {
@@ -205,9 +232,66 @@ pub fn serve(
     let unmounter = std::sync::Mutex::new(session.unmount_callable());
     install_unmount_on_signal(unmounter);
     ready(Ok(()));
-    session
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = (!fs.is_read_only()).then(|| spawn_writeback(fs.clone(), stop.clone()));
+    let ran = session
         .run()
-        .map_err(|e| MountError::Io(format!("FUSE session ended with an error: {e}")))
+        .map_err(|e| MountError::Io(format!("FUSE session ended with an error: {e}")));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(w) = worker {
+        let _ = w.join();
+        finish_uploads(&fs)?;
+    }
+    ran
+}
+
+/// The background uploader: syncs what is due, then sleeps a little.
+fn spawn_writeback(
+    fs: Arc<SimFs>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("simfs-writeback".into())
+        .spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Err(e) = fs.sync_due() {
+                    tracing::warn!("write-back: {e}");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+        .expect("spawning the write-back thread")
+}
+
+/// After unmount: upload everything still pending, with a progress line, and report what
+/// failed (it stays in the journal for the next mount).
+fn finish_uploads(fs: &SimFs) -> Result<(), MountError> {
+    let (pending, _) = fs.pending().map_err(|e| MountError::Io(e.to_string()))?;
+    if pending == 0 {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(pending);
+    bar.set_message("uploading pending changes");
+    let failed = fs
+        .drain(|left| bar.set_position(pending.saturating_sub(left)))
+        .map_err(|e| MountError::Io(e.to_string()))?;
+    bar.finish_and_clear();
+    if failed == 0 {
+        tracing::info!("all {pending} pending changes uploaded");
+        return Ok(());
+    }
+    let (_, failing) = fs.pending().map_err(|e| MountError::Io(e.to_string()))?;
+    for f in &failing {
+        tracing::error!(
+            "inode {}: not uploaded after {} attempts: {}",
+            f.ino,
+            f.attempts,
+            f.error
+        );
+    }
+    Err(MountError::Io(format!(
+        "{failed} changes could not be uploaded; they are kept in the cache and retried at the next mount"
+    )))
 }
 
 /// SIGINT/SIGTERM/SIGHUP unmount the filesystem, which ends `serve` cleanly.

@@ -9,8 +9,8 @@ use super::auth::{Credential, SasPolicy};
 use super::{BlobError, BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata};
 use async_trait::async_trait;
 use azure_core::error::ErrorKind;
-use azure_core::http::policies::Policy;
 use azure_core::http::headers::ETAG;
+use azure_core::http::policies::Policy;
 use azure_core::http::{
     ClientOptions, Etag, ExponentialRetryOptions, RequestContent, RetryOptions, StatusCode, Url,
 };
@@ -75,7 +75,9 @@ impl AzureStore {
         };
         let sas = cred.sas_policy(&container, &opts.sas_permissions);
         if let Some(p) = &sas {
-            client_options.per_call_policies.push(p.clone() as Arc<dyn Policy>);
+            client_options
+                .per_call_policies
+                .push(p.clone() as Arc<dyn Policy>);
         }
         let token = cred
             .token_credential()
@@ -298,8 +300,13 @@ impl BlobStore for AzureStore {
     ) -> BlobResult<String> {
         let (if_match, if_none_match) = conditions(expect);
         let what = format!("commit blocks of {name:?}");
-        let mut list = BlockLookupList::default();
-        list.latest = Some(ids.to_vec());
+        // The model is non-exhaustive: it can only be built by assignment.
+        #[allow(clippy::field_reassign_with_default)]
+        let list = {
+            let mut list = BlockLookupList::default();
+            list.latest = Some(ids.to_vec());
+            list
+        };
         let opts = BlockBlobClientCommitBlockListOptions {
             metadata: Some(to_hash_map(metadata)),
             if_match,

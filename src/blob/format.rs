@@ -175,7 +175,13 @@ pub enum Role<'a> {
 }
 
 /// The metadata simfs writes for an object with these attributes.
-pub fn render(role: Role<'_>, mode: u32, uid: u32, gid: u32, mtime: SystemTime) -> BTreeMap<String, String> {
+pub fn render(
+    role: Role<'_>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: SystemTime,
+) -> BTreeMap<String, String> {
     let mut m = BTreeMap::new();
     match role {
         Role::Dir => {
@@ -194,7 +200,10 @@ pub fn render(role: Role<'_>, mode: u32, uid: u32, gid: u32, mtime: SystemTime) 
             return m;
         }
     }
-    m.insert(KEY_PERMISSIONS.to_string(), format!("{:04o}", mode & 0o7777));
+    m.insert(
+        KEY_PERMISSIONS.to_string(),
+        format!("{:04o}", mode & 0o7777),
+    );
     m.insert(KEY_OWNER.to_string(), uid.to_string());
     m.insert(KEY_GROUP.to_string(), gid.to_string());
     m.insert(KEY_MTIME.to_string(), format_time(mtime));
@@ -278,7 +287,10 @@ mod tests {
         let t = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5);
         let m = render(Role::File(Some("ab12")), 0o4750, 1000, 100, t);
         let p = parse(&m);
-        assert_eq!((p.mode, p.uid, p.gid, p.mtime), (Some(0o4750), Some(1000), Some(100), Some(t)));
+        assert_eq!(
+            (p.mode, p.uid, p.gid, p.mtime),
+            (Some(0o4750), Some(1000), Some(100), Some(t))
+        );
         assert_eq!(p.inode_id.as_deref(), Some("ab12"));
         assert_eq!(m["permissions"], "4750");
         let d = parse(&render(Role::Dir, 0o755, 0, 0, t));

@@ -6,8 +6,8 @@ use super::{BlobError, BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQ
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -76,7 +76,9 @@ impl MemoryStore {
         if ok {
             Ok(())
         } else {
-            Err(BlobError::PreconditionFailed(format!("{name}: expected {expect:?}")))
+            Err(BlobError::PreconditionFailed(format!(
+                "{name}: expected {expect:?}"
+            )))
         }
     }
 

@@ -104,11 +104,25 @@ mod tests {
         };
         let rt = tokio::runtime::Runtime::new().unwrap();
         let meta = Metadata::from([("permissions".to_string(), "0644".to_string())]);
-        rt.block_on(upload_file(&store, "a/f", &path, &meta, &Expect::Absent, &opts))
-            .unwrap();
+        rt.block_on(upload_file(
+            &store,
+            "a/f",
+            &path,
+            &meta,
+            &Expect::Absent,
+            &opts,
+        ))
+        .unwrap();
         assert_eq!(store.data("a/f").unwrap(), data);
         // A second upload expecting "absent" is refused: the blob exists now.
-        let again = rt.block_on(upload_file(&store, "a/f", &path, &meta, &Expect::Absent, &opts));
+        let again = rt.block_on(upload_file(
+            &store,
+            "a/f",
+            &path,
+            &meta,
+            &Expect::Absent,
+            &opts,
+        ));
         assert!(matches!(
             again,
             Err(UploadError::Blob(BlobError::PreconditionFailed(_)))

@@ -10,6 +10,11 @@
 //! Large blobs are fetched as parallel ranged GETs written at their offsets. Eviction, reads
 //! during hydration and pinning of open files will extend this module; its layout already
 //! keys files so that an evicted one is simply downloaded again.
+//!
+//! A file opened for writing gets a *local* copy, `local/<ino>`, which from then on is the
+//! inode's data (the index says so): a hydrated copy is renamed there, not copied, so read
+//! handles opened earlier see the writes too, as on a local disk. Local files hold data not
+//! yet uploaded and are never evicted; they are removed with their inode.
 
 use crate::blob::{BlobError, BlobStore};
 use crate::index::BlobRef;
@@ -69,6 +74,7 @@ impl Default for CacheOptions {
 
 pub struct Cache {
     data_dir: PathBuf,
+    local_dir: PathBuf,
     tmp_dir: PathBuf,
     store: Arc<dyn BlobStore>,
     rt: tokio::runtime::Handle,
@@ -94,14 +100,17 @@ impl Cache {
     ) -> std::io::Result<Cache> {
         let data_dir = dir.join("data");
         let tmp_dir = dir.join("tmp");
+        let local_dir = dir.join("local");
         private_dir(dir)?;
         private_dir(&data_dir)?;
+        private_dir(&local_dir)?;
         if tmp_dir.exists() {
             std::fs::remove_dir_all(&tmp_dir)?;
         }
         private_dir(&tmp_dir)?;
         Ok(Cache {
             data_dir,
+            local_dir,
             tmp_dir,
             store,
             rt,
@@ -149,6 +158,66 @@ impl Cache {
                 Err(e.into())
             }
         }
+    }
+
+    /// The local copy of inode `ino`.
+    pub fn local_path(&self, ino: u64) -> PathBuf {
+        self.local_dir.join(ino.to_string())
+    }
+
+    /// Opens the local copy of `ino`, read-write when `write`.
+    pub fn open_local(&self, ino: u64, write: bool) -> Result<File, CacheError> {
+        Ok(OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(self.local_path(ino))?)
+    }
+
+    /// Gives `ino` a local copy: the hydrated blob moved into place, or an empty file when
+    /// there is no blob or its content is about to be discarded (`empty`).
+    pub fn make_local(
+        &self,
+        ino: u64,
+        blob: Option<&BlobRef>,
+        empty: bool,
+    ) -> Result<(), CacheError> {
+        let dest = self.local_path(ino);
+        match blob {
+            Some(b) if !empty => {
+                // Hydrate (or find) the clean copy, then take it over.
+                drop(self.open(b)?);
+                let key = Self::key(b);
+                self.present.invalidate(&key);
+                std::fs::rename(self.data_dir.join(&key), &dest)?;
+            }
+            _ => {
+                OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&dest)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Free bytes and free inodes on the cache disk.
+    pub fn free_space(&self) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.local_dir.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((st.f_bavail * st.f_frsize, st.f_favail))
+    }
+
+    /// Removes the local copy of a deleted inode.
+    pub fn remove_local(&self, ino: u64) {
+        let _ = std::fs::remove_file(self.local_path(ino));
     }
 
     async fn download(&self, key: &str, blob: &BlobRef) -> Result<PathBuf, CacheError> {

@@ -27,6 +27,18 @@ pub enum FsError {
     Cache(#[from] CacheError),
     #[error("local read: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot be stored in a container: {0}")]
+    Unstorable(&'static str),
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("operation not supported")]
+    Unsupported,
+    #[error("file too large")]
+    TooBig,
+    #[error("upload failed: {0}")]
+    Upload(String),
+    #[error(transparent)]
+    Writeback(std::sync::Arc<crate::writeback::WritebackError>),
 }
 
 impl From<BlobError> for FsError {
@@ -48,6 +60,12 @@ impl FsError {
             FsError::Index(e) => e.errno(),
             FsError::Cache(e) => e.errno(),
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Unstorable(_) => libc::EPERM,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::Unsupported => libc::EOPNOTSUPP,
+            FsError::TooBig => libc::EFBIG,
+            FsError::Upload(_) => libc::EIO,
+            FsError::Writeback(e) => e.errno(),
         }
     }
 }

@@ -8,13 +8,16 @@
 //! at `opendir`, so a long `readdir` sees one consistent listing and offsets stay valid.
 //!
 //! Inodes live in the index and survive `forget`; the kernel's lookup counts need no
-//! bookkeeping because nothing is freed while mounted.
+//! bookkeeping because an inode is only freed once unlinked and closed. Changes (`write.rs`)
+//! go to the index and the local copy first; `writeback` takes them to the container.
 
 pub mod error;
+pub mod write;
 
 use crate::cache::Cache;
 use crate::index::names::Name;
 use crate::index::{Attr, DirEntry, Index, Kind};
+use crate::writeback::Writeback;
 pub use error::{FsError, FsResult};
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -42,26 +45,48 @@ pub struct ListedEntry {
 }
 
 enum Handle {
-    File(Arc<File>),
+    File {
+        ino: u64,
+        file: Arc<File>,
+        write: bool,
+    },
     Dir(Arc<Vec<ListedEntry>>),
 }
 
 pub struct SimFs {
     index: Index,
     cache: Cache,
+    /// None on a read-only mount.
+    writeback: Option<Writeback>,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// Open file handles per inode: an unlinked inode is freed when this reaches zero.
+    open_files: Mutex<HashMap<u64, u32>>,
+    /// Serialises giving an inode its local copy.
+    localizing: Mutex<()>,
     next_fh: AtomicU64,
 }
 
 pub const BLOCK_SIZE: u32 = 4096;
 
 impl SimFs {
+    /// A read-only filesystem.
     pub fn new(index: Index, cache: Cache) -> SimFs {
         SimFs {
             index,
             cache,
+            writeback: None,
             handles: Mutex::new(HashMap::new()),
+            open_files: Mutex::new(HashMap::new()),
+            localizing: Mutex::new(()),
             next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// A read-write filesystem whose changes `writeback` uploads.
+    pub fn with_writeback(index: Index, cache: Cache, writeback: Writeback) -> SimFs {
+        SimFs {
+            writeback: Some(writeback),
+            ..SimFs::new(index, cache)
         }
     }
 
@@ -150,8 +175,9 @@ impl SimFs {
         self.handles.lock().unwrap().remove(&fh);
     }
 
-    /// Opens a regular file for reading, hydrating it into the cache if needed.
-    pub fn open(&self, ino: u64, write: bool) -> FsResult<u64> {
+    /// Opens a regular file, hydrating it into the cache if needed; a file opened for
+    /// writing gets its local copy (`truncate`: its old content is not needed).
+    pub fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<u64> {
         let attr = self.attr(ino)?;
         match attr.kind {
             Kind::Dir => return Err(FsError::IsDir),
@@ -159,18 +185,44 @@ impl SimFs {
             Kind::File => {}
         }
         if write {
-            return Err(FsError::ReadOnly);
+            self.writeback()?;
+            self.make_local(ino, truncate)?;
         }
-        let blob = self.index.blob_of(ino)?.ok_or(FsError::NotFound)?;
-        let file = self.cache.open(&blob)?;
-        Ok(self.insert_handle(Handle::File(Arc::new(file))))
+        let file = if self.index.is_local(ino)? {
+            self.cache.open_local(ino, write)?
+        } else {
+            let blob = self.index.blob_of(ino)?.ok_or(FsError::NotFound)?;
+            self.cache.open(&blob)?
+        };
+        *self.open_files.lock().unwrap().entry(ino).or_default() += 1;
+        Ok(self.insert_handle(Handle::File {
+            ino,
+            file: Arc::new(file),
+            write,
+        }))
+    }
+
+    /// Gives `ino` its local copy if it has none yet.
+    fn make_local(&self, ino: u64, empty: bool) -> FsResult<()> {
+        let _one = self.localizing.lock().unwrap();
+        if self.index.is_local(ino)? {
+            return Ok(());
+        }
+        let blob = self.index.blob_of(ino)?;
+        self.cache.make_local(ino, blob.as_ref(), empty)?;
+        self.index.set_local(ino)?;
+        Ok(())
+    }
+
+    fn file_handle(&self, fh: u64) -> FsResult<(u64, Arc<File>, bool)> {
+        match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::File { ino, file, write }) => Ok((*ino, file.clone(), *write)),
+            _ => Err(FsError::BadHandle),
+        }
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let file = match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::File(f)) => f.clone(),
-            _ => return Err(FsError::BadHandle),
-        };
+        let (_, file, _) = self.file_handle(fh)?;
         let mut buf = vec![0u8; size as usize];
         let mut filled = 0;
         while filled < buf.len() {
@@ -185,17 +237,46 @@ impl SimFs {
         Ok(buf)
     }
 
-    pub fn release(&self, fh: u64) {
-        self.handles.lock().unwrap().remove(&fh);
+    /// Closes a handle. The last close of an unlinked file frees it (and its blobs).
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let Some(Handle::File { ino, .. }) = self.handles.lock().unwrap().remove(&fh) else {
+            return Ok(());
+        };
+        let last = {
+            let mut open = self.open_files.lock().unwrap();
+            let n = open.entry(ino).or_default();
+            *n = n.saturating_sub(1);
+            let last = *n == 0;
+            if last {
+                open.remove(&ino);
+            }
+            last
+        };
+        if last && self.writeback.is_some() && self.attr(ino).is_ok_and(|a| a.nlink == 0) {
+            self.index.mark_pending(ino, std::time::SystemTime::now())?;
+            self.sync(ino)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_open(&self, ino: u64) -> bool {
+        self.open_files.lock().unwrap().contains_key(&ino)
     }
 
     pub fn statfs(&self) -> FsResult<FsStats> {
         let (files, bytes) = self.index.totals()?;
+        // A writable mount reports the cache disk's free space: that is what a writer can
+        // fill before the next upload frees nothing (uploads do not free local copies).
+        let (blocks_free, files_free) = match &self.writeback {
+            Some(_) => self.cache.free_space().unwrap_or((0, 0)),
+            None => (0, 0),
+        };
+        let blocks_free = blocks_free / BLOCK_SIZE as u64;
         Ok(FsStats {
-            blocks: bytes.div_ceil(BLOCK_SIZE as u64),
-            blocks_free: 0,
-            files,
-            files_free: 0,
+            blocks: bytes.div_ceil(BLOCK_SIZE as u64) + blocks_free,
+            blocks_free,
+            files: files + files_free,
+            files_free,
             block_size: BLOCK_SIZE,
             name_max: crate::index::names::NAME_MAX as u32,
         })
@@ -207,6 +288,10 @@ impl SimFs {
         fh
     }
 
+    pub fn is_read_only(&self) -> bool {
+        self.writeback.is_none()
+    }
+
     /// Number of open file and directory handles (tests check nothing leaks).
     pub fn open_handles(&self) -> usize {
         self.handles.lock().unwrap().len()
@@ -215,3 +300,5 @@ impl SimFs {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod write_tests;

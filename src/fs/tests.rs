@@ -11,14 +11,14 @@ use crate::index::{SourceId, ROOT_INO};
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering;
 
-struct World {
-    fs: Arc<SimFs>,
-    store: Arc<FaultyStore<MemoryStore>>,
-    _rt: tokio::runtime::Runtime,
-    _dir: tempfile::TempDir,
+pub(super) struct World {
+    pub fs: Arc<SimFs>,
+    pub store: Arc<FaultyStore<MemoryStore>>,
+    pub _rt: tokio::runtime::Runtime,
+    pub _dir: tempfile::TempDir,
 }
 
-fn defaults() -> Defaults {
+pub(super) fn defaults() -> Defaults {
     Defaults {
         uid: 1000,
         gid: 1000,
@@ -29,12 +29,23 @@ fn defaults() -> Defaults {
 
 fn world_with(mem: MemoryStore, prefix: &str, chunk: u64) -> World {
     let store = Arc::new(FaultyStore::new(mem));
+    world_on(store, tempfile::tempdir().unwrap(), prefix, chunk, None)
+}
+
+/// A world over `store` with its state in `dir` (an index there is reused); read-write
+/// when `delay` is given (the write-back delay).
+pub(super) fn world_on(
+    store: Arc<FaultyStore<MemoryStore>>,
+    dir: tempfile::TempDir,
+    prefix: &str,
+    chunk: u64,
+    delay: Option<std::time::Duration>,
+) -> World {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
     let source = SourceId {
         container_url: "mem://test".into(),
         prefix: prefix.into(),
@@ -45,17 +56,18 @@ fn world_with(mem: MemoryStore, prefix: &str, chunk: u64) -> World {
         progress_after: None,
     };
     let dyn_store: Arc<dyn BlobStore> = store.clone();
-    let (index, _) = rt
-        .block_on(build_index(
-            dyn_store.clone(),
-            &source,
-            &dir.path().join("index.db"),
-            &opts,
-        ))
-        .unwrap();
+    let db = dir.path().join("index.db");
+    let index = match crate::index::Index::open_existing(&db, &source).unwrap() {
+        Some(i) => i,
+        None => {
+            rt.block_on(build_index(dyn_store.clone(), &source, &db, &opts))
+                .unwrap()
+                .0
+        }
+    };
     let cache = crate::cache::Cache::new(
         &dir.path().join("cache"),
-        dyn_store,
+        dyn_store.clone(),
         rt.handle().clone(),
         CacheOptions {
             chunk_size: chunk,
@@ -63,8 +75,31 @@ fn world_with(mem: MemoryStore, prefix: &str, chunk: u64) -> World {
         },
     )
     .unwrap();
+    let fs = match delay {
+        None => SimFs::new(index, cache),
+        Some(delay) => {
+            let opts = crate::writeback::WritebackOptions {
+                delay,
+                upload: crate::blob::upload::UploadOptions {
+                    single_put_max: 64 << 10,
+                    block_size: 16 << 10,
+                    parallel: 4,
+                },
+                ..Default::default()
+            };
+            let wb = crate::writeback::Writeback::new(
+                dyn_store,
+                rt.handle().clone(),
+                prefix.to_string(),
+                opts,
+            );
+            let fs = SimFs::with_writeback(index, cache, wb);
+            fs.recover().unwrap();
+            fs
+        }
+    };
     World {
-        fs: Arc::new(SimFs::new(index, cache)),
+        fs: Arc::new(fs),
         store,
         _rt: rt,
         _dir: dir,
@@ -73,7 +108,7 @@ fn world_with(mem: MemoryStore, prefix: &str, chunk: u64) -> World {
 
 /// A container written with the Blobfuse2 conventions: marker blobs, a symlinked
 /// executable, a checkpoint with a `latest.pt` link, and the odd names real containers hold.
-fn fixture() -> MemoryStore {
+pub(super) fn fixture() -> MemoryStore {
     let s = MemoryStore::with_page_size(3);
     s.put(
         "venv",
@@ -99,7 +134,7 @@ fn fixture() -> MemoryStore {
     s
 }
 
-fn path(w: &World, p: &str) -> FsResult<Attr> {
+pub(super) fn path(w: &World, p: &str) -> FsResult<Attr> {
     let mut ino = ROOT_INO;
     let mut attr = w.fs.getattr(ino)?;
     for seg in p.split('/').filter(|s| !s.is_empty()) {
@@ -109,11 +144,11 @@ fn path(w: &World, p: &str) -> FsResult<Attr> {
     Ok(attr)
 }
 
-fn read_all(w: &World, p: &str) -> FsResult<Vec<u8>> {
+pub(super) fn read_all(w: &World, p: &str) -> FsResult<Vec<u8>> {
     let a = path(w, p)?;
-    let fh = w.fs.open(a.ino, false)?;
+    let fh = w.fs.open(a.ino, false, false)?;
     let data = w.fs.read(fh, 0, (a.size + 10) as u32);
-    w.fs.release(fh);
+    w.fs.release(fh)?;
     data
 }
 
@@ -253,7 +288,7 @@ fn large_blobs_hydrate_in_parallel_ranges_and_verify() {
     let w = world_with(mem, "", 64 * 1024);
     let gets = w.store.counters.get.load(Ordering::SeqCst);
     let a = path(&w, "big.bin").unwrap();
-    let fh = w.fs.open(a.ino, false).unwrap();
+    let fh = w.fs.open(a.ino, false, false).unwrap();
     assert_eq!(
         w.store.counters.get.load(Ordering::SeqCst) - gets,
         16,
@@ -263,7 +298,7 @@ fn large_blobs_hydrate_in_parallel_ranges_and_verify() {
     assert_eq!(mid, &big[500_000..501_000]);
     let tail = w.fs.read(fh, 1_000_000, 4096).unwrap();
     assert_eq!(tail, &big[1_000_000..]);
-    w.fs.release(fh);
+    w.fs.release(fh).unwrap();
 }
 
 #[test]
@@ -276,9 +311,9 @@ fn concurrent_opens_download_once() {
         .map(|_| {
             let fs = w.fs.clone();
             std::thread::spawn(move || {
-                let fh = fs.open(ino, false).unwrap();
+                let fh = fs.open(ino, false, false).unwrap();
                 let n = fs.read(fh, 0, 400_000).unwrap().len();
-                fs.release(fh);
+                fs.release(fh).unwrap();
                 n
             })
         })
@@ -296,12 +331,12 @@ fn content_md5_mismatch_fails_the_open_and_caches_nothing() {
     mem.set_content_md5("f", Some(vec![0u8; 16]));
     let w = world_with(mem, "", 1 << 20);
     let ino = path(&w, "f").unwrap().ino;
-    let err = w.fs.open(ino, false).unwrap_err();
+    let err = w.fs.open(ino, false, false).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
     assert!(err.to_string().contains("Content-MD5"), "{err}");
     assert_eq!(w.fs.open_handles(), 0);
     // The next open tries again rather than serving a bad copy.
-    assert!(w.fs.open(ino, false).is_err());
+    assert!(w.fs.open(ino, false, false).is_err());
     assert_eq!(w.fs.cache().downloads.load(Ordering::SeqCst), 2);
 }
 
@@ -325,7 +360,7 @@ fn a_failed_range_discards_the_partial_download() {
     let w = world_with(mem, "", 65_536);
     w.store.fail_get_at(131_072);
     let ino = path(&w, "f").unwrap().ino;
-    assert_eq!(w.fs.open(ino, false).unwrap_err().errno(), libc::EIO);
+    assert_eq!(w.fs.open(ino, false, false).unwrap_err().errno(), libc::EIO);
     w.store.fail_get_at(u64::MAX);
     assert_eq!(read_all(&w, "f").unwrap(), vec![9u8; 200_000]);
 }
@@ -359,9 +394,15 @@ fn mount_prefix_becomes_the_root() {
 fn opening_for_write_is_refused_on_the_read_only_mount() {
     let w = world_with(fixture(), "", 1 << 20);
     let a = path(&w, "venv/lib/site.py").unwrap();
-    assert_eq!(w.fs.open(a.ino, true).unwrap_err().errno(), libc::EROFS);
+    assert_eq!(
+        w.fs.open(a.ino, true, false).unwrap_err().errno(),
+        libc::EROFS
+    );
     let d = path(&w, "venv").unwrap();
-    assert_eq!(w.fs.open(d.ino, false).unwrap_err().errno(), libc::EISDIR);
+    assert_eq!(
+        w.fs.open(d.ino, false, false).unwrap_err().errno(),
+        libc::EISDIR
+    );
 }
 
 #[test]

@@ -247,7 +247,10 @@ impl TreeBuilder {
                 _ => {
                     self.nodes[parent].children.remove(&name);
                     if let Some(b) = blob {
-                        self.hide(&b.name, format!("hard link to group {group}, whose data blob is missing"));
+                        self.hide(
+                            &b.name,
+                            format!("hard link to group {group}, whose data blob is missing"),
+                        );
                     }
                 }
             }

@@ -8,7 +8,10 @@
 //! write-back overwrites or deletes a blob only with the ETag of a claim, so a blob simfs
 //! has never seen is never replaced. When one inode's write replaces a name another inode
 //! claimed (a file renamed over another), the other claim is dropped in the same
-//! transaction that records the write.
+//! transaction that records the write. Names an inode no longer needs (the old name after a
+//! rename, every name of a deleted file) move to `trash` in that same transaction and are
+//! deleted from there: a crash between writing the new name and deleting the old one leaves
+//! a trash row, never an unclaimed duplicate.
 
 use super::{from_ns, row_attr, to_ns, Attr, Index, IndexResult, Kind, ATTR_COLS, ROOT_INO};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -25,13 +28,29 @@ pub struct SyncView {
     pub local: bool,
     pub dirty: bool,
     pub gen: i64,
-    /// Paths of the inode's names relative to the mount root, sorted; empty once unlinked.
-    pub paths: Vec<Vec<u8>>,
+    /// The inode's names, sorted by path; empty once unlinked.
+    pub names: Vec<NameRef>,
     /// Claimed hard-link stub blobs and their ETags.
     pub stubs: Vec<(String, String)>,
 }
 
-/// Who claims a blob name.
+/// A pending inode whose uploads keep failing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failing {
+    pub ino: u64,
+    pub attempts: u32,
+    pub error: String,
+}
+
+/// One name of an inode: its path relative to the mount root and its directory entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameRef {
+    pub path: Vec<u8>,
+    pub parent: u64,
+    pub name: Vec<u8>,
+}
+
+/// Who claims a blob name (`ino` 0: the trash, waiting to be deleted).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
     pub ino: u64,
@@ -50,7 +69,9 @@ fn dir_path(c: &Connection, ino: u64) -> IndexResult<Option<Vec<u8>>> {
     let mut cur = ino;
     while cur != ROOT_INO {
         let Some((p, n)) = st
-            .query_row([cur as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+            .query_row([cur as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
             .optional()?
         else {
             return Ok(None);
@@ -58,7 +79,9 @@ fn dir_path(c: &Connection, ino: u64) -> IndexResult<Option<Vec<u8>>> {
         parts.push(n);
         cur = p as u64;
         if parts.len() > 4096 {
-            return Err(super::IndexError::Corrupt(format!("directory loop above {ino}")));
+            return Err(super::IndexError::Corrupt(format!(
+                "directory loop above {ino}"
+            )));
         }
     }
     parts.reverse();
@@ -85,7 +108,7 @@ impl Index {
                         local: r.get(13)?,
                         dirty: r.get(14)?,
                         gen: r.get(15)?,
-                        paths: Vec::new(),
+                        names: Vec::new(),
                         stubs: Vec::new(),
                     })
                 })
@@ -95,18 +118,24 @@ impl Index {
             };
             let mut names = c.prepare_cached("SELECT parent, name FROM dentries WHERE ino = ?1")?;
             let rows = names
-                .query_map([ino as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?
+                .query_map([ino as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })?
                 .collect::<Result<Vec<_>, _>>()?;
             for (parent, name) in rows {
-                if let Some(mut p) = dir_path(c, parent as u64)? {
-                    if !p.is_empty() {
-                        p.push(b'/');
+                if let Some(mut path) = dir_path(c, parent as u64)? {
+                    if !path.is_empty() {
+                        path.push(b'/');
                     }
-                    p.extend_from_slice(&name);
-                    view.paths.push(p);
+                    path.extend_from_slice(&name);
+                    view.names.push(NameRef {
+                        path,
+                        parent: parent as u64,
+                        name,
+                    });
                 }
             }
-            view.paths.sort();
+            view.names.sort_by(|a, b| a.path.cmp(&b.path));
             let mut stubs = c.prepare_cached("SELECT blob, etag FROM stubs WHERE ino = ?1")?;
             view.stubs = stubs
                 .query_map([ino as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -130,22 +159,27 @@ impl Index {
     pub fn pending(&self) -> IndexResult<(u64, Option<SystemTime>)> {
         self.with_conn(|c| {
             Ok(c.query_row(
-                "SELECT count(*), min(due_ns) FROM inodes WHERE pending = 1",
+                "SELECT (SELECT count(*) FROM inodes WHERE pending = 1) + (SELECT count(*) FROM trash),
+                        (SELECT min(due_ns) FROM inodes WHERE pending = 1)",
                 [],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?.map(from_ns))),
             )?)
         })
     }
 
-    /// Pending inodes whose last attempt failed: (ino, failures, last error).
-    pub fn failing(&self) -> IndexResult<Vec<(u64, u32, String)>> {
+    /// Pending inodes whose last attempt failed.
+    pub fn failing(&self) -> IndexResult<Vec<Failing>> {
         self.with_conn(|c| {
             let mut st = c.prepare_cached(
                 "SELECT ino, failures, coalesce(last_error, '') FROM inodes
                  WHERE pending = 1 AND failures > 0 ORDER BY ino",
             )?;
             let rows = st.query_map([], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u32, r.get(2)?))
+                Ok(Failing {
+                    ino: r.get::<_, i64>(0)? as u64,
+                    attempts: r.get::<_, i64>(1)? as u32,
+                    error: r.get(2)?,
+                })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -156,7 +190,8 @@ impl Index {
         self.with_conn(|c| {
             let mut st = c.prepare_cached(
                 "SELECT ino, etag, 0 FROM inodes WHERE blob = ?1
-                 UNION ALL SELECT ino, etag, 1 FROM stubs WHERE blob = ?1 LIMIT 1",
+                 UNION ALL SELECT ino, etag, 1 FROM stubs WHERE blob = ?1
+                 UNION ALL SELECT 0, etag, 0 FROM trash WHERE blob = ?1 LIMIT 1",
             )?;
             let Some((ino, etag, stub)) = st
                 .query_row([name], |r| {
@@ -170,7 +205,8 @@ impl Index {
             else {
                 return Ok(None);
             };
-            let mut st = c.prepare_cached("SELECT kind, nlink, local FROM inodes WHERE ino = ?1")?;
+            let mut st =
+                c.prepare_cached("SELECT kind, nlink, local FROM inodes WHERE ino = ?1")?;
             let (kind, nlink, local) = st
                 .query_row([ino], |r| {
                     Ok((
@@ -193,8 +229,9 @@ impl Index {
     }
 
     /// Records what write-back wrote for `ino`: its data blob (None: nothing, e.g. the root)
-    /// and stubs. Claims other inodes had on these names are dropped. The inode stops being
-    /// pending unless it changed meanwhile (`gen`).
+    /// and stubs. Claims other inodes had on these names are dropped; names `ino` claimed
+    /// before and no longer does go to the trash. The inode stops being pending unless it
+    /// changed meanwhile (`gen`). With `remove`, the (unlinked) inode's row goes too.
     pub fn record_sync(
         &self,
         ino: u64,
@@ -202,20 +239,43 @@ impl Index {
         blob: Option<&(String, String)>,
         stubs: &[(String, String)],
         uploaded_data: bool,
+        remove: bool,
     ) -> IndexResult<()> {
         self.write(|tx| {
             let mut names: Vec<&str> = stubs.iter().map(|s| s.0.as_str()).collect();
             if let Some((b, _)) = blob {
                 names.push(b);
             }
+            let old: Vec<(String, String)> = tx
+                .prepare_cached(
+                    "SELECT blob, coalesce(etag, '') FROM inodes WHERE ino = ?1 AND blob IS NOT NULL
+                     UNION ALL SELECT blob, etag FROM stubs WHERE ino = ?1",
+                )?
+                .query_map([ino as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (b, e) in &old {
+                if !names.contains(&b.as_str()) {
+                    tx.prepare_cached("INSERT OR REPLACE INTO trash(blob, etag) VALUES (?1, ?2)")?
+                        .execute(params![b, e])?;
+                }
+            }
             for n in &names {
-                tx.prepare_cached("UPDATE inodes SET blob = NULL, etag = NULL WHERE blob = ?1 AND ino != ?2")?
-                    .execute(params![n, ino as i64])?;
+                tx.prepare_cached(
+                    "UPDATE inodes SET blob = NULL, etag = NULL WHERE blob = ?1 AND ino != ?2",
+                )?
+                .execute(params![n, ino as i64])?;
                 tx.prepare_cached("DELETE FROM stubs WHERE blob = ?1")?
+                    .execute([n])?;
+                tx.prepare_cached("DELETE FROM trash WHERE blob = ?1")?
                     .execute([n])?;
             }
             tx.prepare_cached("DELETE FROM stubs WHERE ino = ?1")?
                 .execute([ino as i64])?;
+            if remove {
+                tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1 AND nlink = 0")?
+                    .execute([ino as i64])?;
+                return Ok(());
+            }
             for (b, e) in stubs {
                 tx.prepare_cached("INSERT INTO stubs(blob, ino, etag) VALUES (?1, ?2, ?3)")?
                     .execute(params![b, ino as i64, e])?;
@@ -233,6 +293,24 @@ impl Index {
                 gen,
                 uploaded_data
             ])?;
+            Ok(())
+        })
+    }
+
+    /// Blobs waiting to be deleted: (name, ETag).
+    pub fn trash(&self, limit: usize) -> IndexResult<Vec<(String, String)>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached("SELECT blob, etag FROM trash LIMIT ?1")?;
+            let rows = st.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// A trashed blob is gone (or was replaced by a newer version someone else owns).
+    pub fn trash_done(&self, blob: &str, etag: &str) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM trash WHERE blob = ?1 AND etag = ?2")?
+                .execute(params![blob, etag])?;
             Ok(())
         })
     }
@@ -265,24 +343,15 @@ impl Index {
         })
     }
 
-    /// Removes an unlinked inode whose blobs are gone and that nothing has open.
-    pub fn remove_inode(&self, ino: u64) -> IndexResult<()> {
-        self.write(|tx| {
-            tx.prepare_cached("DELETE FROM stubs WHERE ino = ?1")?
-                .execute([ino as i64])?;
-            tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1 AND nlink = 0")?
-                .execute([ino as i64])?;
-            Ok(())
-        })
-    }
-
     /// Local files whose inode the index no longer has or that are no longer local
     /// (for cleaning the cache at mount).
     pub fn local_inodes(&self) -> IndexResult<Vec<u64>> {
         self.with_conn(|c| {
             let mut st = c.prepare_cached("SELECT ino FROM inodes WHERE local = 1")?;
             let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
-            Ok(rows.map(|r| r.map(|i| i as u64)).collect::<Result<Vec<_>, _>>()?)
+            Ok(rows
+                .map(|r| r.map(|i| i as u64))
+                .collect::<Result<Vec<_>, _>>()?)
         })
     }
 
@@ -290,15 +359,6 @@ impl Index {
     pub fn all_due_now(&self) -> IndexResult<()> {
         self.write(|tx| {
             tx.execute("UPDATE inodes SET due_ns = 0 WHERE pending = 1", [])?;
-            Ok(())
-        })
-    }
-
-    /// The local file size after a crash may be larger than the index knows; it wins.
-    pub fn set_size(&self, ino: u64, size: u64) -> IndexResult<()> {
-        self.write(|tx| {
-            tx.prepare_cached("UPDATE inodes SET size = ?2 WHERE ino = ?1")?
-                .execute(params![ino as i64, size as i64])?;
             Ok(())
         })
     }

@@ -212,6 +212,7 @@ CREATE INDEX inodes_by_blob ON inodes(blob) WHERE blob IS NOT NULL;
 CREATE INDEX inodes_pending ON inodes(due_ns) WHERE pending = 1;
 CREATE TABLE stubs(blob TEXT PRIMARY KEY, ino INTEGER NOT NULL, etag TEXT NOT NULL);
 CREATE INDEX stubs_by_ino ON stubs(ino);
+CREATE TABLE trash(blob TEXT PRIMARY KEY, etag TEXT NOT NULL);
 CREATE TABLE dentries(
     parent INTEGER NOT NULL,
     name   BLOB NOT NULL,
@@ -427,7 +428,7 @@ impl Index {
     pub fn totals(&self) -> IndexResult<(u64, u64)> {
         self.with_conn(|c| {
             Ok(c.query_row(
-                "SELECT count(*), coalesce(sum(CASE WHEN kind = 2 THEN size END), 0) FROM inodes",
+                "SELECT count(*), coalesce(sum(CASE WHEN kind = 2 THEN size END), 0) FROM inodes WHERE nlink > 0",
                 [],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
             )?)

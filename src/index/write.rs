@@ -134,12 +134,17 @@ fn is_within(tx: &Transaction<'_>, mut ino: u64, ancestor: u64) -> IndexResult<b
         if ino == ROOT_INO {
             return Ok(false);
         }
-        match st.query_row([ino as i64], |r| r.get::<_, i64>(0)).optional()? {
+        match st
+            .query_row([ino as i64], |r| r.get::<_, i64>(0))
+            .optional()?
+        {
             Some(p) => ino = p as u64,
             None => return Ok(false),
         }
     }
-    Err(super::IndexError::Corrupt(format!("directory loop above {ino}")))
+    Err(super::IndexError::Corrupt(format!(
+        "directory loop above {ino}"
+    )))
 }
 
 /// Removes the entry `parent/name` of inode `a`; returns the inode's attributes after.
@@ -272,7 +277,13 @@ impl Index {
     }
 
     /// Removes the empty directory `parent/name`; returns its inode number.
-    pub fn rmdir(&self, parent: u64, name: &Name, now: SystemTime, due: SystemTime) -> IndexResult<u64> {
+    pub fn rmdir(
+        &self,
+        parent: u64,
+        name: &Name,
+        now: SystemTime,
+        due: SystemTime,
+    ) -> IndexResult<u64> {
         self.write(|tx| {
             dir(tx, parent)?;
             let a = entry(tx, parent, name)?.ok_or(Refusal::NotFound)?;
@@ -316,8 +327,11 @@ impl Index {
                         return Err(Refusal::Invalid.into());
                     }
                     let set = "UPDATE dentries SET ino = ?3 WHERE parent = ?1 AND name = ?2";
-                    tx.prepare_cached(set)?
-                        .execute(params![parent as i64, name.as_bytes(), d.ino as i64])?;
+                    tx.prepare_cached(set)?.execute(params![
+                        parent as i64,
+                        name.as_bytes(),
+                        d.ino as i64
+                    ])?;
                     tx.prepare_cached(set)?.execute(params![
                         newparent as i64,
                         newname.as_bytes(),
@@ -422,6 +436,11 @@ impl Index {
             .execute(params![ino as i64, end as i64, to_ns(now)])?;
             mark(tx, ino, due)
         })
+    }
+
+    /// Marks `ino` pending (the last handle of an unlinked inode closed: it can go now).
+    pub fn mark_pending(&self, ino: u64, due: SystemTime) -> IndexResult<()> {
+        self.write(|tx| mark(tx, ino, due))
     }
 
     /// The inode's data now lives in its local file (hydrated for writing).

@@ -1,0 +1,543 @@
+//! Unit tests of the write path: every change is checked in the container and, where it
+//! matters, through a "fresh node" (a new index built from the container alone).
+
+use super::tests::{fixture, path, read_all, world_on, World};
+use super::write::{Caller, SetAttr, SetTime};
+use super::*;
+use crate::blob::faulty::FaultyStore;
+use crate::blob::memory::MemoryStore;
+use crate::index::write::RenameMode;
+use crate::index::ROOT_INO;
+use std::ffi::OsStr;
+use std::time::{Duration, SystemTime};
+
+const ME: Caller = Caller {
+    uid: 1000,
+    gid: 1000,
+};
+
+fn rw(mem: MemoryStore) -> World {
+    let store = Arc::new(FaultyStore::new(mem));
+    world_on(
+        store,
+        tempfile::tempdir().unwrap(),
+        "",
+        1 << 20,
+        Some(Duration::ZERO),
+    )
+}
+
+/// A second node with an empty cache over the same container.
+fn fresh(w: &World) -> World {
+    world_on(
+        w.store.clone(),
+        tempfile::tempdir().unwrap(),
+        "",
+        1 << 20,
+        None,
+    )
+}
+
+fn dir_of(w: &World, p: &str) -> u64 {
+    path(w, p).unwrap().ino
+}
+
+fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> Attr {
+    let (a, fh) =
+        w.fs.create(dir_of(w, parent), OsStr::new(name), 0o640, ME)
+            .unwrap();
+    assert_eq!(w.fs.write(fh, 0, data).unwrap(), data.len() as u32);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    a
+}
+
+fn drain(w: &World) {
+    assert_eq!(w.fs.drain(|_| {}).unwrap(), 0, "everything uploads");
+}
+
+fn errno(r: FsResult<impl std::fmt::Debug>) -> i32 {
+    r.unwrap_err().errno()
+}
+
+#[test]
+fn close_uploads_a_new_file_with_its_attributes_and_a_fresh_node_sees_it() {
+    let w = rw(fixture());
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+    write_file(&w, "ckpt", "step-200.pt", &data);
+    assert_eq!(
+        w.store.inner().data("ckpt/step-200.pt").unwrap(),
+        data,
+        "close committed the data (in staged blocks: it is larger than one PUT)"
+    );
+    let n = fresh(&w);
+    let a = path(&n, "ckpt/step-200.pt").unwrap();
+    assert_eq!((a.perm, a.uid, a.gid, a.size), (0o640, 1000, 1000, 200_000));
+    assert_eq!(a.mtime, path(&w, "ckpt/step-200.pt").unwrap().mtime);
+    assert_eq!(read_all(&n, "ckpt/step-200.pt").unwrap(), data);
+}
+
+#[test]
+fn modes_owners_times_dirs_and_symlinks_persist_for_a_fresh_node() {
+    let w = rw(fixture());
+    let d = w.fs.mkdir(ROOT_INO, OsStr::new("out"), 0o2750, ME).unwrap();
+    let sub = w.fs.mkdir(d.ino, OsStr::new("sub"), 0o700, ME).unwrap();
+    assert_eq!(
+        sub.perm, 0o2700,
+        "a setgid directory passes its bit to new subdirectories"
+    );
+    w.fs.symlink(d.ino, OsStr::new("link"), b"../venv/bin/python", ME)
+        .unwrap();
+    let f = write_file(&w, "out", "x.sh", b"echo");
+    let t = SystemTime::UNIX_EPOCH + Duration::new(1_600_000_000, 123);
+    let set = SetAttr {
+        mode: Some(0o4755),
+        uid: Some(0),
+        gid: Some(42),
+        mtime: Some(SetTime::At(t)),
+        ..Default::default()
+    };
+    w.fs.setattr(f.ino, &set).unwrap();
+    drain(&w);
+    let n = fresh(&w);
+    let a = path(&n, "out/x.sh").unwrap();
+    assert_eq!((a.perm, a.uid, a.gid, a.mtime), (0o4755, 0, 42, t));
+    assert_eq!(path(&n, "out").unwrap().perm, 0o2750);
+    assert_eq!(path(&n, "out/sub").unwrap().kind, Kind::Dir);
+    let l = path(&n, "out/link").unwrap();
+    assert_eq!(n.fs.readlink(l.ino).unwrap(), b"../venv/bin/python");
+    assert_eq!(path(&n, "out").unwrap().nlink, 3);
+}
+
+#[test]
+fn hard_links_survive_a_fresh_node_and_any_name_can_go() {
+    let w = rw(fixture());
+    let f = write_file(&w, "", "data.bin", b"shared bytes");
+    let venv = dir_of(&w, "venv");
+    w.fs.link(f.ino, venv, OsStr::new("a")).unwrap();
+    let a = w.fs.link(f.ino, ROOT_INO, OsStr::new("b")).unwrap();
+    assert_eq!(a.nlink, 3);
+    drain(&w);
+    let n = fresh(&w);
+    let (x, y, z) = (
+        path(&n, "data.bin").unwrap(),
+        path(&n, "venv/a").unwrap(),
+        path(&n, "b").unwrap(),
+    );
+    assert_eq!((x.ino, x.nlink), (y.ino, 3));
+    assert_eq!(y.ino, z.ino);
+    assert_eq!(read_all(&n, "venv/a").unwrap(), b"shared bytes");
+    // The name holding the data goes first: the others keep it.
+    w.fs.unlink(ROOT_INO, OsStr::new("data.bin")).unwrap();
+    drain(&w);
+    let n = fresh(&w);
+    assert_eq!(path(&n, "b").unwrap().nlink, 2);
+    assert_eq!(read_all(&n, "venv/a").unwrap(), b"shared bytes");
+    assert_eq!(read_all(&n, "b").unwrap(), b"shared bytes");
+    w.fs.unlink(venv, OsStr::new("a")).unwrap();
+    drain(&w);
+    let n = fresh(&w);
+    assert_eq!(path(&n, "b").unwrap().nlink, 1);
+    assert_eq!(read_all(&n, "b").unwrap(), b"shared bytes");
+    assert!(path(&n, "venv/a").is_err());
+    assert!(!w
+        .store
+        .inner()
+        .names()
+        .iter()
+        .any(|b| b.starts_with("data.bin")));
+}
+
+#[test]
+fn renaming_a_directory_moves_every_blob_once() {
+    let w = rw(fixture());
+    let before = read_all(&w, "venv/bin/python3.11").unwrap();
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new("venv"),
+        ROOT_INO,
+        OsStr::new("env2"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    // The mount sees the new tree at once.
+    assert_eq!(read_all(&w, "env2/bin/python3.11").unwrap(), before);
+    drain(&w);
+    let names = w.store.inner().names();
+    assert!(!names.iter().any(|b| b.starts_with("venv")), "{names:?}");
+    for b in [
+        "env2",
+        "env2/bin/python3.11",
+        "env2/bin/python",
+        "env2/lib/site.py",
+    ] {
+        assert!(names.contains(&b.to_string()), "{b} in {names:?}");
+    }
+    let n = fresh(&w);
+    let l = path(&n, "env2/bin/python").unwrap();
+    assert_eq!(n.fs.readlink(l.ino).unwrap(), b"python3.11");
+    assert_eq!(path(&n, "env2").unwrap().perm, 0o750);
+}
+
+#[test]
+fn renames_that_swap_two_files_lose_nothing() {
+    let w = rw(MemoryStore::new());
+    write_file(&w, "", "a", b"AAA");
+    write_file(&w, "", "b", b"BBB");
+    let r = |x: &str, y: &str| {
+        w.fs.rename(
+            ROOT_INO,
+            OsStr::new(x),
+            ROOT_INO,
+            OsStr::new(y),
+            RenameMode::Replace,
+        )
+    };
+    r("a", "tmp").unwrap();
+    r("b", "a").unwrap();
+    r("tmp", "b").unwrap();
+    drain(&w);
+    let m = w.store.inner();
+    assert_eq!(m.data("a").unwrap(), "BBB");
+    assert_eq!(m.data("b").unwrap(), "AAA");
+    assert_eq!(m.names(), vec!["a".to_string(), "b".to_string()]);
+    // And with RENAME_EXCHANGE, which the index does in one step.
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new("a"),
+        ROOT_INO,
+        OsStr::new("b"),
+        RenameMode::Exchange,
+    )
+    .unwrap();
+    drain(&w);
+    assert_eq!(m.data("a").unwrap(), "AAA");
+    assert_eq!(m.data("b").unwrap(), "BBB");
+}
+
+#[test]
+fn rename_over_an_existing_file_replaces_it() {
+    let w = rw(MemoryStore::new());
+    write_file(&w, "", "old", b"old");
+    write_file(&w, "", "new.tmp", b"new");
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new("new.tmp"),
+        ROOT_INO,
+        OsStr::new("old"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    drain(&w);
+    assert_eq!(w.store.inner().names(), vec!["old".to_string()]);
+    assert_eq!(w.store.inner().data("old").unwrap(), "new");
+}
+
+#[test]
+fn posix_errors_match_a_local_filesystem() {
+    let w = rw(fixture());
+    let venv = dir_of(&w, "venv");
+    let e = |s: &str| OsStr::new(s).to_owned();
+    assert_eq!(errno(w.fs.rmdir(ROOT_INO, &e("venv"))), libc::ENOTEMPTY);
+    assert_eq!(
+        errno(w.fs.mkdir(ROOT_INO, &e("venv"), 0o755, ME)),
+        libc::EEXIST
+    );
+    assert_eq!(errno(w.fs.unlink(ROOT_INO, &e("venv"))), libc::EISDIR);
+    assert_eq!(errno(w.fs.rmdir(venv, &e("bin/python"))), libc::ENOENT);
+    let bin = dir_of(&w, "venv/bin");
+    assert_eq!(errno(w.fs.rmdir(bin, &e("python"))), libc::ENOTDIR);
+    assert_eq!(errno(w.fs.unlink(ROOT_INO, &e("nope"))), libc::ENOENT);
+    let mv = |p, n: &str, q, m: &str, mode| w.fs.rename(p, &e(n), q, &e(m), mode);
+    assert_eq!(
+        errno(mv(ROOT_INO, "venv", bin, "x", RenameMode::Replace)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(mv(ROOT_INO, "empty", bin, "python", RenameMode::Replace)),
+        libc::ENOTDIR
+    );
+    assert_eq!(
+        errno(mv(bin, "python", ROOT_INO, "empty", RenameMode::Replace)),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno(mv(ROOT_INO, "empty", ROOT_INO, "venv", RenameMode::Replace)),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno(mv(bin, "python", bin, "python3.11", RenameMode::NoReplace)),
+        libc::EEXIST
+    );
+    assert_eq!(errno(w.fs.link(venv, ROOT_INO, &e("v2"))), libc::EPERM);
+    let long = "x".repeat(256);
+    assert_eq!(
+        errno(w.fs.mkdir(ROOT_INO, &e(&long), 0o755, ME)),
+        libc::ENAMETOOLONG
+    );
+    let fifo = libc::S_IFIFO | 0o644;
+    assert_eq!(
+        errno(w.fs.mknod(ROOT_INO, &e("fifo"), fifo, ME)),
+        libc::EPERM
+    );
+    // An empty directory can replace another one.
+    w.fs.mkdir(ROOT_INO, &e("e2"), 0o755, ME).unwrap();
+    mv(ROOT_INO, "e2", ROOT_INO, "empty", RenameMode::Replace).unwrap();
+}
+
+#[test]
+fn link_counts_follow_directories_and_names() {
+    let w = rw(fixture());
+    let root_links = w.fs.getattr(ROOT_INO).unwrap().nlink;
+    let d = w.fs.mkdir(ROOT_INO, OsStr::new("d"), 0o755, ME).unwrap();
+    assert_eq!(d.nlink, 2);
+    assert_eq!(w.fs.getattr(ROOT_INO).unwrap().nlink, root_links + 1);
+    w.fs.mkdir(d.ino, OsStr::new("e"), 0o755, ME).unwrap();
+    assert_eq!(w.fs.getattr(d.ino).unwrap().nlink, 3);
+    let venv = dir_of(&w, "venv");
+    let venv_links = w.fs.getattr(venv).unwrap().nlink;
+    w.fs.rename(
+        d.ino,
+        OsStr::new("e"),
+        venv,
+        OsStr::new("e"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    assert_eq!(w.fs.getattr(d.ino).unwrap().nlink, 2);
+    assert_eq!(w.fs.getattr(venv).unwrap().nlink, venv_links + 1);
+    w.fs.rmdir(ROOT_INO, OsStr::new("d")).unwrap();
+    assert_eq!(w.fs.getattr(ROOT_INO).unwrap().nlink, root_links);
+}
+
+#[test]
+fn a_refused_upload_fails_close_with_eio_and_is_retried_later() {
+    let w = rw(MemoryStore::new());
+    w.store.refuse_writes(true);
+    let (a, fh) =
+        w.fs.create(ROOT_INO, OsStr::new("ckpt"), 0o644, ME)
+            .unwrap();
+    w.fs.write(fh, 0, b"weights").unwrap();
+    assert_eq!(errno(w.fs.flush(fh)), libc::EIO);
+    w.fs.release(fh).unwrap();
+    let (pending, failing) = w.fs.pending().unwrap();
+    assert_eq!(pending, 1);
+    assert_eq!(failing[0].ino, a.ino);
+    assert!(w.store.inner().names().is_empty());
+    // The data stays readable locally meanwhile.
+    assert_eq!(read_all(&w, "ckpt").unwrap(), b"weights");
+    w.store.refuse_writes(false);
+    drain(&w);
+    assert_eq!(w.store.inner().data("ckpt").unwrap(), "weights");
+}
+
+#[test]
+fn a_blob_changed_by_someone_else_is_kept_and_ours_is_saved_beside_it() {
+    let w = rw(MemoryStore::new());
+    let a = write_file(&w, "", "f", b"v1");
+    w.store.inner().put("f", "theirs", &[]);
+    let fh = w.fs.open(a.ino, true, false).unwrap();
+    w.fs.write(fh, 0, b"ours").unwrap();
+    assert_eq!(errno(w.fs.flush(fh)), libc::EIO);
+    w.fs.release(fh).unwrap();
+    drain(&w);
+    let m = w.store.inner();
+    assert_eq!(m.data("f").unwrap(), "theirs");
+    let kept: Vec<String> = m
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("f.conflict-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{:?}", m.names());
+    assert_eq!(m.data(&kept[0]).unwrap(), "ours");
+}
+
+#[test]
+fn an_unlinked_open_file_stays_readable_until_closed() {
+    let w = rw(MemoryStore::new());
+    let a = write_file(&w, "", "tmpfile", b"still here");
+    let fh = w.fs.open(a.ino, false, false).unwrap();
+    w.fs.unlink(ROOT_INO, OsStr::new("tmpfile")).unwrap();
+    drain(&w);
+    assert!(w.store.inner().names().is_empty(), "the blob goes at once");
+    assert_eq!(w.fs.read(fh, 0, 100).unwrap(), b"still here");
+    assert_eq!(w.fs.getattr(a.ino).unwrap().nlink, 0);
+    w.fs.release(fh).unwrap();
+    assert_eq!(errno(w.fs.getattr(a.ino)), libc::ENOENT);
+}
+
+#[test]
+fn pending_changes_survive_a_crash_and_the_next_mount_uploads_them() {
+    let store = Arc::new(FaultyStore::new(fixture()));
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().to_path_buf();
+    let w = world_on(
+        store.clone(),
+        dir,
+        "",
+        1 << 20,
+        Some(Duration::from_secs(3600)),
+    );
+    let d =
+        w.fs.mkdir(ROOT_INO, OsStr::new("later"), 0o700, ME)
+            .unwrap();
+    let (_, fh) = w.fs.create(d.ino, OsStr::new("f"), 0o600, ME).unwrap();
+    w.fs.write(fh, 0, b"unsynced").unwrap();
+    let venv = dir_of(&w, "venv");
+    w.fs.setattr(
+        venv,
+        &SetAttr {
+            mode: Some(0o711),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        store.counters.writes(),
+        0,
+        "nothing uploaded yet (the delay is an hour)"
+    );
+    // "kill -9": the filesystem goes away without draining or closing.
+    std::mem::forget(w);
+    let dir = tempfile::TempDir::new().unwrap();
+    copy_dir(&keep, dir.path());
+    let again = world_on(
+        store.clone(),
+        dir,
+        "",
+        1 << 20,
+        Some(Duration::from_secs(3600)),
+    );
+    assert!(again.fs.pending().unwrap().0 >= 3);
+    drain(&again);
+    let n = fresh(&again);
+    assert_eq!(read_all(&n, "later/f").unwrap(), b"unsynced");
+    assert_eq!(path(&n, "venv").unwrap().perm, 0o711);
+    assert_eq!(path(&n, "later").unwrap().perm, 0o700);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), &dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_burst_of_attribute_changes_costs_one_request() {
+    let w = world_on(
+        Arc::new(FaultyStore::new(fixture())),
+        tempfile::tempdir().unwrap(),
+        "",
+        1 << 20,
+        Some(Duration::from_secs(3600)),
+    );
+    // cp -a: create, write, chown, chmod, utimens, close; then the directory's attributes.
+    let d = w.fs.mkdir(ROOT_INO, OsStr::new("copy"), 0o755, ME).unwrap();
+    for i in 0..20 {
+        let (a, fh) =
+            w.fs.create(d.ino, OsStr::new(&format!("f{i}")), 0o600, ME)
+                .unwrap();
+        w.fs.write(fh, 0, b"x").unwrap();
+        let set = SetAttr {
+            mode: Some(0o644),
+            uid: Some(1),
+            gid: Some(2),
+            mtime: Some(SetTime::Now),
+            ..Default::default()
+        };
+        w.fs.setattr(a.ino, &set).unwrap();
+        w.fs.flush(fh).unwrap();
+        w.fs.release(fh).unwrap();
+    }
+    for m in [0o700, 0o750, 0o755] {
+        w.fs.setattr(
+            d.ino,
+            &SetAttr {
+                mode: Some(m),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    }
+    drain(&w);
+    // One PUT per file (data and attributes together) and one for the directory marker.
+    assert_eq!(w.store.counters.writes(), 21);
+    let n = fresh(&w);
+    assert_eq!(path(&n, "copy/f7").unwrap().perm, 0o644);
+    assert_eq!(path(&n, "copy").unwrap().perm, 0o755);
+}
+
+#[test]
+fn truncating_to_zero_needs_no_download() {
+    let w = rw(fixture());
+    let a = path(&w, "ckpt/step-100.pt").unwrap();
+    let gets = w
+        .store
+        .counters
+        .get
+        .load(std::sync::atomic::Ordering::SeqCst);
+    w.fs.setattr(
+        a.ino,
+        &SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let fh = w.fs.open(a.ino, true, false).unwrap();
+    w.fs.write(fh, 0, b"new").unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    assert_eq!(
+        w.store
+            .counters
+            .get
+            .load(std::sync::atomic::Ordering::SeqCst),
+        gets
+    );
+    assert_eq!(w.store.inner().data("ckpt/step-100.pt").unwrap(), "new");
+    assert_eq!(w.fs.getattr(a.ino).unwrap().size, 3);
+}
+
+#[test]
+fn writing_into_the_middle_of_a_container_file_keeps_the_rest() {
+    let w = rw(fixture());
+    let a = path(&w, "ckpt/step-100.pt").unwrap();
+    let reader = w.fs.open(a.ino, false, false).unwrap();
+    let fh = w.fs.open(a.ino, true, false).unwrap();
+    w.fs.write(fh, 9_998, b"abcd").unwrap();
+    // A reader opened before the writer sees the write, as on a local disk.
+    assert_eq!(w.fs.read(reader, 9_998, 10).unwrap(), b"abcd");
+    w.fs.fsync(a.ino).unwrap();
+    let data = w.store.inner().data("ckpt/step-100.pt").unwrap();
+    assert_eq!(data.len(), 10_002);
+    assert!(data[..9_998].iter().all(|&b| b == 7));
+    w.fs.release(fh).unwrap();
+    w.fs.release(reader).unwrap();
+}
+
+#[test]
+fn the_read_only_mount_refuses_every_change() {
+    let w = super::tests::world_on(
+        Arc::new(FaultyStore::new(fixture())),
+        tempfile::tempdir().unwrap(),
+        "",
+        1 << 20,
+        None,
+    );
+    assert_eq!(
+        errno(w.fs.mkdir(ROOT_INO, OsStr::new("x"), 0o755, ME)),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(w.fs.unlink(ROOT_INO, OsStr::new("bad-meta"))),
+        libc::EROFS
+    );
+}

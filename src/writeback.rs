@@ -1,0 +1,425 @@
+//! Write-back: makes the container match the index, one pending inode at a time.
+//!
+//! The index says what each inode should look like (its names, attributes, local data); the
+//! container is brought there by idempotent steps, so an interrupted sync simply runs again:
+//!
+//! - a file's data goes to its *anchor* name (the blob it already has if that is still one
+//!   of its names, else its first name): uploaded from the local copy when dirty, copied
+//!   server-side when only the name changed, or just given new metadata;
+//! - its other names (hard links) get zero-length stub blobs (`simfs_hardlink=<id>`);
+//! - directories get a marker blob, symlinks a blob holding the target;
+//! - names no longer needed go to the trash and are deleted, with their ETag, afterwards.
+//!
+//! Every write names the ETag simfs last saw at the target (see `index::journal`). A name
+//! simfs has never seen holding a blob is a conflict: the local file is renamed to
+//! `<name>.conflict-<time>` and uploaded there, the other writer's blob stays where it is,
+//! and the close or fsync that found it fails with EIO. Nothing is overwritten unseen and
+//! nothing is dropped.
+//!
+//! A blob in the way that still holds another live file's only data (two files swapped by
+//! renames before either was synced) is first copied aside to `.simfs-moving/` under the
+//! prefix and later moved to its own name, so no order of renames can lose data.
+
+use crate::blob::format::{render, Role};
+use crate::blob::upload::{upload_file, UploadError, UploadOptions};
+use crate::blob::{BlobError, BlobStore, Expect, Metadata};
+use crate::cache::Cache;
+use crate::index::journal::SyncView;
+use crate::index::names::Name;
+use crate::index::write::RenameMode;
+use crate::index::{Index, IndexError, Kind, ROOT_INO};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WritebackError {
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("uploading: {0}")]
+    Upload(#[from] UploadError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(
+        "{blob} was changed in the container by someone else; the local version was kept as {kept}"
+    )]
+    Conflict { blob: String, kept: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl WritebackError {
+    /// fsync and close report every failure to commit as EIO, except a full cache disk.
+    pub fn errno(&self) -> i32 {
+        match self {
+            WritebackError::Index(e) if e.errno() == libc::ENOSPC => libc::ENOSPC,
+            _ => libc::EIO,
+        }
+    }
+}
+
+type WbResult<T> = Result<T, WritebackError>;
+
+#[derive(Clone, Debug)]
+pub struct WritebackOptions {
+    /// How long a change waits before the background uploads it (bursts coalesce).
+    pub delay: Duration,
+    /// Longest wait between retries of a failing sync.
+    pub max_backoff: Duration,
+    pub upload: UploadOptions,
+}
+
+impl Default for WritebackOptions {
+    fn default() -> Self {
+        WritebackOptions {
+            delay: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            upload: UploadOptions::default(),
+        }
+    }
+}
+
+pub struct Writeback {
+    store: Arc<dyn BlobStore>,
+    rt: tokio::runtime::Handle,
+    /// Blob name prefix of the mount root ("" or ending in '/').
+    prefix: String,
+    pub opts: WritebackOptions,
+    /// One sync at a time per inode (close, fsync and the background may race).
+    locks: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+}
+
+fn quiet_delete(r: Result<(), BlobError>) -> Result<(), BlobError> {
+    match r {
+        // Gone already, or replaced by a version that is not ours to delete.
+        Ok(()) | Err(BlobError::NotFound(_)) | Err(BlobError::PreconditionFailed(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl Writeback {
+    pub fn new(
+        store: Arc<dyn BlobStore>,
+        rt: tokio::runtime::Handle,
+        prefix: String,
+        opts: WritebackOptions,
+    ) -> Writeback {
+        Writeback {
+            store,
+            rt,
+            prefix,
+            opts,
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock_for(&self, ino: u64) -> Arc<Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap();
+        if locks.len() > 4096 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(ino).or_default().clone()
+    }
+
+    fn blob_name(&self, rel: &[u8]) -> WbResult<String> {
+        let rel = std::str::from_utf8(rel)
+            .map_err(|_| WritebackError::Invalid(format!("{rel:?} is not UTF-8")))?;
+        Ok(format!("{}{rel}", self.prefix))
+    }
+
+    /// Brings inode `ino` up to date in the container if it is pending. `is_open` says
+    /// whether something still has it open (an unlinked open file keeps its row).
+    pub fn sync_inode(
+        &self,
+        index: &Index,
+        cache: &Cache,
+        ino: u64,
+        is_open: bool,
+    ) -> WbResult<()> {
+        let lock = self.lock_for(ino);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(view) = index.sync_view(ino)? else {
+            return Ok(());
+        };
+        let result = self.rt.block_on(self.apply(index, cache, &view, is_open));
+        if let Err(e) = &result {
+            let failures = index
+                .failing()?
+                .iter()
+                .find(|f| f.ino == ino)
+                .map_or(0, |f| f.attempts);
+            let backoff = Duration::from_secs(1 << failures.min(6)).min(self.opts.max_backoff);
+            tracing::warn!("uploading inode {ino} failed (retry in {backoff:?}): {e}");
+            index.sync_failed(ino, &e.to_string(), SystemTime::now() + backoff)?;
+        }
+        result
+    }
+
+    /// Deletes what is in the trash; returns how many deletes failed (they stay for later).
+    pub fn empty_trash(&self, index: &Index) -> WbResult<usize> {
+        loop {
+            let batch = index.trash(256)?;
+            if batch.is_empty() {
+                return Ok(0);
+            }
+            let mut failed = 0;
+            for (blob, etag) in batch {
+                match quiet_delete(self.rt.block_on(self.store.delete(&blob, &etag))) {
+                    Ok(()) => index.trash_done(&blob, &etag)?,
+                    Err(e) => {
+                        tracing::warn!("deleting {blob:?} failed (will retry): {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                return Ok(failed);
+            }
+        }
+    }
+
+    async fn apply(
+        &self,
+        index: &Index,
+        cache: &Cache,
+        v: &SyncView,
+        is_open: bool,
+    ) -> WbResult<()> {
+        let ino = v.attr.ino;
+        if ino == ROOT_INO {
+            return Ok(index.record_sync(ino, v.gen, None, &[], false, false)?);
+        }
+        if v.names.is_empty() {
+            // Unlinked: every claimed name goes to the trash; the row goes once unused.
+            index.record_sync(ino, v.gen, None, &[], v.dirty, !is_open)?;
+            if !is_open {
+                cache.remove_local(ino);
+            }
+            return Ok(());
+        }
+        let a = &v.attr;
+        match a.kind {
+            Kind::Dir | Kind::Symlink => {
+                let name = self.blob_name(&v.names[0].path)?;
+                let (role, body) = match a.kind {
+                    Kind::Dir => (Role::Dir, Bytes::new()),
+                    _ => (
+                        Role::Symlink,
+                        Bytes::from(v.target.clone().unwrap_or_default()),
+                    ),
+                };
+                let meta = render(role, a.perm, a.uid, a.gid, a.mtime);
+                let etag = self.put_small(index, ino, &name, body, &meta).await?;
+                index.record_sync(ino, v.gen, Some(&(name, etag)), &[], false, false)?;
+            }
+            Kind::File => self.sync_file(index, cache, v).await?,
+        }
+        Ok(())
+    }
+
+    /// Writes a marker or symlink blob; one simfs has not seen at the name is replaced
+    /// anyway, as these carry no data of their own that could be lost.
+    async fn put_small(
+        &self,
+        index: &Index,
+        ino: u64,
+        name: &str,
+        body: Bytes,
+        meta: &Metadata,
+    ) -> WbResult<String> {
+        let expect = self.make_room(index, ino, name).await?;
+        match self.store.put(name, body.clone(), meta, &expect).await {
+            Err(BlobError::PreconditionFailed(_)) => {
+                let expect = match self.store.head(name).await {
+                    Ok(p) => Expect::Etag(p.etag),
+                    Err(BlobError::NotFound(_)) => Expect::Absent,
+                    Err(e) => return Err(e.into()),
+                };
+                Ok(self.store.put(name, body, meta, &expect).await?)
+            }
+            r => Ok(r?),
+        }
+    }
+
+    async fn sync_file(&self, index: &Index, cache: &Cache, v: &SyncView) -> WbResult<()> {
+        let a = &v.attr;
+        let ino = a.ino;
+        let mut paths = Vec::with_capacity(v.names.len());
+        for n in &v.names {
+            paths.push(self.blob_name(&n.path)?);
+        }
+        let anchor = match &v.blob {
+            Some((b, _)) if paths.contains(b) => b.clone(),
+            _ => paths[0].clone(),
+        };
+        let meta = render(
+            Role::File(v.link_id.as_deref()),
+            a.perm,
+            a.uid,
+            a.gid,
+            a.mtime,
+        );
+        let result = if v.dirty || v.blob.is_none() {
+            self.upload_local(index, cache, ino, &anchor, &meta, v.local)
+                .await
+        } else {
+            let (old, old_etag) = v.blob.clone().expect("checked above");
+            if old == anchor {
+                self.store
+                    .set_metadata(&anchor, &meta, &old_etag)
+                    .await
+                    .map_err(WritebackError::from)
+            } else {
+                let expect = self.make_room(index, ino, &anchor).await?;
+                match self
+                    .store
+                    .copy(&old, &old_etag, &anchor, &meta, &expect)
+                    .await
+                {
+                    // The source is gone or changed: the local copy, if whole, still has it.
+                    Err(BlobError::NotFound(_)) if v.local => {
+                        self.upload_local(index, cache, ino, &anchor, &meta, true)
+                            .await
+                    }
+                    r => r.map_err(WritebackError::from),
+                }
+            }
+        };
+        let etag = match result {
+            Ok(e) => e,
+            Err(WritebackError::Blob(BlobError::PreconditionFailed(_)))
+            | Err(WritebackError::Upload(UploadError::Blob(BlobError::PreconditionFailed(_)))) => {
+                if !(v.dirty || v.local) {
+                    // Only attributes changed here, and the data changed there: theirs wins
+                    // and the attribute change is dropped rather than retried forever.
+                    index.record_sync(ino, v.gen, v.blob.as_ref(), &v.stubs, false, false)?;
+                    return Err(WritebackError::Invalid(format!(
+                        "{anchor} was changed in the container by someone else; the local change of its attributes was dropped"
+                    )));
+                }
+                return Err(self.keep_both(index, v, &anchor, &paths)?);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut stubs = Vec::new();
+        if let Some(id) = v.link_id.as_deref().filter(|_| paths.len() > 1) {
+            let stub_meta = render(Role::Stub(id), 0, 0, 0, a.mtime);
+            for p in paths.iter().filter(|p| **p != anchor) {
+                if let Some(s) = v.stubs.iter().find(|s| &s.0 == p) {
+                    stubs.push(s.clone());
+                    continue;
+                }
+                let expect = self.make_room(index, ino, p).await?;
+                let e = self.store.put(p, Bytes::new(), &stub_meta, &expect).await?;
+                stubs.push((p.clone(), e));
+            }
+        }
+        index.record_sync(ino, v.gen, Some(&(anchor, etag)), &stubs, v.dirty, false)?;
+        Ok(())
+    }
+
+    async fn upload_local(
+        &self,
+        index: &Index,
+        cache: &Cache,
+        ino: u64,
+        name: &str,
+        meta: &Metadata,
+        local: bool,
+    ) -> WbResult<String> {
+        if !local {
+            return Err(WritebackError::Invalid(format!(
+                "inode {ino} has neither a blob nor a local copy"
+            )));
+        }
+        let expect = self.make_room(index, ino, name).await?;
+        Ok(upload_file(
+            self.store.as_ref(),
+            name,
+            &cache.local_path(ino),
+            meta,
+            &expect,
+            &self.opts.upload,
+        )
+        .await?)
+    }
+
+    /// What a write to `name` must expect, after moving aside a blob that holds another
+    /// live file's only copy.
+    async fn make_room(&self, index: &Index, ino: u64, name: &str) -> WbResult<Expect> {
+        let Some(c) = index.claim_on(name)? else {
+            return Ok(Expect::Absent);
+        };
+        if c.ino == ino || c.ino == 0 || !c.live {
+            return Ok(Expect::Etag(c.etag));
+        }
+        if c.stub || c.kind != Kind::File || c.local {
+            // The other inode can rewrite this from the index or its local copy.
+            index.move_claim(c.ino, name, None)?;
+            return Ok(Expect::Etag(c.etag));
+        }
+        let nanos = crate::index::to_ns(SystemTime::now());
+        let aside = format!("{}.simfs-moving/{}-{nanos}", self.prefix, c.ino);
+        let e = self
+            .store
+            .copy(name, &c.etag, &aside, &Metadata::new(), &Expect::Absent)
+            .await?;
+        index.move_claim(c.ino, name, Some((&aside, &e)))?;
+        Ok(Expect::Etag(c.etag))
+    }
+
+    /// The conflict rule: the local file takes a new name and is uploaded there later.
+    fn keep_both(
+        &self,
+        index: &Index,
+        v: &SyncView,
+        anchor: &str,
+        paths: &[String],
+    ) -> WbResult<WritebackError> {
+        let i = paths.iter().position(|p| p == anchor).unwrap_or(0);
+        let entry = &v.names[i];
+        let stamp = time::OffsetDateTime::now_utc();
+        let mut new_name = entry.name.clone();
+        new_name.extend_from_slice(
+            format!(
+                ".conflict-{:04}{:02}{:02}T{:02}{:02}{:02}",
+                stamp.year(),
+                stamp.month() as u8,
+                stamp.day(),
+                stamp.hour(),
+                stamp.minute(),
+                stamp.second()
+            )
+            .as_bytes(),
+        );
+        let (from, to) = (Name::new(&entry.name), Name::new(&new_name));
+        let (Ok(from), Ok(to)) = (from, to) else {
+            return Ok(WritebackError::Invalid(format!(
+                "{anchor} changed in the container; no conflict name fits"
+            )));
+        };
+        let now = SystemTime::now();
+        index.rename(
+            entry.parent,
+            &from,
+            entry.parent,
+            &to,
+            RenameMode::NoReplace,
+            now,
+            now,
+        )?;
+        let kept = format!(
+            "{}{}",
+            &anchor[..anchor.len() - from.as_bytes().len()],
+            to.as_os_str().to_string_lossy()
+        );
+        tracing::warn!(
+            "conflict: {anchor} was changed by someone else; the local version is kept as {kept}"
+        );
+        Ok(WritebackError::Conflict {
+            blob: anchor.to_string(),
+            kept,
+        })
+    }
+}
