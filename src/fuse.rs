@@ -58,6 +58,10 @@ fn kind(k: Kind) -> FileType {
         Kind::Dir => FileType::Directory,
         Kind::File => FileType::RegularFile,
         Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -66,7 +70,7 @@ pub fn file_attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
         ctime: a.ctime,
         crtime: a.mtime,
@@ -75,7 +79,7 @@ pub fn file_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: crate::fs::BLOCK_SIZE,
         flags: 0,
     }
@@ -170,7 +174,7 @@ impl Filesystem for SimFuse {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -180,12 +184,12 @@ impl Filesystem for SimFuse {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        // atime is not kept: simfs reports mtime as atime (as with noatime).
         let s = SetAttr {
             mode,
             uid,
             gid,
             size,
+            atime: atime.map(set_time),
             mtime: mtime.map(set_time),
             ctime,
         };
@@ -202,10 +206,13 @@ impl Filesystem for SimFuse {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.fs.mknod(parent.0, name, mode & !umask, caller(req)) {
+        match self
+            .fs
+            .mknod(parent.0, name, mode & !umask, rdev, caller(req))
+        {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }

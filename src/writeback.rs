@@ -7,7 +7,8 @@
 //!   of its names, else its first name): uploaded from the local copy when dirty, copied
 //!   server-side when only the name changed, or just given new metadata;
 //! - its other names (hard links) get zero-length stub blobs (`simfs_hardlink=<id>`);
-//! - directories get a marker blob, symlinks a blob holding the target;
+//! - directories get a marker blob, symlinks a blob holding the target, special files an
+//!   empty blob saying what they are;
 //! - names no longer needed go to the trash and are deleted, with their ETag, afterwards.
 //!
 //! Every write names the ETag simfs last saw at the target (see `index::journal`). A name
@@ -200,20 +201,24 @@ impl Writeback {
         }
         let a = &v.attr;
         match a.kind {
-            Kind::Dir | Kind::Symlink => {
+            Kind::File => self.sync_file(index, cache, v).await?,
+            kind => {
                 let name = self.blob_name(&v.names[0].path)?;
-                let (role, body) = match a.kind {
+                let (role, body) = match kind {
                     Kind::Dir => (Role::Dir, Bytes::new()),
-                    _ => (
+                    Kind::Symlink => (
                         Role::Symlink,
                         Bytes::from(v.target.clone().unwrap_or_default()),
+                    ),
+                    k => (
+                        Role::Special(k.special_name().unwrap_or("fifo"), a.rdev),
+                        Bytes::new(),
                     ),
                 };
                 let meta = render(role, a.perm, a.uid, a.gid, a.mtime);
                 let etag = self.put_small(index, ino, &name, body, &meta).await?;
                 index.record_sync(ino, v.gen, Some(&(name, etag)), &[], false, false)?;
             }
-            Kind::File => self.sync_file(index, cache, v).await?,
         }
         Ok(())
     }

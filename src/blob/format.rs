@@ -27,6 +27,10 @@ pub const KEY_MTIME: &str = "mtime";
 /// simfs's hard links: the data blob of a multiply-linked inode carries `simfs_inode=<id>`;
 /// each other name is a zero-length blob with `simfs_hardlink=<id>`.
 pub const KEY_INODE: &str = "simfs_inode";
+/// simfs's special files: an empty blob with `simfs_type` = `fifo`, `socket`, `char` or
+/// `block`, and `simfs_rdev` = the device number of a device.
+pub const KEY_TYPE: &str = "simfs_type";
+pub const KEY_RDEV: &str = "simfs_rdev";
 pub const KEY_HARDLINK: &str = "simfs_hardlink";
 
 /// What a blob's metadata says about the POSIX object it stands for.
@@ -43,6 +47,9 @@ pub struct PosixMeta {
     pub inode_id: Option<String>,
     /// Hard-link group a stub name belongs to (`simfs_hardlink`).
     pub hardlink_of: Option<String>,
+    /// Special file type (`simfs_type`), and its device number.
+    pub special: Option<String>,
+    pub rdev: Option<u32>,
     /// Values present but not understood, as `key=value`, for `simfs check`.
     pub rejected: Vec<String>,
 }
@@ -88,6 +95,8 @@ pub fn parse(meta: &BTreeMap<String, String>) -> PosixMeta {
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
     };
+    out.special = meta.get(KEY_TYPE).map(|v| v.trim().to_ascii_lowercase());
+    out.rdev = meta.get(KEY_RDEV).and_then(|v| v.trim().parse().ok());
     out.inode_id = id(KEY_INODE);
     out.hardlink_of = id(KEY_HARDLINK);
     for k in [KEY_INODE, KEY_HARDLINK] {
@@ -172,6 +181,8 @@ pub enum Role<'a> {
     File(Option<&'a str>),
     /// A hard-link stub of group `id`.
     Stub(&'a str),
+    /// A special file of this `simfs_type` and device number.
+    Special(&'a str, u32),
 }
 
 /// The metadata simfs writes for an object with these attributes.
@@ -194,6 +205,12 @@ pub fn render(
             m.insert(KEY_INODE.to_string(), id.to_string());
         }
         Role::File(None) => {}
+        Role::Special(kind, rdev) => {
+            m.insert(KEY_TYPE.to_string(), kind.to_string());
+            if rdev != 0 {
+                m.insert(KEY_RDEV.to_string(), rdev.to_string());
+            }
+        }
         Role::Stub(id) => {
             // A stub holds no attributes: they live with the data, once.
             m.insert(KEY_HARDLINK.to_string(), id.to_string());

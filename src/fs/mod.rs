@@ -181,8 +181,9 @@ impl SimFs {
         let attr = self.attr(ino)?;
         match attr.kind {
             Kind::Dir => return Err(FsError::IsDir),
-            Kind::Symlink => return Err(FsError::NotFound), // the kernel follows links itself
             Kind::File => {}
+            // The kernel follows links and serves special files itself.
+            _ => return Err(FsError::NotFound),
         }
         if write {
             self.writeback()?;

@@ -267,7 +267,7 @@ fn metadata_path_makes_no_request_after_mount() {
                 Kind::Symlink => {
                     w.fs.readlink(a.ino).unwrap();
                 }
-                Kind::File => {}
+                _ => {}
             }
             seen += 1;
         }

@@ -40,6 +40,7 @@ pub struct SetAttr {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub size: Option<u64>,
+    pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
     pub ctime: Option<SystemTime>,
 }
@@ -73,12 +74,14 @@ impl SimFs {
         Ok((now, now + self.writeback()?.opts.delay))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn new_inode(
         &self,
         parent: u64,
         name: &OsStr,
         kind: Kind,
         mode: u32,
+        rdev: u32,
         who: Caller,
         target: Option<&[u8]>,
     ) -> FsResult<Attr> {
@@ -99,6 +102,7 @@ impl SimFs {
             uid: who.uid,
             gid,
             target,
+            rdev,
         };
         let attr = self.index.create(parent, &name, &node, now, due)?;
         if kind == Kind::File {
@@ -115,7 +119,7 @@ impl SimFs {
         mode: u32,
         who: Caller,
     ) -> FsResult<(Attr, u64)> {
-        let attr = self.new_inode(parent, name, Kind::File, mode, who, None)?;
+        let attr = self.new_inode(parent, name, Kind::File, mode, 0, who, None)?;
         let file = self.cache.open_local(attr.ino, true)?;
         *self.open_files.lock().unwrap().entry(attr.ino).or_default() += 1;
         let fh = self.insert_handle(Handle::File {
@@ -126,25 +130,40 @@ impl SimFs {
         Ok((attr, fh))
     }
 
-    /// mknod: regular files only; devices, FIFOs and sockets have no blob form.
-    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, who: Caller) -> FsResult<Attr> {
-        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            return Err(FsError::Unstorable(
-                "only regular files can be stored in a container",
-            ));
-        }
-        self.new_inode(parent, name, Kind::File, mode, who, None)
+    /// mknod: regular files, FIFOs, sockets and device nodes (the kernel serves the last
+    /// three itself; simfs only keeps and persists them).
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        who: Caller,
+    ) -> FsResult<Attr> {
+        let kind = match mode & libc::S_IFMT {
+            0 | libc::S_IFREG => Kind::File,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDevice,
+            libc::S_IFBLK => Kind::BlockDevice,
+            _ => return Err(FsError::Invalid("unknown file type")),
+        };
+        let rdev = match kind {
+            Kind::CharDevice | Kind::BlockDevice => rdev,
+            _ => 0,
+        };
+        self.new_inode(parent, name, kind, mode, rdev, who, None)
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, who: Caller) -> FsResult<Attr> {
-        self.new_inode(parent, name, Kind::Dir, mode, who, None)
+        self.new_inode(parent, name, Kind::Dir, mode, 0, who, None)
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &[u8], who: Caller) -> FsResult<Attr> {
         if target.is_empty() || target.len() as u64 > crate::index::build::MAX_TARGET {
             return Err(FsError::Name(crate::index::names::NameError::TooLong));
         }
-        self.new_inode(parent, name, Kind::Symlink, 0o777, who, Some(target))
+        self.new_inode(parent, name, Kind::Symlink, 0o777, 0, who, Some(target))
     }
 
     pub fn link(&self, ino: u64, parent: u64, name: &OsStr) -> FsResult<Attr> {
@@ -218,6 +237,10 @@ impl SimFs {
                 SetTime::At(t) => t,
             }),
             ctime: s.ctime,
+            atime: s.atime.map(|t| match t {
+                SetTime::Now => now,
+                SetTime::At(t) => t,
+            }),
         };
         // truncate(2) changes the times like a write, when the size changes.
         if s.size.is_some_and(|n| n != a.size) && c.mtime.is_none() {

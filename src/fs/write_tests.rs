@@ -275,14 +275,39 @@ fn posix_errors_match_a_local_filesystem() {
         errno(w.fs.mkdir(ROOT_INO, &e(&long), 0o755, ME)),
         libc::ENAMETOOLONG
     );
-    let fifo = libc::S_IFIFO | 0o644;
+    let whiteout = 0o160000 | 0o644;
     assert_eq!(
-        errno(w.fs.mknod(ROOT_INO, &e("fifo"), fifo, ME)),
-        libc::EPERM
+        errno(w.fs.mknod(ROOT_INO, &e("odd"), whiteout, 0, ME)),
+        libc::EINVAL
     );
     // An empty directory can replace another one.
     w.fs.mkdir(ROOT_INO, &e("e2"), 0o755, ME).unwrap();
     mv(ROOT_INO, "e2", ROOT_INO, "empty", RenameMode::Replace).unwrap();
+}
+
+#[test]
+fn special_files_and_access_times_are_kept() {
+    let w = rw(MemoryStore::new());
+    let e = |s: &str| OsStr::new(s).to_owned();
+    w.fs.mknod(ROOT_INO, &e("pipe"), libc::S_IFIFO | 0o620, 0, ME)
+        .unwrap();
+    let dev =
+        w.fs.mknod(ROOT_INO, &e("null"), libc::S_IFCHR | 0o666, 0x0103, ME)
+            .unwrap();
+    assert_eq!((dev.kind, dev.rdev), (Kind::CharDevice, 0x0103));
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    let set = SetAttr {
+        atime: Some(SetTime::At(t)),
+        ..Default::default()
+    };
+    assert_eq!(w.fs.setattr(dev.ino, &set).unwrap().atime, t);
+    drain(&w);
+    let n = fresh(&w);
+    let p = path(&n, "pipe").unwrap();
+    assert_eq!((p.kind, p.perm), (Kind::Fifo, 0o620));
+    let d = path(&n, "null").unwrap();
+    assert_eq!((d.kind, d.rdev), (Kind::CharDevice, 0x0103));
+    assert_eq!(w.store.inner().data("pipe").unwrap().len(), 0);
 }
 
 #[test]

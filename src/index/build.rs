@@ -47,6 +47,7 @@ struct Node {
     /// Whether a directory's attributes came from a marker blob (else they are derived).
     explicit: bool,
     link_id: Option<String>,
+    rdev: u32,
 }
 
 pub struct TreeBuilder {
@@ -84,6 +85,7 @@ impl TreeBuilder {
             children: BTreeMap::new(),
             explicit: false,
             link_id: None,
+            rdev: 0,
         }
     }
 
@@ -185,8 +187,11 @@ impl TreeBuilder {
             };
             return self.hide(&props.name, why);
         }
+        let special = meta.special.as_deref().and_then(Kind::from_special_name);
         let kind = if meta.is_symlink {
             Kind::Symlink
+        } else if let (Some(k), 0) = (special, props.size) {
+            k
         } else {
             Kind::File
         };
@@ -207,6 +212,7 @@ impl TreeBuilder {
             size: props.size,
             mtime,
             link_id: meta.inode_id.clone().filter(|_| kind == Kind::File),
+            rdev: meta.rdev.unwrap_or(0),
             blob: Some(props),
             target: None,
             children: BTreeMap::new(),
@@ -338,8 +344,8 @@ impl TreeBuilder {
         {
             let mut ins = tx.prepare(
                 "INSERT INTO inodes(ino, kind, perm, uid, gid, size, mtime_ns, ctime_ns, nlink,
-                                    blob, etag, md5, target, link_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                    blob, etag, md5, target, link_id, rdev)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?;
             let mut dent =
                 tx.prepare("INSERT INTO dentries(parent, name, ino) VALUES (?1, ?2, ?3)")?;
@@ -367,11 +373,12 @@ impl TreeBuilder {
                     n.blob.as_ref().and_then(|b| b.content_md5.as_deref()),
                     n.target.as_deref(),
                     n.link_id,
+                    n.rdev,
                 ])?;
                 match n.kind {
                     Kind::Dir => stats.dirs += 1,
-                    Kind::File => stats.files += 1,
                     Kind::Symlink => stats.symlinks += 1,
+                    _ => stats.files += 1,
                 }
                 for (name, &c) in &n.children {
                     dent.execute(params![ino, name.as_bytes(), c as i64 + 1])?;

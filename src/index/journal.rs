@@ -13,7 +13,9 @@
 //! deleted from there: a crash between writing the new name and deleting the old one leaves
 //! a trash row, never an unclaimed duplicate.
 
-use super::{from_ns, row_attr, to_ns, Attr, Index, IndexResult, Kind, ATTR_COLS, ROOT_INO};
+use super::{
+    from_ns, row_attr, to_ns, Attr, Index, IndexResult, Kind, ATTR_COLS, ATTR_N, ROOT_INO,
+};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::time::SystemTime;
 
@@ -98,16 +100,17 @@ impl Index {
             ))?;
             let Some(mut view) = st
                 .query_row([ino as i64], |r| {
-                    let blob: Option<String> = r.get(9)?;
-                    let etag: Option<String> = r.get(10)?;
+                    let n = ATTR_N;
+                    let blob: Option<String> = r.get(n)?;
+                    let etag: Option<String> = r.get(n + 1)?;
                     Ok(SyncView {
                         attr: row_attr(r, 0)?,
                         blob: blob.map(|b| (b, etag.unwrap_or_default())),
-                        link_id: r.get(11)?,
-                        target: r.get(12)?,
-                        local: r.get(13)?,
-                        dirty: r.get(14)?,
-                        gen: r.get(15)?,
+                        link_id: r.get(n + 2)?,
+                        target: r.get(n + 3)?,
+                        local: r.get(n + 4)?,
+                        dirty: r.get(n + 5)?,
+                        gen: r.get(n + 6)?,
                         names: Vec::new(),
                         stubs: Vec::new(),
                     })

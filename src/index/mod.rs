@@ -36,6 +36,11 @@ pub enum Kind {
     Dir,
     File,
     Symlink,
+    /// Special files: kept in the index and persisted as empty blobs with `simfs_type`.
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
 }
 
 impl Kind {
@@ -44,13 +49,44 @@ impl Kind {
             Kind::Dir => 1,
             Kind::File => 2,
             Kind::Symlink => 3,
+            Kind::Fifo => 4,
+            Kind::Socket => 5,
+            Kind::CharDevice => 6,
+            Kind::BlockDevice => 7,
         }
     }
+
+    /// The `simfs_type` value of a special file.
+    pub fn special_name(self) -> Option<&'static str> {
+        match self {
+            Kind::Fifo => Some("fifo"),
+            Kind::Socket => Some("socket"),
+            Kind::CharDevice => Some("char"),
+            Kind::BlockDevice => Some("block"),
+            _ => None,
+        }
+    }
+
+    pub fn from_special_name(v: &str) -> Option<Kind> {
+        [
+            Kind::Fifo,
+            Kind::Socket,
+            Kind::CharDevice,
+            Kind::BlockDevice,
+        ]
+        .into_iter()
+        .find(|k| k.special_name() == Some(v))
+    }
+
     fn from_i64(v: i64) -> rusqlite::Result<Kind> {
         match v {
             1 => Ok(Kind::Dir),
             2 => Ok(Kind::File),
             3 => Ok(Kind::Symlink),
+            4 => Ok(Kind::Fifo),
+            5 => Ok(Kind::Socket),
+            6 => Ok(Kind::CharDevice),
+            7 => Ok(Kind::BlockDevice),
             _ => Err(rusqlite::Error::IntegralValueOutOfRange(0, v)),
         }
     }
@@ -66,9 +102,12 @@ pub struct Attr {
     pub uid: u32,
     pub gid: u32,
     pub size: u64,
+    pub atime: SystemTime,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
     pub nlink: u32,
+    /// Device number of a character or block device.
+    pub rdev: u32,
 }
 
 /// Where an inode's data comes from.
@@ -194,7 +233,9 @@ CREATE TABLE inodes(
     size     INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     ctime_ns INTEGER NOT NULL,
+    atime_ns INTEGER,
     nlink    INTEGER NOT NULL,
+    rdev     INTEGER NOT NULL DEFAULT 0,
     blob     TEXT,
     etag     TEXT,
     md5      BLOB,
@@ -223,8 +264,10 @@ CREATE INDEX dentries_by_ino ON dentries(ino);
 CREATE TABLE findings(blob TEXT NOT NULL, hidden INTEGER NOT NULL, reason TEXT NOT NULL);
 ";
 
-const ATTR_COLS: &str =
-    "i.ino, i.kind, i.perm, i.uid, i.gid, i.size, i.mtime_ns, i.ctime_ns, i.nlink";
+const ATTR_COLS: &str = "i.ino, i.kind, i.perm, i.uid, i.gid, i.size, i.mtime_ns, i.ctime_ns,
+     i.nlink, coalesce(i.atime_ns, i.mtime_ns), i.rdev";
+/// Number of columns in `ATTR_COLS`.
+const ATTR_N: usize = 11;
 
 fn row_attr(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Attr> {
     Ok(Attr {
@@ -237,6 +280,8 @@ fn row_attr(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Attr> {
         mtime: from_ns(row.get(at + 6)?),
         ctime: from_ns(row.get(at + 7)?),
         nlink: row.get::<_, i64>(at + 8)? as u32,
+        atime: from_ns(row.get(at + 9)?),
+        rdev: row.get::<_, i64>(at + 10)? as u32,
     })
 }
 

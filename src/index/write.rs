@@ -24,6 +24,8 @@ pub struct NewNode<'a> {
     pub gid: u32,
     /// Symlink target.
     pub target: Option<&'a [u8]>,
+    /// Device number of a character or block device.
+    pub rdev: u32,
 }
 
 /// What a setattr changes; `None` leaves a field alone.
@@ -34,6 +36,7 @@ pub struct AttrChanges {
     pub gid: Option<u32>,
     /// The local copy already has this size (the caller truncated it).
     pub size: Option<u64>,
+    pub atime: Option<SystemTime>,
     pub mtime: Option<SystemTime>,
     pub ctime: Option<SystemTime>,
 }
@@ -194,11 +197,12 @@ impl Index {
                 Kind::Dir => (2, 0, 0),
                 Kind::File => (1, 0, 1),
                 Kind::Symlink => (1, node.target.map_or(0, |t| t.len()) as i64, 0),
+                _ => (1, 0, 0),
             };
             tx.prepare_cached(
                 "INSERT INTO inodes(kind, perm, uid, gid, size, mtime_ns, ctime_ns, nlink, target,
-                                    local, dirty, pending, due_ns, gen)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?9, 1, ?10, 1)",
+                                    local, dirty, pending, due_ns, gen, rdev)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?9, 1, ?10, 1, ?11)",
             )?
             .execute(params![
                 node.kind.to_i64(),
@@ -211,6 +215,7 @@ impl Index {
                 node.target,
                 local,
                 to_ns(due),
+                node.rdev,
             ])?;
             let ino = tx.last_insert_rowid() as u64;
             tx.prepare_cached("INSERT INTO dentries(parent, name, ino) VALUES (?1, ?2, ?3)")?
@@ -402,7 +407,8 @@ impl Index {
             tx.prepare_cached(
                 "UPDATE inodes SET perm = coalesce(?2, perm), uid = coalesce(?3, uid),
                      gid = coalesce(?4, gid), size = coalesce(?5, size),
-                     mtime_ns = coalesce(?6, mtime_ns), ctime_ns = ?7
+                     mtime_ns = coalesce(?6, mtime_ns), ctime_ns = ?7,
+                     atime_ns = coalesce(?8, atime_ns)
                  WHERE ino = ?1",
             )?
             .execute(params![
@@ -413,6 +419,7 @@ impl Index {
                 c.size.map(|s| s as i64),
                 c.mtime.map(to_ns),
                 to_ns(c.ctime.unwrap_or(now)),
+                c.atime.map(to_ns),
             ])?;
             if c.size.is_some() {
                 tx.prepare_cached("UPDATE inodes SET dirty = 1, local = 1 WHERE ino = ?1")?
