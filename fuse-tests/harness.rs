@@ -134,42 +134,49 @@ pub fn is_mounted(mnt: &Path) -> bool {
 
 /// A simfs mount, unmounted on drop.
 pub struct Mount {
-    pub dir: tempfile::TempDir,
+    /// The mountpoint, removed with the mount when the mount made it.
+    pub dir: Option<tempfile::TempDir>,
+    pub at: PathBuf,
     pub child: Option<Child>,
+    /// The daemon's stderr: a file, since an unread pipe would block a chatty daemon.
+    pub log: tempfile::NamedTempFile,
 }
 
 impl Mount {
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.at
     }
 
     /// Runs `simfs mount ... --foreground` and waits until the kernel lists the mount.
     pub fn start(args: &[&str], env: &[(&str, String)]) -> Result<Mount, String> {
         let dir = tempfile::tempdir().unwrap();
-        let mut cmd = mount_command(args, dir.path(), env);
+        let mut m = Mount::start_at(dir.path(), args, env)?;
+        m.dir = Some(dir);
+        Ok(m)
+    }
+
+    /// Like `start`, at an existing directory `at`.
+    pub fn start_at(at: &Path, args: &[&str], env: &[(&str, String)]) -> Result<Mount, String> {
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let mut cmd = mount_command(args, at, env);
         cmd.arg("--foreground").env("SIMFS_LOG", "warn");
         let mut child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log.reopen().unwrap())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if is_mounted(dir.path()) {
+            if is_mounted(at) {
                 return Ok(Mount {
-                    dir,
+                    dir: None,
+                    at: at.to_path_buf(),
                     child: Some(child),
+                    log,
                 });
             }
             if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                use std::io::Read;
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
+                let err = std::fs::read_to_string(log.path()).unwrap_or_default();
                 return Err(format!("exit {status}: {err}"));
             }
             if Instant::now() > deadline {
@@ -181,6 +188,10 @@ impl Mount {
     }
 
     pub fn unmount(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+            eprintln!("simfs log of {}:\n{log}", self.at.display());
+        }
         if is_mounted(self.path()) {
             let _ = Command::new("fusermount3")
                 .arg("-u")

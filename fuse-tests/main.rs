@@ -1,6 +1,7 @@
 //! Real mounts of simfs over /dev/fuse against a real Azurite (see harness.rs).
 
 mod harness;
+mod write;
 
 use harness::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -308,8 +309,10 @@ fn background_mount_returns_serving_and_unmount_leaves_nothing() {
     .unwrap();
     // Guard first, so a failing assertion below still unmounts.
     let guard = Mount {
-        dir: mnt,
+        at: mnt.path().to_path_buf(),
+        dir: Some(mnt),
         child: None,
+        log: tempfile::NamedTempFile::new().unwrap(),
     };
     assert!(
         out.status.success(),

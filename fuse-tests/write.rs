@@ -1,0 +1,240 @@
+//! The write path on real mounts: what one node writes, a second node with an empty cache
+//! must see identically, including after the first was killed with SIGKILL.
+
+use crate::harness::*;
+use crate::mount;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// Everything a user can observe about a tree, except ctime and atime; hard links are
+/// recorded as "same inode as <first path>".
+fn snapshot(root: &Path) -> Vec<String> {
+    let mut first_of: HashMap<u64, String> = HashMap::new();
+    walk(root)
+        .into_iter()
+        .map(|p| {
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let what = if m.file_type().is_symlink() {
+                format!("-> {}", std::fs::read_link(&p).unwrap().display())
+            } else if m.is_file() {
+                let data = std::fs::read(&p).unwrap();
+                format!("sha {}", hex::encode(&Sha256::digest(&data)[..8]))
+            } else {
+                String::new()
+            };
+            let same = match first_of.get(&m.ino()) {
+                Some(first) => format!(" same-inode-as {first}"),
+                None => {
+                    first_of.insert(m.ino(), rel.clone());
+                    String::new()
+                }
+            };
+            format!(
+                "{rel} mode {:o} uid {} gid {} size {} nlink {} mtime {}.{:09} {what}{same}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.size(),
+                m.nlink(),
+                m.mtime(),
+                m.mtime_nsec()
+            )
+        })
+        .collect()
+}
+
+fn empty_container(name: &str) -> Azurite {
+    let az = Azurite::start();
+    az.seed(name, &[], 0, 0);
+    az
+}
+
+fn sh(dir: &Path, script: &str) {
+    let out = Command::new("sh")
+        .arg("-ec")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn what_one_node_writes_a_fresh_node_sees_identically() {
+    let az = empty_container("written");
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount(&az, "written", cache.path(), &[]);
+    let r = m.path().to_path_buf();
+    sh(
+        &r,
+        "mkdir -p proj/src/pkg ckpt empty
+         printf 'VALUE = 42\\n' > proj/src/pkg/__init__.py
+         printf '#!/bin/sh\\necho tool-ran\\n' > proj/tool.sh
+         chmod 0750 proj/tool.sh
+         ln -s ../tool.sh proj/src/tool
+         chmod 2770 empty
+         chown 1234:5678 proj/src/pkg/__init__.py
+         touch -m -d '2021-02-03 04:05:06.123456789' proj/tool.sh
+         mkfifo proj/pipe",
+    );
+    // A checkpoint written and fsynced, then linked and relinked as training scripts do.
+    let ckpt: Vec<u8> = (0..20u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut f = std::fs::File::create(r.join("ckpt/step-1.pt")).unwrap();
+    f.write_all(&ckpt).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    std::fs::hard_link(r.join("ckpt/step-1.pt"), r.join("ckpt/best.pt")).unwrap();
+    std::fs::hard_link(r.join("ckpt/step-1.pt"), r.join("proj/keep.pt")).unwrap();
+    std::os::unix::fs::symlink("step-1.pt", r.join("ckpt/latest.pt")).unwrap();
+    std::fs::rename(r.join("proj/src"), r.join("proj/lib")).unwrap();
+    // The name holding the data goes; the other two names keep it.
+    std::fs::remove_file(r.join("ckpt/step-1.pt")).unwrap();
+    std::fs::rename(r.join("ckpt/best.pt"), r.join("ckpt/step-1.pt")).unwrap();
+    assert_eq!(
+        std::fs::metadata(r.join("proj/keep.pt")).unwrap().nlink(),
+        2
+    );
+    let before = snapshot(&r);
+    m.unmount();
+    let fresh_cache = tempfile::tempdir().unwrap();
+    let n = mount(&az, "written", fresh_cache.path(), &[]);
+    let after = snapshot(n.path());
+    assert_eq!(before, after);
+    assert_eq!(
+        std::fs::read(n.path().join("ckpt/step-1.pt")).unwrap(),
+        ckpt
+    );
+    let out = Command::new(n.path().join("proj/lib/tool"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "tool-ran\n");
+}
+
+#[test]
+fn a_mount_killed_mid_upload_finishes_on_the_next_mount() {
+    let az = empty_container("killed");
+    let cache = tempfile::tempdir().unwrap();
+    // Metadata waits an hour: only close and fsync upload before the kill.
+    let mut m = mount(&az, "killed", cache.path(), &["--upload-delay", "3600"]);
+    let r = m.path().to_path_buf();
+    std::fs::write(r.join("closed.txt"), "closed before the kill").unwrap();
+    std::fs::create_dir(r.join("dir")).unwrap();
+    std::fs::set_permissions(r.join("closed.txt"), PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::rename(r.join("closed.txt"), r.join("dir/moved.txt")).unwrap();
+    let big: Vec<u8> = (0..48u32 << 20).map(|i| (i % 241) as u8).collect();
+    let mut f = std::fs::File::create(r.join("big.bin")).unwrap();
+    f.write_all(&big).unwrap();
+    // close() uploads 48 MiB; the daemon dies while it does.
+    let closer = std::thread::spawn(move || drop(f));
+    std::thread::sleep(Duration::from_millis(150));
+    let mut child = m.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = closer.join();
+    m.unmount();
+    assert!(!is_mounted(&r));
+    // Same cache dir: the journal in the index finishes everything, then unmount drains.
+    let mut again = mount(&az, "killed", cache.path(), &["--upload-delay", "3600"]);
+    again.unmount();
+    let fresh_cache = tempfile::tempdir().unwrap();
+    let n = mount(&az, "killed", fresh_cache.path(), &[]);
+    let p = n.path();
+    assert_eq!(
+        std::fs::read_to_string(p.join("dir/moved.txt")).unwrap(),
+        "closed before the kill"
+    );
+    assert_eq!(
+        std::fs::metadata(p.join("dir/moved.txt")).unwrap().mode() & 0o7777,
+        0o600
+    );
+    assert!(!p.join("closed.txt").exists());
+    assert_eq!(std::fs::read(p.join("big.bin")).unwrap(), big);
+}
+
+/// A wheel made by hand (a wheel is a zip with a dist-info), so pip needs no network.
+fn hello_wheel(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("hello-0.1-py3-none-any.whl");
+    let script = format!(
+        "import zipfile\n\
+         z = zipfile.ZipFile({:?}, 'w')\n\
+         z.writestr('hello.py', 'def main():\\n    print(\"hello from simfs\")\\n')\n\
+         z.writestr('hello-0.1.dist-info/METADATA', 'Metadata-Version: 2.1\\nName: hello\\nVersion: 0.1\\n')\n\
+         z.writestr('hello-0.1.dist-info/WHEEL', 'Wheel-Version: 1.0\\nGenerator: hand\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n')\n\
+         z.writestr('hello-0.1.dist-info/entry_points.txt', '[console_scripts]\\nhello = hello:main\\n')\n\
+         z.writestr('hello-0.1.dist-info/RECORD', '')\n\
+         z.close()\n",
+        path.to_str().unwrap()
+    );
+    let ok = Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    path
+}
+
+#[test]
+fn pip_installs_into_a_venv_on_the_mount_and_it_runs_from_a_fresh_node() {
+    let az = empty_container("venvs");
+    let cache = tempfile::tempdir().unwrap();
+    // A venv is not relocatable (scripts name their python by absolute path): the fresh
+    // node mounts at the same place, as a cluster's nodes do.
+    let place = tempfile::tempdir().unwrap();
+    let env = [("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())];
+    let at = |cache: &Path| {
+        let args = ["venvs", "--cache-dir", cache.to_str().unwrap()];
+        Mount::start_at(place.path(), &args, &env).expect("mount")
+    };
+    let mut m = at(cache.path());
+    let venv = m.path().join("venv");
+    let ok = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "python3 -m venv with pip on the mount");
+    let tmp = tempfile::tempdir().unwrap();
+    let wheel = hello_wheel(tmp.path());
+    let out = Command::new(venv.join("bin/pip"))
+        .args([
+            "install",
+            "--no-index",
+            "--no-deps",
+            "--disable-pip-version-check",
+        ])
+        .arg(&wheel)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pip install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    m.unmount();
+    let fresh_cache = tempfile::tempdir().unwrap();
+    let n = at(fresh_cache.path());
+    let out = Command::new(n.path().join("venv/bin/hello"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from simfs\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(n.path().join("venv/bin/pip"))
+        .args(["--version"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pip itself runs from the fresh node");
+}
