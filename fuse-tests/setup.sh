@@ -27,4 +27,16 @@ if [ ! -x "$here/node_modules/.bin/azurite-blob" ] ||
   echo "setup: installing azurite 3.37.0" >&2
   (cd "$here" && npm install --no-audit --no-fund --loglevel=error >/dev/null)
 fi
+# The POSIX test suite and the data-integrity exerciser run against a real mount; both are
+# Rust ports published on crates.io, built once into target/tools.
+tools="$here/../target/tools"
+if [ ! -x "$tools/bin/pjdfstest" ] || [ ! -x "$tools/bin/fsx" ]; then
+  echo "setup: building pjdfstest 0.2.2 and fsx 0.3.2" >&2
+  cargo install --quiet --locked --root "$tools" pjdfstest@0.2.2 fsx@0.3.2
+fi
+# pjdfstest switches to these users to test permissions.
+if ! getent passwd tests >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  echo 'tests:x:::pjdfstest dummy user:/:/usr/sbin/nologin' | $SUDO newusers
+fi
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing (modprobe fuse)" >&2; exit 1; }
