@@ -238,3 +238,61 @@ fn pip_installs_into_a_venv_on_the_mount_and_it_runs_from_a_fresh_node() {
         .unwrap();
     assert!(out.status.success(), "pip itself runs from the fresh node");
 }
+
+/// A small tmpfs, unmounted on drop: a cache disk that fills up.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let d = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "simfs-test"])
+            .arg(d.path())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mounting a tmpfs (the tests run as root)");
+        SmallDisk(d)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_cache_disk_gives_enospc_and_corrupts_nothing() {
+    let az = empty_container("full");
+    let disk = SmallDisk::new("16m");
+    let mut m = mount(&az, "full", disk.0.path(), &[]);
+    let r = m.path().to_path_buf();
+    std::fs::write(r.join("small.txt"), "kept").unwrap();
+    let chunk = vec![9u8; 1 << 20];
+    let mut f = std::fs::File::create(r.join("big.bin")).unwrap();
+    let err = (0..64)
+        .find_map(|_| f.write_all(&chunk).err())
+        .or_else(|| f.sync_all().err())
+        .expect("64 MiB cannot fit a 16 MiB cache disk");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    // Freeing the space works, and the mount goes on as before.
+    std::fs::remove_file(r.join("big.bin")).unwrap();
+    std::fs::write(r.join("after.txt"), "written after").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(r.join("small.txt")).unwrap(),
+        "kept"
+    );
+    m.unmount();
+    let fresh = tempfile::tempdir().unwrap();
+    let n = mount(&az, "full", fresh.path(), &[]);
+    assert_eq!(
+        std::fs::read_to_string(n.path().join("small.txt")).unwrap(),
+        "kept"
+    );
+    assert_eq!(
+        std::fs::read_to_string(n.path().join("after.txt")).unwrap(),
+        "written after"
+    );
+    assert!(!n.path().join("big.bin").exists());
+}

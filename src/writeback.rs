@@ -115,6 +115,11 @@ impl Writeback {
         }
     }
 
+    /// The blob name prefix of the mount root.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     fn lock_for(&self, ino: u64) -> Arc<Mutex<()>> {
         let mut locks = self.locks.lock().unwrap();
         if locks.len() > 4096 {

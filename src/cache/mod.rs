@@ -202,8 +202,7 @@ impl Cache {
         Ok(())
     }
 
-    /// Free bytes and free inodes on the cache disk.
-    pub fn free_space(&self) -> std::io::Result<(u64, u64)> {
+    fn statvfs(&self) -> std::io::Result<libc::statvfs> {
         use std::os::unix::ffi::OsStrExt;
         let path = std::ffi::CString::new(self.local_dir.as_os_str().as_bytes())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -212,7 +211,28 @@ impl Cache {
         if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok((st.f_bavail * st.f_frsize, st.f_favail))
+        Ok(st)
+    }
+
+    /// Free bytes and free inodes on the cache disk, less the reserve writers cannot use.
+    pub fn free_space(&self) -> std::io::Result<(u64, u64)> {
+        let st = self.statvfs()?;
+        let total = st.f_blocks * st.f_frsize;
+        let reserve = (total / 100).clamp(1 << 20, 256 << 20);
+        Ok((
+            (st.f_bavail * st.f_frsize).saturating_sub(reserve),
+            st.f_favail,
+        ))
+    }
+
+    /// Refuses (ENOSPC) a write of `bytes` that would eat into the reserve: the index needs
+    /// that room to record deletions, or a full disk could never be freed from the mount.
+    pub fn check_room(&self, bytes: u64) -> Result<(), CacheError> {
+        let (free, _) = self.free_space()?;
+        if bytes > free {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC).into());
+        }
+        Ok(())
     }
 
     /// Removes the local copy of a deleted inode.

@@ -27,8 +27,6 @@ pub enum FsError {
     Cache(#[from] CacheError),
     #[error("local read: {0}")]
     Io(#[from] std::io::Error),
-    #[error("cannot be stored in a container: {0}")]
-    Unstorable(&'static str),
     #[error("invalid argument: {0}")]
     Invalid(&'static str),
     #[error("operation not supported")]
@@ -60,7 +58,6 @@ impl FsError {
             FsError::Index(e) => e.errno(),
             FsError::Cache(e) => e.errno(),
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            FsError::Unstorable(_) => libc::EPERM,
             FsError::Invalid(_) => libc::EINVAL,
             FsError::Unsupported => libc::EOPNOTSUPP,
             FsError::TooBig => libc::EFBIG,

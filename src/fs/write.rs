@@ -15,6 +15,7 @@ use crate::index::write::{AttrChanges, NewNode, RenameMode};
 use crate::index::{Attr, Kind};
 use crate::writeback::Writeback;
 use std::ffi::OsStr;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -45,6 +46,9 @@ pub struct SetAttr {
     pub ctime: Option<SystemTime>,
 }
 
+/// The longest blob name Azure accepts.
+const MAX_BLOB_NAME: usize = 1024;
+
 /// Blob names are UTF-8; a name that is not cannot be stored.
 fn new_name(name: &OsStr) -> FsResult<Name> {
     let n = Name::from_os(name)?;
@@ -68,6 +72,16 @@ impl SimFs {
         self.writeback.as_ref().ok_or(FsError::ReadOnly)
     }
 
+    /// Azure limits blob names to 1,024 characters: a longer path could never be uploaded.
+    fn check_blob_name(&self, parent: u64, name: &Name) -> FsResult<()> {
+        let dir = self.index.dir_path(parent)?.unwrap_or_default();
+        let len = self.writeback()?.prefix().len() + dir.len() + 1 + name.as_bytes().len();
+        if len > MAX_BLOB_NAME {
+            return Err(FsError::Name(crate::index::names::NameError::TooLong));
+        }
+        Ok(())
+    }
+
     /// When a change made now should be uploaded by the background.
     fn due(&self) -> FsResult<(SystemTime, SystemTime)> {
         let now = SystemTime::now();
@@ -87,6 +101,7 @@ impl SimFs {
     ) -> FsResult<Attr> {
         let (now, due) = self.due()?;
         let name = new_name(name)?;
+        self.check_blob_name(parent, &name)?;
         let p = self.attr(parent)?;
         let mut perm = mode & 0o7777;
         let mut gid = who.gid;
@@ -168,7 +183,9 @@ impl SimFs {
 
     pub fn link(&self, ino: u64, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let (now, due) = self.due()?;
-        Ok(self.index.link(ino, parent, &new_name(name)?, now, due)?)
+        let name = new_name(name)?;
+        self.check_blob_name(parent, &name)?;
+        Ok(self.index.link(ino, parent, &name, now, due)?)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -196,11 +213,13 @@ impl SimFs {
         mode: RenameMode,
     ) -> FsResult<()> {
         let (now, due) = self.due()?;
+        let newname = new_name(newname)?;
+        self.check_blob_name(newparent, &newname)?;
         let replaced = self.index.rename(
             parent,
             &old_name(name)?,
             newparent,
-            &new_name(newname)?,
+            &newname,
             mode,
             now,
             due,
@@ -256,6 +275,7 @@ impl SimFs {
             return Err(FsError::BadHandle);
         }
         let (now, due) = self.due()?;
+        self.cache.check_room(data.len() as u64)?;
         file.write_all_at(data, offset)?;
         self.index
             .wrote(ino, offset + data.len() as u64, now, due)?;
@@ -273,17 +293,23 @@ impl SimFs {
         }
         let end = offset.checked_add(len).ok_or(FsError::TooBig)?;
         let (now, due) = self.due()?;
-        if end > file.metadata()?.len() {
-            file.set_len(end)?;
-            self.index.setattr(
-                ino,
-                &AttrChanges {
-                    size: Some(end),
-                    ..Default::default()
-                },
-                now,
-                due,
-            )?;
+        let size = file.metadata()?.len();
+        self.cache.check_room(end.saturating_sub(size))?;
+        // Really allocate, so a later write into the range cannot fail for space.
+        let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(FsError::TooBig);
+        };
+        // SAFETY: a valid descriptor owned by `file`, which outlives the call.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), off, n) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc).into());
+        }
+        if end > size {
+            let grow = AttrChanges {
+                size: Some(end),
+                ..Default::default()
+            };
+            self.index.setattr(ino, &grow, now, due)?;
         }
         Ok(())
     }

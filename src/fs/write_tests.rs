@@ -280,6 +280,19 @@ fn posix_errors_match_a_local_filesystem() {
         errno(w.fs.mknod(ROOT_INO, &e("odd"), whiteout, 0, ME)),
         libc::EINVAL
     );
+    // Azure's 1,024-character limit on blob names, checked before anything is created.
+    let mut dir = ROOT_INO;
+    for _ in 0..4 {
+        dir =
+            w.fs.mkdir(dir, &e(&"d".repeat(250)), 0o755, ME)
+                .unwrap()
+                .ino;
+    }
+    assert_eq!(
+        errno(w.fs.mkdir(dir, &e(&"f".repeat(30)), 0o755, ME)),
+        libc::ENAMETOOLONG
+    );
+    w.fs.mkdir(dir, &e(&"f".repeat(20)), 0o755, ME).unwrap();
     // An empty directory can replace another one.
     w.fs.mkdir(ROOT_INO, &e("e2"), 0o755, ME).unwrap();
     mv(ROOT_INO, "e2", ROOT_INO, "empty", RenameMode::Replace).unwrap();

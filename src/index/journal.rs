@@ -91,6 +91,11 @@ fn dir_path(c: &Connection, ino: u64) -> IndexResult<Option<Vec<u8>>> {
 }
 
 impl Index {
+    /// The path of directory `ino` relative to the mount root (None if it has no name).
+    pub fn dir_path(&self, ino: u64) -> IndexResult<Option<Vec<u8>>> {
+        self.with_conn(|c| dir_path(c, ino))
+    }
+
     /// The state of a pending inode; None when it is not pending (or gone).
     pub fn sync_view(&self, ino: u64) -> IndexResult<Option<SyncView>> {
         self.with_conn(|c| {
