@@ -254,7 +254,7 @@ fn spawn_writeback(
         .name("simfs-writeback".into())
         .spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Err(e) = fs.sync_due() {
+                if let Err(e) = fs.sync_due(false) {
                     tracing::warn!("write-back: {e}");
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -273,7 +273,7 @@ fn finish_uploads(fs: &SimFs) -> Result<(), MountError> {
     let bar = indicatif::ProgressBar::new(pending);
     bar.set_message("uploading pending changes");
     let failed = fs
-        .drain(|left| bar.set_position(pending.saturating_sub(left)))
+        .drain(true, |left| bar.set_position(pending.saturating_sub(left)))
         .map_err(|e| MountError::Io(e.to_string()))?;
     bar.finish_and_clear();
     if failed == 0 {

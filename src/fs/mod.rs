@@ -53,14 +53,21 @@ enum Handle {
     Dir(Arc<Vec<ListedEntry>>),
 }
 
+#[derive(Clone, Copy, Debug, Default)]
+struct OpenCount {
+    handles: u32,
+    writers: u32,
+}
+
 pub struct SimFs {
     index: Index,
     cache: Cache,
     /// None on a read-only mount.
     writeback: Option<Writeback>,
     handles: Mutex<HashMap<u64, Handle>>,
-    /// Open file handles per inode: an unlinked inode is freed when this reaches zero.
-    open_files: Mutex<HashMap<u64, u32>>,
+    /// Open file handles per inode: an unlinked inode is freed when none is left, and a
+    /// file with writers is left to their close or fsync by the background.
+    open_files: Mutex<HashMap<u64, OpenCount>>,
     /// Serialises giving an inode its local copy.
     localizing: Mutex<()>,
     next_fh: AtomicU64,
@@ -195,7 +202,7 @@ impl SimFs {
             let blob = self.index.blob_of(ino)?.ok_or(FsError::NotFound)?;
             self.cache.open(&blob)?
         };
-        *self.open_files.lock().unwrap().entry(ino).or_default() += 1;
+        self.opened(ino, write);
         Ok(self.insert_handle(Handle::File {
             ino,
             file: Arc::new(file),
@@ -240,14 +247,17 @@ impl SimFs {
 
     /// Closes a handle. The last close of an unlinked file frees it (and its blobs).
     pub fn release(&self, fh: u64) -> FsResult<()> {
-        let Some(Handle::File { ino, .. }) = self.handles.lock().unwrap().remove(&fh) else {
+        let Some(Handle::File { ino, write, .. }) = self.handles.lock().unwrap().remove(&fh) else {
             return Ok(());
         };
         let last = {
             let mut open = self.open_files.lock().unwrap();
             let n = open.entry(ino).or_default();
-            *n = n.saturating_sub(1);
-            let last = *n == 0;
+            n.handles = n.handles.saturating_sub(1);
+            if write {
+                n.writers = n.writers.saturating_sub(1);
+            }
+            let last = n.handles == 0;
             if last {
                 open.remove(&ino);
             }
@@ -260,8 +270,25 @@ impl SimFs {
         Ok(())
     }
 
+    fn opened(&self, ino: u64, write: bool) {
+        let mut open = self.open_files.lock().unwrap();
+        let n = open.entry(ino).or_default();
+        n.handles += 1;
+        if write {
+            n.writers += 1;
+        }
+    }
+
     pub(crate) fn is_open(&self, ino: u64) -> bool {
         self.open_files.lock().unwrap().contains_key(&ino)
+    }
+
+    pub(crate) fn has_writers(&self, ino: u64) -> bool {
+        self.open_files
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .is_some_and(|n| n.writers > 0)
     }
 
     pub fn statfs(&self) -> FsResult<FsStats> {

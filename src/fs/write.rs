@@ -136,7 +136,7 @@ impl SimFs {
     ) -> FsResult<(Attr, u64)> {
         let attr = self.new_inode(parent, name, Kind::File, mode, 0, who, None)?;
         let file = self.cache.open_local(attr.ino, true)?;
-        *self.open_files.lock().unwrap().entry(attr.ino).or_default() += 1;
+        self.opened(attr.ino, true);
         let fh = self.insert_handle(Handle::File {
             ino: attr.ino,
             file: Arc::new(file),
@@ -337,7 +337,7 @@ impl SimFs {
         if self.writeback.is_none() {
             return Ok(());
         }
-        let failed = self.drain(|_| {})?;
+        let failed = self.drain(true, |_| {})?;
         if failed > 0 {
             return Err(FsError::Upload(format!(
                 "{failed} changes could not be uploaded"
@@ -352,19 +352,26 @@ impl SimFs {
             .map_err(|e| FsError::Writeback(Arc::new(e)))
     }
 
-    /// One round of background work: syncs what is due and empties the trash. Returns
-    /// when the next item will be due (None: nothing pending).
-    pub fn sync_due(&self) -> FsResult<Option<SystemTime>> {
+    /// One round of background work: syncs what is due and empties the trash. A file that
+    /// is open for writing is left to its writer's close or fsync unless `writers_too`:
+    /// uploading it midway would only be uploaded again. Returns when the next item will
+    /// be due (None: nothing pending).
+    pub fn sync_due(&self, writers_too: bool) -> FsResult<Option<SystemTime>> {
         let Some(wb) = &self.writeback else {
             return Ok(None);
         };
         loop {
-            let due = self.index.due(SystemTime::now(), 64)?;
+            let now = SystemTime::now();
+            let due = self.index.due(now, 64)?;
             if due.is_empty() {
                 break;
             }
             let mut progress = false;
             for ino in due {
+                if !writers_too && self.has_writers(ino) {
+                    self.index.defer(ino, now + wb.opts.delay)?;
+                    continue;
+                }
                 // Failures are recorded with a retry time by sync_inode itself.
                 progress |= self.sync(ino).is_ok();
             }
@@ -377,14 +384,15 @@ impl SimFs {
         Ok(self.index.pending()?.1)
     }
 
-    /// Uploads everything pending now, calling `progress` with the number left after each
-    /// round; returns how many changes are still failing.
-    pub fn drain(&self, mut progress: impl FnMut(u64)) -> FsResult<u64> {
+    /// Uploads everything pending now (files still open for writing too when
+    /// `writers_too`), calling `progress` with the number left after each round; returns how
+    /// many changes are still failing.
+    pub fn drain(&self, writers_too: bool, mut progress: impl FnMut(u64)) -> FsResult<u64> {
         self.writeback()?;
         self.index.all_due_now()?;
         let mut last_left = u64::MAX;
         loop {
-            self.sync_due()?;
+            self.sync_due(writers_too)?;
             let left = self.index.pending()?.0;
             progress(left);
             if left == 0 {

@@ -53,7 +53,7 @@ fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> Attr {
 }
 
 fn drain(w: &World) {
-    assert_eq!(w.fs.drain(|_| {}).unwrap(), 0, "everything uploads");
+    assert_eq!(w.fs.drain(true, |_| {}).unwrap(), 0, "everything uploads");
 }
 
 fn errno(r: FsResult<impl std::fmt::Debug>) -> i32 {
@@ -578,4 +578,18 @@ fn the_read_only_mount_refuses_every_change() {
         errno(w.fs.unlink(ROOT_INO, OsStr::new("bad-meta"))),
         libc::EROFS
     );
+}
+
+#[test]
+fn the_background_leaves_a_file_being_written_to_its_close() {
+    let w = rw(MemoryStore::new());
+    let (_, fh) = w.fs.create(ROOT_INO, OsStr::new("growing"), 0o644, ME).unwrap();
+    w.fs.write(fh, 0, b"part one").unwrap();
+    w.fs.sync_due(false).unwrap();
+    assert!(w.store.inner().names().is_empty(), "no upload while being written");
+    w.fs.write(fh, 8, b", part two").unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    assert_eq!(w.store.inner().data("growing").unwrap(), "part one, part two");
+    assert_eq!(w.store.counters.put.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

@@ -339,6 +339,15 @@ impl Index {
         })
     }
 
+    /// Postpones a pending inode to `due` (it is still being written).
+    pub fn defer(&self, ino: u64, due: SystemTime) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached("UPDATE inodes SET due_ns = ?2 WHERE ino = ?1 AND pending = 1")?
+                .execute(params![ino as i64, to_ns(due)])?;
+            Ok(())
+        })
+    }
+
     /// A sync of `ino` failed: retry at `due`.
     pub fn sync_failed(&self, ino: u64, error: &str, due: SystemTime) -> IndexResult<()> {
         self.write(|tx| {
