@@ -296,3 +296,56 @@ fn a_full_cache_disk_gives_enospc_and_corrupts_nothing() {
     );
     assert!(!n.path().join("big.bin").exists());
 }
+
+#[test]
+fn a_blob_changed_by_another_writer_is_kept_and_ours_is_saved_beside_it() {
+    let az = empty_container("conflict");
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount(&az, "conflict", cache.path(), &[]);
+    let f = m.path().join("shared.txt");
+    std::fs::write(&f, "first version").unwrap();
+    // Another tool rewrites the blob behind the mount's back.
+    let out = Command::new(SEED)
+        .args(["--endpoint", &az.endpoint(), "--container", "conflict"])
+        .args(["--raw", "shared.txt"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut h = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&f)
+        .unwrap();
+    h.write_all(b"our version").unwrap();
+    let closed = nix_close(h);
+    assert_eq!(closed.raw_os_error(), Some(libc::EIO), "{closed}");
+    // The kernel was told: the name is gone here, ours sits beside it.
+    let names: Vec<String> = std::fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].starts_with("shared.txt.conflict-"), "{names:?}");
+    assert!(!f.exists());
+    drop(m);
+    let fresh = tempfile::tempdir().unwrap();
+    let n = mount(&az, "conflict", fresh.path(), &[]);
+    assert_eq!(
+        std::fs::read_to_string(n.path().join("shared.txt")).unwrap(),
+        "raw"
+    );
+    let ours = std::fs::read_to_string(n.path().join(&names[0])).unwrap();
+    assert_eq!(ours, "our version");
+}
+
+/// close(2) with its result (std's File ignores it).
+fn nix_close(f: std::fs::File) -> std::io::Error {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: the descriptor is ours and closed exactly once here.
+    let rc = unsafe { libc::close(f.into_raw_fd()) };
+    if rc == 0 {
+        std::io::Error::other("close succeeded")
+    } else {
+        std::io::Error::last_os_error()
+    }
+}

@@ -18,6 +18,7 @@ use crate::writeback::{Writeback, WritebackOptions};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -229,6 +230,13 @@ pub fn serve(
             return Err(MountError::Io(msg));
         }
     };
+    let notifier = session.notifier();
+    fs.set_invalidator(Box::new(move |parent, name| {
+        let name = std::ffi::OsStr::from_bytes(name);
+        if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), name) {
+            tracing::debug!("invalidating {name:?} in {parent}: {e}");
+        }
+    }));
     let unmounter = std::sync::Mutex::new(session.unmount_callable());
     install_unmount_on_signal(unmounter);
     ready(Ok(()));

@@ -89,7 +89,12 @@ pub struct Writeback {
     pub opts: WritebackOptions,
     /// One sync at a time per inode (close, fsync and the background may race).
     locks: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    /// Tells the kernel a directory entry changed behind its back (a conflict rename).
+    invalidate: std::sync::OnceLock<Invalidator>,
 }
+
+/// Drops the kernel's cached entry `name` in directory `parent`.
+pub type Invalidator = Box<dyn Fn(u64, &[u8]) + Send + Sync>;
 
 fn quiet_delete(r: Result<(), BlobError>) -> Result<(), BlobError> {
     match r {
@@ -112,7 +117,13 @@ impl Writeback {
             prefix,
             opts,
             locks: Mutex::new(HashMap::new()),
+            invalidate: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets how to tell the kernel about entries renamed by write-back (once, at mount).
+    pub fn set_invalidator(&self, f: Invalidator) {
+        let _ = self.invalidate.set(f);
     }
 
     /// The blob name prefix of the mount root.
@@ -419,6 +430,9 @@ impl Writeback {
             now,
             now,
         )?;
+        if let Some(f) = self.invalidate.get() {
+            f(entry.parent, from.as_bytes());
+        }
         let kept = format!(
             "{}{}",
             &anchor[..anchor.len() - from.as_bytes().len()],

@@ -82,6 +82,13 @@ impl SimFs {
         Ok(())
     }
 
+    /// Sets how write-back tells the kernel about entries it renamed (conflicts).
+    pub fn set_invalidator(&self, f: crate::writeback::Invalidator) {
+        if let Some(wb) = &self.writeback {
+            wb.set_invalidator(f);
+        }
+    }
+
     /// When a change made now should be uploaded by the background.
     fn due(&self) -> FsResult<(SystemTime, SystemTime)> {
         let now = SystemTime::now();

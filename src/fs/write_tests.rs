@@ -583,13 +583,27 @@ fn the_read_only_mount_refuses_every_change() {
 #[test]
 fn the_background_leaves_a_file_being_written_to_its_close() {
     let w = rw(MemoryStore::new());
-    let (_, fh) = w.fs.create(ROOT_INO, OsStr::new("growing"), 0o644, ME).unwrap();
+    let (_, fh) =
+        w.fs.create(ROOT_INO, OsStr::new("growing"), 0o644, ME)
+            .unwrap();
     w.fs.write(fh, 0, b"part one").unwrap();
     w.fs.sync_due(false).unwrap();
-    assert!(w.store.inner().names().is_empty(), "no upload while being written");
+    assert!(
+        w.store.inner().names().is_empty(),
+        "no upload while being written"
+    );
     w.fs.write(fh, 8, b", part two").unwrap();
     w.fs.flush(fh).unwrap();
     w.fs.release(fh).unwrap();
-    assert_eq!(w.store.inner().data("growing").unwrap(), "part one, part two");
-    assert_eq!(w.store.counters.put.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        w.store.inner().data("growing").unwrap(),
+        "part one, part two"
+    );
+    assert_eq!(
+        w.store
+            .counters
+            .put
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
 }
