@@ -48,6 +48,8 @@ pub struct FaultyStore<S> {
     fail_get_at: AtomicU64,
     /// Every write fails as the service refusing it (a 5xx after retries).
     refuse_writes: AtomicBool,
+    /// Writes succeed until this many have been made, then fail (a crash point).
+    writes_left: AtomicU64,
 }
 
 impl<S: BlobStore> FaultyStore<S> {
@@ -58,6 +60,7 @@ impl<S: BlobStore> FaultyStore<S> {
             offline: AtomicBool::new(false),
             fail_get_at: AtomicU64::new(u64::MAX),
             refuse_writes: AtomicBool::new(false),
+            writes_left: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -80,10 +83,23 @@ impl<S: BlobStore> FaultyStore<S> {
         self.refuse_writes.store(refuse, Ordering::SeqCst);
     }
 
+    /// Lets `n` more writes through, then fails every write (u64::MAX: no limit).
+    pub fn writes_left(&self, n: u64) {
+        self.writes_left.store(n, Ordering::SeqCst);
+    }
+
     fn write_gate(&self, counter: &AtomicU64) -> BlobResult<()> {
         counter.fetch_add(1, Ordering::SeqCst);
         self.gate()?;
-        if self.refuse_writes.load(Ordering::SeqCst) {
+        let exhausted = self
+            .writes_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                u64::MAX => Some(n),
+                0 => None,
+                n => Some(n - 1),
+            })
+            .is_err();
+        if exhausted || self.refuse_writes.load(Ordering::SeqCst) {
             return Err(BlobError::Service("injected: HTTP 503 ServerBusy".into()));
         }
         Ok(())
