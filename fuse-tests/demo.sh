@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: start Azurite, seed a container in the Blobfuse2 format (a real Python venv, a few
 # thousand data files, a checkpoint with a latest.pt symlink, a 64 MiB file), mount it with
-# simfs, and show what a user sees and how fast stat() is. Cleans up after itself;
+# simfs, show what a user sees and how fast stat() is, then write a checkpoint, link, chmod
+# and rename, and show the result from a second mount on an empty cache. Cleans up after itself;
 # DEMO_HOLD=1 keeps the mount until you press Enter; DEMO_ARGS adds options to the remount.
 set -euo pipefail
 DEMO_ARGS="${DEMO_ARGS:-}"
@@ -63,6 +64,28 @@ time (ls -lR "$mnt" > /dev/null)
 echo "== first read of a 64 MiB file (hydration), then a cached read"
 time (cat "$mnt/big/large.bin" > /dev/null)
 time (cat "$mnt/big/large.bin" > /dev/null)
+echo "== write: a checkpoint written and fsynced, a hard link, a chmod, a rename"
+python3 - "$mnt" <<'PY'
+import os, sys, time
+mnt = sys.argv[1]
+data = os.urandom(1 << 20) * 256
+t0 = time.perf_counter()
+with open(f"{mnt}/ckpt/step-2000.pt", "wb") as f:
+    f.write(data); f.flush(); t1 = time.perf_counter(); os.fsync(f.fileno())
+t2 = time.perf_counter()
+print(f"256 MiB checkpoint: write {t1-t0:.2f} s, fsync (upload, returns when committed) {t2-t1:.2f} s")
+PY
+ln "$mnt/ckpt/step-2000.pt" "$mnt/ckpt/best.pt"
+ln -sfn step-2000.pt "$mnt/ckpt/latest.pt"
+chmod 0640 "$mnt/ckpt/step-2000.pt"
+mv "$mnt/data" "$mnt/data-v2"
+ls -li "$mnt/ckpt"
+echo "== unmount (waits for the uploads), then mount on an EMPTY cache: a fresh node's view"
+time "$bin/simfs" unmount "$mnt"
+time "$bin/simfs" mount demo "$mnt" --cache-dir "$work/fresh-cache" $DEMO_ARGS
+ls -li "$mnt/ckpt"
+ls "$mnt" | tr '\n' ' '; echo
+cmp <(head -c 1048576 "$mnt/ckpt/best.pt") <(head -c 1048576 "$mnt/ckpt/step-2000.pt") && echo "hard link and data intact"
 if [ "${DEMO_HOLD:-0}" = 1 ]; then
   read -rp "mounted at $mnt; press Enter to unmount " _
 fi

@@ -48,6 +48,17 @@ pub enum WritebackError {
     Conflict { blob: String, kept: String },
     #[error("{0}")]
     Invalid(String),
+    /// Internal: the sync must be retried with every other sync excluded.
+    #[error("the sync needs to run alone")]
+    NeedsExclusive,
+}
+
+/// What one sync works with.
+struct Ctx<'a> {
+    index: &'a Index,
+    cache: &'a Cache,
+    /// No other sync runs (taking names from other inodes is allowed).
+    exclusive: bool,
 }
 
 impl WritebackError {
@@ -89,6 +100,9 @@ pub struct Writeback {
     pub opts: WritebackOptions,
     /// One sync at a time per inode (close, fsync and the background may race).
     locks: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    /// Syncs run side by side under the read side; one that must take a name from another
+    /// inode runs alone under the write side.
+    exclusive: std::sync::RwLock<()>,
     /// Tells the kernel a directory entry changed behind its back (a conflict rename).
     invalidate: std::sync::OnceLock<Invalidator>,
 }
@@ -117,6 +131,7 @@ impl Writeback {
             prefix,
             opts,
             locks: Mutex::new(HashMap::new()),
+            exclusive: std::sync::RwLock::new(()),
             invalidate: std::sync::OnceLock::new(),
         }
     }
@@ -156,10 +171,29 @@ impl Writeback {
     ) -> WbResult<()> {
         let lock = self.lock_for(ino);
         let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(view) = index.sync_view(ino)? else {
-            return Ok(());
+        let mut cx = Ctx {
+            index,
+            cache,
+            exclusive: false,
         };
-        let result = self.rt.block_on(self.apply(index, cache, &view, is_open));
+        let result = {
+            let _shared = self.exclusive.read().unwrap_or_else(|p| p.into_inner());
+            match index.sync_view(ino)? {
+                Some(view) => self.rt.block_on(self.apply(&cx, &view, is_open)),
+                None => return Ok(()),
+            }
+        };
+        let result = match result {
+            Err(WritebackError::NeedsExclusive) => {
+                let _alone = self.exclusive.write().unwrap_or_else(|p| p.into_inner());
+                cx.exclusive = true;
+                match index.sync_view(ino)? {
+                    Some(view) => self.rt.block_on(self.apply(&cx, &view, is_open)),
+                    None => return Ok(()),
+                }
+            }
+            r => r,
+        };
         if let Err(e) = &result {
             let failures = index
                 .failing()?
@@ -173,16 +207,26 @@ impl Writeback {
         result
     }
 
-    /// Deletes what is in the trash; returns how many deletes failed (they stay for later).
+    /// Deletes what is in the trash, 16 at a time (each delete stands alone: every name in
+    /// the trash is unclaimed); returns how many failed (they stay for later).
     pub fn empty_trash(&self, index: &Index) -> WbResult<usize> {
+        use futures::StreamExt;
         loop {
             let batch = index.trash(256)?;
             if batch.is_empty() {
                 return Ok(0);
             }
+            let results: Vec<_> = self.rt.block_on(
+                futures::stream::iter(batch.into_iter().map(|(blob, etag)| async move {
+                    let r = quiet_delete(self.store.delete(&blob, &etag).await);
+                    (blob, etag, r)
+                }))
+                .buffer_unordered(16)
+                .collect(),
+            );
             let mut failed = 0;
-            for (blob, etag) in batch {
-                match quiet_delete(self.rt.block_on(self.store.delete(&blob, &etag))) {
+            for (blob, etag, r) in results {
+                match r {
                     Ok(()) => index.trash_done(&blob, &etag)?,
                     Err(e) => {
                         tracing::warn!("deleting {blob:?} failed (will retry): {e}");
@@ -196,13 +240,8 @@ impl Writeback {
         }
     }
 
-    async fn apply(
-        &self,
-        index: &Index,
-        cache: &Cache,
-        v: &SyncView,
-        is_open: bool,
-    ) -> WbResult<()> {
+    async fn apply(&self, cx: &Ctx<'_>, v: &SyncView, is_open: bool) -> WbResult<()> {
+        let (index, cache) = (cx.index, cx.cache);
         let ino = v.attr.ino;
         if ino == ROOT_INO {
             return Ok(index.record_sync(ino, v.gen, None, &[], false, false)?);
@@ -215,9 +254,27 @@ impl Writeback {
             }
             return Ok(());
         }
+        if !cx.exclusive {
+            // Taking a name from another live inode (renames that swapped names) must not
+            // race with that inode's own sync: such a sync runs alone, decided before any
+            // write so a redo starts from a clean slate.
+            let targets = match v.attr.kind {
+                Kind::File => &v.names[..],
+                _ => &v.names[..1],
+            };
+            for n in targets {
+                let name = self.blob_name(&n.path)?;
+                if index
+                    .claim_on(&name)?
+                    .is_some_and(|c| c.ino != ino && c.ino != 0 && c.live)
+                {
+                    return Err(WritebackError::NeedsExclusive);
+                }
+            }
+        }
         let a = &v.attr;
         match a.kind {
-            Kind::File => self.sync_file(index, cache, v).await?,
+            Kind::File => self.sync_file(cx, v).await?,
             kind => {
                 let name = self.blob_name(&v.names[0].path)?;
                 let (role, body) = match kind {
@@ -232,7 +289,7 @@ impl Writeback {
                     ),
                 };
                 let meta = render(role, a.perm, a.uid, a.gid, a.mtime);
-                let etag = self.put_small(index, ino, &name, body, &meta).await?;
+                let etag = self.put_small(cx, ino, &name, body, &meta).await?;
                 index.record_sync(ino, v.gen, Some(&(name, etag)), &[], false, false)?;
             }
         }
@@ -243,13 +300,13 @@ impl Writeback {
     /// anyway, as these carry no data of their own that could be lost.
     async fn put_small(
         &self,
-        index: &Index,
+        cx: &Ctx<'_>,
         ino: u64,
         name: &str,
         body: Bytes,
         meta: &Metadata,
     ) -> WbResult<String> {
-        let expect = self.make_room(index, ino, name).await?;
+        let expect = self.make_room(cx, ino, name).await?;
         match self.store.put(name, body.clone(), meta, &expect).await {
             Err(BlobError::PreconditionFailed(_)) => {
                 let expect = match self.store.head(name).await {
@@ -263,7 +320,8 @@ impl Writeback {
         }
     }
 
-    async fn sync_file(&self, index: &Index, cache: &Cache, v: &SyncView) -> WbResult<()> {
+    async fn sync_file(&self, cx: &Ctx<'_>, v: &SyncView) -> WbResult<()> {
+        let index = cx.index;
         let a = &v.attr;
         let ino = a.ino;
         let mut paths = Vec::with_capacity(v.names.len());
@@ -282,8 +340,7 @@ impl Writeback {
             a.mtime,
         );
         let result = if v.dirty || v.blob.is_none() {
-            self.upload_local(index, cache, ino, &anchor, &meta, v.local)
-                .await
+            self.upload_local(cx, ino, &anchor, &meta, v.local).await
         } else {
             let (old, old_etag) = v.blob.clone().expect("checked above");
             if old == anchor {
@@ -292,7 +349,7 @@ impl Writeback {
                     .await
                     .map_err(WritebackError::from)
             } else {
-                let expect = self.make_room(index, ino, &anchor).await?;
+                let expect = self.make_room(cx, ino, &anchor).await?;
                 match self
                     .store
                     .copy(&old, &old_etag, &anchor, &meta, &expect)
@@ -300,8 +357,7 @@ impl Writeback {
                 {
                     // The source is gone or changed: the local copy, if whole, still has it.
                     Err(BlobError::NotFound(_)) if v.local => {
-                        self.upload_local(index, cache, ino, &anchor, &meta, true)
-                            .await
+                        self.upload_local(cx, ino, &anchor, &meta, true).await
                     }
                     r => r.map_err(WritebackError::from),
                 }
@@ -331,7 +387,7 @@ impl Writeback {
                     stubs.push(s.clone());
                     continue;
                 }
-                let expect = self.make_room(index, ino, p).await?;
+                let expect = self.make_room(cx, ino, p).await?;
                 let e = self.store.put(p, Bytes::new(), &stub_meta, &expect).await?;
                 stubs.push((p.clone(), e));
             }
@@ -342,8 +398,7 @@ impl Writeback {
 
     async fn upload_local(
         &self,
-        index: &Index,
-        cache: &Cache,
+        cx: &Ctx<'_>,
         ino: u64,
         name: &str,
         meta: &Metadata,
@@ -354,11 +409,11 @@ impl Writeback {
                 "inode {ino} has neither a blob nor a local copy"
             )));
         }
-        let expect = self.make_room(index, ino, name).await?;
+        let expect = self.make_room(cx, ino, name).await?;
         Ok(upload_file(
             self.store.as_ref(),
             name,
-            &cache.local_path(ino),
+            &cx.cache.local_path(ino),
             meta,
             &expect,
             &self.opts.upload,
@@ -368,12 +423,20 @@ impl Writeback {
 
     /// What a write to `name` must expect, after moving aside a blob that holds another
     /// live file's only copy.
-    async fn make_room(&self, index: &Index, ino: u64, name: &str) -> WbResult<Expect> {
+    async fn make_room(&self, cx: &Ctx<'_>, ino: u64, name: &str) -> WbResult<Expect> {
+        let index = cx.index;
         let Some(c) = index.claim_on(name)? else {
             return Ok(Expect::Absent);
         };
         if c.ino == ino || c.ino == 0 || !c.live {
             return Ok(Expect::Etag(c.etag));
+        }
+        if !cx.exclusive {
+            // A concurrent sync claimed the name after `apply` checked: try again later.
+            return Err(WritebackError::Invalid(format!(
+                "{name:?} was claimed by inode {} meanwhile; will retry",
+                c.ino
+            )));
         }
         if c.stub || c.kind != Kind::File || c.local {
             // The other inode can rewrite this from the index or its local copy.

@@ -18,7 +18,8 @@ use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// Who asks, as the kernel tells us.
@@ -45,6 +46,9 @@ pub struct SetAttr {
     pub mtime: Option<SetTime>,
     pub ctime: Option<SystemTime>,
 }
+
+/// Inodes the background syncs at once.
+const SYNC_PARALLEL: usize = 16;
 
 /// The longest blob name Azure accepts.
 const MAX_BLOB_NAME: usize = 1024;
@@ -369,20 +373,34 @@ impl SimFs {
         };
         loop {
             let now = SystemTime::now();
-            let due = self.index.due(now, 64)?;
+            let due = self.index.due(now, 256)?;
             if due.is_empty() {
                 break;
             }
-            let mut progress = false;
-            for ino in due {
-                if !writers_too && self.has_writers(ino) {
-                    self.index.defer(ino, now + wb.opts.delay)?;
-                    continue;
+            let due = due.into_iter().filter(|&ino| {
+                let busy = !writers_too && self.has_writers(ino);
+                if busy {
+                    let _ = self.index.defer(ino, now + wb.opts.delay);
                 }
-                // Failures are recorded with a retry time by sync_inode itself.
-                progress |= self.sync(ino).is_ok();
-            }
-            if !progress {
+                !busy
+            });
+            let queue = Mutex::new(due.collect::<Vec<_>>().into_iter());
+            let progress = AtomicBool::new(false);
+            // Several syncs at once: each is mostly a round trip. Failures are recorded with
+            // a retry time by sync_inode itself.
+            std::thread::scope(|scope| {
+                for _ in 0..SYNC_PARALLEL {
+                    scope.spawn(|| loop {
+                        let Some(ino) = queue.lock().unwrap().next() else {
+                            break;
+                        };
+                        if self.sync(ino).is_ok() {
+                            progress.store(true, Ordering::Relaxed);
+                        }
+                    });
+                }
+            });
+            if !progress.load(Ordering::Relaxed) {
                 break;
             }
         }

@@ -647,3 +647,35 @@ fn the_background_leaves_a_file_being_written_to_its_close() {
         1
     );
 }
+
+#[test]
+fn a_rotation_of_many_names_synced_in_parallel_loses_nothing() {
+    let w = rw(MemoryStore::new());
+    let n = 24;
+    for i in 0..n {
+        write_file(&w, "", &format!("f{i}"), format!("content {i}").as_bytes());
+    }
+    let mv = |a: &str, b: &str| {
+        w.fs.rename(
+            ROOT_INO,
+            OsStr::new(a),
+            ROOT_INO,
+            OsStr::new(b),
+            RenameMode::Replace,
+        )
+        .unwrap()
+    };
+    // f0 → tmp, f1 → f0, ..., tmp → f(n-1): every name now holds its neighbour's data.
+    mv("f0", "tmp");
+    for i in 1..n {
+        mv(&format!("f{i}"), &format!("f{}", i - 1));
+    }
+    mv("tmp", &format!("f{}", n - 1));
+    drain(&w);
+    let m = w.store.inner();
+    assert_eq!(m.names().len(), n, "{:?}", m.names());
+    for i in 0..n {
+        let want = format!("content {}", (i + 1) % n);
+        assert_eq!(m.data(&format!("f{i}")).unwrap(), want);
+    }
+}
