@@ -278,10 +278,19 @@ fn finish_uploads(fs: &SimFs) -> Result<(), MountError> {
     if pending == 0 {
         return Ok(());
     }
+    // A bar on a terminal; a log line every few seconds in the background mount's log.
+    tracing::info!("unmounted: uploading {pending} pending changes");
     let bar = indicatif::ProgressBar::new(pending);
     bar.set_message("uploading pending changes");
+    let mut logged = std::time::Instant::now();
     let failed = fs
-        .drain(true, |left| bar.set_position(pending.saturating_sub(left)))
+        .drain(true, |left| {
+            bar.set_position(pending.saturating_sub(left));
+            if logged.elapsed() > Duration::from_secs(3) {
+                tracing::info!("{left} changes left to upload");
+                logged = std::time::Instant::now();
+            }
+        })
         .map_err(|e| MountError::Io(e.to_string()))?;
     bar.finish_and_clear();
     if failed == 0 {

@@ -21,7 +21,7 @@
 //! renames before either was synced) is first copied aside to `.simfs-moving/` under the
 //! prefix and later moved to its own name, so no order of renames can lose data.
 
-use crate::blob::format::{render, Role};
+use crate::blob::format::{blob_name_for, render, Role, KEY_PATH};
 use crate::blob::upload::{upload_file, UploadError, UploadOptions};
 use crate::blob::{BlobError, BlobStore, Expect, Metadata};
 use crate::cache::Cache;
@@ -155,9 +155,23 @@ impl Writeback {
     }
 
     fn blob_name(&self, rel: &[u8]) -> WbResult<String> {
+        Ok(self.blob_name_and_path(rel)?.0)
+    }
+
+    /// The blob name for path `rel`, and its `simfs_path` when the path is too long.
+    fn blob_name_and_path(&self, rel: &[u8]) -> WbResult<(String, Option<String>)> {
         let rel = std::str::from_utf8(rel)
             .map_err(|_| WritebackError::Invalid(format!("{rel:?} is not UTF-8")))?;
-        Ok(format!("{}{rel}", self.prefix))
+        Ok(blob_name_for(&self.prefix, rel))
+    }
+
+    /// `meta`, plus the path a long-path blob stands for.
+    fn with_path(&self, rel: &[u8], meta: &Metadata) -> WbResult<Metadata> {
+        let mut meta = meta.clone();
+        if let (_, Some(path)) = self.blob_name_and_path(rel)? {
+            meta.insert(KEY_PATH.to_string(), path);
+        }
+        Ok(meta)
     }
 
     /// Brings inode `ino` up to date in the container if it is pending. `is_open` says
@@ -288,7 +302,10 @@ impl Writeback {
                         Bytes::new(),
                     ),
                 };
-                let meta = render(role, a.perm, a.uid, a.gid, a.mtime);
+                let meta = self.with_path(
+                    &v.names[0].path,
+                    &render(role, a.perm, a.uid, a.gid, a.mtime),
+                )?;
                 let etag = self.put_small(cx, ino, &name, body, &meta).await?;
                 index.record_sync(ino, v.gen, Some(&(name, etag)), &[], false, false)?;
             }
@@ -332,13 +349,17 @@ impl Writeback {
             Some((b, _)) if paths.contains(b) => b.clone(),
             _ => paths[0].clone(),
         };
-        let meta = render(
-            Role::File(v.link_id.as_deref()),
-            a.perm,
-            a.uid,
-            a.gid,
-            a.mtime,
-        );
+        let anchor_at = paths.iter().position(|p| *p == anchor).unwrap_or(0);
+        let meta = self.with_path(
+            &v.names[anchor_at].path,
+            &render(
+                Role::File(v.link_id.as_deref()),
+                a.perm,
+                a.uid,
+                a.gid,
+                a.mtime,
+            ),
+        )?;
         let result = if v.dirty || v.blob.is_none() {
             self.upload_local(cx, ino, &anchor, &meta, v.local).await
         } else {
@@ -382,12 +403,13 @@ impl Writeback {
         let mut stubs = Vec::new();
         if let Some(id) = v.link_id.as_deref().filter(|_| paths.len() > 1) {
             let stub_meta = render(Role::Stub(id), 0, 0, 0, a.mtime);
-            for p in paths.iter().filter(|p| **p != anchor) {
+            for (p, n) in paths.iter().zip(&v.names).filter(|(p, _)| **p != anchor) {
                 if let Some(s) = v.stubs.iter().find(|s| &s.0 == p) {
                     stubs.push(s.clone());
                     continue;
                 }
                 let expect = self.make_room(cx, ino, p).await?;
+                let stub_meta = self.with_path(&n.path, &stub_meta)?;
                 let e = self.store.put(p, Bytes::new(), &stub_meta, &expect).await?;
                 stubs.push((p.clone(), e));
             }

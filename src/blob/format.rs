@@ -31,6 +31,42 @@ pub const KEY_INODE: &str = "simfs_inode";
 /// `block`, and `simfs_rdev` = the device number of a device.
 pub const KEY_TYPE: &str = "simfs_type";
 pub const KEY_RDEV: &str = "simfs_rdev";
+/// simfs's long paths: Azure limits blob names to 1,024 characters, POSIX paths reach 4,095
+/// bytes. A longer path is stored at `.simfs-long/<sha256 of the path>` under the mount
+/// prefix, with the path, percent-encoded, in `simfs_path`.
+pub const KEY_PATH: &str = "simfs_path";
+pub const LONG_DIR: &str = ".simfs-long/";
+pub const MAX_BLOB_NAME: usize = 1024;
+
+const PATH_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'-');
+
+/// The blob name (relative to the mount prefix) for path `rel`, and the `simfs_path` value
+/// it needs when the path is too long to be a blob name itself.
+pub fn blob_name_for(prefix: &str, rel: &str) -> (String, Option<String>) {
+    if prefix.chars().count() + rel.chars().count() <= MAX_BLOB_NAME {
+        return (format!("{prefix}{rel}"), None);
+    }
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(rel.as_bytes()));
+    let encoded = percent_encoding::utf8_percent_encode(rel, PATH_ESCAPES).to_string();
+    (format!("{prefix}{LONG_DIR}{hash}"), Some(encoded))
+}
+
+/// The path a `.simfs-long/` blob stands for, if its metadata says.
+pub fn long_path(rel: &str, meta: &BTreeMap<String, String>) -> Option<String> {
+    if !rel.starts_with(LONG_DIR) {
+        return None;
+    }
+    let encoded = meta.get(KEY_PATH)?;
+    percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .ok()
+        .map(|p| p.into_owned())
+}
 pub const KEY_HARDLINK: &str = "simfs_hardlink";
 
 /// What a blob's metadata says about the POSIX object it stands for.
@@ -315,6 +351,25 @@ mod tests {
         let stub = parse(&render(Role::Stub("ab12"), 0o644, 0, 0, t));
         assert_eq!(stub.hardlink_of.as_deref(), Some("ab12"));
         assert_eq!(stub.mode, None, "stubs carry no attributes");
+    }
+
+    #[test]
+    fn long_paths_get_a_hashed_name_and_round_trip() {
+        let deep = format!("{}/é x", "d".repeat(1100));
+        let (name, path) = blob_name_for("pre/", &deep);
+        assert!(
+            name.starts_with("pre/.simfs-long/") && name.len() < 100,
+            "{name}"
+        );
+        let meta = BTreeMap::from([(KEY_PATH.to_string(), path.unwrap())]);
+        let rel = name.strip_prefix("pre/").unwrap();
+        assert_eq!(long_path(rel, &meta), Some(deep));
+        assert_eq!(blob_name_for("pre/", "a/b"), ("pre/a/b".to_string(), None));
+        assert_eq!(
+            long_path("a/b", &meta),
+            None,
+            "only names under .simfs-long/"
+        );
     }
 
     #[test]

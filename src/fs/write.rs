@@ -50,9 +50,6 @@ pub struct SetAttr {
 /// Inodes the background syncs at once.
 const SYNC_PARALLEL: usize = 16;
 
-/// The longest blob name Azure accepts.
-const MAX_BLOB_NAME: usize = 1024;
-
 /// Blob names are UTF-8; a name that is not cannot be stored.
 fn new_name(name: &OsStr) -> FsResult<Name> {
     let n = Name::from_os(name)?;
@@ -74,16 +71,6 @@ fn old_name(name: &OsStr) -> FsResult<Name> {
 impl SimFs {
     pub(crate) fn writeback(&self) -> FsResult<&Writeback> {
         self.writeback.as_ref().ok_or(FsError::ReadOnly)
-    }
-
-    /// Azure limits blob names to 1,024 characters: a longer path could never be uploaded.
-    fn check_blob_name(&self, parent: u64, name: &Name) -> FsResult<()> {
-        let dir = self.index.dir_path(parent)?.unwrap_or_default();
-        let len = self.writeback()?.prefix().len() + dir.len() + 1 + name.as_bytes().len();
-        if len > MAX_BLOB_NAME {
-            return Err(FsError::Name(crate::index::names::NameError::TooLong));
-        }
-        Ok(())
     }
 
     /// Sets how write-back tells the kernel about entries it renamed (conflicts).
@@ -112,7 +99,6 @@ impl SimFs {
     ) -> FsResult<Attr> {
         let (now, due) = self.due()?;
         let name = new_name(name)?;
-        self.check_blob_name(parent, &name)?;
         let p = self.attr(parent)?;
         let mut perm = mode & 0o7777;
         let mut gid = who.gid;
@@ -195,7 +181,6 @@ impl SimFs {
     pub fn link(&self, ino: u64, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let (now, due) = self.due()?;
         let name = new_name(name)?;
-        self.check_blob_name(parent, &name)?;
         Ok(self.index.link(ino, parent, &name, now, due)?)
     }
 
@@ -225,7 +210,6 @@ impl SimFs {
     ) -> FsResult<()> {
         let (now, due) = self.due()?;
         let newname = new_name(newname)?;
-        self.check_blob_name(newparent, &newname)?;
         let replaced = self.index.rename(
             parent,
             &old_name(name)?,
@@ -368,6 +352,15 @@ impl SimFs {
     /// uploading it midway would only be uploaded again. Returns when the next item will
     /// be due (None: nothing pending).
     pub fn sync_due(&self, writers_too: bool) -> FsResult<Option<SystemTime>> {
+        self.sync_due_with(writers_too, &mut || {})
+    }
+
+    /// `sync_due`, calling `after_batch` after each batch of (up to 256) inodes.
+    fn sync_due_with(
+        &self,
+        writers_too: bool,
+        after_batch: &mut dyn FnMut(),
+    ) -> FsResult<Option<SystemTime>> {
         let Some(wb) = &self.writeback else {
             return Ok(None);
         };
@@ -400,6 +393,7 @@ impl SimFs {
                     });
                 }
             });
+            after_batch();
             if !progress.load(Ordering::Relaxed) {
                 break;
             }
@@ -417,7 +411,11 @@ impl SimFs {
         self.index.all_due_now()?;
         let mut last_left = u64::MAX;
         loop {
-            self.sync_due(writers_too)?;
+            self.sync_due_with(writers_too, &mut || {
+                if let Ok((left, _)) = self.index.pending() {
+                    progress(left);
+                }
+            })?;
             let left = self.index.pending()?.0;
             progress(left);
             if left == 0 {

@@ -52,7 +52,8 @@ pub async fn build_index(
             let Some(rel) = props.name.strip_prefix(&source.prefix) else {
                 continue;
             };
-            let rel = rel.to_string();
+            let rel = crate::blob::format::long_path(rel, &props.metadata)
+                .unwrap_or_else(|| rel.to_string());
             builder.add(&rel, props);
         }
         if bar.is_none() && opts.progress_after.is_some_and(|d| started.elapsed() > d) {
