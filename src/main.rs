@@ -291,7 +291,12 @@ fn unmount(mountpoint: &std::path::Path) -> ExitCode {
 
 fn check(source: &SourceArgs) -> ExitCode {
     let rt = runtime();
-    let (prepared, target) = match prepare(source, &rt) {
+    // Checking only reads: it must not start uploading an earlier mount's pending changes.
+    let source = SourceArgs {
+        read_only: true,
+        ..source.clone()
+    };
+    let (prepared, target) = match prepare(&source, &rt) {
         Ok(p) => p,
         Err(msg) => {
             eprintln!("simfs: {msg}");
