@@ -183,7 +183,12 @@ pub fn prepare(
         container_url: target.container_url.to_string(),
         prefix: target.prefix.clone(),
     };
-    let prepared = prepare_with_store(Arc::new(store), &source, args, rt)
+    let mut args = args.clone();
+    if !args.read_only && target.credential.sas_cannot_write() {
+        tracing::warn!("the SAS token does not allow writing (no 'w' in sp=): mounting read-only");
+        args.read_only = true;
+    }
+    let prepared = prepare_with_store(Arc::new(store), &source, &args, rt)
         .map_err(|e| explain(&e, Some(&target)))?;
     Ok((prepared, target))
 }

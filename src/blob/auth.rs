@@ -55,6 +55,18 @@ pub enum Credential {
 }
 
 impl Credential {
+    /// For a SAS: whether its permissions (`sp`) leave out writing, so a read-write mount
+    /// could never upload. Other credentials: false (their rights show at the first write).
+    pub fn sas_cannot_write(&self) -> bool {
+        let Credential::Sas(sas) = self else {
+            return false;
+        };
+        let query = sas.expose().trim_start_matches('?');
+        url::form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "sp")
+            .is_some_and(|(_, perms)| !perms.contains('w'))
+    }
+
     pub fn describe(&self) -> &'static str {
         match self {
             Credential::Anonymous => "anonymous",
@@ -276,6 +288,15 @@ pub fn parse_connection_string(s: &str) -> Result<ConnectionString, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_only_sas_is_recognised() {
+        let ro = Credential::Sas(Secret::new("sv=2022-11-02&sp=rl&sig=x"));
+        let rw = Credential::Sas(Secret::new("?sv=2022-11-02&sp=racwdl&sig=x"));
+        assert!(ro.sas_cannot_write());
+        assert!(!rw.sas_cannot_write());
+        assert!(!Credential::Anonymous.sas_cannot_write());
+    }
 
     #[test]
     fn secrets_never_print() {

@@ -61,7 +61,8 @@ pub async fn upload_file(
         let data = read_range(&file, 0, size)?;
         return Ok(store.put(name, data, metadata, expect).await?);
     }
-    let block = opts.block_size.max(1);
+    // A block blob holds at most 50,000 blocks: very large files get larger blocks.
+    let block = opts.block_size.max(size.div_ceil(50_000)).max(1);
     let count = size.div_ceil(block);
     // Equal-length ids, unique per upload so a concurrent or abandoned upload's blocks never
     // mix with ours.
