@@ -1,4 +1,4 @@
-//! Write-back: makes the container match the index, one pending inode at a time.
+//! Write-back: makes the container match the index, pending inode by pending inode.
 //!
 //! The index says what each inode should look like (its names, attributes, local data); the
 //! container is brought there by idempotent steps, so an interrupted sync simply runs again:
@@ -20,6 +20,11 @@
 //! A blob in the way that still holds another live file's only data (two files swapped by
 //! renames before either was synced) is first copied aside to `.simfs-moving/` under the
 //! prefix and later moved to its own name, so no order of renames can lose data.
+//!
+//! Syncs of different inodes run side by side (one lock per inode keeps close, fsync and
+//! the background from syncing the same inode twice at once). Only a sync that must take a
+//! name from another inode runs alone, so that the other inode's sync cannot act on the
+//! name it is losing.
 
 use crate::blob::format::{blob_name_for, render, Role, KEY_PATH};
 use crate::blob::upload::{upload_file, UploadError, UploadOptions};
