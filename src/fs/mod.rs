@@ -75,6 +75,15 @@ pub struct SimFs {
 
 pub const BLOCK_SIZE: u32 = 4096;
 
+/// The name of an entry that should exist: "." and ".." are resolved by the kernel, and
+/// anything else invalid cannot exist, except that an overlong name says so.
+fn existing_name(name: &OsStr) -> FsResult<Name> {
+    Name::from_os(name).map_err(|e| match e.errno() {
+        libc::ENAMETOOLONG => FsError::Name(e),
+        _ => FsError::NotFound,
+    })
+}
+
 impl SimFs {
     /// A read-only filesystem.
     pub fn new(index: Index, cache: Cache) -> SimFs {
@@ -110,11 +119,7 @@ impl SimFs {
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
-        let name = Name::from_os(name).map_err(|e| match e.errno() {
-            // "." and ".." are resolved by the kernel; anything else invalid cannot exist.
-            libc::ENAMETOOLONG => FsError::Name(e),
-            _ => FsError::NotFound,
-        })?;
+        let name = existing_name(name)?;
         match self.index.lookup(parent, &name)? {
             Some(a) => Ok(a),
             None => {

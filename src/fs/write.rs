@@ -9,7 +9,7 @@
 //! here: setgid directories hand their group (and, to subdirectories, their setgid bit) to
 //! new entries.
 
-use super::{FsError, FsResult, Handle, SimFs};
+use super::{existing_name, FsError, FsResult, Handle, SimFs};
 use crate::index::names::Name;
 use crate::index::write::{AttrChanges, NewNode, RenameMode};
 use crate::index::{Attr, Kind};
@@ -59,13 +59,6 @@ fn new_name(name: &OsStr) -> FsResult<Name> {
         ));
     }
     Ok(n)
-}
-
-fn old_name(name: &OsStr) -> FsResult<Name> {
-    Name::from_os(name).map_err(|e| match e.errno() {
-        libc::ENAMETOOLONG => FsError::Name(e),
-        _ => FsError::NotFound,
-    })
 }
 
 impl SimFs {
@@ -172,7 +165,10 @@ impl SimFs {
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &[u8], who: Caller) -> FsResult<Attr> {
-        if target.is_empty() || target.len() as u64 > crate::index::build::MAX_TARGET {
+        if target.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        if target.len() as u64 > crate::index::build::MAX_TARGET {
             return Err(FsError::Name(crate::index::names::NameError::TooLong));
         }
         self.new_inode(parent, name, Kind::Symlink, 0o777, 0, who, Some(target))
@@ -186,7 +182,7 @@ impl SimFs {
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let (now, due) = self.due()?;
-        let a = self.index.unlink(parent, &old_name(name)?, now, due)?;
+        let a = self.index.unlink(parent, &existing_name(name)?, now, due)?;
         if a.nlink == 0 && !self.is_open(a.ino) {
             // Nothing can reach it any more: free it now rather than after the delay.
             self.sync(a.ino)?;
@@ -196,7 +192,7 @@ impl SimFs {
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let (now, due) = self.due()?;
-        self.index.rmdir(parent, &old_name(name)?, now, due)?;
+        self.index.rmdir(parent, &existing_name(name)?, now, due)?;
         Ok(())
     }
 
@@ -212,7 +208,7 @@ impl SimFs {
         let newname = new_name(newname)?;
         let replaced = self.index.rename(
             parent,
-            &old_name(name)?,
+            &existing_name(name)?,
             newparent,
             &newname,
             mode,
@@ -440,10 +436,12 @@ impl SimFs {
     /// between the write and its index update); every pending change is due at once.
     pub fn recover(&self) -> FsResult<u64> {
         for ino in self.index.local_inodes()? {
-            if let (Ok(md), Ok(a)) = (
-                std::fs::metadata(self.cache.local_path(ino)),
-                self.attr(ino),
-            ) {
+            let Ok(a) = self.attr(ino) else { continue };
+            // A crash between creating the inode and its (empty) local file.
+            if !self.cache.local_path(ino).exists() && a.size == 0 {
+                self.cache.make_local(ino, None, true)?;
+            }
+            if let Ok(md) = std::fs::metadata(self.cache.local_path(ino)) {
                 if md.len() != a.size && a.nlink > 0 {
                     let now = SystemTime::now();
                     let size = AttrChanges {
