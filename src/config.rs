@@ -45,6 +45,10 @@ pub struct SourceArgs {
     /// File holding a connection string (else $AZURE_STORAGE_CONNECTION_STRING).
     #[arg(long)]
     pub connection_string_file: Option<PathBuf>,
+    /// TOML file of secrets (mode 0600): sas_token, account_key, connection_string,
+    /// client_secret with tenant_id and client_id. It takes the place of the environment.
+    #[arg(long)]
+    pub credential_file: Option<PathBuf>,
     /// Client id of a user-assigned managed identity or service principal ($AZURE_CLIENT_ID).
     #[arg(long)]
     pub client_id: Option<String>,
@@ -133,8 +137,81 @@ fn read_secret_file(p: &PathBuf, what: &str) -> Result<Secret, ConfigError> {
     }
 }
 
-/// Resolves the source and credential from arguments and the environment (`env`).
+/// Keys of a credential file and the environment variables they stand for.
+const CREDENTIAL_KEYS: &[(&str, &str)] = &[
+    ("sas_token", "AZURE_STORAGE_SAS_TOKEN"),
+    ("account_key", "AZURE_STORAGE_KEY"),
+    ("connection_string", "AZURE_STORAGE_CONNECTION_STRING"),
+    ("client_secret", "AZURE_CLIENT_SECRET"),
+    ("tenant_id", "AZURE_TENANT_ID"),
+    ("client_id", "AZURE_CLIENT_ID"),
+    ("federated_token_file", "AZURE_FEDERATED_TOKEN_FILE"),
+];
+
+/// Reads a credential file: private to its owner, TOML, only known keys, string values.
+pub fn read_credential_file(p: &std::path::Path) -> Result<Vec<(String, String)>, ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = p.display();
+    let md =
+        std::fs::metadata(p).map_err(|e| ConfigError(format!("credential file {shown}: {e}")))?;
+    if !md.is_file() {
+        return err(format!("credential file {shown} is not a regular file"));
+    }
+    if md.mode() & 0o077 != 0 {
+        return err(format!(
+            "credential file {shown} is readable by others (mode {:04o}); run: chmod 600 {shown}",
+            md.mode() & 0o7777
+        ));
+    }
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| ConfigError(format!("credential file {shown}: {e}")))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| ConfigError(format!("credential file {shown} is not valid TOML: {e}")))?;
+    let mut out = Vec::new();
+    for (k, v) in table {
+        let Some((_, var)) = CREDENTIAL_KEYS.iter().find(|(key, _)| *key == k) else {
+            let known: Vec<&str> = CREDENTIAL_KEYS.iter().map(|(k, _)| *k).collect();
+            return err(format!(
+                "credential file {shown}: unknown key {k:?} (known: {})",
+                known.join(", ")
+            ));
+        };
+        let toml::Value::String(v) = v else {
+            return err(format!("credential file {shown}: {k} must be a string"));
+        };
+        out.push((var.to_string(), v));
+    }
+    Ok(out)
+}
+
+/// Resolves the source and credential from arguments, the credential file and the
+/// environment (`env`); a credential file replaces the environment's credentials.
 pub fn resolve(
+    a: &SourceArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Target, ConfigError> {
+    let Some(p) = &a.credential_file else {
+        return resolve_with(a, env);
+    };
+    let from_file = read_credential_file(p)?;
+    let overlay = |k: &str| {
+        if let Some((_, v)) = from_file.iter().find(|(var, _)| var == k) {
+            return Some(v.clone());
+        }
+        // The file is the whole credential: other credential variables do not mix in.
+        let credential_var =
+            CREDENTIAL_KEYS.iter().any(|(_, var)| *var == k) || k == "AZURE_STORAGE_ACCOUNT_KEY";
+        if credential_var {
+            None
+        } else {
+            env(k)
+        }
+    };
+    resolve_with(a, &overlay)
+}
+
+fn resolve_with(
     a: &SourceArgs,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Target, ConfigError> {
@@ -339,6 +416,68 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    fn credential_file(text: &str, mode: u32) -> tempfile::NamedTempFile {
+        use std::os::unix::fs::PermissionsExt;
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        std::fs::set_permissions(f.path(), PermissionsExt::from_mode(mode)).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_credential_file_replaces_the_environment() {
+        let f = credential_file("sas_token = \"sv=2022-11-02&sp=racwdl&sig=abc\"\n", 0o600);
+        let path = f.path().to_str().unwrap();
+        let env = |k: &str| (k == "AZURE_STORAGE_KEY").then(|| "a2V5".to_string());
+        let t = resolve(
+            &args(&[
+                "az://acct/cont",
+                "--cache-dir",
+                "/c",
+                "--credential-file",
+                path,
+            ]),
+            &env,
+        )
+        .unwrap();
+        assert!(
+            matches!(t.credential, Credential::Sas(_)),
+            "{:?}",
+            t.credential
+        );
+    }
+
+    #[test]
+    fn a_credential_file_others_can_read_or_with_unknown_keys_is_refused() {
+        let resolve_file = |text: &str, mode: u32| {
+            let f = credential_file(text, mode);
+            let path = f.path().to_str().unwrap().to_string();
+            resolve(
+                &args(&[
+                    "az://acct/cont",
+                    "--cache-dir",
+                    "/c",
+                    "--credential-file",
+                    &path,
+                ]),
+                &no_env,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let e = resolve_file("account_key = \"a2V5\"\n", 0o644);
+        assert!(e.contains("chmod 600") && e.contains("0644"), "{e}");
+        let e = resolve_file("acount_key = \"a2V5\"\n", 0o600);
+        assert!(e.contains("unknown key \"acount_key\""), "{e}");
+        let e = resolve_file("account_key = 5\n", 0o600);
+        assert!(e.contains("must be a string"), "{e}");
+        let e = resolve_file("account_key = \"\n", 0o600);
+        assert!(e.contains("not valid TOML"), "{e}");
+        // The message never shows the secret.
+        let e = resolve_file("sas_token = \"sp=rl&sig=SECRET\"\nx = 1\n", 0o600);
+        assert!(!e.contains("SECRET"), "{e}");
     }
 
     #[test]

@@ -12,4 +12,5 @@ pub mod fs;
 pub mod fuse;
 pub mod index;
 pub mod mount;
+pub mod options;
 pub mod writeback;

@@ -1,8 +1,11 @@
-//! The `simfs` command: mount, unmount, check.
+//! The `simfs` command: mount, unmount, check; also the mount helper that mount(8) runs
+//! for `mount -t fuse.simfs` and fstab lines (see `simfs::options`).
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use simfs::config::SourceArgs;
 use simfs::mount::{block_unmount_signals, prepare, serve, ServeOptions};
+use simfs::options::{is_helper_call, translate, Flag};
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
@@ -40,6 +43,12 @@ enum Cmd {
         /// FUSE worker threads [default: the number of CPUs, 2 to 8].
         #[arg(long)]
         threads: Option<usize>,
+        /// Mount over a directory that is not empty (its content is hidden while mounted).
+        #[arg(long)]
+        allow_non_empty: bool,
+        /// Do not allow programs on the mount to be executed.
+        #[arg(long)]
+        noexec: bool,
     },
     /// Unmount a simfs mount.
     Unmount { mountpoint: PathBuf },
@@ -71,8 +80,64 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// The long options of `simfs mount`, which are also its `-o` options.
+fn mount_flags() -> Vec<Flag> {
+    let cmd = Cli::command();
+    let mount = cmd.find_subcommand("mount").expect("the mount subcommand");
+    mount
+        .get_arguments()
+        .filter_map(|a| {
+            Some(Flag {
+                name: a.get_long()?.to_string(),
+                takes_value: a.get_action().takes_values(),
+            })
+        })
+        .collect()
+}
+
+/// The command line as `simfs SUBCOMMAND ...`, translating a mount helper call.
+fn command_line() -> Result<(Vec<OsString>, bool), String> {
+    let raw: Vec<OsString> = std::env::args_os().collect();
+    let subcommands = ["mount", "unmount", "check", "help"];
+    if raw.len() < 2 || !is_helper_call(&raw[0], &raw[1..], &subcommands) {
+        return Ok((raw, false));
+    }
+    let call = translate(&raw[1..], &mount_flags())?;
+    let mut argv = vec![OsString::from("simfs")];
+    argv.extend(call.args);
+    Ok((argv, call.fake))
+}
+
+/// A mountpoint must be a directory that nothing is mounted on, and empty unless asked.
+fn check_mountpoint(path: &std::path::Path, allow_non_empty: bool) -> Result<(), String> {
+    let shown = path.display();
+    let entries = std::fs::read_dir(path).map_err(|e| format!("mountpoint {shown}: {e}"))?;
+    let canonical = std::fs::canonicalize(path).map_err(|e| format!("mountpoint {shown}: {e}"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let target = canonical.to_string_lossy().replace(' ', "\\040");
+    if mounts.lines().any(|l| l.split(' ').nth(1) == Some(&target)) {
+        return Err(format!(
+            "{shown} is already a mount point (unmount it first: simfs unmount {shown})"
+        ));
+    }
+    if !allow_non_empty && entries.count() > 0 {
+        return Err(format!(
+            "mountpoint {shown} is not empty; mounting would hide its content (use --allow-non-empty, or -o nonempty)"
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (argv, fake) = match command_line() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("simfs: {e}");
+            // mount(8)'s code for a usage error.
+            return ExitCode::from(1);
+        }
+    };
+    let cli = Cli::parse_from(&argv);
     match cli.cmd {
         Cmd::Mount {
             source,
@@ -81,9 +146,21 @@ fn main() -> ExitCode {
             allow_other,
             attr_timeout,
             threads,
+            allow_non_empty,
+            noexec,
         } => {
-            if !foreground && std::env::var_os(READY_FD).is_none() {
-                return spawn_background(&source, &mountpoint);
+            let background_child = std::env::var_os(READY_FD).is_some();
+            if !background_child {
+                if let Err(e) = check_mountpoint(&mountpoint, allow_non_empty) {
+                    eprintln!("simfs: {e}");
+                    return ExitCode::from(32);
+                }
+            }
+            if fake {
+                return ExitCode::SUCCESS;
+            }
+            if !foreground && !background_child {
+                return spawn_background(&source, &argv[1..]);
             }
             block_unmount_signals();
             init_logging();
@@ -94,6 +171,7 @@ fn main() -> ExitCode {
                 threads: threads.unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
                 }),
+                noexec,
             };
             mount_foreground(&source, &mountpoint, &opts)
         }
@@ -160,7 +238,7 @@ fn mount_foreground(
 }
 
 /// Starts `simfs mount` again as a detached child and waits until it serves or fails.
-fn spawn_background(source: &SourceArgs, mountpoint: &std::path::Path) -> ExitCode {
+fn spawn_background(source: &SourceArgs, args: &[OsString]) -> ExitCode {
     let (mut reader, writer) = match std::io::pipe() {
         Ok(p) => p,
         Err(e) => {
@@ -187,7 +265,7 @@ fn spawn_background(source: &SourceArgs, mountpoint: &std::path::Path) -> ExitCo
     let wfd = writer.as_raw_fd();
     let exe = std::env::current_exe().unwrap_or_else(|_| "simfs".into());
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(std::env::args_os().skip(1))
+    cmd.args(args)
         .env(READY_FD, wfd.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().expect("dup log"))
@@ -213,15 +291,15 @@ fn spawn_background(source: &SourceArgs, mountpoint: &std::path::Path) -> ExitCo
         "ok" => ExitCode::SUCCESS,
         "" => {
             eprintln!(
-                "simfs: the mount process exited without mounting {}; see {}",
-                mountpoint.display(),
+                "simfs: the mount process exited without mounting; see {}",
                 log_path.display()
             );
-            ExitCode::FAILURE
+            ExitCode::from(32)
         }
         msg => {
             eprintln!("simfs: {msg}");
-            ExitCode::FAILURE
+            // mount(8)'s code for a mount failure.
+            ExitCode::from(32)
         }
     }
 }

@@ -199,6 +199,7 @@ pub struct ServeOptions {
     pub allow_other: bool,
     pub ttl: Duration,
     pub threads: usize,
+    pub noexec: bool,
 }
 
 /// Mounts `fs` at `mountpoint` and serves it until it is unmounted. `ready` is called once
@@ -219,6 +220,9 @@ pub fn serve(
     ];
     if fs.is_read_only() {
         config.mount_options.push(MountOption::RO);
+    }
+    if opts.noexec {
+        config.mount_options.push(MountOption::NoExec);
     }
     if opts.allow_other {
         config.acl = SessionACL::All;
