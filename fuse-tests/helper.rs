@@ -73,6 +73,13 @@ fn the_mount_helper_takes_fstab_options_and_a_credential_file() {
     let guard = Mounted(mnt.path().to_path_buf());
     assert!(is_mounted(mnt.path()), "the helper returns once mounted");
     std::fs::write(mnt.path().join("from-fstab.txt"), "hello").unwrap();
+    let status = Command::new(SIMFS).arg("status").output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.contains(m) && status.contains("helper"), "{status}");
+    assert!(status.contains("pending uploads"), "{status}");
+    let version = Command::new(SIMFS).arg("--version").output().unwrap();
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    assert_eq!(version.trim(), format!("simfs {}", env!("CARGO_PKG_VERSION")));
 
     // Mounting again on the same place is refused with the reason.
     let again = run(&helper, &["helper", m, "-o", &opts], None);

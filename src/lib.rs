@@ -13,4 +13,5 @@ pub mod fuse;
 pub mod index;
 pub mod mount;
 pub mod options;
+pub mod status;
 pub mod writeback;

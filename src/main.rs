@@ -52,6 +52,8 @@ enum Cmd {
     },
     /// Unmount a simfs mount.
     Unmount { mountpoint: PathBuf },
+    /// List the simfs mounts of this machine: index size, cache use, pending uploads.
+    Status,
     /// Index a container and list what the mount hides, and why.
     Check {
         #[command(flatten)]
@@ -98,7 +100,7 @@ fn mount_flags() -> Vec<Flag> {
 /// The command line as `simfs SUBCOMMAND ...`, translating a mount helper call.
 fn command_line() -> Result<(Vec<OsString>, bool), String> {
     let raw: Vec<OsString> = std::env::args_os().collect();
-    let subcommands = ["mount", "unmount", "check", "help"];
+    let subcommands = ["mount", "unmount", "status", "check", "help"];
     if raw.len() < 2 || !is_helper_call(&raw[0], &raw[1..], &subcommands) {
         return Ok((raw, false));
     }
@@ -176,6 +178,7 @@ fn main() -> ExitCode {
             mount_foreground(&source, &mountpoint, &opts)
         }
         Cmd::Unmount { mountpoint } => unmount(&mountpoint),
+        Cmd::Status => status(),
         Cmd::Check { source } => {
             init_logging();
             check(&source)
@@ -223,7 +226,17 @@ fn mount_foreground(
             return ExitCode::FAILURE;
         }
     };
+    let registration = simfs::status::register(
+        &simfs::status::runtime_dir(),
+        mountpoint,
+        &source.source,
+        &prepared.state_dir,
+    );
+    if let Err(e) = &registration {
+        tracing::warn!("cannot register the mount for `simfs status`: {e}");
+    }
     let result = serve(prepared.fs.clone(), mountpoint, opts, report_ready);
+    drop(registration);
     drop(prepared);
     match result {
         Ok(()) => {
@@ -302,6 +315,31 @@ fn spawn_background(source: &SourceArgs, args: &[OsString]) -> ExitCode {
             ExitCode::from(32)
         }
     }
+}
+
+fn status() -> ExitCode {
+    let mounts = simfs::status::list(&simfs::status::runtime_dir());
+    if mounts.is_empty() {
+        println!("no simfs mounts");
+        return ExitCode::SUCCESS;
+    }
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    for m in mounts {
+        let pending = match m.pending {
+            Some((0, _)) => "none".to_string(),
+            Some((n, 0)) => format!("{n} changes"),
+            Some((n, failing)) => format!("{n} changes, {failing} failing (see the log)"),
+            None => "unknown".to_string(),
+        };
+        println!("{}", m.mountpoint.display());
+        println!("  source          {}", m.source);
+        println!("  process         {}", m.pid);
+        println!("  state           {}", m.state_dir.display());
+        println!("  index           {}", mib(m.index_bytes));
+        println!("  cache           {}", mib(m.cache_bytes));
+        println!("  pending uploads {pending}");
+    }
+    ExitCode::SUCCESS
 }
 
 /// The simfs daemons serving `mountpoint` (found by their command line).

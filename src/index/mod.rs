@@ -326,6 +326,17 @@ impl Index {
         }
     }
 
+    /// Opens an index file for reading, whatever source it describes (status reports).
+    pub fn open_read_only(path: &Path) -> IndexResult<Index> {
+        let index = Index {
+            path: path.to_path_buf(),
+            pool: crossbeam::queue::ArrayQueue::new(2),
+            writer: std::sync::Mutex::new(None),
+        };
+        index.with_conn(|_| Ok(()))?;
+        Ok(index)
+    }
+
     fn connect(&self) -> IndexResult<Connection> {
         let c = Connection::open_with_flags(
             &self.path,

@@ -1,0 +1,150 @@
+//! `simfs status`: which simfs mounts run on this machine and how they are doing.
+//!
+//! Each serving simfs process registers itself with a small file in a runtime directory
+//! (`/run/simfs` for root, `$XDG_RUNTIME_DIR/simfs` otherwise), named by its pid and removed
+//! when it exits; a file whose process is gone (a crash) is ignored and cleaned up. The
+//! figures come from the mount's own state directory: the index's size, the cache's size
+//! and the number of changes waiting to be uploaded (read from the index, which SQLite lets
+//! another process read while the mount writes).
+
+use crate::index::Index;
+use std::path::{Path, PathBuf};
+
+/// Where serving mounts register.
+pub fn runtime_dir() -> PathBuf {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/run/simfs");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("simfs"),
+        None => std::env::temp_dir().join(format!("simfs-{}", unsafe { libc::geteuid() })),
+    }
+}
+
+/// A registered mount; the file goes when this is dropped.
+pub struct Registration(PathBuf);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Registers this process as serving `source` at `mountpoint` from `state_dir`.
+pub fn register(
+    dir: &Path,
+    mountpoint: &Path,
+    source: &str,
+    state_dir: &Path,
+) -> std::io::Result<Registration> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(std::process::id().to_string());
+    let text = format!(
+        "mountpoint={}\nsource={source}\nstate_dir={}\n",
+        mountpoint.display(),
+        state_dir.display()
+    );
+    std::fs::write(&path, text)?;
+    Ok(Registration(path))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountInfo {
+    pub pid: u32,
+    pub mountpoint: PathBuf,
+    pub source: String,
+    pub state_dir: PathBuf,
+    pub index_bytes: u64,
+    pub cache_bytes: u64,
+    /// Changes not yet uploaded, and how many of those keep failing (None: unreadable).
+    pub pending: Option<(u64, usize)>,
+}
+
+fn tree_size(p: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(p) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => tree_size(&e.path()),
+            // Allocated size: sparse local copies take less than their length.
+            _ => e
+                .metadata()
+                .map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512),
+        })
+        .sum()
+}
+
+/// The mounts registered in `dir` whose process still runs.
+pub fn list(dir: &Path) -> Vec<MountInfo> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.filter_map(|e| e.ok()) {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+                .unwrap_or_default()
+                .to_string()
+        };
+        let state_dir = PathBuf::from(field("state_dir"));
+        let db = state_dir.join("index.db");
+        let index_bytes = ["index.db", "index.db-wal"]
+            .iter()
+            .map(|f| std::fs::metadata(state_dir.join(f)).map_or(0, |m| m.len()))
+            .sum();
+        let pending = Index::open_read_only(&db)
+            .ok()
+            .and_then(|i| Some((i.pending().ok()?.0, i.failing().ok()?.len())));
+        out.push(MountInfo {
+            pid,
+            mountpoint: PathBuf::from(field("mountpoint")),
+            source: field("source"),
+            cache_bytes: tree_size(&state_dir.join("cache")),
+            state_dir,
+            index_bytes,
+            pending,
+        });
+    }
+    out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registered_mount_is_listed_until_it_goes() {
+        let run = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(state.path().join("cache/data")).unwrap();
+        std::fs::write(state.path().join("cache/data/x"), vec![1u8; 8192]).unwrap();
+        let reg = register(run.path(), Path::new("/mnt/data"), "az://a/c", state.path()).unwrap();
+        // A registration left by a process that is gone is ignored and removed.
+        std::fs::write(run.path().join("999999999"), "mountpoint=/gone\n").unwrap();
+        let l = list(run.path());
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].pid, std::process::id());
+        assert_eq!(l[0].mountpoint, Path::new("/mnt/data"));
+        assert_eq!(l[0].source, "az://a/c");
+        assert!(l[0].cache_bytes >= 8192);
+        assert_eq!(l[0].pending, None, "no index there");
+        assert!(!run.path().join("999999999").exists());
+        drop(reg);
+        assert!(list(run.path()).is_empty());
+    }
+}
