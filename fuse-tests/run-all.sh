@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, then runs the unit tests, the real-mount
-# fuse-tests against Azurite, and checks formatting and lints.
+# fuse-tests against Azurite (pjdfstest and fsx among them), the Debian package's install and
+# mount test, and checks formatting and lints.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash fuse-tests/setup.sh
@@ -8,6 +9,12 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets
+# The Debian package, installed and mounted three ways (needs root: CI runs as root).
+if [ "$(id -u)" = 0 ]; then
+  bash packaging/test-deb.sh
+else
+  echo "run-all: not root, skipping packaging/test-deb.sh" >&2
+fi
 # Nothing may be left mounted (the tests mount under the temporary directory).
 if grep -E ' /tmp/\S+ fuse(\.simfs)? ' /proc/mounts; then
   echo "a simfs mount was left behind (above)" >&2
