@@ -79,7 +79,10 @@ fn the_mount_helper_takes_fstab_options_and_a_credential_file() {
     assert!(status.contains("pending uploads"), "{status}");
     let version = Command::new(SIMFS).arg("--version").output().unwrap();
     let version = String::from_utf8_lossy(&version.stdout).into_owned();
-    assert_eq!(version.trim(), format!("simfs {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        version.trim(),
+        format!("simfs {}", env!("CARGO_PKG_VERSION"))
+    );
 
     // Mounting again on the same place is refused with the reason.
     let again = run(&helper, &["helper", m, "-o", &opts], None);

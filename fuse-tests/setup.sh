@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the demo and the tests need on a fresh Debian machine: FUSE 3, Node.js/npm,
-# the pinned Azurite, Python's venv module (the demo stores a real venv) and a Rust toolchain
-# check. Safe to run again: it only installs what is missing.
+# the pinned Azurite, Python's venv module (the demo stores a real venv), OpenSSL headers,
+# pjdfstest and fsx, and a Rust toolchain check. Safe to run again: it only installs what is missing.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -10,6 +10,8 @@ command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+# OpenSSL: azure_identity's certificate credential (service principals with a certificate).
+{ command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl; } || need_apt+=(pkg-config libssl-dev)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 if ((${#need_apt[@]})); then

@@ -6,7 +6,7 @@
 //! only from files and environment variables (the variables' names are what the Azure CLI
 //! and SDKs use). Environment access goes through a closure so tests can supply their own.
 
-use crate::blob::auth::{parse_connection_string, Credential, Secret};
+use crate::blob::auth::{parse_connection_string, Credential, Secret, SecretBytes};
 use crate::index::build::Defaults;
 use std::path::PathBuf;
 use url::Url;
@@ -146,6 +146,11 @@ const CREDENTIAL_KEYS: &[(&str, &str)] = &[
     ("tenant_id", "AZURE_TENANT_ID"),
     ("client_id", "AZURE_CLIENT_ID"),
     ("federated_token_file", "AZURE_FEDERATED_TOKEN_FILE"),
+    ("client_certificate_path", "AZURE_CLIENT_CERTIFICATE_PATH"),
+    (
+        "client_certificate_password",
+        "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+    ),
 ];
 
 /// Reads a credential file: private to its owner, TOML, only known keys, string values.
@@ -362,14 +367,32 @@ fn resolve_credential(
         AuthMode::WorkloadIdentity => Credential::WorkloadIdentity,
         AuthMode::AzureCli => Credential::AzureCli,
         AuthMode::Anonymous => Credential::Anonymous,
-        AuthMode::ServicePrincipal => Credential::ClientSecret {
-            tenant_id: env("AZURE_TENANT_ID")
-                .ok_or_else(|| ConfigError("--auth service-principal needs $AZURE_TENANT_ID".into()))?,
-            client_id: client_id
-                .ok_or_else(|| ConfigError("--auth service-principal needs --client-id or $AZURE_CLIENT_ID".into()))?,
-            secret: envs("AZURE_CLIENT_SECRET")
-                .ok_or_else(|| ConfigError("--auth service-principal needs $AZURE_CLIENT_SECRET".into()))?,
-        },
+        AuthMode::ServicePrincipal => {
+            let tenant_id = env("AZURE_TENANT_ID").ok_or_else(|| {
+                ConfigError("--auth service-principal needs a tenant_id ($AZURE_TENANT_ID)".into())
+            })?;
+            let client_id = client_id.ok_or_else(|| {
+                ConfigError("--auth service-principal needs a client_id (--client-id, $AZURE_CLIENT_ID)".into())
+            })?;
+            match (envs("AZURE_CLIENT_SECRET"), env("AZURE_CLIENT_CERTIFICATE_PATH")) {
+                (Some(secret), _) => Credential::ClientSecret {
+                    tenant_id,
+                    client_id,
+                    secret,
+                },
+                (None, Some(path)) => Credential::ClientCertificate {
+                    tenant_id,
+                    client_id,
+                    certificate: SecretBytes(std::fs::read(&path).map_err(|e| {
+                        ConfigError(format!("client certificate {path}: {e}"))
+                    })?),
+                    password: envs("AZURE_CLIENT_CERTIFICATE_PASSWORD"),
+                },
+                (None, None) => {
+                    return err("--auth service-principal needs a client_secret or a client_certificate_path ($AZURE_CLIENT_SECRET, $AZURE_CLIENT_CERTIFICATE_PATH)")
+                }
+            }
+        }
         AuthMode::Auto => {
             if let Some(s) = sas()? {
                 Credential::Sas(s)
@@ -446,6 +469,72 @@ mod tests {
             matches!(t.credential, Credential::Sas(_)),
             "{:?}",
             t.credential
+        );
+    }
+
+    /// A self-signed certificate and key as PKCS#12, protected by `password`.
+    fn pkcs12(password: &str) -> Vec<u8> {
+        use openssl::{asn1::Asn1Time, hash::MessageDigest, pkey::PKey, rsa::Rsa, x509};
+        let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+        let mut name = x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "simfs-test").unwrap();
+        let name = name.build();
+        let mut cert = x509::X509Builder::new().unwrap();
+        cert.set_subject_name(&name).unwrap();
+        cert.set_issuer_name(&name).unwrap();
+        cert.set_pubkey(&key).unwrap();
+        cert.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        cert.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        cert.sign(&key, MessageDigest::sha256()).unwrap();
+        let cert = cert.build();
+        openssl::pkcs12::Pkcs12::builder()
+            .name("simfs")
+            .pkey(&key)
+            .cert(&cert)
+            .build2(password)
+            .unwrap()
+            .to_der()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_service_principal_certificate_from_the_credential_file_builds() {
+        let p12 = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(p12.path(), pkcs12("pw")).unwrap();
+        let text = format!(
+            "tenant_id = \"11111111-2222-3333-4444-555555555555\"\nclient_id = \"app\"\n\
+             client_certificate_path = {:?}\nclient_certificate_password = \"pw\"\n",
+            p12.path()
+        );
+        let f = credential_file(&text, 0o600);
+        let path = f.path().to_str().unwrap();
+        let argv = [
+            "az://acct/cont",
+            "--cache-dir",
+            "/c",
+            "--auth",
+            "service-principal",
+            "--credential-file",
+            path,
+        ];
+        let t = resolve(&args(&argv), &no_env).unwrap();
+        assert_eq!(t.credential.describe(), "service principal (certificate)");
+        assert!(t.credential.token_credential().unwrap().is_some());
+        // A wrong password fails when the credential is built, before any request.
+        let text = text.replace("\"pw\"", "\"wrong\"");
+        let f = credential_file(&text, 0o600);
+        let argv = [
+            &argv[..5],
+            &["--credential-file", f.path().to_str().unwrap()],
+        ]
+        .concat();
+        let t = resolve(&args(&argv), &no_env).unwrap();
+        assert!(t.credential.token_credential().is_err());
+        assert!(
+            !format!("{:?}", t.credential).contains("pw"),
+            "secrets stay redacted"
         );
     }
 

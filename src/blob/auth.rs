@@ -52,6 +52,24 @@ pub enum Credential {
         client_id: String,
         secret: Secret,
     },
+    /// A service principal authenticating with a PKCS#12 certificate (with its key).
+    ClientCertificate {
+        tenant_id: String,
+        client_id: String,
+        /// The PKCS#12 file's bytes.
+        certificate: SecretBytes,
+        password: Option<Secret>,
+    },
+}
+
+/// Secret bytes (a certificate with its private key), never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<redacted {} bytes>", self.0.len())
+    }
 }
 
 impl Credential {
@@ -76,6 +94,7 @@ impl Credential {
             Credential::WorkloadIdentity => "workload identity",
             Credential::AzureCli => "Azure CLI",
             Credential::ClientSecret { .. } => "service principal (client secret)",
+            Credential::ClientCertificate { .. } => "service principal (certificate)",
         }
     }
 
@@ -101,6 +120,20 @@ impl Credential {
                 client_id.clone(),
                 secret.expose().to_string().into(),
                 None,
+            )?,
+            Credential::ClientCertificate {
+                tenant_id,
+                client_id,
+                certificate,
+                password,
+            } => ClientCertificateCredential::new(
+                tenant_id.clone(),
+                client_id.clone(),
+                azure_core::credentials::SecretBytes::new(certificate.0.clone()),
+                Some(ClientCertificateCredentialOptions {
+                    password: password.as_ref().map(|p| p.expose().to_string().into()),
+                    ..Default::default()
+                }),
             )?,
             _ => return Ok(None),
         }))
