@@ -5,6 +5,7 @@
 //! container; `index` holds the namespace; `cache` holds file data; `fs` gives them POSIX
 //! meaning; `fuse` hands `fs` to the kernel; `mount` wires them together.
 
+pub mod bench;
 pub mod blob;
 pub mod cache;
 pub mod config;

@@ -54,6 +54,23 @@ enum Cmd {
     Unmount { mountpoint: PathBuf },
     /// List the simfs mounts of this machine: index size, cache use, pending uploads.
     Status,
+    /// Run one fixed workload on each directory (a simfs mount, a native copy, an rclone or
+    /// Blobfuse2 mount, ...) and compare: stat latency, ls -lR, small and large reads.
+    /// Paths are discovered on the first directory: put the native copy first.
+    Bench {
+        /// Directories to compare, each holding the same tree.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Write bench.json and stat-latency.svg here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also create, write and fsync files (in a scratch directory that is removed).
+        #[arg(long)]
+        write: bool,
+        /// How many small files to open and read.
+        #[arg(long, default_value_t = 500)]
+        small_files: usize,
+    },
     /// Index a container and list what the mount hides, and why.
     Check {
         #[command(flatten)]
@@ -100,7 +117,7 @@ fn mount_flags() -> Vec<Flag> {
 /// The command line as `simfs SUBCOMMAND ...`, translating a mount helper call.
 fn command_line() -> Result<(Vec<OsString>, bool), String> {
     let raw: Vec<OsString> = std::env::args_os().collect();
-    let subcommands = ["mount", "unmount", "status", "check", "help"];
+    let subcommands = ["mount", "unmount", "status", "check", "bench", "help"];
     if raw.len() < 2 || !is_helper_call(&raw[0], &raw[1..], &subcommands) {
         return Ok((raw, false));
     }
@@ -179,6 +196,12 @@ fn main() -> ExitCode {
         }
         Cmd::Unmount { mountpoint } => unmount(&mountpoint),
         Cmd::Status => status(),
+        Cmd::Bench {
+            paths,
+            out,
+            write,
+            small_files,
+        } => bench(&paths, out.as_deref(), write, small_files),
         Cmd::Check { source } => {
             init_logging();
             check(&source)
@@ -315,6 +338,50 @@ fn spawn_background(source: &SourceArgs, args: &[OsString]) -> ExitCode {
             ExitCode::from(32)
         }
     }
+}
+
+fn bench(paths: &[PathBuf], out: Option<&std::path::Path>, write: bool, small: usize) -> ExitCode {
+    use simfs::bench;
+    let opts = bench::BenchOptions {
+        write,
+        small_files: small,
+        ..Default::default()
+    };
+    let plan = match bench::plan(&paths[0], &opts) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("simfs: cannot walk {}: {e}", paths[0].display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let results: Vec<_> = paths
+        .iter()
+        .map(|p| {
+            eprintln!("bench: {} ({} paths)", p.display(), plan.entries.len());
+            bench::run(p, &plan, &opts)
+        })
+        .collect();
+    print!("{}", bench::table(&results));
+    if let Some(dir) = out {
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|_| {
+                let json = serde_json::to_string_pretty(&bench::to_json(&results))
+                    .map_err(std::io::Error::other)?;
+                std::fs::write(dir.join("bench.json"), json)
+            })
+            .and_then(|_| std::fs::write(dir.join("stat-latency.svg"), bench::cdf_svg(&results)));
+        match written {
+            Ok(()) => eprintln!(
+                "bench: wrote {}/bench.json and stat-latency.svg",
+                dir.display()
+            ),
+            Err(e) => {
+                eprintln!("simfs: writing {}: {e}", dir.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn status() -> ExitCode {

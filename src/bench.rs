@@ -1,0 +1,520 @@
+//! `simfs bench`: one fixed workload run against several directories, side by side.
+//!
+//! Every latency is the clock around one syscall (or open+read+close), taken here, never a
+//! filesystem's own counters. The workload only reads unless `write` is set; what it writes
+//! goes under a scratch directory it removes.
+//!
+//! The paths are discovered once, on the first target, and replayed (relative) on every
+//! target: put the native copy first, so discovering them does not warm a mount's caches
+//! before its "first pass" stat. A path missing on another target counts as an error there.
+
+use serde_json::json;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Small files opened and read (the first this many under `small_max` bytes).
+    pub small_files: usize,
+    pub small_max: u64,
+    /// Files created, written and fsynced with `write`.
+    pub write_files: usize,
+    pub write_size: usize,
+    pub write: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            small_files: 500,
+            small_max: 64 << 10,
+            write_files: 20,
+            write_size: 1 << 20,
+            write: false,
+        }
+    }
+}
+
+/// Latencies of one kind of operation.
+#[derive(Clone, Debug, Default)]
+pub struct Latencies {
+    pub nanos: Vec<u64>,
+    pub errors: usize,
+}
+
+impl Latencies {
+    fn time<T>(&mut self, f: impl FnOnce() -> std::io::Result<T>) -> Option<T> {
+        let t = Instant::now();
+        let r = f();
+        let ns = t.elapsed().as_nanos() as u64;
+        match r {
+            Ok(v) => {
+                self.nanos.push(ns);
+                Some(v)
+            }
+            Err(_) => {
+                self.errors += 1;
+                None
+            }
+        }
+    }
+
+    /// The `q` quantile (0..=1) in microseconds.
+    pub fn quantile_us(&self, q: f64) -> f64 {
+        if self.nanos.is_empty() {
+            return f64::NAN;
+        }
+        let mut v = self.nanos.clone();
+        v.sort_unstable();
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        v[i] as f64 / 1000.0
+    }
+
+    pub fn total(&self) -> Duration {
+        Duration::from_nanos(self.nanos.iter().sum())
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        json!({
+            "count": self.nanos.len(),
+            "errors": self.errors,
+            "p50_us": self.quantile_us(0.5),
+            "p99_us": self.quantile_us(0.99),
+            "max_us": self.quantile_us(1.0),
+            "total_s": self.total().as_secs_f64(),
+        })
+    }
+}
+
+/// Results for one target.
+#[derive(Clone, Debug, Default)]
+pub struct TargetResult {
+    pub path: PathBuf,
+    pub stat_first: Latencies,
+    pub stat_warm: Latencies,
+    /// readdir + lstat of the whole tree (`ls -lR`).
+    pub tree_walk: Duration,
+    pub tree_entries: usize,
+    pub small_reads: Latencies,
+    /// Time to first byte and whole-file throughput of the largest file, cold then warm.
+    pub large: Option<LargeRead>,
+    pub writes: Option<Latencies>,
+    pub wall: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct LargeRead {
+    pub file: PathBuf,
+    pub bytes: u64,
+    pub cold_first_byte: Duration,
+    pub cold_read: Duration,
+    pub warm_first_byte: Duration,
+    pub warm_read: Duration,
+}
+
+impl LargeRead {
+    pub fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+        bytes as f64 / (1 << 20) as f64 / d.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The paths of the workload, relative to the target root: every entry, the small files and
+/// the largest file.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub entries: Vec<PathBuf>,
+    pub small: Vec<PathBuf>,
+    pub large: Option<(PathBuf, u64)>,
+}
+
+/// Walks `root` (without following symlinks) to make the plan.
+pub fn plan(root: &Path, opts: &BenchOptions) -> std::io::Result<Plan> {
+    let mut plan = Plan::default();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let mut names: Vec<_> = std::fs::read_dir(root.join(&rel))?
+            .filter_map(|e| e.ok())
+            .collect();
+        names.sort_by_key(|e| e.file_name());
+        for e in names {
+            let child = rel.join(e.file_name());
+            let md = e.metadata()?;
+            if md.is_dir() {
+                stack.push(child.clone());
+            } else if md.is_file() {
+                if md.len() <= opts.small_max && plan.small.len() < opts.small_files {
+                    plan.small.push(child.clone());
+                }
+                if plan.large.as_ref().is_none_or(|(_, s)| md.len() > *s) {
+                    plan.large = Some((child.clone(), md.len()));
+                }
+            }
+            plan.entries.push(child);
+        }
+    }
+    Ok(plan)
+}
+
+fn read_all(p: &Path, buf: &mut [u8]) -> std::io::Result<u64> {
+    let mut f = File::open(p)?;
+    let mut n = 0u64;
+    loop {
+        let r = f.read(buf)?;
+        if r == 0 {
+            return Ok(n);
+        }
+        n += r as u64;
+    }
+}
+
+fn walk(root: &Path) -> usize {
+    let mut count = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let p = e.path();
+            if let Ok(md) = std::fs::symlink_metadata(&p) {
+                count += 1;
+                if md.is_dir() {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    count
+}
+
+/// Runs the workload on `root`.
+pub fn run(root: &Path, plan: &Plan, opts: &BenchOptions) -> TargetResult {
+    let started = Instant::now();
+    let mut r = TargetResult {
+        path: root.to_path_buf(),
+        ..Default::default()
+    };
+    for p in &plan.entries {
+        r.stat_first
+            .time(|| std::fs::symlink_metadata(root.join(p)));
+    }
+    for p in &plan.entries {
+        r.stat_warm.time(|| std::fs::symlink_metadata(root.join(p)));
+    }
+    let t = Instant::now();
+    r.tree_entries = walk(root);
+    r.tree_walk = t.elapsed();
+    let mut buf = vec![0u8; 1 << 20];
+    for p in &plan.small {
+        r.small_reads.time(|| read_all(&root.join(p), &mut buf));
+    }
+    if let Some((rel, bytes)) = &plan.large {
+        let path = root.join(rel);
+        let timed = |buf: &mut [u8]| -> std::io::Result<(Duration, Duration)> {
+            let t = Instant::now();
+            let mut f = File::open(&path)?;
+            let mut first = [0u8; 1];
+            f.read_exact(&mut first)?;
+            let ttfb = t.elapsed();
+            loop {
+                if f.read(buf)? == 0 {
+                    break;
+                }
+            }
+            Ok((ttfb, t.elapsed()))
+        };
+        if let (Ok(cold), Ok(warm)) = (timed(&mut buf), timed(&mut buf)) {
+            r.large = Some(LargeRead {
+                file: rel.clone(),
+                bytes: *bytes,
+                cold_first_byte: cold.0,
+                cold_read: cold.1,
+                warm_first_byte: warm.0,
+                warm_read: warm.1,
+            });
+        }
+    }
+    if opts.write {
+        r.writes = Some(write_pass(root, opts));
+    }
+    r.wall = started.elapsed();
+    r
+}
+
+/// create + write + fsync + close of files in a scratch directory, removed afterwards.
+fn write_pass(root: &Path, opts: &BenchOptions) -> Latencies {
+    let scratch = root.join(format!(".simfs-bench-{}", std::process::id()));
+    let mut lat = Latencies::default();
+    if std::fs::create_dir(&scratch).is_err() {
+        lat.errors = opts.write_files;
+        return lat;
+    }
+    let data: Vec<u8> = (0..opts.write_size).map(|i| (i % 251) as u8).collect();
+    for i in 0..opts.write_files {
+        let p = scratch.join(format!("f{i}"));
+        lat.time(|| {
+            let mut f = File::create(&p)?;
+            f.write_all(&data)?;
+            f.sync_all()
+        });
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    lat
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The side-by-side table for the terminal.
+pub fn table(results: &[TargetResult]) -> String {
+    let mut rows: Vec<(String, Vec<String>)> = Vec::new();
+    let mut row = |name: &str, f: &dyn Fn(&TargetResult) -> String| {
+        rows.push((name.to_string(), results.iter().map(f).collect()));
+    };
+    let lat = |l: &Latencies| {
+        format!(
+            "{:.1} / {:.1} / {:.0} µs",
+            l.quantile_us(0.5),
+            l.quantile_us(0.99),
+            l.quantile_us(1.0)
+        )
+    };
+    row("paths", &|r| r.stat_first.nanos.len().to_string());
+    row("stat, first pass p50/p99/max", &|r| lat(&r.stat_first));
+    row("stat, first pass total", &|r| ms(r.stat_first.total()));
+    row("stat, warm p50/p99/max", &|r| lat(&r.stat_warm));
+    row("ls -lR (readdir + lstat)", &|r| ms(r.tree_walk));
+    row(
+        "small files open+read p50/p99/max",
+        &|r| lat(&r.small_reads),
+    );
+    row("small files total", &|r| ms(r.small_reads.total()));
+    row("large file", &|r| match &r.large {
+        Some(l) => format!("{} MiB", l.bytes >> 20),
+        None => "-".into(),
+    });
+    row("large: first byte cold / warm", &|r| match &r.large {
+        Some(l) => format!("{} / {}", ms(l.cold_first_byte), ms(l.warm_first_byte)),
+        None => "-".into(),
+    });
+    row("large: MiB/s cold / warm", &|r| match &r.large {
+        Some(l) => format!(
+            "{:.0} / {:.0}",
+            LargeRead::mib_per_s(l.bytes, l.cold_read),
+            LargeRead::mib_per_s(l.bytes, l.warm_read)
+        ),
+        None => "-".into(),
+    });
+    if results.iter().any(|r| r.writes.is_some()) {
+        row("create+write+fsync p50/p99/max", &|r| match &r.writes {
+            Some(w) => lat(w),
+            None => "-".into(),
+        });
+    }
+    row("errors", &|r| {
+        (r.stat_first.errors
+            + r.stat_warm.errors
+            + r.small_reads.errors
+            + r.writes.as_ref().map_or(0, |w| w.errors))
+        .to_string()
+    });
+    row("workload wall time", &|r| ms(r.wall));
+    let name_w = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
+    let col_w: Vec<usize> = (0..results.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.1[i].chars().count())
+                .chain([results[i].path.to_string_lossy().chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = format!("{:name_w$}", "");
+    for (i, r) in results.iter().enumerate() {
+        out.push_str(&format!("  {:>w$}", r.path.display(), w = col_w[i]));
+    }
+    out.push('\n');
+    for (name, cells) in rows {
+        out.push_str(&format!("{name:name_w$}"));
+        for (i, c) in cells.iter().enumerate() {
+            out.push_str(&format!("  {c:>w$}", w = col_w[i]));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Machine-readable results.
+pub fn to_json(results: &[TargetResult]) -> serde_json::Value {
+    json!(results
+        .iter()
+        .map(|r| json!({
+            "path": r.path,
+            "stat_first": r.stat_first.summary(),
+            "stat_warm": r.stat_warm.summary(),
+            "tree_walk_s": r.tree_walk.as_secs_f64(),
+            "tree_entries": r.tree_entries,
+            "small_reads": r.small_reads.summary(),
+            "large": r.large.as_ref().map(|l| json!({
+                "file": l.file,
+                "bytes": l.bytes,
+                "cold_first_byte_s": l.cold_first_byte.as_secs_f64(),
+                "cold_mib_s": LargeRead::mib_per_s(l.bytes, l.cold_read),
+                "warm_first_byte_s": l.warm_first_byte.as_secs_f64(),
+                "warm_mib_s": LargeRead::mib_per_s(l.bytes, l.warm_read),
+            })),
+            "writes": r.writes.as_ref().map(|w| w.summary()),
+            "wall_s": r.wall.as_secs_f64(),
+            "stat_first_us": r.stat_first.nanos.iter().map(|n| *n as f64 / 1000.0).collect::<Vec<_>>(),
+        }))
+        .collect::<Vec<_>>())
+}
+
+/// An SVG of the first-pass stat latency distribution (CDF, log-scaled time) of every target.
+pub fn cdf_svg(results: &[TargetResult]) -> String {
+    let (w, h, pad) = (720.0, 420.0, 60.0);
+    let colours = [
+        "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+    ];
+    let all: Vec<u64> = results
+        .iter()
+        .flat_map(|r| r.stat_first.nanos.iter().copied())
+        .filter(|&n| n > 0)
+        .collect();
+    let lo = all.iter().copied().min().unwrap_or(1).max(1) as f64;
+    let hi = all.iter().copied().max().unwrap_or(2).max(2) as f64;
+    let (llo, lhi) = (
+        lo.log10().floor(),
+        hi.log10().ceil().max(lo.log10().floor() + 1.0),
+    );
+    let x = |ns: f64| pad + (ns.log10() - llo) / (lhi - llo) * (w - 2.0 * pad);
+    let y = |q: f64| h - pad - q * (h - 2.0 * pad);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">stat() latency, first pass after mount (CDF)</text>\n",
+        w / 2.0
+    );
+    for e in (llo as i32)..=(lhi as i32) {
+        let xv = x(10f64.powi(e));
+        let label = match e {
+            e if e < 3 => format!("{} ns", 10u64.pow(e.max(0) as u32)),
+            e if e < 6 => format!("{} µs", 10u64.pow((e - 3) as u32)),
+            e if e < 9 => format!("{} ms", 10u64.pow((e - 6) as u32)),
+            e => format!("{} s", 10u64.pow((e - 9) as u32)),
+        };
+        svg.push_str(&format!(
+            "<line x1=\"{xv}\" y1=\"{}\" x2=\"{xv}\" y2=\"{}\" stroke=\"#ddd\"/><text x=\"{xv}\" y=\"{}\" text-anchor=\"middle\">{label}</text>\n",
+            y(0.0),
+            y(1.0),
+            y(0.0) + 16.0
+        ));
+    }
+    for q in [0.0, 0.5, 0.9, 0.99, 1.0] {
+        svg.push_str(&format!(
+            "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#eee\"/><text x=\"{2}\" y=\"{3}\" text-anchor=\"end\">{q}</text>\n",
+            y(q),
+            w - pad,
+            pad - 6.0,
+            y(q) + 4.0
+        ));
+    }
+    for (i, r) in results.iter().enumerate() {
+        let mut v: Vec<u64> = r.stat_first.nanos.iter().map(|&n| n.max(1)).collect();
+        v.sort_unstable();
+        if v.is_empty() {
+            continue;
+        }
+        let step = (v.len() / 400).max(1);
+        let points: Vec<String> = v
+            .iter()
+            .enumerate()
+            .step_by(step)
+            .chain(std::iter::once((v.len() - 1, &v[v.len() - 1])))
+            .map(|(j, &ns)| {
+                format!(
+                    "{:.1},{:.1}",
+                    x(ns as f64),
+                    y((j + 1) as f64 / v.len() as f64)
+                )
+            })
+            .collect();
+        let c = colours[i % colours.len()];
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n\
+             <text x=\"{}\" y=\"{}\" fill=\"{c}\">{}</text>\n",
+            points.join(" "),
+            pad + 10.0,
+            pad + 16.0 * i as f64,
+            r.path.display()
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_workload_measures_every_phase_and_leaves_no_scratch_behind() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a/b")).unwrap();
+        for i in 0..10 {
+            std::fs::write(d.path().join(format!("a/f{i}")), vec![1u8; 100]).unwrap();
+        }
+        std::fs::write(d.path().join("a/b/big"), vec![2u8; 3 << 20]).unwrap();
+        std::os::unix::fs::symlink("f1", d.path().join("a/link")).unwrap();
+        let opts = BenchOptions {
+            write: true,
+            write_files: 3,
+            write_size: 4096,
+            ..Default::default()
+        };
+        let plan = plan(d.path(), &opts).unwrap();
+        assert_eq!(plan.entries.len(), 14);
+        assert_eq!(plan.small.len(), 10, "symlinks are not read as files");
+        assert_eq!(plan.large.as_ref().unwrap().1, 3 << 20);
+        let r = run(d.path(), &plan, &opts);
+        assert_eq!(r.stat_first.nanos.len(), 14);
+        assert_eq!(r.stat_first.errors, 0);
+        assert_eq!(r.tree_entries, 14);
+        assert_eq!(r.small_reads.nanos.len(), 10);
+        assert_eq!(r.writes.as_ref().unwrap().nanos.len(), 3);
+        assert!(r.large.is_some());
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "the scratch directory is gone");
+        // Another target missing the paths shows errors, not a crash.
+        let other = tempfile::tempdir().unwrap();
+        let r2 = run(other.path(), &plan, &BenchOptions::default());
+        assert_eq!(r2.stat_first.errors, 14);
+        let t = table(&[r.clone(), r2.clone()]);
+        assert!(
+            t.contains("stat, first pass") && t.contains("errors"),
+            "{t}"
+        );
+        let j = to_json(&[r.clone(), r2]);
+        assert_eq!(j[1]["stat_first"]["errors"], 14);
+        let svg = cdf_svg(&[r]);
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline"),
+            "{svg}"
+        );
+    }
+
+    #[test]
+    fn quantiles_come_from_the_measured_values() {
+        let l = Latencies {
+            nanos: (1..=100).map(|i| i * 1000).collect(),
+            errors: 0,
+        };
+        assert_eq!(l.quantile_us(0.5), 51.0);
+        assert_eq!(l.quantile_us(0.99), 99.0);
+        assert_eq!(l.quantile_us(1.0), 100.0);
+        assert!(Latencies::default().quantile_us(0.5).is_nan());
+    }
+}
