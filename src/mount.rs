@@ -202,14 +202,14 @@ pub struct ServeOptions {
     pub noexec: bool,
 }
 
-/// Mounts `fs` at `mountpoint` and serves it until it is unmounted. `ready` is called once
-/// the kernel has completed the FUSE handshake (or with the error that prevented it).
-pub fn serve(
+/// Mounts `fs` at `mountpoint`: the FUSE session, not yet serving, with the kernel-cache
+/// invalidation wired in. `Session::spawn` serves it in the background and unmounts when the
+/// handle is dropped (the benchmarks); `serve` runs it in the foreground.
+pub fn session(
     fs: Arc<SimFs>,
     mountpoint: &Path,
     opts: &ServeOptions,
-    ready: impl FnOnce(Result<(), String>),
-) -> Result<(), MountError> {
+) -> Result<fuser::Session<SimFuse>, MountError> {
     use fuser::{Config, MountOption, SessionACL};
     let mut config = Config::default();
     config.mount_options = vec![
@@ -231,14 +231,8 @@ pub fn serve(
     // One /dev/fuse descriptor per worker: no thundering herd on a shared one.
     config.clone_fd = true;
     let fuse = SimFuse::new(fs.clone(), opts.ttl);
-    let mut session = match fuser::Session::new(fuse, mountpoint, &config) {
-        Ok(s) => s,
-        Err(e) => {
-            let msg = format!("cannot mount at {}: {e}", mountpoint.display());
-            ready(Err(msg.clone()));
-            return Err(MountError::Io(msg));
-        }
-    };
+    let session = fuser::Session::new(fuse, mountpoint, &config)
+        .map_err(|e| MountError::Io(format!("cannot mount at {}: {e}", mountpoint.display())))?;
     let notifier = session.notifier();
     fs.set_invalidator(Box::new(move |parent, name| {
         let name = std::ffi::OsStr::from_bytes(name);
@@ -246,6 +240,24 @@ pub fn serve(
             tracing::debug!("invalidating {name:?} in {parent}: {e}");
         }
     }));
+    Ok(session)
+}
+
+/// Mounts `fs` at `mountpoint` and serves it until it is unmounted. `ready` is called once
+/// the kernel has completed the FUSE handshake (or with the error that prevented it).
+pub fn serve(
+    fs: Arc<SimFs>,
+    mountpoint: &Path,
+    opts: &ServeOptions,
+    ready: impl FnOnce(Result<(), String>),
+) -> Result<(), MountError> {
+    let mut session = match session(fs.clone(), mountpoint, opts) {
+        Ok(s) => s,
+        Err(e) => {
+            ready(Err(e.to_string()));
+            return Err(e);
+        }
+    };
     let unmounter = std::sync::Mutex::new(session.unmount_callable());
     install_unmount_on_signal(unmounter);
     ready(Ok(()));

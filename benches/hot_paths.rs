@@ -1,0 +1,155 @@
+//! The hot paths, fastest layer first: index lookup, getattr and a directory page on an
+//! index of 20,000 files; a hit in the cache of hydrated files; and a stat through a live
+//! FUSE mount of the same core, once as a real round trip to the daemon (kernel caching off)
+//! and once answered from the kernel's caches (the default long timeouts).
+//!
+//! The mounts need /dev/fuse and root (the test suite runs as root); without them those two
+//! benchmarks are skipped with a note. Each mount is a background session unmounted on drop.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use simfs::blob::memory::MemoryStore;
+use simfs::blob::BlobStore;
+use simfs::cache::{Cache, CacheOptions};
+use simfs::fs::SimFs;
+use simfs::index::build::Defaults;
+use simfs::index::names::Name;
+use simfs::index::sync::{build_index, SyncOptions};
+use simfs::index::{Index, SourceId, ROOT_INO};
+use simfs::mount::{session, ServeOptions};
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+const FILES: usize = 20_000;
+
+fn store() -> Arc<dyn BlobStore> {
+    let mem = MemoryStore::new();
+    for i in 0..FILES {
+        mem.put(
+            &format!("data/shard-{:03}/sample-{i:06}.bin", i / 500),
+            "x",
+            &[],
+        );
+    }
+    mem.put("top.bin", vec![7u8; 4096], &[]);
+    Arc::new(mem)
+}
+
+fn index(store: &Arc<dyn BlobStore>, rt: &tokio::runtime::Runtime, dir: &Path) -> Index {
+    let source = SourceId {
+        container_url: "mem://bench".into(),
+        prefix: String::new(),
+    };
+    let opts = SyncOptions {
+        concurrency: 8,
+        defaults: Defaults {
+            uid: 0,
+            gid: 0,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+        },
+        progress_after: None,
+    };
+    rt.block_on(build_index(
+        store.clone(),
+        &source,
+        &dir.join("index.db"),
+        &opts,
+    ))
+    .unwrap()
+    .0
+}
+
+fn name(s: &str) -> Name {
+    Name::new(s.as_bytes()).unwrap()
+}
+
+fn index_paths(c: &mut Criterion, index: &Index) {
+    let data = index.lookup(ROOT_INO, &name("data")).unwrap().unwrap();
+    let shard = index.lookup(data.ino, &name("shard-017")).unwrap().unwrap();
+    let sample = name("sample-008765.bin");
+    c.bench_function("index lookup", |b| {
+        b.iter(|| {
+            index
+                .lookup(black_box(shard.ino), black_box(&sample))
+                .unwrap()
+        })
+    });
+    let file = index.lookup(shard.ino, &sample).unwrap().unwrap();
+    c.bench_function("index getattr", |b| {
+        b.iter(|| index.getattr(black_box(file.ino)).unwrap())
+    });
+    c.bench_function("index readdir (500 entries)", |b| {
+        b.iter(|| index.readdir(black_box(shard.ino)).unwrap())
+    });
+}
+
+fn cache_hit(c: &mut Criterion, index: &Index, cache: &Cache) {
+    let top = index.lookup(ROOT_INO, &name("top.bin")).unwrap().unwrap();
+    let blob = index.blob_of(top.ino).unwrap().unwrap();
+    drop(cache.open(&blob).unwrap()); // hydrate once; every iteration below is a hit
+    let downloads = cache.downloads.load(std::sync::atomic::Ordering::Relaxed);
+    c.bench_function("cache hit (open of a hydrated blob)", |b| {
+        b.iter(|| cache.open(black_box(&blob)).unwrap())
+    });
+    assert_eq!(
+        cache.downloads.load(std::sync::atomic::Ordering::Relaxed),
+        downloads,
+        "a cache hit must not download"
+    );
+}
+
+/// Mounts `fs` at a fresh directory with kernel timeouts `ttl`; None when this machine cannot
+/// mount (no /dev/fuse, not root).
+fn mount(fs: Arc<SimFs>, ttl: Duration) -> Option<(fuser::BackgroundSession, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ServeOptions {
+        fsname: "simfs-bench".into(),
+        allow_other: false,
+        ttl,
+        threads: 2,
+        noexec: false,
+    };
+    let s = session(fs, dir.path(), &opts)
+        .map_err(|e| eprintln!("skipping the FUSE benchmarks: {e}"))
+        .ok()?;
+    Some((s.spawn().unwrap(), dir))
+}
+
+fn fuse_stat(c: &mut Criterion, fs: Arc<SimFs>) {
+    for (label, ttl) in [
+        ("fuse stat, round trip to the daemon", Duration::ZERO),
+        ("fuse stat, kernel-cached", Duration::from_secs(86_400)),
+    ] {
+        let Some((session, dir)) = mount(fs.clone(), ttl) else {
+            return;
+        };
+        let path = dir.path().join("top.bin");
+        assert_eq!(std::fs::symlink_metadata(&path).unwrap().len(), 4096);
+        c.bench_function(label, |b| {
+            b.iter(|| std::fs::symlink_metadata(black_box(&path)).unwrap())
+        });
+        drop(session); // unmounts
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let store = store();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let index = index(&store, &rt, dir.path());
+    let cache = Cache::new(
+        &dir.path().join("cache"),
+        store.clone(),
+        rt.handle().clone(),
+        CacheOptions::default(),
+    )
+    .unwrap();
+    index_paths(c, &index);
+    cache_hit(c, &index, &cache);
+    fuse_stat(c, Arc::new(SimFs::new(index, cache)));
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
