@@ -14,7 +14,7 @@ use clap::Parser;
 use futures::StreamExt;
 use simfs::blob::auth::{SasPolicy, Secret, DEV_ACCOUNT, DEV_KEY};
 use simfs::blob::format;
-use simfs::blob::sas::sign_account_sas;
+use simfs::blob::sas::{sign_account_sas, sign_container_sas};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -48,6 +48,10 @@ struct Args {
     raw: Vec<String>,
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Afterwards print a container SAS URL with these permissions (e.g. `racwdl`), valid
+    /// for six hours: other tools (rclone's `sas_url`) reach an emulator on any port with it.
+    #[arg(long, value_name = "PERMISSIONS")]
+    print_sas: Option<String>,
 }
 
 struct Upload {
@@ -153,7 +157,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         a.container
     ))?;
     let client = Arc::new(BlobContainerClient::new(
-        url,
+        url.clone(),
         None,
         Some(BlobContainerClientOptions {
             client_options,
@@ -209,5 +213,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         a.container,
         started.elapsed()
     );
+    if let Some(perms) = &a.print_sas {
+        let sas = sign_container_sas(
+            &a.account,
+            &key,
+            &a.container,
+            perms,
+            now - Duration::from_secs(300),
+            now + Duration::from_secs(6 * 3600),
+        );
+        println!("{url}?{sas}");
+    }
     Ok(())
 }

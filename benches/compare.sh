@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The comparison recipe: Azurite behind a delay proxy (default 5 ms round trip, Azure's
+# in-region order), a container of FILES small files (default 20,000) plus a Python venv and
+# a LARGE_MIB file (default 256), mounted with simfs and with rclone (Debian's, with
+# --vfs-cache-mode full) — and with Blobfuse2 when it is installed — then `simfs bench` on the
+# native copy (same disk) and on each mount. Results land in OUT (default
+# benches/results/latest): bench.json, stat-latency.svg and table.txt.
+#
+#   bash benches/compare.sh                       # defaults
+#   RTT_MS=5 FILES=20000 LARGE_MIB=256 OUT=/tmp/b bash benches/compare.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+RTT_MS="${RTT_MS:-5}"; FILES="${FILES:-20000}"; LARGE_MIB="${LARGE_MIB:-256}"
+OUT="${OUT:-$PWD/benches/results/latest}"
+bash fuse-tests/setup.sh
+command -v rclone >/dev/null 2>&1 || {
+  echo "compare: installing rclone" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq rclone >/dev/null
+}
+cargo build --release --quiet --bins
+bin="$PWD/target/release"
+
+work="$(mktemp -d /tmp/simfs-compare.XXXXXX)"
+mkdir -p "$work/az" "$work/native" "$work/simfs" "$work/rclone" "$work/blobfuse2" "$OUT"
+cleanup() {
+  set +e
+  for m in "$work/simfs" "$work/rclone" "$work/blobfuse2"; do
+    grep -q " $m " /proc/mounts && { fusermount3 -u "$m" || umount -l "$m"; }
+  done
+  for p in ${pids:-}; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.05; done; }
+wait_mount() { for _ in $(seq 600); do grep -q " $1 " /proc/mounts && return; sleep 0.1; done; echo "no mount at $1" >&2; exit 1; }
+
+az_port="$(free_port)"; proxy_port="$(free_port)"
+fuse-tests/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$az_port" \
+  --location "$work/az" --skipApiVersionCheck --silent --loose >/dev/null 2>&1 &
+pids="$!"
+python3 benches/delay_proxy.py "$proxy_port" "$az_port" "$RTT_MS" &
+pids="$pids $!"
+wait_port "$az_port"; wait_port "$proxy_port"
+direct="http://127.0.0.1:$az_port/devstoreaccount1"
+slow="http://127.0.0.1:$proxy_port/devstoreaccount1"
+
+echo "== the tree: $FILES files, a venv, a $LARGE_MIB MiB file (native copy in $work/native)"
+python3 - "$work/native" "$FILES" "$LARGE_MIB" <<'PY'
+import os, sys, random
+root, n, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(42)
+per_dir = 100
+for i in range(n):
+    d = os.path.join(root, "data", f"shard-{i // per_dir:04d}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"sample-{i:06d}.bin"), "wb") as f:
+        f.write(rng.randbytes(rng.randint(512, 8192)))
+os.makedirs(os.path.join(root, "big"), exist_ok=True)
+with open(os.path.join(root, "big", "large.bin"), "wb") as f:
+    block = rng.randbytes(1 << 20)
+    for _ in range(mib):
+        f.write(block)
+PY
+python3 -m venv "$work/native/venv"
+# The seeder prints a container SAS URL through the proxy for rclone (below).
+sas_url="$("$bin/simfs-seed" --endpoint "$direct" --container bench --dir "$work/native=" --concurrency 64 --print-sas racwdl)"
+sas_url="${sas_url/$direct/$slow}"
+
+export AZURE_STORAGE_CONNECTION_STRING="UseDevelopmentStorage=true;BlobEndpoint=$slow"
+echo "== simfs mount (through the ${RTT_MS} ms proxy)"
+t0=$EPOCHREALTIME
+"$bin/simfs" mount bench "$work/simfs" --cache-dir "$work/simfs-cache"
+awk "BEGIN { printf \"simfs mount took %.2f s (listing the container into the index)\\n\", $EPOCHREALTIME - $t0 }" | tee "$OUT/mount.txt"
+
+echo "== rclone mount --vfs-cache-mode full"
+# rclone's `endpoint` is a host suffix (https://ACCOUNT.SUFFIX) and its emulator mode is
+# fixed to port 10000: a container SAS URL is how it reaches Azurite behind the proxy.
+export RCLONE_CONFIG_AZ_TYPE=azureblob RCLONE_CONFIG_AZ_SAS_URL="$sas_url"
+rclone mount az:bench "$work/rclone" --vfs-cache-mode full --cache-dir "$work/rclone-cache" \
+  --daemon --log-file "$work/rclone.log"
+wait_mount "$work/rclone"
+# A remote that cannot list would time every stat as an error: check it (outside the mount,
+# so its caches stay cold).
+rclone lsf az:bench --max-depth 1 | grep -qx 'big/' ||
+  { echo "rclone cannot list the container:" >&2; tail -5 "$work/rclone.log" >&2; exit 1; }
+targets=("$work/native" "$work/simfs" "$work/rclone")
+if command -v blobfuse2 >/dev/null 2>&1; then
+  echo "== blobfuse2 (installed: joins the comparison)"
+  cat > "$work/blobfuse2.yaml" <<YAML
+components: [libfuse, file_cache, attr_cache, azstorage]
+file_cache: { path: $work/blobfuse2-cache }
+azstorage:
+  type: block
+  account-name: devstoreaccount1
+  account-key: Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==
+  endpoint: $slow
+  container: bench
+  mode: key
+YAML
+  blobfuse2 mount "$work/blobfuse2" --config-file "$work/blobfuse2.yaml" && wait_mount "$work/blobfuse2" && targets+=("$work/blobfuse2")
+fi
+
+echo "== simfs bench ${targets[*]}"
+"$bin/simfs" bench "${targets[@]}" --out "$OUT" --write | tee "$OUT/table.txt"
+echo "(round trip ${RTT_MS} ms, $FILES files + venv + ${LARGE_MIB} MiB; native = $work/native on the same disk)" >> "$OUT/table.txt"
+"$bin/simfs" unmount "$work/simfs"

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""A TCP proxy that adds a fixed round trip: each byte is forwarded half the RTT late in
+each direction, so every request-response pays one RTT while throughput is not limited
+(chunks are queued with their arrival time, not forwarded one after another).
+
+    delay_proxy.py LISTEN_PORT TARGET_PORT [RTT_MS]     # on 127.0.0.1
+
+Models Azure's in-region round trip (about 5 ms) in front of Azurite on loopback.
+"""
+import asyncio
+import sys
+import time
+
+
+async def pipe(reader, writer, delay):
+    queue = asyncio.Queue()
+
+    async def forward():
+        while True:
+            due, chunk = await queue.get()
+            if chunk is None:
+                break
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    task = asyncio.create_task(forward())
+    try:
+        while True:
+            chunk = await reader.read(1 << 16)
+            if not chunk:
+                break
+            await queue.put((time.monotonic() + delay, chunk))
+    except (ConnectionError, OSError):
+        pass
+    await queue.put((0, None))
+    try:
+        await task
+    except (ConnectionError, OSError):
+        pass
+
+
+async def main():
+    listen, target = int(sys.argv[1]), int(sys.argv[2])
+    half = (float(sys.argv[3]) if len(sys.argv) > 3 else 5.0) / 2000.0
+
+    async def handle(client_r, client_w):
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:
+            client_w.close()
+            return
+        await asyncio.gather(
+            pipe(client_r, server_w, half), pipe(server_r, client_w, half)
+        )
+
+    server = await asyncio.start_server(handle, "127.0.0.1", listen)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
