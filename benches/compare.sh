@@ -4,13 +4,17 @@
 # a LARGE_MIB file (default 256), mounted with simfs and with rclone (Debian's, with
 # --vfs-cache-mode full) — and with Blobfuse2 when it is installed — then `simfs bench` on the
 # native copy (same disk) and on each mount. Results land in OUT (default
-# benches/results/latest): bench.json, stat-latency.svg and table.txt.
+# benches/results/latest): bench.json, stat-latency.svg, table.txt and rclone.log.
+#
+# CPUS=LIST runs the mounts' daemons and the bench under `taskset -c LIST` (CPUS=0: all on
+# one CPU, which shows how much of a FUSE round trip is waking a thread on an idle vCPU).
 #
 #   bash benches/compare.sh                       # defaults
 #   RTT_MS=5 FILES=20000 LARGE_MIB=256 OUT=/tmp/b bash benches/compare.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RTT_MS="${RTT_MS:-5}"; FILES="${FILES:-20000}"; LARGE_MIB="${LARGE_MIB:-256}"
+pin=(); [ -n "${CPUS:-}" ] && pin=(taskset -c "$CPUS")
 OUT="${OUT:-$PWD/benches/results/latest}"
 bash fuse-tests/setup.sh
 command -v rclone >/dev/null 2>&1 || {
@@ -72,20 +76,20 @@ sas_url="${sas_url/$direct/$slow}"
 export AZURE_STORAGE_CONNECTION_STRING="UseDevelopmentStorage=true;BlobEndpoint=$slow"
 echo "== simfs mount (through the ${RTT_MS} ms proxy)"
 t0=$EPOCHREALTIME
-"$bin/simfs" mount bench "$work/simfs" --cache-dir "$work/simfs-cache"
+"${pin[@]}" "$bin/simfs" mount bench "$work/simfs" --cache-dir "$work/simfs-cache"
 awk "BEGIN { printf \"simfs mount took %.2f s (listing the container into the index)\\n\", $EPOCHREALTIME - $t0 }" | tee "$OUT/mount.txt"
 
 echo "== rclone mount --vfs-cache-mode full"
 # rclone's `endpoint` is a host suffix (https://ACCOUNT.SUFFIX) and its emulator mode is
 # fixed to port 10000: a container SAS URL is how it reaches Azurite behind the proxy.
 export RCLONE_CONFIG_AZ_TYPE=azureblob RCLONE_CONFIG_AZ_SAS_URL="$sas_url"
-rclone mount az:bench "$work/rclone" --vfs-cache-mode full --cache-dir "$work/rclone-cache" \
-  --daemon --log-file "$work/rclone.log"
+"${pin[@]}" rclone mount az:bench "$work/rclone" --vfs-cache-mode full --cache-dir "$work/rclone-cache" \
+  --daemon --log-file "$OUT/rclone.log"
 wait_mount "$work/rclone"
 # A remote that cannot list would time every stat as an error: check it (outside the mount,
 # so its caches stay cold).
 rclone lsf az:bench --max-depth 1 | grep -qx 'big/' ||
-  { echo "rclone cannot list the container:" >&2; tail -5 "$work/rclone.log" >&2; exit 1; }
+  { echo "rclone cannot list the container:" >&2; tail -5 "$OUT/rclone.log" >&2; exit 1; }
 targets=("$work/native" "$work/simfs" "$work/rclone")
 if command -v blobfuse2 >/dev/null 2>&1; then
   echo "== blobfuse2 (installed: joins the comparison)"
@@ -100,10 +104,10 @@ azstorage:
   container: bench
   mode: key
 YAML
-  blobfuse2 mount "$work/blobfuse2" --config-file "$work/blobfuse2.yaml" && wait_mount "$work/blobfuse2" && targets+=("$work/blobfuse2")
+  "${pin[@]}" blobfuse2 mount "$work/blobfuse2" --config-file "$work/blobfuse2.yaml" && wait_mount "$work/blobfuse2" && targets+=("$work/blobfuse2")
 fi
 
 echo "== simfs bench ${targets[*]}"
-"$bin/simfs" bench "${targets[@]}" --out "$OUT" --write | tee "$OUT/table.txt"
-echo "(round trip ${RTT_MS} ms, $FILES files + venv + ${LARGE_MIB} MiB; native = $work/native on the same disk)" >> "$OUT/table.txt"
+"${pin[@]}" "$bin/simfs" bench "${targets[@]}" --out "$OUT" --write | tee "$OUT/table.txt"
+echo "(round trip ${RTT_MS} ms, $FILES files + venv + ${LARGE_MIB} MiB; native = $work/native on the same disk${CPUS:+; pinned to CPUs $CPUS})" >> "$OUT/table.txt"
 "$bin/simfs" unmount "$work/simfs"
