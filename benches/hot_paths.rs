@@ -9,13 +9,13 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use simfs::blob::memory::MemoryStore;
 use simfs::blob::BlobStore;
-use simfs::cache::{Cache, CacheOptions};
+use simfs::cache::Cache;
 use simfs::fs::SimFs;
 use simfs::index::build::Defaults;
+use simfs::index::ingest::no_progress;
 use simfs::index::names::Name;
-use simfs::index::sync::{build_index, SyncOptions};
 use simfs::index::{Index, SourceId, ROOT_INO};
-use simfs::mount::{session, ServeOptions};
+use simfs::mount::{prepare_with_store, session, MountConfig, Prepared, ServeOptions};
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
@@ -36,29 +36,22 @@ fn store() -> Arc<dyn BlobStore> {
     Arc::new(mem)
 }
 
-fn index(store: &Arc<dyn BlobStore>, rt: &tokio::runtime::Runtime, dir: &Path) -> Index {
+/// The filesystem over `store`, wired as a read-only mount is (state under `dir`).
+fn prepare(store: &Arc<dyn BlobStore>, rt: &tokio::runtime::Runtime, dir: &Path) -> Prepared {
     let source = SourceId {
         container_url: "mem://bench".into(),
         prefix: String::new(),
     };
-    let opts = SyncOptions {
-        concurrency: 8,
-        defaults: Defaults {
-            uid: 0,
-            gid: 0,
-            file_mode: 0o644,
-            dir_mode: 0o755,
-        },
-        progress_after: None,
+    let mut cfg = MountConfig::new(dir);
+    cfg.defaults = Defaults {
+        uid: 0,
+        gid: 0,
+        file_mode: 0o644,
+        dir_mode: 0o755,
     };
-    rt.block_on(build_index(
-        store.clone(),
-        &source,
-        &dir.join("index.db"),
-        &opts,
-    ))
-    .unwrap()
-    .0
+    cfg.list_concurrency = 8;
+    cfg.read_only = true;
+    prepare_with_store(store.clone(), &source, &cfg, rt, &no_progress).unwrap()
 }
 
 fn name(s: &str) -> Name {
@@ -138,17 +131,11 @@ fn bench(c: &mut Criterion) {
     let store = store();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let index = index(&store, &rt, dir.path());
-    let cache = Cache::new(
-        &dir.path().join("cache"),
-        store.clone(),
-        rt.handle().clone(),
-        CacheOptions::default(),
-    )
-    .unwrap();
-    index_paths(c, &index);
-    cache_hit(c, &index, &cache);
-    fuse_stat(c, Arc::new(SimFs::new(index, cache)));
+    let prepared = prepare(&store, &rt, dir.path());
+    let fs = prepared.fs.clone();
+    index_paths(c, fs.index());
+    cache_hit(c, fs.index(), fs.cache());
+    fuse_stat(c, fs);
 }
 
 criterion_group!(benches, bench);

@@ -5,10 +5,8 @@
 //! index is authoritative for the mount's lifetime; when background refresh arrives it will
 //! invalidate the kernel's caches explicitly rather than rely on timeouts.
 
-use crate::fs::write::{target_bytes, Caller, SetAttr, SetTime};
-use crate::fs::{FsError, SimFs};
-use crate::index::write::RenameMode;
-use crate::index::{Attr, Kind};
+use crate::fs::write::{target_bytes, Caller};
+use crate::fs::{Attr, AttrChanges, FsError, Kind, RenameMode, SetTime, SimFs};
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
@@ -184,8 +182,8 @@ impl Filesystem for SimFuse {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let s = SetAttr {
-            mode,
+        let s = AttrChanges {
+            perm: mode,
             uid,
             gid,
             size,

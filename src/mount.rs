@@ -1,18 +1,24 @@
-//! Wiring: from a resolved configuration to a serving mount.
+//! Wiring: from a plain configuration to a serving mount.
 //!
-//! `prepare` builds the store, checks access (one request, so a missing container or a bad
-//! credential fails the mount with a one-line cause), reuses or builds the index and opens
-//! the cache. `serve` mounts with fuser and runs until unmounted (or a signal unmounts it).
-//! Each source gets its own state directory under the cache dir, locked while mounted so two
-//! mounts never share one index or cache.
+//! `MountConfig` is everything a mount needs besides where the container is; the CLI builds
+//! it from the command line, tests and benches build it directly. `prepare` connects to the
+//! container described by a resolved `Source` (one request, so a missing container or a bad
+//! credential fails the mount with a one-line cause), reuses or builds the index, opens the
+//! cache and the write-back engine and recovers an earlier mount's pending changes;
+//! `prepare_with_store` does the same over any `BlobStore`. `session` mounts with fuser,
+//! `serve` runs the session with the write-back thread until unmounted (or a signal
+//! unmounts it), and `finish_uploads` drains what is left. Each source gets its own state
+//! directory under the cache dir, locked while mounted so two mounts never share one index
+//! or cache. Progress is reported through callbacks; drawing it is the caller's business.
 
+use crate::blob::auth::Credential;
 use crate::blob::azure::{AzureOptions, AzureStore};
 use crate::blob::{BlobError, BlobStore};
 use crate::cache::{Cache, CacheOptions};
-use crate::config::{resolve, SourceArgs, Target};
 use crate::fs::SimFs;
 use crate::fuse::SimFuse;
-use crate::index::sync::{build_index, SyncError, SyncOptions};
+use crate::index::build::Defaults;
+use crate::index::ingest::{build_index, IngestError, IngestOptions, IngestProgress};
 use crate::index::{Index, SourceId};
 use crate::writeback::{Writeback, WritebackOptions};
 use sha2::{Digest, Sha256};
@@ -26,27 +32,85 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     #[error("{0}")]
-    Config(#[from] crate::config::ConfigError),
-    #[error("{0}")]
     Blob(#[from] BlobError),
     #[error("index: {0}")]
     Index(#[from] crate::index::IndexError),
     #[error("{0}")]
+    Writeback(#[from] crate::writeback::WritebackError),
+    #[error("{0}")]
     Io(String),
 }
 
-impl From<SyncError> for MountError {
-    fn from(e: SyncError) -> Self {
+impl From<IngestError> for MountError {
+    fn from(e: IngestError) -> Self {
         match e {
-            SyncError::Blob(b) => MountError::Blob(b),
-            SyncError::Index(i) => MountError::Index(i),
+            IngestError::Blob(b) => MountError::Blob(b),
+            IngestError::Index(i) => MountError::Index(i),
+        }
+    }
+}
+
+/// A container resolved from the command line: where it is and how to reach it.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// The container URL without any query string (what the index records).
+    pub container_url: url::Url,
+    /// Blob-name prefix of the mount root: empty, or ending in `/`.
+    pub prefix: String,
+    pub credential: Credential,
+}
+
+impl Source {
+    pub fn id(&self) -> SourceId {
+        SourceId {
+            container_url: self.container_url.to_string(),
+            prefix: self.prefix.clone(),
+        }
+    }
+}
+
+/// How to mount, independent of the container.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// Where the state directories (index, cache) live; put it on the local NVMe.
+    pub cache_dir: PathBuf,
+    /// Attributes of blobs that carry none of their own.
+    pub defaults: Defaults,
+    /// List the container again instead of reusing a persisted index.
+    pub reindex: bool,
+    /// List requests in flight while indexing.
+    pub list_concurrency: usize,
+    /// Never write to the container.
+    pub read_only: bool,
+    pub writeback: WritebackOptions,
+    pub cache: CacheOptions,
+}
+
+impl MountConfig {
+    /// The defaults for a mount with its state under `cache_dir`, owned by the calling user.
+    pub fn new(cache_dir: &Path) -> MountConfig {
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        MountConfig {
+            cache_dir: cache_dir.to_path_buf(),
+            defaults: Defaults {
+                uid,
+                gid,
+                file_mode: 0o644,
+                dir_mode: 0o755,
+            },
+            reindex: false,
+            list_concurrency: 32,
+            read_only: false,
+            writeback: WritebackOptions::default(),
+            cache: CacheOptions::default(),
         }
     }
 }
 
 /// One line naming the cause, for the terminal.
-pub fn explain(e: &MountError, target: Option<&Target>) -> String {
-    let what = target
+pub fn explain(e: &MountError, source: Option<&Source>) -> String {
+    let what = source
         .map(|t| format!("{} (prefix {:?})", t.container_url, t.prefix))
         .unwrap_or_default();
     match e {
@@ -55,7 +119,7 @@ pub fn explain(e: &MountError, target: Option<&Target>) -> String {
         }
         MountError::Blob(BlobError::Auth(m)) => format!(
             "access denied to {what} with {}: {m} (is the SAS valid, unexpired and does it allow read and list?)",
-            target.map(|t| t.credential.describe()).unwrap_or("the credential")
+            source.map(|t| t.credential.describe()).unwrap_or("the credential")
         ),
         MountError::Blob(BlobError::Unreachable(m)) => {
             format!("cannot reach the storage service for {what}: {m}")
@@ -92,15 +156,17 @@ pub struct Prepared {
     pub state_dir: PathBuf,
 }
 
-/// Opens (or builds) the index and the cache for `source` on `store`.
+/// Opens (or builds) the index, the cache and the write-back engine for `source` on
+/// `store`, and recovers an earlier mount's pending changes.
 pub fn prepare_with_store(
     store: Arc<dyn BlobStore>,
     source: &SourceId,
-    args: &SourceArgs,
+    cfg: &MountConfig,
     rt: &tokio::runtime::Runtime,
+    progress: &(dyn Fn(IngestProgress) + Sync),
 ) -> Result<Prepared, MountError> {
     rt.block_on(store.check_access())?;
-    let dir = state_dir(&args.cache_dir, source);
+    let dir = state_dir(&cfg.cache_dir, source);
     std::fs::create_dir_all(&dir)
         .and_then(|_| {
             std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
@@ -109,7 +175,7 @@ pub fn prepare_with_store(
     let lock = lock_state(&dir)?;
     let db = dir.join("index.db");
     let mut existing = Index::open_existing(&db, source)?;
-    if args.reindex {
+    if cfg.reindex {
         if let Some(i) = &existing {
             let pending = i.pending()?.0;
             if pending > 0 {
@@ -126,71 +192,68 @@ pub fn prepare_with_store(
             i
         }
         None => {
-            let opts = SyncOptions {
-                concurrency: args.list_concurrency,
-                defaults: args.defaults(),
-                progress_after: Some(Duration::from_secs(2)),
+            let opts = IngestOptions {
+                concurrency: cfg.list_concurrency,
+                defaults: cfg.defaults.clone(),
             };
-            rt.block_on(build_index(store.clone(), source, &db, &opts))?
+            rt.block_on(build_index(store.clone(), source, &db, &opts, progress))?
                 .0
         }
     };
+    let index = Arc::new(index);
     let cache = Cache::new(
         &dir.join("cache"),
         store.clone(),
         rt.handle().clone(),
-        CacheOptions::default(),
+        cfg.cache.clone(),
     )
     .map_err(|e| MountError::Io(format!("cache dir {}: {e}", dir.display())))?;
-    let fs = if args.read_only {
-        SimFs::new(index, cache)
+    let cache = Arc::new(cache);
+    let writeback = if cfg.read_only {
+        None
     } else {
-        let opts = WritebackOptions {
-            delay: Duration::from_secs_f64(args.upload_delay),
-            ..Default::default()
-        };
-        let wb = Writeback::new(store, rt.handle().clone(), source.prefix.clone(), opts);
-        let fs = SimFs::with_writeback(index, cache, wb);
-        let pending = fs
-            .recover()
-            .map_err(|e| MountError::Io(format!("recovering pending changes: {e}")))?;
+        let wb = Writeback::new(
+            store,
+            index.clone(),
+            cache.clone(),
+            rt.handle().clone(),
+            source.prefix.clone(),
+            cfg.writeback.clone(),
+        );
+        let pending = wb.recover()?;
         if pending > 0 {
             tracing::info!("{pending} changes from an earlier mount are pending; uploading them");
         }
-        fs
+        Some(Arc::new(wb))
     };
     Ok(Prepared {
-        fs: Arc::new(fs),
+        fs: Arc::new(SimFs::new(index, cache, writeback)),
         lock,
         state_dir: dir,
     })
 }
 
-/// Resolves the source, connects to Azure and prepares the filesystem. The error is one
-/// line naming the cause, ready for the terminal.
+/// Connects to `source` on Azure and prepares the filesystem. The error is one line naming
+/// the cause, ready for the terminal.
 pub fn prepare(
-    args: &SourceArgs,
+    source: &Source,
+    cfg: &MountConfig,
     rt: &tokio::runtime::Runtime,
-) -> Result<(Prepared, Target), String> {
-    let target = resolve(args, &|k| std::env::var(k).ok()).map_err(|e| explain(&e.into(), None))?;
+    progress: &(dyn Fn(IngestProgress) + Sync),
+) -> Result<Prepared, String> {
     let store = AzureStore::new(
-        target.container_url.clone(),
-        &target.credential,
+        source.container_url.clone(),
+        &source.credential,
         &AzureOptions::default(),
     )
-    .map_err(|e| explain(&e.into(), Some(&target)))?;
-    let source = SourceId {
-        container_url: target.container_url.to_string(),
-        prefix: target.prefix.clone(),
-    };
-    let mut args = args.clone();
-    if !args.read_only && target.credential.sas_cannot_write() {
+    .map_err(|e| explain(&e.into(), Some(source)))?;
+    let mut cfg = cfg.clone();
+    if !cfg.read_only && source.credential.sas_cannot_write() {
         tracing::warn!("the SAS token does not allow writing (no 'w' in sp=): mounting read-only");
-        args.read_only = true;
+        cfg.read_only = true;
     }
-    let prepared = prepare_with_store(Arc::new(store), &source, &args, rt)
-        .map_err(|e| explain(&e, Some(&target)))?;
-    Ok((prepared, target))
+    prepare_with_store(Arc::new(store), &source.id(), &cfg, rt, progress)
+        .map_err(|e| explain(&e, Some(source)))
 }
 
 #[derive(Clone, Debug)]
@@ -233,18 +296,21 @@ pub fn session(
     let fuse = SimFuse::new(fs.clone(), opts.ttl);
     let session = fuser::Session::new(fuse, mountpoint, &config)
         .map_err(|e| MountError::Io(format!("cannot mount at {}: {e}", mountpoint.display())))?;
-    let notifier = session.notifier();
-    fs.set_invalidator(Box::new(move |parent, name| {
-        let name = std::ffi::OsStr::from_bytes(name);
-        if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), name) {
-            tracing::debug!("invalidating {name:?} in {parent}: {e}");
-        }
-    }));
+    if let Some(wb) = fs.writeback() {
+        let notifier = session.notifier();
+        wb.set_invalidator(Box::new(move |parent, name| {
+            let name = std::ffi::OsStr::from_bytes(name);
+            if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), name) {
+                tracing::debug!("invalidating {name:?} in {parent}: {e}");
+            }
+        }));
+    }
     Ok(session)
 }
 
-/// Mounts `fs` at `mountpoint` and serves it until it is unmounted. `ready` is called once
-/// the kernel has completed the FUSE handshake (or with the error that prevented it).
+/// Mounts `fs` at `mountpoint` and serves it, with the write-back thread, until it is
+/// unmounted. `ready` is called once the kernel has completed the FUSE handshake (or with
+/// the error that prevented it). What is still pending afterwards is `finish_uploads`'s.
 pub fn serve(
     fs: Arc<SimFs>,
     mountpoint: &Path,
@@ -261,64 +327,40 @@ pub fn serve(
     let unmounter = std::sync::Mutex::new(session.unmount_callable());
     install_unmount_on_signal(unmounter);
     ready(Ok(()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let worker = (!fs.is_read_only()).then(|| spawn_writeback(fs.clone(), stop.clone()));
+    let background = fs.writeback().map(|wb| wb.start());
     let ran = session
         .run()
         .map_err(|e| MountError::Io(format!("FUSE session ended with an error: {e}")));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    if let Some(w) = worker {
-        let _ = w.join();
-        finish_uploads(&fs)?;
+    if let Some(b) = background {
+        b.stop();
     }
     ran
 }
 
-/// The background uploader: syncs what is due, then sleeps a little.
-fn spawn_writeback(
-    fs: Arc<SimFs>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
-        .name("simfs-writeback".into())
-        .spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Err(e) = fs.sync_due(false) {
-                    tracing::warn!("write-back: {e}");
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-        .expect("spawning the write-back thread")
-}
-
-/// After unmount: upload everything still pending, with a progress line, and report what
-/// failed (it stays in the journal for the next mount).
-fn finish_uploads(fs: &SimFs) -> Result<(), MountError> {
-    let (pending, _) = fs.pending().map_err(|e| MountError::Io(e.to_string()))?;
+/// After unmount: uploads everything still pending, calling `progress(total, left)` as it
+/// goes, and reports what failed (it stays in the journal for the next mount).
+pub fn finish_uploads(fs: &SimFs, mut progress: impl FnMut(u64, u64)) -> Result<(), MountError> {
+    let Some(wb) = fs.writeback() else {
+        return Ok(());
+    };
+    let (pending, _) = wb.pending()?;
     if pending == 0 {
         return Ok(());
     }
-    // A bar on a terminal; a log line every few seconds in the background mount's log.
     tracing::info!("unmounted: uploading {pending} pending changes");
-    let bar = indicatif::ProgressBar::new(pending);
-    bar.set_message("uploading pending changes");
     let mut logged = std::time::Instant::now();
-    let failed = fs
-        .drain(true, |left| {
-            bar.set_position(pending.saturating_sub(left));
-            if logged.elapsed() > Duration::from_secs(3) {
-                tracing::info!("{left} changes left to upload");
-                logged = std::time::Instant::now();
-            }
-        })
-        .map_err(|e| MountError::Io(e.to_string()))?;
-    bar.finish_and_clear();
+    let failed = wb.drain(true, |left| {
+        progress(pending, left);
+        if logged.elapsed() > Duration::from_secs(3) {
+            tracing::info!("{left} changes left to upload");
+            logged = std::time::Instant::now();
+        }
+    })?;
     if failed == 0 {
         tracing::info!("all {pending} pending changes uploaded");
         return Ok(());
     }
-    let (_, failing) = fs.pending().map_err(|e| MountError::Io(e.to_string()))?;
+    let (_, failing) = wb.pending()?;
     for f in &failing {
         tracing::error!(
             "inode {}: not uploaded after {} attempts: {}",
@@ -332,21 +374,28 @@ fn finish_uploads(fs: &SimFs) -> Result<(), MountError> {
     )))
 }
 
+/// The signals that unmount.
+fn unmount_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the zeroed set before sigaddset adds to it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
 /// SIGINT/SIGTERM/SIGHUP unmount the filesystem, which ends `serve` cleanly.
 fn install_unmount_on_signal(unmounter: std::sync::Mutex<fuser::SessionUnmounter>) {
     std::thread::spawn(move || {
-        // SAFETY: blocking the signals in this thread and waiting for them with sigwait is
-        // the documented way to handle signals synchronously; the set is initialised first.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                libc::sigaddset(&mut set, s);
-            }
-            let mut sig = 0;
-            libc::sigwait(&set, &mut sig);
-            tracing::info!("signal {sig}: unmounting");
-        }
+        let set = unmount_signals();
+        let mut sig = 0;
+        // SAFETY: waiting with sigwait for signals every thread blocks is the documented way
+        // to handle them synchronously; `set` is initialised.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        tracing::info!("signal {sig}: unmounting");
         if let Err(e) = unmounter.lock().unwrap().unmount() {
             tracing::error!("unmount failed: {e}");
         }
@@ -356,13 +405,7 @@ fn install_unmount_on_signal(unmounter: std::sync::Mutex<fuser::SessionUnmounter
 /// Blocks the unmount signals in the calling thread (call before spawning any thread, so
 /// only the signal thread receives them).
 pub fn block_unmount_signals() {
-    // SAFETY: see install_unmount_on_signal.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    let set = unmount_signals();
+    // SAFETY: blocks an initialised set in the calling thread; the old mask is not wanted.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }

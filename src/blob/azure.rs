@@ -137,7 +137,7 @@ fn map_err(what: &str, e: azure_core::Error) -> BlobError {
 }
 
 fn to_system_time(t: time::OffsetDateTime) -> SystemTime {
-    crate::index::from_ns(
+    crate::posix::from_ns(
         t.unix_timestamp_nanos()
             .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
     )

@@ -50,6 +50,8 @@ pub struct FaultyStore<S> {
     refuse_writes: AtomicBool,
     /// Writes succeed until this many have been made, then fail (a crash point).
     writes_left: AtomicU64,
+    /// Every request takes this long (milliseconds) before it is answered: a round trip.
+    latency_ms: AtomicU64,
 }
 
 impl<S: BlobStore> FaultyStore<S> {
@@ -61,6 +63,20 @@ impl<S: BlobStore> FaultyStore<S> {
             fail_get_at: AtomicU64::new(u64::MAX),
             refuse_writes: AtomicBool::new(false),
             writes_left: AtomicU64::new(u64::MAX),
+            latency_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Every request from now on takes `d` before it is answered.
+    pub fn set_latency(&self, d: std::time::Duration) {
+        self.latency_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    async fn round_trip(&self) {
+        let ms = self.latency_ms.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
     }
 
@@ -117,18 +133,21 @@ impl<S: BlobStore> FaultyStore<S> {
 #[async_trait]
 impl<S: BlobStore> BlobStore for FaultyStore<S> {
     async fn list(&self, q: &ListQuery) -> BlobResult<ListPage> {
+        self.round_trip().await;
         self.counters.list.fetch_add(1, Ordering::SeqCst);
         self.gate()?;
         self.inner.list(q).await
     }
 
     async fn head(&self, name: &str) -> BlobResult<BlobProps> {
+        self.round_trip().await;
         self.counters.head.fetch_add(1, Ordering::SeqCst);
         self.gate()?;
         self.inner.head(name).await
     }
 
     async fn get_range(&self, name: &str, range: Range<u64>, etag: &str) -> BlobResult<Bytes> {
+        self.round_trip().await;
         self.counters.get.fetch_add(1, Ordering::SeqCst);
         self.gate()?;
         if range.start == self.fail_get_at.load(Ordering::SeqCst) {
@@ -138,6 +157,7 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
     }
 
     async fn check_access(&self) -> BlobResult<()> {
+        self.round_trip().await;
         self.gate()?;
         self.inner.check_access().await
     }
@@ -149,11 +169,13 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
         metadata: &Metadata,
         expect: &Expect,
     ) -> BlobResult<String> {
+        self.round_trip().await;
         self.write_gate(&self.counters.put)?;
         self.inner.put(name, data, metadata, expect).await
     }
 
     async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
+        self.round_trip().await;
         self.write_gate(&self.counters.put)?;
         self.inner.stage_block(name, id, data).await
     }
@@ -165,6 +187,7 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
         metadata: &Metadata,
         expect: &Expect,
     ) -> BlobResult<String> {
+        self.round_trip().await;
         self.write_gate(&self.counters.put)?;
         self.inner.commit_blocks(name, ids, metadata, expect).await
     }
@@ -175,6 +198,7 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
         metadata: &Metadata,
         etag: &str,
     ) -> BlobResult<String> {
+        self.round_trip().await;
         self.write_gate(&self.counters.set_metadata)?;
         self.inner.set_metadata(name, metadata, etag).await
     }
@@ -187,61 +211,14 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
         metadata: &Metadata,
         expect: &Expect,
     ) -> BlobResult<String> {
+        self.round_trip().await;
         self.write_gate(&self.counters.copy)?;
         self.inner.copy(from, from_etag, to, metadata, expect).await
     }
 
     async fn delete(&self, name: &str, etag: &str) -> BlobResult<()> {
+        self.round_trip().await;
         self.write_gate(&self.counters.delete)?;
         self.inner.delete(name, etag).await
-    }
-}
-
-/// Lets an `Arc<FaultyStore<_>>` be used where a store is expected while the test keeps a
-/// handle on the switches.
-#[async_trait]
-impl<S: BlobStore> BlobStore for Arc<S> {
-    async fn list(&self, q: &ListQuery) -> BlobResult<ListPage> {
-        (**self).list(q).await
-    }
-    async fn head(&self, name: &str) -> BlobResult<BlobProps> {
-        (**self).head(name).await
-    }
-    async fn get_range(&self, name: &str, range: Range<u64>, etag: &str) -> BlobResult<Bytes> {
-        (**self).get_range(name, range, etag).await
-    }
-    async fn check_access(&self) -> BlobResult<()> {
-        (**self).check_access().await
-    }
-    async fn put(&self, n: &str, d: Bytes, m: &Metadata, e: &Expect) -> BlobResult<String> {
-        (**self).put(n, d, m, e).await
-    }
-    async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
-        (**self).stage_block(name, id, data).await
-    }
-    async fn commit_blocks(
-        &self,
-        n: &str,
-        ids: &[Vec<u8>],
-        m: &Metadata,
-        e: &Expect,
-    ) -> BlobResult<String> {
-        (**self).commit_blocks(n, ids, m, e).await
-    }
-    async fn set_metadata(&self, n: &str, m: &Metadata, etag: &str) -> BlobResult<String> {
-        (**self).set_metadata(n, m, etag).await
-    }
-    async fn copy(
-        &self,
-        from: &str,
-        from_etag: &str,
-        to: &str,
-        m: &Metadata,
-        e: &Expect,
-    ) -> BlobResult<String> {
-        (**self).copy(from, from_etag, to, m, e).await
-    }
-    async fn delete(&self, name: &str, etag: &str) -> BlobResult<()> {
-        (**self).delete(name, etag).await
     }
 }

@@ -125,20 +125,6 @@ fn split_point(prefix: &str, last: &str) -> Option<(String, String)> {
     Some((format!("{prefix}{seg}/"), format!("{prefix}{seg}0")))
 }
 
-/// Collects a whole listing (tests and small containers).
-pub async fn collect_all(
-    store: Arc<dyn BlobStore>,
-    prefix: &str,
-    concurrency: usize,
-) -> Result<Vec<BlobProps>, BlobError> {
-    let mut rx = list_all(store, prefix.to_string(), concurrency, Default::default());
-    let mut out = Vec::new();
-    while let Some(page) = rx.recv().await {
-        out.extend(page?);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +134,20 @@ mod tests {
     use async_trait::async_trait;
     use bytes::Bytes;
     use std::ops::Range;
+
+    /// Collects a whole listing.
+    async fn collect_all(
+        store: Arc<dyn BlobStore>,
+        prefix: &str,
+        concurrency: usize,
+    ) -> Result<Vec<BlobProps>, BlobError> {
+        let mut rx = list_all(store, prefix.to_string(), concurrency, Default::default());
+        let mut out = Vec::new();
+        while let Some(page) = rx.recv().await {
+            out.extend(page?);
+        }
+        Ok(out)
+    }
 
     fn seeded(page: usize) -> MemoryStore {
         let s = MemoryStore::with_page_size(page);

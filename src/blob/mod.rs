@@ -6,7 +6,8 @@
 //! write names what it expects to find at the name (`Expect`), so simfs overwrites only a blob
 //! version it has seen and never silently replaces someone else's. The Azure implementation lives in
 //! `azure.rs`; `memory.rs` is a complete in-process store for unit tests and `faulty.rs` wraps
-//! any store to count requests and inject failures. Keeping the trait this small is what lets
+//! any store to count requests and inject failures (both only in tests, or with the
+//! `test-util` feature that the crate's own tests and benches turn on). Keeping the trait this small is what lets
 //! the filesystem core be tested without a network.
 //!
 //! Errors carry their meaning (`NotFound`, `PreconditionFailed`, `Auth`, ...) rather than HTTP
@@ -14,9 +15,11 @@
 
 pub mod auth;
 pub mod azure;
+#[cfg(any(test, feature = "test-util"))]
 pub mod faulty;
 pub mod format;
 pub mod listing;
+#[cfg(any(test, feature = "test-util"))]
 pub mod memory;
 pub mod sas;
 pub mod upload;
@@ -25,6 +28,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// Properties of one blob as the listing or a HEAD reports them.
@@ -39,6 +43,15 @@ pub struct BlobProps {
     pub content_md5: Option<Vec<u8>>,
     /// Metadata with keys lower-cased: Azure keys are case-insensitive.
     pub metadata: BTreeMap<String, String>,
+}
+
+/// One version of one blob, as the index records it: what a download asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobRef {
+    pub name: String,
+    pub etag: String,
+    pub size: u64,
+    pub content_md5: Option<Vec<u8>>,
 }
 
 /// One page of a flat, name-ordered listing.
@@ -74,18 +87,6 @@ pub enum BlobError {
     Service(String),
     #[error("the service returned inconsistent data: {0}")]
     Invalid(String),
-}
-
-impl BlobError {
-    /// The errno a filesystem operation that failed on this error should return.
-    pub fn errno(&self) -> i32 {
-        match self {
-            BlobError::NotFound(_) | BlobError::ContainerNotFound(_) => libc::ENOENT,
-            BlobError::PreconditionFailed(_) => libc::ESTALE,
-            BlobError::Auth(_) => libc::EACCES,
-            BlobError::Unreachable(_) | BlobError::Service(_) | BlobError::Invalid(_) => libc::EIO,
-        }
-    }
 }
 
 pub type BlobResult<T> = Result<T, BlobError>;
@@ -171,4 +172,52 @@ where
         .into_iter()
         .map(|(k, v)| (k.as_ref().to_ascii_lowercase(), v.into()))
         .collect()
+}
+
+/// A shared store is a store (tests keep an `Arc` to inspect what a mount did).
+#[async_trait]
+impl<S: BlobStore> BlobStore for Arc<S> {
+    async fn list(&self, q: &ListQuery) -> BlobResult<ListPage> {
+        (**self).list(q).await
+    }
+    async fn head(&self, name: &str) -> BlobResult<BlobProps> {
+        (**self).head(name).await
+    }
+    async fn get_range(&self, name: &str, range: Range<u64>, etag: &str) -> BlobResult<Bytes> {
+        (**self).get_range(name, range, etag).await
+    }
+    async fn check_access(&self) -> BlobResult<()> {
+        (**self).check_access().await
+    }
+    async fn put(&self, n: &str, d: Bytes, m: &Metadata, e: &Expect) -> BlobResult<String> {
+        (**self).put(n, d, m, e).await
+    }
+    async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
+        (**self).stage_block(name, id, data).await
+    }
+    async fn commit_blocks(
+        &self,
+        n: &str,
+        ids: &[Vec<u8>],
+        m: &Metadata,
+        e: &Expect,
+    ) -> BlobResult<String> {
+        (**self).commit_blocks(n, ids, m, e).await
+    }
+    async fn set_metadata(&self, n: &str, m: &Metadata, etag: &str) -> BlobResult<String> {
+        (**self).set_metadata(n, m, etag).await
+    }
+    async fn copy(
+        &self,
+        from: &str,
+        from_etag: &str,
+        to: &str,
+        m: &Metadata,
+        e: &Expect,
+    ) -> BlobResult<String> {
+        (**self).copy(from, from_etag, to, m, e).await
+    }
+    async fn delete(&self, name: &str, etag: &str) -> BlobResult<()> {
+        (**self).delete(name, etag).await
+    }
 }

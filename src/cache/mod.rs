@@ -15,9 +15,16 @@
 //! inode's data (the index says so): a hydrated copy is renamed there, not copied, so read
 //! handles opened earlier see the writes too, as on a local disk. Local files hold data not
 //! yet uploaded and are never evicted; they are removed with their inode.
+//!
+//! The cache also counts open handles per inode (`pins.rs`) and knows the disk's free space
+//! without a syscall per write (`space.rs`).
 
-use crate::blob::{BlobError, BlobStore};
-use crate::index::BlobRef;
+mod pins;
+mod space;
+
+pub use pins::Pins;
+
+use crate::blob::{BlobError, BlobRef, BlobStore};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use std::fs::{DirBuilder, File, OpenOptions};
@@ -35,23 +42,13 @@ pub enum CacheError {
     Io(Arc<std::io::Error>),
     #[error("downloaded data failed verification: {0}")]
     Corrupt(String),
+    #[error("the cache disk is full (its last 1%, at most 256 MiB, is kept for the index)")]
+    DiskFull,
 }
 
 impl From<std::io::Error> for CacheError {
     fn from(e: std::io::Error) -> Self {
         CacheError::Io(Arc::new(e))
-    }
-}
-
-impl CacheError {
-    pub fn errno(&self) -> i32 {
-        match self {
-            // A read must never look like a missing file because the service is unwell.
-            CacheError::Blob(BlobError::NotFound(_)) => libc::EIO,
-            CacheError::Blob(e) => e.errno(),
-            CacheError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            CacheError::Corrupt(_) => libc::EIO,
-        }
     }
 }
 
@@ -83,6 +80,8 @@ pub struct Cache {
     present: moka::sync::Cache<String, Arc<PathBuf>>,
     tmp_seq: AtomicU64,
     pub downloads: AtomicU64,
+    pins: Pins,
+    space: space::Space,
 }
 
 fn private_dir(p: &Path) -> std::io::Result<()> {
@@ -110,7 +109,6 @@ impl Cache {
         private_dir(&tmp_dir)?;
         Ok(Cache {
             data_dir,
-            local_dir,
             tmp_dir,
             store,
             rt,
@@ -118,6 +116,9 @@ impl Cache {
             present: moka::sync::Cache::new(1 << 20),
             tmp_seq: AtomicU64::new(0),
             downloads: AtomicU64::new(0),
+            pins: Pins::default(),
+            space: space::Space::new(&local_dir),
+            local_dir,
         })
     }
 
@@ -185,7 +186,7 @@ impl Cache {
         match blob {
             Some(b) if !empty => {
                 // Hydrate (or find) the clean copy, then take it over.
-                drop(self.open(b)?);
+                self.hydrate(b)?;
                 let key = Self::key(b);
                 self.present.invalidate(&key);
                 std::fs::rename(self.data_dir.join(&key), &dest)?;
@@ -202,37 +203,30 @@ impl Cache {
         Ok(())
     }
 
-    fn statvfs(&self) -> std::io::Result<libc::statvfs> {
-        use std::os::unix::ffi::OsStrExt;
-        let path = std::ffi::CString::new(self.local_dir.as_os_str().as_bytes())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(st)
-    }
-
-    /// Free bytes and free inodes on the cache disk, less the reserve writers cannot use.
+    /// Free bytes and free inodes on the cache disk, less the reserve writers cannot use
+    /// (an estimate at most a fraction of a second old).
     pub fn free_space(&self) -> std::io::Result<(u64, u64)> {
-        let st = self.statvfs()?;
-        let total = st.f_blocks * st.f_frsize;
-        let reserve = (total / 100).clamp(1 << 20, 256 << 20);
-        Ok((
-            (st.f_bavail * st.f_frsize).saturating_sub(reserve),
-            st.f_favail,
-        ))
+        self.space.free()
     }
 
     /// Refuses (ENOSPC) a write of `bytes` that would eat into the reserve: the index needs
     /// that room to record deletions, or a full disk could never be freed from the mount.
     pub fn check_room(&self, bytes: u64) -> Result<(), CacheError> {
-        let (free, _) = self.free_space()?;
-        if bytes > free {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC).into());
+        if !self.space.take(bytes)? {
+            return Err(CacheError::DiskFull);
         }
         Ok(())
+    }
+
+    /// The open handles per inode.
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// Makes sure the clean copy of `blob` is cached (downloading it once, however many
+    /// callers ask at the same time).
+    pub fn hydrate(&self, blob: &BlobRef) -> Result<(), CacheError> {
+        self.open(blob).map(drop)
     }
 
     /// Removes the local copy of a deleted inode.

@@ -8,15 +8,21 @@
 //! at `opendir`, so a long `readdir` sees one consistent listing and offsets stay valid.
 //!
 //! Inodes live in the index and survive `forget`; the kernel's lookup counts need no
-//! bookkeeping because an inode is only freed once unlinked and closed. Changes (`write.rs`)
-//! go to the index and the local copy first; `writeback` takes them to the container.
+//! bookkeeping because an inode is only freed once unlinked and closed (open handles are
+//! counted in the cache's pins). Changes (`write.rs`) go to the index and the local copy
+//! first; `writeback` takes them to the container, asked by close and fsync and told of
+//! every change so its background thread wakes when one is due.
+//!
+//! Errors of every layer below become errnos in one place, `error.rs`.
 
 pub mod error;
 pub mod write;
 
 use crate::cache::Cache;
-use crate::index::names::Name;
-use crate::index::{Attr, DirEntry, Index, Kind};
+use crate::index::names::{Name, NameError};
+use crate::index::{DirEntry, Index};
+use crate::locks::InodeLocks;
+pub use crate::posix::{Attr, AttrChanges, Kind, RenameMode, SetTime};
 use crate::writeback::Writeback;
 pub use error::{FsError, FsResult};
 use std::collections::HashMap;
@@ -53,23 +59,14 @@ enum Handle {
     Dir(Arc<Vec<ListedEntry>>),
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct OpenCount {
-    handles: u32,
-    writers: u32,
-}
-
 pub struct SimFs {
-    index: Index,
-    cache: Cache,
+    index: Arc<Index>,
+    cache: Arc<Cache>,
     /// None on a read-only mount.
-    writeback: Option<Writeback>,
+    writeback: Option<Arc<Writeback>>,
     handles: Mutex<HashMap<u64, Handle>>,
-    /// Open file handles per inode: an unlinked inode is freed when none is left, and a
-    /// file with writers is left to their close or fsync by the background.
-    open_files: Mutex<HashMap<u64, OpenCount>>,
-    /// Serialises giving an inode its local copy.
-    localizing: Mutex<()>,
+    /// Giving an inode its local copy happens once per inode at a time (no other waits).
+    localizing: InodeLocks,
     next_fh: AtomicU64,
 }
 
@@ -78,31 +75,22 @@ pub const BLOCK_SIZE: u32 = 4096;
 /// The name of an entry that should exist: "." and ".." are resolved by the kernel, and
 /// anything else invalid cannot exist, except that an overlong name says so.
 fn existing_name(name: &OsStr) -> FsResult<Name> {
-    Name::from_os(name).map_err(|e| match e.errno() {
-        libc::ENAMETOOLONG => FsError::Name(e),
+    Name::from_os(name).map_err(|e| match e {
+        NameError::TooLong => FsError::Name(e),
         _ => FsError::NotFound,
     })
 }
 
 impl SimFs {
-    /// A read-only filesystem.
-    pub fn new(index: Index, cache: Cache) -> SimFs {
+    /// A filesystem over `index` and `cache`; read-write when `writeback` uploads changes.
+    pub fn new(index: Arc<Index>, cache: Arc<Cache>, writeback: Option<Arc<Writeback>>) -> SimFs {
         SimFs {
             index,
             cache,
-            writeback: None,
+            writeback,
             handles: Mutex::new(HashMap::new()),
-            open_files: Mutex::new(HashMap::new()),
-            localizing: Mutex::new(()),
+            localizing: InodeLocks::default(),
             next_fh: AtomicU64::new(1),
-        }
-    }
-
-    /// A read-write filesystem whose changes `writeback` uploads.
-    pub fn with_writeback(index: Index, cache: Cache, writeback: Writeback) -> SimFs {
-        SimFs {
-            writeback: Some(writeback),
-            ..SimFs::new(index, cache)
         }
     }
 
@@ -112,6 +100,11 @@ impl SimFs {
 
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// The write-back engine (None on a read-only mount).
+    pub fn writeback(&self) -> Option<&Arc<Writeback>> {
+        self.writeback.as_ref()
     }
 
     fn attr(&self, ino: u64) -> FsResult<Attr> {
@@ -198,7 +191,7 @@ impl SimFs {
             _ => return Err(FsError::NotFound),
         }
         if write {
-            self.writeback()?;
+            self.writable()?;
             self.make_local(ino, truncate)?;
         }
         let file = if self.index.is_local(ino)? {
@@ -207,7 +200,7 @@ impl SimFs {
             let blob = self.index.blob_of(ino)?.ok_or(FsError::NotFound)?;
             self.cache.open(&blob)?
         };
-        self.opened(ino, write);
+        self.cache.pins().pin(ino, write);
         Ok(self.insert_handle(Handle::File {
             ino,
             file: Arc::new(file),
@@ -215,13 +208,21 @@ impl SimFs {
         }))
     }
 
-    /// Gives `ino` its local copy if it has none yet.
+    /// Gives `ino` its local copy if it has none yet. The download happens before the
+    /// inode's lock is taken (concurrent callers share it through the cache's
+    /// single-flight), so no lock is held across the network and other inodes never wait.
     fn make_local(&self, ino: u64, empty: bool) -> FsResult<()> {
-        let _one = self.localizing.lock().unwrap();
         if self.index.is_local(ino)? {
             return Ok(());
         }
         let blob = self.index.blob_of(ino)?;
+        if let (Some(b), false) = (&blob, empty) {
+            self.cache.hydrate(b)?;
+        }
+        let _one = self.localizing.lock(ino);
+        if self.index.is_local(ino)? {
+            return Ok(());
+        }
         self.cache.make_local(ino, blob.as_ref(), empty)?;
         self.index.set_local(ino)?;
         Ok(())
@@ -255,45 +256,16 @@ impl SimFs {
         let Some(Handle::File { ino, write, .. }) = self.handles.lock().unwrap().remove(&fh) else {
             return Ok(());
         };
-        let last = {
-            let mut open = self.open_files.lock().unwrap();
-            let n = open.entry(ino).or_default();
-            n.handles = n.handles.saturating_sub(1);
-            if write {
-                n.writers = n.writers.saturating_sub(1);
-            }
-            let last = n.handles == 0;
-            if last {
-                open.remove(&ino);
-            }
-            last
-        };
+        let last = self.cache.pins().unpin(ino, write);
         if last && self.writeback.is_some() && self.attr(ino).is_ok_and(|a| a.nlink == 0) {
             self.index.mark_pending(ino, std::time::SystemTime::now())?;
-            self.sync(ino)?;
+            self.upload(ino)?;
         }
         Ok(())
     }
 
-    fn opened(&self, ino: u64, write: bool) {
-        let mut open = self.open_files.lock().unwrap();
-        let n = open.entry(ino).or_default();
-        n.handles += 1;
-        if write {
-            n.writers += 1;
-        }
-    }
-
-    pub(crate) fn is_open(&self, ino: u64) -> bool {
-        self.open_files.lock().unwrap().contains_key(&ino)
-    }
-
-    pub(crate) fn has_writers(&self, ino: u64) -> bool {
-        self.open_files
-            .lock()
-            .unwrap()
-            .get(&ino)
-            .is_some_and(|n| n.writers > 0)
+    fn is_open(&self, ino: u64) -> bool {
+        self.cache.pins().is_open(ino)
     }
 
     pub fn statfs(&self) -> FsResult<FsStats> {
@@ -331,6 +303,8 @@ impl SimFs {
     }
 }
 
+#[cfg(test)]
+mod concurrency_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

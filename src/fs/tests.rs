@@ -6,16 +6,38 @@ use crate::blob::memory::MemoryStore;
 use crate::blob::BlobStore;
 use crate::cache::CacheOptions;
 use crate::index::build::Defaults;
-use crate::index::sync::{build_index, SyncOptions};
+use crate::index::ingest::no_progress;
 use crate::index::{SourceId, ROOT_INO};
+use crate::mount::{prepare_with_store, MountConfig};
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering;
 
 pub(super) struct World {
     pub fs: Arc<SimFs>,
     pub store: Arc<FaultyStore<MemoryStore>>,
+    _lock: crate::mount::StateLock,
+    /// The mount's state directory (index and cache), inside `_dir`.
+    pub state: std::path::PathBuf,
     pub _rt: tokio::runtime::Runtime,
     pub _dir: tempfile::TempDir,
+}
+
+impl World {
+    /// "kill -9": the filesystem goes without closing, flushing or draining anything; its
+    /// lock on the state directory goes with the process. Returns the directory.
+    pub fn crash(self) -> tempfile::TempDir {
+        let World {
+            fs, _lock, _dir, ..
+        } = self;
+        std::mem::forget(fs);
+        drop(_lock);
+        _dir
+    }
+
+    /// The write-back engine of a read-write world.
+    pub fn wb(&self) -> &Arc<crate::writeback::Writeback> {
+        self.fs.writeback().expect("a read-write world")
+    }
 }
 
 pub(super) fn defaults() -> Defaults {
@@ -33,7 +55,7 @@ fn world_with(mem: MemoryStore, prefix: &str, chunk: u64) -> World {
 }
 
 /// A world over `store` with its state in `dir` (an index there is reused); read-write
-/// when `delay` is given (the write-back delay).
+/// when `delay` is given (the write-back delay). Wired exactly as a mount is.
 pub(super) fn world_on(
     store: Arc<FaultyStore<MemoryStore>>,
     dir: tempfile::TempDir,
@@ -50,57 +72,30 @@ pub(super) fn world_on(
         container_url: "mem://test".into(),
         prefix: prefix.into(),
     };
-    let opts = SyncOptions {
-        concurrency: 4,
-        defaults: defaults(),
-        progress_after: None,
+    let mut cfg = MountConfig::new(dir.path());
+    cfg.defaults = defaults();
+    cfg.list_concurrency = 4;
+    cfg.read_only = delay.is_none();
+    cfg.cache = CacheOptions {
+        chunk_size: chunk,
+        parallel: 4,
     };
-    let dyn_store: Arc<dyn BlobStore> = store.clone();
-    let db = dir.path().join("index.db");
-    let index = match crate::index::Index::open_existing(&db, &source).unwrap() {
-        Some(i) => i,
-        None => {
-            rt.block_on(build_index(dyn_store.clone(), &source, &db, &opts))
-                .unwrap()
-                .0
-        }
-    };
-    let cache = crate::cache::Cache::new(
-        &dir.path().join("cache"),
-        dyn_store.clone(),
-        rt.handle().clone(),
-        CacheOptions {
-            chunk_size: chunk,
+    cfg.writeback = crate::writeback::WritebackOptions {
+        delay: delay.unwrap_or_default(),
+        upload: crate::blob::upload::UploadOptions {
+            single_put_max: 64 << 10,
+            block_size: 16 << 10,
             parallel: 4,
         },
-    )
-    .unwrap();
-    let fs = match delay {
-        None => SimFs::new(index, cache),
-        Some(delay) => {
-            let opts = crate::writeback::WritebackOptions {
-                delay,
-                upload: crate::blob::upload::UploadOptions {
-                    single_put_max: 64 << 10,
-                    block_size: 16 << 10,
-                    parallel: 4,
-                },
-                ..Default::default()
-            };
-            let wb = crate::writeback::Writeback::new(
-                dyn_store,
-                rt.handle().clone(),
-                prefix.to_string(),
-                opts,
-            );
-            let fs = SimFs::with_writeback(index, cache, wb);
-            fs.recover().unwrap();
-            fs
-        }
+        ..Default::default()
     };
+    let dyn_store: Arc<dyn BlobStore> = store.clone();
+    let p = prepare_with_store(dyn_store, &source, &cfg, &rt, &no_progress).unwrap();
     World {
-        fs: Arc::new(fs),
+        fs: p.fs,
         store,
+        _lock: p.lock,
+        state: p.state_dir,
         _rt: rt,
         _dir: dir,
     }
@@ -409,7 +404,7 @@ fn opening_for_write_is_refused_on_the_read_only_mount() {
 fn index_is_reused_with_stable_inodes_only_for_the_same_source() {
     let w = world_with(fixture(), "", 1 << 20);
     let ino = path(&w, "venv/bin/python").unwrap().ino;
-    let db = w._dir.path().join("index.db");
+    let db = w.state.join("index.db");
     let same = SourceId {
         container_url: "mem://test".into(),
         prefix: "".into(),
@@ -440,7 +435,7 @@ fn cached_data_is_private_to_the_mounting_user() {
     use std::os::unix::fs::PermissionsExt;
     let w = world_with(fixture(), "", 1 << 20);
     read_all(&w, "venv/lib/site.py").unwrap();
-    let cache = w._dir.path().join("cache");
+    let cache = w.state.join("cache");
     for d in [cache.clone(), cache.join("data"), cache.join("tmp")] {
         let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700, "{}", d.display());

@@ -1,9 +1,10 @@
 //! The write half of the filesystem core: namespace changes, attributes, data, durability.
 //!
 //! Every change lands in the index (and, for data, the inode's local copy) before the call
-//! returns, marked pending for write-back; nothing here waits for the network except
-//! `flush` of a written handle (close), `fsync` and `fsyncdir`, which upload and return only
-//! once the container has the data, or fail with EIO leaving it pending for a retry.
+//! returns, marked pending for write-back, which is told when it is due; nothing here waits
+//! for the network except `flush` of a written handle (close), `fsync` and `fsyncdir`, which
+//! ask write-back to upload and return only once the container has the data, or fail with
+//! EIO leaving it pending for a retry.
 //!
 //! Permission checks are the kernel's (`default_permissions`); what it cannot know lives
 //! here: setgid directories hand their group (and, to subdirectories, their setgid bit) to
@@ -11,16 +12,15 @@
 
 use super::{existing_name, FsError, FsResult, Handle, SimFs};
 use crate::index::names::Name;
-use crate::index::write::{AttrChanges, NewNode, RenameMode};
-use crate::index::{Attr, Kind};
+use crate::index::write::NewNode;
+use crate::posix::{Attr, AttrChanges, Kind, RenameMode, SetTime};
 use crate::writeback::Writeback;
 use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 /// Who asks, as the kernel tells us.
 #[derive(Clone, Copy, Debug)]
@@ -28,27 +28,6 @@ pub struct Caller {
     pub uid: u32,
     pub gid: u32,
 }
-
-/// A time a setattr sets.
-#[derive(Clone, Copy, Debug)]
-pub enum SetTime {
-    Now,
-    At(SystemTime),
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct SetAttr {
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub size: Option<u64>,
-    pub atime: Option<SetTime>,
-    pub mtime: Option<SetTime>,
-    pub ctime: Option<SystemTime>,
-}
-
-/// Inodes the background syncs at once.
-const SYNC_PARALLEL: usize = 16;
 
 /// Blob names are UTF-8; a name that is not cannot be stored.
 fn new_name(name: &OsStr) -> FsResult<Name> {
@@ -62,21 +41,21 @@ fn new_name(name: &OsStr) -> FsResult<Name> {
 }
 
 impl SimFs {
-    pub(crate) fn writeback(&self) -> FsResult<&Writeback> {
-        self.writeback.as_ref().ok_or(FsError::ReadOnly)
+    pub(crate) fn writable(&self) -> FsResult<&Writeback> {
+        self.writeback.as_deref().ok_or(FsError::ReadOnly)
     }
 
-    /// Sets how write-back tells the kernel about entries it renamed (conflicts).
-    pub fn set_invalidator(&self, f: crate::writeback::Invalidator) {
-        if let Some(wb) = &self.writeback {
-            wb.set_invalidator(f);
-        }
-    }
-
-    /// When a change made now should be uploaded by the background.
+    /// Now, and when a change made now should be uploaded by the background.
     fn due(&self) -> FsResult<(SystemTime, SystemTime)> {
         let now = SystemTime::now();
-        Ok((now, now + self.writeback()?.opts.delay))
+        Ok((now, now + self.writable()?.delay()))
+    }
+
+    /// Tells write-back that a change due at `due` was made.
+    fn changed(&self, due: SystemTime) {
+        if let Some(wb) = &self.writeback {
+            wb.changed(due);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -113,6 +92,7 @@ impl SimFs {
         if kind == Kind::File {
             self.cache.make_local(attr.ino, None, true)?;
         }
+        self.changed(due);
         Ok(attr)
     }
 
@@ -126,7 +106,7 @@ impl SimFs {
     ) -> FsResult<(Attr, u64)> {
         let attr = self.new_inode(parent, name, Kind::File, mode, 0, who, None)?;
         let file = self.cache.open_local(attr.ino, true)?;
-        self.opened(attr.ino, true);
+        self.cache.pins().pin(attr.ino, true);
         let fh = self.insert_handle(Handle::File {
             ino: attr.ino,
             file: Arc::new(file),
@@ -177,15 +157,18 @@ impl SimFs {
     pub fn link(&self, ino: u64, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let (now, due) = self.due()?;
         let name = new_name(name)?;
-        Ok(self.index.link(ino, parent, &name, now, due)?)
+        let a = self.index.link(ino, parent, &name, now, due)?;
+        self.changed(due);
+        Ok(a)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let (now, due) = self.due()?;
         let a = self.index.unlink(parent, &existing_name(name)?, now, due)?;
+        self.changed(due);
         if a.nlink == 0 && !self.is_open(a.ino) {
             // Nothing can reach it any more: free it now rather than after the delay.
-            self.sync(a.ino)?;
+            self.upload(a.ino)?;
         }
         Ok(())
     }
@@ -193,6 +176,7 @@ impl SimFs {
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let (now, due) = self.due()?;
         self.index.rmdir(parent, &existing_name(name)?, now, due)?;
+        self.changed(due);
         Ok(())
     }
 
@@ -215,18 +199,20 @@ impl SimFs {
             now,
             due,
         )?;
+        self.changed(due);
         if let Some(r) = replaced {
             if !self.is_open(r) && self.attr(r).is_ok_and(|a| a.nlink == 0) {
-                self.sync(r)?;
+                self.upload(r)?;
             }
         }
         Ok(())
     }
 
-    pub fn setattr(&self, ino: u64, s: &SetAttr) -> FsResult<Attr> {
+    pub fn setattr(&self, ino: u64, c: &AttrChanges) -> FsResult<Attr> {
         let (now, due) = self.due()?;
         let a = self.attr(ino)?;
-        if let Some(size) = s.size {
+        let mut c = c.clone();
+        if let Some(size) = c.size {
             if a.kind == Kind::Dir {
                 return Err(FsError::IsDir);
             }
@@ -236,27 +222,14 @@ impl SimFs {
             self.make_local(ino, size == 0)?;
             let f = self.cache.open_local(ino, true)?;
             f.set_len(size)?;
+            // truncate(2) changes the times like a write, when the size changes.
+            if size != a.size && c.mtime.is_none() {
+                c.mtime = Some(SetTime::Now);
+            }
         }
-        let mut c = AttrChanges {
-            perm: s.mode.map(|m| m & 0o7777),
-            uid: s.uid,
-            gid: s.gid,
-            size: s.size,
-            mtime: s.mtime.map(|t| match t {
-                SetTime::Now => now,
-                SetTime::At(t) => t,
-            }),
-            ctime: s.ctime,
-            atime: s.atime.map(|t| match t {
-                SetTime::Now => now,
-                SetTime::At(t) => t,
-            }),
-        };
-        // truncate(2) changes the times like a write, when the size changes.
-        if s.size.is_some_and(|n| n != a.size) && c.mtime.is_none() {
-            c.mtime = Some(now);
-        }
-        Ok(self.index.setattr(ino, &c, now, due)?)
+        let a = self.index.setattr(ino, &c, now, due)?;
+        self.changed(due);
+        Ok(a)
     }
 
     /// Writes `data` at `offset` through handle `fh`; returns the bytes written.
@@ -270,6 +243,7 @@ impl SimFs {
         file.write_all_at(data, offset)?;
         self.index
             .wrote(ino, offset + data.len() as u64, now, due)?;
+        self.changed(due);
         Ok(data.len() as u32)
     }
 
@@ -301,6 +275,7 @@ impl SimFs {
                 ..Default::default()
             };
             self.index.setattr(ino, &grow, now, due)?;
+            self.changed(due);
         }
         Ok(())
     }
@@ -309,7 +284,7 @@ impl SimFs {
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         let (ino, _, writable) = self.file_handle(fh)?;
         if writable {
-            self.sync(ino)?;
+            self.upload(ino)?;
         }
         Ok(())
     }
@@ -319,141 +294,21 @@ impl SimFs {
         if self.writeback.is_none() {
             return Ok(());
         }
-        self.sync(ino)
+        self.upload(ino)
     }
 
     /// fsyncdir(2): every pending change is committed (entries of a directory depend on
     /// changes elsewhere, such as a rename's source).
     pub fn fsyncdir(&self) -> FsResult<()> {
-        if self.writeback.is_none() {
-            return Ok(());
-        }
-        let failed = self.drain(true, |_| {})?;
-        if failed > 0 {
-            return Err(FsError::Upload(format!(
-                "{failed} changes could not be uploaded"
-            )));
-        }
-        Ok(())
-    }
-
-    pub(crate) fn sync(&self, ino: u64) -> FsResult<()> {
-        let wb = self.writeback()?;
-        wb.sync_inode(&self.index, &self.cache, ino, self.is_open(ino))
-            .map_err(|e| FsError::Writeback(Arc::new(e)))
-    }
-
-    /// One round of background work: syncs what is due and empties the trash. A file that
-    /// is open for writing is left to its writer's close or fsync unless `writers_too`:
-    /// uploading it midway would only be uploaded again. Returns when the next item will
-    /// be due (None: nothing pending).
-    pub fn sync_due(&self, writers_too: bool) -> FsResult<Option<SystemTime>> {
-        self.sync_due_with(writers_too, &mut || {})
-    }
-
-    /// `sync_due`, calling `after_batch` after each batch of (up to 256) inodes.
-    fn sync_due_with(
-        &self,
-        writers_too: bool,
-        after_batch: &mut dyn FnMut(),
-    ) -> FsResult<Option<SystemTime>> {
-        let Some(wb) = &self.writeback else {
-            return Ok(None);
-        };
-        loop {
-            let now = SystemTime::now();
-            let due = self.index.due(now, 256)?;
-            if due.is_empty() {
-                break;
-            }
-            let due = due.into_iter().filter(|&ino| {
-                let busy = !writers_too && self.has_writers(ino);
-                if busy {
-                    let _ = self.index.defer(ino, now + wb.opts.delay);
-                }
-                !busy
-            });
-            let queue = Mutex::new(due.collect::<Vec<_>>().into_iter());
-            let progress = AtomicBool::new(false);
-            // Several syncs at once: each is mostly a round trip. Failures are recorded with
-            // a retry time by sync_inode itself.
-            std::thread::scope(|scope| {
-                for _ in 0..SYNC_PARALLEL {
-                    scope.spawn(|| loop {
-                        let Some(ino) = queue.lock().unwrap().next() else {
-                            break;
-                        };
-                        if self.sync(ino).is_ok() {
-                            progress.store(true, Ordering::Relaxed);
-                        }
-                    });
-                }
-            });
-            after_batch();
-            if !progress.load(Ordering::Relaxed) {
-                break;
-            }
-        }
-        wb.empty_trash(&self.index)
-            .map_err(|e| FsError::Writeback(Arc::new(e)))?;
-        Ok(self.index.pending()?.1)
-    }
-
-    /// Uploads everything pending now (files still open for writing too when
-    /// `writers_too`), calling `progress` with the number left after each round; returns how
-    /// many changes are still failing.
-    pub fn drain(&self, writers_too: bool, mut progress: impl FnMut(u64)) -> FsResult<u64> {
-        self.writeback()?;
-        self.index.all_due_now()?;
-        let mut last_left = u64::MAX;
-        loop {
-            self.sync_due_with(writers_too, &mut || {
-                if let Ok((left, _)) = self.index.pending() {
-                    progress(left);
-                }
-            })?;
-            let left = self.index.pending()?.0;
-            progress(left);
-            if left == 0 {
-                return Ok(0);
-            }
-            if left >= last_left {
-                // No progress this round: what is left is failing.
-                return Ok(left);
-            }
-            last_left = left;
-            self.index.all_due_now()?;
-            std::thread::sleep(Duration::from_millis(10));
+        match &self.writeback {
+            Some(wb) => Ok(wb.drain_all().map_err(Arc::new)?),
+            None => Ok(()),
         }
     }
 
-    /// Number of pending changes and the ones failing with their last error.
-    pub fn pending(&self) -> FsResult<(u64, Vec<crate::index::journal::Failing>)> {
-        Ok((self.index.pending()?.0, self.index.failing()?))
-    }
-
-    /// Mount-time recovery: local copies may be longer than the index recorded (a crash
-    /// between the write and its index update); every pending change is due at once.
-    pub fn recover(&self) -> FsResult<u64> {
-        for ino in self.index.local_inodes()? {
-            let Ok(a) = self.attr(ino) else { continue };
-            // A crash between creating the inode and its (empty) local file.
-            if !self.cache.local_path(ino).exists() && a.size == 0 {
-                self.cache.make_local(ino, None, true)?;
-            }
-            if let Ok(md) = std::fs::metadata(self.cache.local_path(ino)) {
-                if md.len() != a.size && a.nlink > 0 {
-                    let now = SystemTime::now();
-                    let size = AttrChanges {
-                        size: Some(md.len()),
-                        ..Default::default()
-                    };
-                    self.index.setattr(ino, &size, now, now)?;
-                }
-            }
-        }
-        self.index.all_due_now()?;
-        Ok(self.index.pending()?.0)
+    /// Asks write-back to upload `ino` now; returns once it is committed.
+    pub(crate) fn upload(&self, ino: u64) -> FsResult<()> {
+        Ok(self.writable()?.upload(ino).map_err(Arc::new)?)
     }
 }
 

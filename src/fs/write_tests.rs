@@ -2,11 +2,10 @@
 //! matters, through a "fresh node" (a new index built from the container alone).
 
 use super::tests::{fixture, path, read_all, world_on, World};
-use super::write::{Caller, SetAttr, SetTime};
+use super::write::Caller;
 use super::*;
 use crate::blob::faulty::FaultyStore;
 use crate::blob::memory::MemoryStore;
-use crate::index::write::RenameMode;
 use crate::index::ROOT_INO;
 use std::ffi::OsStr;
 use std::time::{Duration, SystemTime};
@@ -53,7 +52,7 @@ fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> Attr {
 }
 
 fn drain(w: &World) {
-    assert_eq!(w.fs.drain(true, |_| {}).unwrap(), 0, "everything uploads");
+    assert_eq!(w.wb().drain(true, |_| {}).unwrap(), 0, "everything uploads");
 }
 
 fn errno(r: FsResult<impl std::fmt::Debug>) -> i32 {
@@ -90,8 +89,8 @@ fn modes_owners_times_dirs_and_symlinks_persist_for_a_fresh_node() {
         .unwrap();
     let f = write_file(&w, "out", "x.sh", b"echo");
     let t = SystemTime::UNIX_EPOCH + Duration::new(1_600_000_000, 123);
-    let set = SetAttr {
-        mode: Some(0o4755),
+    let set = AttrChanges {
+        perm: Some(0o4755),
         uid: Some(0),
         gid: Some(42),
         mtime: Some(SetTime::At(t)),
@@ -296,7 +295,7 @@ fn special_files_and_access_times_are_kept() {
             .unwrap();
     assert_eq!((dev.kind, dev.rdev), (Kind::CharDevice, 0x0103));
     let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-    let set = SetAttr {
+    let set = AttrChanges {
         atime: Some(SetTime::At(t)),
         ..Default::default()
     };
@@ -370,7 +369,7 @@ fn a_refused_upload_fails_close_with_eio_and_is_retried_later() {
     w.fs.write(fh, 0, b"weights").unwrap();
     assert_eq!(errno(w.fs.flush(fh)), libc::EIO);
     w.fs.release(fh).unwrap();
-    let (pending, failing) = w.fs.pending().unwrap();
+    let (pending, failing) = w.wb().pending().unwrap();
     assert_eq!(pending, 1);
     assert_eq!(failing[0].ino, a.ino);
     assert!(w.store.inner().names().is_empty());
@@ -432,12 +431,12 @@ fn pending_changes_survive_a_crash_and_the_next_mount_uploads_them() {
         w.fs.mkdir(ROOT_INO, OsStr::new("later"), 0o700, ME)
             .unwrap();
     let (_, fh) = w.fs.create(d.ino, OsStr::new("f"), 0o600, ME).unwrap();
-    w.fs.write(fh, 0, b"unsynced").unwrap();
+    w.fs.write(fh, 0, b"not uploaded").unwrap();
     let venv = dir_of(&w, "venv");
     w.fs.setattr(
         venv,
-        &SetAttr {
-            mode: Some(0o711),
+        &AttrChanges {
+            perm: Some(0o711),
             ..Default::default()
         },
     )
@@ -458,10 +457,10 @@ fn pending_changes_survive_a_crash_and_the_next_mount_uploads_them() {
         1 << 20,
         Some(Duration::from_secs(3600)),
     );
-    assert!(again.fs.pending().unwrap().0 >= 3);
+    assert!(again.wb().pending().unwrap().0 >= 3);
     drain(&again);
     let n = fresh(&again);
-    assert_eq!(read_all(&n, "later/f").unwrap(), b"unsynced");
+    assert_eq!(read_all(&n, "later/f").unwrap(), b"not uploaded");
     assert_eq!(path(&n, "venv").unwrap().perm, 0o711);
     assert_eq!(path(&n, "later").unwrap().perm, 0o700);
 }
@@ -479,7 +478,7 @@ fn a_directory_rename_interrupted_at_every_step_resumes_without_loss_or_duplicat
         w.fs.rename(ROOT_INO, v, ROOT_INO, e, RenameMode::Replace)
             .unwrap();
         store.writes_left(cut);
-        let _ = w.fs.drain(true, |_| {});
+        let _ = w.wb().drain(true, |_| {});
         std::mem::forget(w); // the crash
         store.writes_left(u64::MAX);
         let dir = tempfile::TempDir::new().unwrap();
@@ -535,8 +534,8 @@ fn a_burst_of_attribute_changes_costs_one_request() {
             w.fs.create(d.ino, OsStr::new(&format!("f{i}")), 0o600, ME)
                 .unwrap();
         w.fs.write(fh, 0, b"x").unwrap();
-        let set = SetAttr {
-            mode: Some(0o644),
+        let set = AttrChanges {
+            perm: Some(0o644),
             uid: Some(1),
             gid: Some(2),
             mtime: Some(SetTime::Now),
@@ -549,8 +548,8 @@ fn a_burst_of_attribute_changes_costs_one_request() {
     for m in [0o700, 0o750, 0o755] {
         w.fs.setattr(
             d.ino,
-            &SetAttr {
-                mode: Some(m),
+            &AttrChanges {
+                perm: Some(m),
                 ..Default::default()
             },
         )
@@ -575,7 +574,7 @@ fn truncating_to_zero_needs_no_download() {
         .load(std::sync::atomic::Ordering::SeqCst);
     w.fs.setattr(
         a.ino,
-        &SetAttr {
+        &AttrChanges {
             size: Some(0),
             ..Default::default()
         },
@@ -639,7 +638,7 @@ fn the_background_leaves_a_file_being_written_to_its_close() {
         w.fs.create(ROOT_INO, OsStr::new("growing"), 0o644, ME)
             .unwrap();
     w.fs.write(fh, 0, b"part one").unwrap();
-    w.fs.sync_due(false).unwrap();
+    w.wb().upload_due(false).unwrap();
     assert!(
         w.store.inner().names().is_empty(),
         "no upload while being written"
@@ -661,7 +660,7 @@ fn the_background_leaves_a_file_being_written_to_its_close() {
 }
 
 #[test]
-fn a_rotation_of_many_names_synced_in_parallel_loses_nothing() {
+fn a_rotation_of_many_names_uploaded_in_parallel_loses_nothing() {
     let w = rw(MemoryStore::new());
     let n = 24;
     for i in 0..n {

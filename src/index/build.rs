@@ -14,8 +14,9 @@
 //! crash while indexing never leaves a half index that a later mount would trust.
 
 use super::names::{split_blob_name, Name};
-use super::{to_ns, Finding, IndexResult, Kind, SourceId, SCHEMA, SCHEMA_VERSION};
+use super::{Finding, IndexResult, SourceId, SCHEMA, SCHEMA_VERSION};
 use crate::blob::{format, BlobProps};
+use crate::posix::{to_ns, Kind};
 use rusqlite::{params, Connection};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -361,7 +362,7 @@ impl TreeBuilder {
                 let ino = id as i64 + 1;
                 ins.execute(params![
                     ino,
-                    n.kind.to_i64(),
+                    super::kind_code(n.kind),
                     n.perm,
                     n.uid,
                     n.gid,
@@ -403,6 +404,7 @@ impl TreeBuilder {
             meta.execute(params!["prefix", source.prefix])?;
             meta.execute(params!["complete", "1"])?;
         }
+        tx.execute_batch(super::TOTALS)?;
         tx.commit()?;
         conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
         drop(conn);

@@ -13,15 +13,14 @@
 //! deleted from there: a crash between writing the new name and deleting the old one leaves
 //! a trash row, never an unclaimed duplicate.
 
-use super::{
-    from_ns, row_attr, to_ns, Attr, Index, IndexResult, Kind, ATTR_COLS, ATTR_N, ROOT_INO,
-};
+use super::{row_attr, Index, IndexResult, ATTR_COLS, ATTR_N, ROOT_INO};
+use crate::posix::{from_ns, to_ns, Attr, Kind};
 use rusqlite::{params, Connection, OptionalExtension};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-/// Everything write-back needs to bring one inode's container side up to date.
+/// Everything write-back needs to bring one pending inode's container side up to date.
 #[derive(Clone, Debug)]
-pub struct SyncView {
+pub struct PendingInode {
     pub attr: Attr,
     /// The claimed data blob (file data, directory marker, symlink) and its ETag.
     pub blob: Option<(String, String)>,
@@ -91,13 +90,10 @@ fn dir_path(c: &Connection, ino: u64) -> IndexResult<Option<Vec<u8>>> {
 }
 
 impl Index {
-    /// The path of directory `ino` relative to the mount root (None if it has no name).
-    pub fn dir_path(&self, ino: u64) -> IndexResult<Option<Vec<u8>>> {
-        self.with_conn(|c| dir_path(c, ino))
-    }
-
-    /// The state of a pending inode; None when it is not pending (or gone).
-    pub fn sync_view(&self, ino: u64) -> IndexResult<Option<SyncView>> {
+    /// The state of a pending inode, data writes held in memory included; None when it is
+    /// not pending (or gone).
+    pub fn pending_inode(&self, ino: u64) -> IndexResult<Option<PendingInode>> {
+        self.persist_written()?;
         self.with_conn(|c| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {ATTR_COLS}, i.blob, i.etag, i.link_id, i.target, i.local, i.dirty, i.gen
@@ -108,7 +104,7 @@ impl Index {
                     let n = ATTR_N;
                     let blob: Option<String> = r.get(n)?;
                     let etag: Option<String> = r.get(n + 1)?;
-                    Ok(SyncView {
+                    Ok(PendingInode {
                         attr: row_attr(r, 0)?,
                         blob: blob.map(|b| (b, etag.unwrap_or_default())),
                         link_id: r.get(n + 2)?,
@@ -218,7 +214,7 @@ impl Index {
             let (kind, nlink, local) = st
                 .query_row([ino], |r| {
                     Ok((
-                        super::Kind::from_i64(r.get(0)?)?,
+                        super::kind_from_code(r.get(0)?)?,
                         r.get::<_, i64>(1)?,
                         r.get::<_, bool>(2)?,
                     ))
@@ -236,11 +232,11 @@ impl Index {
         })
     }
 
-    /// Records what write-back wrote for `ino`: its data blob (None: nothing, e.g. the root)
+    /// Records what write-back uploaded for `ino`: its data blob (None: nothing, e.g. the root)
     /// and stubs. Claims other inodes had on these names are dropped; names `ino` claimed
     /// before and no longer does go to the trash. The inode stops being pending unless it
     /// changed meanwhile (`gen`). With `remove`, the (unlinked) inode's row goes too.
-    pub fn record_sync(
+    pub fn record_upload(
         &self,
         ino: u64,
         gen: i64,
@@ -348,15 +344,28 @@ impl Index {
         })
     }
 
-    /// A sync of `ino` failed: retry at `due`.
-    pub fn sync_failed(&self, ino: u64, error: &str, due: SystemTime) -> IndexResult<()> {
+    /// An upload of `ino` failed: it is retried after a backoff that doubles with each
+    /// failure (1 s, 2 s, 4 s, ... up to `max_backoff`). Returns that backoff.
+    pub fn upload_failed(
+        &self,
+        ino: u64,
+        error: &str,
+        now: SystemTime,
+        max_backoff: Duration,
+    ) -> IndexResult<Duration> {
         self.write(|tx| {
+            let failures: i64 = tx
+                .prepare_cached("SELECT failures FROM inodes WHERE ino = ?1")?
+                .query_row([ino as i64], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let backoff = Duration::from_secs(1 << failures.clamp(0, 6)).min(max_backoff);
             tx.prepare_cached(
                 "UPDATE inodes SET failures = failures + 1, last_error = ?2, due_ns = ?3
                  WHERE ino = ?1",
             )?
-            .execute(params![ino as i64, error, to_ns(due)])?;
-            Ok(())
+            .execute(params![ino as i64, error, to_ns(now + backoff)])?;
+            Ok(backoff)
         })
     }
 

@@ -11,112 +11,60 @@
 //!
 //! The index is also the write-back journal. Every local change marks the inode `pending`
 //! (its container side differs) in the same transaction that makes the change, so a crash at
-//! any point leaves a record of what is still to upload; `gen` counts changes so a sync that
+//! any point leaves a record of what is still to upload; `gen` counts changes so an upload that
 //! raced with a newer change leaves the inode pending. Reads go through a pool of read-only
 //! connections, writes through one writer connection; WAL lets them run side by side.
 //! Inode numbers come from AUTOINCREMENT so a deleted inode's number is never handed out
 //! again while the kernel may still know it.
+//!
+//! Data writes are the one change not made a transaction at a time (`written.rs`): the first
+//! write to a clean inode marks it dirty in a transaction before it returns (the crash
+//! guarantee), later ones only update its size and mtime in memory, which every read here
+//! overlays and the next transaction of any kind persists. `totals` keeps the file count and
+//! byte sum up to date by triggers, so `statfs` reads one row.
 
 pub mod build;
+pub mod ingest;
 pub mod journal;
 pub mod names;
-pub mod sync;
 pub mod write;
+mod written;
 
+use crate::blob::BlobRef;
+use crate::posix::{from_ns, Attr, Kind};
 use names::Name;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+use written::Written;
 
 pub const ROOT_INO: u64 = 1;
 const SCHEMA_VERSION: &str = "2";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Dir,
-    File,
-    Symlink,
-    /// Special files: kept in the index and persisted as empty blobs with `simfs_type`.
-    Fifo,
-    Socket,
-    CharDevice,
-    BlockDevice,
-}
-
-impl Kind {
-    fn to_i64(self) -> i64 {
-        match self {
-            Kind::Dir => 1,
-            Kind::File => 2,
-            Kind::Symlink => 3,
-            Kind::Fifo => 4,
-            Kind::Socket => 5,
-            Kind::CharDevice => 6,
-            Kind::BlockDevice => 7,
-        }
-    }
-
-    /// The `simfs_type` value of a special file.
-    pub fn special_name(self) -> Option<&'static str> {
-        match self {
-            Kind::Fifo => Some("fifo"),
-            Kind::Socket => Some("socket"),
-            Kind::CharDevice => Some("char"),
-            Kind::BlockDevice => Some("block"),
-            _ => None,
-        }
-    }
-
-    pub fn from_special_name(v: &str) -> Option<Kind> {
-        [
-            Kind::Fifo,
-            Kind::Socket,
-            Kind::CharDevice,
-            Kind::BlockDevice,
-        ]
-        .into_iter()
-        .find(|k| k.special_name() == Some(v))
-    }
-
-    fn from_i64(v: i64) -> rusqlite::Result<Kind> {
-        match v {
-            1 => Ok(Kind::Dir),
-            2 => Ok(Kind::File),
-            3 => Ok(Kind::Symlink),
-            4 => Ok(Kind::Fifo),
-            5 => Ok(Kind::Socket),
-            6 => Ok(Kind::CharDevice),
-            7 => Ok(Kind::BlockDevice),
-            _ => Err(rusqlite::Error::IntegralValueOutOfRange(0, v)),
-        }
+/// The SQLite encoding of a kind.
+fn kind_code(k: Kind) -> i64 {
+    match k {
+        Kind::Dir => 1,
+        Kind::File => 2,
+        Kind::Symlink => 3,
+        Kind::Fifo => 4,
+        Kind::Socket => 5,
+        Kind::CharDevice => 6,
+        Kind::BlockDevice => 7,
     }
 }
 
-/// Attributes of one inode, FUSE-free.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Attr {
-    pub ino: u64,
-    pub kind: Kind,
-    /// Permission bits, setuid/setgid/sticky included.
-    pub perm: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub size: u64,
-    pub atime: SystemTime,
-    pub mtime: SystemTime,
-    pub ctime: SystemTime,
-    pub nlink: u32,
-    /// Device number of a character or block device.
-    pub rdev: u32,
-}
-
-/// Where an inode's data comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlobRef {
-    pub name: String,
-    pub etag: String,
-    pub size: u64,
-    pub content_md5: Option<Vec<u8>>,
+fn kind_from_code(v: i64) -> rusqlite::Result<Kind> {
+    match v {
+        1 => Ok(Kind::Dir),
+        2 => Ok(Kind::File),
+        3 => Ok(Kind::Symlink),
+        4 => Ok(Kind::Fifo),
+        5 => Ok(Kind::Socket),
+        6 => Ok(Kind::CharDevice),
+        7 => Ok(Kind::BlockDevice),
+        _ => Err(rusqlite::Error::IntegralValueOutOfRange(0, v)),
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,21 +103,6 @@ pub enum Refusal {
     TooManyLinks,
 }
 
-impl Refusal {
-    pub fn errno(self) -> i32 {
-        match self {
-            Refusal::NotFound => libc::ENOENT,
-            Refusal::Exists => libc::EEXIST,
-            Refusal::NotEmpty => libc::ENOTEMPTY,
-            Refusal::NotDir => libc::ENOTDIR,
-            Refusal::IsDir => libc::EISDIR,
-            Refusal::Invalid => libc::EINVAL,
-            Refusal::NotPermitted => libc::EPERM,
-            Refusal::TooManyLinks => libc::EMLINK,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     #[error(transparent)]
@@ -183,17 +116,14 @@ pub enum IndexError {
 }
 
 impl IndexError {
-    pub fn errno(&self) -> i32 {
+    /// The database could not grow: the cache disk is full.
+    pub fn is_disk_full(&self) -> bool {
         match self {
-            IndexError::Refused(r) => r.errno(),
-            IndexError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
-            // A full cache disk must reach the writer as ENOSPC, not as a generic I/O error.
-            IndexError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
-                if f.code == rusqlite::ErrorCode::DiskFull =>
-            {
-                libc::ENOSPC
+            IndexError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+                f.code == rusqlite::ErrorCode::DiskFull
             }
-            _ => libc::EIO,
+            IndexError::Io(e) => e.raw_os_error() == Some(libc::ENOSPC),
+            _ => false,
         }
     }
 }
@@ -205,21 +135,6 @@ pub type IndexResult<T> = Result<T, IndexError>;
 pub struct SourceId {
     pub container_url: String,
     pub prefix: String,
-}
-
-pub fn to_ns(t: SystemTime) -> i64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
-        Err(e) => -(e.duration().as_nanos().min(i64::MAX as u128) as i64),
-    }
-}
-
-pub fn from_ns(ns: i64) -> SystemTime {
-    if ns >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
-    }
 }
 
 const SCHEMA: &str = "
@@ -264,6 +179,28 @@ CREATE INDEX dentries_by_ino ON dentries(ino);
 CREATE TABLE findings(blob TEXT NOT NULL, hidden INTEGER NOT NULL, reason TEXT NOT NULL);
 ";
 
+/// Running totals for statfs, kept by triggers (added to indexes built before them, too).
+const TOTALS: &str = "
+CREATE TABLE IF NOT EXISTS totals(files INTEGER NOT NULL, bytes INTEGER NOT NULL);
+INSERT INTO totals SELECT * FROM (
+    SELECT count(*), coalesce(sum(CASE WHEN kind = 2 THEN size END), 0) FROM inodes
+    WHERE nlink > 0) WHERE NOT EXISTS (SELECT 1 FROM totals);
+CREATE TRIGGER IF NOT EXISTS totals_insert AFTER INSERT ON inodes BEGIN
+    UPDATE totals SET files = files + (NEW.nlink > 0),
+        bytes = bytes + CASE WHEN NEW.kind = 2 AND NEW.nlink > 0 THEN NEW.size ELSE 0 END;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_delete AFTER DELETE ON inodes BEGIN
+    UPDATE totals SET files = files - (OLD.nlink > 0),
+        bytes = bytes - CASE WHEN OLD.kind = 2 AND OLD.nlink > 0 THEN OLD.size ELSE 0 END;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_update AFTER UPDATE OF size, nlink ON inodes
+WHEN OLD.size != NEW.size OR OLD.nlink != NEW.nlink BEGIN
+    UPDATE totals SET files = files - (OLD.nlink > 0) + (NEW.nlink > 0),
+        bytes = bytes - CASE WHEN OLD.kind = 2 AND OLD.nlink > 0 THEN OLD.size ELSE 0 END
+                      + CASE WHEN NEW.kind = 2 AND NEW.nlink > 0 THEN NEW.size ELSE 0 END;
+END;
+";
+
 const ATTR_COLS: &str = "i.ino, i.kind, i.perm, i.uid, i.gid, i.size, i.mtime_ns, i.ctime_ns,
      i.nlink, coalesce(i.atime_ns, i.mtime_ns), i.rdev";
 /// Number of columns in `ATTR_COLS`.
@@ -272,7 +209,7 @@ const ATTR_N: usize = 11;
 fn row_attr(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Attr> {
     Ok(Attr {
         ino: row.get::<_, i64>(at)? as u64,
-        kind: Kind::from_i64(row.get(at + 1)?)?,
+        kind: kind_from_code(row.get(at + 1)?)?,
         perm: row.get::<_, i64>(at + 2)? as u32,
         uid: row.get::<_, i64>(at + 3)? as u32,
         gid: row.get::<_, i64>(at + 4)? as u32,
@@ -285,11 +222,33 @@ fn row_attr(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Attr> {
     })
 }
 
-/// A read-only view of a complete index, shared by all FUSE threads through a connection pool.
+/// Attributes of `ino` (on a pooled reader or inside a transaction alike).
+pub(crate) fn attr_of(c: &Connection, ino: u64) -> IndexResult<Option<Attr>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {ATTR_COLS} FROM inodes i WHERE i.ino = ?1"
+    ))?;
+    Ok(st.query_row([ino as i64], |r| row_attr(r, 0)).optional()?)
+}
+
+/// Attributes of the inode named `name` in directory `parent`.
+pub(crate) fn entry_of(c: &Connection, parent: u64, name: &Name) -> IndexResult<Option<Attr>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {ATTR_COLS} FROM dentries d JOIN inodes i ON i.ino = d.ino
+         WHERE d.parent = ?1 AND d.name = ?2"
+    ))?;
+    Ok(st
+        .query_row(params![parent as i64, name.as_bytes()], |r| row_attr(r, 0))
+        .optional()?)
+}
+
+/// A complete index, shared by all FUSE threads: reads through a pool of read-only
+/// connections, changes through the one writer connection.
 pub struct Index {
     path: PathBuf,
     pool: crossbeam::queue::ArrayQueue<Connection>,
     writer: std::sync::Mutex<Option<Connection>>,
+    /// Data writes not yet persisted (see `written.rs`).
+    written: Written,
 }
 
 impl Index {
@@ -303,6 +262,7 @@ impl Index {
             path: path.to_path_buf(),
             pool: crossbeam::queue::ArrayQueue::new(32),
             writer: std::sync::Mutex::new(None),
+            written: Written::default(),
         };
         let ok = index.with_conn(|c| {
             let get = |k: &str| -> rusqlite::Result<Option<String>> {
@@ -315,7 +275,22 @@ impl Index {
                 && get("prefix")?.as_deref() == Some(&source.prefix))
         });
         match ok {
-            Ok(true) => Ok(Some(index)),
+            Ok(true) => {
+                // Indexes written before the running totals get them now (one scan, once).
+                let has_totals = index.with_conn(|c| {
+                    Ok(c.query_row(
+                        "SELECT 1 FROM sqlite_master WHERE name = 'totals_update'",
+                        [],
+                        |_| Ok(()),
+                    )
+                    .optional()?
+                    .is_some())
+                })?;
+                if !has_totals {
+                    index.write(|tx| Ok(tx.execute_batch(TOTALS)?))?;
+                }
+                Ok(Some(index))
+            }
             Ok(false) => Ok(None),
             // A damaged file is rebuilt, not served.
             Err(IndexError::Sqlite(e)) => {
@@ -332,6 +307,7 @@ impl Index {
             path: path.to_path_buf(),
             pool: crossbeam::queue::ArrayQueue::new(2),
             writer: std::sync::Mutex::new(None),
+            written: Written::default(),
         };
         index.with_conn(|_| Ok(()))?;
         Ok(index)
@@ -348,8 +324,33 @@ impl Index {
         Ok(c)
     }
 
-    /// Runs `f` in a transaction on the writer connection (opened on first use).
+    /// Runs `f` in a transaction on the writer connection (opened on first use), after
+    /// persisting the data writes held in memory, so `f` sees every inode as it is.
     pub(crate) fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> IndexResult<T>,
+    ) -> IndexResult<T> {
+        let _gate = self.written.gate();
+        self.write_gated(f)
+    }
+
+    /// `write`, for a caller that holds the gate of `written` already.
+    fn write_gated<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> IndexResult<T>,
+    ) -> IndexResult<T> {
+        let persisted = self.written.snapshot();
+        let out = self.transaction(|tx| {
+            for (ino, w) in &persisted {
+                written::persist(tx, *ino, w)?;
+            }
+            f(tx)
+        })?;
+        self.written.persisted(&persisted);
+        Ok(out)
+    }
+
+    fn transaction<T>(
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> IndexResult<T>,
     ) -> IndexResult<T> {
@@ -382,24 +383,13 @@ impl Index {
     }
 
     pub fn getattr(&self, ino: u64) -> IndexResult<Option<Attr>> {
-        self.with_conn(|c| {
-            let mut st = c.prepare_cached(&format!(
-                "SELECT {ATTR_COLS} FROM inodes i WHERE i.ino = ?1"
-            ))?;
-            Ok(st.query_row([ino as i64], |r| row_attr(r, 0)).optional()?)
-        })
+        let a = self.with_conn(|c| attr_of(c, ino))?;
+        Ok(a.map(|a| self.written.overlay(a)))
     }
 
     pub fn lookup(&self, parent: u64, name: &Name) -> IndexResult<Option<Attr>> {
-        self.with_conn(|c| {
-            let mut st = c.prepare_cached(&format!(
-                "SELECT {ATTR_COLS} FROM dentries d JOIN inodes i ON i.ino = d.ino
-                 WHERE d.parent = ?1 AND d.name = ?2"
-            ))?;
-            Ok(st
-                .query_row(params![parent as i64, name.as_bytes()], |r| row_attr(r, 0))
-                .optional()?)
-        })
+        let a = self.with_conn(|c| entry_of(c, parent, name))?;
+        Ok(a.map(|a| self.written.overlay(a)))
     }
 
     /// All entries of directory `ino` in name order (without `.` and `..`).
@@ -418,7 +408,10 @@ impl Index {
                 let (name, attr) = row?;
                 let name = Name::new(&name)
                     .map_err(|e| IndexError::Corrupt(format!("entry name in {ino}: {e}")))?;
-                out.push(DirEntry { name, attr });
+                out.push(DirEntry {
+                    name,
+                    attr: self.written.overlay(attr),
+                });
             }
             Ok(out)
         })
@@ -480,14 +473,19 @@ impl Index {
         })
     }
 
-    /// (number of inodes, total bytes of regular files).
+    /// (number of inodes, total bytes of regular files), from the running totals.
     pub fn totals(&self) -> IndexResult<(u64, u64)> {
         self.with_conn(|c| {
-            Ok(c.query_row(
-                "SELECT count(*), coalesce(sum(CASE WHEN kind = 2 THEN size END), 0) FROM inodes WHERE nlink > 0",
-                [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-            )?)
+            let mut st = c.prepare_cached("SELECT files, bytes FROM totals")?;
+            Ok(st
+                .query_row([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?.max(0) as u64,
+                        r.get::<_, i64>(1)?.max(0) as u64,
+                    ))
+                })
+                .optional()?
+                .unwrap_or((0, 0)))
         })
     }
 }

@@ -10,7 +10,8 @@
 //! last open handle is gone, so `fstat` on an open, unlinked file still works.
 
 use super::names::Name;
-use super::{row_attr, to_ns, Attr, Index, IndexResult, Kind, Refusal, ATTR_COLS, ROOT_INO};
+use super::{attr_of, entry_of, Index, IndexResult, Refusal, ROOT_INO};
+use crate::posix::{to_ns, Attr, AttrChanges, Kind, RenameMode};
 use rusqlite::{params, OptionalExtension, Transaction};
 use sha2::{Digest, Sha256};
 use std::time::SystemTime;
@@ -28,43 +29,7 @@ pub struct NewNode<'a> {
     pub rdev: u32,
 }
 
-/// What a setattr changes; `None` leaves a field alone.
-#[derive(Clone, Debug, Default)]
-pub struct AttrChanges {
-    pub perm: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    /// The local copy already has this size (the caller truncated it).
-    pub size: Option<u64>,
-    pub atime: Option<SystemTime>,
-    pub mtime: Option<SystemTime>,
-    pub ctime: Option<SystemTime>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RenameMode {
-    Replace,
-    NoReplace,
-    Exchange,
-}
-
-pub(crate) fn attr_of(tx: &Transaction<'_>, ino: u64) -> IndexResult<Option<Attr>> {
-    let mut st = tx.prepare_cached(&format!(
-        "SELECT {ATTR_COLS} FROM inodes i WHERE i.ino = ?1"
-    ))?;
-    Ok(st.query_row([ino as i64], |r| row_attr(r, 0)).optional()?)
-}
-
-fn entry(tx: &Transaction<'_>, parent: u64, name: &Name) -> IndexResult<Option<Attr>> {
-    let mut st = tx.prepare_cached(&format!(
-        "SELECT {ATTR_COLS} FROM dentries d JOIN inodes i ON i.ino = d.ino
-         WHERE d.parent = ?1 AND d.name = ?2"
-    ))?;
-    Ok(st
-        .query_row(params![parent as i64, name.as_bytes()], |r| row_attr(r, 0))
-        .optional()?)
-}
-
+/// A directory that can take entries: live and a directory.
 fn dir(tx: &Transaction<'_>, ino: u64) -> IndexResult<Attr> {
     match attr_of(tx, ino)? {
         Some(a) if a.kind == Kind::Dir && a.nlink > 0 => Ok(a),
@@ -190,7 +155,7 @@ impl Index {
     ) -> IndexResult<Attr> {
         self.write(|tx| {
             dir(tx, parent)?;
-            if entry(tx, parent, name)?.is_some() {
+            if entry_of(tx, parent, name)?.is_some() {
                 return Err(Refusal::Exists.into());
             }
             let (nlink, size, local) = match node.kind {
@@ -205,7 +170,7 @@ impl Index {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7, ?8, ?9, ?9, 1, ?10, 1, ?11)",
             )?
             .execute(params![
-                node.kind.to_i64(),
+                super::kind_code(node.kind),
                 node.perm,
                 node.uid,
                 node.gid,
@@ -246,7 +211,7 @@ impl Index {
                 return Err(Refusal::NotFound.into());
             }
             dir(tx, parent)?;
-            if entry(tx, parent, name)?.is_some() {
+            if entry_of(tx, parent, name)?.is_some() {
                 return Err(Refusal::Exists.into());
             }
             tx.prepare_cached("INSERT INTO dentries(parent, name, ino) VALUES (?1, ?2, ?3)")?
@@ -271,7 +236,7 @@ impl Index {
     ) -> IndexResult<Attr> {
         self.write(|tx| {
             dir(tx, parent)?;
-            let a = entry(tx, parent, name)?.ok_or(Refusal::NotFound)?;
+            let a = entry_of(tx, parent, name)?.ok_or(Refusal::NotFound)?;
             if a.kind == Kind::Dir {
                 return Err(Refusal::IsDir.into());
             }
@@ -291,7 +256,7 @@ impl Index {
     ) -> IndexResult<u64> {
         self.write(|tx| {
             dir(tx, parent)?;
-            let a = entry(tx, parent, name)?.ok_or(Refusal::NotFound)?;
+            let a = entry_of(tx, parent, name)?.ok_or(Refusal::NotFound)?;
             if a.kind != Kind::Dir {
                 return Err(Refusal::NotDir.into());
             }
@@ -319,8 +284,8 @@ impl Index {
         self.write(|tx| {
             dir(tx, parent)?;
             dir(tx, newparent)?;
-            let src = entry(tx, parent, name)?.ok_or(Refusal::NotFound)?;
-            let dst = entry(tx, newparent, newname)?;
+            let src = entry_of(tx, parent, name)?.ok_or(Refusal::NotFound)?;
+            let dst = entry_of(tx, newparent, newname)?;
             if src.kind == Kind::Dir && is_within(tx, newparent, src.ino)? {
                 return Err(Refusal::Invalid.into());
             }
@@ -413,13 +378,13 @@ impl Index {
             )?
             .execute(params![
                 ino as i64,
-                c.perm,
+                c.perm.map(|p| p & 0o7777),
                 c.uid,
                 c.gid,
                 c.size.map(|s| s as i64),
-                c.mtime.map(to_ns),
+                c.mtime.map(|t| to_ns(t.resolve(now))),
                 to_ns(c.ctime.unwrap_or(now)),
-                c.atime.map(to_ns),
+                c.atime.map(|t| to_ns(t.resolve(now))),
             ])?;
             if c.size.is_some() {
                 tx.prepare_cached("UPDATE inodes SET dirty = 1, local = 1 WHERE ino = ?1")?
@@ -432,17 +397,45 @@ impl Index {
         })
     }
 
-    /// Records a write to the local copy ending at `end`.
+    /// Records a write to the local copy ending at `end`: the first since the inode was
+    /// last recorded marks it dirty in a transaction (a crash must not forget it), later
+    /// ones only update memory (see `written.rs`).
     pub fn wrote(&self, ino: u64, end: u64, now: SystemTime, due: SystemTime) -> IndexResult<()> {
-        self.write(|tx| {
+        if self.written.update(ino, end, now) {
+            return Ok(());
+        }
+        let _gate = self.written.gate();
+        if self.written.update(ino, end, now) {
+            return Ok(());
+        }
+        let size = self.write_gated(|tx| {
             tx.prepare_cached(
                 "UPDATE inodes SET size = max(size, ?2), mtime_ns = ?3, ctime_ns = ?3,
                      dirty = 1, local = 1
                  WHERE ino = ?1",
             )?
             .execute(params![ino as i64, end as i64, to_ns(now)])?;
-            mark(tx, ino, due)
-        })
+            mark(tx, ino, due)?;
+            Ok(attr_of(tx, ino)?.map(|a| a.size))
+        })?;
+        if let Some(size) = size {
+            self.written.insert(ino, size, now);
+        }
+        Ok(())
+    }
+
+    /// Persists the data writes held in memory (the write-back's timer, and before an
+    /// inode's upload reads it).
+    pub fn persist_written(&self) -> IndexResult<()> {
+        if self.written.is_empty() {
+            return Ok(());
+        }
+        self.write(|_| Ok(()))
+    }
+
+    /// Whether data writes are held in memory, waiting for `persist_written`.
+    pub fn has_written(&self) -> bool {
+        !self.written.is_empty()
     }
 
     /// Marks `ino` pending (the last handle of an unlinked inode closed: it can go now).

@@ -12,6 +12,7 @@ use serde_json::json;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -23,6 +24,8 @@ pub struct BenchOptions {
     pub write_files: usize,
     pub write_size: usize,
     pub write: bool,
+    /// Bytes of the streaming write with `write` (0: skipped).
+    pub stream_write: u64,
 }
 
 impl Default for BenchOptions {
@@ -33,6 +36,7 @@ impl Default for BenchOptions {
             write_files: 20,
             write_size: 1 << 20,
             write: false,
+            stream_write: 1 << 30,
         }
     }
 }
@@ -101,6 +105,9 @@ pub struct TargetResult {
     /// Time to first byte and whole-file throughput of the largest file, cold then warm.
     pub large: Option<LargeRead>,
     pub writes: Option<Latencies>,
+    /// One large file written in 1 MiB writes without fsync: bytes and the time from create
+    /// to the last write returning (the close, which uploads on simfs, is not timed).
+    pub stream_write: Option<(u64, Duration)>,
     pub wall: Duration,
 }
 
@@ -238,6 +245,9 @@ pub fn run(root: &Path, plan: &Plan, opts: &BenchOptions) -> TargetResult {
     }
     if opts.write {
         r.writes = Some(write_pass(root, opts));
+        if opts.stream_write > 0 {
+            r.stream_write = stream_write(root, opts.stream_write).ok();
+        }
     }
     r.wall = started.elapsed();
     r
@@ -262,6 +272,28 @@ fn write_pass(root: &Path, opts: &BenchOptions) -> Latencies {
     }
     let _ = std::fs::remove_dir_all(&scratch);
     lat
+}
+
+/// Writes `bytes` to a new file in 1 MiB writes (no fsync); returns the bytes and the time
+/// the writes took. The file is removed afterwards.
+fn stream_write(root: &Path, bytes: u64) -> std::io::Result<(u64, Duration)> {
+    let p = root.join(format!(".simfs-bench-stream-{}", std::process::id()));
+    let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let result = (|| {
+        let t = Instant::now();
+        let mut f = File::create(&p)?;
+        let mut done = 0;
+        while done < bytes {
+            let n = (bytes - done).min(chunk.len() as u64) as usize;
+            f.write_all(&chunk[..n])?;
+            done += n as u64;
+        }
+        let took = t.elapsed();
+        drop(f);
+        Ok((bytes, took))
+    })();
+    let _ = std::fs::remove_file(&p);
+    result
 }
 
 fn ms(d: Duration) -> String {
@@ -313,6 +345,22 @@ pub fn table(results: &[TargetResult]) -> String {
             Some(w) => lat(w),
             None => "-".into(),
         });
+    }
+    if results.iter().any(|r| r.stream_write.is_some()) {
+        // Ratio to the first target (put the native directory, on the cache disk, first).
+        let base = results[0].stream_write;
+        row(
+            "stream write, 1 MiB writes (x first)",
+            &|r| match (r.stream_write, base) {
+                (Some((b, d)), Some((bb, bd))) => format!(
+                    "{:.0} MiB/s ({:.2}x)",
+                    LargeRead::mib_per_s(b, d),
+                    LargeRead::mib_per_s(b, d) / LargeRead::mib_per_s(bb, bd)
+                ),
+                (Some((b, d)), None) => format!("{:.0} MiB/s", LargeRead::mib_per_s(b, d)),
+                _ => "-".into(),
+            },
+        );
     }
     row("errors", &|r| {
         (r.stat_first.errors
@@ -367,6 +415,11 @@ pub fn to_json(results: &[TargetResult]) -> serde_json::Value {
                 "warm_mib_s": LargeRead::mib_per_s(l.bytes, l.warm_read),
             })),
             "writes": r.writes.as_ref().map(|w| w.summary()),
+            "stream_write": r.stream_write.map(|(b, d)| json!({
+                "bytes": b,
+                "s": d.as_secs_f64(),
+                "mib_s": LargeRead::mib_per_s(b, d),
+            })),
             "wall_s": r.wall.as_secs_f64(),
             "stat_first_us": r.stat_first.nanos.iter().map(|n| *n as f64 / 1000.0).collect::<Vec<_>>(),
         }))
@@ -465,6 +518,57 @@ pub fn cdf_svg(results: &[TargetResult]) -> String {
     svg
 }
 
+/// Runs the workload on every directory and prints (and writes) the comparison.
+pub fn bench(
+    paths: &[PathBuf],
+    out: Option<&std::path::Path>,
+    write: bool,
+    small: usize,
+    stream_bytes: u64,
+) -> ExitCode {
+    let opts = BenchOptions {
+        write,
+        small_files: small,
+        stream_write: stream_bytes,
+        ..Default::default()
+    };
+    let plan = match plan(&paths[0], &opts) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("simfs: cannot walk {}: {e}", paths[0].display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let results: Vec<_> = paths
+        .iter()
+        .map(|p| {
+            eprintln!("bench: {} ({} paths)", p.display(), plan.entries.len());
+            run(p, &plan, &opts)
+        })
+        .collect();
+    print!("{}", table(&results));
+    if let Some(dir) = out {
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|_| {
+                let json = serde_json::to_string_pretty(&to_json(&results))
+                    .map_err(std::io::Error::other)?;
+                std::fs::write(dir.join("bench.json"), json)
+            })
+            .and_then(|_| std::fs::write(dir.join("stat-latency.svg"), cdf_svg(&results)));
+        match written {
+            Ok(()) => eprintln!(
+                "bench: wrote {}/bench.json and stat-latency.svg",
+                dir.display()
+            ),
+            Err(e) => {
+                eprintln!("simfs: writing {}: {e}", dir.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,6 +586,7 @@ mod tests {
             write: true,
             write_files: 3,
             write_size: 4096,
+            stream_write: 3 << 20,
             ..Default::default()
         };
         let plan = plan(d.path(), &opts).unwrap();
@@ -494,6 +599,7 @@ mod tests {
         assert_eq!(r.tree_entries, 14);
         assert_eq!(r.small_reads.nanos.len(), 10);
         assert_eq!(r.writes.as_ref().unwrap().nanos.len(), 3);
+        assert_eq!(r.stream_write.unwrap().0, 3 << 20);
         assert!(r.large.is_some());
         let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "the scratch directory is gone");

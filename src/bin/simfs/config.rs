@@ -1,4 +1,5 @@
-//! From the command line to a validated configuration.
+//! From the command line to a validated configuration: the source, its credential and the
+//! library's `MountConfig`.
 //!
 //! The source is `az://ACCOUNT/CONTAINER[/PREFIX]` (public cloud, or `--endpoint` for Azurite
 //! and other clouds), or `CONTAINER[/PREFIX]` when a connection string names the account.
@@ -6,8 +7,8 @@
 //! only from files and environment variables (the variables' names are what the Azure CLI
 //! and SDKs use). Environment access goes through a closure so tests can supply their own.
 
-use crate::blob::auth::{parse_connection_string, Credential, Secret, SecretBytes};
-use crate::index::build::Defaults;
+use simfs::blob::auth::{parse_connection_string, Credential, Secret, SecretBytes};
+use simfs::mount::{MountConfig, Source};
 use std::path::PathBuf;
 use url::Url;
 
@@ -92,7 +93,7 @@ fn parse_delay(s: &str) -> Result<f64, String> {
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
-    crate::blob::format::parse_mode(s).ok_or_else(|| format!("{s:?} is not an octal mode"))
+    simfs::blob::format::parse_mode(s).ok_or_else(|| format!("{s:?} is not an octal mode"))
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -101,18 +102,6 @@ pub struct ConfigError(pub String);
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))
-}
-
-/// A resolved source: everything needed to reach the container.
-#[derive(Clone, Debug)]
-pub struct Target {
-    /// The container URL without any query string (what the index records).
-    pub container_url: Url,
-    pub account: String,
-    pub container: String,
-    /// Blob-name prefix of the mount root: empty, or ending in `/`.
-    pub prefix: String,
-    pub credential: Credential,
 }
 
 /// Container names: 3-63 of a-z, 0-9 and '-', starting and ending alphanumeric, no "--".
@@ -195,7 +184,7 @@ pub fn read_credential_file(p: &std::path::Path) -> Result<Vec<(String, String)>
 pub fn resolve(
     a: &SourceArgs,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Target, ConfigError> {
+) -> Result<Source, ConfigError> {
     let Some(p) = &a.credential_file else {
         return resolve_with(a, env);
     };
@@ -219,7 +208,7 @@ pub fn resolve(
 fn resolve_with(
     a: &SourceArgs,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Target, ConfigError> {
+) -> Result<Source, ConfigError> {
     let conn = match (
         &a.connection_string_file,
         env("AZURE_STORAGE_CONNECTION_STRING"),
@@ -278,7 +267,7 @@ fn resolve_with(
             "{container:?} is not a valid container name (3-63 lowercase letters, digits, hyphens)"
         ));
     }
-    if crate::index::names::split_blob_name(&prefix).is_err() && !prefix.is_empty() {
+    if simfs::index::names::split_blob_name(&prefix).is_err() && !prefix.is_empty() {
         return err(format!(
             "prefix {prefix:?} has an empty, '.' or '..' segment"
         ));
@@ -309,10 +298,8 @@ fn resolve_with(
         .push(&container);
 
     let credential = resolve_credential(a, env, &account, conn.as_ref())?;
-    Ok(Target {
+    Ok(Source {
         container_url,
-        account,
-        container,
         prefix,
         credential,
     })
@@ -322,7 +309,7 @@ fn resolve_credential(
     a: &SourceArgs,
     env: &dyn Fn(&str) -> Option<String>,
     account: &str,
-    conn: Option<&crate::blob::auth::ConnectionString>,
+    conn: Option<&simfs::blob::auth::ConnectionString>,
 ) -> Result<Credential, ConfigError> {
     let envs = |k: &str| env(k).filter(|v| !v.trim().is_empty()).map(Secret::new);
     let sas = || -> Result<Option<Secret>, ConfigError> {
@@ -408,15 +395,19 @@ fn resolve_credential(
 }
 
 impl SourceArgs {
-    pub fn defaults(&self) -> Defaults {
-        // SAFETY: getuid/getgid cannot fail.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        Defaults {
-            uid: self.uid.unwrap_or(uid),
-            gid: self.gid.unwrap_or(gid),
-            file_mode: self.file_mode,
-            dir_mode: self.dir_mode,
-        }
+    /// The library's mount configuration for these arguments.
+    pub fn mount_config(&self) -> MountConfig {
+        let mut cfg = MountConfig::new(&self.cache_dir);
+        let d = &mut cfg.defaults;
+        d.uid = self.uid.unwrap_or(d.uid);
+        d.gid = self.gid.unwrap_or(d.gid);
+        d.file_mode = self.file_mode;
+        d.dir_mode = self.dir_mode;
+        cfg.reindex = self.reindex;
+        cfg.list_concurrency = self.list_concurrency;
+        cfg.read_only = self.read_only;
+        cfg.writeback.delay = std::time::Duration::from_secs_f64(self.upload_delay);
+        cfg
     }
 }
 
@@ -580,7 +571,6 @@ mod tests {
             t.container_url.as_str(),
             "https://acct.blob.core.windows.net/data"
         );
-        assert_eq!(t.container, "data");
         assert_eq!(t.prefix, "train/v1/");
         assert_eq!(
             t.credential,
@@ -615,7 +605,6 @@ mod tests {
                 .then(|| "UseDevelopmentStorage=true".to_string())
         };
         let t = resolve(&args(&["data/sub", "--cache-dir", "/c"]), &env).unwrap();
-        assert_eq!(t.account, "devstoreaccount1");
         assert_eq!(
             t.container_url.as_str(),
             "http://127.0.0.1:10000/devstoreaccount1/data"

@@ -1,7 +1,8 @@
-//! Building the index from the container: list in parallel, fetch symlink targets, write.
+//! Ingesting the container into a new index: list in parallel, fetch symlink targets, write.
 //!
 //! This is the only part of the index that talks to the network, and it runs before the
-//! mount is served. A listing that fails leaves any previous index untouched.
+//! mount is served. A listing that fails leaves any previous index untouched. Progress is
+//! reported through a callback; drawing it is the caller's business.
 
 use super::build::{BuildStats, Defaults, TreeBuilder, MAX_TARGET};
 use super::{Index, IndexError, SourceId};
@@ -11,10 +12,10 @@ use futures::StreamExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SyncError {
+pub enum IngestError {
     #[error(transparent)]
     Blob(#[from] BlobError),
     #[error(transparent)]
@@ -22,21 +23,32 @@ pub enum SyncError {
 }
 
 #[derive(Clone, Debug)]
-pub struct SyncOptions {
+pub struct IngestOptions {
     /// Requests in flight at once while listing and fetching symlink targets.
     pub concurrency: usize,
     pub defaults: Defaults,
-    /// Show a progress line on stderr when indexing takes longer than this.
-    pub progress_after: Option<Duration>,
 }
+
+/// How far indexing has come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngestProgress {
+    /// After each page of the listing.
+    Listed { blobs: u64, requests: u64 },
+    /// The listing is done; this many symlink targets are being read.
+    ReadingTargets(usize),
+}
+
+/// A progress callback that ignores everything.
+pub fn no_progress(_: IngestProgress) {}
 
 /// Lists `prefix` of the container and writes a complete index at `db`, returning it opened.
 pub async fn build_index(
     store: Arc<dyn BlobStore>,
     source: &SourceId,
     db: &Path,
-    opts: &SyncOptions,
-) -> Result<(Index, BuildStats), SyncError> {
+    opts: &IngestOptions,
+    progress_to: &(dyn Fn(IngestProgress) + Sync),
+) -> Result<(Index, BuildStats), IngestError> {
     let started = Instant::now();
     let progress = Arc::new(ListProgress::default());
     let mut rx = list_all(
@@ -45,7 +57,6 @@ pub async fn build_index(
         opts.concurrency,
         progress.clone(),
     );
-    let mut bar: Option<indicatif::ProgressBar> = None;
     let mut builder = TreeBuilder::new(opts.defaults.clone());
     while let Some(page) = rx.recv().await {
         for props in page? {
@@ -56,23 +67,13 @@ pub async fn build_index(
                 .unwrap_or_else(|| rel.to_string());
             builder.add(&rel, props);
         }
-        if bar.is_none() && opts.progress_after.is_some_and(|d| started.elapsed() > d) {
-            let b = indicatif::ProgressBar::new_spinner();
-            b.enable_steady_tick(Duration::from_millis(200));
-            bar = Some(b);
-        }
-        if let Some(b) = &bar {
-            b.set_message(format!(
-                "indexing: {} blobs listed ({} requests)",
-                progress.blobs.load(Ordering::Relaxed),
-                progress.requests.load(Ordering::Relaxed)
-            ));
-        }
+        progress_to(IngestProgress::Listed {
+            blobs: progress.blobs.load(Ordering::Relaxed),
+            requests: progress.requests.load(Ordering::Relaxed),
+        });
     }
     let links = builder.pending_symlinks();
-    if let Some(b) = &bar {
-        b.set_message(format!("indexing: reading {} symlink targets", links.len()));
-    }
+    progress_to(IngestProgress::ReadingTargets(links.len()));
     let mut fetched = futures::stream::iter(links.into_iter().map(|(id, blob)| {
         let store = store.clone();
         async move {
@@ -90,9 +91,6 @@ pub async fn build_index(
     let stats = tokio::task::spawn_blocking(move || builder.write(&db_owned, &source2))
         .await
         .map_err(|e| IndexError::Corrupt(format!("index writer failed: {e}")))??;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     tracing::info!(
         "indexed {} files, {} directories, {} symlinks ({} hidden) in {:.2?} with {} list requests",
         stats.files,

@@ -7,18 +7,20 @@
 //! and the number of changes waiting to be uploaded (read from the index, which SQLite lets
 //! another process read while the mount writes).
 
-use crate::index::Index;
+use simfs::index::Index;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 /// Where serving mounts register.
 pub fn runtime_dir() -> PathBuf {
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
         return PathBuf::from("/run/simfs");
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) => PathBuf::from(d).join("simfs"),
-        None => std::env::temp_dir().join(format!("simfs-{}", unsafe { libc::geteuid() })),
+        None => std::env::temp_dir().join(format!("simfs-{euid}")),
     }
 }
 
@@ -121,6 +123,32 @@ pub fn list(dir: &Path) -> Vec<MountInfo> {
     }
     out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
     out
+}
+
+/// Prints the registered mounts.
+pub fn status() -> ExitCode {
+    let mounts = list(&runtime_dir());
+    if mounts.is_empty() {
+        println!("no simfs mounts");
+        return ExitCode::SUCCESS;
+    }
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
+    for m in mounts {
+        let pending = match m.pending {
+            Some((0, _)) => "none".to_string(),
+            Some((n, 0)) => format!("{n} changes"),
+            Some((n, failing)) => format!("{n} changes, {failing} failing (see the log)"),
+            None => "unknown".to_string(),
+        };
+        println!("{}", m.mountpoint.display());
+        println!("  source          {}", m.source);
+        println!("  process         {}", m.pid);
+        println!("  state           {}", m.state_dir.display());
+        println!("  index           {}", mib(m.index_bytes));
+        println!("  cache           {}", mib(m.cache_bytes));
+        println!("  pending uploads {pending}");
+    }
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

@@ -1,0 +1,198 @@
+//! The `simfs` command: mount, unmount, status, check, bench; also the mount helper that
+//! mount(8) runs for `mount -t fuse.simfs` and fstab lines (see `helper.rs`). One module per
+//! subcommand; `config.rs` turns the command line into the library's configuration.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+mod bench;
+mod check;
+mod config;
+mod daemon;
+mod helper;
+mod status;
+mod unmount;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use config::SourceArgs;
+use helper::{is_helper_call, translate, Flag};
+use simfs::mount::ServeOptions;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "simfs",
+    version,
+    about = "Mount an Azure Blob container as a POSIX filesystem"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount a container (returns once the mount is serving, then runs in the background).
+    Mount {
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Where to mount.
+        mountpoint: PathBuf,
+        /// Stay attached to the terminal (logs to stderr).
+        #[arg(long, short)]
+        foreground: bool,
+        /// Let other users access the mount (needs user_allow_other for non-root).
+        #[arg(long)]
+        allow_other: bool,
+        /// Kernel entry/attribute cache time in seconds (the index is authoritative).
+        #[arg(long, default_value_t = 86400)]
+        attr_timeout: u64,
+        /// FUSE worker threads [default: the number of CPUs, 2 to 8].
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Mount over a directory that is not empty (its content is hidden while mounted).
+        #[arg(long)]
+        allow_non_empty: bool,
+        /// Do not allow programs on the mount to be executed.
+        #[arg(long)]
+        noexec: bool,
+    },
+    /// Unmount a simfs mount.
+    Unmount { mountpoint: PathBuf },
+    /// List the simfs mounts of this machine: index size, cache use, pending uploads.
+    Status,
+    /// Run one fixed workload on each directory (a simfs mount, a native copy, an rclone or
+    /// Blobfuse2 mount, ...) and compare: stat latency, ls -lR, small and large reads.
+    /// Paths are discovered on the first directory: put the native copy first.
+    Bench {
+        /// Directories to compare, each holding the same tree.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Write bench.json and stat-latency.svg here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also create, write and fsync files (in a scratch directory that is removed).
+        #[arg(long)]
+        write: bool,
+        /// How many small files to open and read.
+        #[arg(long, default_value_t = 500)]
+        small_files: usize,
+        /// With --write, MiB written to one file in 1 MiB writes without fsync (0: skip).
+        #[arg(long, default_value_t = 1024)]
+        stream_write_mib: u64,
+    },
+    /// Index a container and list what the mount hides, and why.
+    Check {
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+}
+
+pub(crate) fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIMFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The long options of `simfs mount`, which are also its `-o` options.
+fn mount_flags() -> Vec<Flag> {
+    let cmd = Cli::command();
+    let mount = cmd.find_subcommand("mount").expect("the mount subcommand");
+    mount
+        .get_arguments()
+        .filter_map(|a| {
+            Some(Flag {
+                name: a.get_long()?.to_string(),
+                takes_value: a.get_action().takes_values(),
+            })
+        })
+        .collect()
+}
+
+/// The command line as `simfs SUBCOMMAND ...`, translating a mount helper call.
+fn command_line() -> Result<(Vec<OsString>, bool), String> {
+    let raw: Vec<OsString> = std::env::args_os().collect();
+    let subcommands = ["mount", "unmount", "status", "check", "bench", "help"];
+    if raw.len() < 2 || !is_helper_call(&raw[0], &raw[1..], &subcommands) {
+        return Ok((raw, false));
+    }
+    let call = translate(&raw[1..], &mount_flags())?;
+    let mut argv = vec![OsString::from("simfs")];
+    argv.extend(call.args);
+    Ok((argv, call.fake))
+}
+
+fn main() -> ExitCode {
+    let (argv, fake) = match command_line() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("simfs: {e}");
+            // mount(8)'s code for a usage error.
+            return ExitCode::from(1);
+        }
+    };
+    let cli = Cli::parse_from(&argv);
+    match cli.cmd {
+        Cmd::Mount {
+            source,
+            mountpoint,
+            foreground,
+            allow_other,
+            attr_timeout,
+            threads,
+            allow_non_empty,
+            noexec,
+        } => {
+            let serve = ServeOptions {
+                fsname: source.source.clone(),
+                allow_other,
+                ttl: Duration::from_secs(attr_timeout),
+                threads: threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+                }),
+                noexec,
+            };
+            let args = daemon::MountArgs {
+                mountpoint: &mountpoint,
+                foreground,
+                allow_non_empty,
+                fake,
+                serve,
+            };
+            daemon::mount(&source, &args, &argv[1..])
+        }
+        Cmd::Unmount { mountpoint } => unmount::unmount(&mountpoint),
+        Cmd::Status => status::status(),
+        Cmd::Bench {
+            paths,
+            out,
+            write,
+            small_files,
+            stream_write_mib,
+        } => bench::bench(
+            &paths,
+            out.as_deref(),
+            write,
+            small_files,
+            stream_write_mib << 20,
+        ),
+        Cmd::Check { source } => {
+            init_logging();
+            check::check(&source)
+        }
+    }
+}

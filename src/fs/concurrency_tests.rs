@@ -1,0 +1,177 @@
+//! Tests of what may wait for what: work on one inode never holds up another, data writes
+//! are recorded without a transaction each yet survive a crash, and the background wakes
+//! when a change is due and is idle otherwise. Timings are compared with generous factors,
+//! never against fixed budgets.
+
+use super::tests::{path, read_all, world_on, World};
+use super::write::Caller;
+use super::*;
+use crate::blob::faulty::FaultyStore;
+use crate::blob::memory::MemoryStore;
+use crate::index::ROOT_INO;
+use std::ffi::OsStr;
+use std::time::{Duration, Instant};
+
+const ME: Caller = Caller {
+    uid: 1000,
+    gid: 1000,
+};
+
+fn rw_on(mem: MemoryStore, chunk: u64, delay: Duration) -> World {
+    world_on(
+        Arc::new(FaultyStore::new(mem)),
+        tempfile::tempdir().unwrap(),
+        "",
+        chunk,
+        Some(delay),
+    )
+}
+
+/// Opens `name` (a container file) for writing and closes it again; returns how long the
+/// open took (it downloads the file to give it its local copy).
+fn open_for_write(w: &World, name: &str) -> Duration {
+    let ino = path(w, name).unwrap().ino;
+    let t = Instant::now();
+    let fh = w.fs.open(ino, true, false).unwrap();
+    let took = t.elapsed();
+    w.fs.release(fh).unwrap();
+    took
+}
+
+#[test]
+fn opening_two_uncached_files_for_writing_downloads_both_at_once() {
+    let mem = MemoryStore::new();
+    for name in ["a.bin", "b.bin", "c.bin"] {
+        mem.put(name, vec![name.as_bytes()[0]; 64 << 20], &[]);
+        // Verification is not what is measured here (and costs CPU in a debug build).
+        mem.set_content_md5(name, None);
+    }
+    // 8 ranges of 8 MiB, 4 at a time: two round trips of 200 ms per download.
+    let w = rw_on(mem, 8 << 20, Duration::from_secs(60));
+    w.store.set_latency(Duration::from_millis(200));
+    let one = open_for_write(&w, "c.bin");
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| open_for_write(&w, "a.bin"));
+        s.spawn(|| open_for_write(&w, "b.bin"));
+    });
+    let two = t.elapsed();
+    assert!(
+        two < one.mul_f64(1.6),
+        "two downloads side by side took {two:?}, one alone {one:?}: they were serialised"
+    );
+    assert_eq!(read_all(&w, "a.bin").unwrap(), vec![b'a'; 64 << 20]);
+    assert_eq!(read_all(&w, "b.bin").unwrap(), vec![b'b'; 64 << 20]);
+}
+
+#[test]
+fn an_upload_that_takes_another_files_name_does_not_hold_up_other_files() {
+    let mem = MemoryStore::new();
+    mem.put("big", vec![1u8; 1000], &[]);
+    mem.put("small", vec![2u8; 10], &[]);
+    let w = rw_on(mem, 1 << 20, Duration::from_secs(60));
+    // Swap the two names, then rewrite the big one: its upload must take the name the other
+    // inode still claims in the container, so it locks that inode too.
+    let big = path(&w, "big").unwrap().ino;
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new("big"),
+        ROOT_INO,
+        OsStr::new("small"),
+        RenameMode::Exchange,
+    )
+    .unwrap();
+    let fh = w.fs.open(big, true, true).unwrap();
+    w.fs.write(fh, 0, &vec![3u8; 1 << 20]).unwrap();
+    // 64 blocks of 16 KiB, 4 at a time: about 16 round trips.
+    w.store.set_latency(Duration::from_millis(100));
+    std::thread::scope(|s| {
+        let large = s.spawn(|| {
+            let t = Instant::now();
+            w.fs.fsync(big).unwrap();
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let (other, fh2) =
+            w.fs.create(ROOT_INO, OsStr::new("other"), 0o644, ME)
+                .unwrap();
+        w.fs.write(fh2, 0, b"checkpoint").unwrap();
+        let t = Instant::now();
+        w.fs.fsync(other.ino).unwrap();
+        let small = t.elapsed();
+        w.fs.release(fh2).unwrap();
+        let large = large.join().unwrap();
+        assert!(
+            small.mul_f64(3.0) < large,
+            "fsync of a small file took {small:?} while another file's upload took {large:?}"
+        );
+    });
+    w.fs.release(fh).unwrap();
+    w.store.set_latency(Duration::ZERO);
+    w.wb().drain(true, |_| {}).unwrap();
+    let blob = |n: &str| w.store.inner().data(n).unwrap().to_vec();
+    assert_eq!(blob("small"), vec![3u8; 1 << 20]);
+    assert_eq!(blob("big"), vec![2u8; 10]);
+    assert_eq!(blob("other"), b"checkpoint".to_vec());
+}
+
+#[test]
+fn writes_show_in_stat_at_once_and_survive_a_crash_before_close() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let dir = tempfile::tempdir().unwrap();
+    let w = world_on(
+        store.clone(),
+        dir,
+        "",
+        1 << 20,
+        Some(Duration::from_secs(60)),
+    );
+    let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("log"), 0o644, ME).unwrap();
+    let mut expected = Vec::new();
+    for i in 0..200u32 {
+        let chunk = format!("line {i}\n").into_bytes();
+        w.fs.write(fh, expected.len() as u64, &chunk).unwrap();
+        expected.extend_from_slice(&chunk);
+        assert_eq!(w.fs.getattr(a.ino).unwrap().size, expected.len() as u64);
+    }
+    let listed = w.fs.opendir(ROOT_INO).unwrap();
+    let entry = w.fs.readdir(listed).unwrap();
+    let log = entry.iter().find(|e| e.name == b"log").unwrap();
+    assert_eq!(
+        log.attr.size,
+        expected.len() as u64,
+        "readdir sees the writes too"
+    );
+    w.fs.releasedir(listed);
+    // "kill -9": gone without close, fsync or drain; the state directory stays.
+    let dir = w.crash();
+    let again = world_on(store.clone(), dir, "", 1 << 20, Some(Duration::ZERO));
+    assert_eq!(path(&again, "log").unwrap().size, expected.len() as u64);
+    again.wb().drain(true, |_| {}).unwrap();
+    assert_eq!(store.inner().data("log").unwrap().to_vec(), expected);
+}
+
+#[test]
+fn the_background_uploads_a_change_when_it_is_due_and_is_idle_otherwise() {
+    let w = rw_on(MemoryStore::new(), 1 << 20, Duration::from_millis(200));
+    let background = w.wb().start();
+    w.fs.mkdir(ROOT_INO, OsStr::new("later"), 0o755, ME)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.store.inner().data("later").is_none() {
+        assert!(Instant::now() < deadline, "the change was never uploaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    while w.wb().pending().unwrap().0 > 0 {
+        assert!(Instant::now() < deadline, "the change stayed pending");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = w.store.counters.total();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        w.store.counters.total(),
+        before,
+        "an idle mount makes no requests"
+    );
+    background.stop();
+}

@@ -1,0 +1,129 @@
+//! Data writes held in memory between transactions.
+//!
+//! A transaction per `write(2)` would queue every writer of every file on the one writer
+//! connection. Instead the first write to an inode after it was last recorded marks it
+//! dirty and pending in a transaction (so a crash never forgets that the local copy holds
+//! data the container lacks) and leaves an entry here; later writes only raise the entry's
+//! size and mtime. Reads overlay the entries, so stat sees every write at once.
+//!
+//! Invariants, which keep write-back's `gen` check exact:
+//! - an entry exists only after the transaction that made its inode dirty and bumped `gen`
+//!   (inserted under the gate, which every transaction holds);
+//! - every transaction first persists the entries that took writes since (bumping `gen`
+//!   again), so an upload that read the inode before those writes can never mark it clean;
+//!   entries that took none are simply dropped.
+
+use crate::posix::{to_ns, Attr};
+use rusqlite::{params, Transaction};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock};
+use std::time::SystemTime;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Write {
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// Writes since the entry's transaction (0: nothing to persist).
+    pub writes: u64,
+}
+
+#[derive(Default)]
+pub(super) struct Written {
+    /// Held by every transaction, and while a first write inserts its entry.
+    gate: Mutex<()>,
+    map: RwLock<HashMap<u64, Write>>,
+    /// Entries in `map`: reads skip the lock when there are none (the common case).
+    len: AtomicUsize,
+}
+
+impl Written {
+    pub fn gate(&self) -> MutexGuard<'_, ()> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a write ending at `end` in an existing entry; false when there is none.
+    pub fn update(&self, ino: u64, end: u64, now: SystemTime) -> bool {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        match map.get_mut(&ino) {
+            Some(w) => {
+                w.size = w.size.max(end);
+                w.mtime = now;
+                w.writes += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A first write's transaction committed (call with the gate held).
+    pub fn insert(&self, ino: u64, size: u64, mtime: SystemTime) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let w = Write {
+            size,
+            mtime,
+            writes: 0,
+        };
+        if map.insert(ino, w).is_none() {
+            self.len.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// The entries as they are now (call with the gate held).
+    pub fn snapshot(&self) -> Vec<(u64, Write)> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(i, w)| (*i, *w)).collect()
+    }
+
+    /// Drops the entries of `snapshot` that took no write since it was taken.
+    pub fn persisted(&self, snapshot: &[(u64, Write)]) {
+        if snapshot.is_empty() {
+            return;
+        }
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        for (ino, w) in snapshot {
+            if map.get(ino) == Some(w) {
+                map.remove(ino);
+                self.len.fetch_sub(1, Ordering::Release);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len.load(Ordering::Acquire) == 0
+    }
+
+    /// `a` with the size and times of writes not yet persisted.
+    pub fn overlay(&self, mut a: Attr) -> Attr {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return a;
+        }
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = map.get(&a.ino) {
+            a.size = w.size;
+            a.mtime = w.mtime;
+            a.ctime = w.mtime;
+        }
+        a
+    }
+}
+
+/// Persists entry `w` of `ino`: nothing when it took no write since its transaction.
+pub(super) fn persist(tx: &Transaction<'_>, ino: u64, w: &Write) -> rusqlite::Result<()> {
+    if w.writes == 0 {
+        return Ok(());
+    }
+    tx.prepare_cached(
+        "UPDATE inodes SET size = ?2, mtime_ns = ?3, ctime_ns = ?3, dirty = 1, local = 1,
+             gen = gen + 1, due_ns = CASE WHEN pending = 1 THEN due_ns ELSE ?3 END, pending = 1
+         WHERE ino = ?1",
+    )?
+    .execute(params![ino as i64, w.size as i64, to_ns(w.mtime)])?;
+    Ok(())
+}

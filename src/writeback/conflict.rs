@@ -1,0 +1,115 @@
+//! When someone else changed a blob, and the trash.
+//!
+//! The conflict rule: a local file whose blob was replaced by another writer takes a new
+//! name, `<name>.conflict-<time>`, and is uploaded there; the other writer's blob stays. The
+//! kernel is told the old entry changed (it would otherwise keep showing the local file
+//! under the old name).
+//!
+//! The trash holds blob names no inode needs any more, each with the ETag simfs last saw;
+//! deleting with that ETag never removes a version someone else wrote since.
+
+use super::{WbResult, Writeback, WritebackError};
+use crate::blob::BlobError;
+use crate::index::journal::PendingInode;
+use crate::index::names::Name;
+use crate::posix::RenameMode;
+use std::time::SystemTime;
+
+fn quiet_delete(r: Result<(), BlobError>) -> Result<(), BlobError> {
+    match r {
+        // Gone already, or replaced by a version that is not ours to delete.
+        Ok(()) | Err(BlobError::NotFound(_)) | Err(BlobError::PreconditionFailed(_)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl Writeback {
+    /// Deletes what is in the trash, 16 at a time (each delete stands alone: every name in
+    /// the trash is unclaimed); returns how many failed (they stay for later).
+    pub(super) fn empty_trash(&self) -> WbResult<usize> {
+        use futures::StreamExt;
+        loop {
+            let batch = self.index.trash(256)?;
+            if batch.is_empty() {
+                return Ok(0);
+            }
+            let results: Vec<_> = self.rt.block_on(
+                futures::stream::iter(batch.into_iter().map(|(blob, etag)| async move {
+                    let r = quiet_delete(self.store.delete(&blob, &etag).await);
+                    (blob, etag, r)
+                }))
+                .buffer_unordered(16)
+                .collect(),
+            );
+            let mut failed = 0;
+            for (blob, etag, r) in results {
+                match r {
+                    Ok(()) => self.index.trash_done(&blob, &etag)?,
+                    Err(e) => {
+                        tracing::warn!("deleting {blob:?} failed (will retry): {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                return Ok(failed);
+            }
+        }
+    }
+
+    /// The conflict rule: the local file takes a new name and is uploaded there later.
+    pub(super) fn keep_both(
+        &self,
+        v: &PendingInode,
+        anchor: &str,
+        paths: &[String],
+    ) -> WbResult<WritebackError> {
+        let i = paths.iter().position(|p| p == anchor).unwrap_or(0);
+        let entry = &v.names[i];
+        let stamp = time::OffsetDateTime::now_utc();
+        let mut new_name = entry.name.clone();
+        new_name.extend_from_slice(
+            format!(
+                ".conflict-{:04}{:02}{:02}T{:02}{:02}{:02}",
+                stamp.year(),
+                stamp.month() as u8,
+                stamp.day(),
+                stamp.hour(),
+                stamp.minute(),
+                stamp.second()
+            )
+            .as_bytes(),
+        );
+        let (from, to) = (Name::new(&entry.name), Name::new(&new_name));
+        let (Ok(from), Ok(to)) = (from, to) else {
+            return Ok(WritebackError::Invalid(format!(
+                "{anchor} changed in the container; no conflict name fits"
+            )));
+        };
+        let now = SystemTime::now();
+        self.index.rename(
+            entry.parent,
+            &from,
+            entry.parent,
+            &to,
+            RenameMode::NoReplace,
+            now,
+            now,
+        )?;
+        if let Some(f) = self.invalidate.get() {
+            f(entry.parent, from.as_bytes());
+        }
+        let kept = format!(
+            "{}{}",
+            &anchor[..anchor.len() - from.as_bytes().len()],
+            to.as_os_str().to_string_lossy()
+        );
+        tracing::warn!(
+            "conflict: {anchor} was changed by someone else; the local version is kept as {kept}"
+        );
+        Ok(WritebackError::Conflict {
+            blob: anchor.to_string(),
+            kept,
+        })
+    }
+}

@@ -1,0 +1,283 @@
+//! The steps that bring one pending inode's container side up to date. Each is idempotent,
+//! so an interrupted upload simply runs again:
+//!
+//! - a file's data goes to its *anchor* name (the blob it already has if that is still one
+//!   of its names, else its first name): uploaded from the local copy when dirty, copied
+//!   server-side when only the name changed, or just given new metadata;
+//! - its other names (hard links) get zero-length stub blobs (`simfs_hardlink=<id>`);
+//! - directories get a marker blob, symlinks a blob holding the target, special files an
+//!   empty blob saying what they are;
+//! - names no longer needed go to the trash and are deleted, with their ETag, afterwards.
+//!
+//! A blob in the way that still holds another live file's only data (two files swapped by
+//! renames before either was uploaded) is first copied aside to `.simfs-moving/` under the
+//! prefix and later moved to its own name, so no order of renames can lose data. Taking a
+//! name from another inode needs that inode's lock (`locked`), which `upload` took.
+
+use super::{WbResult, Writeback, WritebackError};
+use crate::blob::format::{blob_name_for, render, Role, KEY_PATH};
+use crate::blob::upload::{upload_file, UploadError};
+use crate::blob::{BlobError, Expect, Metadata};
+use crate::index::journal::PendingInode;
+use crate::index::ROOT_INO;
+use crate::posix::Kind;
+use bytes::Bytes;
+use std::time::SystemTime;
+
+/// What one upload works with.
+struct Ctx<'a> {
+    /// Inodes whose locks the upload holds: it may take names from these.
+    locked: &'a [u64],
+}
+
+impl Writeback {
+    fn blob_name(&self, rel: &[u8]) -> WbResult<String> {
+        Ok(self.blob_name_and_path(rel)?.0)
+    }
+
+    /// The blob name for path `rel`, and its `simfs_path` when the path is too long.
+    fn blob_name_and_path(&self, rel: &[u8]) -> WbResult<(String, Option<String>)> {
+        let rel = std::str::from_utf8(rel)
+            .map_err(|_| WritebackError::Invalid(format!("{rel:?} is not UTF-8")))?;
+        Ok(blob_name_for(&self.prefix, rel))
+    }
+
+    /// `meta`, plus the path a long-path blob stands for.
+    fn with_path(&self, rel: &[u8], meta: &Metadata) -> WbResult<Metadata> {
+        let mut meta = meta.clone();
+        if let (_, Some(path)) = self.blob_name_and_path(rel)? {
+            meta.insert(KEY_PATH.to_string(), path);
+        }
+        Ok(meta)
+    }
+
+    /// Other live inodes that claim a name `p` must write: its upload takes names from
+    /// them, so they must not upload meanwhile.
+    pub(super) fn claim_holders(&self, p: &PendingInode) -> WbResult<Vec<u64>> {
+        let ino = p.attr.ino;
+        if ino == ROOT_INO || p.names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let targets = match p.attr.kind {
+            Kind::File => &p.names[..],
+            _ => &p.names[..1],
+        };
+        let mut holders = Vec::new();
+        for n in targets {
+            let name = self.blob_name(&n.path)?;
+            if let Some(c) = self.index.claim_on(&name)? {
+                if c.ino != ino && c.ino != 0 && c.live {
+                    holders.push(c.ino);
+                }
+            }
+        }
+        Ok(holders)
+    }
+
+    /// Brings pending inode `v` up to date; `locked` are the inodes whose locks are held.
+    pub(super) async fn apply(&self, locked: &[u64], v: &PendingInode) -> WbResult<()> {
+        let index = &self.index;
+        let ino = v.attr.ino;
+        if ino == ROOT_INO {
+            return Ok(index.record_upload(ino, v.gen, None, &[], false, false)?);
+        }
+        if v.names.is_empty() {
+            // Unlinked: every claimed name goes to the trash; the row goes once unused.
+            let is_open = self.cache.pins().is_open(ino);
+            index.record_upload(ino, v.gen, None, &[], v.dirty, !is_open)?;
+            if !is_open {
+                self.cache.remove_local(ino);
+            }
+            return Ok(());
+        }
+        let cx = Ctx { locked };
+        let cx = &cx;
+        let a = &v.attr;
+        match a.kind {
+            Kind::File => self.upload_file(cx, v).await?,
+            kind => {
+                let name = self.blob_name(&v.names[0].path)?;
+                let (role, body) = match kind {
+                    Kind::Dir => (Role::Dir, Bytes::new()),
+                    Kind::Symlink => (
+                        Role::Symlink,
+                        Bytes::from(v.target.clone().unwrap_or_default()),
+                    ),
+                    k => (
+                        Role::Special(k.special_name().unwrap_or("fifo"), a.rdev),
+                        Bytes::new(),
+                    ),
+                };
+                let meta = self.with_path(
+                    &v.names[0].path,
+                    &render(role, a.perm, a.uid, a.gid, a.mtime),
+                )?;
+                let etag = self.put_small(cx, ino, &name, body, &meta).await?;
+                index.record_upload(ino, v.gen, Some(&(name, etag)), &[], false, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a marker or symlink blob; one simfs has not seen at the name is replaced
+    /// anyway, as these carry no data of their own that could be lost.
+    async fn put_small(
+        &self,
+        cx: &Ctx<'_>,
+        ino: u64,
+        name: &str,
+        body: Bytes,
+        meta: &Metadata,
+    ) -> WbResult<String> {
+        let expect = self.make_room(cx, ino, name).await?;
+        match self.store.put(name, body.clone(), meta, &expect).await {
+            Err(BlobError::PreconditionFailed(_)) => {
+                let expect = match self.store.head(name).await {
+                    Ok(p) => Expect::Etag(p.etag),
+                    Err(BlobError::NotFound(_)) => Expect::Absent,
+                    Err(e) => return Err(e.into()),
+                };
+                Ok(self.store.put(name, body, meta, &expect).await?)
+            }
+            r => Ok(r?),
+        }
+    }
+
+    async fn upload_file(&self, cx: &Ctx<'_>, v: &PendingInode) -> WbResult<()> {
+        let index = &self.index;
+        let a = &v.attr;
+        let ino = a.ino;
+        let mut paths = Vec::with_capacity(v.names.len());
+        for n in &v.names {
+            paths.push(self.blob_name(&n.path)?);
+        }
+        let anchor = match &v.blob {
+            Some((b, _)) if paths.contains(b) => b.clone(),
+            _ => paths[0].clone(),
+        };
+        let anchor_at = paths.iter().position(|p| *p == anchor).unwrap_or(0);
+        let meta = self.with_path(
+            &v.names[anchor_at].path,
+            &render(
+                Role::File(v.link_id.as_deref()),
+                a.perm,
+                a.uid,
+                a.gid,
+                a.mtime,
+            ),
+        )?;
+        let result = if v.dirty || v.blob.is_none() {
+            self.upload_local(cx, ino, &anchor, &meta, v.local).await
+        } else {
+            let (old, old_etag) = v.blob.clone().expect("checked above");
+            if old == anchor {
+                self.store
+                    .set_metadata(&anchor, &meta, &old_etag)
+                    .await
+                    .map_err(WritebackError::from)
+            } else {
+                let expect = self.make_room(cx, ino, &anchor).await?;
+                match self
+                    .store
+                    .copy(&old, &old_etag, &anchor, &meta, &expect)
+                    .await
+                {
+                    // The source is gone or changed: the local copy, if whole, still has it.
+                    Err(BlobError::NotFound(_)) if v.local => {
+                        self.upload_local(cx, ino, &anchor, &meta, true).await
+                    }
+                    r => r.map_err(WritebackError::from),
+                }
+            }
+        };
+        let etag = match result {
+            Ok(e) => e,
+            Err(WritebackError::Blob(BlobError::PreconditionFailed(_)))
+            | Err(WritebackError::Upload(UploadError::Blob(BlobError::PreconditionFailed(_)))) => {
+                if !(v.dirty || v.local) {
+                    // Only attributes changed here, and the data changed there: theirs wins
+                    // and the attribute change is dropped rather than retried forever.
+                    index.record_upload(ino, v.gen, v.blob.as_ref(), &v.stubs, false, false)?;
+                    return Err(WritebackError::Invalid(format!(
+                        "{anchor} was changed in the container by someone else; the local change of its attributes was dropped"
+                    )));
+                }
+                return Err(self.keep_both(v, &anchor, &paths)?);
+            }
+            Err(e) => return Err(e),
+        };
+        let mut stubs = Vec::new();
+        if let Some(id) = v.link_id.as_deref().filter(|_| paths.len() > 1) {
+            let stub_meta = render(Role::Stub(id), 0, 0, 0, a.mtime);
+            for (p, n) in paths.iter().zip(&v.names).filter(|(p, _)| **p != anchor) {
+                if let Some(s) = v.stubs.iter().find(|s| &s.0 == p) {
+                    stubs.push(s.clone());
+                    continue;
+                }
+                let expect = self.make_room(cx, ino, p).await?;
+                let stub_meta = self.with_path(&n.path, &stub_meta)?;
+                let e = self.store.put(p, Bytes::new(), &stub_meta, &expect).await?;
+                stubs.push((p.clone(), e));
+            }
+        }
+        index.record_upload(ino, v.gen, Some(&(anchor, etag)), &stubs, v.dirty, false)?;
+        Ok(())
+    }
+
+    async fn upload_local(
+        &self,
+        cx: &Ctx<'_>,
+        ino: u64,
+        name: &str,
+        meta: &Metadata,
+        local: bool,
+    ) -> WbResult<String> {
+        if !local {
+            return Err(WritebackError::Invalid(format!(
+                "inode {ino} has neither a blob nor a local copy"
+            )));
+        }
+        let expect = self.make_room(cx, ino, name).await?;
+        Ok(upload_file(
+            self.store.as_ref(),
+            name,
+            &self.cache.local_path(ino),
+            meta,
+            &expect,
+            &self.opts.upload,
+        )
+        .await?)
+    }
+
+    /// What a write to `name` must expect, after moving aside a blob that holds another
+    /// live file's only copy.
+    async fn make_room(&self, cx: &Ctx<'_>, ino: u64, name: &str) -> WbResult<Expect> {
+        let index = &self.index;
+        let Some(c) = index.claim_on(name)? else {
+            return Ok(Expect::Absent);
+        };
+        if c.ino == ino || c.ino == 0 || !c.live {
+            return Ok(Expect::Etag(c.etag));
+        }
+        if !cx.locked.contains(&c.ino) {
+            // Another upload claimed the name after `upload` checked: try again later.
+            return Err(WritebackError::Invalid(format!(
+                "{name:?} was claimed by inode {} meanwhile; will retry",
+                c.ino
+            )));
+        }
+        if c.stub || c.kind != Kind::File || c.local {
+            // The other inode can rewrite this from the index or its local copy.
+            index.move_claim(c.ino, name, None)?;
+            return Ok(Expect::Etag(c.etag));
+        }
+        let nanos = crate::posix::to_ns(SystemTime::now());
+        let aside = format!("{}.simfs-moving/{}-{nanos}", self.prefix, c.ino);
+        let e = self
+            .store
+            .copy(name, &c.etag, &aside, &Metadata::new(), &Expect::Absent)
+            .await?;
+        index.move_claim(c.ino, name, Some((&aside, &e)))?;
+        Ok(Expect::Etag(c.etag))
+    }
+}

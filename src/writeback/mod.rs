@@ -1,0 +1,164 @@
+//! Write-back: makes the container match the index, pending inode by pending inode.
+//!
+//! This module is the one home of uploading. The engine (`Writeback`) owns what it works
+//! with: the store, the index, the cache and a lock per inode. The filesystem core asks it
+//! to upload an inode (`upload`, which returns once the container has it: close and fsync)
+//! and tells it when changes were made (`changed`, so the background thread wakes when the
+//! first of them is due); nothing here calls back into the core.
+//!
+//! - `inode.rs`: the idempotent steps that bring one inode's container side up to date;
+//! - `conflict.rs`: what happens when someone else changed a blob, and emptying the trash;
+//! - `scheduler.rs`: due changes in parallel batches, drain, mount-time recovery, and the
+//!   background thread, which sleeps until the next change is due or it is woken.
+//!
+//! Every write names the ETag simfs last saw at the target (see `index::journal`). A name
+//! simfs has never seen holding a blob is a conflict: the local file is renamed to
+//! `<name>.conflict-<time>` and uploaded there, the other writer's blob stays where it is,
+//! and the close or fsync that found it fails. Nothing is overwritten unseen and nothing is
+//! dropped.
+//!
+//! Concurrency: uploads of different inodes run side by side, one at a time per inode (close,
+//! fsync and the background may race). An upload that must take a name another live inode
+//! still claims (renames that swapped names before either was uploaded) locks that inode
+//! too, in ascending inode order, so the other inode's upload cannot act on the name it is
+//! losing; no other upload waits for it.
+
+mod conflict;
+mod inode;
+mod scheduler;
+
+pub use scheduler::Background;
+
+use crate::blob::upload::{UploadError, UploadOptions};
+use crate::blob::{BlobError, BlobStore};
+use crate::cache::Cache;
+use crate::index::{Index, IndexError};
+use crate::locks::InodeLocks;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WritebackError {
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("uploading: {0}")]
+    Upload(#[from] UploadError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error(
+        "{blob} was changed in the container by someone else; the local version was kept as {kept}"
+    )]
+    Conflict { blob: String, kept: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} changes could not be uploaded")]
+    Failing(u64),
+}
+
+pub type WbResult<T> = Result<T, WritebackError>;
+
+#[derive(Clone, Debug)]
+pub struct WritebackOptions {
+    /// How long a change waits before the background uploads it (bursts coalesce).
+    pub delay: Duration,
+    /// Longest wait between retries of a failing upload.
+    pub max_backoff: Duration,
+    pub upload: UploadOptions,
+}
+
+impl Default for WritebackOptions {
+    fn default() -> Self {
+        WritebackOptions {
+            delay: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            upload: UploadOptions::default(),
+        }
+    }
+}
+
+/// Drops the kernel's cached entry `name` in directory `parent`.
+pub type Invalidator = Box<dyn Fn(u64, &[u8]) + Send + Sync>;
+
+pub struct Writeback {
+    store: Arc<dyn BlobStore>,
+    index: Arc<Index>,
+    cache: Arc<Cache>,
+    rt: tokio::runtime::Handle,
+    /// Blob name prefix of the mount root ("" or ending in '/').
+    prefix: String,
+    opts: WritebackOptions,
+    /// One upload at a time per inode.
+    locks: InodeLocks,
+    /// Tells the kernel a directory entry changed behind its back (a conflict rename).
+    invalidate: OnceLock<Invalidator>,
+    wakeup: scheduler::Wakeup,
+}
+
+impl Writeback {
+    pub fn new(
+        store: Arc<dyn BlobStore>,
+        index: Arc<Index>,
+        cache: Arc<Cache>,
+        rt: tokio::runtime::Handle,
+        prefix: String,
+        opts: WritebackOptions,
+    ) -> Writeback {
+        Writeback {
+            store,
+            index,
+            cache,
+            rt,
+            prefix,
+            opts,
+            locks: InodeLocks::default(),
+            invalidate: OnceLock::new(),
+            wakeup: scheduler::Wakeup::default(),
+        }
+    }
+
+    /// How long a change waits before the background uploads it.
+    pub fn delay(&self) -> Duration {
+        self.opts.delay
+    }
+
+    /// Sets how to tell the kernel about entries renamed by write-back (once, at mount).
+    pub fn set_invalidator(&self, f: Invalidator) {
+        let _ = self.invalidate.set(f);
+    }
+
+    /// Uploads inode `ino` now if it is pending; returns once the container has it. A
+    /// failure is recorded with a retry time for the background, and returned.
+    pub fn upload(&self, ino: u64) -> WbResult<()> {
+        let mut locked = vec![ino];
+        let mut rounds = 0;
+        let result = loop {
+            let _held = self.locks.lock_all(&locked);
+            let Some(p) = self.index.pending_inode(ino)? else {
+                return Ok(());
+            };
+            // Names this upload takes from other live inodes: those inodes wait too. Decided
+            // before anything is written, so a redo starts from a clean slate.
+            let holders = self.claim_holders(&p)?;
+            if holders.iter().all(|h| locked.contains(h)) {
+                break self.rt.block_on(self.apply(&locked, &p));
+            }
+            rounds += 1;
+            if rounds > 4 {
+                break Err(WritebackError::Invalid(format!(
+                    "the names of inode {ino} keep changing hands; will retry"
+                )));
+            }
+            locked = std::iter::once(ino).chain(holders).collect();
+        };
+        if let Err(e) = &result {
+            let backoff = self.index.upload_failed(
+                ino,
+                &e.to_string(),
+                SystemTime::now(),
+                self.opts.max_backoff,
+            )?;
+            tracing::warn!("uploading inode {ino} failed (retry in {backoff:?}): {e}");
+        }
+        result
+    }
+}
