@@ -219,7 +219,7 @@ impl SimFs {
         if let (Some(b), false) = (&blob, empty) {
             self.cache.hydrate(b)?;
         }
-        let _one = self.localizing.lock(ino);
+        let _one = self.localizing.lock(&ino);
         if self.index.is_local(ino)? {
             return Ok(());
         }
@@ -305,6 +305,8 @@ impl SimFs {
 
 #[cfg(test)]
 mod concurrency_tests;
+#[cfg(test)]
+mod model_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -304,7 +304,7 @@ impl Index {
     /// Blobs waiting to be deleted: (name, ETag).
     pub fn trash(&self, limit: usize) -> IndexResult<Vec<(String, String)>> {
         self.with_conn(|c| {
-            let mut st = c.prepare_cached("SELECT blob, etag FROM trash LIMIT ?1")?;
+            let mut st = c.prepare_cached("SELECT blob, etag FROM trash ORDER BY blob LIMIT ?1")?;
             let rows = st.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })

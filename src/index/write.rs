@@ -203,16 +203,17 @@ impl Index {
         due: SystemTime,
     ) -> IndexResult<Attr> {
         self.write(|tx| {
+            // In the order Linux checks: the new name, then what the old one is.
             let a = attr_of(tx, ino)?.ok_or(Refusal::NotFound)?;
+            dir(tx, parent)?;
+            if entry_of(tx, parent, name)?.is_some() {
+                return Err(Refusal::Exists.into());
+            }
             if a.kind == Kind::Dir {
                 return Err(Refusal::NotPermitted.into());
             }
             if a.nlink == 0 {
                 return Err(Refusal::NotFound.into());
-            }
-            dir(tx, parent)?;
-            if entry_of(tx, parent, name)?.is_some() {
-                return Err(Refusal::Exists.into());
             }
             tx.prepare_cached("INSERT INTO dentries(parent, name, ino) VALUES (?1, ?2, ?3)")?
                 .execute(params![parent as i64, name.as_bytes(), ino as i64])?;

@@ -25,24 +25,42 @@ fn quiet_delete(r: Result<(), BlobError>) -> Result<(), BlobError> {
 
 impl Writeback {
     /// Deletes what is in the trash, 16 at a time (each delete stands alone: every name in
-    /// the trash is unclaimed); returns how many failed (they stay for later).
-    pub(super) fn empty_trash(&self) -> WbResult<usize> {
+    /// the trash is unclaimed); returns how many failed or were skipped (they stay for
+    /// later). A name being written is skipped, or waited for with `wait`.
+    pub(super) fn empty_trash(&self, wait: bool) -> WbResult<usize> {
         use futures::StreamExt;
         loop {
             let batch = self.index.trash(256)?;
             if batch.is_empty() {
                 return Ok(0);
             }
+            // A name an upload is writing right now is left for a later round: that upload
+            // may be expecting exactly the version this would delete.
+            let mut busy = 0;
+            let batch: Vec<_> = batch
+                .into_iter()
+                .filter_map(|(blob, etag)| match self.names.try_lock(&blob) {
+                    Some(g) => Some((blob, etag, g)),
+                    None if wait => {
+                        let g = self.names.lock(&blob);
+                        Some((blob, etag, g))
+                    }
+                    None => {
+                        busy += 1;
+                        None
+                    }
+                })
+                .collect();
             let results: Vec<_> = self.rt.block_on(
-                futures::stream::iter(batch.into_iter().map(|(blob, etag)| async move {
+                futures::stream::iter(batch.into_iter().map(|(blob, etag, g)| async move {
                     let r = quiet_delete(self.store.delete(&blob, &etag).await);
-                    (blob, etag, r)
+                    (blob, etag, r, g)
                 }))
                 .buffer_unordered(16)
                 .collect(),
             );
             let mut failed = 0;
-            for (blob, etag, r) in results {
+            for (blob, etag, r, _name_lock) in results {
                 match r {
                     Ok(()) => self.index.trash_done(&blob, &etag)?,
                     Err(e) => {
@@ -51,8 +69,8 @@ impl Writeback {
                     }
                 }
             }
-            if failed > 0 {
-                return Ok(failed);
+            if failed + busy > 0 {
+                return Ok(failed + busy);
             }
         }
     }

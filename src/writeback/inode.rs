@@ -51,21 +51,25 @@ impl Writeback {
         Ok(meta)
     }
 
-    /// Other live inodes that claim a name `p` must write: its upload takes names from
-    /// them, so they must not upload meanwhile.
-    pub(super) fn claim_holders(&self, p: &PendingInode) -> WbResult<Vec<u64>> {
-        let ino = p.attr.ino;
-        if ino == ROOT_INO || p.names.is_empty() {
+    /// The blob names an upload of `p` may write (the aside copies of `make_room` are
+    /// unique and need no lock).
+    pub(super) fn names_written(&self, p: &PendingInode) -> WbResult<Vec<String>> {
+        if p.attr.ino == ROOT_INO || p.names.is_empty() {
             return Ok(Vec::new());
         }
-        let targets = match p.attr.kind {
+        let paths = match p.attr.kind {
             Kind::File => &p.names[..],
             _ => &p.names[..1],
         };
+        paths.iter().map(|n| self.blob_name(&n.path)).collect()
+    }
+
+    /// Other live inodes that claim one of `names` (which `ino` must write): its upload
+    /// takes those names from them, so they must not upload meanwhile.
+    pub(super) fn claim_holders(&self, names: &[String], ino: u64) -> WbResult<Vec<u64>> {
         let mut holders = Vec::new();
-        for n in targets {
-            let name = self.blob_name(&n.path)?;
-            if let Some(c) = self.index.claim_on(&name)? {
+        for name in names {
+            if let Some(c) = self.index.claim_on(name)? {
                 if c.ino != ino && c.ino != 0 && c.live {
                     holders.push(c.ino);
                 }

@@ -18,7 +18,9 @@
 //! dropped.
 //!
 //! Concurrency: uploads of different inodes run side by side, one at a time per inode (close,
-//! fsync and the background may race). An upload that must take a name another live inode
+//! fsync and the background may race), and one at a time per blob name: an upload holds the
+//! names it writes until their new ETags are recorded, and the trash skips a name that is
+//! being written, so no upload ever expects a version its own mount is replacing. An upload that must take a name another live inode
 //! still claims (renames that swapped names before either was uploaded) locks that inode
 //! too, in ascending inode order, so the other inode's upload cannot act on the name it is
 //! losing; no other upload waits for it.
@@ -33,7 +35,7 @@ use crate::blob::upload::{UploadError, UploadOptions};
 use crate::blob::{BlobError, BlobStore};
 use crate::cache::Cache;
 use crate::index::{Index, IndexError};
-use crate::locks::InodeLocks;
+use crate::locks::{InodeLocks, NameLocks};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -89,6 +91,10 @@ pub struct Writeback {
     opts: WritebackOptions,
     /// One upload at a time per inode.
     locks: InodeLocks,
+    /// One write or delete at a time per blob name, from the request until its result is
+    /// recorded: the next writer of the name then sees the ETag it must expect, so a
+    /// mount's own uploads never look like someone else's change to each other.
+    names: NameLocks,
     /// Tells the kernel a directory entry changed behind its back (a conflict rename).
     invalidate: OnceLock<Invalidator>,
     wakeup: scheduler::Wakeup,
@@ -111,6 +117,7 @@ impl Writeback {
             prefix,
             opts,
             locks: InodeLocks::default(),
+            names: NameLocks::default(),
             invalidate: OnceLock::new(),
             wakeup: scheduler::Wakeup::default(),
         }
@@ -136,9 +143,13 @@ impl Writeback {
             let Some(p) = self.index.pending_inode(ino)? else {
                 return Ok(());
             };
+            // Claims on a name change only under its lock, so who holds the names this
+            // upload writes is read with those locks held.
+            let names = self.names_written(&p)?;
+            let _names = self.names.lock_all(&names);
             // Names this upload takes from other live inodes: those inodes wait too. Decided
             // before anything is written, so a redo starts from a clean slate.
-            let holders = self.claim_holders(&p)?;
+            let holders = self.claim_holders(&names, ino)?;
             if holders.iter().all(|h| locked.contains(h)) {
                 break self.rt.block_on(self.apply(&locked, &p));
             }

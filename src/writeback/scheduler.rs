@@ -197,7 +197,7 @@ impl Writeback {
                 break;
             }
         }
-        self.empty_trash()?;
+        self.empty_trash(writers_too)?;
         Ok(self.index.pending()?.1)
     }
 
