@@ -37,6 +37,31 @@ impl Azurite {
     pub fn start() -> Azurite {
         let data = tempfile::tempdir().unwrap();
         let port = free_port();
+        let child = Self::spawn(port, data.path());
+        Azurite {
+            child,
+            port,
+            _data: data,
+        }
+    }
+
+    /// Stops Azurite the way a service goes down for maintenance: it saves its state.
+    pub fn stop_gracefully(&mut self) {
+        // SAFETY: kill(2) on our own child's pid, which has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.stop();
+    }
+
+    /// Starts Azurite again after `stop_gracefully`, on the same port and data.
+    pub fn restart(&mut self) {
+        self.child = Self::spawn(self.port, self._data.path());
+    }
+
+    fn spawn(port: u16, data: &Path) -> Child {
         let child = Command::new(azurite_bin())
             .args([
                 "--blobHost",
@@ -47,16 +72,11 @@ impl Azurite {
                 "--silent",
             ])
             .arg("--location")
-            .arg(data.path())
+            .arg(data)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start azurite");
-        let az = Azurite {
-            child,
-            port,
-            _data: data,
-        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -65,7 +85,7 @@ impl Azurite {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        az
+        child
     }
 
     pub fn endpoint(&self) -> String {

@@ -349,3 +349,43 @@ fn nix_close(f: std::fs::File) -> std::io::Error {
         std::io::Error::last_os_error()
     }
 }
+
+#[test]
+fn unmount_fails_and_says_what_is_left_when_changes_cannot_be_uploaded() {
+    let (mut az, _fx) = crate::seeded("data", 3, 0);
+    let cache = tempfile::tempdir().unwrap();
+    // Changes wait an hour in the journal, so only the unmount's drain can upload them.
+    let mut m = mount(&az, "data", cache.path(), &["--upload-delay", "3600"]);
+    std::fs::create_dir(m.path().join("made-offline")).unwrap();
+    az.stop_gracefully();
+    let out = Command::new(SIMFS)
+        .arg("unmount")
+        .arg(m.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "unmount succeeded: {err}");
+    assert!(
+        err.contains("changes were not uploaded") && err.contains("--cache-dir"),
+        "{err}"
+    );
+    assert!(!is_mounted(m.path()));
+    m.unmount();
+    // The next mount with the same cache uploads what was left.
+    az.restart();
+    let mut m = mount(&az, "data", cache.path(), &[]);
+    let out = Command::new(SIMFS)
+        .arg("unmount")
+        .arg(m.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    m.unmount();
+    let fresh = tempfile::tempdir().unwrap();
+    let n = mount(&az, "data", fresh.path(), &[]);
+    assert!(n.path().join("made-offline").is_dir());
+}

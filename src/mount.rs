@@ -219,7 +219,7 @@ pub fn prepare_with_store(
             rt.handle().clone(),
             source.prefix.clone(),
             cfg.writeback.clone(),
-        );
+        )?;
         let pending = wb.recover()?;
         if pending > 0 {
             tracing::info!("{pending} changes from an earlier mount are pending; uploading them");

@@ -126,6 +126,11 @@ fn map_err(what: &str, e: azure_core::Error) -> BlobError {
         }
         Some(StatusCode::NotFound) => BlobError::NotFound(msg),
         Some(StatusCode::PreconditionFailed) => BlobError::PreconditionFailed(msg),
+        // A conditional create (If-None-Match: *) of a name that exists is answered 409, not
+        // 412: the same failed precondition.
+        Some(StatusCode::Conflict) if code == "BlobAlreadyExists" => {
+            BlobError::PreconditionFailed(msg)
+        }
         Some(StatusCode::Unauthorized | StatusCode::Forbidden) => BlobError::Auth(msg),
         Some(_) => BlobError::Service(msg),
         None => match e.kind() {

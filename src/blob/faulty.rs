@@ -52,6 +52,9 @@ pub struct FaultyStore<S> {
     writes_left: AtomicU64,
     /// Every request takes this long (milliseconds) before it is answered: a round trip.
     latency_ms: AtomicU64,
+    /// This many more writes are carried out, but their answer is lost (a connection reset
+    /// after the service committed).
+    lose_answers: AtomicU64,
 }
 
 impl<S: BlobStore> FaultyStore<S> {
@@ -64,7 +67,28 @@ impl<S: BlobStore> FaultyStore<S> {
             refuse_writes: AtomicBool::new(false),
             writes_left: AtomicU64::new(u64::MAX),
             latency_ms: AtomicU64::new(0),
+            lose_answers: AtomicU64::new(0),
         }
+    }
+
+    /// The next `n` writes are carried out but answered with a connection error.
+    pub fn lose_answers(&self, n: u64) {
+        self.lose_answers.store(n, Ordering::SeqCst);
+    }
+
+    /// `r`, unless this write's answer is to be lost.
+    fn answer<T>(&self, r: BlobResult<T>) -> BlobResult<T> {
+        let lose = r.is_ok()
+            && self
+                .lose_answers
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if lose {
+            return Err(BlobError::Unreachable(
+                "injected: connection reset after the write was committed".into(),
+            ));
+        }
+        r
     }
 
     /// Every request from now on takes `d` before it is answered.
@@ -171,13 +195,13 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
     ) -> BlobResult<String> {
         self.round_trip().await;
         self.write_gate(&self.counters.put)?;
-        self.inner.put(name, data, metadata, expect).await
+        self.answer(self.inner.put(name, data, metadata, expect).await)
     }
 
     async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
         self.round_trip().await;
         self.write_gate(&self.counters.put)?;
-        self.inner.stage_block(name, id, data).await
+        self.answer(self.inner.stage_block(name, id, data).await)
     }
 
     async fn commit_blocks(
@@ -189,7 +213,7 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
     ) -> BlobResult<String> {
         self.round_trip().await;
         self.write_gate(&self.counters.put)?;
-        self.inner.commit_blocks(name, ids, metadata, expect).await
+        self.answer(self.inner.commit_blocks(name, ids, metadata, expect).await)
     }
 
     async fn set_metadata(
@@ -200,7 +224,7 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
     ) -> BlobResult<String> {
         self.round_trip().await;
         self.write_gate(&self.counters.set_metadata)?;
-        self.inner.set_metadata(name, metadata, etag).await
+        self.answer(self.inner.set_metadata(name, metadata, etag).await)
     }
 
     async fn copy(
@@ -213,12 +237,12 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
     ) -> BlobResult<String> {
         self.round_trip().await;
         self.write_gate(&self.counters.copy)?;
-        self.inner.copy(from, from_etag, to, metadata, expect).await
+        self.answer(self.inner.copy(from, from_etag, to, metadata, expect).await)
     }
 
     async fn delete(&self, name: &str, etag: &str) -> BlobResult<()> {
         self.round_trip().await;
         self.write_gate(&self.counters.delete)?;
-        self.inner.delete(name, etag).await
+        self.answer(self.inner.delete(name, etag).await)
     }
 }

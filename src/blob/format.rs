@@ -68,6 +68,10 @@ pub fn long_path(rel: &str, meta: &BTreeMap<String, String>) -> Option<String> {
         .map(|p| p.into_owned())
 }
 pub const KEY_HARDLINK: &str = "simfs_hardlink";
+/// Every blob simfs writes names the mount's index that wrote it (a random id kept in the
+/// index): after a lost answer or a crash, write-back recognises a version it wrote itself
+/// and converges instead of taking it for someone else's change.
+pub const KEY_WRITER: &str = "simfs_writer";
 
 /// What a blob's metadata says about the POSIX object it stands for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -690,3 +690,74 @@ fn a_rotation_of_many_names_uploaded_in_parallel_loses_nothing() {
         assert_eq!(m.data(&format!("f{i}")).unwrap(), want);
     }
 }
+
+/// No name in the container marks a conflict.
+fn no_conflicts(w: &World) {
+    let names = w.store.inner().names();
+    assert!(
+        !names.iter().any(|n| n.contains(".conflict-")),
+        "a mount conflicted with itself: {names:?}"
+    );
+}
+
+#[test]
+fn a_lost_answer_to_any_write_converges_on_retry_without_a_conflict() {
+    let w = rw(MemoryStore::new());
+    // A new small file (one PUT), answer lost: close fails, the retry finds its own blob.
+    w.store.lose_answers(1);
+    let (a, fh) =
+        w.fs.create(ROOT_INO, OsStr::new("small"), 0o644, ME)
+            .unwrap();
+    w.fs.write(fh, 0, b"small data").unwrap();
+    assert_eq!(errno(w.fs.flush(fh)), libc::EIO);
+    w.fs.release(fh).unwrap();
+    drain(&w);
+    assert_eq!(w.store.inner().data("small").unwrap(), &b"small data"[..]);
+    assert_eq!(path(&w, "small").unwrap().ino, a.ino);
+    // A large file (staged blocks and a commit), every answer lost.
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    w.store.lose_answers(20);
+    let (_, fh) = w.fs.create(ROOT_INO, OsStr::new("big"), 0o644, ME).unwrap();
+    w.fs.write(fh, 0, &big).unwrap();
+    assert_eq!(errno(w.fs.flush(fh)), libc::EIO);
+    w.fs.release(fh).unwrap();
+    w.store.lose_answers(0);
+    drain(&w);
+    assert_eq!(w.store.inner().data("big").unwrap(), &big[..]);
+    // A rename (a server-side copy), a chmod (new metadata) and a new directory (a marker).
+    for change in 0..3 {
+        w.store.lose_answers(1);
+        match change {
+            0 => {
+                w.fs.rename(
+                    ROOT_INO,
+                    OsStr::new("small"),
+                    ROOT_INO,
+                    OsStr::new("moved"),
+                    RenameMode::Replace,
+                )
+                .unwrap()
+            }
+            1 => {
+                let ino = path(&w, "big").unwrap().ino;
+                let chmod = AttrChanges {
+                    perm: Some(0o600),
+                    ..Default::default()
+                };
+                w.fs.setattr(ino, &chmod).unwrap();
+            }
+            _ => {
+                w.fs.mkdir(ROOT_INO, OsStr::new("dir"), 0o700, ME).unwrap();
+            }
+        }
+        let _ = w.wb().drain(true, |_| {});
+        drain(&w);
+    }
+    no_conflicts(&w);
+    let n = fresh(&w);
+    assert_eq!(read_all(&n, "moved").unwrap(), b"small data");
+    assert!(path(&n, "small").is_err());
+    assert_eq!(path(&n, "big").unwrap().perm, 0o600);
+    assert_eq!(read_all(&n, "big").unwrap(), big);
+    assert_eq!(path(&n, "dir").unwrap().perm, 0o700);
+}

@@ -473,6 +473,37 @@ impl Index {
         })
     }
 
+    /// The random id of this index, which write-back stamps on every blob it writes
+    /// (made on first use).
+    pub fn writer_id(&self) -> IndexResult<String> {
+        let get = |c: &Connection| -> IndexResult<Option<String>> {
+            Ok(
+                c.query_row("SELECT value FROM meta WHERE key = 'writer'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?,
+            )
+        };
+        if let Some(id) = self.with_conn(get)? {
+            return Ok(id);
+        }
+        self.write(|tx| {
+            if let Some(id) = get(tx)? {
+                return Ok(id);
+            }
+            use sha2::{Digest, Sha256};
+            let seed = format!(
+                "{}\n{}\n{}",
+                crate::posix::to_ns(std::time::SystemTime::now()),
+                std::process::id(),
+                self.path.display()
+            );
+            let id = hex::encode(&Sha256::digest(seed.as_bytes())[..12]);
+            tx.execute("INSERT INTO meta(key, value) VALUES ('writer', ?1)", [&id])?;
+            Ok(id)
+        })
+    }
+
     /// (number of inodes, total bytes of regular files), from the running totals.
     pub fn totals(&self) -> IndexResult<(u64, u64)> {
         self.with_conn(|c| {

@@ -15,7 +15,7 @@
 //! name from another inode needs that inode's lock (`locked`), which `upload` took.
 
 use super::{WbResult, Writeback, WritebackError};
-use crate::blob::format::{blob_name_for, render, Role, KEY_PATH};
+use crate::blob::format::{blob_name_for, render, Role, KEY_PATH, KEY_WRITER};
 use crate::blob::upload::{upload_file, UploadError};
 use crate::blob::{BlobError, Expect, Metadata};
 use crate::index::journal::PendingInode;
@@ -23,6 +23,15 @@ use crate::index::ROOT_INO;
 use crate::posix::Kind;
 use bytes::Bytes;
 use std::time::SystemTime;
+
+/// The service refused a write because the name holds another version than expected.
+fn is_precondition(e: &WritebackError) -> bool {
+    matches!(
+        e,
+        WritebackError::Blob(BlobError::PreconditionFailed(_))
+            | WritebackError::Upload(UploadError::Blob(BlobError::PreconditionFailed(_)))
+    )
+}
 
 /// What one upload works with.
 struct Ctx<'a> {
@@ -42,13 +51,43 @@ impl Writeback {
         Ok(blob_name_for(&self.prefix, rel))
     }
 
-    /// `meta`, plus the path a long-path blob stands for.
+    /// `meta`, plus the path a long-path blob stands for and this mount's writer id.
     fn with_path(&self, rel: &[u8], meta: &Metadata) -> WbResult<Metadata> {
-        let mut meta = meta.clone();
+        let mut meta = self.stamped(meta);
         if let (_, Some(path)) = self.blob_name_and_path(rel)? {
             meta.insert(KEY_PATH.to_string(), path);
         }
         Ok(meta)
+    }
+
+    /// `meta` with this mount's writer id.
+    fn stamped(&self, meta: &Metadata) -> Metadata {
+        let mut meta = meta.clone();
+        meta.insert(KEY_WRITER.to_string(), self.writer.clone());
+        meta
+    }
+
+    /// Runs `write` expecting `expect` at `name`. When the service answers that the name
+    /// holds another version and that version carries this mount's writer id (a write
+    /// whose answer was lost, or whose result a crash kept out of the journal), the write is
+    /// repeated expecting that version: every step converges instead of failing forever or
+    /// raising a conflict with itself. Someone else's version still fails the precondition.
+    async fn converge<F, Fut>(&self, name: &str, expect: Expect, mut write: F) -> WbResult<String>
+    where
+        F: FnMut(Expect) -> Fut,
+        Fut: std::future::Future<Output = WbResult<String>>,
+    {
+        match write(expect).await {
+            Err(e) if is_precondition(&e) => match self.store.head(name).await {
+                Ok(p) if p.metadata.get(KEY_WRITER) == Some(&self.writer) => {
+                    tracing::info!("{name}: found this mount's own earlier write; continuing");
+                    write(Expect::Etag(p.etag)).await
+                }
+                Ok(_) | Err(BlobError::NotFound(_)) => Err(e),
+                Err(h) => Err(h.into()),
+            },
+            r => r,
+        }
     }
 
     /// The blob names an upload of `p` may write (the aside copies of `make_room` are
@@ -175,29 +214,33 @@ impl Writeback {
         } else {
             let (old, old_etag) = v.blob.clone().expect("checked above");
             if old == anchor {
-                self.store
-                    .set_metadata(&anchor, &meta, &old_etag)
-                    .await
-                    .map_err(WritebackError::from)
+                self.converge(&anchor, Expect::Etag(old_etag), |e| async {
+                    let Expect::Etag(etag) = e else {
+                        unreachable!("set_metadata always expects a version")
+                    };
+                    Ok(self.store.set_metadata(&anchor, &meta, &etag).await?)
+                })
+                .await
             } else {
                 let expect = self.make_room(cx, ino, &anchor).await?;
-                match self
-                    .store
-                    .copy(&old, &old_etag, &anchor, &meta, &expect)
-                    .await
-                {
+                let (old, old_etag, to, meta) = (&old, &old_etag, &anchor, &meta);
+                let copied = self
+                    .converge(to, expect, |e| async move {
+                        Ok(self.store.copy(old, old_etag, to, meta, &e).await?)
+                    })
+                    .await;
+                match copied {
                     // The source is gone or changed: the local copy, if whole, still has it.
-                    Err(BlobError::NotFound(_)) if v.local => {
+                    Err(WritebackError::Blob(BlobError::NotFound(_))) if v.local => {
                         self.upload_local(cx, ino, &anchor, &meta, true).await
                     }
-                    r => r.map_err(WritebackError::from),
+                    r => r,
                 }
             }
         };
         let etag = match result {
             Ok(e) => e,
-            Err(WritebackError::Blob(BlobError::PreconditionFailed(_)))
-            | Err(WritebackError::Upload(UploadError::Blob(BlobError::PreconditionFailed(_)))) => {
+            Err(e) if is_precondition(&e) => {
                 if !(v.dirty || v.local) {
                     // Only attributes changed here, and the data changed there: theirs wins
                     // and the attribute change is dropped rather than retried forever.
@@ -220,7 +263,12 @@ impl Writeback {
                 }
                 let expect = self.make_room(cx, ino, p).await?;
                 let stub_meta = self.with_path(&n.path, &stub_meta)?;
-                let e = self.store.put(p, Bytes::new(), &stub_meta, &expect).await?;
+                let stub_meta = &stub_meta;
+                let e = self
+                    .converge(p, expect, |e| async move {
+                        Ok(self.store.put(p, Bytes::new(), stub_meta, &e).await?)
+                    })
+                    .await?;
                 stubs.push((p.clone(), e));
             }
         }
@@ -242,15 +290,17 @@ impl Writeback {
             )));
         }
         let expect = self.make_room(cx, ino, name).await?;
-        Ok(upload_file(
-            self.store.as_ref(),
-            name,
-            &self.cache.local_path(ino),
-            meta,
-            &expect,
-            &self.opts.upload,
-        )
-        .await?)
+        let path = self.cache.local_path(ino);
+        self.converge(name, expect, |e| {
+            let path = &path;
+            async move {
+                Ok(
+                    upload_file(self.store.as_ref(), name, path, meta, &e, &self.opts.upload)
+                        .await?,
+                )
+            }
+        })
+        .await
     }
 
     /// What a write to `name` must expect, after moving aside a blob that holds another
@@ -279,7 +329,13 @@ impl Writeback {
         let aside = format!("{}.simfs-moving/{}-{nanos}", self.prefix, c.ino);
         let e = self
             .store
-            .copy(name, &c.etag, &aside, &Metadata::new(), &Expect::Absent)
+            .copy(
+                name,
+                &c.etag,
+                &aside,
+                &self.stamped(&Metadata::new()),
+                &Expect::Absent,
+            )
             .await?;
         index.move_claim(c.ino, name, Some((&aside, &e)))?;
         Ok(Expect::Etag(c.etag))

@@ -88,6 +88,8 @@ pub struct Writeback {
     rt: tokio::runtime::Handle,
     /// Blob name prefix of the mount root ("" or ending in '/').
     prefix: String,
+    /// This mount's `simfs_writer` id, stamped on every blob it writes.
+    writer: String,
     opts: WritebackOptions,
     /// One upload at a time per inode.
     locks: InodeLocks,
@@ -108,9 +110,11 @@ impl Writeback {
         rt: tokio::runtime::Handle,
         prefix: String,
         opts: WritebackOptions,
-    ) -> Writeback {
-        Writeback {
+    ) -> WbResult<Writeback> {
+        let writer = index.writer_id()?;
+        Ok(Writeback {
             store,
+            writer,
             index,
             cache,
             rt,
@@ -120,7 +124,7 @@ impl Writeback {
             names: NameLocks::default(),
             invalidate: OnceLock::new(),
             wakeup: scheduler::Wakeup::default(),
-        }
+        })
     }
 
     /// How long a change waits before the background uploads it.

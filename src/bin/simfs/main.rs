@@ -91,8 +91,13 @@ enum Cmd {
 }
 
 pub(crate) fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SIMFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // When umount(8) or fusermount3 unmounted the filesystem, fuser's session tries again
+    // as it ends and warns "Failed to umount filesystem: Invalid argument" every time: the
+    // mount is already gone, so that warning says nothing (an unmount by signal is simfs's
+    // own and reports its errors).
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SIMFS_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,fuser::session=error,fuser::mnt=error")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

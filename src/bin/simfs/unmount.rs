@@ -1,4 +1,6 @@
-//! `simfs unmount`: unmounts, then waits for the daemon to finish uploading.
+//! `simfs unmount`: unmounts, then waits for the daemon to finish uploading, and says what
+//! it could not upload: the exit status is non-zero while anything is left in the journal
+//! (it stays there for the next mount with the same cache directory).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,6 +38,12 @@ fn daemons_of(mountpoint: &std::path::Path) -> Vec<u32> {
 /// Unmounts, then waits for the daemon to finish uploading what is pending.
 pub fn unmount(mountpoint: &std::path::Path) -> ExitCode {
     let daemons = daemons_of(mountpoint);
+    // Where the serving daemons keep their journals, read again once they are gone.
+    let state_dirs: Vec<_> = crate::status::list(&crate::status::runtime_dir())
+        .into_iter()
+        .filter(|m| daemons.contains(&m.pid))
+        .map(|m| m.state_dir)
+        .collect();
     for (prog, args) in [("fusermount3", vec!["-u"]), ("umount", vec![])] {
         match std::process::Command::new(prog)
             .args(&args)
@@ -45,17 +53,14 @@ pub fn unmount(mountpoint: &std::path::Path) -> ExitCode {
             Ok(s) if s.success() => {
                 let started = std::time::Instant::now();
                 let mut told = false;
-                while daemons
-                    .iter()
-                    .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
-                {
+                while daemons.iter().any(|p| alive(*p)) {
                     if !told && started.elapsed() > Duration::from_secs(1) {
                         eprintln!("simfs: waiting for pending uploads to finish...");
                         told = true;
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                return ExitCode::SUCCESS;
+                return left_behind(&state_dirs);
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -64,4 +69,57 @@ pub fn unmount(mountpoint: &std::path::Path) -> ExitCode {
     }
     eprintln!("simfs: could not unmount {}", mountpoint.display());
     ExitCode::FAILURE
+}
+
+/// Reports what the journals in `state_dirs` still hold; failure when anything.
+fn left_behind(state_dirs: &[std::path::PathBuf]) -> ExitCode {
+    let mut left = 0;
+    for dir in state_dirs {
+        let index = match simfs::index::Index::open_read_only(&dir.join("index.db")) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("simfs: cannot read the journal in {}: {e}", dir.display());
+                left += 1;
+                continue;
+            }
+        };
+        let (pending, failing) = match (index.pending(), index.failing()) {
+            (Ok((p, _)), Ok(f)) => (p, f),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("simfs: cannot read the journal in {}: {e}", dir.display());
+                left += 1;
+                continue;
+            }
+        };
+        if pending == 0 {
+            continue;
+        }
+        left += pending;
+        eprintln!(
+            "simfs: {pending} changes were not uploaded; they are kept in {} and uploaded by the next mount with the same --cache-dir",
+            dir.display()
+        );
+        for f in failing.iter().take(5) {
+            eprintln!(
+                "simfs:   inode {} ({} attempts): {}",
+                f.ino, f.attempts, f.error
+            );
+        }
+    }
+    if left > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Whether process `pid` still runs (a zombie has finished: it only waits to be reaped).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold anything.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
 }
