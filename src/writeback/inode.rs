@@ -223,10 +223,10 @@ impl Writeback {
                 .await
             } else {
                 let expect = self.make_room(cx, ino, &anchor).await?;
-                let (old, old_etag, to, meta) = (&old, &old_etag, &anchor, &meta);
+                let (old, old_etag, to, m) = (&old, &old_etag, &anchor, &meta);
                 let copied = self
                     .converge(to, expect, |e| async move {
-                        Ok(self.store.copy(old, old_etag, to, meta, &e).await?)
+                        Ok(self.store.copy(old, old_etag, to, m, &e).await?)
                     })
                     .await;
                 match copied {
