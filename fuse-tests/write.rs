@@ -389,3 +389,60 @@ fn unmount_fails_and_says_what_is_left_when_changes_cannot_be_uploaded() {
     let n = mount(&az, "data", fresh.path(), &[]);
     assert!(n.path().join("made-offline").is_dir());
 }
+
+#[test]
+fn names_with_any_character_round_trip_through_the_container() {
+    let (az, _fx) = crate::seeded("names", 1, 0);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount(&az, "names", cache.path(), &[]);
+    let dir = m.path().join("odd");
+    std::fs::create_dir(&dir).unwrap();
+    // Tab, LF, CR and every printable ASCII character but '/', and a few beyond ASCII, between
+    // letters and at the start of a name. (The other control characters are not valid XML:
+    // Azure lists such names percent-encoded, which the SDK decodes, but Azurite answers the
+    // listing with HTTP 500, so they are covered by the unit test of the URL encoding only.)
+    let mut names = Vec::new();
+    let chars = ['\t', '\n', '\r']
+        .into_iter()
+        .chain((32u8..=127).map(char::from));
+    for c in chars.filter(|c| *c != '/' && *c != '\\') {
+        names.push(format!("a{c}b"));
+        if c != '.' {
+            names.push(format!("{c}x"));
+        }
+    }
+    names.extend(["é", "日本", "\u{1F600}", "tab\tline\nret\r"].map(String::from));
+    // The Blob service reads a backslash as '/': such a name is refused, not stored elsewhere.
+    let err = std::fs::write(dir.join("back\\slash"), "x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    names.sort();
+    names.dedup();
+    for (i, n) in names.iter().enumerate() {
+        std::fs::write(dir.join(n), format!("{i}:{n}")).unwrap_or_else(|e| panic!("{n:?}: {e}"));
+    }
+    let out = Command::new(SIMFS)
+        .arg("unmount")
+        .arg(m.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    m.unmount();
+    // A fresh node lists and reads every one of them under its own name.
+    let fresh = tempfile::tempdir().unwrap();
+    let n = mount(&az, "names", fresh.path(), &[]);
+    let mut listed: Vec<String> = std::fs::read_dir(n.path().join("odd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, names);
+    for (i, name) in names.iter().enumerate() {
+        let got = std::fs::read_to_string(n.path().join("odd").join(name))
+            .unwrap_or_else(|e| panic!("{name:?}: {e}"));
+        assert_eq!(got, format!("{i}:{name}"));
+    }
+}

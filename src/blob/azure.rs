@@ -33,6 +33,9 @@ pub struct AzureStore {
     client: BlobContainerClient,
     /// The SAS in use, if any: a server-side copy's source URL must carry it too.
     sas: Option<Arc<SasPolicy>>,
+    /// What a blob client made from its own URL needs (see `needs_own_url`).
+    token: Option<Arc<dyn azure_core::credentials::TokenCredential>>,
+    client_options: ClientOptions,
 }
 
 #[derive(Clone, Debug)]
@@ -57,6 +60,23 @@ impl Default for AzureOptions {
 }
 
 impl AzureStore {
+    /// The client of blob `name`.
+    fn blob(&self, name: &str) -> BlobResult<azure_storage_blob::BlobClient> {
+        if !needs_own_url(name) {
+            return Ok(self.client.blob_client(name));
+        }
+        let options = azure_storage_blob::BlobClientOptions {
+            client_options: self.client_options.clone(),
+            ..Default::default()
+        };
+        azure_storage_blob::BlobClient::new(
+            own_blob_url(self.client.url(), name),
+            self.token.clone(),
+            Some(options),
+        )
+        .map_err(|e| BlobError::Invalid(format!("{name:?}: {e}")))
+    }
+
     /// A store for the container at `container_url` (no query string), authenticated by `cred`.
     pub fn new(container_url: Url, cred: &Credential, opts: &AzureOptions) -> BlobResult<Self> {
         let container = container_url
@@ -83,13 +103,45 @@ impl AzureStore {
             .token_credential()
             .map_err(|e| BlobError::Auth(format!("{}: {e}", cred.describe())))?;
         let options = BlobContainerClientOptions {
-            client_options,
+            client_options: client_options.clone(),
             ..Default::default()
         };
-        let client = BlobContainerClient::new(container_url, token, Some(options))
+        let client = BlobContainerClient::new(container_url, token.clone(), Some(options))
             .map_err(|e| BlobError::Invalid(e.to_string()))?;
-        Ok(AzureStore { client, sas })
+        Ok(AzureStore {
+            client,
+            sas,
+            token,
+            client_options,
+        })
     }
+}
+
+/// The URL parser drops tab, LF and CR from what it is given (as WHATWG URLs do), so the
+/// SDK's `blob_client(name)` would address another blob for a name holding one of them;
+/// such names get a URL percent-encoded here, byte by byte, which the parser keeps as is.
+fn needs_own_url(name: &str) -> bool {
+    name.contains(['\t', '\n', '\r'])
+}
+
+/// Everything but unreserved characters and `/` is escaped.
+const BLOB_PATH: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// The URL of blob `name` in the container at `container_url`, escaped by simfs.
+fn own_blob_url(container_url: &Url, name: &str) -> Url {
+    let mut url = container_url.clone();
+    let path = format!(
+        "{}/{}",
+        container_url.path().trim_end_matches('/'),
+        percent_encoding::utf8_percent_encode(name, BLOB_PATH)
+    );
+    url.set_path(&path);
+    url
 }
 
 fn conditions(expect: &Expect) -> (Option<Etag>, Option<Etag>) {
@@ -204,8 +256,7 @@ impl BlobStore for AzureStore {
 
     async fn head(&self, name: &str) -> BlobResult<BlobProps> {
         let rsp = self
-            .client
-            .blob_client(name)
+            .blob(name)?
             .get_properties(None)
             .await
             .map_err(|e| map_err(&format!("HEAD {name:?}"), e))?;
@@ -240,8 +291,7 @@ impl BlobStore for AzureStore {
         };
         let what = || format!("GET {name:?} bytes {}..{}", range.start, range.end);
         let rsp = self
-            .client
-            .blob_client(name)
+            .blob(name)?
             .download(Some(opts))
             .await
             .map_err(|e| map_err(&what(), e))?;
@@ -276,8 +326,7 @@ impl BlobStore for AzureStore {
             ..Default::default()
         };
         let rsp = self
-            .client
-            .blob_client(name)
+            .blob(name)?
             .block_blob_client()
             .upload(RequestContent::from(data.to_vec()), Some(opts))
             .await
@@ -287,8 +336,7 @@ impl BlobStore for AzureStore {
 
     async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
         let len = data.len() as u64;
-        self.client
-            .blob_client(name)
+        self.blob(name)?
             .block_blob_client()
             .stage_block(id, len, RequestContent::from(data.to_vec()), None)
             .await
@@ -320,8 +368,7 @@ impl BlobStore for AzureStore {
         };
         let body = RequestContent::try_from(list).map_err(|e| map_err(&what, e))?;
         let rsp = self
-            .client
-            .blob_client(name)
+            .blob(name)?
             .block_blob_client()
             .commit_block_list(body, Some(opts))
             .await
@@ -341,8 +388,7 @@ impl BlobStore for AzureStore {
             ..Default::default()
         };
         let rsp = self
-            .client
-            .blob_client(name)
+            .blob(name)?
             .set_metadata(&to_hash_map(metadata), Some(opts))
             .await
             .map_err(|e| map_err(&what, e))?;
@@ -361,7 +407,7 @@ impl BlobStore for AzureStore {
         expect: &Expect,
     ) -> BlobResult<String> {
         let what = format!("copy {from:?} to {to:?}");
-        let mut source = self.client.blob_client(from).url().clone();
+        let mut source = self.blob(from)?.url().clone();
         if let Some(sas) = &self.sas {
             source.set_query(Some(sas.token_at(SystemTime::now()).expose()));
         }
@@ -373,7 +419,7 @@ impl BlobStore for AzureStore {
             source_if_match: Some(Etag::from(from_etag)),
             ..Default::default()
         };
-        let target = self.client.blob_client(to);
+        let target = self.blob(to)?;
         let rsp = target
             .start_copy_from_url(source.to_string(), Some(opts))
             .await
@@ -402,11 +448,55 @@ impl BlobStore for AzureStore {
             if_match: Some(Etag::from(etag)),
             ..Default::default()
         };
-        self.client
-            .blob_client(name)
+        self.blob(name)?
             .delete(Some(opts))
             .await
             .map_err(|e| map_err(&format!("DELETE {name:?}"), e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The blob name the service reads from the URL simfs sends for `name`.
+    fn sent_and_decoded(name: &str) -> String {
+        let container = Url::parse("https://acct.blob.core.windows.net/c").unwrap();
+        let url = if needs_own_url(name) {
+            own_blob_url(&container, name)
+        } else {
+            // What the SDK's blob_client does.
+            let mut url = container.clone();
+            url.path_segments_mut().unwrap().extend([name]);
+            url
+        };
+        let path = url.path().strip_prefix("/c/").unwrap().to_string();
+        percent_encoding::percent_decode_str(&path)
+            .decode_utf8()
+            .unwrap()
+            .into_owned()
+    }
+
+    #[test]
+    fn every_character_azure_allows_reaches_the_service_unchanged() {
+        // Every ASCII character but NUL, then some beyond ASCII, in names of the shapes a
+        // real container holds (a directory, a file in it, odd characters at either end).
+        for c in (1u8..=127)
+            .map(char::from)
+            .chain(['é', '日', '\u{1F600}', '\u{FEFF}'])
+        {
+            for name in [
+                format!("d{c}ir/file"),
+                format!("{c}lead"),
+                format!("trail{c}"),
+                format!("a{c}{c}b"),
+            ] {
+                assert_eq!(sent_and_decoded(&name), name, "{c:?}");
+            }
+        }
+        assert_eq!(sent_and_decoded("100%.txt"), "100%.txt");
+        assert_eq!(sent_and_decoded("%2F"), "%2F");
+        assert_eq!(sent_and_decoded("tab\tand%25"), "tab\tand%25");
     }
 }

@@ -29,12 +29,19 @@ pub struct Caller {
     pub gid: u32,
 }
 
-/// Blob names are UTF-8; a name that is not cannot be stored.
+/// Blob names are UTF-8, and the Blob service reads `\` in a name as `/`: a name that is
+/// not UTF-8 or holds a backslash cannot be stored as itself, so it is refused (EINVAL)
+/// rather than stored under another path.
 fn new_name(name: &OsStr) -> FsResult<Name> {
     let n = Name::from_os(name)?;
     if std::str::from_utf8(n.as_bytes()).is_err() {
         return Err(FsError::Invalid(
             "names must be UTF-8 to be stored as blob names",
+        ));
+    }
+    if n.as_bytes().contains(&b'\\') {
+        return Err(FsError::Invalid(
+            "names may not hold a backslash: the Blob service turns it into '/'",
         ));
     }
     Ok(n)
