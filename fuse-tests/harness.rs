@@ -260,3 +260,73 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// `fault_proxy.py` in front of an Azurite: faults are set by writing its rules file.
+pub struct FaultProxy {
+    child: Child,
+    pub port: u16,
+    rules: tempfile::NamedTempFile,
+    log: tempfile::NamedTempFile,
+}
+
+impl FaultProxy {
+    pub fn start(az: &Azurite) -> FaultProxy {
+        let port = free_port();
+        let rules = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(rules.path(), "{}").unwrap();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuse-tests/fault_proxy.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .arg(az.port.to_string())
+            .arg(rules.path())
+            .arg(log.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start fault_proxy.py");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "fault proxy did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        FaultProxy {
+            child,
+            port,
+            rules,
+            log,
+        }
+    }
+
+    /// Replaces the rules (JSON, see fault_proxy.py); counts restart.
+    pub fn set(&self, rules: &str) {
+        // A new mtime even within the same clock tick: write a new file, rename over.
+        let tmp = self.rules.path().with_extension("new");
+        std::fs::write(&tmp, rules).unwrap();
+        std::fs::rename(&tmp, self.rules.path()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    /// The faults injected so far, one line each.
+    pub fn injected(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log.path())
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    pub fn connection_string(&self) -> String {
+        format!(
+            "UseDevelopmentStorage=true;BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1",
+            self.port
+        )
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,5 +1,6 @@
 //! Real mounts of simfs over /dev/fuse against a real Azurite (see harness.rs).
 
+mod faults;
 mod harness;
 mod helper;
 mod posix;

@@ -144,6 +144,9 @@ fn own_blob_url(container_url: &Url, name: &str) -> Url {
     url
 }
 
+/// Retries of a ranged GET whose body was cut off.
+const BODY_RETRIES: u32 = 4;
+
 fn conditions(expect: &Expect) -> (Option<Etag>, Option<Etag>) {
     match expect {
         Expect::Absent => (None, Some(Etag::from("*"))),
@@ -290,12 +293,32 @@ impl BlobStore for AzureStore {
             ..Default::default()
         };
         let what = || format!("GET {name:?} bytes {}..{}", range.start, range.end);
-        let rsp = self
-            .blob(name)?
-            .download(Some(opts))
-            .await
-            .map_err(|e| map_err(&what(), e))?;
-        rsp.body.collect().await.map_err(|e| map_err(&what(), e))
+        let expected = range.end - range.start;
+        // The SDK retries a request until its answer's headers arrive; a body cut off after
+        // them (a reset mid-transfer, a truncating proxy) is retried here, as a whole.
+        let mut attempt = 0u32;
+        loop {
+            let rsp = self
+                .blob(name)?
+                .download(Some(opts.clone()))
+                .await
+                .map_err(|e| map_err(&what(), e))?;
+            let failure = match rsp.body.collect().await {
+                Ok(b) if b.len() as u64 == expected => return Ok(b),
+                Ok(b) => BlobError::Unreachable(format!(
+                    "{}: the answer ended after {} of {expected} bytes",
+                    what(),
+                    b.len()
+                )),
+                Err(e) => map_err(&format!("{} (reading the body)", what()), e),
+            };
+            attempt += 1;
+            if attempt > BODY_RETRIES || !matches!(failure, BlobError::Unreachable(_)) {
+                return Err(failure);
+            }
+            tracing::debug!("{failure}; retrying");
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
     }
 
     async fn check_access(&self) -> BlobResult<()> {
