@@ -95,7 +95,11 @@ fn cache_hit(c: &mut Criterion, index: &Index, cache: &Cache) {
 
 /// Mounts `fs` at a fresh directory with kernel timeouts `ttl`; None when this machine cannot
 /// mount (no /dev/fuse, not root).
-fn mount(fs: Arc<SimFs>, ttl: Duration) -> Option<(fuser::BackgroundSession, tempfile::TempDir)> {
+fn mount(
+    fs: Arc<SimFs>,
+    ttl: Duration,
+    rt: &tokio::runtime::Handle,
+) -> Option<(fuser::BackgroundSession, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
     let opts = ServeOptions {
         fsname: "simfs-bench".into(),
@@ -104,18 +108,18 @@ fn mount(fs: Arc<SimFs>, ttl: Duration) -> Option<(fuser::BackgroundSession, tem
         threads: 2,
         noexec: false,
     };
-    let s = session(fs, dir.path(), &opts)
+    let s = session(fs, dir.path(), &opts, rt)
         .map_err(|e| eprintln!("skipping the FUSE benchmarks: {e}"))
         .ok()?;
     Some((s.spawn().unwrap(), dir))
 }
 
-fn fuse_stat(c: &mut Criterion, fs: Arc<SimFs>) {
+fn fuse_stat(c: &mut Criterion, fs: Arc<SimFs>, rt: &tokio::runtime::Handle) {
     for (label, ttl) in [
         ("fuse stat, round trip to the daemon", Duration::ZERO),
         ("fuse stat, kernel-cached", Duration::from_secs(86_400)),
     ] {
-        let Some((session, dir)) = mount(fs.clone(), ttl) else {
+        let Some((session, dir)) = mount(fs.clone(), ttl, rt) else {
             return;
         };
         let path = dir.path().join("top.bin");
@@ -135,7 +139,7 @@ fn bench(c: &mut Criterion) {
     let fs = prepared.fs.clone();
     index_paths(c, fs.index());
     cache_hit(c, fs.index(), fs.cache());
-    fuse_stat(c, fs);
+    fuse_stat(c, fs, rt.handle());
 }
 
 criterion_group!(benches, bench);

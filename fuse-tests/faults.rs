@@ -124,3 +124,48 @@ fn busy_answers_resets_and_delays_at_random_are_retried_to_success() {
         assert_eq!(std::fs::read(p).unwrap(), vec![i as u8; 5000]);
     }
 }
+
+#[test]
+fn metadata_is_answered_while_the_service_is_frozen_and_cold_opens_wait() {
+    let (az, _fx) = crate::seeded("frozen", 30, 0);
+    let proxy = FaultProxy::start(&az);
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount_via(&proxy, "frozen", cache.path(), &["--threads", "2"]);
+    let files: Vec<_> = walk(m.path()).into_iter().filter(|p| p.is_file()).collect();
+    // Every read request hangs; more cold opens wait than there are FUSE worker threads.
+    proxy.set(r#"{"rules": [{"method": "GET", "fault": "hang"}]}"#);
+    let readers: Vec<_> = files[..6]
+        .iter()
+        .cloned()
+        .map(|p| std::thread::spawn(move || std::fs::read(p)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut lat = Vec::new();
+    for p in walk(m.path()) {
+        let t = Instant::now();
+        let md = std::fs::symlink_metadata(&p).unwrap();
+        if md.file_type().is_symlink() {
+            std::fs::read_link(&p).unwrap();
+        }
+        if md.is_dir() {
+            std::fs::read_dir(&p).unwrap().count();
+        }
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    let p99 = lat[lat.len() * 99 / 100];
+    eprintln!("metadata while frozen: {} calls, p99 {p99:?}", lat.len());
+    assert!(
+        p99 < Duration::from_secs(1),
+        "metadata waited for the frozen service: p99 {p99:?}"
+    );
+    // The service thaws: the waiting opens complete with the right data.
+    proxy.set("{}");
+    for (r, p) in readers.into_iter().zip(&files) {
+        let data = r
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(!data.is_empty() || p.metadata().unwrap().len() == 0);
+    }
+}

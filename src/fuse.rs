@@ -1,7 +1,10 @@
 //! The FUSE adapter: a thin shell between `fuser` and the FUSE-free core in `fs`.
 //!
 //! Each callback converts its arguments, calls `SimFs`, and replies or maps the error to its
-//! errno. Nothing here decides semantics. Entry and attribute timeouts are long because the
+//! errno. Nothing here decides semantics. What may wait for the network (an open that
+//! downloads, the close and fsync that upload, a truncate that needs the old data) is handed
+//! with its reply to the runtime's blocking pool, so the few FUSE worker threads keep
+//! answering stat, readdir and readlink from the index while the service is slow or gone. Entry and attribute timeouts are long because the
 //! index is authoritative for the mount's lifetime; when background refresh arrives it will
 //! invalidate the kernel's caches explicitly rather than rely on timeouts.
 
@@ -22,11 +25,26 @@ use std::time::{Duration, SystemTime};
 pub struct SimFuse {
     fs: Arc<SimFs>,
     ttl: Duration,
+    /// Where network-bound requests run (its blocking pool).
+    rt: tokio::runtime::Handle,
 }
 
 impl SimFuse {
-    pub fn new(fs: Arc<SimFs>, ttl: Duration) -> SimFuse {
-        SimFuse { fs, ttl }
+    pub fn new(fs: Arc<SimFs>, ttl: Duration, rt: tokio::runtime::Handle) -> SimFuse {
+        SimFuse { fs, ttl, rt }
+    }
+
+    /// Runs `f` (which replies) off the FUSE worker thread.
+    fn off_thread(&self, f: impl FnOnce(&SimFs) + Send + 'static) {
+        let fs = self.fs.clone();
+        self.rt.spawn_blocking(move || f(&fs));
+    }
+}
+
+fn reply_empty(r: Result<(), FsError>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
@@ -124,10 +142,15 @@ impl Filesystem for SimFuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        match self.fs.open(ino.0, write, truncate) {
+        let open = move |fs: &SimFs| match fs.open(ino.0, write, truncate) {
             // The cached file does not change while open: let the kernel keep its page cache.
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
+        };
+        if self.fs.open_may_wait(ino.0, write, truncate) {
+            self.off_thread(open);
+        } else {
+            open(&self.fs);
         }
     }
 
@@ -158,10 +181,8 @@ impl Filesystem for SimFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.release(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // The last close of an unlinked file deletes its blobs.
+        self.off_thread(move |fs| reply_empty(fs.release(fh.0), reply));
     }
 
     fn setattr(
@@ -191,9 +212,17 @@ impl Filesystem for SimFuse {
             mtime: mtime.map(set_time),
             ctime,
         };
-        match self.fs.setattr(ino.0, &s) {
-            Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
+        let ttl = self.ttl;
+        let resize = s.size.is_some();
+        let set = move |fs: &SimFs| match fs.setattr(ino.0, &s) {
+            Ok(a) => reply.attr(&ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
+        };
+        // A new size needs the old data first (a download).
+        if resize {
+            self.off_thread(set);
+        } else {
+            set(&self.fs);
         }
     }
 
@@ -349,9 +378,10 @@ impl Filesystem for SimFuse {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.fs.flush(fh.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        if self.fs.is_writable_handle(fh.0) {
+            self.off_thread(move |fs| reply_empty(fs.flush(fh.0), reply));
+        } else {
+            reply_empty(self.fs.flush(fh.0), reply);
         }
     }
 
@@ -363,10 +393,7 @@ impl Filesystem for SimFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsync(ino.0) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.off_thread(move |fs| reply_empty(fs.fsync(ino.0), reply));
     }
 
     fn fsyncdir(
@@ -377,10 +404,7 @@ impl Filesystem for SimFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsyncdir() {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.off_thread(move |fs| reply_empty(fs.fsyncdir(), reply));
     }
 
     fn fallocate(

@@ -13,6 +13,7 @@
 
 use crate::blob::auth::Credential;
 use crate::blob::azure::{AzureOptions, AzureStore};
+use crate::blob::bounded::{self, Bounded};
 use crate::blob::{BlobError, BlobStore};
 use crate::cache::{Cache, CacheOptions};
 use crate::fs::SimFs;
@@ -84,6 +85,8 @@ pub struct MountConfig {
     pub read_only: bool,
     pub writeback: WritebackOptions,
     pub cache: CacheOptions,
+    /// How long a request may go unanswered (plus a second per MiB it moves).
+    pub request_timeout: Duration,
 }
 
 impl MountConfig {
@@ -104,6 +107,7 @@ impl MountConfig {
             read_only: false,
             writeback: WritebackOptions::default(),
             cache: CacheOptions::default(),
+            request_timeout: bounded::DEFAULT_BASE,
         }
     }
 }
@@ -252,6 +256,8 @@ pub fn prepare(
         tracing::warn!("the SAS token does not allow writing (no 'w' in sp=): mounting read-only");
         cfg.read_only = true;
     }
+    // No request waits for an answer forever (a frozen service): see blob::bounded.
+    let store = Bounded::new(store, cfg.request_timeout);
     prepare_with_store(Arc::new(store), &source.id(), &cfg, rt, progress)
         .map_err(|e| explain(&e, Some(source)))
 }
@@ -272,6 +278,7 @@ pub fn session(
     fs: Arc<SimFs>,
     mountpoint: &Path,
     opts: &ServeOptions,
+    rt: &tokio::runtime::Handle,
 ) -> Result<fuser::Session<SimFuse>, MountError> {
     use fuser::{Config, MountOption, SessionACL};
     let mut config = Config::default();
@@ -293,7 +300,7 @@ pub fn session(
     config.n_threads = Some(opts.threads.max(1));
     // One /dev/fuse descriptor per worker: no thundering herd on a shared one.
     config.clone_fd = true;
-    let fuse = SimFuse::new(fs.clone(), opts.ttl);
+    let fuse = SimFuse::new(fs.clone(), opts.ttl, rt.clone());
     let session = fuser::Session::new(fuse, mountpoint, &config)
         .map_err(|e| MountError::Io(format!("cannot mount at {}: {e}", mountpoint.display())))?;
     if let Some(wb) = fs.writeback() {
@@ -315,9 +322,10 @@ pub fn serve(
     fs: Arc<SimFs>,
     mountpoint: &Path,
     opts: &ServeOptions,
+    rt: &tokio::runtime::Handle,
     ready: impl FnOnce(Result<(), String>),
 ) -> Result<(), MountError> {
-    let mut session = match session(fs.clone(), mountpoint, opts) {
+    let mut session = match session(fs.clone(), mountpoint, opts, rt) {
         Ok(s) => s,
         Err(e) => {
             ready(Err(e.to_string()));

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod azure;
+pub mod bounded;
 #[cfg(any(test, feature = "test-util"))]
 pub mod faulty;
 pub mod format;

@@ -135,6 +135,12 @@ impl Cache {
         (md.len() == size).then_some(p)
     }
 
+    /// Whether the clean copy of `blob` is cached whole (opening it makes no request).
+    pub fn is_hydrated(&self, blob: &BlobRef) -> bool {
+        let key = Self::key(blob);
+        self.present.contains_key(&key) || self.whole_file(&key, blob.size).is_some()
+    }
+
     /// Opens the cached copy of `blob`, downloading it first when it is not cached.
     pub fn open(&self, blob: &BlobRef) -> Result<File, CacheError> {
         let key = Self::key(blob);

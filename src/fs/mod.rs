@@ -208,6 +208,23 @@ impl SimFs {
         }))
     }
 
+    /// Whether opening `ino` may wait for the network (a download): the FUSE adapter answers
+    /// such opens off its worker threads.
+    pub fn open_may_wait(&self, ino: u64, write: bool, truncate: bool) -> bool {
+        if self.index.is_local(ino).unwrap_or(false) || (write && truncate) {
+            return false;
+        }
+        match self.index.blob_of(ino) {
+            Ok(Some(b)) => !self.cache.is_hydrated(&b),
+            _ => false,
+        }
+    }
+
+    /// Whether handle `fh` was opened for writing (its close uploads).
+    pub fn is_writable_handle(&self, fh: u64) -> bool {
+        matches!(self.file_handle(fh), Ok((_, _, true)))
+    }
+
     /// Gives `ino` its local copy if it has none yet. The download happens before the
     /// inode's lock is taken (concurrent callers share it through the cache's
     /// single-flight), so no lock is held across the network and other inodes never wait.

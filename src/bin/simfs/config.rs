@@ -81,6 +81,19 @@ pub struct SourceArgs {
     /// bursts coalesce; data is uploaded on close and fsync regardless.
     #[arg(long, default_value_t = 1.0, value_parser = parse_delay)]
     pub upload_delay: f64,
+    /// Seconds a request to the service may go unanswered (plus one per MiB it moves)
+    /// before it fails; what waited for it gets EIO and uploads are retried.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
+    pub request_timeout: f64,
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (1.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 1 and 3600"
+        )),
+    }
 }
 
 fn parse_delay(s: &str) -> Result<f64, String> {
@@ -407,6 +420,7 @@ impl SourceArgs {
         cfg.list_concurrency = self.list_concurrency;
         cfg.read_only = self.read_only;
         cfg.writeback.delay = std::time::Duration::from_secs_f64(self.upload_delay);
+        cfg.request_timeout = std::time::Duration::from_secs_f64(self.request_timeout);
         cfg
     }
 }

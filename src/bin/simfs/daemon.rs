@@ -165,7 +165,14 @@ fn mount_foreground(
     if let Err(e) = &registration {
         tracing::warn!("cannot register the mount for `simfs status`: {e}");
     }
-    let result = serve(prepared.fs.clone(), mountpoint, opts, report_ready).and_then(|()| {
+    let result = serve(
+        prepared.fs.clone(),
+        mountpoint,
+        opts,
+        rt.handle(),
+        report_ready,
+    )
+    .and_then(|()| {
         // A bar on a terminal; the library logs a line every few seconds for the log file.
         let bar = indicatif::ProgressBar::hidden();
         let r = finish_uploads(&prepared.fs, |total, left| {
