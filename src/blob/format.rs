@@ -56,17 +56,33 @@ pub fn blob_name_for(prefix: &str, rel: &str) -> (String, Option<String>) {
     (format!("{prefix}{LONG_DIR}{hash}"), Some(encoded))
 }
 
-/// The path a `.simfs-long/` blob stands for, if its metadata says.
-pub fn long_path(rel: &str, meta: &BTreeMap<String, String>) -> Option<String> {
+/// The path a `.simfs-long/` blob stands for: None for any other blob, an error (the blob
+/// is hidden, and `simfs check` says why) when its `simfs_path` is missing, undecodable, or
+/// not a path that belongs at exactly this name: one too long for a blob name of its own,
+/// whose hash is this name. A path that fits a blob name is the real blob's, which wins.
+pub fn long_path(
+    prefix: &str,
+    rel: &str,
+    meta: &BTreeMap<String, String>,
+) -> Result<Option<String>, String> {
     if !rel.starts_with(LONG_DIR) {
-        return None;
+        return Ok(None);
     }
-    let encoded = meta.get(KEY_PATH)?;
-    percent_encoding::percent_decode_str(encoded)
+    let encoded = meta
+        .get(KEY_PATH)
+        .ok_or_else(|| format!("a {LONG_DIR} blob without {KEY_PATH}"))?;
+    let path = percent_encoding::percent_decode_str(encoded)
         .decode_utf8()
-        .ok()
-        .map(|p| p.into_owned())
+        .map_err(|_| format!("{KEY_PATH}={encoded:?} is not percent-encoded UTF-8"))?
+        .into_owned();
+    if blob_name_for(prefix, &path).0 != format!("{prefix}{rel}") {
+        return Err(format!(
+            "{KEY_PATH} names {path:?}, which does not belong at this name (it fits a blob name of its own, or hashes elsewhere)"
+        ));
+    }
+    Ok(Some(path))
 }
+
 pub const KEY_HARDLINK: &str = "simfs_hardlink";
 /// Every blob simfs writes names the mount's index that wrote it (a random id kept in the
 /// index): after a lost answer or a crash, write-back recognises a version it wrote itself
@@ -136,7 +152,14 @@ pub fn parse(meta: &BTreeMap<String, String>) -> PosixMeta {
             .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
     };
     out.special = meta.get(KEY_TYPE).map(|v| v.trim().to_ascii_lowercase());
+    if let Some(t) = &out.special {
+        let known = ["fifo", "socket", "char", "block"].contains(&t.as_str());
+        take(KEY_TYPE, known.then_some(()));
+    }
     out.rdev = meta.get(KEY_RDEV).and_then(|v| v.trim().parse().ok());
+    if meta.contains_key(KEY_RDEV) {
+        take(KEY_RDEV, out.rdev.map(|_| ()));
+    }
     out.inode_id = id(KEY_INODE);
     out.hardlink_of = id(KEY_HARDLINK);
     for k in [KEY_INODE, KEY_HARDLINK] {
@@ -367,12 +390,50 @@ mod tests {
         );
         let meta = BTreeMap::from([(KEY_PATH.to_string(), path.unwrap())]);
         let rel = name.strip_prefix("pre/").unwrap();
-        assert_eq!(long_path(rel, &meta), Some(deep));
+        assert_eq!(long_path("pre/", rel, &meta), Ok(Some(deep)));
         assert_eq!(blob_name_for("pre/", "a/b"), ("pre/a/b".to_string(), None));
         assert_eq!(
-            long_path("a/b", &meta),
-            None,
+            long_path("pre/", "a/b", &meta),
+            Ok(None),
             "only names under .simfs-long/"
+        );
+    }
+
+    #[test]
+    fn a_long_path_blob_is_trusted_only_at_its_own_name() {
+        // A path that fits a blob name: the real blob at that path wins.
+        let short = BTreeMap::from([(KEY_PATH.to_string(), "etc/passwd".to_string())]);
+        let err = long_path("", ".simfs-long/0123", &short).unwrap_err();
+        assert!(err.contains("does not belong"), "{err}");
+        // A long path, but under another hash than this name.
+        let deep = "d".repeat(1100);
+        let (_, encoded) = blob_name_for("", &deep);
+        let elsewhere = BTreeMap::from([(KEY_PATH.to_string(), encoded.unwrap())]);
+        assert!(long_path("", ".simfs-long/ffff", &elsewhere).is_err());
+        // Undecodable, or missing.
+        let bad = BTreeMap::from([(KEY_PATH.to_string(), "%ff%fe".to_string())]);
+        assert!(long_path("", ".simfs-long/x", &bad)
+            .unwrap_err()
+            .contains("not percent-encoded UTF-8"));
+        assert!(long_path("", ".simfs-long/x", &BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn unknown_special_types_and_garbage_device_numbers_are_reported() {
+        let meta = BTreeMap::from([
+            (KEY_TYPE.to_string(), "door".to_string()),
+            (KEY_RDEV.to_string(), "x12".to_string()),
+        ]);
+        let p = parse(&meta);
+        assert!(
+            p.rejected.contains(&"simfs_type=door".to_string()),
+            "{:?}",
+            p.rejected
+        );
+        assert!(
+            p.rejected.contains(&"simfs_rdev=x12".to_string()),
+            "{:?}",
+            p.rejected
         );
     }
 

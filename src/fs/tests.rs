@@ -447,3 +447,26 @@ fn cached_data_is_private_to_the_mounting_user() {
         assert_eq!(mode, 0o600);
     }
 }
+
+#[test]
+fn a_long_path_blob_never_shadows_the_real_blob_at_its_path() {
+    let mem = MemoryStore::new();
+    mem.put("data/real.txt", "the real data", &[]);
+    // Listed first (".simfs-long" sorts before "data"), claiming the real blob's path.
+    mem.put(
+        ".simfs-long/0a1b",
+        "an impostor",
+        &[("simfs_path", "data/real.txt")],
+    );
+    mem.put(".simfs-long/ffff", "garbage", &[("simfs_path", "%ff%fe")]);
+    let w = world_with(mem, "", 1 << 20);
+    assert_eq!(read_all(&w, "data/real.txt").unwrap(), b"the real data");
+    assert!(path(&w, ".simfs-long").is_err(), "the reserved prefix stays hidden");
+    let findings = w.fs.index().findings().unwrap();
+    for blob in [".simfs-long/0a1b", ".simfs-long/ffff"] {
+        assert!(
+            findings.iter().any(|f| f.blob == blob && f.hidden),
+            "{blob} not reported: {findings:?}"
+        );
+    }
+}

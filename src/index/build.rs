@@ -90,10 +90,20 @@ impl TreeBuilder {
         }
     }
 
-    fn hide(&mut self, blob: &str, reason: impl Into<String>) {
+    /// Hides blob `blob` from the tree, with the reason `simfs check` reports.
+    pub fn hide(&mut self, blob: &str, reason: impl Into<String>) {
         self.findings.push(Finding {
             blob: blob.to_string(),
             hidden: true,
+            reason: reason.into(),
+        });
+    }
+
+    /// Notes something about a blob that is shown (part of it ignored).
+    fn note(&mut self, blob: &str, reason: impl Into<String>) {
+        self.findings.push(Finding {
+            blob: blob.to_string(),
+            hidden: false,
             reason: reason.into(),
         });
     }
@@ -134,15 +144,27 @@ impl TreeBuilder {
         };
         let meta = format::parse(&props.metadata);
         if !meta.rejected.is_empty() {
-            self.findings.push(Finding {
-                blob: props.name.clone(),
-                hidden: false,
-                reason: format!("ignored metadata: {}", meta.rejected.join(", ")),
-            });
+            let why = format!("ignored metadata: {}", meta.rejected.join(", "));
+            self.note(&props.name, why);
         }
         let is_marker = meta.is_folder || path.trailing_slash;
         if path.trailing_slash && props.size > 0 && !meta.is_folder {
             return self.hide(&props.name, "name ends in '/' but the blob has data");
+        }
+        if is_marker && props.size > 0 {
+            self.note(
+                &props.name,
+                format!("a directory marker holding {} bytes (ignored)", props.size),
+            );
+        }
+        if meta.hardlink_of.is_some() && props.size > 0 {
+            self.note(
+                &props.name,
+                format!(
+                    "a hard-link stub holding {} bytes (ignored: the data is the group's)",
+                    props.size
+                ),
+            );
         }
         let (leaf, dirs) = path.segments.split_last().expect("split yields a segment");
         let mut cur = 0;

@@ -63,9 +63,14 @@ pub async fn build_index(
             let Some(rel) = props.name.strip_prefix(&source.prefix) else {
                 continue;
             };
-            let rel = crate::blob::format::long_path(rel, &props.metadata)
-                .unwrap_or_else(|| rel.to_string());
-            builder.add(&rel, props);
+            match crate::blob::format::long_path(&source.prefix, rel, &props.metadata) {
+                Ok(Some(path)) => builder.add(&path, props),
+                Ok(None) => {
+                    let rel = rel.to_string();
+                    builder.add(&rel, props)
+                }
+                Err(why) => builder.hide(&props.name, why),
+            }
         }
         progress_to(IngestProgress::Listed {
             blobs: progress.blobs.load(Ordering::Relaxed),
