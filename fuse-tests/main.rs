@@ -214,6 +214,7 @@ fn a_sas_token_file_authenticates_an_az_source() {
     let secrets = tempfile::tempdir().unwrap();
     let sas_file = secrets.path().join("sas");
     std::fs::write(&sas_file, &sas).unwrap();
+    std::fs::set_permissions(&sas_file, PermissionsExt::from_mode(0o644)).unwrap();
     let cache = tempfile::tempdir().unwrap();
     let endpoint = az.endpoint();
     let args = [
@@ -225,6 +226,12 @@ fn a_sas_token_file_authenticates_an_az_source() {
         "--cache-dir",
         cache.path().to_str().unwrap(),
     ];
+    // A secret file others can read is refused, as the credential file is.
+    let err = Mount::start(&args, &[])
+        .err()
+        .expect("a readable SAS file is refused");
+    assert!(err.contains("readable by others"), "{err}");
+    std::fs::set_permissions(&sas_file, PermissionsExt::from_mode(0o600)).unwrap();
     let m = Mount::start(&args, &[]).expect("mount with SAS");
     assert_eq!(
         std::fs::read_to_string(m.path().join("src/pkg/__init__.py")).unwrap(),
@@ -241,6 +248,55 @@ fn a_sas_token_file_authenticates_an_az_source() {
         }
     }
     assert!(!found, "the SAS signature was written to the cache dir");
+    // Everything simfs keeps there is its owner's alone.
+    for p in walk(cache.path()) {
+        let mode = std::fs::symlink_metadata(&p).unwrap().mode() & 0o777;
+        let want = if p.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{}", p.display());
+    }
+}
+
+#[test]
+fn secrets_leave_the_daemons_environment_and_an_empty_one_is_named() {
+    let (az, _fx) = seeded("data", 2, 0);
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(simfs::blob::auth::DEV_KEY)
+        .unwrap();
+    let now = std::time::SystemTime::now();
+    let sas = simfs::blob::sas::sign_container_sas(
+        "devstoreaccount1",
+        &key,
+        "data",
+        "rl",
+        now - Duration::from_secs(300),
+        now + Duration::from_secs(3600),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let endpoint = az.endpoint();
+    let args = [
+        "az://devstoreaccount1/data",
+        "--endpoint",
+        &endpoint,
+        "--cache-dir",
+        cache.path().to_str().unwrap(),
+    ];
+    let err = Mount::start(&args, &[("AZURE_STORAGE_SAS_TOKEN", String::new())])
+        .err()
+        .expect("an empty SAS variable is refused");
+    assert!(
+        err.contains("AZURE_STORAGE_SAS_TOKEN is set but empty"),
+        "{err}"
+    );
+    let m = Mount::start(&args, &[("AZURE_STORAGE_SAS_TOKEN", sas.clone())]).expect("mount");
+    let pid = m.child.as_ref().unwrap().id();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let sig = sas.rsplit("sig=").next().unwrap();
+    assert!(
+        !environ.windows(sig.len()).any(|w| w == sig.as_bytes()),
+        "the SAS is still in the daemon's environment"
+    );
+    assert!(m.path().join("proj").exists());
 }
 
 fn mount_error(args: &[&str], env: &[(&str, String)]) -> String {

@@ -204,6 +204,15 @@ pub fn prepare_with_store(
                 .0
         }
     };
+    // Whoever made them (an older simfs, a caller with a loose umask), the index and its
+    // journal are private: the index names every file, the journal what is not uploaded.
+    for f in ["index.db", "index.db-wal", "index.db-shm", "lock"] {
+        let p = dir.join(f);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|e| MountError::Io(format!("{}: {e}", p.display())))?;
+        }
+    }
     let index = Arc::new(index);
     let cache = Cache::new(
         &dir.join("cache"),

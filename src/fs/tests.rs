@@ -461,7 +461,10 @@ fn a_long_path_blob_never_shadows_the_real_blob_at_its_path() {
     mem.put(".simfs-long/ffff", "garbage", &[("simfs_path", "%ff%fe")]);
     let w = world_with(mem, "", 1 << 20);
     assert_eq!(read_all(&w, "data/real.txt").unwrap(), b"the real data");
-    assert!(path(&w, ".simfs-long").is_err(), "the reserved prefix stays hidden");
+    assert!(
+        path(&w, ".simfs-long").is_err(),
+        "the reserved prefix stays hidden"
+    );
     let findings = w.fs.index().findings().unwrap();
     for blob in [".simfs-long/0a1b", ".simfs-long/ffff"] {
         assert!(

@@ -131,11 +131,68 @@ pub fn valid_container_name(c: &str) -> bool {
         && !c.contains("--")
 }
 
+/// A file holding a secret must be private to its owner, as the credential file must.
+fn check_private(p: &std::path::Path, what: &str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = p.display();
+    let md = std::fs::metadata(p).map_err(|e| ConfigError(format!("{what} file {shown}: {e}")))?;
+    if !md.is_file() {
+        return err(format!("{what} file {shown} is not a regular file"));
+    }
+    if md.mode() & 0o077 != 0 {
+        return err(format!(
+            "{what} file {shown} is readable by others (mode {:04o}); run: chmod 600 {shown}",
+            md.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 fn read_secret_file(p: &PathBuf, what: &str) -> Result<Secret, ConfigError> {
+    check_private(p, what)?;
     match std::fs::read_to_string(p) {
         Ok(s) if !s.trim().is_empty() => Ok(Secret::new(s)),
         Ok(_) => err(format!("{what} file {} is empty", p.display())),
         Err(e) => err(format!("cannot read {what} file {}: {e}", p.display())),
+    }
+}
+
+/// Environment variables that hold secrets: read once, then removed from the daemon's
+/// environment (`forget_secrets`).
+pub const SECRET_VARS: &[&str] = &[
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+];
+
+/// Removes the secret variables from this process's environment (call while it has a
+/// single thread): a daemon's environment is readable in /proc/PID/environ by its owner
+/// and root. That file shows the block the process started with, which unsetting a
+/// variable leaves as it was, so the values are overwritten there first.
+pub fn forget_secrets() {
+    extern "C" {
+        static mut environ: *mut *mut libc::c_char;
+    }
+    // SAFETY: the process has one thread, so nothing reads or changes the environment
+    // meanwhile; `environ` is a NULL-terminated array of NUL-terminated strings owned by
+    // the process, and each value is overwritten within its own length, NUL kept.
+    unsafe {
+        let mut entry = environ;
+        while !entry.is_null() && !(*entry).is_null() {
+            let text = std::ffi::CStr::from_ptr(*entry).to_bytes();
+            let name_len = text.iter().position(|&b| b == b'=').unwrap_or(text.len());
+            if SECRET_VARS.iter().any(|k| k.as_bytes() == &text[..name_len]) {
+                let value = (*entry).add(name_len + 1);
+                std::ptr::write_bytes(value, b'x', text.len().saturating_sub(name_len + 1));
+            }
+            entry = entry.add(1);
+        }
+    }
+    for k in SECRET_VARS {
+        std::env::remove_var(k);
     }
 }
 
@@ -157,19 +214,8 @@ const CREDENTIAL_KEYS: &[(&str, &str)] = &[
 
 /// Reads a credential file: private to its owner, TOML, only known keys, string values.
 pub fn read_credential_file(p: &std::path::Path) -> Result<Vec<(String, String)>, ConfigError> {
-    use std::os::unix::fs::MetadataExt;
     let shown = p.display();
-    let md =
-        std::fs::metadata(p).map_err(|e| ConfigError(format!("credential file {shown}: {e}")))?;
-    if !md.is_file() {
-        return err(format!("credential file {shown} is not a regular file"));
-    }
-    if md.mode() & 0o077 != 0 {
-        return err(format!(
-            "credential file {shown} is readable by others (mode {:04o}); run: chmod 600 {shown}",
-            md.mode() & 0o7777
-        ));
-    }
+    check_private(p, "credential")?;
     let text = std::fs::read_to_string(p)
         .map_err(|e| ConfigError(format!("credential file {shown}: {e}")))?;
     let table: toml::Table = text
@@ -325,6 +371,13 @@ fn resolve_credential(
     conn: Option<&simfs::blob::auth::ConnectionString>,
 ) -> Result<Credential, ConfigError> {
     let envs = |k: &str| env(k).filter(|v| !v.trim().is_empty()).map(Secret::new);
+    // A secret variable that is set but empty is a mistake to name, not a reason to fall
+    // through to another way of signing in (which then fails with an unrelated message).
+    for k in SECRET_VARS {
+        if env(k).is_some_and(|v| v.trim().is_empty()) {
+            return err(format!("${k} is set but empty"));
+        }
+    }
     let sas = || -> Result<Option<Secret>, ConfigError> {
         Ok(match &a.sas_token_file {
             Some(p) => Some(read_secret_file(p, "SAS token")?),

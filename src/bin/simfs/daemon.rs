@@ -9,6 +9,7 @@ use simfs::mount::{block_unmount_signals, finish_uploads, prepare, serve, ServeO
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -139,6 +140,9 @@ fn mount_foreground(
         )));
         return ExitCode::FAILURE;
     }
+    // Everything the daemon creates (index, journal, cache, lock) is its owner's alone.
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe { libc::umask(0o077) };
     let target = match resolve(source, &|k| std::env::var(k).ok()) {
         Ok(t) => t,
         Err(e) => {
@@ -146,6 +150,8 @@ fn mount_foreground(
             return ExitCode::FAILURE;
         }
     };
+    // Read once: from here on the secrets live only in the credential (still one thread).
+    crate::config::forget_secrets();
     let rt = runtime();
     let bar = IndexingBar::new();
     let prepared = match prepare(&target, &source.mount_config(), &rt, &|p| bar.show(p)) {
@@ -217,8 +223,13 @@ fn spawn_background(source: &SourceArgs, args: &[OsString]) -> ExitCode {
     let log = match std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
-    {
+        .and_then(|f| {
+            // A log made by an older simfs may still be readable by others.
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            Ok(f)
+        }) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("simfs: log file {}: {e}", log_path.display());
