@@ -34,12 +34,9 @@ allow_remount = false
 entries = [["nobody", "nogroup"], ["tests", "tests"]]
 "#;
 
-#[test]
-fn pjdfstest_passes_on_the_mount() {
-    let az = Azurite::start();
-    az.seed("posix", &[], 0, 0);
-    let cache = tempfile::tempdir().unwrap();
-    let m = mount(&az, "posix", cache.path(), &["--allow-other"]);
+/// Runs pjdfstest in a fresh directory of mount `m`; returns the passed count and the
+/// names of the failed tests.
+fn pjdfstest(m: &Mount) -> (usize, Vec<String>, String) {
     let work = m.path().join("pjd");
     std::fs::create_dir(&work).unwrap();
     std::fs::set_permissions(&work, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
@@ -68,9 +65,65 @@ fn pjdfstest_passes_on_the_mount() {
             _ => {}
         }
     }
+    (ok, failed, text)
+}
+
+#[test]
+fn pjdfstest_passes_on_the_mount() {
+    let az = Azurite::start();
+    az.seed("posix", &[], 0, 0);
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount(&az, "posix", cache.path(), &["--allow-other"]);
+    let (ok, failed, text) = pjdfstest(&m);
     eprintln!("pjdfstest: {ok} passed, {} failed", failed.len());
     assert!(ok > 350, "pjdfstest ran too few cases:\n{text}");
     assert!(failed.is_empty(), "pjdfstest failures: {failed:?}\n{text}");
+}
+
+/// pjdfstest with the service 2 to 10 ms away and uploads racing every change (no upload
+/// delay): what fails must be exactly the checked-in list of expected failures, each with
+/// its reason, so a new failure and an expected one that starts passing both fail CI.
+#[test]
+fn pjdfstest_through_a_slow_service_fails_only_as_expected() {
+    let az = Azurite::start();
+    az.seed("posixslow", &[], 0, 0);
+    let proxy = FaultProxy::start(&az);
+    proxy.set(r#"{"seed": 3, "delay_ms": [2, 10]}"#);
+    let cache = tempfile::tempdir().unwrap();
+    let m = Mount::start(
+        &[
+            "posixslow",
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--allow-other",
+            "--upload-delay",
+            "0",
+        ],
+        &[("AZURE_STORAGE_CONNECTION_STRING", proxy.connection_string())],
+    )
+    .expect("mount through the proxy");
+    let (ok, failed, text) = pjdfstest(&m);
+    eprintln!(
+        "pjdfstest through the slow service: {ok} passed, {} failed",
+        failed.len()
+    );
+    let listed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuse-tests/pjdfstest-expected-failures.txt"),
+    )
+    .unwrap();
+    let mut expected: Vec<String> = listed
+        .lines()
+        .map(|l| l.split('#').next().unwrap().trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    expected.sort();
+    let mut got = failed.clone();
+    got.sort();
+    assert!(ok > 350, "pjdfstest ran too few cases:\n{text}");
+    assert_eq!(
+        got, expected,
+        "failures differ from fuse-tests/pjdfstest-expected-failures.txt\n{text}"
+    );
 }
 
 #[test]
@@ -90,8 +143,10 @@ fn fsx_finds_no_corruption_and_a_fresh_node_reads_the_result() {
     )
     .unwrap();
     let artifacts = tempfile::tempdir().unwrap();
+    // SIMFS_FSX_OPS raises the count (the README's test command runs a heavier pass too).
+    let ops = std::env::var("SIMFS_FSX_OPS").unwrap_or_else(|_| "3000".into());
     let out = Command::new(tool("fsx"))
-        .args(["-N", "3000", "-S", "20261121", "-f"])
+        .args(["-N", &ops, "-S", "20261121", "-f"])
         .arg(cfg.path())
         .arg("-P")
         .arg(artifacts.path())

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what is missing, then runs the unit tests, the real-mount
-# fuse-tests against Azurite (pjdfstest and fsx among them), the Debian package's install and
-# mount test, and checks formatting and lints.
+# The whole test suite: installs what is missing, then runs the unit tests (the model-based
+# test among them), the real-mount fuse-tests against Azurite (pjdfstest, also through a
+# slow fault-injecting proxy, fsx, and the fault tests), a heavier model and fsx stage, the
+# Debian package's install and mount test, and checks formatting and lints.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash fuse-tests/setup.sh
@@ -9,6 +10,10 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets
+# The heavier, bounded stage: about 10,000 random operations against the POSIX model with
+# uploads racing them, and fsx with 20,000 operations on a real mount.
+SIMFS_MODEL_CASES=100 SIMFS_MODEL_OPS=200 cargo test --lib model_tests
+SIMFS_FSX_OPS=20000 cargo test --test fuse fsx_
 # The Debian package, installed and mounted three ways (needs root: CI runs as root).
 if [ "$(id -u)" = 0 ]; then
   bash packaging/test-deb.sh

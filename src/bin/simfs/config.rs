@@ -184,7 +184,10 @@ pub fn forget_secrets() {
         while !entry.is_null() && !(*entry).is_null() {
             let text = std::ffi::CStr::from_ptr(*entry).to_bytes();
             let name_len = text.iter().position(|&b| b == b'=').unwrap_or(text.len());
-            if SECRET_VARS.iter().any(|k| k.as_bytes() == &text[..name_len]) {
+            if SECRET_VARS
+                .iter()
+                .any(|k| k.as_bytes() == &text[..name_len])
+            {
                 let value = (*entry).add(name_len + 1);
                 std::ptr::write_bytes(value, b'x', text.len().saturating_sub(name_len + 1));
             }
