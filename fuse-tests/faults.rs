@@ -4,32 +4,10 @@
 
 use crate::harness::*;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn mount_via(proxy: &FaultProxy, container: &str, cache: &Path, extra: &[&str]) -> Mount {
-    let mut args = vec![container, "--cache-dir", cache.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Mount::start(
-        &args,
-        &[("AZURE_STORAGE_CONNECTION_STRING", proxy.connection_string())],
-    )
-    .expect("mount through the fault proxy")
-}
-
-/// `simfs unmount`, which must succeed: everything was uploaded.
-fn unmount_clean(m: &mut Mount) {
-    let out = Command::new(SIMFS)
-        .arg("unmount")
-        .arg(m.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    m.unmount();
+    mount_with(proxy.connection_string(), container, cache, extra)
 }
 
 #[test]

@@ -330,3 +330,30 @@ impl Drop for FaultProxy {
         let _ = self.child.wait();
     }
 }
+
+/// `simfs unmount MOUNTPOINT`: its exit status and what it printed.
+pub fn simfs_unmount(mountpoint: &Path) -> std::process::Output {
+    Command::new(SIMFS)
+        .arg("unmount")
+        .arg(mountpoint)
+        .output()
+        .unwrap()
+}
+
+/// `simfs unmount`, which must succeed (everything was uploaded); then the guard's cleanup.
+pub fn unmount_clean(m: &mut Mount) {
+    let out = simfs_unmount(m.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    m.unmount();
+}
+
+/// Mounts container `source` reached through connection string `cs`.
+pub fn mount_with(cs: String, source: &str, cache: &Path, extra: &[&str]) -> Mount {
+    let mut args = vec![source, "--cache-dir", cache.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Mount::start(&args, &[("AZURE_STORAGE_CONNECTION_STRING", cs)]).expect("mount")
+}

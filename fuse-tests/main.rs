@@ -56,13 +56,24 @@ fn seeded(container: &str, files: usize, big_mib: usize) -> (Azurite, tempfile::
 }
 
 fn mount(az: &Azurite, source: &str, cache: &Path, extra: &[&str]) -> Mount {
-    let mut args = vec![source, "--cache-dir", cache.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Mount::start(
-        &args,
-        &[("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())],
+    mount_with(az.connection_string(), source, cache, extra)
+}
+
+/// A container SAS for Azurite's development account, valid for an hour.
+fn dev_sas(container: &str, permissions: &str) -> String {
+    use base64::Engine;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(simfs::blob::auth::DEV_KEY)
+        .unwrap();
+    let now = std::time::SystemTime::now();
+    simfs::blob::sas::sign_container_sas(
+        "devstoreaccount1",
+        &key,
+        container,
+        permissions,
+        now - Duration::from_secs(300),
+        now + Duration::from_secs(3600),
     )
-    .expect("mount")
 }
 
 fn big_expected(mib: usize) -> Vec<u8> {
@@ -198,19 +209,7 @@ fn remount_reuses_the_index_and_keeps_inode_numbers() {
 #[test]
 fn a_sas_token_file_authenticates_an_az_source() {
     let (az, _fx) = seeded("data", 5, 0);
-    use base64::Engine;
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(simfs::blob::auth::DEV_KEY)
-        .unwrap();
-    let now = std::time::SystemTime::now();
-    let sas = simfs::blob::sas::sign_container_sas(
-        "devstoreaccount1",
-        &key,
-        "data",
-        "rl",
-        now - Duration::from_secs(300),
-        now + Duration::from_secs(3600),
-    );
+    let sas = dev_sas("data", "rl");
     let secrets = tempfile::tempdir().unwrap();
     let sas_file = secrets.path().join("sas");
     std::fs::write(&sas_file, &sas).unwrap();
@@ -259,19 +258,7 @@ fn a_sas_token_file_authenticates_an_az_source() {
 #[test]
 fn secrets_leave_the_daemons_environment_and_an_empty_one_is_named() {
     let (az, _fx) = seeded("data", 2, 0);
-    use base64::Engine;
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(simfs::blob::auth::DEV_KEY)
-        .unwrap();
-    let now = std::time::SystemTime::now();
-    let sas = simfs::blob::sas::sign_container_sas(
-        "devstoreaccount1",
-        &key,
-        "data",
-        "rl",
-        now - Duration::from_secs(300),
-        now + Duration::from_secs(3600),
-    );
+    let sas = dev_sas("data", "rl");
     let cache = tempfile::tempdir().unwrap();
     let endpoint = az.endpoint();
     let args = [

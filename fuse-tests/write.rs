@@ -358,11 +358,7 @@ fn unmount_fails_and_says_what_is_left_when_changes_cannot_be_uploaded() {
     let mut m = mount(&az, "data", cache.path(), &["--upload-delay", "3600"]);
     std::fs::create_dir(m.path().join("made-offline")).unwrap();
     az.stop_gracefully();
-    let out = Command::new(SIMFS)
-        .arg("unmount")
-        .arg(m.path())
-        .output()
-        .unwrap();
+    let out = simfs_unmount(m.path());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "unmount succeeded: {err}");
     assert!(
@@ -374,17 +370,7 @@ fn unmount_fails_and_says_what_is_left_when_changes_cannot_be_uploaded() {
     // The next mount with the same cache uploads what was left.
     az.restart();
     let mut m = mount(&az, "data", cache.path(), &[]);
-    let out = Command::new(SIMFS)
-        .arg("unmount")
-        .arg(m.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    m.unmount();
+    unmount_clean(&mut m);
     let fresh = tempfile::tempdir().unwrap();
     let n = mount(&az, "data", fresh.path(), &[]);
     assert!(n.path().join("made-offline").is_dir());

@@ -135,7 +135,8 @@ pub fn valid_container_name(c: &str) -> bool {
 fn check_private(p: &std::path::Path, what: &str) -> Result<(), ConfigError> {
     use std::os::unix::fs::MetadataExt;
     let shown = p.display();
-    let md = std::fs::metadata(p).map_err(|e| ConfigError(format!("{what} file {shown}: {e}")))?;
+    let md = std::fs::metadata(p)
+        .map_err(|e| ConfigError(format!("cannot read {what} file {shown}: {e}")))?;
     if !md.is_file() {
         return err(format!("{what} file {shown} is not a regular file"));
     }
