@@ -16,7 +16,8 @@ Faults: "503" (answered here with an Azure ServerBusy error body, never forwarde
 "reset_before" (the connection is reset, the service never sees the request),
 "reset_after" (the service carries the request out; its answer is lost to a reset),
 "truncate" (the answer's headers and half its body, then a reset), "hang" (the request is
-held until the rules change; a frozen service), "delay:MS". A rule matches a method and a
+held until the rules change; a frozen service), "delay:MS". With "log_all": true every
+request is logged ("pass" when no fault was injected). A rule matches a method and a
 path substring and fires `times` times (default: always) after `skip` matches; rates apply
 to requests no rule matched. Each injected fault is a line in LOG.
 """
@@ -129,6 +130,8 @@ async def handle(reader, writer):
     fault = choose(method, path)
     if fault and not fault.startswith("delay:"):
         log.write(f"{time.time():.3f} {fault} {method} {path}\n")
+    elif state["cfg"].get("log_all"):
+        log.write(f"{time.time():.3f} pass {method} {path}\n")
     try:
         if fault == "hang":
             mtime = state["mtime"]

@@ -107,6 +107,9 @@ impl Filesystem for SimFuse {
         // then answered by the kernel); symlink targets never change under a mount; lookups in
         // one directory may run in parallel. Each is optional: an old kernel just lacks it.
         for cap in [
+            // open(O_TRUNC) arrives as one OPEN with O_TRUNC (not OPEN, then SETATTR size 0),
+            // so a file about to be emptied is never downloaded first.
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_PARALLEL_DIROPS,

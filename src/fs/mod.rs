@@ -193,6 +193,14 @@ impl SimFs {
         if write {
             self.writable()?;
             self.make_local(ino, truncate)?;
+            if truncate && attr.size > 0 {
+                // O_TRUNC: the old content is never needed, so none was downloaded above.
+                let empty = crate::posix::AttrChanges {
+                    size: Some(0),
+                    ..Default::default()
+                };
+                self.setattr(ino, &empty)?;
+            }
         }
         let file = if self.index.is_local(ino)? {
             self.cache.open_local(ino, write)?

@@ -761,3 +761,31 @@ fn a_lost_answer_to_any_write_converges_on_retry_without_a_conflict() {
     assert_eq!(read_all(&n, "big").unwrap(), big);
     assert_eq!(path(&n, "dir").unwrap().perm, 0o700);
 }
+
+#[test]
+fn open_with_o_trunc_empties_the_file_without_downloading_it() {
+    let w = rw(fixture());
+    let gets = || {
+        w.store
+            .counters
+            .get
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    for name in ["ckpt/step-100.pt", "venv/lib/site.py"] {
+        let a = path(&w, name).unwrap();
+        assert!(a.size > 0);
+        let before = gets();
+        let fh = w.fs.open(a.ino, true, true).unwrap();
+        assert_eq!(gets(), before, "{name}: O_TRUNC downloaded the old data");
+        assert_eq!(w.fs.getattr(a.ino).unwrap().size, 0);
+        w.fs.write(fh, 0, b"fresh").unwrap();
+        w.fs.flush(fh).unwrap();
+        w.fs.release(fh).unwrap();
+        assert_eq!(w.store.inner().data(name).unwrap(), "fresh");
+    }
+    // A file already local is truncated too.
+    let a = path(&w, "venv/lib/site.py").unwrap();
+    let fh = w.fs.open(a.ino, true, true).unwrap();
+    assert_eq!(w.fs.getattr(a.ino).unwrap().size, 0);
+    w.fs.release(fh).unwrap();
+}
