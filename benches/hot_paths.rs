@@ -81,10 +81,10 @@ fn index_paths(c: &mut Criterion, index: &Index) {
 fn cache_hit(c: &mut Criterion, index: &Index, cache: &Cache) {
     let top = index.lookup(ROOT_INO, &name("top.bin")).unwrap().unwrap();
     let blob = index.blob_of(top.ino).unwrap().unwrap();
-    drop(cache.open(&blob).unwrap()); // hydrate once; every iteration below is a hit
+    drop(cache.open(top.ino, &blob).unwrap()); // hydrate once; every iteration below is a hit
     let downloads = cache.downloads.load(std::sync::atomic::Ordering::Relaxed);
     c.bench_function("cache hit (open of a hydrated blob)", |b| {
-        b.iter(|| cache.open(black_box(&blob)).unwrap())
+        b.iter(|| cache.open(top.ino, black_box(&blob)).unwrap())
     });
     assert_eq!(
         cache.downloads.load(std::sync::atomic::Ordering::Relaxed),

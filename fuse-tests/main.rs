@@ -437,3 +437,36 @@ fn check_lists_what_the_mount_hides() {
     assert!(m.path().join("shadow").is_dir());
     assert_eq!(std::fs::read(m.path().join("ok/file")).unwrap(), b"raw");
 }
+
+#[test]
+fn a_data_set_twice_the_cache_size_reads_whole_twice_within_the_bound() {
+    let az = Azurite::start();
+    let data = tempfile::tempdir().unwrap();
+    let body =
+        |i: usize| -> Vec<u8> { (0..512 << 10).map(|j| ((i * 31 + j) % 251) as u8).collect() };
+    std::fs::create_dir(data.path().join("shards")).unwrap();
+    for i in 0..20 {
+        std::fs::write(data.path().join(format!("shards/s{i:02}")), body(i)).unwrap();
+    }
+    az.seed("evict", &[format!("{}=", data.path().display())], 0, 0);
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount(&az, "evict", cache.path(), &["--cache-size", "5M"]);
+    let clean_bytes = || -> u64 {
+        walk(cache.path())
+            .iter()
+            .filter(|p| p.parent().is_some_and(|d| d.ends_with("cache/data")))
+            .map(|p| std::fs::metadata(p).unwrap().blocks() * 512)
+            .sum()
+    };
+    for round in 0..2 {
+        for i in 0..20 {
+            let got = std::fs::read(m.path().join(format!("shards/s{i:02}"))).unwrap();
+            assert!(got == body(i), "shard {i} differs in round {round}");
+            let used = clean_bytes();
+            assert!(used <= 5 << 20, "{used} bytes cached over a 5 MiB bound");
+        }
+    }
+    let status = Command::new(SIMFS).arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("5.0 MiB allowed"), "{text}");
+}

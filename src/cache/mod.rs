@@ -19,6 +19,7 @@
 //! The cache also counts open handles per inode (`pins.rs`) and knows the disk's free space
 //! without a syscall per write (`space.rs`).
 
+mod lru;
 mod pins;
 mod space;
 
@@ -58,6 +59,10 @@ pub struct CacheOptions {
     pub chunk_size: u64,
     /// Ranged GETs in flight for one blob.
     pub parallel: usize,
+    /// Bytes (allocated) the clean cached files may take; the least recently used ones
+    /// that no one has open are evicted beyond it. None: bounded only by the disk (its
+    /// writers' reserve). Local copies are not counted: they are never evicted.
+    pub capacity: Option<u64>,
 }
 
 impl Default for CacheOptions {
@@ -65,8 +70,22 @@ impl Default for CacheOptions {
         CacheOptions {
             chunk_size: 8 << 20,
             parallel: 8,
+            capacity: None,
         }
     }
+}
+
+/// What `simfs status` shows of the cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub capacity: Option<u64>,
+    /// Allocated bytes of clean cached files.
+    pub used: u64,
+    /// Opens served from the cache, and opens that downloaded.
+    pub hits: u64,
+    pub downloads: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
 }
 
 pub struct Cache {
@@ -80,8 +99,17 @@ pub struct Cache {
     present: moka::sync::Cache<String, Arc<PathBuf>>,
     tmp_seq: AtomicU64,
     pub downloads: AtomicU64,
+    hits: AtomicU64,
+    evictions: AtomicU64,
+    evicted_bytes: AtomicU64,
     pins: Pins,
     space: space::Space,
+    lru: lru::Lru,
+}
+
+/// Blocks a file takes on disk, in bytes.
+fn allocated(md: &std::fs::Metadata) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(md) * 512
 }
 
 fn private_dir(p: &Path) -> std::io::Result<()> {
@@ -107,6 +135,24 @@ impl Cache {
             std::fs::remove_dir_all(&tmp_dir)?;
         }
         private_dir(&tmp_dir)?;
+        // Files hydrated before a restart stay, least recently modified first in line for
+        // eviction; each is trusted only when the index's blob name and ETag hash to it.
+        let lru = lru::Lru::default();
+        let mut kept: Vec<_> = std::fs::read_dir(&data_dir)?
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let md = e.metadata().ok()?;
+                Some((
+                    md.modified().ok()?,
+                    e.file_name().into_string().ok()?,
+                    allocated(&md),
+                ))
+            })
+            .collect();
+        kept.sort();
+        for (_, key, bytes) in kept {
+            lru.used(&key, bytes, None);
+        }
         Ok(Cache {
             data_dir,
             tmp_dir,
@@ -116,8 +162,12 @@ impl Cache {
             present: moka::sync::Cache::new(1 << 20),
             tmp_seq: AtomicU64::new(0),
             downloads: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
             pins: Pins::default(),
             space: space::Space::new(&local_dir),
+            lru,
             local_dir,
         })
     }
@@ -141,29 +191,90 @@ impl Cache {
         self.present.contains_key(&key) || self.whole_file(&key, blob.size).is_some()
     }
 
-    /// Opens the cached copy of `blob`, downloading it first when it is not cached.
-    pub fn open(&self, blob: &BlobRef) -> Result<File, CacheError> {
+    /// Opens the cached copy of `blob` for inode `ino`, downloading it first when it is not
+    /// cached (after making room for it).
+    pub fn open(&self, ino: u64, blob: &BlobRef) -> Result<File, CacheError> {
         let key = Self::key(blob);
+        let downloaded = std::cell::Cell::new(false);
         let path = self
             .present
             .try_get_with(key.clone(), || -> Result<Arc<PathBuf>, CacheError> {
                 if let Some(p) = self.whole_file(&key, blob.size) {
                     return Ok(Arc::new(p));
                 }
-                self.rt.block_on(self.download(&key, blob)).map(Arc::new)
+                downloaded.set(true);
+                self.hydrate_now(&key, blob).map(Arc::new)
             })
             .map_err(|e| (*e).clone())?;
-        match File::open(path.as_ref()) {
-            Ok(f) => Ok(f),
+        let file = match File::open(path.as_ref()) {
+            Ok(f) => f,
             Err(e) => {
-                // Removed behind our back (someone cleaned the cache): forget it and refetch.
+                // Removed behind our back (evicted, or someone cleaned the cache): forget it
+                // and fetch it again.
                 self.present.invalidate(&key);
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    let p = self.rt.block_on(self.download(&key, blob))?;
-                    return Ok(File::open(p)?);
+                self.lru.remove(&key);
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(e.into());
                 }
-                Err(e.into())
+                downloaded.set(true);
+                File::open(self.hydrate_now(&key, blob)?)?
             }
+        };
+        if downloaded.get() {
+            // A fresh download replaced whatever was recorded under the key.
+            self.lru.remove(&key);
+        } else {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        let bytes = file.metadata().map(|m| allocated(&m)).unwrap_or(blob.size);
+        self.lru.used(&key, bytes, Some(ino));
+        Ok(file)
+    }
+
+    /// Downloads `blob` into the cache (room made first); returns its path.
+    fn hydrate_now(&self, key: &str, blob: &BlobRef) -> Result<PathBuf, CacheError> {
+        self.make_room(blob.size)?;
+        self.rt.block_on(self.download(key, blob))
+    }
+
+    /// Evicts least recently used clean files no one has open until `need` more bytes fit
+    /// under the capacity and on the disk. A file larger than the capacity still hydrates
+    /// (everything evictable goes first); the disk, not the capacity, is the hard limit.
+    fn make_room(&self, need: u64) -> Result<(), CacheError> {
+        let mut excess = match self.opts.capacity {
+            Some(cap) => (self.lru.bytes() + need).saturating_sub(cap),
+            None => 0,
+        };
+        let (free, _) = self.space.free()?;
+        excess = excess.max(need.saturating_sub(free));
+        if excess == 0 {
+            return Ok(());
+        }
+        let victims = self.lru.take_victims(excess, |ino| self.pins.is_open(ino));
+        for (key, bytes) in victims {
+            self.present.invalidate(&key);
+            match std::fs::remove_file(self.data_dir.join(&key)) {
+                Ok(()) => {
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                    self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("evicting {key} from the cache: {e}"),
+            }
+        }
+        self.space.forget();
+        Ok(())
+    }
+
+    /// What the cache holds and how it has done.
+    pub fn stats(&self) -> CacheStats {
+        CacheStats {
+            capacity: self.opts.capacity,
+            used: self.lru.bytes(),
+            hits: self.hits.load(Ordering::Relaxed),
+            downloads: self.downloads.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            evicted_bytes: self.evicted_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -192,9 +303,10 @@ impl Cache {
         match blob {
             Some(b) if !empty => {
                 // Hydrate (or find) the clean copy, then take it over.
-                self.hydrate(b)?;
+                self.hydrate(ino, b)?;
                 let key = Self::key(b);
                 self.present.invalidate(&key);
+                self.lru.remove(&key);
                 std::fs::rename(self.data_dir.join(&key), &dest)?;
             }
             _ => {
@@ -229,10 +341,10 @@ impl Cache {
         &self.pins
     }
 
-    /// Makes sure the clean copy of `blob` is cached (downloading it once, however many
-    /// callers ask at the same time).
-    pub fn hydrate(&self, blob: &BlobRef) -> Result<(), CacheError> {
-        self.open(blob).map(drop)
+    /// Makes sure the clean copy of `blob` is cached for inode `ino` (downloading it once,
+    /// however many callers ask at the same time).
+    pub fn hydrate(&self, ino: u64, blob: &BlobRef) -> Result<(), CacheError> {
+        self.open(ino, blob).map(drop)
     }
 
     /// Removes the local copy of a deleted inode.

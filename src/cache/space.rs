@@ -58,6 +58,11 @@ impl Space {
         }
     }
 
+    /// Forgets the estimate: the next question reads the disk (after files were deleted).
+    pub fn forget(&self) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Takes `bytes` from the free space, or refuses (false) when even a fresh reading
     /// cannot cover them.
     pub fn take(&self, bytes: u64) -> std::io::Result<bool> {

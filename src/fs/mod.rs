@@ -206,7 +206,7 @@ impl SimFs {
             self.cache.open_local(ino, write)?
         } else {
             let blob = self.index.blob_of(ino)?.ok_or(FsError::NotFound)?;
-            self.cache.open(&blob)?
+            self.cache.open(ino, &blob)?
         };
         self.cache.pins().pin(ino, write);
         Ok(self.insert_handle(Handle::File {
@@ -242,7 +242,7 @@ impl SimFs {
         }
         let blob = self.index.blob_of(ino)?;
         if let (Some(b), false) = (&blob, empty) {
-            self.cache.hydrate(b)?;
+            self.cache.hydrate(ino, b)?;
         }
         let _one = self.localizing.lock(&ino);
         if self.index.is_local(ino)? {

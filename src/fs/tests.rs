@@ -79,6 +79,7 @@ pub(super) fn world_on(
     cfg.cache = CacheOptions {
         chunk_size: chunk,
         parallel: 4,
+        ..Default::default()
     };
     cfg.writeback = crate::writeback::WritebackOptions {
         delay: delay.unwrap_or_default(),
@@ -472,4 +473,122 @@ fn a_long_path_blob_never_shadows_the_real_blob_at_its_path() {
             "{blob} not reported: {findings:?}"
         );
     }
+}
+
+/// A read-only world whose clean cache may hold `capacity` bytes.
+fn world_with_capacity(
+    store: Arc<FaultyStore<MemoryStore>>,
+    dir: tempfile::TempDir,
+    capacity: u64,
+) -> World {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let source = SourceId {
+        container_url: "mem://test".into(),
+        prefix: String::new(),
+    };
+    let mut cfg = MountConfig::new(dir.path());
+    cfg.defaults = defaults();
+    cfg.read_only = true;
+    cfg.cache.capacity = Some(capacity);
+    let dyn_store: Arc<dyn BlobStore> = store.clone();
+    let p = prepare_with_store(dyn_store, &source, &cfg, &rt, &no_progress).unwrap();
+    World {
+        fs: p.fs,
+        store,
+        _lock: p.lock,
+        state: p.state_dir,
+        _rt: rt,
+        _dir: dir,
+    }
+}
+
+/// Allocated bytes of the clean cache files on disk.
+fn cached_bytes(w: &World) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(w.state.join("cache/data"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+#[test]
+fn the_cache_stays_within_its_capacity_and_never_evicts_an_open_file() {
+    let mem = MemoryStore::new();
+    let body = |i: usize| vec![i as u8; 64 << 10];
+    for i in 0..10 {
+        mem.put(&format!("d/f{i}"), body(i), &[]);
+    }
+    let capacity = 4 * (64 << 10);
+    let w = world_with_capacity(
+        Arc::new(FaultyStore::new(mem)),
+        tempfile::tempdir().unwrap(),
+        capacity,
+    );
+    // f9 stays open throughout: it must survive every eviction.
+    let f9 = path(&w, "d/f9").unwrap();
+    let held = w.fs.open(f9.ino, false, false).unwrap();
+    for round in 0..2 {
+        for i in 0..9 {
+            assert_eq!(
+                read_all(&w, &format!("d/f{i}")).unwrap(),
+                body(i),
+                "round {round}"
+            );
+            let used = w.fs.cache().stats().used;
+            assert!(
+                used <= capacity,
+                "{used} bytes cached over a {capacity} capacity"
+            );
+            assert!(cached_bytes(&w) <= capacity);
+        }
+    }
+    let stats = w.fs.cache().stats();
+    assert!(stats.evictions >= 14, "{stats:?}");
+    // The open file was never evicted: reading it again downloads nothing.
+    let gets = w.store.counters.get.load(Ordering::SeqCst);
+    assert_eq!(w.fs.read(held, 0, 10).unwrap(), vec![9u8; 10]);
+    w.fs.release(held).unwrap();
+    assert_eq!(read_all(&w, "d/f9").unwrap(), body(9));
+    assert_eq!(w.store.counters.get.load(Ordering::SeqCst), gets);
+    // The most recently used files are the ones still cached.
+    assert_eq!(read_all(&w, "d/f8").unwrap(), body(8));
+    assert_eq!(w.store.counters.get.load(Ordering::SeqCst), gets);
+}
+
+#[test]
+fn hydrated_files_survive_a_restart_and_a_damaged_copy_is_not_trusted() {
+    let mem = MemoryStore::new();
+    mem.put("a", vec![1u8; 5000], &[]);
+    mem.put("b", vec![2u8; 5000], &[]);
+    let store = Arc::new(FaultyStore::new(mem));
+    let w = world_with_capacity(store.clone(), tempfile::tempdir().unwrap(), 1 << 20);
+    read_all(&w, "a").unwrap();
+    read_all(&w, "b").unwrap();
+    let data = w.state.join("cache/data");
+    let dir = w.crash();
+    // One cached copy is cut short while the node is down (a disk filling up, a tool).
+    let mut copies: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    copies.sort_by_key(|p| std::fs::read(p).unwrap()[0]);
+    std::fs::write(&copies[1], vec![2u8; 10]).unwrap();
+    let again = world_with_capacity(store.clone(), dir, 1 << 20);
+    let gets = store.counters.get.load(Ordering::SeqCst);
+    assert_eq!(read_all(&again, "a").unwrap(), vec![1u8; 5000]);
+    assert_eq!(
+        store.counters.get.load(Ordering::SeqCst),
+        gets,
+        "a was reused"
+    );
+    assert_eq!(again.fs.cache().stats().hits, 1);
+    assert_eq!(read_all(&again, "b").unwrap(), vec![2u8; 5000]);
+    assert!(
+        store.counters.get.load(Ordering::SeqCst) > gets,
+        "b was fetched again"
+    );
 }

@@ -85,6 +85,56 @@ pub struct SourceArgs {
     /// before it fails; what waited for it gets EIO and uploads are retried.
     #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
     pub request_timeout: f64,
+    /// Room for clean cached files: bytes (`500M`, `64G`, `2T`) or a share of the cache
+    /// disk (`80%`). Least recently used files no one has open are evicted beyond it.
+    #[arg(long, default_value = "80%", value_parser = parse_size)]
+    pub cache_size: CacheSize,
+}
+
+/// A cache size as given: bytes, or a percentage of the cache disk.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CacheSize {
+    Bytes(u64),
+    Percent(f64),
+}
+
+fn parse_size(s: &str) -> Result<CacheSize, String> {
+    let bad = || format!("{s:?} is not a size (500M, 64G, 2T, a number of bytes, or 80%)");
+    let t = s.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        return match p.trim().parse::<f64>() {
+            Ok(v) if v > 0.0 && v <= 100.0 => Ok(CacheSize::Percent(v)),
+            _ => Err(bad()),
+        };
+    }
+    let (num, unit) = t.split_at(t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len()));
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(bad()),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(bad());
+    }
+    Ok(CacheSize::Bytes((v * (1u64 << shift) as f64) as u64))
+}
+
+/// Total bytes of the filesystem holding `path` (or its nearest existing ancestor).
+fn disk_size(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_blocks * st.f_frsize)
 }
 
 fn parse_timeout(s: &str) -> Result<f64, String> {
@@ -478,6 +528,12 @@ impl SourceArgs {
         cfg.read_only = self.read_only;
         cfg.writeback.delay = std::time::Duration::from_secs_f64(self.upload_delay);
         cfg.request_timeout = std::time::Duration::from_secs_f64(self.request_timeout);
+        cfg.cache.capacity = match self.cache_size {
+            CacheSize::Bytes(b) => Some(b),
+            CacheSize::Percent(p) => {
+                disk_size(&self.cache_dir).map(|d| (d as f64 * p / 100.0) as u64)
+            }
+        };
         cfg
     }
 }
@@ -509,6 +565,28 @@ mod tests {
         std::fs::write(f.path(), text).unwrap();
         std::fs::set_permissions(f.path(), PermissionsExt::from_mode(mode)).unwrap();
         f
+    }
+
+    #[test]
+    fn cache_sizes_parse_as_bytes_units_or_a_share_of_the_disk() {
+        assert_eq!(parse_size("500M"), Ok(CacheSize::Bytes(500 << 20)));
+        assert_eq!(parse_size("64G"), Ok(CacheSize::Bytes(64 << 30)));
+        assert_eq!(parse_size("1.5T"), Ok(CacheSize::Bytes(3 << 39)));
+        assert_eq!(parse_size("4096"), Ok(CacheSize::Bytes(4096)));
+        assert_eq!(parse_size("80%"), Ok(CacheSize::Percent(80.0)));
+        for bad in ["", "0", "-1G", "12Q", "150%", "0%", "G"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        let cfg = args(&[
+            "az://a/c",
+            "--cache-dir",
+            "/tmp/simfs-no-such/x",
+            "--cache-size",
+            "50%",
+        ])
+        .mount_config();
+        let disk = disk_size(std::path::Path::new("/tmp")).unwrap();
+        assert_eq!(cfg.cache.capacity, Some(disk / 2));
     }
 
     #[test]

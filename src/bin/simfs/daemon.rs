@@ -171,6 +171,7 @@ fn mount_foreground(
     if let Err(e) = &registration {
         tracing::warn!("cannot register the mount for `simfs status`: {e}");
     }
+    crate::status::publish_cache_stats(prepared.fs.clone(), &prepared.state_dir);
     let result = serve(
         prepared.fs.clone(),
         mountpoint,

@@ -11,6 +11,71 @@ use simfs::index::Index;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// The file in the state directory where a serving daemon publishes its cache figures.
+const STATS_FILE: &str = "cache-stats";
+
+/// The cache figures of a serving mount, as `simfs status` shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CacheFigures {
+    pub capacity: Option<u64>,
+    pub used: u64,
+    pub hits: u64,
+    pub downloads: u64,
+    pub evictions: u64,
+}
+
+/// Publishes `fs`'s cache figures in `state_dir` for `simfs status` (another process), when
+/// they change, checking every two seconds for as long as the daemon runs.
+pub fn publish_cache_stats(fs: std::sync::Arc<simfs::fs::SimFs>, state_dir: &Path) {
+    let path = state_dir.join(STATS_FILE);
+    let spawned = std::thread::Builder::new()
+        .name("simfs-stats".into())
+        .spawn(move || {
+            let mut last = None;
+            loop {
+                let s = fs.cache().stats();
+                if last.as_ref() != Some(&s) {
+                    let text = format!(
+                        "capacity={}\nused={}\nhits={}\ndownloads={}\nevictions={}\n",
+                        s.capacity.map_or("none".to_string(), |c| c.to_string()),
+                        s.used,
+                        s.hits,
+                        s.downloads,
+                        s.evictions
+                    );
+                    let tmp = path.with_extension("tmp");
+                    if std::fs::write(&tmp, text)
+                        .and_then(|_| std::fs::rename(&tmp, &path))
+                        .is_ok()
+                    {
+                        last = Some(s);
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot publish cache figures: {e}");
+    }
+}
+
+fn read_cache_stats(path: &Path) -> Option<CacheFigures> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .map(str::to_string)
+    };
+    let num = |k: &str| field(k).and_then(|v| v.parse::<u64>().ok());
+    Some(CacheFigures {
+        capacity: num("capacity"),
+        used: num("used")?,
+        hits: num("hits")?,
+        downloads: num("downloads")?,
+        evictions: num("evictions")?,
+    })
+}
+
 /// Where serving mounts register.
 pub fn runtime_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -59,6 +124,8 @@ pub struct MountInfo {
     pub state_dir: PathBuf,
     pub index_bytes: u64,
     pub cache_bytes: u64,
+    /// The serving daemon's cache figures (None: not published yet).
+    pub cache: Option<CacheFigures>,
     /// Changes not yet uploaded, and how many of those keep failing (None: unreadable).
     pub pending: Option<(u64, usize)>,
 }
@@ -116,6 +183,7 @@ pub fn list(dir: &Path) -> Vec<MountInfo> {
             mountpoint: PathBuf::from(field("mountpoint")),
             source: field("source"),
             cache_bytes: tree_size(&state_dir.join("cache")),
+            cache: read_cache_stats(&state_dir.join(STATS_FILE)),
             state_dir,
             index_bytes,
             pending,
@@ -145,7 +213,23 @@ pub fn status() -> ExitCode {
         println!("  process         {}", m.pid);
         println!("  state           {}", m.state_dir.display());
         println!("  index           {}", mib(m.index_bytes));
-        println!("  cache           {}", mib(m.cache_bytes));
+        println!("  cache           {} on disk", mib(m.cache_bytes));
+        if let Some(c) = &m.cache {
+            let of = c.capacity.map_or("no limit".to_string(), |cap| {
+                format!("{} allowed", mib(cap))
+            });
+            let opens = c.hits + c.downloads;
+            let rate = if opens == 0 {
+                0.0
+            } else {
+                100.0 * c.hits as f64 / opens as f64
+            };
+            println!("  clean files     {} of {of}", mib(c.used));
+            println!(
+                "  hit rate        {rate:.1}% of {opens} opens, {} evictions",
+                c.evictions
+            );
+        }
         println!("  pending uploads {pending}");
     }
     ExitCode::SUCCESS
@@ -171,6 +255,17 @@ mod tests {
         assert_eq!(l[0].source, "az://a/c");
         assert!(l[0].cache_bytes >= 8192);
         assert_eq!(l[0].pending, None, "no index there");
+        assert_eq!(l[0].cache, None, "nothing published yet");
+        std::fs::write(
+            state.path().join(STATS_FILE),
+            "capacity=1000\nused=500\nhits=3\ndownloads=1\nevictions=2\n",
+        )
+        .unwrap();
+        let c = list(run.path())[0].cache.clone().unwrap();
+        assert_eq!(
+            (c.capacity, c.used, c.hits, c.downloads, c.evictions),
+            (Some(1000), 500, 3, 1, 2)
+        );
         assert!(!run.path().join("999999999").exists());
         drop(reg);
         assert!(list(run.path()).is_empty());
