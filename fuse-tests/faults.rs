@@ -147,28 +147,3 @@ fn metadata_is_answered_while_the_service_is_frozen_and_cold_opens_wait() {
         assert!(!data.is_empty() || p.metadata().unwrap().len() == 0);
     }
 }
-
-#[test]
-fn open_with_o_trunc_of_a_large_uncached_file_downloads_nothing() {
-    let (az, _fx) = crate::seeded("otrunc", 1, 8);
-    let proxy = FaultProxy::start(&az);
-    let cache = tempfile::tempdir().unwrap();
-    let mut m = mount_via(&proxy, "otrunc", cache.path(), &[]);
-    proxy.set(r#"{"log_all": true}"#);
-    let path = m.path().join("big/large.bin");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    std::io::Write::write_all(&mut f, b"new checkpoint").unwrap();
-    drop(f);
-    let gets: Vec<_> = proxy
-        .injected()
-        .into_iter()
-        .filter(|l| l.contains(" GET ") && l.contains("large.bin"))
-        .collect();
-    assert!(gets.is_empty(), "O_TRUNC downloaded the old data: {gets:?}");
-    assert_eq!(std::fs::read(&path).unwrap(), b"new checkpoint");
-    unmount_clean(&mut m);
-}

@@ -134,10 +134,10 @@ fn mount_helper_errors_name_the_cause_and_mount_nothing() {
     let cases: Vec<(String, &str)> = vec![
         (
             format!(
-                "cache_dir={c},credential_file={},cache_size=10G",
+                "cache_dir={c},credential_file={},cache_sizes=10G",
                 good.path().display()
             ),
-            "unknown mount option \"cache_size\"",
+            "unknown mount option \"cache_sizes\"",
         ),
         (
             format!("credential_file={}", good.path().display()),
