@@ -157,7 +157,11 @@ fn mount_helper_errors_name_the_cause_and_mount_nothing() {
     ];
     for (opts, expected) in cases {
         let out = run(&helper, &["helper", m, "-o", &opts], None);
-        assert!(!out.status.success(), "{opts} should fail");
+        if out.status.success() {
+            // Leave nothing mounted behind for the rest of the suite, then fail.
+            let _ = std::process::Command::new(SIMFS).arg("unmount").arg(m).status();
+            panic!("{opts} should fail");
+        }
         assert!(stderr(&out).contains(expected), "{opts}: {}", stderr(&out));
         assert!(!is_mounted(mnt.path()));
     }
