@@ -159,7 +159,10 @@ fn mount_helper_errors_name_the_cause_and_mount_nothing() {
         let out = run(&helper, &["helper", m, "-o", &opts], None);
         if out.status.success() {
             // Leave nothing mounted behind for the rest of the suite, then fail.
-            let _ = std::process::Command::new(SIMFS).arg("unmount").arg(m).status();
+            let _ = std::process::Command::new(SIMFS)
+                .arg("unmount")
+                .arg(m)
+                .status();
             panic!("{opts} should fail");
         }
         assert!(stderr(&out).contains(expected), "{opts}: {}", stderr(&out));
