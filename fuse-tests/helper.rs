@@ -92,7 +92,7 @@ fn the_mount_helper_takes_fstab_options_and_a_credential_file() {
         "{}",
         stderr(&again)
     );
-    let out = Command::new(SIMFS).arg("unmount").arg(m).output().unwrap();
+    let out = simfs_unmount(mnt.path());
     assert!(out.status.success(), "{}", stderr(&out));
     drop(guard);
     assert!(!is_mounted(mnt.path()));
@@ -159,10 +159,7 @@ fn mount_helper_errors_name_the_cause_and_mount_nothing() {
         let out = run(&helper, &["helper", m, "-o", &opts], None);
         if out.status.success() {
             // Leave nothing mounted behind for the rest of the suite, then fail.
-            let _ = std::process::Command::new(SIMFS)
-                .arg("unmount")
-                .arg(m)
-                .status();
+            let _ = simfs_unmount(mnt.path());
             panic!("{opts} should fail");
         }
         assert!(stderr(&out).contains(expected), "{opts}: {}", stderr(&out));

@@ -406,17 +406,7 @@ fn names_with_any_character_round_trip_through_the_container() {
     for (i, n) in names.iter().enumerate() {
         std::fs::write(dir.join(n), format!("{i}:{n}")).unwrap_or_else(|e| panic!("{n:?}: {e}"));
     }
-    let out = Command::new(SIMFS)
-        .arg("unmount")
-        .arg(m.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    m.unmount();
+    unmount_clean(&mut m);
     // A fresh node lists and reads every one of them under its own name.
     let fresh = tempfile::tempdir().unwrap();
     let n = mount(&az, "names", fresh.path(), &[]);

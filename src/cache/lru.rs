@@ -34,22 +34,30 @@ impl Lru {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a use of `key` (inserting it with `bytes` when new).
-    pub fn used(&self, key: &str, bytes: u64, ino: Option<u64>) {
+    /// Records a use of `key` by inode `ino`; false when `key` is not tracked.
+    pub fn touch(&self, key: &str, ino: u64) -> bool {
         let mut st = self.state();
         st.tick += 1;
         let tick = st.tick;
-        if let Some(e) = st.entries.get_mut(key) {
-            let old = std::mem::replace(&mut e.tick, tick);
-            if ino.is_some() {
-                e.ino = ino;
-            }
-            st.order.remove(&old);
-        } else {
-            st.entries
-                .insert(key.to_string(), Entry { bytes, tick, ino });
-            st.bytes += bytes;
-        }
+        let Some(e) = st.entries.get_mut(key) else {
+            return false;
+        };
+        let old = std::mem::replace(&mut e.tick, tick);
+        e.ino = Some(ino);
+        st.order.remove(&old);
+        st.order.insert(tick, key.to_string());
+        true
+    }
+
+    /// Tracks `key` as the newest file, of `bytes` (replacing an earlier record of it).
+    pub fn insert(&self, key: &str, bytes: u64, ino: Option<u64>) {
+        self.remove(key);
+        let mut st = self.state();
+        st.tick += 1;
+        let tick = st.tick;
+        st.entries
+            .insert(key.to_string(), Entry { bytes, tick, ino });
+        st.bytes += bytes;
         st.order.insert(tick, key.to_string());
     }
 
@@ -100,9 +108,10 @@ mod tests {
     fn the_least_recently_used_unpinned_files_go_first() {
         let lru = Lru::default();
         for (k, ino) in [("a", 1), ("b", 2), ("c", 3), ("d", 4)] {
-            lru.used(k, 10, Some(ino));
+            lru.insert(k, 10, Some(ino));
         }
-        lru.used("a", 10, None); // a is now the newest
+        assert!(lru.touch("a", 1)); // a is now the newest
+        assert!(!lru.touch("x", 9));
         assert_eq!(lru.bytes(), 40);
         // b is open: c goes instead, then d.
         let v = lru.take_victims(15, |ino| ino == 2);

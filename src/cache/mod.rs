@@ -24,6 +24,7 @@ mod pins;
 mod space;
 
 pub use pins::Pins;
+pub use space::disk_size;
 
 use crate::blob::{BlobError, BlobRef, BlobStore};
 use futures::StreamExt;
@@ -151,7 +152,7 @@ impl Cache {
             .collect();
         kept.sort();
         for (_, key, bytes) in kept {
-            lru.used(&key, bytes, None);
+            lru.insert(&key, bytes, None);
         }
         Ok(Cache {
             data_dir,
@@ -226,8 +227,11 @@ impl Cache {
         } else {
             self.hits.fetch_add(1, Ordering::Relaxed);
         }
-        let bytes = file.metadata().map(|m| allocated(&m)).unwrap_or(blob.size);
-        self.lru.used(&key, bytes, Some(ino));
+        // A hit only moves the file to the front; its size is read when it is new.
+        if !self.lru.touch(&key, ino) {
+            let bytes = file.metadata().map(|m| allocated(&m)).unwrap_or(blob.size);
+            self.lru.insert(&key, bytes, Some(ino));
+        }
         Ok(file)
     }
 

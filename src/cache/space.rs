@@ -18,8 +18,7 @@ pub struct Space {
     state: Mutex<Option<(Instant, u64, u64)>>,
 }
 
-/// Free bytes and free inodes on the filesystem of `dir`, less the writers' reserve.
-fn statvfs(dir: &Path) -> std::io::Result<(u64, u64)> {
+fn raw_statvfs(dir: &Path) -> std::io::Result<libc::statvfs> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -29,6 +28,23 @@ fn statvfs(dir: &Path) -> std::io::Result<(u64, u64)> {
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(st)
+}
+
+/// Total bytes of the filesystem that holds `path`, or would hold it once created (its
+/// nearest existing ancestor): what a cache size given as a share of the disk is of.
+pub fn disk_size(path: &Path) -> std::io::Result<u64> {
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let st = raw_statvfs(existing)?;
+    Ok(st.f_blocks * st.f_frsize)
+}
+
+/// Free bytes and free inodes on the filesystem of `dir`, less the writers' reserve.
+fn statvfs(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let st = raw_statvfs(dir)?;
     let total = st.f_blocks * st.f_frsize;
     let reserve = (total / 100).clamp(1 << 20, 256 << 20);
     Ok((

@@ -63,15 +63,6 @@ pub(super) fn world_on(
     chunk: u64,
     delay: Option<std::time::Duration>,
 ) -> World {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let source = SourceId {
-        container_url: "mem://test".into(),
-        prefix: prefix.into(),
-    };
     let mut cfg = MountConfig::new(dir.path());
     cfg.defaults = defaults();
     cfg.list_concurrency = 4;
@@ -90,8 +81,27 @@ pub(super) fn world_on(
         },
         ..Default::default()
     };
+    world_from(store, dir, prefix, &cfg)
+}
+
+/// A world over `store` with its state in `dir`, mounted with `cfg`.
+fn world_from(
+    store: Arc<FaultyStore<MemoryStore>>,
+    dir: tempfile::TempDir,
+    prefix: &str,
+    cfg: &MountConfig,
+) -> World {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let source = SourceId {
+        container_url: "mem://test".into(),
+        prefix: prefix.into(),
+    };
     let dyn_store: Arc<dyn BlobStore> = store.clone();
-    let p = prepare_with_store(dyn_store, &source, &cfg, &rt, &no_progress).unwrap();
+    let p = prepare_with_store(dyn_store, &source, cfg, &rt, &no_progress).unwrap();
     World {
         fs: p.fs,
         store,
@@ -481,29 +491,11 @@ fn world_with_capacity(
     dir: tempfile::TempDir,
     capacity: u64,
 ) -> World {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let source = SourceId {
-        container_url: "mem://test".into(),
-        prefix: String::new(),
-    };
     let mut cfg = MountConfig::new(dir.path());
     cfg.defaults = defaults();
     cfg.read_only = true;
     cfg.cache.capacity = Some(capacity);
-    let dyn_store: Arc<dyn BlobStore> = store.clone();
-    let p = prepare_with_store(dyn_store, &source, &cfg, &rt, &no_progress).unwrap();
-    World {
-        fs: p.fs,
-        store,
-        _lock: p.lock,
-        state: p.state_dir,
-        _rt: rt,
-        _dir: dir,
-    }
+    world_from(store, dir, "", &cfg)
 }
 
 /// Allocated bytes of the clean cache files on disk.

@@ -123,20 +123,6 @@ fn parse_size(s: &str) -> Result<CacheSize, String> {
     Ok(CacheSize::Bytes((v * (1u64 << shift) as f64) as u64))
 }
 
-/// Total bytes of the filesystem holding `path` (or its nearest existing ancestor).
-fn disk_size(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let existing = path.ancestors().find(|p| p.exists())?;
-    let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_blocks * st.f_frsize)
-}
-
 fn parse_timeout(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && (1.0..=3600.0).contains(&v) => Ok(v),
@@ -530,9 +516,9 @@ impl SourceArgs {
         cfg.request_timeout = std::time::Duration::from_secs_f64(self.request_timeout);
         cfg.cache.capacity = match self.cache_size {
             CacheSize::Bytes(b) => Some(b),
-            CacheSize::Percent(p) => {
-                disk_size(&self.cache_dir).map(|d| (d as f64 * p / 100.0) as u64)
-            }
+            CacheSize::Percent(p) => simfs::cache::disk_size(&self.cache_dir)
+                .ok()
+                .map(|d| (d as f64 * p / 100.0) as u64),
         };
         cfg
     }
@@ -585,7 +571,7 @@ mod tests {
             "50%",
         ])
         .mount_config();
-        let disk = disk_size(std::path::Path::new("/tmp")).unwrap();
+        let disk = simfs::cache::disk_size(std::path::Path::new("/tmp")).unwrap();
         assert_eq!(cfg.cache.capacity, Some(disk / 2));
     }
 

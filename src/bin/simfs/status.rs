@@ -59,14 +59,15 @@ pub fn publish_cache_stats(fs: std::sync::Arc<simfs::fs::SimFs>, state_dir: &Pat
     }
 }
 
+/// The value of `key` in `key=value` lines (the registration and stats files).
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+}
+
 fn read_cache_stats(path: &Path) -> Option<CacheFigures> {
     let text = std::fs::read_to_string(path).ok()?;
-    let field = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
-            .map(str::to_string)
-    };
-    let num = |k: &str| field(k).and_then(|v| v.parse::<u64>().ok());
+    let num = |k: &str| field(&text, k).and_then(|v| v.parse::<u64>().ok());
     Some(CacheFigures {
         capacity: num("capacity"),
         used: num("used")?,
@@ -163,12 +164,7 @@ pub fn list(dir: &Path) -> Vec<MountInfo> {
         let Ok(text) = std::fs::read_to_string(e.path()) else {
             continue;
         };
-        let field = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
-                .unwrap_or_default()
-                .to_string()
-        };
+        let field = |k: &str| field(&text, k).unwrap_or_default().to_string();
         let state_dir = PathBuf::from(field("state_dir"));
         let db = state_dir.join("index.db");
         let index_bytes = ["index.db", "index.db-wal"]
