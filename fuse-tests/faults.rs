@@ -147,3 +147,41 @@ fn metadata_is_answered_while_the_service_is_frozen_and_cold_opens_wait() {
         assert!(!data.is_empty() || p.metadata().unwrap().len() == 0);
     }
 }
+
+#[test]
+fn truncating_an_uncached_file_downloads_nothing() {
+    let (az, _fx) = crate::seeded("otrunc", 1, 8);
+    let proxy = FaultProxy::start(&az);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount_via(&proxy, "otrunc", cache.path(), &[]);
+    proxy.set(r#"{"log_all": true}"#);
+    // open(O_TRUNC), as a checkpoint writer does: the kernel sends OPEN then SETATTR(size 0).
+    let big = m.path().join("big/large.bin");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&big)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"new checkpoint").unwrap();
+    drop(f);
+    // truncate(1) opens without O_TRUNC and then sets the size to 0.
+    let sample = m.path().join("data/shard-000/sample-000000.bin");
+    let status = std::process::Command::new("truncate")
+        .args(["-s", "0"])
+        .arg(&sample)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let gets: Vec<_> = proxy
+        .injected()
+        .into_iter()
+        .filter(|l| l.contains(" GET ") && (l.contains("large.bin") || l.contains("sample-")))
+        .collect();
+    assert!(
+        gets.is_empty(),
+        "a truncate downloaded the old data: {gets:?}"
+    );
+    assert_eq!(std::fs::read(&big).unwrap(), b"new checkpoint");
+    assert_eq!(std::fs::metadata(&sample).unwrap().len(), 0);
+    unmount_clean(&mut m);
+}

@@ -1,8 +1,9 @@
 //! The FUSE adapter: a thin shell between `fuser` and the FUSE-free core in `fs`.
 //!
 //! Each callback converts its arguments, calls `SimFs`, and replies or maps the error to its
-//! errno. Nothing here decides semantics. What may wait for the network (an open that
-//! downloads, the close and fsync that upload, a truncate that needs the old data) is handed
+//! errno. Nothing here decides semantics. What may wait for the network (a read of a range
+//! still being fetched, a first write or a truncate that needs the old data, the close and
+//! fsync that upload) is handed
 //! with its reply to the runtime's blocking pool, so the few FUSE worker threads keep
 //! answering stat, readdir and readlink from the index while the service is slow or gone. Entry and attribute timeouts are long because the
 //! index is authoritative for the mount's lifetime; when background refresh arrives it will
@@ -146,15 +147,11 @@ impl Filesystem for SimFuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        let open = move |fs: &SimFs| match fs.open(ino.0, write, truncate) {
+        // Never waits: an uncached blob starts filling and its reads wait for their ranges.
+        match self.fs.open(ino.0, write, truncate) {
             // The cached file does not change while open: let the kernel keep its page cache.
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
-        };
-        if self.fs.open_may_wait(ino.0, write, truncate) {
-            self.off_thread(open);
-        } else {
-            open(&self.fs);
         }
     }
 
@@ -169,9 +166,15 @@ impl Filesystem for SimFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
+        let read = move |fs: &SimFs| match fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(&e)),
+        };
+        // A range still being fetched is waited for off the FUSE threads.
+        if self.fs.read_may_wait(fh.0, offset, size) {
+            self.off_thread(read);
+        } else {
+            read(&self.fs);
         }
     }
 
@@ -368,6 +371,15 @@ impl Filesystem for SimFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if self.fs.write_may_wait(fh.0) {
+            // The handle's first write may fetch the old content first.
+            let data = data.to_vec();
+            self.off_thread(move |fs| match fs.write(fh.0, offset, &data) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            });
+            return;
+        }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),

@@ -1,40 +1,44 @@
-//! The local cache: whole blobs hydrated to the NVMe on first open.
+//! The local cache: blobs hydrated to the NVMe, bounded, evicted least recently used first.
 //!
 //! A cached file is named by the blob's name *and* ETag, so a blob that changed in the
 //! container is never served from a stale copy: its new ETag names a different file.
-//! Downloads go to `tmp/` and are renamed into `data/` only once complete and verified (size,
-//! and Content-MD5 when the service has one), so any file in `data/` is whole. Concurrent
-//! opens of one blob download it once (single-flight through moka's `try_get_with`).
-//! Directories are 0700 and files 0600: the cache holds data other users may not read.
-//!
-//! Large blobs are fetched as parallel ranged GETs written at their offsets. Eviction, reads
-//! during hydration and pinning of open files will extend this module; its layout already
-//! keys files so that an evicted one is simply downloaded again.
+//! Opening an uncached blob starts a `Fill` (`fill.rs`) and returns at once; reads wait only
+//! for their own chunks. A fill goes to `tmp/` and is renamed into `data/` only once complete
+//! and verified, so any file in `data/` is whole. Concurrent opens of one blob share one fill.
+//! A blob larger than the cache may hold is streamed through a bounded window instead and
+//! never kept. Directories are 0700 and files 0600: the cache holds data other users may not
+//! read.
 //!
 //! A file opened for writing gets a *local* copy, `local/<ino>`, which from then on is the
 //! inode's data (the index says so): a hydrated copy is renamed there, not copied, so read
 //! handles opened earlier see the writes too, as on a local disk. Local files hold data not
 //! yet uploaded and are never evicted; they are removed with their inode.
 //!
-//! The cache also counts open handles per inode (`pins.rs`) and knows the disk's free space
-//! without a syscall per write (`space.rs`).
+//! The cache also counts open handles per inode (`pins.rs`), knows the disk's free space
+//! without a syscall per write (`space.rs`), and fetches a directory's small files ahead of
+//! their first read (`prefetch.rs`).
 
+mod fill;
 mod lru;
 mod pins;
+mod prefetch;
 mod space;
 
+pub use fill::Fill;
 pub use pins::Pins;
+pub use prefetch::BUDGET_FILES as PREFETCH_FILES;
 pub use space::disk_size;
 
 use crate::blob::{BlobError, BlobRef, BlobStore};
-use futures::StreamExt;
+use fill::{Mode, Tuning};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CacheError {
@@ -56,24 +60,93 @@ impl From<std::io::Error> for CacheError {
 
 #[derive(Clone, Debug)]
 pub struct CacheOptions {
-    /// Blobs larger than this are fetched as parallel ranges of this size.
+    /// The largest ranged GET of a fill; a blob is cut into about 16 chunks between
+    /// `min_chunk` and this.
     pub chunk_size: u64,
-    /// Ranged GETs in flight for one blob.
+    pub min_chunk: u64,
+    /// The most ranged GETs in flight for one blob; a fill starts at a quarter of it and
+    /// doubles while that raises its rate.
     pub parallel: usize,
     /// Bytes (allocated) the clean cached files may take; the least recently used ones
     /// that no one has open are evicted beyond it. None: bounded only by the disk (its
     /// writers' reserve). Local copies are not counted: they are never evicted.
     pub capacity: Option<u64>,
+    /// The most a blob too large for the cache keeps on disk while it is streamed.
+    pub stream_window: u64,
 }
 
 impl Default for CacheOptions {
     fn default() -> Self {
         CacheOptions {
             chunk_size: 8 << 20,
-            parallel: 8,
+            min_chunk: 1 << 20,
+            parallel: 16,
             capacity: None,
+            stream_window: 256 << 20,
         }
     }
+}
+
+impl CacheOptions {
+    fn tuning(&self) -> Tuning {
+        Tuning {
+            min_chunk: self.min_chunk.min(self.chunk_size),
+            max_chunk: self.chunk_size,
+            start_parallel: (self.parallel / 4).max(1),
+            max_parallel: self.parallel.max(1),
+        }
+    }
+}
+
+/// Why a blob is opened.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Want {
+    /// A reader: a blob too large for the cache is streamed.
+    Read,
+    /// It must end whole in `data/`, even beyond the capacity (it becomes a local copy).
+    Whole,
+    /// Ahead of a reader: nothing is evicted for it, and it counts as neither hit nor miss.
+    Prefetch,
+}
+
+/// An open blob's data: a whole cached file, or a fill still under way.
+#[derive(Clone)]
+pub enum Content {
+    Whole(Arc<File>),
+    Filling(Arc<Fill>),
+}
+
+impl Content {
+    /// Reads at `off` (waiting for a fill's chunks under the range).
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, CacheError> {
+        match self {
+            Content::Whole(f) => read_full(f, buf, off),
+            Content::Filling(f) => f.read_at(buf, off),
+        }
+    }
+
+    /// Whether a read of `len` bytes at `off` would be answered without waiting.
+    pub fn ready(&self, off: u64, len: u64) -> bool {
+        match self {
+            Content::Whole(_) => true,
+            Content::Filling(f) => f.ready(off, len),
+        }
+    }
+}
+
+/// `pread` until `buf` is full or the file ends.
+pub fn read_full(file: &File, buf: &mut [u8], off: u64) -> Result<usize, CacheError> {
+    use std::os::unix::fs::FileExt;
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], off + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(filled)
 }
 
 /// What `simfs status` shows of the cache.
@@ -96,8 +169,12 @@ pub struct Cache {
     store: Arc<dyn BlobStore>,
     rt: tokio::runtime::Handle,
     opts: CacheOptions,
-    /// Hydrated files known to be whole; also the single-flight point for downloads.
-    present: moka::sync::Cache<String, Arc<PathBuf>>,
+    /// Hydrated files known to be whole.
+    present: moka::sync::Cache<String, ()>,
+    /// Fills under way, by key: the single-flight point for downloads.
+    filling: Arc<Mutex<HashMap<String, Weak<Fill>>>>,
+    /// Bytes promised to fills under way (counted against the capacity with `lru`).
+    reserved: Arc<AtomicU64>,
     tmp_seq: AtomicU64,
     pub downloads: AtomicU64,
     hits: AtomicU64,
@@ -105,7 +182,8 @@ pub struct Cache {
     evicted_bytes: AtomicU64,
     pins: Pins,
     space: space::Space,
-    lru: lru::Lru,
+    lru: Arc<lru::Lru>,
+    prefetch: prefetch::Prefetch,
 }
 
 /// Blocks a file takes on disk, in bytes.
@@ -161,6 +239,8 @@ impl Cache {
             rt,
             opts,
             present: moka::sync::Cache::new(1 << 20),
+            filling: Arc::default(),
+            reserved: Arc::default(),
             tmp_seq: AtomicU64::new(0),
             downloads: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -168,7 +248,8 @@ impl Cache {
             evicted_bytes: AtomicU64::new(0),
             pins: Pins::default(),
             space: space::Space::new(&local_dir),
-            lru,
+            lru: Arc::new(lru),
+            prefetch: prefetch::Prefetch::default(),
             local_dir,
         })
     }
@@ -192,53 +273,126 @@ impl Cache {
         self.present.contains_key(&key) || self.whole_file(&key, blob.size).is_some()
     }
 
-    /// Opens the cached copy of `blob` for inode `ino`, downloading it first when it is not
-    /// cached (after making room for it).
-    pub fn open(&self, ino: u64, blob: &BlobRef) -> Result<File, CacheError> {
-        let key = Self::key(blob);
-        let downloaded = std::cell::Cell::new(false);
-        let path = self
-            .present
-            .try_get_with(key.clone(), || -> Result<Arc<PathBuf>, CacheError> {
-                if let Some(p) = self.whole_file(&key, blob.size) {
-                    return Ok(Arc::new(p));
-                }
-                downloaded.set(true);
-                self.hydrate_now(&key, blob).map(Arc::new)
-            })
-            .map_err(|e| (*e).clone())?;
-        let file = match File::open(path.as_ref()) {
-            Ok(f) => f,
-            Err(e) => {
-                // Removed behind our back (evicted, or someone cleaned the cache): forget it
-                // and fetch it again.
-                self.present.invalidate(&key);
-                self.lru.remove(&key);
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(e.into());
-                }
-                downloaded.set(true);
-                File::open(self.hydrate_now(&key, blob)?)?
-            }
-        };
-        if downloaded.get() {
-            // A fresh download replaced whatever was recorded under the key.
-            self.lru.remove(&key);
-        } else {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-        }
-        // A hit only moves the file to the front; its size is read when it is new.
-        if !self.lru.touch(&key, ino) {
-            let bytes = file.metadata().map(|m| allocated(&m)).unwrap_or(blob.size);
-            self.lru.insert(&key, bytes, Some(ino));
-        }
-        Ok(file)
+    /// Opens the cached copy of `blob` for inode `ino`. An uncached blob starts filling
+    /// (after room is made for it) and is returned at once: reads wait for their ranges.
+    pub fn open(&self, ino: u64, blob: &BlobRef) -> Result<Content, CacheError> {
+        self.open_with(ino, blob, Want::Read)
     }
 
-    /// Downloads `blob` into the cache (room made first); returns its path.
-    fn hydrate_now(&self, key: &str, blob: &BlobRef) -> Result<PathBuf, CacheError> {
-        self.make_room(blob.size)?;
-        self.rt.block_on(self.download(key, blob))
+    fn open_with(&self, ino: u64, blob: &BlobRef, want: Want) -> Result<Content, CacheError> {
+        let key = Self::key(blob);
+        if self.present.contains_key(&key) || self.whole_file(&key, blob.size).is_some() {
+            match File::open(self.data_dir.join(&key)) {
+                Ok(file) => {
+                    self.present.insert(key.clone(), ());
+                    if want != Want::Prefetch {
+                        self.hits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // A hit only moves the file to the front; its size is read when new.
+                    if !self.lru.touch(&key, ino) {
+                        let bytes = file.metadata().map(|m| allocated(&m)).unwrap_or(blob.size);
+                        self.lru.insert(&key, bytes, Some(ino));
+                    }
+                    return Ok(Content::Whole(Arc::new(file)));
+                }
+                // Removed behind our back (evicted, or someone cleaned the cache).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.present.invalidate(&key);
+                    self.lru.remove(&key);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Content::Filling(self.fill_for(ino, &key, blob, want)?))
+    }
+
+    /// The fill of `blob` under way, or a new one.
+    fn fill_for(
+        &self,
+        ino: u64,
+        key: &str,
+        blob: &BlobRef,
+        want: Want,
+    ) -> Result<Arc<Fill>, CacheError> {
+        let whole = want == Want::Whole;
+        let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = filling.get(key).and_then(Weak::upgrade) {
+            if !(f.is_broken() || whole && f.is_window()) {
+                return Ok(f);
+            }
+        }
+        if want != Want::Prefetch {
+            self.downloads.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut tuning = self.opts.tuning();
+        let fits = self.opts.capacity.is_none_or(|c| blob.size <= c)
+            && blob.size <= self.space.free()?.0 + self.lru.bytes();
+        let (mode, reserve) = if whole || fits {
+            let dest = self.data_dir.join(key);
+            (Mode::Whole { dest }, blob.size)
+        } else {
+            let window = self
+                .opts
+                .stream_window
+                .min(self.opts.capacity.unwrap_or(u64::MAX) / 2);
+            // At least four chunks fit in the window, however small the cache.
+            tuning.max_chunk = tuning.max_chunk.min((window / 4).max(64 << 10));
+            tuning.min_chunk = tuning.min_chunk.min(tuning.max_chunk);
+            let chunk = tuning.chunk_for(blob.size);
+            let chunks = (window / chunk).max(4) as usize;
+            (Mode::Window { chunks }, chunks as u64 * chunk)
+        };
+        if want != Want::Prefetch {
+            self.make_room(reserve)?;
+        }
+        self.reserved.fetch_add(reserve, Ordering::Relaxed);
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .tmp_dir
+            .join(format!("{key}.{}.{seq}", std::process::id()));
+        let finish = {
+            let (present, lru, reserved) = (
+                self.present.clone(),
+                self.lru.clone(),
+                self.reserved.clone(),
+            );
+            let (filling, key) = (self.filling.clone(), key.to_string());
+            Box::new(move |f: &Fill, ok: bool| {
+                reserved.fetch_sub(reserve, Ordering::Relaxed);
+                let mut map = filling.lock().unwrap_or_else(|p| p.into_inner());
+                // Only our own entry: a whole fill may have replaced a window of the blob.
+                if map.get(&key).is_some_and(|w| std::ptr::eq(w.as_ptr(), f)) {
+                    map.remove(&key);
+                }
+                if let (true, Mode::Whole { dest }) = (ok, f.mode()) {
+                    let bytes = std::fs::metadata(dest).map(|m| allocated(&m)).unwrap_or(0);
+                    lru.insert(&key, bytes, Some(ino));
+                    present.insert(key.clone(), ());
+                }
+            }) as fill::Finish
+        };
+        let store = self.store.clone();
+        let fill = Fill::new(
+            blob.clone(),
+            tmp,
+            mode,
+            tuning,
+            store,
+            self.rt.clone(),
+            finish,
+        )?;
+        filling.insert(key.to_string(), Arc::downgrade(&fill));
+        drop(filling);
+        fill.start();
+        Ok(fill)
+    }
+
+    /// Whether `need` bytes fit under the capacity and on the disk without evicting.
+    fn room_without_eviction(&self, need: u64) -> bool {
+        let under_cap = self.opts.capacity.is_none_or(|cap| {
+            self.lru.bytes() + self.reserved.load(Ordering::Relaxed) + need <= cap
+        });
+        under_cap && self.space.free().is_ok_and(|(free, _)| need <= free)
     }
 
     /// Evicts least recently used clean files no one has open until `need` more bytes fit
@@ -246,7 +400,8 @@ impl Cache {
     /// (everything evictable goes first); the disk, not the capacity, is the hard limit.
     fn make_room(&self, need: u64) -> Result<(), CacheError> {
         let mut excess = match self.opts.capacity {
-            Some(cap) => (self.lru.bytes() + need).saturating_sub(cap),
+            Some(cap) => (self.lru.bytes() + self.reserved.load(Ordering::Relaxed) + need)
+                .saturating_sub(cap),
             None => 0,
         };
         let (free, _) = self.space.free()?;
@@ -306,12 +461,21 @@ impl Cache {
         let dest = self.local_path(ino);
         match blob {
             Some(b) if !empty => {
-                // Hydrate (or find) the clean copy, then take it over.
-                self.hydrate(ino, b)?;
+                // Hydrate (or find) the clean copy, then take it over. It is not pinned
+                // between the two, so an eviction may take it first: then fetch it again.
                 let key = Self::key(b);
-                self.present.invalidate(&key);
-                self.lru.remove(&key);
-                std::fs::rename(self.data_dir.join(&key), &dest)?;
+                let mut tries = 0;
+                loop {
+                    self.hydrate(ino, b)?;
+                    self.present.invalidate(&key);
+                    self.lru.remove(&key);
+                    match std::fs::rename(self.data_dir.join(&key), &dest) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => {
+                            tries += 1
+                        }
+                        r => break r?,
+                    }
+                }
             }
             _ => {
                 OpenOptions::new()
@@ -345,77 +509,46 @@ impl Cache {
         &self.pins
     }
 
-    /// Makes sure the clean copy of `blob` is cached for inode `ino` (downloading it once,
-    /// however many callers ask at the same time).
+    /// Makes sure the clean copy of `blob` is cached whole for inode `ino` (downloading it
+    /// once, however many callers ask at the same time), even beyond the capacity.
     pub fn hydrate(&self, ino: u64, blob: &BlobRef) -> Result<(), CacheError> {
-        self.open(ino, blob).map(drop)
+        match self.open_with(ino, blob, Want::Whole)? {
+            Content::Whole(_) => Ok(()),
+            Content::Filling(f) => f.wait_complete(),
+        }
+    }
+
+    /// Waits until no fill or prefetch round is under way (fills that fail are not retried).
+    /// For staging and tests: a fill completes in the background after its last read.
+    pub fn settle(&self) {
+        let mut failed = std::collections::HashSet::new();
+        loop {
+            let fills: Vec<Arc<Fill>> = self
+                .filling
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter_map(Weak::upgrade)
+                .filter(|f| !f.is_window() && !failed.contains(&Arc::as_ptr(f)))
+                .collect();
+            let rounds = self.prefetch_running();
+            if fills.is_empty() && !rounds {
+                return;
+            }
+            for f in fills {
+                if f.wait_complete().is_err() {
+                    failed.insert(Arc::as_ptr(&f));
+                }
+            }
+            if rounds {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
     }
 
     /// Removes the local copy of a deleted inode.
     pub fn remove_local(&self, ino: u64) {
         let _ = std::fs::remove_file(self.local_path(ino));
-    }
-
-    async fn download(&self, key: &str, blob: &BlobRef) -> Result<PathBuf, CacheError> {
-        self.downloads.fetch_add(1, Ordering::Relaxed);
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .tmp_dir
-            .join(format!("{key}.{}.{seq}", std::process::id()));
-        if let Err(e) = self.fill(&tmp, blob).await {
-            tracing::warn!("hydrating {:?} failed: {e}", blob.name);
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        let dest = self.data_dir.join(key);
-        std::fs::rename(&tmp, &dest)?;
-        Ok(dest)
-    }
-
-    async fn fill(&self, tmp: &Path, blob: &BlobRef) -> Result<(), CacheError> {
-        let file = OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(tmp)?;
-        if blob.size > 0 {
-            file.set_len(blob.size)?;
-        }
-        let chunk = self.opts.chunk_size.max(1);
-        let ranges =
-            (0..blob.size.div_ceil(chunk)).map(|i| i * chunk..((i + 1) * chunk).min(blob.size));
-        let mut fetches = futures::stream::iter(ranges.map(|r| {
-            let store = self.store.clone();
-            async move {
-                let data = store.get_range(&blob.name, r.clone(), &blob.etag).await;
-                (r, data)
-            }
-        }))
-        .buffer_unordered(self.opts.parallel.max(1));
-        while let Some((r, data)) = fetches.next().await {
-            let data = data?;
-            if data.len() as u64 != r.end - r.start {
-                return Err(CacheError::Corrupt(format!(
-                    "{:?}: range {}..{} returned {} bytes",
-                    blob.name,
-                    r.start,
-                    r.end,
-                    data.len()
-                )));
-            }
-            file.write_all_at(&data, r.start)?;
-        }
-        if let Some(expected) = &blob.content_md5 {
-            let actual = md5_file(tmp)?;
-            if &actual != expected {
-                return Err(CacheError::Corrupt(format!(
-                    "{:?}: Content-MD5 mismatch",
-                    blob.name
-                )));
-            }
-        }
-        Ok(())
     }
 }
 

@@ -27,12 +27,14 @@ fn rw_on(mem: MemoryStore, chunk: u64, delay: Duration) -> World {
     )
 }
 
-/// Opens `name` (a container file) for writing and closes it again; returns how long the
-/// open took (it downloads the file to give it its local copy).
+/// Opens `name` (a container file) for writing and writes one byte in its middle; returns
+/// how long that took (the first partial write downloads the file into its local copy).
 fn open_for_write(w: &World, name: &str) -> Duration {
     let ino = path(w, name).unwrap().ino;
     let t = Instant::now();
     let fh = w.fs.open(ino, true, false).unwrap();
+    let first = name.as_bytes()[0];
+    w.fs.write(fh, 1 << 20, &[first]).unwrap();
     let took = t.elapsed();
     w.fs.release(fh).unwrap();
     took

@@ -16,7 +16,11 @@
 //! Errors of every layer below become errnos in one place, `error.rs`.
 
 pub mod error;
+mod handle;
+mod prefetch;
 pub mod write;
+
+use handle::{Data, OpenFile};
 
 use crate::cache::Cache;
 use crate::index::names::{Name, NameError};
@@ -27,8 +31,6 @@ use crate::writeback::Writeback;
 pub use error::{FsError, FsResult};
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -51,11 +53,7 @@ pub struct ListedEntry {
 }
 
 enum Handle {
-    File {
-        ino: u64,
-        file: Arc<File>,
-        write: bool,
-    },
+    File(Arc<OpenFile>),
     Dir(Arc<Vec<ListedEntry>>),
 }
 
@@ -180,8 +178,9 @@ impl SimFs {
         self.handles.lock().unwrap().remove(&fh);
     }
 
-    /// Opens a regular file, hydrating it into the cache if needed; a file opened for
-    /// writing gets its local copy (`truncate`: its old content is not needed).
+    /// Opens a regular file without waiting for the network: an uncached blob starts
+    /// filling and reads wait for their ranges; a file opened for writing gets its local
+    /// copy when its data is first used (`truncate`: its old content is not needed).
     pub fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<u64> {
         let attr = self.attr(ino)?;
         match attr.kind {
@@ -192,45 +191,29 @@ impl SimFs {
         }
         if write {
             self.writable()?;
-            self.make_local(ino, truncate)?;
-            if truncate && attr.size > 0 {
-                // O_TRUNC: the old content is never needed, so none was downloaded above.
-                let empty = crate::posix::AttrChanges {
-                    size: Some(0),
-                    ..Default::default()
-                };
-                self.setattr(ino, &empty)?;
+            if truncate {
+                self.make_local(ino, true)?;
+                if attr.size > 0 {
+                    let empty = crate::posix::AttrChanges {
+                        size: Some(0),
+                        ..Default::default()
+                    };
+                    self.setattr(ino, &empty)?;
+                }
             }
         }
-        let file = if self.index.is_local(ino)? {
-            self.cache.open_local(ino, write)?
+        let data = if write && !self.index.is_local(ino)? {
+            Data::Deferred
         } else {
-            let blob = self.index.blob_of(ino)?.ok_or(FsError::NotFound)?;
-            self.cache.open(ino, &blob)?
+            self.data_for_read(ino, write)?
         };
         self.cache.pins().pin(ino, write);
-        Ok(self.insert_handle(Handle::File {
-            ino,
-            file: Arc::new(file),
-            write,
-        }))
-    }
-
-    /// Whether opening `ino` may wait for the network (a download): the FUSE adapter answers
-    /// such opens off its worker threads.
-    pub fn open_may_wait(&self, ino: u64, write: bool, truncate: bool) -> bool {
-        if self.index.is_local(ino).unwrap_or(false) || (write && truncate) {
-            return false;
-        }
-        match self.index.blob_of(ino) {
-            Ok(Some(b)) => !self.cache.is_hydrated(&b),
-            _ => false,
-        }
+        Ok(self.insert_handle(OpenFile::handle(ino, write, data)))
     }
 
     /// Whether handle `fh` was opened for writing (its close uploads).
     pub fn is_writable_handle(&self, fh: u64) -> bool {
-        matches!(self.file_handle(fh), Ok((_, _, true)))
+        self.file_handle(fh).is_ok_and(|h| h.write)
     }
 
     /// Gives `ino` its local copy if it has none yet. The download happens before the
@@ -253,34 +236,12 @@ impl SimFs {
         Ok(())
     }
 
-    fn file_handle(&self, fh: u64) -> FsResult<(u64, Arc<File>, bool)> {
-        match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::File { ino, file, write }) => Ok((*ino, file.clone(), *write)),
-            _ => Err(FsError::BadHandle),
-        }
-    }
-
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let (_, file, _) = self.file_handle(fh)?;
-        let mut buf = vec![0u8; size as usize];
-        let mut filled = 0;
-        while filled < buf.len() {
-            match file.read_at(&mut buf[filled..], offset + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        buf.truncate(filled);
-        Ok(buf)
-    }
-
     /// Closes a handle. The last close of an unlinked file frees it (and its blobs).
     pub fn release(&self, fh: u64) -> FsResult<()> {
-        let Some(Handle::File { ino, write, .. }) = self.handles.lock().unwrap().remove(&fh) else {
+        let Some(Handle::File(h)) = self.handles.lock().unwrap().remove(&fh) else {
             return Ok(());
         };
+        let (ino, write) = (h.ino, h.write);
         let last = self.cache.pins().unpin(ino, write);
         if last && self.writeback.is_some() && self.attr(ino).is_ok_and(|a| a.nlink == 0) {
             self.index.mark_pending(ino, std::time::SystemTime::now())?;
@@ -330,6 +291,8 @@ impl SimFs {
 
 #[cfg(test)]
 mod concurrency_tests;
+#[cfg(test)]
+mod hydration_tests;
 #[cfg(test)]
 mod model_tests;
 #[cfg(test)]

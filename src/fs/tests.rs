@@ -49,7 +49,7 @@ pub(super) fn defaults() -> Defaults {
     }
 }
 
-fn world_with(mem: MemoryStore, prefix: &str, chunk: u64) -> World {
+pub(super) fn world_with(mem: MemoryStore, prefix: &str, chunk: u64) -> World {
     let store = Arc::new(FaultyStore::new(mem));
     world_on(store, tempfile::tempdir().unwrap(), prefix, chunk, None)
 }
@@ -295,16 +295,21 @@ fn large_blobs_hydrate_in_parallel_ranges_and_verify() {
     let gets = w.store.counters.get.load(Ordering::SeqCst);
     let a = path(&w, "big.bin").unwrap();
     let fh = w.fs.open(a.ino, false, false).unwrap();
-    assert_eq!(
-        w.store.counters.get.load(Ordering::SeqCst) - gets,
-        16,
-        "ceil(1_000_003 / 64 KiB)"
-    );
     let mid = w.fs.read(fh, 500_000, 1000).unwrap();
     assert_eq!(mid, &big[500_000..501_000]);
     let tail = w.fs.read(fh, 1_000_000, 4096).unwrap();
     assert_eq!(tail, &big[1_000_000..]);
     w.fs.release(fh).unwrap();
+    w.fs.cache().settle();
+    assert_eq!(
+        w.store.counters.get.load(Ordering::SeqCst) - gets,
+        16,
+        "ceil(1_000_003 / 64 KiB), each range fetched once"
+    );
+    assert!(w
+        .fs
+        .cache()
+        .is_hydrated(&w.fs.index().blob_of(a.ino).unwrap().unwrap()));
 }
 
 #[test]
@@ -331,19 +336,61 @@ fn concurrent_opens_download_once() {
 }
 
 #[test]
-fn content_md5_mismatch_fails_the_open_and_caches_nothing() {
+fn content_md5_mismatch_fails_the_read_and_caches_nothing() {
     let mem = MemoryStore::new();
     mem.put("f", "payload", &[]);
     mem.set_content_md5("f", Some(vec![0u8; 16]));
     let w = world_with(mem, "", 1 << 20);
     let ino = path(&w, "f").unwrap().ino;
-    let err = w.fs.open(ino, false, false).unwrap_err();
+    // open returns before the data is fetched; the read is what fails.
+    let fh = w.fs.open(ino, false, false).unwrap();
+    let err = w.fs.read(fh, 0, 100).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
     assert!(err.to_string().contains("Content-MD5"), "{err}");
-    assert_eq!(w.fs.open_handles(), 0);
+    w.fs.release(fh).unwrap();
+    w.fs.cache().settle();
+    assert_eq!(
+        std::fs::read_dir(w.state.join("cache/data"))
+            .unwrap()
+            .count(),
+        0
+    );
     // The next open tries again rather than serving a bad copy.
-    assert!(w.fs.open(ino, false, false).is_err());
+    assert!(read_all(&w, "f").is_err());
     assert_eq!(w.fs.cache().downloads.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_multi_chunk_blob_that_fails_verification_is_never_promoted() {
+    let mem = MemoryStore::new();
+    mem.put("big", vec![5u8; 300_000], &[]);
+    mem.set_content_md5("big", Some(vec![0u8; 16]));
+    let w = world_with(mem, "", 65_536);
+    let ino = path(&w, "big").unwrap().ino;
+    let fh = w.fs.open(ino, false, false).unwrap();
+    // Ranges read before the end are served; the verification at the end then fails
+    // every later read and keeps no copy.
+    let _ = w.fs.read(fh, 0, 300_000);
+    w.fs.cache().settle();
+    assert_eq!(w.fs.read(fh, 0, 10).unwrap_err().errno(), libc::EIO);
+    w.fs.release(fh).unwrap();
+    assert_eq!(
+        std::fs::read_dir(w.state.join("cache/data"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // The partial file goes with the fill's last reference (its worker may still hold one
+    // for a moment).
+    let tmp = w.state.join("cache/tmp");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_dir(&tmp).unwrap().count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the partial file stayed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -352,6 +399,8 @@ fn service_lost_after_mount_fails_uncached_reads_only() {
     mem.put("cached", "warm", &[]);
     mem.put("cold", "never fetched", &[]);
     let w = world_with(mem, "", 1 << 20);
+    // Reading "cached" would otherwise fetch its sibling "cold" ahead of its read.
+    w.fs.cache().set_prefetch(false);
     assert_eq!(read_all(&w, "cached").unwrap(), b"warm");
     w.store.set_offline(true);
     assert_eq!(read_all(&w, "cold").unwrap_err().errno(), libc::EIO);
@@ -360,14 +409,17 @@ fn service_lost_after_mount_fails_uncached_reads_only() {
 }
 
 #[test]
-fn a_failed_range_discards_the_partial_download() {
+fn a_failed_range_fails_its_read_and_the_next_read_fetches_it_again() {
     let mem = MemoryStore::new();
     mem.put("f", vec![9u8; 200_000], &[]);
     let w = world_with(mem, "", 65_536);
     w.store.fail_get_at(131_072);
     let ino = path(&w, "f").unwrap().ino;
-    assert_eq!(w.fs.open(ino, false, false).unwrap_err().errno(), libc::EIO);
+    let fh = w.fs.open(ino, false, false).unwrap();
+    assert_eq!(w.fs.read(fh, 131_072, 100).unwrap_err().errno(), libc::EIO);
     w.store.fail_get_at(u64::MAX);
+    assert_eq!(w.fs.read(fh, 0, 300_000).unwrap(), vec![9u8; 200_000]);
+    w.fs.release(fh).unwrap();
     assert_eq!(read_all(&w, "f").unwrap(), vec![9u8; 200_000]);
 }
 
@@ -446,6 +498,7 @@ fn cached_data_is_private_to_the_mounting_user() {
     use std::os::unix::fs::PermissionsExt;
     let w = world_with(fixture(), "", 1 << 20);
     read_all(&w, "venv/lib/site.py").unwrap();
+    w.fs.cache().settle();
     let cache = w.state.join("cache");
     for d in [cache.clone(), cache.join("data"), cache.join("tmp")] {
         let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
@@ -486,7 +539,7 @@ fn a_long_path_blob_never_shadows_the_real_blob_at_its_path() {
 }
 
 /// A read-only world whose clean cache may hold `capacity` bytes.
-fn world_with_capacity(
+pub(super) fn world_with_capacity(
     store: Arc<FaultyStore<MemoryStore>>,
     dir: tempfile::TempDir,
     capacity: u64,
@@ -520,6 +573,8 @@ fn the_cache_stays_within_its_capacity_and_never_evicts_an_open_file() {
         tempfile::tempdir().unwrap(),
         capacity,
     );
+    // Eviction order is what is tested: no sibling is fetched ahead of its read.
+    w.fs.cache().set_prefetch(false);
     // f9 stays open throughout: it must survive every eviction.
     let f9 = path(&w, "d/f9").unwrap();
     let held = w.fs.open(f9.ino, false, false).unwrap();
@@ -560,6 +615,7 @@ fn hydrated_files_survive_a_restart_and_a_damaged_copy_is_not_trusted() {
     let w = world_with_capacity(store.clone(), tempfile::tempdir().unwrap(), 1 << 20);
     read_all(&w, "a").unwrap();
     read_all(&w, "b").unwrap();
+    w.fs.cache().settle();
     let data = w.state.join("cache/data");
     let dir = w.crash();
     // One cached copy is cut short while the node is down (a disk filling up, a tool).

@@ -10,7 +10,7 @@
 //! here: setgid directories hand their group (and, to subdirectories, their setgid bit) to
 //! new entries.
 
-use super::{existing_name, FsError, FsResult, Handle, SimFs};
+use super::{existing_name, FsError, FsResult, SimFs};
 use crate::index::names::Name;
 use crate::index::write::NewNode;
 use crate::posix::{Attr, AttrChanges, Kind, RenameMode, SetTime};
@@ -114,11 +114,11 @@ impl SimFs {
         let attr = self.new_inode(parent, name, Kind::File, mode, 0, who, None)?;
         let file = self.cache.open_local(attr.ino, true)?;
         self.cache.pins().pin(attr.ino, true);
-        let fh = self.insert_handle(Handle::File {
-            ino: attr.ino,
-            file: Arc::new(file),
-            write: true,
-        });
+        let fh = self.insert_handle(super::OpenFile::handle(
+            attr.ino,
+            true,
+            super::Data::Local(Arc::new(file)),
+        ));
         Ok((attr, fh))
     }
 
@@ -241,12 +241,17 @@ impl SimFs {
 
     /// Writes `data` at `offset` through handle `fh`; returns the bytes written.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let (ino, file, writable) = self.file_handle(fh)?;
-        if !writable {
+        let h = self.file_handle(fh)?;
+        if !h.write {
             return Err(FsError::BadHandle);
         }
+        let ino = h.ino;
         let (now, due) = self.due()?;
         self.cache.check_room(data.len() as u64)?;
+        // A first write that replaces every byte needs none of the old content.
+        let file = self.writable_file(&h, |s| {
+            Ok(offset == 0 && data.len() as u64 >= s.attr(ino)?.size)
+        })?;
         file.write_all_at(data, offset)?;
         self.index
             .wrote(ino, offset + data.len() as u64, now, due)?;
@@ -259,10 +264,12 @@ impl SimFs {
         if mode != 0 {
             return Err(FsError::Unsupported);
         }
-        let (ino, file, writable) = self.file_handle(fh)?;
-        if !writable {
+        let h = self.file_handle(fh)?;
+        if !h.write {
             return Err(FsError::BadHandle);
         }
+        let ino = h.ino;
+        let file = self.writable_file(&h, |_| Ok(false))?;
         let end = offset.checked_add(len).ok_or(FsError::TooBig)?;
         let (now, due) = self.due()?;
         let size = file.metadata()?.len();
@@ -289,9 +296,9 @@ impl SimFs {
 
     /// close(2) of a handle: a written file is uploaded before this returns.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
-        let (ino, _, writable) = self.file_handle(fh)?;
-        if writable {
-            self.upload(ino)?;
+        let h = self.file_handle(fh)?;
+        if h.write {
+            self.upload(h.ino)?;
         }
         Ok(())
     }

@@ -457,6 +457,45 @@ impl Index {
         })
     }
 
+    /// Up to `limit` regular files of directory `dir` with a blob of 1 to `max_size` bytes
+    /// and no local copy, in name order: what a prefetch of the directory may fetch.
+    pub fn small_blobs_in(
+        &self,
+        dir: u64,
+        max_size: u64,
+        limit: usize,
+    ) -> IndexResult<Vec<(u64, BlobRef)>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT i.ino, i.blob, i.etag, i.size, i.md5 FROM dentries d
+                 JOIN inodes i ON i.ino = d.ino
+                 WHERE d.parent = ?1 AND i.kind = ?2 AND i.blob IS NOT NULL AND i.local = 0
+                   AND i.size > 0 AND i.size <= ?3
+                 ORDER BY d.name LIMIT ?4",
+            )?;
+            let rows = st.query_map(
+                rusqlite::params![
+                    dir as i64,
+                    kind_code(Kind::File),
+                    max_size.min(i64::MAX as u64) as i64,
+                    limit as i64
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        BlobRef {
+                            name: r.get(1)?,
+                            etag: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                            size: r.get::<_, i64>(3)? as u64,
+                            content_md5: r.get(4)?,
+                        },
+                    ))
+                },
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     pub fn findings(&self) -> IndexResult<Vec<Finding>> {
         self.with_conn(|c| {
             let mut st = c.prepare_cached(

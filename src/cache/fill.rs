@@ -1,0 +1,648 @@
+//! One blob version being hydrated, readable while it fills.
+//!
+//! A `Fill` is a sparse file of the blob's size, fetched in chunks by a few async workers.
+//! Each chunk is Missing, Fetching or Present; a read waits only for the chunks under its
+//! own range, and those jump the queue (`urgent`) ahead of the sequential sweep, so a reader
+//! seeking in a large shard gets its ranges first and a sequential reader never fetches a
+//! byte twice. Chunk size follows the blob's size; the number of requests in flight starts
+//! low and doubles while each doubling still raises the measured rate (up to a maximum), so
+//! a fast link is filled without a fixed constant and a slow one is not flooded.
+//!
+//! Two modes. `Whole`: every chunk is fetched, the file is verified (Content-MD5 when the
+//! service has one) and renamed into `data/`; from then on the cache serves it like any
+//! hydrated file. Data read before the verification is served as fetched: a mismatch found
+//! at the end fails every later read with EIO and the copy is dropped. `Window`: the blob is
+//! larger than the cache may hold, so only the chunks around the readers are kept, at most
+//! `window` chunks, the least recently read punched out of the file; it is never promoted
+//! and its file goes when the last handle does.
+//!
+//! A failed request fails the reads that wait on it; the next read of a missing range
+//! tries again, so a transient outage costs a read, not the open file.
+
+use super::{read_full, CacheError};
+use crate::blob::{BlobRef, BlobStore};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::Instant;
+
+/// What the cache does once a whole fill is verified (or its file is dropped): promote it,
+/// release its reservation. Called exactly once.
+pub(super) type Finish = Box<dyn FnOnce(&Fill, bool) + Send>;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Chunk {
+    Missing,
+    Fetching,
+    Present,
+}
+
+pub(super) enum Mode {
+    /// Fetch everything, verify, then rename into `dest`.
+    Whole { dest: PathBuf },
+    /// Keep at most this many chunks; fetch ahead of readers by half of it.
+    Window { chunks: usize },
+}
+
+/// How a fill sizes its requests.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Tuning {
+    pub min_chunk: u64,
+    pub max_chunk: u64,
+    pub start_parallel: usize,
+    pub max_parallel: usize,
+}
+
+impl Tuning {
+    /// About 16 chunks per blob, between the bounds: small blobs still fetch in parallel,
+    /// large ones do not pay a request per megabyte.
+    pub(super) fn chunk_for(&self, size: u64) -> u64 {
+        (size / 16)
+            .clamp(
+                self.min_chunk.max(1),
+                self.max_chunk.max(self.min_chunk).max(1),
+            )
+            .next_multiple_of(4096)
+    }
+}
+
+struct State {
+    chunks: Vec<Chunk>,
+    present: usize,
+    urgent: VecDeque<usize>,
+    /// Next chunk the background sweep considers.
+    cursor: usize,
+    /// Bumped at every failure; a waiting reader gives up when it moves.
+    failures: u64,
+    error: Option<CacheError>,
+    /// Set when the fill can never complete (verification failed): reads fail at once.
+    broken: Option<CacheError>,
+    workers: usize,
+    target: usize,
+    /// Rate measurement of the current round: its start, bytes landed, and the rate of the
+    /// last round at a lower parallelism (bytes/s); `settled` once doubling stopped paying.
+    round: (Instant, u64),
+    last_rate: f64,
+    settled: bool,
+    /// Window mode: recency of each chunk's last read, readers inside each chunk, and the
+    /// furthest chunk a reader asked for.
+    used: Vec<u64>,
+    reading: Vec<u32>,
+    tick: u64,
+    demand_hi: usize,
+    finishing: bool,
+}
+
+pub struct Fill {
+    blob: BlobRef,
+    file: File,
+    tmp: PathBuf,
+    chunk: u64,
+    mode: Mode,
+    tuning: Tuning,
+    complete: AtomicBool,
+    st: Mutex<State>,
+    cv: Condvar,
+    /// Bumped with every `cv` notification, for async waiters (the prefetcher).
+    events: tokio::sync::watch::Sender<u64>,
+    store: Arc<dyn BlobStore>,
+    rt: tokio::runtime::Handle,
+    finish: Mutex<Option<Finish>>,
+    me: Weak<Fill>,
+}
+
+impl Fill {
+    /// A fill of `blob` into the new file `tmp`; nothing is fetched until `start` or a read.
+    pub(super) fn new(
+        blob: BlobRef,
+        tmp: PathBuf,
+        mode: Mode,
+        tuning: Tuning,
+        store: Arc<dyn BlobStore>,
+        rt: tokio::runtime::Handle,
+        finish: Finish,
+    ) -> Result<Arc<Fill>, CacheError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.set_len(blob.size)?;
+        let chunk = tuning.chunk_for(blob.size);
+        let n = blob.size.div_ceil(chunk) as usize;
+        let window = matches!(mode, Mode::Window { .. });
+        let st = State {
+            chunks: vec![Chunk::Missing; n],
+            present: 0,
+            urgent: VecDeque::new(),
+            cursor: 0,
+            failures: 0,
+            error: None,
+            broken: None,
+            workers: 0,
+            target: tuning.start_parallel.clamp(1, tuning.max_parallel.max(1)),
+            round: (Instant::now(), 0),
+            last_rate: 0.0,
+            settled: false,
+            used: if window { vec![0; n] } else { Vec::new() },
+            reading: if window { vec![0; n] } else { Vec::new() },
+            tick: 0,
+            demand_hi: 0,
+            finishing: false,
+        };
+        Ok(Arc::new_cyclic(|me| Fill {
+            blob,
+            file,
+            tmp,
+            chunk,
+            mode,
+            tuning,
+            complete: AtomicBool::new(false),
+            st: Mutex::new(st),
+            cv: Condvar::new(),
+            events: tokio::sync::watch::Sender::new(0),
+            store,
+            rt,
+            finish: Mutex::new(Some(finish)),
+            me: me.clone(),
+        }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn blob(&self) -> &BlobRef {
+        &self.blob
+    }
+
+    pub(super) fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk
+    }
+
+    pub fn is_window(&self) -> bool {
+        matches!(self.mode, Mode::Window { .. })
+    }
+
+    fn chunk_count(&self) -> u64 {
+        self.blob.size.div_ceil(self.chunk)
+    }
+
+    /// Failed for good (the data did not verify): a new open starts a new fill.
+    pub fn is_broken(&self) -> bool {
+        self.state().broken.is_some()
+    }
+
+    /// Verified and in place: reads go straight to the file.
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
+    /// Starts the background sweep (whole mode; a window fills around its readers).
+    pub(super) fn start(&self) {
+        let mut st = self.state();
+        self.spawn_workers(&mut st);
+    }
+
+    fn chunks_of(&self, off: u64, len: u64) -> std::ops::Range<usize> {
+        let end = (off.saturating_add(len)).min(self.blob.size);
+        if off >= end {
+            return 0..0;
+        }
+        (off / self.chunk) as usize..(end - 1) as usize / self.chunk as usize + 1
+    }
+
+    /// Whether a read of `len` bytes at `off` would not wait.
+    pub fn ready(&self, off: u64, len: u64) -> bool {
+        if self.is_complete() {
+            return true;
+        }
+        let r = self.chunks_of(off, len);
+        let st = self.state();
+        st.broken.is_none() && st.chunks[r].iter().all(|c| *c == Chunk::Present)
+    }
+
+    /// Reads at `off`, waiting until the chunks under the range are present.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, CacheError> {
+        if self.is_complete() {
+            return read_full(&self.file, buf, off);
+        }
+        let r = self.chunks_of(off, buf.len() as u64);
+        if r.is_empty() {
+            return Ok(0);
+        }
+        self.wait_for(r.clone())?;
+        let got = read_full(&self.file, buf, off);
+        if self.is_window() {
+            let mut st = self.state();
+            for i in r {
+                st.reading[i] -= 1;
+            }
+            self.trim_window(&mut st);
+        }
+        got
+    }
+
+    /// Waits until chunks `r` are present (window mode: and marks them being read).
+    fn wait_for(&self, r: std::ops::Range<usize>) -> Result<(), CacheError> {
+        let mut st = self.state();
+        let mut asked = false;
+        let seen = st.failures;
+        if let Mode::Window { chunks } = self.mode {
+            // Read-ahead follows the reader wherever it goes, forwards or back.
+            st.demand_hi = r.end - 1;
+            if st.cursor < r.start || st.cursor > r.end + chunks / 2 {
+                st.cursor = r.end.min(st.chunks.len());
+            }
+            self.spawn_workers(&mut st);
+        }
+        loop {
+            if let Some(e) = &st.broken {
+                return Err(e.clone());
+            }
+            if st.chunks[r.clone()].iter().all(|c| *c == Chunk::Present) {
+                if self.is_window() {
+                    st.tick += 1;
+                    let t = st.tick;
+                    for i in r.clone() {
+                        st.reading[i] += 1;
+                        st.used[i] = t;
+                    }
+                }
+                return Ok(());
+            }
+            if st.failures != seen {
+                return Err(st
+                    .error
+                    .clone()
+                    .unwrap_or(CacheError::Corrupt("a chunk of the download failed".into())));
+            }
+            if !asked {
+                asked = true;
+                for i in r.clone().rev() {
+                    if st.chunks[i] == Chunk::Missing {
+                        st.urgent.push_front(i);
+                    }
+                }
+                self.spawn_workers(&mut st);
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits until the whole blob is present and verified (whole mode only).
+    pub fn wait_complete(&self) -> Result<(), CacheError> {
+        let mut st = self.state();
+        let seen = st.failures;
+        self.spawn_workers(&mut st);
+        loop {
+            if self.is_complete() {
+                return Ok(());
+            }
+            if let Some(e) = &st.broken {
+                return Err(e.clone());
+            }
+            if st.failures != seen {
+                return Err(st.error.clone().expect("a failure records its error"));
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits, without blocking a thread, until the fill is complete, broken, or a request
+    /// of it failed. Dropped with the runtime at shutdown, unlike a thread in `wait_complete`.
+    pub async fn settled(&self) {
+        let mut rx = self.events.subscribe();
+        let seen = self.state().failures;
+        loop {
+            {
+                let st = self.state();
+                if self.is_complete() || st.broken.is_some() || st.failures != seen {
+                    return;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn signal(&self) {
+        self.cv.notify_all();
+        self.events.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Tops the workers up to the target while there is something to fetch.
+    fn spawn_workers(&self, st: &mut State) {
+        if st.broken.is_some() || st.finishing {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else { return };
+        let (from, to) = match self.mode {
+            Mode::Whole { .. } => (0, st.chunks.len()),
+            Mode::Window { chunks } => (st.cursor, self.sweep_limit(st, chunks)),
+        };
+        let wanted = st.urgent.len()
+            + st.chunks[from.min(to)..to]
+                .iter()
+                .filter(|c| **c == Chunk::Missing)
+                .count();
+        while st.workers < wanted.min(st.target) {
+            st.workers += 1;
+            // Whole fills keep themselves alive to the end (the copy is worth finishing);
+            // a window lives only as long as its readers.
+            let w = if self.is_window() {
+                Worker::Weak(Arc::downgrade(&me))
+            } else {
+                Worker::Strong(me.clone())
+            };
+            self.rt.spawn(w.run());
+        }
+    }
+
+    /// The next chunk to fetch, marked Fetching: a reader's first, then the sweep (in window
+    /// mode only up to half a window past the furthest read).
+    fn next_chunk(&self, st: &mut State) -> Option<usize> {
+        while let Some(i) = st.urgent.pop_front() {
+            if st.chunks[i] == Chunk::Missing {
+                st.chunks[i] = Chunk::Fetching;
+                return Some(i);
+            }
+        }
+        let limit = match self.mode {
+            Mode::Whole { .. } => st.chunks.len(),
+            Mode::Window { chunks } => self.sweep_limit(st, chunks),
+        };
+        while st.cursor < limit {
+            let i = st.cursor;
+            st.cursor += 1;
+            if st.chunks[i] == Chunk::Missing {
+                st.chunks[i] = Chunk::Fetching;
+                return Some(i);
+            }
+        }
+        if !self.is_window() {
+            // Chunks that failed and went back to Missing behind the cursor.
+            if let Some(i) = st.chunks.iter().position(|c| *c == Chunk::Missing) {
+                st.chunks[i] = Chunk::Fetching;
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Where a window's read-ahead stops: half a window past the last read.
+    fn sweep_limit(&self, st: &State, chunks: usize) -> usize {
+        (st.demand_hi + chunks / 2 + 1).min(st.chunks.len())
+    }
+
+    async fn fetch(&self, i: usize) -> Result<u64, CacheError> {
+        let start = i as u64 * self.chunk;
+        let end = (start + self.chunk).min(self.blob.size);
+        let data = self
+            .store
+            .get_range(&self.blob.name, start..end, &self.blob.etag)
+            .await?;
+        if data.len() as u64 != end - start {
+            return Err(CacheError::Corrupt(format!(
+                "{:?}: range {start}..{end} returned {} bytes",
+                self.blob.name,
+                data.len()
+            )));
+        }
+        if let (1, Some(expected)) = (self.chunk_count(), &self.blob.content_md5) {
+            // A blob of one chunk is verified before anyone reads it.
+            use md5::{Digest as _, Md5};
+            if Md5::digest(&data).as_slice() != expected.as_slice() {
+                return Err(mismatch(&self.blob.name));
+            }
+        }
+        self.file.write_all_at(&data, start)?;
+        Ok(end - start)
+    }
+
+    /// Records the outcome of chunk `i`; false when the worker should stop.
+    fn landed(&self, i: usize, r: Result<u64, CacheError>) -> bool {
+        let mut st = self.state();
+        let ok = match r {
+            Ok(bytes) => {
+                st.chunks[i] = Chunk::Present;
+                st.present += 1;
+                if self.is_window() {
+                    st.tick += 1;
+                    st.used[i] = st.tick;
+                }
+                self.adapt(&mut st, bytes);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("hydrating {:?}: {e}", self.blob.name);
+                if matches!(e, CacheError::Corrupt(_)) {
+                    // The service holds something else than it describes: no retry helps.
+                    st.broken = Some(e.clone());
+                }
+                st.chunks[i] = Chunk::Missing;
+                st.failures += 1;
+                st.error = Some(e);
+                // Nobody retries on their own: the next read (or open) asks again.
+                st.urgent.clear();
+                st.cursor = 0;
+                false
+            }
+        };
+        if self.is_window() {
+            self.trim_window(&mut st);
+        }
+        self.signal();
+        if ok {
+            self.spawn_workers(&mut st);
+        }
+        ok
+    }
+
+    /// Doubles the requests in flight while the last doubling raised the rate by 15%.
+    fn adapt(&self, st: &mut State, bytes: u64) {
+        st.round.1 += bytes;
+        if st.settled || st.round.1 < self.chunk * 2 * st.target as u64 {
+            return;
+        }
+        let secs = st.round.0.elapsed().as_secs_f64().max(1e-6);
+        let rate = st.round.1 as f64 / secs;
+        if rate > st.last_rate * 1.15 && st.target < self.tuning.max_parallel {
+            st.last_rate = rate;
+            st.target = (st.target * 2).min(self.tuning.max_parallel);
+        } else {
+            st.settled = true;
+        }
+        st.round = (Instant::now(), 0);
+    }
+
+    /// The parallelism the fill has settled on (or reached so far).
+    pub fn parallelism(&self) -> usize {
+        self.state().target
+    }
+
+    /// Window mode: punches the least recently read chunks out beyond the window.
+    fn trim_window(&self, st: &mut State) {
+        let Mode::Window { chunks: keep } = self.mode else {
+            return;
+        };
+        while st.present > keep {
+            let victim = (0..st.chunks.len())
+                .filter(|&i| st.chunks[i] == Chunk::Present && st.reading[i] == 0)
+                .min_by_key(|&i| st.used[i]);
+            let Some(v) = victim else { return };
+            if let Err(e) = punch(&self.file, v as u64 * self.chunk, self.chunk) {
+                tracing::warn!("freeing part of the streamed {:?}: {e}", self.blob.name);
+                return;
+            }
+            st.chunks[v] = Chunk::Missing;
+            st.present -= 1;
+        }
+    }
+
+    /// Called by the worker that saw the last chunk land (whole mode).
+    async fn complete_whole(&self) {
+        let Mode::Whole { dest } = &self.mode else {
+            return;
+        };
+        let verdict = match &self.blob.content_md5 {
+            Some(_) if self.chunk_count() == 1 => Ok(()),
+            Some(expected) => {
+                let path = self.tmp.clone();
+                let expected = expected.clone();
+                let name = self.blob.name.clone();
+                tokio::task::spawn_blocking(move || match super::md5_file(&path) {
+                    Ok(actual) if actual == expected => Ok(()),
+                    Ok(_) => Err(mismatch(&name)),
+                    Err(e) => Err(e.into()),
+                })
+                .await
+                .unwrap_or_else(|e| Err(CacheError::Corrupt(format!("verifying: {e}"))))
+            }
+            None => Ok(()),
+        };
+        let verdict = verdict.and_then(|()| Ok(std::fs::rename(&self.tmp, dest)?));
+        let ok = verdict.is_ok();
+        {
+            let mut st = self.state();
+            match verdict {
+                Ok(()) => self.complete.store(true, Ordering::Release),
+                Err(e) => {
+                    tracing::warn!("hydrating {:?} failed: {e}", self.blob.name);
+                    st.failures += 1;
+                    st.error = Some(e.clone());
+                    st.broken = Some(e);
+                }
+            }
+            self.signal();
+        }
+        if let Some(f) = self.finish.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            f(self, ok);
+        }
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        if !self.is_complete() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        if let Some(f) = self
+            .finish
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            f(self, false);
+        }
+    }
+}
+
+enum Worker {
+    Strong(Arc<Fill>),
+    Weak(Weak<Fill>),
+}
+
+impl Worker {
+    fn fill(&self) -> Option<Arc<Fill>> {
+        match self {
+            Worker::Strong(f) => Some(f.clone()),
+            Worker::Weak(w) => w.upgrade(),
+        }
+    }
+
+    async fn run(self) {
+        loop {
+            let Some(fill) = self.fill() else { return };
+            // Some(chunk) to fetch; None to stop, completing the fill if this was its last
+            // worker and everything is present.
+            let next = {
+                let mut st = fill.state();
+                let next = fill.next_chunk(&mut st);
+                if next.is_none() {
+                    st.workers -= 1;
+                }
+                let last = next.is_none()
+                    && st.workers == 0
+                    && st.present == st.chunks.len()
+                    && !st.finishing
+                    && !fill.is_window()
+                    && !fill.is_complete();
+                if last {
+                    st.finishing = true;
+                }
+                (next, last)
+            };
+            match next {
+                (Some(i), _) => {
+                    let r = fill.fetch(i).await;
+                    if !fill.landed(i, r) {
+                        fill.state().workers -= 1;
+                        return;
+                    }
+                }
+                (None, last) => {
+                    if last {
+                        fill.complete_whole().await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn mismatch(name: &str) -> CacheError {
+    CacheError::Corrupt(format!("{name:?}: Content-MD5 mismatch"))
+}
+
+/// Gives the blocks of a byte range back to the disk (the file keeps its size).
+fn punch(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    // SAFETY: a valid descriptor owned by `file`, which outlives the call.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

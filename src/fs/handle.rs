@@ -1,0 +1,135 @@
+//! Open files: what a handle reads from and writes to, decided as late as possible.
+//!
+//! A handle's data is the inode's local copy, the clean cached blob (possibly still filling:
+//! reads wait only for their own range), or, for a handle opened for writing that has not
+//! touched its data yet, nothing (`Deferred`). Deferring is what spares downloads: an
+//! `open(O_TRUNC)` arrives as an open and then a truncate to 0, and a first write that covers
+//! the whole file needs none of the old content either; only a read or a partial write makes
+//! the old content come down. Without FUSE_ATOMIC_O_TRUNC (see `fuse.rs`) this is how a
+//! truncating open of an uncached checkpoint costs no GET.
+
+use super::{FsError, FsResult, Handle, SimFs};
+use crate::cache::Content;
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone)]
+pub(super) enum Data {
+    /// The inode's local copy (read-write for a writable handle).
+    Local(Arc<File>),
+    /// The clean cached blob.
+    Cached(Content),
+    /// Opened for writing, data untouched so far.
+    Deferred,
+}
+
+pub(super) struct OpenFile {
+    pub ino: u64,
+    pub write: bool,
+    pub data: Mutex<Data>,
+}
+
+impl OpenFile {
+    pub fn handle(ino: u64, write: bool, data: Data) -> Handle {
+        Handle::File(Arc::new(OpenFile {
+            ino,
+            write,
+            data: Mutex::new(data),
+        }))
+    }
+
+    fn data(&self) -> Data {
+        self.data.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, d: Data) {
+        *self.data.lock().unwrap_or_else(|p| p.into_inner()) = d;
+    }
+}
+
+impl SimFs {
+    pub(super) fn file_handle(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
+        match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::File(f)) => Ok(f.clone()),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    /// The data a read-only open of `ino` reads: its local copy, or the cached blob (whose
+    /// fill this starts, without waiting for it).
+    pub(super) fn data_for_read(&self, ino: u64, write: bool) -> FsResult<Data> {
+        if self.index.is_local(ino)? {
+            return Ok(Data::Local(Arc::new(self.cache.open_local(ino, write)?)));
+        }
+        let blob = self.index.blob_of(ino)?.ok_or(FsError::NotFound)?;
+        let content = self.cache.open(ino, &blob)?;
+        if let Content::Filling(f) = &content {
+            self.prefetch_siblings(ino, f.blob().size);
+        }
+        Ok(Data::Cached(content))
+    }
+
+    /// What handle `h` reads from now.
+    fn readable(&self, h: &OpenFile) -> FsResult<Data> {
+        match h.data() {
+            Data::Local(f) => Ok(Data::Local(f)),
+            // A writer reads its own writes: once the inode has a local copy, use it.
+            Data::Cached(_) | Data::Deferred if h.write && self.index.is_local(h.ino)? => {
+                let d = Data::Local(Arc::new(self.cache.open_local(h.ino, true)?));
+                h.set(d.clone());
+                Ok(d)
+            }
+            Data::Cached(c) => Ok(Data::Cached(c)),
+            Data::Deferred => {
+                let d = self.data_for_read(h.ino, h.write)?;
+                h.set(d.clone());
+                Ok(d)
+            }
+        }
+    }
+
+    /// The local copy handle `h` writes to, made now if needed; `whole` says whether the
+    /// write about to be made replaces every byte of the file (then the old content is not
+    /// fetched). It is asked only on a handle's first write.
+    pub(super) fn writable_file(
+        &self,
+        h: &OpenFile,
+        whole: impl FnOnce(&Self) -> FsResult<bool>,
+    ) -> FsResult<Arc<File>> {
+        if let Data::Local(f) = h.data() {
+            return Ok(f);
+        }
+        self.make_local(h.ino, whole(self)?)?;
+        let f = Arc::new(self.cache.open_local(h.ino, true)?);
+        h.set(Data::Local(f.clone()));
+        Ok(f)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let h = self.file_handle(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let n = match self.readable(&h)? {
+            Data::Local(f) => crate::cache::read_full(&f, &mut buf, offset)?,
+            Data::Cached(c) => c.read_at(&mut buf, offset)?,
+            Data::Deferred => unreachable!("readable() resolves a deferred handle"),
+        };
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Whether a read may wait for the network (the FUSE adapter answers it off its threads).
+    pub fn read_may_wait(&self, fh: u64, offset: u64, size: u32) -> bool {
+        match self.file_handle(fh).map(|h| h.data()) {
+            Ok(Data::Local(_)) | Err(_) => false,
+            Ok(Data::Cached(c)) => !c.ready(offset, size as u64),
+            Ok(Data::Deferred) => true,
+        }
+    }
+
+    /// Whether a write may wait for the network: the first one through a handle may have
+    /// to fetch the old content.
+    pub fn write_may_wait(&self, fh: u64) -> bool {
+        self.file_handle(fh)
+            .is_ok_and(|h| h.write && !matches!(h.data(), Data::Local(_)))
+    }
+}

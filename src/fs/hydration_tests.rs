@@ -1,0 +1,168 @@
+//! Reads during hydration and prefetching, on the in-memory and failure-injecting stores.
+//! What is pinned is which requests are made and in what order, never how long they take.
+
+use super::tests::{path, read_all, world_with, world_with_capacity};
+use crate::blob::faulty::FaultyStore;
+use crate::blob::memory::MemoryStore;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len as u32).map(|i| (i * 7 % 253) as u8).collect()
+}
+
+#[test]
+fn open_returns_before_any_data_is_fetched() {
+    let mem = MemoryStore::new();
+    mem.put("big", pattern(1 << 20), &[]);
+    let w = world_with(mem, "", 64 << 10);
+    w.store.set_latency(Duration::from_millis(300));
+    let ino = path(&w, "big").unwrap().ino;
+    let fh = w.fs.open(ino, false, false).unwrap();
+    // The fill has started in the background; none of its requests can have been answered.
+    assert!(
+        w.fs.read_may_wait(fh, 0, 4096),
+        "nothing can be present yet"
+    );
+    w.store.set_latency(Duration::ZERO);
+    assert_eq!(w.fs.read(fh, 0, 1 << 20).unwrap(), pattern(1 << 20));
+    w.fs.release(fh).unwrap();
+}
+
+#[test]
+fn a_read_far_into_a_cold_file_jumps_the_queue() {
+    let mem = MemoryStore::new();
+    let body = pattern(64 * (64 << 10));
+    mem.put("shard", body.clone(), &[]);
+    let w = world_with(mem, "", 64 << 10);
+    w.store.set_latency(Duration::from_millis(20));
+    let ino = path(&w, "shard").unwrap().ino;
+    let fh = w.fs.open(ino, false, false).unwrap();
+    let before = w.store.counters.get.load(Ordering::SeqCst);
+    // A random reader: the last chunk first.
+    let off = 63 * (64 << 10) + 100;
+    assert_eq!(
+        w.fs.read(fh, off, 1000).unwrap(),
+        &body[off as usize..off as usize + 1000]
+    );
+    let fetched = w.store.counters.get.load(Ordering::SeqCst) - before;
+    assert!(
+        fetched < 16,
+        "{fetched} of 64 ranges were fetched before the one the reader asked for"
+    );
+    w.store.set_latency(Duration::ZERO);
+    assert_eq!(w.fs.read(fh, 0, body.len() as u32).unwrap(), body);
+    w.fs.release(fh).unwrap();
+    w.fs.cache().settle();
+    assert_eq!(
+        w.store.counters.get.load(Ordering::SeqCst) - before,
+        64,
+        "no range was fetched twice"
+    );
+}
+
+#[test]
+fn a_blob_larger_than_the_cache_streams_through_a_bounded_window() {
+    let mem = MemoryStore::new();
+    let body = pattern(4 << 20);
+    mem.put("huge", body.clone(), &[]);
+    let store = Arc::new(FaultyStore::new(mem));
+    let w = world_with_capacity(store, tempfile::tempdir().unwrap(), 1 << 20);
+    let ino = path(&w, "huge").unwrap().ino;
+    let fh = w.fs.open(ino, false, false).unwrap();
+    let tmp = w.state.join("cache/tmp");
+    let mut got = Vec::new();
+    let mut peak = 0;
+    while got.len() < body.len() {
+        let part = w.fs.read(fh, got.len() as u64, 128 << 10).unwrap();
+        assert!(!part.is_empty());
+        got.extend_from_slice(&part);
+        use std::os::unix::fs::MetadataExt;
+        let on_disk: u64 = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+            .sum();
+        peak = peak.max(on_disk);
+    }
+    assert!(got == body, "the streamed blob reads back byte for byte");
+    assert!(peak <= 1 << 20, "{peak} bytes on disk for a 1 MiB cache");
+    w.fs.release(fh).unwrap();
+    assert_eq!(
+        std::fs::read_dir(w.state.join("cache/data"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn the_first_small_file_read_fetches_its_siblings_ahead() {
+    let mem = MemoryStore::new();
+    for i in 0..40 {
+        mem.put(&format!("pkg/m{i:02}.py"), format!("module {i}"), &[]);
+    }
+    mem.put("pkg/big.bin", pattern(2 << 20), &[]);
+    mem.put("other/x.py", "elsewhere", &[]);
+    let w = world_with(mem, "", 1 << 20);
+    assert_eq!(read_all(&w, "pkg/m00.py").unwrap(), b"module 0");
+    w.fs.cache().settle();
+    let gets = w.store.counters.get.load(Ordering::SeqCst);
+    for i in 1..40 {
+        assert_eq!(
+            read_all(&w, &format!("pkg/m{i:02}.py")).unwrap(),
+            format!("module {i}").as_bytes()
+        );
+    }
+    assert_eq!(
+        w.store.counters.get.load(Ordering::SeqCst),
+        gets,
+        "every sibling was already cached"
+    );
+    // Large files and other directories are not prefetched.
+    read_all(&w, "other/x.py").unwrap();
+    let big =
+        w.fs.index()
+            .blob_of(path(&w, "pkg/big.bin").unwrap().ino)
+            .unwrap()
+            .unwrap();
+    assert!(!w.fs.cache().is_hydrated(&big));
+}
+
+#[test]
+fn prefetching_never_evicts_what_was_read() {
+    let mem = MemoryStore::new();
+    for i in 0..20 {
+        mem.put(&format!("d/f{i:02}"), vec![i as u8; 64 << 10], &[]);
+    }
+    let store = Arc::new(FaultyStore::new(mem));
+    // Room for four files: the demand read takes one, prefetch may fill the rest only.
+    let w = world_with_capacity(store.clone(), tempfile::tempdir().unwrap(), 4 * (64 << 10));
+    assert_eq!(read_all(&w, "d/f00").unwrap(), vec![0u8; 64 << 10]);
+    w.fs.cache().settle();
+    let stats = w.fs.cache().stats();
+    assert_eq!(stats.evictions, 0, "{stats:?}");
+    assert!(stats.used <= 4 * (64 << 10), "{stats:?}");
+    // The demand-read file is still cached.
+    let gets = store.counters.get.load(Ordering::SeqCst);
+    read_all(&w, "d/f00").unwrap();
+    assert_eq!(store.counters.get.load(Ordering::SeqCst), gets);
+}
+
+#[test]
+fn a_cancelled_prefetch_stops_fetching() {
+    let mem = MemoryStore::new();
+    for i in 0..200 {
+        mem.put(&format!("d/f{i:03}"), vec![1u8; 1000], &[]);
+    }
+    let w = world_with(mem, "", 1 << 20);
+    w.store.set_latency(Duration::from_millis(20));
+    read_all(&w, "d/f000").unwrap();
+    w.fs.cache().cancel_prefetch();
+    w.fs.cache().settle();
+    let fetched = w.store.counters.get.load(Ordering::SeqCst);
+    assert!(
+        fetched < 100,
+        "{fetched} of 200 files fetched after the cancel"
+    );
+}
