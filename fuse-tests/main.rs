@@ -470,3 +470,91 @@ fn a_data_set_twice_the_cache_size_reads_whole_twice_within_the_bound() {
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("5.0 MiB allowed"), "{text}");
 }
+
+#[test]
+fn stage_hydrates_a_tree_refuses_what_does_not_fit_and_evicts() {
+    let az = Azurite::start();
+    let data = tempfile::tempdir().unwrap();
+    let body =
+        |i: usize| -> Vec<u8> { (0..256 << 10).map(|j| ((i * 7 + j) % 253) as u8).collect() };
+    for dir in ["train", "val"] {
+        std::fs::create_dir(data.path().join(dir)).unwrap();
+    }
+    for i in 0..16 {
+        std::fs::write(data.path().join(format!("train/t{i:02}")), body(i)).unwrap();
+    }
+    for i in 0..4 {
+        std::fs::write(data.path().join(format!("val/v{i}")), body(100 + i)).unwrap();
+    }
+    az.seed("stage", &[format!("{}=", data.path().display())], 0, 0);
+    let cache = tempfile::tempdir().unwrap();
+    // Room for 8 of the 16 training shards.
+    let m = mount(&az, "stage", cache.path(), &["--cache-size", "2M"]);
+    let clean_files = || {
+        walk(cache.path())
+            .iter()
+            .filter(|p| p.parent().is_some_and(|d| d.ends_with("cache/data")))
+            .count()
+    };
+    let stage = |args: &[&str]| {
+        let out = Command::new(SIMFS)
+            .arg("stage")
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let val = m.path().join("val");
+    let (ok, text) = stage(&[val.to_str().unwrap(), "--jobs", "2"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("staged 4 files"), "{text}");
+    assert_eq!(clean_files(), 4);
+    // Staged means cached: reading them downloads nothing (no fill is started).
+    let before = clean_files();
+    for i in 0..4 {
+        assert_eq!(
+            std::fs::read(val.join(format!("v{i}"))).unwrap(),
+            body(100 + i)
+        );
+    }
+    assert_eq!(clean_files(), before);
+    // 4 MiB of shards do not fit in a 2 MiB cache: refused before anything is fetched.
+    let train = m.path().join("train");
+    let (ok, text) = stage(&[train.to_str().unwrap()]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("refused") && text.contains("4194304 bytes"),
+        "{text}"
+    );
+    assert_eq!(clean_files(), 4);
+    // Forced, it stages what fits and says what it skipped.
+    let (ok, text) = stage(&[train.to_str().unwrap(), "--force"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("staged 8 files") && text.contains("skipped 8 files"),
+        "{text}"
+    );
+    // Dropping the training tree from the cache.
+    let (ok, text) = stage(&["--evict", train.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(text.contains("dropped 8 files"), "{text}");
+    assert_eq!(
+        clean_files(),
+        0,
+        "the val files were evicted to make room for train"
+    );
+    // A path outside any mount is named.
+    let (ok, text) = stage(&[data.path().to_str().unwrap()]);
+    assert!(!ok && text.contains("not on a simfs mount"), "{text}");
+    for i in 0..16 {
+        assert_eq!(
+            std::fs::read(train.join(format!("t{i:02}"))).unwrap(),
+            body(i)
+        );
+    }
+}

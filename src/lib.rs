@@ -23,6 +23,7 @@
 
 pub mod blob;
 pub mod cache;
+pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod index;

@@ -518,6 +518,31 @@ impl Cache {
         }
     }
 
+    /// What the clean cache may hold in all: its capacity, or (unbounded) what it holds
+    /// now plus the free disk above the writers' reserve.
+    pub fn room(&self) -> Result<u64, CacheError> {
+        match self.opts.capacity {
+            Some(c) => Ok(c),
+            None => Ok(self.space.free()?.0 + self.lru.bytes()),
+        }
+    }
+
+    /// Drops the cached copy of `blob` unless inode `ino` is open; returns the bytes freed
+    /// (None: not cached, or open).
+    pub fn evict(&self, ino: u64, blob: &BlobRef) -> Option<u64> {
+        if self.pins.is_open(ino) {
+            return None;
+        }
+        let key = Self::key(blob);
+        self.present.invalidate(&key);
+        let bytes = self.lru.remove(&key);
+        let path = self.data_dir.join(&key);
+        let on_disk = std::fs::metadata(&path).map(|m| allocated(&m)).ok();
+        std::fs::remove_file(&path).ok()?;
+        self.space.forget();
+        bytes.or(on_disk)
+    }
+
     /// Waits until no fill or prefetch round is under way (fills that fail are not retried).
     /// For staging and tests: a fill completes in the background after its last read.
     pub fn settle(&self) {

@@ -166,3 +166,59 @@ fn a_cancelled_prefetch_stops_fetching() {
         "{fetched} of 200 files fetched after the cancel"
     );
 }
+
+#[test]
+fn a_stage_plan_counts_each_file_once_and_forced_keeps_what_fits() {
+    let mem = MemoryStore::new();
+    for i in 0..6 {
+        mem.put(&format!("ds/part-{i}"), vec![i as u8; 100_000], &[]);
+    }
+    mem.put("ds/sub/deep", vec![9u8; 100_000], &[]);
+    mem.put("other", "x", &[]);
+    let store = Arc::new(FaultyStore::new(mem));
+    let w = world_with_capacity(store.clone(), tempfile::tempdir().unwrap(), 350_000);
+    read_all(&w, "ds/part-0").unwrap();
+    w.fs.cache().settle();
+    let plan = w.fs.stage_plan(&["ds".into(), "ds/part-1".into()]).unwrap();
+    assert_eq!(plan.items.len(), 7, "part-1 is named twice, counted once");
+    assert_eq!((plan.bytes, plan.room), (700_000, 350_000));
+    assert!(!plan.fits());
+    assert!(plan.cached_bytes >= 100_000, "part-0 was read");
+    let (todo, skipped) = plan.within_room();
+    assert_eq!((todo.len(), skipped.len()), (3, 4));
+    for item in &todo {
+        w.fs.stage_one(item).unwrap();
+    }
+    for item in &todo {
+        assert!(
+            w.fs.cache().is_hydrated(item.blob.as_ref().unwrap()),
+            "{}",
+            item.path
+        );
+    }
+}
+
+#[test]
+fn evicting_a_tree_keeps_open_files() {
+    let mem = MemoryStore::new();
+    mem.put("d/a", vec![1u8; 5000], &[]);
+    mem.put("d/b", vec![2u8; 5000], &[]);
+    let w = world_with(mem, "", 1 << 20);
+    read_all(&w, "d/a").unwrap();
+    let b = path(&w, "d/b").unwrap();
+    let held = w.fs.open(b.ino, false, false).unwrap();
+    assert_eq!(w.fs.read(held, 0, 10).unwrap(), vec![2u8; 10]);
+    w.fs.cache().settle();
+    let (files, _) = w.fs.evict_tree(&["d".into()]).unwrap();
+    assert_eq!(files, 1, "only the closed file is dropped");
+    let blob = |p| {
+        w.fs.index()
+            .blob_of(path(&w, p).unwrap().ino)
+            .unwrap()
+            .unwrap()
+    };
+    assert!(!w.fs.cache().is_hydrated(&blob("d/a")));
+    assert!(w.fs.cache().is_hydrated(&blob("d/b")));
+    w.fs.release(held).unwrap();
+    assert_eq!(read_all(&w, "d/a").unwrap(), vec![1u8; 5000]);
+}

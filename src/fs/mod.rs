@@ -18,6 +18,7 @@
 pub mod error;
 mod handle;
 mod prefetch;
+pub mod stage;
 pub mod write;
 
 use handle::{Data, OpenFile};

@@ -172,6 +172,9 @@ fn mount_foreground(
         tracing::warn!("cannot register the mount for `simfs status`: {e}");
     }
     crate::status::publish_cache_stats(prepared.fs.clone(), &prepared.state_dir);
+    if let Err(e) = simfs::control::listen(prepared.fs.clone(), &prepared.state_dir) {
+        tracing::warn!("no control socket (`simfs stage` will not reach this mount): {e}");
+    }
     let result = serve(
         prepared.fs.clone(),
         mountpoint,

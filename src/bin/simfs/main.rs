@@ -1,4 +1,4 @@
-//! The `simfs` command: mount, unmount, status, check, bench; also the mount helper that
+//! The `simfs` command: mount, unmount, status, stage, check, bench; also the mount helper that
 //! mount(8) runs for `mount -t fuse.simfs` and fstab lines (see `helper.rs`). One module per
 //! subcommand; `config.rs` turns the command line into the library's configuration.
 
@@ -9,6 +9,7 @@ mod check;
 mod config;
 mod daemon;
 mod helper;
+mod stage;
 mod status;
 mod unmount;
 
@@ -83,6 +84,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1024)]
         stream_write_mib: u64,
     },
+    /// Hydrate files or directory trees of a serving mount into its cache ahead of a job
+    /// (refused when they do not fit in the cache), or drop them again with --evict.
+    Stage {
+        /// Files or directories on a simfs mount.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Files fetched at once.
+        #[arg(long, short, default_value_t = 8)]
+        jobs: usize,
+        /// Stage what fits when the whole does not fit in the cache.
+        #[arg(long)]
+        force: bool,
+        /// Drop these files from the cache instead (open files and unsent writes stay).
+        #[arg(long, conflicts_with = "force")]
+        evict: bool,
+    },
     /// Index a container and list what the mount hides, and why.
     Check {
         #[command(flatten)]
@@ -131,7 +148,9 @@ fn mount_flags() -> Vec<Flag> {
 /// The command line as `simfs SUBCOMMAND ...`, translating a mount helper call.
 fn command_line() -> Result<(Vec<OsString>, bool), String> {
     let raw: Vec<OsString> = std::env::args_os().collect();
-    let subcommands = ["mount", "unmount", "status", "check", "bench", "help"];
+    let subcommands = [
+        "mount", "unmount", "status", "stage", "check", "bench", "help",
+    ];
     if raw.len() < 2 || !is_helper_call(&raw[0], &raw[1..], &subcommands) {
         return Ok((raw, false));
     }
@@ -182,6 +201,12 @@ fn main() -> ExitCode {
         }
         Cmd::Unmount { mountpoint } => unmount::unmount(&mountpoint),
         Cmd::Status => status::status(),
+        Cmd::Stage {
+            paths,
+            jobs,
+            force,
+            evict,
+        } => stage::stage(&paths, jobs, force, evict),
         Cmd::Bench {
             paths,
             out,
