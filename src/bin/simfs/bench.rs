@@ -108,7 +108,33 @@ pub struct TargetResult {
     /// One large file written in 1 MiB writes without fsync: bytes and the time from create
     /// to the last write returning (the close, which uploads on simfs, is not timed).
     pub stream_write: Option<(u64, Duration)>,
+    /// `venv/bin/python -c 'import ...'` from the tree, cold then warm (when it has a venv).
+    pub py_import: Option<(Duration, Duration)>,
     pub wall: Duration,
+}
+
+/// What the Python import runs: pip's installer pulls in some hundred modules of the venv's
+/// site-packages (the standard library stays on the host), as an import of a real package does.
+const PY_IMPORT: &str = "import pip._internal.commands.install";
+
+/// Times a cold then a warm import with the tree's own venv, if it has one that works.
+fn py_import(root: &Path) -> Option<(Duration, Duration)> {
+    let python = root.join("venv/bin/python");
+    let run = || -> Option<Duration> {
+        let t = Instant::now();
+        let ok = std::process::Command::new(&python)
+            .args(["-c", PY_IMPORT])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?
+            .success();
+        ok.then(|| t.elapsed())
+    };
+    if !python.exists() {
+        return None;
+    }
+    Some((run()?, run()?))
 }
 
 #[derive(Clone, Debug)]
@@ -217,6 +243,8 @@ pub fn run(root: &Path, plan: &Plan, opts: &BenchOptions) -> TargetResult {
     for p in &plan.small {
         r.small_reads.time(|| read_all(&root.join(p), &mut buf));
     }
+    // Before the large file: its hydration would otherwise compete with the import.
+    r.py_import = py_import(root);
     if let Some((rel, bytes)) = &plan.large {
         let path = root.join(rel);
         let timed = |buf: &mut [u8]| -> std::io::Result<(Duration, Duration)> {
@@ -340,6 +368,23 @@ pub fn table(results: &[TargetResult]) -> String {
         ),
         None => "-".into(),
     });
+    if results.iter().any(|r| r.py_import.is_some()) {
+        let base = results[0].py_import;
+        row(
+            "python import cold / warm (x first)",
+            &|r| match (r.py_import, base) {
+                (Some((c, w)), Some((bc, bw))) => format!(
+                    "{} ({:.1}x) / {} ({:.1}x)",
+                    ms(c),
+                    c.as_secs_f64() / bc.as_secs_f64(),
+                    ms(w),
+                    w.as_secs_f64() / bw.as_secs_f64()
+                ),
+                (Some((c, w)), None) => format!("{} / {}", ms(c), ms(w)),
+                _ => "-".into(),
+            },
+        );
+    }
     if results.iter().any(|r| r.writes.is_some()) {
         row("create+write+fsync p50/p99/max", &|r| match &r.writes {
             Some(w) => lat(w),
@@ -419,6 +464,11 @@ pub fn to_json(results: &[TargetResult]) -> serde_json::Value {
                 "bytes": b,
                 "s": d.as_secs_f64(),
                 "mib_s": LargeRead::mib_per_s(b, d),
+            })),
+            "py_import": r.py_import.map(|(c, w)| json!({
+                "module": PY_IMPORT,
+                "cold_s": c.as_secs_f64(),
+                "warm_s": w.as_secs_f64(),
             })),
             "wall_s": r.wall.as_secs_f64(),
             "stat_first_us": r.stat_first.nanos.iter().map(|n| *n as f64 / 1000.0).collect::<Vec<_>>(),
