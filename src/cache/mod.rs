@@ -303,6 +303,25 @@ impl Cache {
                 Err(e) => return Err(e.into()),
             }
         }
+        if blob.size == 0 {
+            // Nothing to fetch (a fill of no chunks would never finish): the empty copy is
+            // written here, through tmp/ like any other.
+            let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+            let tmp = self
+                .tmp_dir
+                .join(format!("{key}.{}.{seq}", std::process::id()));
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            std::fs::rename(&tmp, self.data_dir.join(&key))?;
+            self.present.insert(key.clone(), ());
+            self.lru.insert(&key, 0, Some(ino));
+            return Ok(Content::Whole(Arc::new(File::open(
+                self.data_dir.join(&key),
+            )?)));
+        }
         Ok(Content::Filling(self.fill_for(ino, &key, blob, want)?))
     }
 

@@ -222,3 +222,17 @@ fn evicting_a_tree_keeps_open_files() {
     w.fs.release(held).unwrap();
     assert_eq!(read_all(&w, "d/a").unwrap(), vec![1u8; 5000]);
 }
+
+#[test]
+fn an_empty_blob_opens_reads_and_grows_without_waiting_for_a_fill() {
+    let mem = MemoryStore::new();
+    mem.put("empty", "", &[]);
+    let w = super::write_tests::rw(mem);
+    assert_eq!(read_all(&w, "empty").unwrap(), b"");
+    let a = path(&w, "empty").unwrap();
+    // Growing it needs its (empty) old content first: that must not wait forever.
+    let fh = w.fs.open(a.ino, true, false).unwrap();
+    w.fs.write(fh, 10, b"x").unwrap();
+    assert_eq!(w.fs.read(fh, 0, 20).unwrap(), b"\0\0\0\0\0\0\0\0\0\0x");
+    w.fs.release(fh).unwrap();
+}

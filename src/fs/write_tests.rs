@@ -15,7 +15,7 @@ const ME: Caller = Caller {
     gid: 1000,
 };
 
-fn rw(mem: MemoryStore) -> World {
+pub(super) fn rw(mem: MemoryStore) -> World {
     let store = Arc::new(FaultyStore::new(mem));
     world_on(
         store,
