@@ -3,11 +3,13 @@
 //! Each callback converts its arguments, calls `SimFs`, and replies or maps the error to its
 //! errno. Nothing here decides semantics. What may wait for the network (a read of a range
 //! still being fetched, a first write or a truncate that needs the old data, the close and
-//! fsync that upload) is handed
-//! with its reply to the runtime's blocking pool, so the few FUSE worker threads keep
-//! answering stat, readdir and readlink from the index while the service is slow or gone. Entry and attribute timeouts are long because the
-//! index is authoritative for the mount's lifetime; when background refresh arrives it will
-//! invalidate the kernel's caches explicitly rather than rely on timeouts.
+//! fsync that upload) is handed with its reply to the runtime's blocking pool, so the few
+//! FUSE worker threads keep answering stat, readdir and readlink from the index while the
+//! service is slow or gone. Opens never wait: an uncached file starts filling and returns.
+//!
+//! Entry and attribute timeouts are long because the index is authoritative for the mount's
+//! lifetime; when background refresh arrives it will invalidate the kernel's caches
+//! explicitly rather than rely on timeouts.
 
 use crate::fs::write::{target_bytes, Caller};
 use crate::fs::{Attr, AttrChanges, FsError, Kind, RenameMode, SetTime, SimFs};
