@@ -435,9 +435,13 @@ impl Filesystem for SimFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
+        let allocate =
+            move |fs: &SimFs| reply_empty(fs.fallocate(fh.0, offset, length, mode), reply);
+        // Like a first write, it may fetch the old content first.
+        if self.fs.write_may_wait(fh.0) {
+            self.off_thread(allocate);
+        } else {
+            allocate(&self.fs);
         }
     }
 
