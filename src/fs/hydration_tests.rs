@@ -236,3 +236,55 @@ fn an_empty_blob_opens_reads_and_grows_without_waiting_for_a_fill() {
     assert_eq!(w.fs.read(fh, 0, 20).unwrap(), b"\0\0\0\0\0\0\0\0\0\0x");
     w.fs.release(fh).unwrap();
 }
+
+#[test]
+fn a_first_write_covering_the_whole_file_fetches_nothing() {
+    let mem = MemoryStore::new();
+    mem.put("ckpt", vec![1u8; 300_000], &[]);
+    let w = super::write_tests::rw(mem);
+    let a = path(&w, "ckpt").unwrap();
+    let gets = w.store.counters.get.load(Ordering::SeqCst);
+    let fh = w.fs.open(a.ino, true, false).unwrap();
+    w.fs.write(fh, 0, &vec![2u8; 300_000]).unwrap();
+    w.fs.write(fh, 300_000, b"tail").unwrap();
+    w.fs.release(fh).unwrap();
+    assert_eq!(w.store.counters.get.load(Ordering::SeqCst), gets, "no GET");
+    let mut want = vec![2u8; 300_000];
+    want.extend_from_slice(b"tail");
+    assert_eq!(read_all(&w, "ckpt").unwrap(), want);
+    // A partial first write needs the old content: that one is fetched.
+    let fh = w.fs.open(a.ino, true, false).unwrap();
+    w.fs.write(fh, 10, b"x").unwrap();
+    w.fs.release(fh).unwrap();
+    want[10] = b'x';
+    assert_eq!(read_all(&w, "ckpt").unwrap(), want);
+}
+
+#[test]
+fn reads_racing_evictions_always_see_whole_correct_files() {
+    let mem = MemoryStore::new();
+    let body = |i: usize| -> Vec<u8> { (0..40_000).map(|j| ((i * 13 + j) % 251) as u8).collect() };
+    for i in 0..24 {
+        mem.put(&format!("d/f{i:02}"), body(i), &[]);
+    }
+    let store = Arc::new(FaultyStore::new(mem));
+    // Room for about five files: every open evicts what another thread just read.
+    let w = world_with_capacity(store, tempfile::tempdir().unwrap(), 5 * 40_960);
+    let w = &w;
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            s.spawn(move || {
+                for k in 0..60 {
+                    let i = (t * 7 + k * 5) % 24;
+                    let got = read_all(w, &format!("d/f{i:02}")).unwrap();
+                    assert!(got == body(i), "f{i:02} read wrong data");
+                }
+            });
+        }
+    });
+    w.fs.cache().settle();
+    let stats = w.fs.cache().stats();
+    assert!(stats.evictions > 0, "{stats:?}");
+    assert!(stats.used <= 5 * 40_960, "{stats:?}");
+    assert_eq!(w.fs.open_handles(), 0);
+}
