@@ -14,6 +14,8 @@ command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 { command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl; } || need_apt+=(pkg-config libssl-dev)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# rsync: a fuse-test copies a tree onto the mount with rsync -a.
+command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

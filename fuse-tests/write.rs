@@ -422,3 +422,98 @@ fn names_with_any_character_round_trip_through_the_container() {
         assert_eq!(got, format!("{i}:{name}"));
     }
 }
+
+#[test]
+fn a_name_created_after_a_failed_lookup_is_visible_at_once() {
+    let az = empty_container("negative");
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount(&az, "negative", cache.path(), &[]);
+    let r = m.path();
+    std::fs::create_dir(r.join("d")).unwrap();
+    for name in ["file", "dir", "link", "hard", "moved"] {
+        assert!(
+            !r.join("d").join(name).exists(),
+            "{name} (kernel now holds a negative entry)"
+        );
+    }
+    std::fs::write(r.join("d/file"), "x").unwrap();
+    std::fs::create_dir(r.join("d/dir")).unwrap();
+    std::os::unix::fs::symlink("file", r.join("d/link")).unwrap();
+    std::fs::hard_link(r.join("d/file"), r.join("d/hard")).unwrap();
+    std::fs::write(r.join("tmp"), "y").unwrap();
+    std::fs::rename(r.join("tmp"), r.join("d/moved")).unwrap();
+    assert_eq!(std::fs::read(r.join("d/file")).unwrap(), b"x");
+    assert!(r.join("d/dir").is_dir());
+    assert_eq!(std::fs::read(r.join("d/link")).unwrap(), b"x");
+    assert_eq!(std::fs::read(r.join("d/hard")).unwrap(), b"x");
+    assert_eq!(std::fs::read(r.join("d/moved")).unwrap(), b"y");
+    // And gone again after an unlink.
+    std::fs::remove_file(r.join("d/moved")).unwrap();
+    assert!(!r.join("d/moved").exists());
+}
+
+#[test]
+fn ls_cp_a_and_rsync_a_work_without_extended_attributes() {
+    let az = empty_container("xattrs");
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount(&az, "xattrs", cache.path(), &[]);
+    let src = tempfile::tempdir().unwrap();
+    sh(
+        src.path(),
+        "mkdir -p tree/sub && echo hello > tree/a && chmod 0750 tree/a && \
+         ln -s a tree/link && echo deep > tree/sub/b && touch -d '2020-01-02 03:04:05' tree/sub/b",
+    );
+    let dst = m.path();
+    let cmd = |args: &[&str]| {
+        let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{args:?}: {err}");
+        (String::from_utf8_lossy(&out.stdout).to_string(), err)
+    };
+    let tree = src.path().join("tree");
+    let (_, err) = cmd(&[
+        "cp",
+        "-a",
+        tree.to_str().unwrap(),
+        dst.join("by-cp").to_str().unwrap(),
+    ]);
+    assert!(err.is_empty(), "cp -a complained: {err}");
+    cmd(&[
+        "rsync",
+        "-a",
+        &format!("{}/", tree.display()),
+        dst.join("by-rsync").to_str().unwrap(),
+    ]);
+    for copy in ["by-cp", "by-rsync"] {
+        let c = dst.join(copy);
+        assert_eq!(std::fs::read(c.join("a")).unwrap(), b"hello\n", "{copy}");
+        assert_eq!(
+            std::fs::metadata(c.join("a")).unwrap().mode() & 0o777,
+            0o750,
+            "{copy}"
+        );
+        assert_eq!(
+            std::fs::read_link(c.join("link")).unwrap(),
+            Path::new("a"),
+            "{copy}"
+        );
+        let mtime = std::fs::metadata(c.join("sub/b")).unwrap().mtime();
+        assert_eq!(
+            mtime,
+            std::fs::metadata(tree.join("sub/b")).unwrap().mtime(),
+            "{copy}"
+        );
+    }
+    let (out, err) = cmd(&["ls", "-lR", dst.to_str().unwrap()]);
+    assert!(err.is_empty(), "ls -lR complained: {err}");
+    assert!(out.contains("link -> a"), "{out}");
+    // Asking for an attribute is answered "not supported", not an error about the file.
+    if let Ok(out) = Command::new("getfattr")
+        .arg("-d")
+        .arg(dst.join("by-cp/a"))
+        .output()
+    {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("No such file"), "{err}");
+    }
+}

@@ -84,6 +84,27 @@ fn kind(k: Kind) -> FileType {
     }
 }
 
+/// A lookup answer with node id 0: "no such name", cached by the kernel like an entry.
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: std::time::UNIX_EPOCH,
+        mtime: std::time::UNIX_EPOCH,
+        ctime: std::time::UNIX_EPOCH,
+        crtime: std::time::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: crate::fs::BLOCK_SIZE,
+        flags: 0,
+    }
+}
+
 pub fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
@@ -128,6 +149,11 @@ impl Filesystem for SimFuse {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
+            // The index is authoritative: a missing name is a negative entry the kernel keeps
+            // for the entry timeout (a name created through the mount replaces it; one that
+            // appears otherwise is invalidated by whoever adds it), so `import` probing a
+            // sys.path of directories costs one round trip per name, not one per probe.
+            Err(FsError::NotFound) => reply.entry(&self.ttl, &negative_entry(), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -514,18 +540,16 @@ impl Filesystem for SimFuse {
         reply.ok();
     }
 
-    // simfs keeps no extended attributes and supports no ioctls. Answering explicitly (instead
-    // of fuser's logged ENOSYS) keeps the log quiet: every `ls -l` and `python -m venv` asks.
+    // simfs keeps no extended attributes. ENOSYS on the first xattr request sets the
+    // connection's no-xattr flag for that operation: the kernel then answers EOPNOTSUPP itself
+    // and never asks again. Without it, every `ls -l` (security.selinux, the ACL keys) and the
+    // security.capability check before every write cost a round trip each.
     fn getxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _s: u32, reply: ReplyXattr) {
-        reply.error(Errno::NO_XATTR);
+        reply.error(Errno::ENOSYS);
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn setxattr(
@@ -538,11 +562,11 @@ impl Filesystem for SimFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EOPNOTSUPP);
+        reply.error(Errno::ENOSYS);
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::NO_XATTR);
+        reply.error(Errno::ENOSYS);
     }
 
     fn ioctl(

@@ -115,7 +115,9 @@ impl Writeback {
             now,
         )?;
         if let Some(f) = self.invalidate.get() {
+            // Both names: the kernel may hold a negative entry for the new one.
             f(entry.parent, from.as_bytes());
+            f(entry.parent, to.as_bytes());
         }
         let kept = format!(
             "{}{}",
