@@ -32,6 +32,8 @@ pub fn listen(fs: Arc<SimFs>, state_dir: &Path) -> std::io::Result<PathBuf> {
     let path = state_dir.join(SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
+    // Like everything in the state directory: its owner's alone (the directory is 0700 too).
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     std::thread::Builder::new()
         .name("simfs-control".into())
         .spawn(move || {

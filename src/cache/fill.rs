@@ -68,6 +68,22 @@ impl Tuning {
             )
             .next_multiple_of(4096)
     }
+
+    /// Where each chunk of a blob of `size` bytes starts, then `size`. The first chunks are
+    /// small and double up to `chunk_for(size)`: the first byte costs a round trip and a
+    /// small transfer, not a whole large chunk.
+    pub(super) fn bounds(&self, size: u64) -> Vec<u64> {
+        let steady = self.chunk_for(size);
+        let mut step = (self.min_chunk / 4).clamp(64 << 10, steady.max(64 << 10));
+        let mut bounds = vec![0];
+        let mut at = 0u64;
+        while at < size {
+            at = (at + step).min(size);
+            bounds.push(at);
+            step = (step * 2).min(steady);
+        }
+        bounds
+    }
 }
 
 struct State {
@@ -101,7 +117,8 @@ pub struct Fill {
     blob: BlobRef,
     file: File,
     tmp: PathBuf,
-    chunk: u64,
+    /// Chunk `i` is `bounds[i]..bounds[i + 1]`.
+    bounds: Vec<u64>,
     mode: Mode,
     tuning: Tuning,
     complete: AtomicBool,
@@ -134,8 +151,8 @@ impl Fill {
             .mode(0o600)
             .open(&tmp)?;
         file.set_len(blob.size)?;
-        let chunk = tuning.chunk_for(blob.size);
-        let n = blob.size.div_ceil(chunk) as usize;
+        let bounds = tuning.bounds(blob.size);
+        let n = bounds.len() - 1;
         let window = matches!(mode, Mode::Window { .. });
         let st = State {
             chunks: vec![Chunk::Missing; n],
@@ -160,7 +177,7 @@ impl Fill {
             blob,
             file,
             tmp,
-            chunk,
+            bounds,
             mode,
             tuning,
             complete: AtomicBool::new(false),
@@ -186,16 +203,25 @@ impl Fill {
         &self.mode
     }
 
+    /// The largest chunk (the steady size past the first small ones).
     pub fn chunk_size(&self) -> u64 {
-        self.chunk
+        self.bounds
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn range_of(&self, i: usize) -> (u64, u64) {
+        (self.bounds[i], self.bounds[i + 1])
     }
 
     pub fn is_window(&self) -> bool {
         matches!(self.mode, Mode::Window { .. })
     }
 
-    fn chunk_count(&self) -> u64 {
-        self.blob.size.div_ceil(self.chunk)
+    fn chunk_count(&self) -> usize {
+        self.bounds.len() - 1
     }
 
     /// Failed for good (the data did not verify): a new open starts a new fill.
@@ -219,7 +245,10 @@ impl Fill {
         if off >= end {
             return 0..0;
         }
-        (off / self.chunk) as usize..(end - 1) as usize / self.chunk as usize + 1
+        // The chunk holding `off` through the one holding `end - 1`.
+        let first = self.bounds.partition_point(|&b| b <= off) - 1;
+        let last = self.bounds.partition_point(|&b| b <= end - 1) - 1;
+        first..last + 1
     }
 
     /// Whether a read of `len` bytes at `off` would not wait.
@@ -407,8 +436,7 @@ impl Fill {
     }
 
     async fn fetch(&self, i: usize) -> Result<u64, CacheError> {
-        let start = i as u64 * self.chunk;
-        let end = (start + self.chunk).min(self.blob.size);
+        let (start, end) = self.range_of(i);
         let data = self
             .store
             .get_range(&self.blob.name, start..end, &self.blob.etag)
@@ -473,7 +501,7 @@ impl Fill {
     /// Doubles the requests in flight while the last doubling raised the rate by 15%.
     fn adapt(&self, st: &mut State, bytes: u64) {
         st.round.1 += bytes;
-        if st.settled || st.round.1 < self.chunk * 2 * st.target as u64 {
+        if st.settled || st.round.1 < self.chunk_size() * 2 * st.target as u64 {
             return;
         }
         let secs = st.round.0.elapsed().as_secs_f64().max(1e-6);
@@ -502,7 +530,8 @@ impl Fill {
                 .filter(|&i| st.chunks[i] == Chunk::Present && st.reading[i] == 0)
                 .min_by_key(|&i| st.used[i]);
             let Some(v) = victim else { return };
-            if let Err(e) = punch(&self.file, v as u64 * self.chunk, self.chunk) {
+            let (start, end) = self.range_of(v);
+            if let Err(e) = punch(&self.file, start, end - start) {
                 tracing::warn!("freeing part of the streamed {:?}: {e}", self.blob.name);
                 return;
             }
@@ -645,4 +674,38 @@ fn punch(file: &File, off: u64, len: u64) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tuning;
+
+    fn tuning() -> Tuning {
+        Tuning {
+            min_chunk: 1 << 20,
+            max_chunk: 8 << 20,
+            start_parallel: 8,
+            max_parallel: 16,
+        }
+    }
+
+    #[test]
+    fn chunks_start_small_double_and_tile_the_blob() {
+        let t = tuning();
+        for size in [1u64, 4096, 300_000, 1 << 20, 64 << 20, (1 << 30) + 12_345] {
+            let b = t.bounds(size);
+            assert_eq!((b[0], *b.last().unwrap()), (0, size), "{size}");
+            let lens: Vec<u64> = b.windows(2).map(|w| w[1] - w[0]).collect();
+            assert!(lens.iter().all(|&l| l > 0), "{size}: {lens:?}");
+            // The first chunk is small whatever the blob's size: the first byte is cheap.
+            assert!(lens[0] <= 256 << 10, "{size}: {lens:?}");
+            let steady = t.chunk_for(size);
+            assert!(lens.iter().all(|&l| l <= steady), "{size}: {lens:?}");
+            for w in lens.windows(2).take(lens.len().saturating_sub(2)) {
+                assert!(w[1] == w[0] * 2 || w[1] == steady, "{size}: {lens:?}");
+            }
+        }
+        // A 1 GiB blob: 8 MiB chunks after the ramp, not a request per megabyte.
+        assert!(t.bounds(1 << 30).len() < 140);
+    }
 }

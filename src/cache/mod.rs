@@ -64,7 +64,7 @@ pub struct CacheOptions {
     /// `min_chunk` and this.
     pub chunk_size: u64,
     pub min_chunk: u64,
-    /// The most ranged GETs in flight for one blob; a fill starts at a quarter of it and
+    /// The most ranged GETs in flight for one blob; a fill starts at half of it and
     /// doubles while that raises its rate.
     pub parallel: usize,
     /// Bytes (allocated) the clean cached files may take; the least recently used ones
@@ -92,7 +92,7 @@ impl CacheOptions {
         Tuning {
             min_chunk: self.min_chunk.min(self.chunk_size),
             max_chunk: self.chunk_size,
-            start_parallel: (self.parallel / 4).max(1),
+            start_parallel: (self.parallel / 2).max(1),
             max_parallel: self.parallel.max(1),
         }
     }

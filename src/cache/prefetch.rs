@@ -2,7 +2,7 @@
 //!
 //! A first read of a small uncached file (the filesystem decides what is small) hands the
 //! cache the directory's other small files. One background thread per directory starts
-//! their fills, at most `IN_FLIGHT` at a time and at most `BUDGET_BYTES` and `BUDGET_FILES`
+//! their fills, at most `IN_FLIGHT` (32) at a time and at most `BUDGET_BYTES` and `BUDGET_FILES`
 //! per round. It never evicts: a file that does not fit in the room left under the capacity
 //! ends the round, so prefetched data never pushes out data someone read. Demand reads are
 //! never queued behind it (they start their own requests, and join a prefetch of the same
@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 /// Requests a prefetch round keeps in flight.
-pub const IN_FLIGHT: usize = 8;
+pub const IN_FLIGHT: usize = 32;
 /// What one round may fetch.
 pub const BUDGET_BYTES: u64 = 64 << 20;
 pub const BUDGET_FILES: usize = 512;
