@@ -247,7 +247,7 @@ impl Fill {
         }
         // The chunk holding `off` through the one holding `end - 1`.
         let first = self.bounds.partition_point(|&b| b <= off) - 1;
-        let last = self.bounds.partition_point(|&b| b <= end - 1) - 1;
+        let last = self.bounds.partition_point(|&b| b < end) - 1;
         first..last + 1
     }
 
