@@ -386,7 +386,14 @@ impl Fill {
                 .iter()
                 .filter(|c| **c == Chunk::Missing)
                 .count();
-        while st.workers < wanted.min(st.target) {
+        // Until the first chunk lands only two requests run: the first byte does not share
+        // the link with a full set of large chunks.
+        let limit = if st.present == 0 {
+            st.target.min(2)
+        } else {
+            st.target
+        };
+        while st.workers < wanted.min(limit) {
             st.workers += 1;
             // Whole fills keep themselves alive to the end (the copy is worth finishing);
             // a window lives only as long as its readers.
@@ -470,7 +477,12 @@ impl Fill {
                     st.tick += 1;
                     st.used[i] = st.tick;
                 }
-                self.adapt(&mut st, bytes);
+                if st.present == 1 {
+                    // The rate is measured from here, at full parallelism.
+                    st.round = (Instant::now(), 0);
+                } else {
+                    self.adapt(&mut st, bytes);
+                }
                 true
             }
             Err(e) => {
