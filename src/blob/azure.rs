@@ -310,12 +310,14 @@ impl BlobStore for AzureStore {
                 .download(Some(opts.clone()))
                 .await
                 .map_err(|e| map_err(&what(), e))?;
-            let failure = match rsp.body.collect().await {
-                Ok(b) if b.len() as u64 == expected => return Ok(b),
-                Ok(b) => BlobError::Unreachable(format!(
-                    "{}: the answer ended after {} of {expected} bytes",
+            // Into a buffer of the range's size: `collect` grows its buffer as frames arrive,
+            // copying the body several times over.
+            let mut buf = vec![0u8; expected as usize];
+            let failure = match rsp.body.collect_into(&mut buf).await {
+                Ok(n) if n as u64 == expected => return Ok(Bytes::from(buf)),
+                Ok(n) => BlobError::Unreachable(format!(
+                    "{}: the answer ended after {n} of {expected} bytes",
                     what(),
-                    b.len()
                 )),
                 Err(e) => map_err(&format!("{} (reading the body)", what()), e),
             };

@@ -100,6 +100,8 @@ pub struct TargetResult {
     pub stat_warm: Latencies,
     /// readdir + lstat of the whole tree (`ls -lR`).
     pub tree_walk: Duration,
+    /// The tools users run on the tree, by name: wall time of each, or None when it failed.
+    pub tools: Vec<(&'static str, Option<Duration>)>,
     pub tree_entries: usize,
     pub small_reads: Latencies,
     /// Time to first byte and whole-file throughput of the largest file, cold then warm.
@@ -111,6 +113,30 @@ pub struct TargetResult {
     /// `venv/bin/python -c 'import ...'` from the tree, cold then warm (when it has a venv).
     pub py_import: Option<(Duration, Duration)>,
     pub wall: Duration,
+}
+
+/// Real tools on the whole tree, as users run them: the real `ls -l` asks for extended
+/// attributes our own readdir + lstat loop does not. GNU tar does not read file data when the
+/// archive is /dev/null, so it too is a metadata walk (no download).
+const TOOLS: &[(&str, &[&str])] = &[
+    ("ls -lR", &["ls", "-lR", "."]),
+    ("find -type f", &["find", ".", "-type", "f"]),
+    ("du -s", &["du", "-s", "."]),
+    ("tar cf /dev/null", &["tar", "cf", "/dev/null", "."]),
+];
+
+/// Runs `argv` in `root` with its output discarded; its wall time if it succeeded.
+fn run_tool(root: &Path, argv: &[&str]) -> Option<Duration> {
+    let t = Instant::now();
+    let ok = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .current_dir(root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?
+        .success();
+    ok.then(|| t.elapsed())
 }
 
 /// What the Python import runs: pip's installer pulls in some hundred modules of the venv's
@@ -239,6 +265,10 @@ pub fn run(root: &Path, plan: &Plan, opts: &BenchOptions) -> TargetResult {
     let t = Instant::now();
     r.tree_entries = walk(root);
     r.tree_walk = t.elapsed();
+    r.tools = TOOLS
+        .iter()
+        .map(|(name, argv)| (*name, run_tool(root, argv)))
+        .collect();
     let mut buf = vec![0u8; 1 << 20];
     for p in &plan.small {
         r.small_reads.time(|| read_all(&root.join(p), &mut buf));
@@ -347,6 +377,19 @@ pub fn table(results: &[TargetResult]) -> String {
     row("stat, first pass total", &|r| ms(r.stat_first.total()));
     row("stat, warm p50/p99/max", &|r| lat(&r.stat_warm));
     row("ls -lR (readdir + lstat)", &|r| ms(r.tree_walk));
+    for (i, (name, _)) in TOOLS.iter().enumerate() {
+        let base = results[0].tools.get(i).and_then(|t| t.1);
+        row(
+            &format!("{name} (x first)"),
+            &|r| match (r.tools.get(i).and_then(|t| t.1), base) {
+                (Some(d), Some(b)) => {
+                    format!("{} ({:.1}x)", ms(d), d.as_secs_f64() / b.as_secs_f64())
+                }
+                (Some(d), None) => ms(d),
+                _ => "failed".into(),
+            },
+        );
+    }
     row(
         "small files open+read p50/p99/max",
         &|r| lat(&r.small_reads),
@@ -449,6 +492,7 @@ pub fn to_json(results: &[TargetResult]) -> serde_json::Value {
             "stat_first": r.stat_first.summary(),
             "stat_warm": r.stat_warm.summary(),
             "tree_walk_s": r.tree_walk.as_secs_f64(),
+            "tools": r.tools.iter().map(|(n, d)| json!({"tool": n, "s": d.map(|d| d.as_secs_f64())})).collect::<Vec<_>>(),
             "tree_entries": r.tree_entries,
             "small_reads": r.small_reads.summary(),
             "large": r.large.as_ref().map(|l| json!({
@@ -647,6 +691,8 @@ mod tests {
         assert_eq!(r.stat_first.nanos.len(), 14);
         assert_eq!(r.stat_first.errors, 0);
         assert_eq!(r.tree_entries, 14);
+        assert_eq!(r.tools.len(), TOOLS.len());
+        assert!(r.tools.iter().all(|(_, d)| d.is_some()), "{:?}", r.tools);
         assert_eq!(r.small_reads.nanos.len(), 10);
         assert_eq!(r.writes.as_ref().unwrap().nanos.len(), 3);
         assert_eq!(r.stream_write.unwrap().0, 3 << 20);
