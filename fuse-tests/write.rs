@@ -517,3 +517,38 @@ fn ls_cp_a_and_rsync_a_work_without_extended_attributes() {
         assert!(!err.contains("No such file"), "{err}");
     }
 }
+
+#[test]
+fn a_listing_cached_by_the_kernel_follows_changes_through_the_mount() {
+    let az = empty_container("listing");
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount(&az, "listing", cache.path(), &[]);
+    let r = m.path();
+    std::fs::create_dir_all(r.join("a")).unwrap();
+    std::fs::create_dir_all(r.join("b")).unwrap();
+    std::fs::write(r.join("a/one"), "1").unwrap();
+    let list = |d: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(r.join(d))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    // Twice: the second listing may come from the kernel's cache.
+    assert_eq!(list("a"), ["one"]);
+    assert_eq!(list("a"), ["one"]);
+    std::fs::write(r.join("a/two"), "2").unwrap();
+    assert_eq!(list("a"), ["one", "two"]);
+    std::fs::remove_file(r.join("a/one")).unwrap();
+    assert_eq!(list("a"), ["two"]);
+    std::fs::rename(r.join("a/two"), r.join("b/moved")).unwrap();
+    assert_eq!(list("a"), Vec::<String>::new());
+    assert_eq!(list("b"), ["moved"]);
+    std::fs::create_dir(r.join("a/sub")).unwrap();
+    std::os::unix::fs::symlink("x", r.join("a/link")).unwrap();
+    std::fs::hard_link(r.join("b/moved"), r.join("a/hard")).unwrap();
+    assert_eq!(list("a"), ["hard", "link", "sub"]);
+    std::fs::remove_dir(r.join("a/sub")).unwrap();
+    assert_eq!(list("a"), ["hard", "link"]);
+}

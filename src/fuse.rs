@@ -472,8 +472,12 @@ impl Filesystem for SimFuse {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // The kernel may keep a directory's listing across opens: the index changes only
+        // through this mount (the kernel resets the cached listing itself) or through a
+        // conflict rename, which invalidates the entry and with it the listing.
+        let cache = FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE;
         match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok(fh) => reply.opened(FileHandle(fh), cache),
             Err(e) => reply.error(errno(&e)),
         }
     }
