@@ -107,6 +107,7 @@ fn mount(
         ttl,
         threads: 2,
         noexec: false,
+        passthrough: false,
     };
     let s = session(fs, dir.path(), &opts, rt)
         .map_err(|e| eprintln!("skipping the FUSE benchmarks: {e}"))

@@ -558,3 +558,83 @@ fn stage_hydrates_a_tree_refuses_what_does_not_fit_and_evicts() {
         );
     }
 }
+
+/// Reads `p` through mmap.
+fn mmap_read(p: &Path) -> Vec<u8> {
+    let f = std::fs::File::open(p).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a private read-only mapping of a file we hold open, unmapped before return.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        assert_ne!(
+            addr,
+            libc::MAP_FAILED,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        let data = std::slice::from_raw_parts(addr as *const u8, len).to_vec();
+        libc::munmap(addr, len);
+        data
+    }
+}
+
+#[test]
+fn cached_files_read_and_map_correctly_with_and_without_passthrough() {
+    let az = Azurite::start();
+    let data = tempfile::tempdir().unwrap();
+    let body = |i: usize| -> Vec<u8> {
+        (0..(1 << 20) + 17)
+            .map(|j| ((i * 3 + j) % 249) as u8)
+            .collect()
+    };
+    // One tree per run: the first run writes to its files.
+    for d in ["pt", "nopt"] {
+        std::fs::create_dir(data.path().join(d)).unwrap();
+        for i in 0..6 {
+            std::fs::write(data.path().join(format!("{d}/f{i}")), body(i)).unwrap();
+        }
+    }
+    az.seed(
+        "passthrough",
+        &[format!("{}=", data.path().display())],
+        0,
+        0,
+    );
+    for (dir, extra) in [("pt", &[][..]), ("nopt", &["--no-passthrough"][..])] {
+        let cache = tempfile::tempdir().unwrap();
+        let mut args = vec!["--cache-size", "3M"];
+        args.extend_from_slice(extra);
+        let m = mount(&az, "passthrough", cache.path(), &args);
+        let f0 = m.path().join(dir).join("f0");
+        // The first read hydrates; the next opens find a whole cached file.
+        assert!(std::fs::read(&f0).unwrap() == body(0), "{extra:?}");
+        let mut held = std::fs::File::open(&f0).unwrap();
+        assert!(mmap_read(&f0) == body(0), "mmap {extra:?}");
+        // Evictions all around: the open file stays readable and whole.
+        for i in 1..6 {
+            assert!(std::fs::read(m.path().join(dir).join(format!("f{i}"))).unwrap() == body(i));
+        }
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut held, &mut got).unwrap();
+        assert!(got == body(0), "held handle after evictions {extra:?}");
+        // A writer beside the reader: both see the new bytes, and so does a new open.
+        let mut w = std::fs::OpenOptions::new().write(true).open(&f0).unwrap();
+        std::io::Write::write_all(&mut w, b"NEW").unwrap();
+        drop(w);
+        let mut head = [0u8; 3];
+        std::os::unix::fs::FileExt::read_exact_at(&held, &mut head, 0).unwrap();
+        assert_eq!(&head, b"NEW", "the open reader sees the write {extra:?}");
+        let mut want = body(0);
+        want[..3].copy_from_slice(b"NEW");
+        assert!(std::fs::read(&f0).unwrap() == want, "{extra:?}");
+        assert!(mmap_read(&f0) == want, "mmap after the write {extra:?}");
+        drop(held);
+    }
+}

@@ -13,16 +13,20 @@
 
 use crate::fs::write::{target_bytes, Caller};
 use crate::fs::{Attr, AttrChanges, FsError, Kind, RenameMode, SetTime, SimFs};
+use crate::iomode::{IoModes, Open};
+use fuser::BackingId;
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
     ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 pub struct SimFuse {
@@ -30,11 +34,53 @@ pub struct SimFuse {
     ttl: Duration,
     /// Where network-bound requests run (its blocking pool).
     rt: tokio::runtime::Handle,
+    /// Whether cached files are opened in passthrough: asked for, then granted by the kernel
+    /// at init, and turned off for good if registering a backing file fails.
+    passthrough: AtomicBool,
+    modes: IoModes<BackingId>,
+    /// How each open file handle was answered, for its release.
+    opens: Mutex<HashMap<u64, (u64, Open<BackingId>)>>,
 }
 
 impl SimFuse {
-    pub fn new(fs: Arc<SimFs>, ttl: Duration, rt: tokio::runtime::Handle) -> SimFuse {
-        SimFuse { fs, ttl, rt }
+    pub fn new(
+        fs: Arc<SimFs>,
+        ttl: Duration,
+        rt: tokio::runtime::Handle,
+        passthrough: bool,
+    ) -> SimFuse {
+        SimFuse {
+            fs,
+            ttl,
+            rt,
+            passthrough: AtomicBool::new(passthrough),
+            modes: IoModes::default(),
+            opens: Mutex::default(),
+        }
+    }
+
+    /// How to answer the open `fh` of `ino`: passthrough for a read-only open of a whole
+    /// cached file when the kernel allows it (see `iomode`).
+    fn io_mode(&self, ino: u64, fh: u64, reply: &ReplyOpen) -> Open<BackingId> {
+        let file = self
+            .passthrough
+            .load(Ordering::Relaxed)
+            .then(|| self.fs.passthrough_file(fh))
+            .flatten();
+        let Some(file) = file else {
+            return self.modes.open_other(ino);
+        };
+        self.modes.open_read(ino, || match reply.open_backing(&*file) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                if self.passthrough.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "FUSE passthrough is not available ({e}; it needs CAP_SYS_ADMIN and a cache disk that is not itself stacked): cached reads go through simfs"
+                    );
+                }
+                None
+            }
+        })
     }
 
     /// Runs `f` (which replies) off the FUSE worker thread.
@@ -134,13 +180,30 @@ impl Filesystem for SimFuse {
         // Attributes cost nothing here, so every readdir returns them (a following stat is
         // then answered by the kernel); symlink targets never change under a mount; lookups in
         // one directory may run in parallel. Each is optional: an old kernel just lacks it.
+        // A writer beside passthrough readers uses direct I/O; mmap of such a file needs
+        // FUSE_DIRECT_IO_ALLOW_MMAP (6.6+).
         for cap in [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ] {
             if config.add_capabilities(cap).is_err() {
                 tracing::debug!("kernel lacks {cap:?}");
+            }
+        }
+        if self.passthrough.load(Ordering::Relaxed) {
+            // Depth 1: backing files on a plain filesystem (the cache disk), not on a stacked
+            // one such as overlayfs.
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if granted {
+                tracing::info!("FUSE passthrough: cached files are read by the kernel directly");
+            } else {
+                self.passthrough.store(false, Ordering::Relaxed);
+                tracing::info!(
+                    "this kernel has no FUSE passthrough (Linux 6.9+): cached reads go through simfs"
+                );
             }
         }
         Ok(())
@@ -176,11 +239,31 @@ impl Filesystem for SimFuse {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
         // Never waits: an uncached blob starts filling and its reads wait for their ranges.
-        match self.fs.open(ino.0, write, truncate) {
-            // The cached file does not change while open: let the kernel keep its page cache.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
+        let fh = match self.fs.open(ino.0, write, truncate) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let how = self.io_mode(ino.0, fh, &reply);
+        match &how {
+            Open::Passthrough(id) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id)
+            }
+            // Data changes only through this mount (which keeps the page cache coherent), so
+            // the kernel keeps its pages across opens unless direct writes went around them.
+            Open::Cached { keep_cache } => reply.opened(
+                FileHandle(fh),
+                if *keep_cache {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                },
+            ),
+            Open::Direct => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
         }
+        self.opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, (ino.0, how));
     }
 
     fn read(
@@ -216,6 +299,14 @@ impl Filesystem for SimFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let opened = self
+            .opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        if let Some((ino, how)) = opened {
+            self.modes.release(ino, &how);
+        }
         // The last close of an unlinked file deletes its blobs.
         self.off_thread(move |fs| reply_empty(fs.release(fh.0), reply));
     }

@@ -27,6 +27,7 @@ pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod index;
+pub mod iomode;
 pub mod locks;
 pub mod mount;
 pub mod posix;

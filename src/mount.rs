@@ -278,6 +278,8 @@ pub struct ServeOptions {
     pub ttl: Duration,
     pub threads: usize,
     pub noexec: bool,
+    /// FUSE passthrough for cached files where the kernel offers it.
+    pub passthrough: bool,
 }
 
 /// Mounts `fs` at `mountpoint`: the FUSE session, not yet serving, with the kernel-cache
@@ -309,7 +311,7 @@ pub fn session(
     config.n_threads = Some(opts.threads.max(1));
     // One /dev/fuse descriptor per worker: no thundering herd on a shared one.
     config.clone_fd = true;
-    let fuse = SimFuse::new(fs.clone(), opts.ttl, rt.clone());
+    let fuse = SimFuse::new(fs.clone(), opts.ttl, rt.clone(), opts.passthrough);
     let session = fuser::Session::new(fuse, mountpoint, &config)
         .map_err(|e| MountError::Io(format!("cannot mount at {}: {e}", mountpoint.display())))?;
     if let Some(wb) = fs.writeback() {

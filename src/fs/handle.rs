@@ -117,6 +117,17 @@ impl SimFs {
         Ok(buf)
     }
 
+    /// The whole cached file a read-only handle reads, when it has one: what the kernel may
+    /// read directly (FUSE passthrough). None for writers, files still downloading, and local
+    /// copies (their data is not the container's yet).
+    pub fn passthrough_file(&self, fh: u64) -> Option<Arc<File>> {
+        let h = self.file_handle(fh).ok()?;
+        match (h.write, h.data()) {
+            (false, Data::Cached(Content::Whole(f))) => Some(f),
+            _ => None,
+        }
+    }
+
     /// Whether a read may wait for the network (the FUSE adapter answers it off its threads).
     pub fn read_may_wait(&self, fh: u64, offset: u64, size: u32) -> bool {
         match self.file_handle(fh).map(|h| h.data()) {

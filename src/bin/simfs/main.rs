@@ -59,6 +59,10 @@ enum Cmd {
         /// Do not allow programs on the mount to be executed.
         #[arg(long)]
         noexec: bool,
+        /// Never let the kernel read cached files directly (FUSE passthrough, Linux 6.9+ and
+        /// root); reads then go through simfs, as on older kernels.
+        #[arg(long)]
+        no_passthrough: bool,
     },
     /// Unmount a simfs mount.
     Unmount { mountpoint: PathBuf },
@@ -180,6 +184,7 @@ fn main() -> ExitCode {
             threads,
             allow_non_empty,
             noexec,
+            no_passthrough,
         } => {
             let serve = ServeOptions {
                 fsname: source.source.clone(),
@@ -189,6 +194,7 @@ fn main() -> ExitCode {
                     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
                 }),
                 noexec,
+                passthrough: !no_passthrough,
             };
             let args = daemon::MountArgs {
                 mountpoint: &mountpoint,
