@@ -29,6 +29,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+/// Files smaller than this are not opened in passthrough. A small file is read in one or two
+/// requests, so passthrough saves little, while registering its backing file costs two ioctls
+/// and, once it is closed, the kernel asks for the attributes again (a `stat` after reading a
+/// venv's modules would cost a round trip each: 16-38 us instead of 1.6 us, measured).
+const PASSTHROUGH_MIN: u64 = 1 << 20;
+
 pub struct SimFuse {
     fs: Arc<SimFs>,
     ttl: Duration,
@@ -67,9 +73,12 @@ impl SimFuse {
             .load(Ordering::Relaxed)
             .then(|| self.fs.passthrough_file(fh))
             .flatten();
-        let Some(file) = file else {
+        let Some((file, size)) = file else {
             return self.modes.open_other(ino);
         };
+        if size < PASSTHROUGH_MIN {
+            return self.modes.open_other(ino);
+        }
         self.modes.open_read(ino, || match reply.open_backing(&*file) {
             Ok(id) => Some(id),
             Err(e) => {

@@ -120,10 +120,13 @@ impl SimFs {
     /// The whole cached file a read-only handle reads, when it has one: what the kernel may
     /// read directly (FUSE passthrough). None for writers, files still downloading, and local
     /// copies (their data is not the container's yet).
-    pub fn passthrough_file(&self, fh: u64) -> Option<Arc<File>> {
+    pub fn passthrough_file(&self, fh: u64) -> Option<(Arc<File>, u64)> {
         let h = self.file_handle(fh).ok()?;
         match (h.write, h.data()) {
-            (false, Data::Cached(Content::Whole(f))) => Some(f),
+            (false, Data::Cached(Content::Whole(f))) => {
+                let size = self.attr(h.ino).ok()?.size;
+                Some((f, size))
+            }
             _ => None,
         }
     }
