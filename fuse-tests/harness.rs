@@ -207,6 +207,11 @@ impl Mount {
         }
     }
 
+    /// What the daemon logged so far (warnings and errors).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
     pub fn unmount(&mut self) {
         if std::thread::panicking() {
             let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();

@@ -55,6 +55,8 @@ impl SimFuse {
         rt: tokio::runtime::Handle,
         passthrough: bool,
     ) -> SimFuse {
+        // A writer can never join an inode in passthrough (see `iomode`).
+        let passthrough = passthrough && fs.is_read_only();
         SimFuse {
             fs,
             ttl,
@@ -65,29 +67,28 @@ impl SimFuse {
         }
     }
 
-    /// How to answer the open `fh` of `ino`: passthrough for a read-only open of a whole
-    /// cached file when the kernel allows it (see `iomode`).
+    /// How to answer the open `fh` of `ino`: passthrough for a whole cached file of 1 MiB
+    /// or more when the kernel allows it (see `iomode`); only on read-only mounts, where no
+    /// writer can arrive at an inode in passthrough.
     fn io_mode(&self, ino: u64, fh: u64, reply: &ReplyOpen) -> Open<BackingId> {
-        let file = self
-            .passthrough
-            .load(Ordering::Relaxed)
-            .then(|| self.fs.passthrough_file(fh))
-            .flatten();
-        let Some((file, size)) = file else {
-            return self.modes.open_other(ino);
-        };
-        if size < PASSTHROUGH_MIN {
-            return self.modes.open_other(ino);
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return Open::Cached;
         }
-        self.modes.open_read(ino, || match reply.open_backing(&*file) {
-            Ok(id) => Some(id),
-            Err(e) => {
-                if self.passthrough.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "FUSE passthrough is not available ({e}; it needs CAP_SYS_ADMIN and a cache disk that is not itself stacked): cached reads go through simfs"
-                    );
+        self.modes.open(ino, || {
+            let (file, size) = self.fs.passthrough_file(fh)?;
+            if size < PASSTHROUGH_MIN {
+                return None;
+            }
+            match reply.open_backing(&*file) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    if self.passthrough.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "FUSE passthrough is not available ({e}; it needs CAP_SYS_ADMIN and a cache disk that is not itself stacked): cached reads go through simfs"
+                        );
+                    }
+                    None
                 }
-                None
             }
         })
     }
@@ -189,13 +190,10 @@ impl Filesystem for SimFuse {
         // Attributes cost nothing here, so every readdir returns them (a following stat is
         // then answered by the kernel); symlink targets never change under a mount; lookups in
         // one directory may run in parallel. Each is optional: an old kernel just lacks it.
-        // A writer beside passthrough readers uses direct I/O; mmap of such a file needs
-        // FUSE_DIRECT_IO_ALLOW_MMAP (6.6+).
         for cap in [
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ] {
             if config.add_capabilities(cap).is_err() {
                 tracing::debug!("kernel lacks {cap:?}");
@@ -257,17 +255,9 @@ impl Filesystem for SimFuse {
             Open::Passthrough(id) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id)
             }
-            // Data changes only through this mount (which keeps the page cache coherent), so
-            // the kernel keeps its pages across opens unless direct writes went around them.
-            Open::Cached { keep_cache } => reply.opened(
-                FileHandle(fh),
-                if *keep_cache {
-                    FopenFlags::FOPEN_KEEP_CACHE
-                } else {
-                    FopenFlags::empty()
-                },
-            ),
-            Open::Direct => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            // Data changes only through this mount, which keeps the page cache coherent: the
+            // kernel keeps its pages across opens.
+            Open::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
         self.opens
             .lock()

@@ -59,8 +59,8 @@ enum Cmd {
         /// Do not allow programs on the mount to be executed.
         #[arg(long)]
         noexec: bool,
-        /// Never let the kernel read cached files directly (FUSE passthrough, Linux 6.9+ and
-        /// root); reads then go through simfs, as on older kernels.
+        /// Never let the kernel read cached files directly (FUSE passthrough: read-only
+        /// mounts, Linux 6.9+, root); reads then go through simfs, as on older kernels.
         #[arg(long)]
         no_passthrough: bool,
     },
