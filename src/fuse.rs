@@ -251,18 +251,21 @@ impl Filesystem for SimFuse {
             Err(e) => return reply.error(errno(&e)),
         };
         let how = self.io_mode(ino.0, fh, &reply);
-        match &how {
-            Open::Passthrough(id) => {
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id)
-            }
-            // Data changes only through this mount, which keeps the page cache coherent: the
-            // kernel keeps its pages across opens.
-            Open::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-        }
+        let backing = match &how {
+            Open::Passthrough(id) => Some(id.clone()),
+            Open::Cached => None,
+        };
+        // Recorded before the reply: the release may arrive the moment the kernel has it.
         self.opens
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, (ino.0, how));
+        match backing {
+            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+            // Data changes only through this mount, which keeps the page cache coherent: the
+            // kernel keeps its pages across opens.
+            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        }
     }
 
     fn read(
