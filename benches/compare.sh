@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The comparison recipe: Azurite behind a delay proxy (default 5 ms round trip, Azure's
 # in-region order), a container of FILES small files (default 20,000) plus a Python venv and
-# a LARGE_MIB file (default 256), mounted with simfs and with rclone (Debian's, with
+# a LARGE_MIB file (default 256) and a git checkout of a few thousand files, mounted with simfs and with rclone (Debian's, with
 # --vfs-cache-mode full) — and with Blobfuse2 when it is installed — then `simfs bench` on the
 # native copy (same disk) and on each mount. Results land in OUT (default
 # benches/results/latest): bench.json, stat-latency.svg, table.txt and rclone.log.
@@ -69,6 +69,13 @@ with open(os.path.join(root, "big", "large.bin"), "wb") as f:
         f.write(block)
 PY
 python3 -m venv "$work/native/venv"
+# A checked-out repository of some thousands of files, for `git status`.
+mkdir -p "$work/native/repo"
+cp -r "$work/native/venv/lib" "$work/native/repo/src"
+for i in $(seq 0 19); do cp -r "$work/native/data/shard-$(printf %04d "$i")" "$work/native/repo/data-$i" 2>/dev/null || true; done
+git -C "$work/native/repo" init -q
+git -C "$work/native/repo" add -A
+git -C "$work/native/repo" -c user.name=bench -c user.email=bench@example.invalid commit -qm tree
 # The seeder prints a container SAS URL through the proxy for rclone (below).
 sas_url="$("$bin/simfs-seed" --endpoint "$direct" --container bench --dir "$work/native=" --concurrency 64 --print-sas racwdl)"
 sas_url="${sas_url/$direct/$slow}"
