@@ -17,6 +17,11 @@ RTT_MS="${RTT_MS:-5}"; FILES="${FILES:-20000}"; LARGE_MIB="${LARGE_MIB:-256}"
 pin=(); [ -n "${CPUS:-}" ] && pin=(taskset -c "$CPUS")
 OUT="${OUT:-$PWD/benches/results/latest}"
 bash fuse-tests/setup.sh
+command -v fio >/dev/null 2>&1 || {
+  echo "compare: installing fio" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq fio >/dev/null
+}
 command -v rclone >/dev/null 2>&1 || {
   echo "compare: installing rclone" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

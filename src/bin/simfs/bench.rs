@@ -110,6 +110,9 @@ pub struct TargetResult {
     /// One large file written in 1 MiB writes without fsync: bytes and the time from create
     /// to the last write returning (the close, which uploads on simfs, is not timed).
     pub stream_write: Option<(u64, Duration)>,
+    /// 4 KiB random reads of the (now cached) largest file with fio, in IOPS, when fio is
+    /// installed.
+    pub fio_randread_iops: Option<f64>,
     /// `venv/bin/python -c 'import ...'` from the tree, cold then warm (when it has a venv).
     pub py_import: Option<(Duration, Duration)>,
     pub wall: Duration,
@@ -136,6 +139,30 @@ const TOOLS: &[(&str, &[&str])] = &[
         &["git", "-C", "repo", "status", "--porcelain"],
     ),
 ];
+
+/// fio's 4 KiB random reads of `file` (buffered, one job, 64 MiB of reads): IOPS, or None
+/// when fio is missing or fails.
+fn fio_randread(file: &Path) -> Option<f64> {
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=randread",
+            "--rw=randread",
+            "--bs=4k",
+            "--io_size=64M",
+            "--ioengine=psync",
+            "--readonly",
+            "--output-format=json",
+        ])
+        .arg(format!("--filename={}", file.display()))
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["jobs"][0]["read"]["iops"].as_f64()
+}
 
 /// Runs `argv` in `root` with its output discarded; its wall time if it succeeded.
 fn run_tool(root: &Path, argv: &[&str]) -> Option<Duration> {
@@ -313,6 +340,7 @@ pub fn run(root: &Path, plan: &Plan, opts: &BenchOptions) -> TargetResult {
                 warm_read: warm.1,
             });
         }
+        r.fio_randread_iops = fio_randread(&path);
     }
     if opts.write {
         r.writes = Some(write_pass(root, opts));
@@ -425,6 +453,17 @@ pub fn table(results: &[TargetResult]) -> String {
         ),
         None => "-".into(),
     });
+    if results.iter().any(|r| r.fio_randread_iops.is_some()) {
+        let base = results[0].fio_randread_iops;
+        row(
+            "fio 4 KiB random reads, cached (x first)",
+            &|r| match (r.fio_randread_iops, base) {
+                (Some(i), Some(b)) => format!("{:.0} IOPS ({:.2}x)", i, i / b),
+                (Some(i), None) => format!("{i:.0} IOPS"),
+                _ => "-".into(),
+            },
+        );
+    }
     if results.iter().any(|r| r.py_import.is_some()) {
         let base = results[0].py_import;
         row(
@@ -523,6 +562,7 @@ pub fn to_json(results: &[TargetResult]) -> serde_json::Value {
                 "s": d.as_secs_f64(),
                 "mib_s": LargeRead::mib_per_s(b, d),
             })),
+            "fio_randread_iops": r.fio_randread_iops,
             "py_import": r.py_import.map(|(c, w)| json!({
                 "module": PY_IMPORT,
                 "cold_s": c.as_secs_f64(),
@@ -711,6 +751,11 @@ mod tests {
         assert_eq!(r.writes.as_ref().unwrap().nanos.len(), 3);
         assert_eq!(r.stream_write.unwrap().0, 3 << 20);
         assert!(r.large.is_some());
+        let has_fio = std::process::Command::new("fio")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert_eq!(r.fio_randread_iops.is_some_and(|i| i > 0.0), has_fio);
         let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "the scratch directory is gone");
         // Another target missing the paths shows errors, not a crash.
