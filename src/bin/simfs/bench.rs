@@ -402,6 +402,16 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// A figure as `text` renders it, with its ratio to the first target's figure; "-" when the
+/// target has none.
+fn with_ratio(v: Option<f64>, base: Option<f64>, text: impl Fn(f64) -> String) -> String {
+    match (v, base) {
+        (Some(v), Some(b)) => format!("{} ({:.2}x)", text(v), v / b),
+        (Some(v), None) => text(v),
+        (None, _) => "-".into(),
+    }
+}
+
 /// The side-by-side table for the terminal.
 pub fn table(results: &[TargetResult]) -> String {
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
@@ -426,13 +436,11 @@ pub fn table(results: &[TargetResult]) -> String {
         if !results.iter().any(|r| r.tools.iter().any(|t| t.0 == *name)) {
             continue;
         }
-        let base = time(&results[0]);
-        row(&format!("{name} (x first)"), &|r| match (time(r), base) {
-            (Some(d), Some(b)) => {
-                format!("{} ({:.1}x)", ms(d), d.as_secs_f64() / b.as_secs_f64())
-            }
-            (Some(d), None) => ms(d),
-            _ => "failed".into(),
+        let secs = |r: &TargetResult| time(r).map(|d| d.as_secs_f64());
+        let base = secs(&results[0]);
+        row(&format!("{name} (x first)"), &|r| match secs(r) {
+            None => "failed".into(),
+            v => with_ratio(v, base, |s| ms(Duration::from_secs_f64(s))),
         });
     }
     row(
@@ -458,31 +466,23 @@ pub fn table(results: &[TargetResult]) -> String {
     });
     if results.iter().any(|r| r.fio_randread_iops.is_some()) {
         let base = results[0].fio_randread_iops;
-        row(
-            "fio 4 KiB random reads, cached (x first)",
-            &|r| match (r.fio_randread_iops, base) {
-                (Some(i), Some(b)) => format!("{:.0} IOPS ({:.2}x)", i, i / b),
-                (Some(i), None) => format!("{i:.0} IOPS"),
-                _ => "-".into(),
-            },
-        );
+        row("fio 4 KiB random reads, cached (x first)", &|r| {
+            with_ratio(r.fio_randread_iops, base, |i| format!("{i:.0} IOPS"))
+        });
     }
     if results.iter().any(|r| r.py_import.is_some()) {
-        let base = results[0].py_import;
-        row(
-            "python import cold / warm (x first)",
-            &|r| match (r.py_import, base) {
-                (Some((c, w)), Some((bc, bw))) => format!(
-                    "{} ({:.1}x) / {} ({:.1}x)",
-                    ms(c),
-                    c.as_secs_f64() / bc.as_secs_f64(),
-                    ms(w),
-                    w.as_secs_f64() / bw.as_secs_f64()
-                ),
-                (Some((c, w)), None) => format!("{} / {}", ms(c), ms(w)),
-                _ => "-".into(),
-            },
-        );
+        let secs = |r: &TargetResult, warm: bool| {
+            r.py_import
+                .map(|(c, w)| if warm { w } else { c }.as_secs_f64())
+        };
+        let text = |s: f64| ms(Duration::from_secs_f64(s));
+        row("python import cold / warm (x first)", &|r| {
+            format!(
+                "{} / {}",
+                with_ratio(secs(r, false), secs(&results[0], false), text),
+                with_ratio(secs(r, true), secs(&results[0], true), text)
+            )
+        });
     }
     if results.iter().any(|r| r.writes.is_some()) {
         row("create+write+fsync p50/p99/max", &|r| match &r.writes {
@@ -492,19 +492,11 @@ pub fn table(results: &[TargetResult]) -> String {
     }
     if results.iter().any(|r| r.stream_write.is_some()) {
         // Ratio to the first target (put the native directory, on the cache disk, first).
-        let base = results[0].stream_write;
-        row(
-            "stream write, 1 MiB writes (x first)",
-            &|r| match (r.stream_write, base) {
-                (Some((b, d)), Some((bb, bd))) => format!(
-                    "{:.0} MiB/s ({:.2}x)",
-                    LargeRead::mib_per_s(b, d),
-                    LargeRead::mib_per_s(b, d) / LargeRead::mib_per_s(bb, bd)
-                ),
-                (Some((b, d)), None) => format!("{:.0} MiB/s", LargeRead::mib_per_s(b, d)),
-                _ => "-".into(),
-            },
-        );
+        let rate = |r: &TargetResult| r.stream_write.map(|(b, d)| LargeRead::mib_per_s(b, d));
+        let base = rate(&results[0]);
+        row("stream write, 1 MiB writes (x first)", &|r| {
+            with_ratio(rate(r), base, |v| format!("{v:.0} MiB/s"))
+        });
     }
     row("errors", &|r| {
         (r.stat_first.errors
