@@ -169,10 +169,15 @@ fn fio_randread(file: &Path) -> Option<f64> {
 
 /// Runs `argv` in `root` with its output discarded; its wall time if it succeeded.
 fn run_tool(root: &Path, argv: &[&str]) -> Option<Duration> {
+    let mut cmd = std::process::Command::new(argv[0]);
+    cmd.args(&argv[1..]).current_dir(root);
+    time_command(cmd)
+}
+
+/// Runs `cmd` with its output discarded; its wall time if it succeeded.
+fn time_command(mut cmd: std::process::Command) -> Option<Duration> {
     let t = Instant::now();
-    let ok = std::process::Command::new(argv[0])
-        .args(&argv[1..])
-        .current_dir(root)
+    let ok = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -188,16 +193,10 @@ const PY_IMPORT: &str = "import pip._internal.commands.install";
 /// Times a cold then a warm import with the tree's own venv, if it has one that works.
 fn py_import(root: &Path) -> Option<(Duration, Duration)> {
     let python = root.join("venv/bin/python");
-    let run = || -> Option<Duration> {
-        let t = Instant::now();
-        let ok = std::process::Command::new(&python)
-            .args(["-c", PY_IMPORT])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .ok()?
-            .success();
-        ok.then(|| t.elapsed())
+    let run = || {
+        let mut cmd = std::process::Command::new(&python);
+        cmd.args(["-c", PY_IMPORT]);
+        time_command(cmd)
     };
     if !python.exists() {
         return None;
