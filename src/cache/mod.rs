@@ -306,10 +306,7 @@ impl Cache {
         if blob.size == 0 {
             // Nothing to fetch (a fill of no chunks would never finish): the empty copy is
             // written here, through tmp/ like any other.
-            let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-            let tmp = self
-                .tmp_dir
-                .join(format!("{key}.{}.{seq}", std::process::id()));
+            let tmp = self.tmp_path(&key);
             OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -323,6 +320,13 @@ impl Cache {
             )?)));
         }
         Ok(Content::Filling(self.fill_for(ino, &key, blob, want)?))
+    }
+
+    /// A new, unique name in `tmp/` for a copy of `key` being written.
+    fn tmp_path(&self, key: &str) -> PathBuf {
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        self.tmp_dir
+            .join(format!("{key}.{}.{seq}", std::process::id()))
     }
 
     /// The fill of `blob` under way, or a new one.
@@ -365,10 +369,7 @@ impl Cache {
             self.make_room(reserve)?;
         }
         self.reserved.fetch_add(reserve, Ordering::Relaxed);
-        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .tmp_dir
-            .join(format!("{key}.{}.{seq}", std::process::id()));
+        let tmp = self.tmp_path(key);
         let finish = {
             let (present, lru, reserved) = (
                 self.present.clone(),
