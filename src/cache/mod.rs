@@ -555,12 +555,16 @@ impl Cache {
         }
         let key = Self::key(blob);
         self.present.invalidate(&key);
-        let bytes = self.lru.remove(&key);
         let path = self.data_dir.join(&key);
-        let on_disk = std::fs::metadata(&path).map(|m| allocated(&m)).ok();
+        // The LRU knows its size; a copy it does not track (from before a restart) is sized
+        // from the disk before it goes.
+        let bytes = self
+            .lru
+            .remove(&key)
+            .or_else(|| std::fs::metadata(&path).map(|m| allocated(&m)).ok());
         std::fs::remove_file(&path).ok()?;
         self.space.forget();
-        bytes.or(on_disk)
+        bytes
     }
 
     /// Waits until no fill or prefetch round is under way (fills that fail are not retried).
