@@ -108,6 +108,7 @@ fn mount(
         threads: 2,
         noexec: false,
         passthrough: false,
+        refresh_interval: Duration::ZERO,
     };
     let s = session(fs, dir.path(), &opts, rt)
         .map_err(|e| eprintln!("skipping the FUSE benchmarks: {e}"))

@@ -1,4 +1,4 @@
-//! The control socket: how `simfs stage` (and later commands) talk to a serving mount.
+//! The control socket: how `simfs stage` and `simfs refresh` talk to a serving mount.
 //!
 //! A serving daemon listens on `STATE_DIR/control.sock`. The state directory is 0700, so only
 //! the user who mounted (and root) can connect. A client sends one JSON request line and
@@ -7,7 +7,9 @@
 //! - `{"op":"stage","paths":[...],"jobs":N,"force":false}`: a `plan` event (files, bytes,
 //!   cached bytes, room), then `refused` (the plan does not fit and was not forced) or one
 //!   `file` event per file staged and a closing `done`;
-//! - `{"op":"evict","paths":[...]}`: one `done` event with the files and bytes dropped.
+//! - `{"op":"evict","paths":[...]}`: one `done` event with the files and bytes dropped;
+//! - `{"op":"refresh","path":"a/b"}`: lists that subtree (all of the container for `""`)
+//!   and applies what changed; one `done` event with the counts once the change is visible.
 //!
 //! Any failure is an `error` event. Paths are relative to the mount's root. A client that
 //! goes away cancels its staging: the next event cannot be written and the workers stop.
@@ -88,6 +90,24 @@ pub fn serve(fs: &SimFs, conn: UnixStream) {
                 send(json!({"event": "error", "message": e.to_string()}));
             }
         },
+        Some("refresh") => {
+            let path = req["path"].as_str().unwrap_or("");
+            match fs.refresher().map(|r| r.refresh_path(path)) {
+                Some(Ok(r)) => send(json!({
+                    "event": "done",
+                    "scope": r.scope,
+                    "added": r.added,
+                    "changed": r.changed,
+                    "removed": r.removed,
+                    "kept_local": r.kept_local,
+                    "listed": r.listed,
+                    "list_requests": r.list_requests,
+                    "took_ms": r.took.as_millis() as u64,
+                })),
+                Some(Err(e)) => send(json!({"event": "error", "message": e.to_string()})),
+                None => send(json!({"event": "error", "message": "this mount cannot refresh"})),
+            };
+        }
         other => {
             send(json!({"event": "error", "message": format!("unknown op {other:?}")}));
         }

@@ -31,4 +31,5 @@ pub mod iomode;
 pub mod locks;
 pub mod mount;
 pub mod posix;
+pub mod refresh;
 pub mod writeback;

@@ -21,6 +21,7 @@ use crate::fuse::SimFuse;
 use crate::index::build::Defaults;
 use crate::index::ingest::{build_index, IngestError, IngestOptions, IngestProgress};
 use crate::index::{Index, SourceId};
+use crate::refresh::{KernelCache, Refresher};
 use crate::writeback::{Writeback, WritebackOptions};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -88,6 +89,11 @@ pub struct MountConfig {
     /// How long a request may go unanswered (plus a second per MiB it moves).
     pub request_timeout: Duration,
 }
+
+/// The default `refresh_interval`: a training node sees a new checkpoint or a refreshed
+/// dataset within about a minute, and a fleet of 100 nodes on a 100k-blob container costs
+/// the account about 2,000 list requests a minute (see docs/consistency.md).
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
 
 impl MountConfig {
     /// The defaults for a mount with its state under `cache_dir`, owned by the calling user.
@@ -190,17 +196,17 @@ pub fn prepare_with_store(
         }
         existing = None;
     }
+    let ingest = IngestOptions {
+        concurrency: cfg.list_concurrency,
+        defaults: cfg.defaults.clone(),
+    };
     let index = match existing {
         Some(i) => {
             tracing::info!("reusing the index at {}", db.display());
             i
         }
         None => {
-            let opts = IngestOptions {
-                concurrency: cfg.list_concurrency,
-                defaults: cfg.defaults.clone(),
-            };
-            rt.block_on(build_index(store.clone(), source, &db, &opts, progress))?
+            rt.block_on(build_index(store.clone(), source, &db, &ingest, progress))?
                 .0
         }
     };
@@ -222,6 +228,15 @@ pub fn prepare_with_store(
     )
     .map_err(|e| MountError::Io(format!("cache dir {}: {e}", dir.display())))?;
     let cache = Arc::new(cache);
+    let refresher = Arc::new(Refresher::new(
+        store.clone(),
+        source.clone(),
+        ingest,
+        index.clone(),
+        cache.clone(),
+        dir.clone(),
+        rt.handle().clone(),
+    ));
     let writeback = if cfg.read_only {
         None
     } else {
@@ -239,8 +254,10 @@ pub fn prepare_with_store(
         }
         Some(Arc::new(wb))
     };
+    let fs = Arc::new(SimFs::new(index, cache, writeback));
+    fs.set_refresher(refresher);
     Ok(Prepared {
-        fs: Arc::new(SimFs::new(index, cache, writeback)),
+        fs,
         lock,
         state_dir: dir,
     })
@@ -280,6 +297,8 @@ pub struct ServeOptions {
     pub noexec: bool,
     /// FUSE passthrough for cached files where the kernel offers it.
     pub passthrough: bool,
+    /// How often to list the container again for others' changes (zero: never).
+    pub refresh_interval: Duration,
 }
 
 /// Mounts `fs` at `mountpoint`: the FUSE session, not yet serving, with the kernel-cache
@@ -323,7 +342,29 @@ pub fn session(
             }
         }));
     }
+    if let Some(r) = fs.refresher() {
+        r.set_kernel(Box::new(KernelNotifier(session.notifier())));
+    }
     Ok(session)
+}
+
+/// The kernel's caches of a mount, invalidated through its FUSE session.
+struct KernelNotifier(fuser::Notifier);
+
+impl KernelCache for KernelNotifier {
+    fn inval_entry(&self, parent: u64, name: &[u8]) {
+        let name = std::ffi::OsStr::from_bytes(name);
+        // ENOENT: the kernel does not know the name, which is what was wanted.
+        if let Err(e) = self.0.inval_entry(fuser::INodeNo(parent), name) {
+            tracing::trace!("invalidating {name:?} in {parent}: {e}");
+        }
+    }
+
+    fn inval_inode(&self, ino: u64) {
+        if let Err(e) = self.0.inval_inode(fuser::INodeNo(ino), 0, 0) {
+            tracing::trace!("invalidating inode {ino}: {e}");
+        }
+    }
 }
 
 /// Mounts `fs` at `mountpoint` and serves it, with the write-back thread, until it is
@@ -347,6 +388,7 @@ pub fn serve(
     install_unmount_on_signal(unmounter);
     ready(Ok(()));
     let background = fs.writeback().map(|wb| wb.start());
+    let _refreshing = fs.refresher().and_then(|r| r.start(opts.refresh_interval));
     let ran = session
         .run()
         .map_err(|e| MountError::Io(format!("FUSE session ended with an error: {e}")));

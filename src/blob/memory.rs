@@ -101,6 +101,11 @@ impl MemoryStore {
         );
     }
 
+    /// Deletes `name` whatever its ETag (another client's delete); whether it was there.
+    pub fn remove(&self, name: &str) -> bool {
+        self.blobs.write().unwrap().remove(name).is_some()
+    }
+
     /// Overrides the stored Content-MD5 (tests of verification use a wrong one).
     pub fn set_content_md5(&self, name: &str, md5: Option<Vec<u8>>) {
         if let Some(s) = self.blobs.write().unwrap().get_mut(name) {

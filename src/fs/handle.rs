@@ -11,6 +11,7 @@
 use super::{FsError, FsResult, Handle, SimFs};
 use crate::cache::Content;
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone)]
@@ -27,6 +28,8 @@ pub(super) struct OpenFile {
     pub ino: u64,
     pub write: bool,
     pub data: Mutex<Data>,
+    /// Whether a read returned data: until then the handle may move to a newer version.
+    served: AtomicBool,
 }
 
 impl OpenFile {
@@ -35,6 +38,7 @@ impl OpenFile {
             ino,
             write,
             data: Mutex::new(data),
+            served: AtomicBool::new(false),
         }))
     }
 
@@ -107,8 +111,30 @@ impl SimFs {
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let h = self.file_handle(fh)?;
+        match self.read_from(&h, offset, size) {
+            Err(e) if e.errno() == libc::ESTALE => {
+                // The blob changed since it was indexed. A handle that has shown nothing yet
+                // may as well have been opened after the change: it moves to the new version.
+                if !self.blob_changed(h.ino) || h.served.load(Ordering::Relaxed) {
+                    return Err(e);
+                }
+                match self.data_for_read(h.ino, h.write) {
+                    Ok(d) => h.set(d),
+                    Err(_) => return Err(e),
+                }
+                self.read_from(&h, offset, size)
+            }
+            Ok(buf) => {
+                h.served.store(true, Ordering::Relaxed);
+                Ok(buf)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn read_from(&self, h: &OpenFile, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let mut buf = vec![0u8; size as usize];
-        let n = match self.readable(&h)? {
+        let n = match self.readable(h)? {
             Data::Local(f) => crate::cache::read_full(&f, &mut buf, offset)?,
             Data::Cached(c) => c.read_at(&mut buf, offset)?,
             Data::Deferred => unreachable!("readable() resolves a deferred handle"),

@@ -28,12 +28,13 @@ use crate::index::names::{Name, NameError};
 use crate::index::{DirEntry, Index};
 use crate::locks::InodeLocks;
 pub use crate::posix::{Attr, AttrChanges, Kind, RenameMode, SetTime};
+use crate::refresh::Refresher;
 use crate::writeback::Writeback;
 pub use error::{FsError, FsResult};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// What `statfs` reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +68,8 @@ pub struct SimFs {
     /// Giving an inode its local copy happens once per inode at a time (no other waits).
     localizing: InodeLocks,
     next_fh: AtomicU64,
+    /// Brings others' changes in (absent in tests that build a bare filesystem).
+    refresher: OnceLock<Arc<Refresher>>,
 }
 
 pub const BLOCK_SIZE: u32 = 4096;
@@ -90,6 +93,7 @@ impl SimFs {
             handles: Mutex::new(HashMap::new()),
             localizing: InodeLocks::default(),
             next_fh: AtomicU64::new(1),
+            refresher: OnceLock::new(),
         }
     }
 
@@ -99,6 +103,14 @@ impl SimFs {
 
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    pub fn set_refresher(&self, r: Arc<Refresher>) {
+        let _ = self.refresher.set(r);
+    }
+
+    pub fn refresher(&self) -> Option<&Arc<Refresher>> {
+        self.refresher.get()
     }
 
     /// The write-back engine (None on a read-only mount).
@@ -224,9 +236,20 @@ impl SimFs {
         if self.index.is_local(ino)? {
             return Ok(());
         }
-        let blob = self.index.blob_of(ino)?;
+        let mut blob = self.index.blob_of(ino)?;
         if let (Some(b), false) = (&blob, empty) {
-            self.cache.hydrate(ino, b)?;
+            match self.cache.hydrate(ino, b) {
+                Err(crate::cache::CacheError::Blob(
+                    crate::blob::BlobError::PreconditionFailed(_),
+                )) if self.blob_changed(ino) => {
+                    // Rewritten elsewhere since it was indexed: start from the new version.
+                    blob = self.index.blob_of(ino)?;
+                    if let Some(b) = &blob {
+                        self.cache.hydrate(ino, b)?;
+                    }
+                }
+                r => r?,
+            }
         }
         let _one = self.localizing.lock(&ino);
         if self.index.is_local(ino)? {
@@ -249,6 +272,17 @@ impl SimFs {
             self.upload(ino)?;
         }
         Ok(())
+    }
+
+    /// Refreshes `ino`'s entry after its blob was found changed; whether the index changed.
+    fn blob_changed(&self, ino: u64) -> bool {
+        let Some(r) = self.refresher() else {
+            return false;
+        };
+        r.refresh_inode(ino).unwrap_or_else(|e| {
+            tracing::warn!("inode {ino}: refreshing its changed blob failed: {e}");
+            false
+        })
     }
 
     fn is_open(&self, ino: u64) -> bool {
@@ -296,6 +330,8 @@ mod concurrency_tests;
 mod hydration_tests;
 #[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod refresh_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

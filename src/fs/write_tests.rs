@@ -10,7 +10,7 @@ use crate::index::ROOT_INO;
 use std::ffi::OsStr;
 use std::time::{Duration, SystemTime};
 
-const ME: Caller = Caller {
+pub(super) const ME: Caller = Caller {
     uid: 1000,
     gid: 1000,
 };
@@ -27,7 +27,7 @@ pub(super) fn rw(mem: MemoryStore) -> World {
 }
 
 /// A second node with an empty cache over the same container.
-fn fresh(w: &World) -> World {
+pub(super) fn fresh(w: &World) -> World {
     world_on(
         w.store.clone(),
         tempfile::tempdir().unwrap(),
@@ -41,7 +41,7 @@ fn dir_of(w: &World, p: &str) -> u64 {
     path(w, p).unwrap().ino
 }
 
-fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> Attr {
+pub(super) fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> Attr {
     let (a, fh) =
         w.fs.create(dir_of(w, parent), OsStr::new(name), 0o640, ME)
             .unwrap();
@@ -51,7 +51,7 @@ fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> Attr {
     a
 }
 
-fn drain(w: &World) {
+pub(super) fn drain(w: &World) {
     assert_eq!(w.wb().drain(true, |_| {}).unwrap(), 0, "everything uploads");
 }
 

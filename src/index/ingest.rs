@@ -50,10 +50,48 @@ pub async fn build_index(
     progress_to: &(dyn Fn(IngestProgress) + Sync),
 ) -> Result<(Index, BuildStats), IngestError> {
     let started = Instant::now();
+    let listing = Listing {
+        under: "",
+        known_target: &|_, _| None,
+    };
+    let (stats, requests) = write_listing(store, source, db, opts, &listing, progress_to).await?;
+    tracing::info!(
+        "indexed {} files, {} directories, {} symlinks ({} hidden) in {:.2?} with {} list requests",
+        stats.files,
+        stats.dirs,
+        stats.symlinks,
+        stats.hidden,
+        started.elapsed(),
+        requests
+    );
+    let index = Index::open_existing(db, source)?
+        .ok_or_else(|| IndexError::Corrupt("freshly written index does not open".into()))?;
+    Ok((index, stats))
+}
+
+/// What part of the source a listing covers, and what it already knows.
+pub struct Listing<'a> {
+    /// Only names that start with this (relative to the source's prefix) are listed.
+    pub under: &'a str,
+    /// The target of a symlink blob with this (name, ETag), when already known: a refresh
+    /// reads only the targets of symlinks that are new or changed.
+    pub known_target: &'a (dyn Fn(&str, &str) -> Option<Vec<u8>> + Sync),
+}
+
+/// Lists `listing.under` of the source and writes it as a complete index at `db`; returns
+/// the build's counts and the number of list requests made.
+pub async fn write_listing(
+    store: Arc<dyn BlobStore>,
+    source: &SourceId,
+    db: &Path,
+    opts: &IngestOptions,
+    listing: &Listing<'_>,
+    progress_to: &(dyn Fn(IngestProgress) + Sync),
+) -> Result<(BuildStats, u64), IngestError> {
     let progress = Arc::new(ListProgress::default());
     let mut rx = list_all(
         store.clone(),
-        source.prefix.clone(),
+        format!("{}{}", source.prefix, listing.under),
         opts.concurrency,
         progress.clone(),
     );
@@ -77,7 +115,16 @@ pub async fn build_index(
             requests: progress.requests.load(Ordering::Relaxed),
         });
     }
-    let links = builder.pending_symlinks();
+    let mut links = builder.pending_symlinks();
+    links.retain(
+        |(id, blob)| match (listing.known_target)(&blob.name, &blob.etag) {
+            Some(t) => {
+                builder.set_target(*id, t);
+                false
+            }
+            None => true,
+        },
+    );
     progress_to(IngestProgress::ReadingTargets(links.len()));
     let mut fetched = futures::stream::iter(links.into_iter().map(|(id, blob)| {
         let store = store.clone();
@@ -96,16 +143,5 @@ pub async fn build_index(
     let stats = tokio::task::spawn_blocking(move || builder.write(&db_owned, &source2))
         .await
         .map_err(|e| IndexError::Corrupt(format!("index writer failed: {e}")))??;
-    tracing::info!(
-        "indexed {} files, {} directories, {} symlinks ({} hidden) in {:.2?} with {} list requests",
-        stats.files,
-        stats.dirs,
-        stats.symlinks,
-        stats.hidden,
-        started.elapsed(),
-        progress.requests.load(Ordering::Relaxed)
-    );
-    let index = Index::open_existing(db, source)?
-        .ok_or_else(|| IndexError::Corrupt("freshly written index does not open".into()))?;
-    Ok((index, stats))
+    Ok((stats, progress.requests.load(Ordering::Relaxed)))
 }

@@ -315,6 +315,8 @@ impl Index {
         self.write(|tx| {
             tx.prepare_cached("DELETE FROM trash WHERE blob = ?1 AND etag = ?2")?
                 .execute(params![blob, etag])?;
+            // A refresh listing taken before the delete must not bring the name back.
+            self.watch.deleted_blob(blob);
             Ok(())
         })
     }

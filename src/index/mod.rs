@@ -27,6 +27,7 @@ pub mod build;
 pub mod ingest;
 pub mod journal;
 pub mod names;
+pub mod refresh;
 pub mod write;
 mod written;
 
@@ -249,6 +250,8 @@ pub struct Index {
     writer: std::sync::Mutex<Option<Connection>>,
     /// Data writes not yet persisted (see `written.rs`).
     written: Written,
+    /// Inodes changed since a refresh began (see `refresh.rs`).
+    watch: refresh::Watch,
 }
 
 impl Index {
@@ -263,6 +266,7 @@ impl Index {
             pool: crossbeam::queue::ArrayQueue::new(32),
             writer: std::sync::Mutex::new(None),
             written: Written::default(),
+            watch: refresh::Watch::default(),
         };
         let ok = index.with_conn(|c| {
             let get = |k: &str| -> rusqlite::Result<Option<String>> {
@@ -308,6 +312,7 @@ impl Index {
             pool: crossbeam::queue::ArrayQueue::new(2),
             writer: std::sync::Mutex::new(None),
             written: Written::default(),
+            watch: refresh::Watch::default(),
         };
         index.with_conn(|_| Ok(()))?;
         Ok(index)
@@ -362,6 +367,7 @@ impl Index {
             // loss could, and the cache disk does not survive that anyway.
             c.pragma_update(None, "synchronous", "NORMAL")?;
             c.busy_timeout(Duration::from_secs(10))?;
+            self.watch.install(&c);
             *guard = Some(c);
         }
         let conn = guard.as_mut().expect("opened above");
@@ -540,6 +546,50 @@ impl Index {
             let id = hex::encode(&Sha256::digest(seed.as_bytes())[..12]);
             tx.execute("INSERT INTO meta(key, value) VALUES ('writer', ?1)", [&id])?;
             Ok(id)
+        })
+    }
+
+    /// The value of `key` in the index's `meta` table.
+    pub fn meta(&self, key: &str) -> IndexResult<Option<String>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?;
+            Ok(st.query_row([key], |r| r.get(0)).optional()?)
+        })
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)")?
+                .execute([key, value])?;
+            Ok(())
+        })
+    }
+
+    /// The names from the root to `ino` (one of them, for a hard-linked inode); None when it
+    /// has no name.
+    pub fn path_of(&self, ino: u64) -> IndexResult<Option<Vec<Name>>> {
+        self.with_conn(|c| {
+            let mut st =
+                c.prepare_cached("SELECT parent, name FROM dentries WHERE ino = ?1 LIMIT 1")?;
+            let mut names = Vec::new();
+            let mut cur = ino;
+            while cur != ROOT_INO {
+                let Some((p, n)) = st
+                    .query_row([cur as i64], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                    })
+                    .optional()?
+                else {
+                    return Ok(None);
+                };
+                names.push(Name::new(&n).map_err(|e| IndexError::Corrupt(e.to_string()))?);
+                cur = p as u64;
+                if names.len() > 4096 {
+                    return Err(IndexError::Corrupt(format!("directory loop above {ino}")));
+                }
+            }
+            names.reverse();
+            Ok(Some(names))
         })
     }
 

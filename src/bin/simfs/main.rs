@@ -9,6 +9,7 @@ mod check;
 mod config;
 mod daemon;
 mod helper;
+mod refresh;
 mod stage;
 mod status;
 mod unmount;
@@ -63,6 +64,10 @@ enum Cmd {
         /// mounts, Linux 6.9+, root); reads then go through simfs, as on older kernels.
         #[arg(long)]
         no_passthrough: bool,
+        /// Seconds between listings of the container that bring in others' changes
+        /// (new, changed and deleted blobs); 0 turns background refresh off.
+        #[arg(long, default_value_t = 60.0, value_parser = parse_interval)]
+        refresh_interval: f64,
     },
     /// Unmount a simfs mount.
     Unmount { mountpoint: PathBuf },
@@ -104,11 +109,29 @@ enum Cmd {
         #[arg(long, conflicts_with = "force")]
         evict: bool,
     },
+    /// Bring others' changes to the container into a serving mount now (all of it, or the
+    /// subtree PATH), returning once they are visible.
+    Refresh {
+        /// The mount point (or any path on the mount).
+        mountpoint: PathBuf,
+        /// A path relative to the mount's root, or an absolute path below the mount point
+        /// (it need not exist on the mount yet).
+        path: Option<PathBuf>,
+    },
     /// Index a container and list what the mount hides, and why.
     Check {
         #[command(flatten)]
         source: SourceArgs,
     },
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v == 0.0 || (v.is_finite() && (1.0..=86_400.0).contains(&v)) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not 0 (off) or a number of seconds between 1 and 86400"
+        )),
+    }
 }
 
 pub(crate) fn init_logging() {
@@ -185,6 +208,7 @@ fn main() -> ExitCode {
             allow_non_empty,
             noexec,
             no_passthrough,
+            refresh_interval,
         } => {
             let serve = ServeOptions {
                 fsname: source.source.clone(),
@@ -195,6 +219,7 @@ fn main() -> ExitCode {
                 }),
                 noexec,
                 passthrough: !no_passthrough,
+                refresh_interval: Duration::from_secs_f64(refresh_interval),
             };
             let args = daemon::MountArgs {
                 mountpoint: &mountpoint,
@@ -207,6 +232,7 @@ fn main() -> ExitCode {
         }
         Cmd::Unmount { mountpoint } => unmount::unmount(&mountpoint),
         Cmd::Status => status::status(),
+        Cmd::Refresh { mountpoint, path } => refresh::refresh(&mountpoint, path.as_deref()),
         Cmd::Stage {
             paths,
             jobs,

@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// The serving mount that holds `path`: its state directory and `path` relative to its root.
-fn mount_of(path: &Path) -> Result<(PathBuf, String), String> {
+pub(crate) fn mount_of(path: &Path) -> Result<(PathBuf, String), String> {
     let canon = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let best = crate::status::list(&crate::status::runtime_dir())
         .into_iter()
@@ -39,7 +39,10 @@ fn mount_of(path: &Path) -> Result<(PathBuf, String), String> {
     Ok((state_dir, rel))
 }
 
-fn request(state_dir: &Path, req: &Value) -> Result<impl Iterator<Item = Value>, String> {
+pub(crate) fn request(
+    state_dir: &Path,
+    req: &Value,
+) -> Result<impl Iterator<Item = Value>, String> {
     let sock = state_dir.join(simfs::control::SOCKET);
     let mut conn = UnixStream::connect(&sock)
         .map_err(|e| format!("cannot reach the mount's daemon at {}: {e}", sock.display()))?;

@@ -129,6 +129,8 @@ pub struct MountInfo {
     pub cache: Option<CacheFigures>,
     /// Changes not yet uploaded, and how many of those keep failing (None: unreadable).
     pub pending: Option<(u64, usize)>,
+    /// The last refresh of the index from the container (None: none since it was built).
+    pub last_refresh: Option<simfs::refresh::Report>,
 }
 
 fn tree_size(p: &Path) -> u64 {
@@ -171,9 +173,14 @@ pub fn list(dir: &Path) -> Vec<MountInfo> {
             .iter()
             .map(|f| std::fs::metadata(state_dir.join(f)).map_or(0, |m| m.len()))
             .sum();
-        let pending = Index::open_read_only(&db)
-            .ok()
+        let index = Index::open_read_only(&db).ok();
+        let pending = index
+            .as_ref()
             .and_then(|i| Some((i.pending().ok()?.0, i.failing().ok()?.len())));
+        let last_refresh = index
+            .as_ref()
+            .and_then(|i| i.meta(simfs::refresh::LAST_REFRESH).ok().flatten())
+            .and_then(|j| simfs::refresh::Report::from_json(&j));
         out.push(MountInfo {
             pid,
             mountpoint: PathBuf::from(field("mountpoint")),
@@ -183,6 +190,7 @@ pub fn list(dir: &Path) -> Vec<MountInfo> {
             state_dir,
             index_bytes,
             pending,
+            last_refresh,
         });
     }
     out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
@@ -227,6 +235,16 @@ pub fn status() -> ExitCode {
             );
         }
         println!("  pending uploads {pending}");
+        match &m.last_refresh {
+            Some(r) => {
+                let at = time::OffsetDateTime::from(r.started)
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                let scope = if r.scope.is_empty() { "all" } else { &r.scope };
+                println!("  last refresh    {at} ({scope}): {}", r.summary());
+            }
+            None => println!("  last refresh    none since the index was built"),
+        }
     }
     ExitCode::SUCCESS
 }

@@ -1,0 +1,318 @@
+//! Freshness: what others change in the container appears on this mount within a stated
+//! bound, and the kernel forgets exactly what changed.
+//!
+//! A refresh lists the container (or one subtree) into a side index file with the mount's
+//! own builder, applies the difference to the live index (`index::refresh`, where local
+//! changes win), then tells the kernel which names and inodes changed, so the long entry and
+//! attribute timeouts stay safe, and drops cached copies of versions the container no longer
+//! has (an open handle keeps its copy: it reads the version it opened).
+//!
+//! Refreshes run one at a time: on a timer (`--refresh-interval`, with jitter so a fleet of
+//! nodes does not list in lockstep), on demand (`simfs refresh`, through the control socket),
+//! and for one entry when a read finds that its blob changed (HTTP 412): the entry is
+//! refreshed and the next open, or a read through a handle that has read nothing yet, gets
+//! the new version instead of ESTALE.
+
+use crate::blob::BlobStore;
+use crate::cache::Cache;
+use crate::index::ingest::{no_progress, write_listing, IngestError, IngestOptions, Listing};
+use crate::index::names::Name;
+use crate::index::refresh::Applied;
+use crate::index::{Index, IndexError, SourceId};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The index `meta` key holding the last refresh's report (JSON), for `simfs status`.
+pub const LAST_REFRESH: &str = "last_refresh";
+
+/// The kernel's caches, as a refresh invalidates them (fuser's `Notifier` on a mount).
+pub trait KernelCache: Send + Sync {
+    /// Forget the dentry `parent/name` (and a negative one).
+    fn inval_entry(&self, parent: u64, name: &[u8]);
+    /// Forget `ino`'s attributes and cached pages (for a directory: its cached listing).
+    fn inval_inode(&self, ino: u64);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    #[error("listing the container: {0}")]
+    Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("refresh task failed: {0}")]
+    Task(String),
+    #[error("bad path: {0}")]
+    Path(String),
+}
+
+/// What one refresh did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The listed prefix, relative to the mount's root ("" for all of it).
+    pub scope: String,
+    pub started: SystemTime,
+    pub took: Duration,
+    pub list_requests: u64,
+    /// Entries the listing produced.
+    pub listed: u64,
+    pub added: u64,
+    pub changed: u64,
+    pub removed: u64,
+    pub kept_local: u64,
+}
+
+impl Report {
+    pub fn changed_anything(&self) -> bool {
+        self.added + self.changed + self.removed > 0
+    }
+
+    pub fn to_json(&self) -> String {
+        let at = self
+            .started
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        serde_json::json!({
+            "scope": self.scope,
+            "started_unix_ms": at.as_millis() as u64,
+            "took_ms": self.took.as_millis() as u64,
+            "list_requests": self.list_requests,
+            "listed": self.listed,
+            "added": self.added,
+            "changed": self.changed,
+            "removed": self.removed,
+            "kept_local": self.kept_local,
+        })
+        .to_string()
+    }
+
+    pub fn from_json(s: &str) -> Option<Report> {
+        let v: serde_json::Value = serde_json::from_str(s).ok()?;
+        let n = |k: &str| v.get(k).and_then(|x| x.as_u64());
+        Some(Report {
+            scope: v.get("scope")?.as_str()?.to_string(),
+            started: SystemTime::UNIX_EPOCH + Duration::from_millis(n("started_unix_ms")?),
+            took: Duration::from_millis(n("took_ms")?),
+            list_requests: n("list_requests")?,
+            listed: n("listed")?,
+            added: n("added")?,
+            changed: n("changed")?,
+            removed: n("removed")?,
+            kept_local: n("kept_local")?,
+        })
+    }
+
+    /// One line for logs and `simfs status`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} added, {} changed, {} removed, {} kept local; {} entries listed with {} requests in {:.2} s",
+            self.added,
+            self.changed,
+            self.removed,
+            self.kept_local,
+            self.listed,
+            self.list_requests,
+            self.took.as_secs_f64()
+        )
+    }
+}
+
+pub struct Refresher {
+    store: Arc<dyn BlobStore>,
+    source: SourceId,
+    opts: IngestOptions,
+    index: Arc<Index>,
+    cache: Arc<Cache>,
+    /// Where the side index of a refresh is written (the state directory).
+    dir: PathBuf,
+    rt: tokio::runtime::Handle,
+    kernel: OnceLock<Box<dyn KernelCache>>,
+    /// One refresh at a time.
+    one: tokio::sync::Mutex<()>,
+}
+
+/// The periodic refresh task; it stops when dropped.
+pub struct Periodic(tokio::task::JoinHandle<()>);
+
+impl Drop for Periodic {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `every` give or take a tenth, different on every node and every round.
+fn jittered(every: Duration) -> Duration {
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos() as u64
+        ^ (std::process::id() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let unit = (seed % 2001) as f64 / 1000.0 - 1.0; // -1.0 ..= 1.0
+    every.mul_f64(1.0 + unit / 10.0)
+}
+
+impl Refresher {
+    pub fn new(
+        store: Arc<dyn BlobStore>,
+        source: SourceId,
+        opts: IngestOptions,
+        index: Arc<Index>,
+        cache: Arc<Cache>,
+        dir: PathBuf,
+        rt: tokio::runtime::Handle,
+    ) -> Refresher {
+        Refresher {
+            store,
+            source,
+            opts,
+            index,
+            cache,
+            dir,
+            rt,
+            kernel: OnceLock::new(),
+            one: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Who to tell about changes (set once, when the mount's FUSE session exists).
+    pub fn set_kernel(&self, k: Box<dyn KernelCache>) {
+        let _ = self.kernel.set(k);
+    }
+
+    /// Refreshes the tree below `path` (names from the root; empty for everything) and
+    /// returns once the changes are visible.
+    pub async fn refresh(&self, path: &[Name]) -> Result<Report, RefreshError> {
+        let _one = self.one.lock().await;
+        let (started, t0) = (SystemTime::now(), Instant::now());
+        let scope = self.index.scope_for(path)?;
+        let prefix = scope.listing_prefix();
+        let watching = self.index.watch_changes();
+        let side = self.dir.join("refresh.db");
+        let known = |name: &str, etag: &str| self.index.known_target(name, etag);
+        let listing = Listing {
+            under: &prefix,
+            known_target: &known,
+        };
+        let built = write_listing(
+            self.store.clone(),
+            &self.source,
+            &side,
+            &self.opts,
+            &listing,
+            &no_progress,
+        )
+        .await;
+        let applied = match built {
+            Ok((stats, requests)) => {
+                let (index, cache, side2) = (self.index.clone(), self.cache.clone(), side.clone());
+                let scope2 = scope.clone();
+                let applied = tokio::task::spawn_blocking(move || {
+                    let fresh = Index::open_read_only(&side2)?;
+                    index.refresh_from(&fresh, &scope2, &|ino| cache.pins().is_open(ino))
+                })
+                .await;
+                match applied {
+                    Ok(Ok(a)) => Ok((a, stats, requests)),
+                    Ok(Err(e)) => Err(RefreshError::Index(e)),
+                    Err(e) => Err(RefreshError::Task(e.to_string())),
+                }
+            }
+            Err(e) => Err(e.into()),
+        };
+        drop(watching);
+        for ext in [
+            "db",
+            "db-wal",
+            "db-shm",
+            "db.tmp",
+            "db.tmp-wal",
+            "db.tmp-shm",
+        ] {
+            let _ = std::fs::remove_file(side.with_extension(ext));
+        }
+        let (applied, stats, requests) = applied?;
+        self.follow(&applied);
+        let report = Report {
+            scope: prefix,
+            started,
+            took: t0.elapsed(),
+            list_requests: requests,
+            listed: stats.files + stats.dirs + stats.symlinks,
+            added: applied.added,
+            changed: applied.changed,
+            removed: applied.removed,
+            kept_local: applied.kept_local,
+        };
+        if let Err(e) = self.index.set_meta(LAST_REFRESH, &report.to_json()) {
+            tracing::warn!("cannot record the refresh in the index: {e}");
+        }
+        Ok(report)
+    }
+
+    /// After a refresh's commit: the kernel forgets what changed, and copies of versions
+    /// that are gone leave the cache (unless open).
+    fn follow(&self, a: &Applied) {
+        if let Some(k) = self.kernel.get() {
+            for (parent, name) in &a.names {
+                k.inval_entry(*parent, name);
+            }
+            for ino in a.inodes.iter().collect::<BTreeSet<_>>() {
+                k.inval_inode(*ino);
+            }
+        }
+        for (ino, blob) in &a.stale {
+            self.cache.evict(*ino, blob);
+        }
+        for ino in &a.unlocal {
+            self.cache.remove_local(*ino);
+        }
+    }
+
+    /// `refresh` of `path` given as text relative to the mount's root (`a/b`, `""` for
+    /// all), blocking until it is done: call it off the runtime's workers.
+    pub fn refresh_path(&self, path: &str) -> Result<Report, RefreshError> {
+        let mut names = Vec::new();
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            let name = Name::new(part.as_bytes()).map_err(|e| RefreshError::Path(e.to_string()))?;
+            names.push(name);
+        }
+        self.rt.block_on(self.refresh(&names))
+    }
+
+    /// Refreshes the one entry `ino` (its blob was found changed); returns whether the
+    /// index changed. Blocks: call it off the runtime's workers.
+    pub fn refresh_inode(&self, ino: u64) -> Result<bool, RefreshError> {
+        let Some(path) = self.index.path_of(ino)? else {
+            return Ok(false);
+        };
+        let report = self.rt.block_on(self.refresh(&path))?;
+        tracing::info!(
+            "{}: the blob changed; refreshed: {}",
+            report.scope,
+            report.summary()
+        );
+        Ok(report.changed_anything())
+    }
+
+    /// Refreshes everything every `every` (give or take a tenth), until the returned task is
+    /// dropped; None when `every` is zero.
+    pub fn start(self: &Arc<Self>, every: Duration) -> Option<Periodic> {
+        if every.is_zero() {
+            return None;
+        }
+        let me = self.clone();
+        Some(Periodic(self.rt.spawn(async move {
+            loop {
+                tokio::time::sleep(jittered(every)).await;
+                match me.refresh(&[]).await {
+                    Ok(r) if r.changed_anything() || r.kept_local > 0 => {
+                        tracing::info!("refresh: {}", r.summary())
+                    }
+                    Ok(r) => tracing::debug!("refresh: {}", r.summary()),
+                    Err(e) => tracing::warn!("refresh failed (the next one retries): {e}"),
+                }
+            }
+        })))
+    }
+}
