@@ -1,6 +1,7 @@
 //! Real mounts of simfs over /dev/fuse against a real Azurite (see harness.rs).
 
 mod faults;
+mod fresh;
 mod harness;
 mod helper;
 mod posix;

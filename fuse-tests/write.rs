@@ -13,7 +13,7 @@ use std::time::Duration;
 
 /// Everything a user can observe about a tree, except ctime and atime; hard links are
 /// recorded as "same inode as <first path>".
-fn snapshot(root: &Path) -> Vec<String> {
+pub(crate) fn snapshot(root: &Path) -> Vec<String> {
     let mut first_of: HashMap<u64, String> = HashMap::new();
     walk(root)
         .into_iter()
@@ -49,7 +49,7 @@ fn snapshot(root: &Path) -> Vec<String> {
         .collect()
 }
 
-fn empty_container(name: &str) -> Azurite {
+pub(crate) fn empty_container(name: &str) -> Azurite {
     let az = Azurite::start();
     az.seed(name, &[], 0, 0);
     az

@@ -183,6 +183,12 @@ impl Refresher {
     /// Refreshes the tree below `path` (names from the root; empty for everything) and
     /// returns once the changes are visible.
     pub async fn refresh(&self, path: &[Name]) -> Result<Report, RefreshError> {
+        self.refresh_with(path, true).await
+    }
+
+    /// `refresh`; without `keep_open` a changed file is updated in place even while open
+    /// (for a file whose old version is gone and was never read).
+    async fn refresh_with(&self, path: &[Name], keep_open: bool) -> Result<Report, RefreshError> {
         let _one = self.one.lock().await;
         let (started, t0) = (SystemTime::now(), Instant::now());
         let scope = self.index.scope_for(path)?;
@@ -209,7 +215,8 @@ impl Refresher {
                 let scope2 = scope.clone();
                 let applied = tokio::task::spawn_blocking(move || {
                     let fresh = Index::open_read_only(&side2)?;
-                    index.refresh_from(&fresh, &scope2, &|ino| cache.pins().is_open(ino))
+                    let is_open = |ino| cache.pins().is_open(ino);
+                    index.refresh_from(&fresh, &scope2, &is_open, keep_open)
                 })
                 .await;
                 match applied {
@@ -286,7 +293,9 @@ impl Refresher {
         let Some(path) = self.index.path_of(ino)? else {
             return Ok(false);
         };
-        let report = self.rt.block_on(self.refresh(&path))?;
+        // The handle that found the change has read nothing of the old version, which the
+        // container no longer has: the inode takes the new version in place.
+        let report = self.rt.block_on(self.refresh_with(&path, false))?;
         tracing::info!(
             "{}: the blob changed; refreshed: {}",
             report.scope,

@@ -267,9 +267,15 @@ impl SimFs {
         };
         let (ino, write) = (h.ino, h.write);
         let last = self.cache.pins().unpin(ino, write);
-        if last && self.writeback.is_some() && self.attr(ino).is_ok_and(|a| a.nlink == 0) {
-            self.index.mark_pending(ino, std::time::SystemTime::now())?;
-            self.upload(ino)?;
+        if last && self.attr(ino).is_ok_and(|a| a.nlink == 0) {
+            if self.writeback.is_some() {
+                self.index.mark_pending(ino, std::time::SystemTime::now())?;
+                self.upload(ino)?;
+            } else {
+                // Deleted or replaced in the container by a refresh while open: nothing
+                // to upload, the row just goes.
+                self.index.forget_unlinked(ino)?;
+            }
         }
         Ok(())
     }

@@ -188,18 +188,31 @@ fn a_rewritten_blob_shows_its_new_version_and_an_open_handle_keeps_the_old_one()
     let r = refresh(&w, "");
     // The file, and its directory when the new Last-Modified moves the directory's mtime.
     assert!((1..=2).contains(&r.changed), "{r:?}");
+    // The open file keeps its inode (and the kernel its pages); the name has a new one.
     let b = path(&w, "data/shard-0").unwrap();
-    assert_eq!((b.ino, b.size, b.perm), (a.ino, 19, 0o600));
+    assert_ne!(b.ino, a.ino);
+    assert_eq!((b.size, b.perm, b.nlink), (19, 0o600, 1));
+    assert_eq!(w.fs.getattr(a.ino).unwrap().nlink, 0);
     assert_eq!(
         w.fs.read(fh, 0, 100).unwrap(),
         b"version one",
         "close-to-open"
     );
     w.fs.release(fh).unwrap();
+    assert!(
+        w.fs.getattr(a.ino).is_err(),
+        "the old inode goes with its last handle"
+    );
     assert_eq!(
         read_all(&w, "data/shard-0").unwrap(),
         b"version two, longer"
     );
+    // Not open: a new version keeps the inode number.
+    w.store.inner().put("data/shard-0", "three", &[]);
+    refresh(&w, "");
+    let c = path(&w, "data/shard-0").unwrap();
+    assert_eq!((c.ino, c.size), (b.ino, 5));
+    assert_eq!(read_all(&w, "data/shard-0").unwrap(), b"three");
 }
 
 #[test]
@@ -302,7 +315,7 @@ fn a_name_deleted_here_while_the_listing_ran_is_not_brought_back() {
     drain(&w);
     let fresh_index = crate::index::Index::open_read_only(&side).unwrap();
     let applied = index
-        .refresh_from(&fresh_index, &Scope::Dir(Vec::new()), &|_| false)
+        .refresh_from(&fresh_index, &Scope::Dir(Vec::new()), &|_| false, true)
         .unwrap();
     drop(watching);
     assert_eq!(applied.removed, 0, "{applied:?}");

@@ -246,6 +246,8 @@ fn resolve_dir(c: &Connection, path: &[Name]) -> IndexResult<Option<u64>> {
 
 enum Change {
     Update {
+        parent: u64,
+        name: Vec<u8>,
         ino: u64,
         fresh: Row,
     },
@@ -277,6 +279,8 @@ fn diff_entry(
             }
             if l.differs(&f) {
                 out.push(Change::Update {
+                    parent,
+                    name,
                     ino: l.ino,
                     fresh: f,
                 });
@@ -385,6 +389,8 @@ struct Apply<'a> {
     fresh: &'a Connection,
     seen: Seen,
     is_open: &'a dyn Fn(u64) -> bool,
+    /// Whether a file that is open gets a new inode for its new version (else in place).
+    keep_open: bool,
     now: i64,
     out: Applied,
     /// Directories whose entries changed (their link count is recounted at the end).
@@ -438,7 +444,7 @@ impl Apply<'_> {
         Ok(())
     }
 
-    fn update(&mut self, ino: u64, f: &Row) -> IndexResult<()> {
+    fn update(&mut self, parent: u64, name: &[u8], ino: u64, f: &Row) -> IndexResult<()> {
         let Some(l) = row_of(self.tx, ino)? else {
             return Ok(());
         };
@@ -447,6 +453,19 @@ impl Apply<'_> {
         }
         if !self.may_change(&l) {
             self.out.kept_local += 1;
+            return Ok(());
+        }
+        let new_data = l.blob != f.blob || l.etag != f.etag;
+        if l.kind == FILE && new_data && l.nlink == 1 && self.keep_open && (self.is_open)(ino) {
+            // Open handles keep the version they opened, page cache included: the new
+            // version is a new inode under the same name, as after a rename over the file.
+            if self.remove(parent, name, ino)? {
+                self.insert(parent, name, f.ino)?;
+                // Counted as what it is to the user: one changed file.
+                self.out.removed -= 1;
+                self.out.added = self.out.added.saturating_sub(1);
+                self.out.changed += 1;
+            }
             return Ok(());
         }
         self.tx
@@ -687,12 +706,15 @@ impl Index {
 
     /// Makes `scope` of this index match `fresh` (a complete index of that scope's listing),
     /// except where the local side changed. `is_open` says whether a handle has an inode
-    /// open. The whole change is one transaction.
+    /// open; with `keep_open`, a file that is open and has a new version in the container
+    /// becomes a new inode (its handles keep the old one), else it is updated in place. The
+    /// whole change is one transaction.
     pub fn refresh_from(
         &self,
         fresh: &Index,
         scope: &Scope,
         is_open: &dyn Fn(u64) -> bool,
+        keep_open: bool,
     ) -> IndexResult<Applied> {
         let (start, changes) = self.with_conn(|live| {
             fresh.with_conn(|f| {
@@ -724,6 +746,7 @@ impl Index {
                     fresh: f,
                     seen: seen.unwrap_or_default(),
                     is_open,
+                    keep_open,
                     now: to_ns(SystemTime::now()),
                     out: Applied::default(),
                     dirs: BTreeSet::new(),
@@ -735,7 +758,12 @@ impl Index {
                 }
                 for c in &changes {
                     match c {
-                        Change::Update { ino, fresh } => a.update(*ino, fresh)?,
+                        Change::Update {
+                            parent,
+                            name,
+                            ino,
+                            fresh,
+                        } => a.update(*parent, name, *ino, fresh)?,
                         Change::Add {
                             parent,
                             name,

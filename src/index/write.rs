@@ -440,6 +440,19 @@ impl Index {
     }
 
     /// Marks `ino` pending (the last handle of an unlinked inode closed: it can go now).
+    /// Drops the row of `ino` if it has no name left (and nothing to upload).
+    pub fn forget_unlinked(&self, ino: u64) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1 AND nlink = 0 AND pending = 0")?
+                .execute([ino as i64])?;
+            tx.prepare_cached(
+                "DELETE FROM stubs WHERE ino = ?1 AND ino NOT IN (SELECT ino FROM inodes)",
+            )?
+            .execute([ino as i64])?;
+            Ok(())
+        })
+    }
+
     pub fn mark_pending(&self, ino: u64, due: SystemTime) -> IndexResult<()> {
         self.write(|tx| mark(tx, ino, due))
     }
