@@ -16,7 +16,9 @@ mnt="$work/mnt"; mkdir -p "$mnt" "$work/azurite" "$work/src"
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 cleanup() {
   set +e
-  grep -q " $mnt " /proc/mounts && "$bin/simfs" unmount "$mnt"
+  for m in "$mnt" "$work/mnt2"; do
+    grep -q " $m " /proc/mounts && "$bin/simfs" unmount "$m"
+  done
   [ -n "${az_pid:-}" ] && kill "$az_pid" 2>/dev/null && wait "$az_pid" 2>/dev/null
   rm -rf "$work"
 }
@@ -86,6 +88,15 @@ time "$bin/simfs" mount demo "$mnt" --cache-dir "$work/fresh-cache" $DEMO_ARGS
 ls -li "$mnt/ckpt"
 ls "$mnt" | tr '\n' ' '; echo
 cmp <(head -c 1048576 "$mnt/ckpt/best.pt") <(head -c 1048576 "$mnt/ckpt/step-2000.pt") && echo "hard link and data intact"
+echo "== freshness: a second node (its own cache) writes; this mount sees it after simfs refresh"
+mnt2="$work/mnt2"; mkdir -p "$mnt2"
+"$bin/simfs" mount demo "$mnt2" --cache-dir "$work/node2-cache" --upload-delay 0 $DEMO_ARGS
+echo "written by node 2" > "$mnt2/ckpt/from-node-2.txt"
+"$bin/simfs" unmount "$mnt2"
+ls "$mnt/ckpt/from-node-2.txt" 2>/dev/null || echo "not visible yet (next background refresh: within --refresh-interval, 60 s)"
+"$bin/simfs" refresh "$mnt" ckpt
+cat "$mnt/ckpt/from-node-2.txt"
+"$bin/simfs" status | grep -E "^/|last refresh"
 if [ "${DEMO_HOLD:-0}" = 1 ]; then
   read -rp "mounted at $mnt; press Enter to unmount " _
 fi

@@ -118,6 +118,11 @@ fn a_refresh_makes_the_tree_what_a_new_listing_shows() {
         .unwrap();
     drain(&writer);
     assert_eq!(tree(&reader), before, "nothing changes before a refresh");
+    let own = refresh(&writer, "");
+    assert!(
+        !own.changed_anything(),
+        "a node's own uploads are no change: {own:?}"
+    );
 
     let r = refresh(&reader, "");
     assert!(r.added > 0 && r.changed > 0 && r.removed > 0, "{r:?}");

@@ -176,7 +176,7 @@ fn mount_flags() -> Vec<Flag> {
 fn command_line() -> Result<(Vec<OsString>, bool), String> {
     let raw: Vec<OsString> = std::env::args_os().collect();
     // Every subcommand clap knows (a new one is never mistaken for a helper call).
-    let cmd = <Cli as clap::CommandFactory>::command();
+    let cmd = Cli::command();
     let mut subcommands: Vec<&str> = cmd.get_subcommands().map(|c| c.get_name()).collect();
     subcommands.push("help");
     if raw.len() < 2 || !is_helper_call(&raw[0], &raw[1..], &subcommands) {
