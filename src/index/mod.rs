@@ -167,6 +167,7 @@ CREATE TABLE inodes(
 );
 CREATE INDEX inodes_by_blob ON inodes(blob) WHERE blob IS NOT NULL;
 CREATE INDEX inodes_pending ON inodes(due_ns) WHERE pending = 1;
+CREATE INDEX inodes_local ON inodes(ino) WHERE local = 1;
 CREATE TABLE stubs(blob TEXT PRIMARY KEY, ino INTEGER NOT NULL, etag TEXT NOT NULL);
 CREATE INDEX stubs_by_ino ON stubs(ino);
 CREATE TABLE trash(blob TEXT PRIMARY KEY, etag TEXT NOT NULL);
@@ -293,6 +294,13 @@ impl Index {
                 if !has_totals {
                     index.write(|tx| Ok(tx.execute_batch(TOTALS)?))?;
                 }
+                // Mount-time recovery reads the local copies through this index: without
+                // it a remount scans every inode (older indexes get it now, once).
+                index.write(|tx| {
+                    Ok(tx.execute_batch(
+                        "CREATE INDEX IF NOT EXISTS inodes_local ON inodes(ino) WHERE local = 1",
+                    )?)
+                })?;
                 Ok(Some(index))
             }
             Ok(false) => Ok(None),
