@@ -32,7 +32,8 @@ pub fn list_all(
     concurrency: usize,
     progress: Arc<ListProgress>,
 ) -> mpsc::Receiver<Result<Vec<BlobProps>, BlobError>> {
-    let (tx, rx) = mpsc::channel(64);
+    // Pages wait here while the index writer catches up: a bound on memory (5,000 blobs each).
+    let (tx, rx) = mpsc::channel(8);
     let ctx = Arc::new(Ctx {
         store,
         permits: Semaphore::new(concurrency.max(1)),

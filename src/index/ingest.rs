@@ -95,36 +95,35 @@ pub async fn write_listing(
         opts.concurrency,
         progress.clone(),
     );
-    let mut builder = TreeBuilder::new(opts.defaults.clone());
+    let mut builder = Some(TreeBuilder::create(db, opts.defaults.clone())?);
     while let Some(page) = rx.recv().await {
-        for props in page? {
-            let Some(rel) = props.name.strip_prefix(&source.prefix) else {
-                continue;
-            };
-            match crate::blob::format::long_path(&source.prefix, rel, &props.metadata) {
-                Ok(Some(path)) => builder.add(&path, props),
-                Ok(None) => {
-                    let rel = rel.to_string();
-                    builder.add(&rel, props)
-                }
-                Err(why) => builder.hide(&props.name, why),
-            }
-        }
+        let page = page?;
+        // SQLite work leaves the runtime's workers free for the listing's requests.
+        let mut b = builder
+            .take()
+            .expect("the builder comes back after each page");
+        let prefix = source.prefix.clone();
+        let (b, added) = tokio::task::spawn_blocking(move || {
+            let r = add_page(&mut b, &prefix, page);
+            (b, r)
+        })
+        .await
+        .map_err(|e| IndexError::Corrupt(format!("index writer failed: {e}")))?;
+        added?;
+        builder = Some(b);
         progress_to(IngestProgress::Listed {
             blobs: progress.blobs.load(Ordering::Relaxed),
             requests: progress.requests.load(Ordering::Relaxed),
         });
     }
-    let mut links = builder.pending_symlinks();
-    links.retain(
-        |(id, blob)| match (listing.known_target)(&blob.name, &blob.etag) {
-            Some(t) => {
-                builder.set_target(*id, t);
-                false
-            }
-            None => true,
-        },
-    );
+    let mut builder = builder.expect("the builder came back");
+    let mut links = Vec::new();
+    for (ino, blob) in builder.pending_symlinks()? {
+        match (listing.known_target)(&blob.name, &blob.etag) {
+            Some(t) => builder.set_target(ino, t)?,
+            None => links.push((ino, blob)),
+        }
+    }
     progress_to(IngestProgress::ReadingTargets(links.len()));
     let mut fetched = futures::stream::iter(links.into_iter().map(|(id, blob)| {
         let store = store.clone();
@@ -136,7 +135,7 @@ pub async fn write_listing(
     }))
     .buffer_unordered(opts.concurrency.max(1));
     while let Some((id, data)) = fetched.next().await {
-        builder.set_target(id, data?.to_vec());
+        builder.set_target(id, data?.to_vec())?;
     }
     let db_owned = db.to_path_buf();
     let source2 = source.clone();
@@ -144,4 +143,26 @@ pub async fn write_listing(
         .await
         .map_err(|e| IndexError::Corrupt(format!("index writer failed: {e}")))??;
     Ok((stats, progress.requests.load(Ordering::Relaxed)))
+}
+
+/// Adds one page of the listing to the build.
+fn add_page(
+    builder: &mut TreeBuilder,
+    prefix: &str,
+    page: Vec<crate::blob::BlobProps>,
+) -> Result<(), IndexError> {
+    for props in page {
+        let Some(rel) = props.name.strip_prefix(prefix) else {
+            continue;
+        };
+        match crate::blob::format::long_path(prefix, rel, &props.metadata) {
+            Ok(Some(path)) => builder.add(&path, props)?,
+            Ok(None) => {
+                let rel = rel.to_string();
+                builder.add(&rel, props)?
+            }
+            Err(why) => builder.hide(&props.name, why)?,
+        }
+    }
+    Ok(())
 }
