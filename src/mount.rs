@@ -20,6 +20,7 @@ use crate::fs::SimFs;
 use crate::fuse::SimFuse;
 use crate::index::build::Defaults;
 use crate::index::ingest::{build_index, IngestError, IngestOptions, IngestProgress};
+use crate::index::snapshot::{self, Published};
 use crate::index::{Index, SourceId};
 use crate::refresh::{KernelCache, Refresher};
 use crate::writeback::{Writeback, WritebackOptions};
@@ -88,6 +89,9 @@ pub struct MountConfig {
     pub cache: CacheOptions,
     /// How long a request may go unanswered (plus a second per MiB it moves).
     pub request_timeout: Duration,
+    /// With no index to reuse, start from the snapshot published in the container (when
+    /// there is a compatible one) instead of listing.
+    pub index_from_container: bool,
 }
 
 /// The default `refresh_interval`: a training node sees a new checkpoint or a refreshed
@@ -114,6 +118,7 @@ impl MountConfig {
             writeback: WritebackOptions::default(),
             cache: CacheOptions::default(),
             request_timeout: bounded::DEFAULT_BASE,
+            index_from_container: false,
         }
     }
 }
@@ -200,12 +205,28 @@ pub fn prepare_with_store(
         concurrency: cfg.list_concurrency,
         defaults: cfg.defaults.clone(),
     };
-    let index = match existing {
-        Some(i) => {
+    let from_snapshot = match (&existing, cfg.index_from_container && !cfg.reindex) {
+        (None, true) => match rt.block_on(snapshot::fetch(store.clone(), source, &db)) {
+            Ok(i) => {
+                tracing::info!(
+                    "started from the index snapshot in the container; the refresh brings it up to date"
+                );
+                Some(i)
+            }
+            Err(e) => {
+                tracing::warn!("{e}; listing the container");
+                None
+            }
+        },
+        _ => None,
+    };
+    let index = match (existing, from_snapshot) {
+        (Some(i), _) => {
             tracing::info!("reusing the index at {}", db.display());
             i
         }
-        None => {
+        (None, Some(i)) => i,
+        (None, None) => {
             rt.block_on(build_index(store.clone(), source, &db, &ingest, progress))?
                 .0
         }
@@ -271,21 +292,49 @@ pub fn prepare(
     rt: &tokio::runtime::Runtime,
     progress: &(dyn Fn(IngestProgress) + Sync),
 ) -> Result<Prepared, String> {
+    let store = connect(source, cfg)?;
+    let mut cfg = cfg.clone();
+    if !cfg.read_only && source.credential.sas_cannot_write() {
+        tracing::warn!("the SAS token does not allow writing (no 'w' in sp=): mounting read-only");
+        cfg.read_only = true;
+    }
+    prepare_with_store(store, &source.id(), &cfg, rt, progress)
+        .map_err(|e| explain(&e, Some(source)))
+}
+
+/// The container of `source` on Azure, every request bounded by `cfg.request_timeout` (a
+/// frozen service fails instead of hanging: see blob::bounded).
+pub fn connect(source: &Source, cfg: &MountConfig) -> Result<Arc<dyn BlobStore>, String> {
     let store = AzureStore::new(
         source.container_url.clone(),
         &source.credential,
         &AzureOptions::default(),
     )
     .map_err(|e| explain(&e.into(), Some(source)))?;
-    let mut cfg = cfg.clone();
-    if !cfg.read_only && source.credential.sas_cannot_write() {
-        tracing::warn!("the SAS token does not allow writing (no 'w' in sp=): mounting read-only");
-        cfg.read_only = true;
-    }
-    // No request waits for an answer forever (a frozen service): see blob::bounded.
-    let store = Bounded::new(store, cfg.request_timeout);
-    prepare_with_store(Arc::new(store), &source.id(), &cfg, rt, progress)
-        .map_err(|e| explain(&e, Some(source)))
+    Ok(Arc::new(Bounded::new(store, cfg.request_timeout)))
+}
+
+/// Lists `source` and publishes its index as a snapshot in the container (see
+/// `index::snapshot`), working in a scratch directory under the cache directory.
+pub fn publish_index(
+    source: &Source,
+    cfg: &MountConfig,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Published, String> {
+    let store = connect(source, cfg)?;
+    rt.block_on(store.check_access())
+        .map_err(|e| explain(&e.into(), Some(source)))?;
+    let work = cfg
+        .cache_dir
+        .join(format!("publish-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    let opts = IngestOptions {
+        concurrency: cfg.list_concurrency,
+        defaults: cfg.defaults.clone(),
+    };
+    let out = rt.block_on(snapshot::publish(store, &source.id(), &opts, &work));
+    let _ = std::fs::remove_dir_all(&work);
+    out.map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Debug)]

@@ -339,6 +339,8 @@ mod model_tests;
 #[cfg(test)]
 mod refresh_tests;
 #[cfg(test)]
+mod snapshot_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod write_tests;

@@ -23,7 +23,7 @@ fn refresh(w: &World, p: &str) -> Report {
 
 /// Every entry below the root: (path, kind, mode, owner, size, mtime, links, target,
 /// content), as a user would see them through stat, readlink and read.
-type Seen = (
+pub(super) type Seen = (
     String,
     Kind,
     u32,
@@ -35,7 +35,7 @@ type Seen = (
     Vec<u8>,
 );
 
-fn tree(w: &World) -> Vec<Seen> {
+pub(super) fn tree(w: &World) -> Vec<Seen> {
     let mut out = Vec::new();
     let mut stack = vec![(ROOT_INO, String::new())];
     while let Some((ino, prefix)) = stack.pop() {

@@ -85,7 +85,7 @@ pub(super) fn world_on(
 }
 
 /// A world over `store` with its state in `dir`, mounted with `cfg`.
-fn world_from(
+pub(super) fn world_from(
     store: Arc<FaultyStore<MemoryStore>>,
     dir: tempfile::TempDir,
     prefix: &str,

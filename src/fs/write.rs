@@ -32,8 +32,16 @@ pub struct Caller {
 /// Blob names are UTF-8, and the Blob service reads `\` in a name as `/`: a name that is
 /// not UTF-8 or holds a backslash cannot be stored as itself, so it is refused (EINVAL)
 /// rather than stored under another path.
-fn new_name(name: &OsStr) -> FsResult<Name> {
+/// `.simfs` at the root holds index snapshots, which every mount hides: a file made there
+/// would vanish, so the name is refused (EINVAL).
+fn new_name(parent: u64, name: &OsStr) -> FsResult<Name> {
     let n = Name::from_os(name)?;
+    let reserved = crate::index::snapshot::RESERVED.trim_end_matches('/');
+    if parent == crate::index::ROOT_INO && n.as_bytes() == reserved.as_bytes() {
+        return Err(FsError::Invalid(
+            "'.simfs' at the mount's root is reserved for simfs's index snapshots",
+        ));
+    }
     if std::str::from_utf8(n.as_bytes()).is_err() {
         return Err(FsError::Invalid(
             "names must be UTF-8 to be stored as blob names",
@@ -77,7 +85,7 @@ impl SimFs {
         target: Option<&[u8]>,
     ) -> FsResult<Attr> {
         let (now, due) = self.due()?;
-        let name = new_name(name)?;
+        let name = new_name(parent, name)?;
         let p = self.attr(parent)?;
         let mut perm = mode & 0o7777;
         let mut gid = who.gid;
@@ -163,7 +171,7 @@ impl SimFs {
 
     pub fn link(&self, ino: u64, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let (now, due) = self.due()?;
-        let name = new_name(name)?;
+        let name = new_name(parent, name)?;
         let a = self.index.link(ino, parent, &name, now, due)?;
         self.changed(due);
         Ok(a)
@@ -196,7 +204,7 @@ impl SimFs {
         mode: RenameMode,
     ) -> FsResult<()> {
         let (now, due) = self.due()?;
-        let newname = new_name(newname)?;
+        let newname = new_name(newparent, newname)?;
         let replaced = self.index.rename(
             parent,
             &existing_name(name)?,

@@ -155,6 +155,10 @@ fn add_page(
         let Some(rel) = props.name.strip_prefix(prefix) else {
             continue;
         };
+        if super::snapshot::is_reserved(rel) {
+            builder.hide(&props.name, "reserved for simfs (index snapshots)")?;
+            continue;
+        }
         match crate::blob::format::long_path(prefix, rel, &props.metadata) {
             Ok(Some(path)) => builder.add(&path, props)?,
             Ok(None) => {

@@ -28,6 +28,7 @@ pub mod ingest;
 pub mod journal;
 pub mod names;
 pub mod refresh;
+pub mod snapshot;
 pub mod write;
 mod written;
 

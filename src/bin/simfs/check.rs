@@ -1,9 +1,10 @@
-//! `simfs check`: indexes a container and lists what the mount hides, and why.
+//! `simfs check`: indexes a container and lists what the mount hides, and why; and `simfs
+//! index publish`, which indexes it to share the index with a fleet.
 
 use crate::config::{resolve, SourceArgs};
 use crate::runtime;
 use simfs::index::ingest::no_progress;
-use simfs::mount::prepare;
+use simfs::mount::{prepare, publish_index};
 use std::process::ExitCode;
 
 pub fn check(source: &SourceArgs) -> ExitCode {
@@ -44,4 +45,33 @@ pub fn check(source: &SourceArgs) -> ExitCode {
         println!("{tag}\t{}\t{}", f.blob, f.reason);
     }
     ExitCode::SUCCESS
+}
+
+pub fn publish(source: &SourceArgs) -> ExitCode {
+    let target = match resolve(source, &|k| std::env::var(k).ok()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("simfs: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = runtime();
+    let t0 = std::time::Instant::now();
+    match publish_index(&target, &source.mount_config(), &rt) {
+        Ok(p) => {
+            println!(
+                "published {} entries to {} ({:.1} MiB index, {:.1} MiB compressed) in {:.1} s",
+                p.entries,
+                p.blob,
+                p.index_bytes as f64 / (1 << 20) as f64,
+                p.snapshot_bytes as f64 / (1 << 20) as f64,
+                t0.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("simfs index publish: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

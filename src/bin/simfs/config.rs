@@ -71,6 +71,11 @@ pub struct SourceArgs {
     /// List the container again instead of reusing the persisted index.
     #[arg(long)]
     pub reindex: bool,
+    /// With no index in the cache directory yet, start from the index snapshot published in
+    /// the container (`simfs index publish`) instead of listing it; the refresh then
+    /// brings it up to date. Without a usable snapshot the container is listed.
+    #[arg(long)]
+    pub index_from_container: bool,
     /// List requests in flight at once while indexing.
     #[arg(long, default_value_t = 32)]
     pub list_concurrency: usize,
@@ -510,6 +515,7 @@ impl SourceArgs {
         d.file_mode = self.file_mode;
         d.dir_mode = self.dir_mode;
         cfg.reindex = self.reindex;
+        cfg.index_from_container = self.index_from_container;
         cfg.list_concurrency = self.list_concurrency;
         cfg.read_only = self.read_only;
         cfg.writeback.delay = std::time::Duration::from_secs_f64(self.upload_delay);

@@ -118,6 +118,13 @@ enum Cmd {
         /// (it need not exist on the mount yet).
         path: Option<PathBuf>,
     },
+    /// The index as a shared artefact: `simfs index publish SOURCE --cache-dir DIR` lists the
+    /// container once and uploads a snapshot that mounts with --index-from-container start
+    /// from.
+    Index {
+        #[command(subcommand)]
+        cmd: IndexCmd,
+    },
     /// Index a container and list what the mount hides, and why.
     Check {
         #[command(flatten)]
@@ -132,6 +139,16 @@ fn parse_interval(s: &str) -> Result<f64, String> {
             "{s:?} is not 0 (off) or a number of seconds between 1 and 86400"
         )),
     }
+}
+
+#[derive(Subcommand)]
+enum IndexCmd {
+    /// List the container and upload its index as a snapshot (under `.simfs/index/` below the
+    /// prefix), replacing the previous one unless another publisher replaced it meanwhile.
+    Publish {
+        #[command(flatten)]
+        source: SourceArgs,
+    },
 }
 
 pub(crate) fn init_logging() {
@@ -253,6 +270,12 @@ fn main() -> ExitCode {
             small_files,
             stream_write_mib << 20,
         ),
+        Cmd::Index {
+            cmd: IndexCmd::Publish { source },
+        } => {
+            init_logging();
+            check::publish(&source)
+        }
         Cmd::Check { source } => {
             init_logging();
             check::check(&source)
