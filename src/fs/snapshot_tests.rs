@@ -47,6 +47,9 @@ fn from_snapshot(store: &Arc<FaultyStore<MemoryStore>>) -> World {
     world_from(store.clone(), dir, "", &cfg)
 }
 
+/// A snapshot blob put in place: what it is, its bytes and its metadata.
+type Case<'a> = (&'a str, Vec<u8>, &'a [(&'a str, &'a str)]);
+
 fn lists(w: &World) -> u64 {
     w.store.counters.list.load(Ordering::SeqCst)
 }
@@ -92,7 +95,7 @@ fn a_snapshot_this_mount_cannot_use_is_refused_and_the_container_listed() {
     publish(&writer, "venv/").unwrap();
     let mem = writer.store.inner();
     let theirs = mem.data("venv/.simfs/index/snapshot.db.gz").unwrap();
-    let cases: [(&str, Vec<u8>, &[(&str, &str)]); 3] = [
+    let cases: [Case; 3] = [
         // Another prefix's snapshot copied to this prefix's name.
         (
             "another prefix",
