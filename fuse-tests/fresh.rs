@@ -140,3 +140,63 @@ fn a_second_mounts_changes_appear_within_the_interval_and_at_once_on_refresh() {
         "{status}"
     );
 }
+
+#[test]
+fn a_mount_from_the_published_snapshot_sees_what_a_listing_sees() {
+    let az = empty_container("snap");
+    let (cw, cp, cs, cl) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let mut w = mount(&az, "snap", cw.path(), &["--upload-delay", "0"]);
+    let r = w.path().to_path_buf();
+    std::fs::create_dir_all(r.join("data/train")).unwrap();
+    for i in 0..50 {
+        std::fs::write(r.join(format!("data/train/shard-{i:03}")), format!("{i}")).unwrap();
+    }
+    std::os::unix::fs::symlink("train/shard-007", r.join("data/latest")).unwrap();
+    std::fs::hard_link(r.join("data/train/shard-001"), r.join("data/first")).unwrap();
+    unmount_clean(&mut w);
+    let publish = Command::new(SIMFS)
+        .args(["index", "publish", "snap", "--cache-dir"])
+        .arg(cp.path())
+        .env("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&publish.stdout);
+    assert!(
+        publish.status.success() && said.contains("published"),
+        "{said} {}",
+        String::from_utf8_lossy(&publish.stderr)
+    );
+    let from = Mount::start(
+        &[
+            "snap",
+            "--cache-dir",
+            cs.path().to_str().unwrap(),
+            "--index-from-container",
+        ],
+        &[
+            ("AZURE_STORAGE_CONNECTION_STRING", az.connection_string()),
+            ("SIMFS_LOG", "info".into()),
+        ],
+    )
+    .expect("mount");
+    assert!(
+        from.log_text().contains("started from the index snapshot"),
+        "{}",
+        from.log_text()
+    );
+    let listed = mount(&az, "snap", cl.path(), &[]);
+    assert_eq!(snapshot(from.path()), snapshot(listed.path()));
+    assert!(
+        !from.path().join(".simfs").exists(),
+        "the snapshot itself is hidden"
+    );
+    assert_eq!(
+        std::fs::read(from.path().join("data/latest")).unwrap(),
+        b"7"
+    );
+}

@@ -179,7 +179,11 @@ impl Mount {
     pub fn start_at(at: &Path, args: &[&str], env: &[(&str, String)]) -> Result<Mount, String> {
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut cmd = mount_command(args, at, env);
-        cmd.arg("--foreground").env("SIMFS_LOG", "warn");
+        cmd.arg("--foreground");
+        // Warnings only, unless the test asks for more.
+        if !env.iter().any(|(k, _)| *k == "SIMFS_LOG") {
+            cmd.env("SIMFS_LOG", "warn");
+        }
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
