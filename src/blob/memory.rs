@@ -135,12 +135,15 @@ impl BlobStore for MemoryStore {
             .unwrap_or(self.page_size)
             .min(self.page_size);
         let mut page = ListPage::default();
+        // A page starts after the marker (like the service: a seek, not a scan from the
+        // start of the prefix, which made long listings quadratic here).
+        use std::ops::Bound;
+        let from = match &q.marker {
+            Some(m) if *m >= lower => Bound::Excluded(m.clone()),
+            _ => Bound::Included(lower),
+        };
         let iter = blobs
-            .range(lower..)
-            .filter(|(k, _)| match &q.marker {
-                Some(m) => k.as_str() > m.as_str(),
-                None => true,
-            })
+            .range((from, Bound::Unbounded))
             .take_while(|(k, _)| k.starts_with(&q.prefix));
         for (name, stored) in iter {
             if page.blobs.len() == max {
