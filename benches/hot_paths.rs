@@ -21,11 +21,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-const FILES: usize = 20_000;
+/// Files in the index: 20,000, or `SIMFS_BENCH_FILES` (the 1M-entry figures in
+/// docs/BENCHMARKS.md: the same paths, in 2,000 directories of 500).
+fn files() -> usize {
+    std::env::var("SIMFS_BENCH_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 10_000)
+        .unwrap_or(20_000)
+}
 
 fn store() -> Arc<dyn BlobStore> {
     let mem = MemoryStore::new();
-    for i in 0..FILES {
+    for i in 0..files() {
         mem.put(
             &format!("data/shard-{:03}/sample-{i:06}.bin", i / 500),
             "x",
