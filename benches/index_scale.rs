@@ -152,7 +152,7 @@ fn main() {
         let mut seen = 0u64;
         while let Some(dir) = stack.pop() {
             let fh = fs.opendir(dir).unwrap();
-            for e in fs.readdir(fh).unwrap().iter().skip(2) {
+            for e in fs.read_dir_all(fh).unwrap().iter().skip(2) {
                 let a = fs
                     .lookup(dir, std::ffi::OsStr::from_bytes(&e.name))
                     .unwrap();

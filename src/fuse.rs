@@ -583,13 +583,13 @@ impl Filesystem for SimFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.fs.readdir(fh.0) {
+        let entries = match self.fs.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        for (cookie, e) in &entries {
             let name = OsStr::from_bytes(&e.name);
-            if reply.add(INodeNo(e.attr.ino), (i + 1) as u64, kind(e.attr.kind), name) {
+            if reply.add(INodeNo(e.attr.ino), *cookie, kind(e.attr.kind), name) {
                 break;
             }
         }
@@ -604,16 +604,16 @@ impl Filesystem for SimFuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.fs.readdir(fh.0) {
+        let entries = match self.fs.readdir(fh.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+        for (cookie, e) in &entries {
             let name = OsStr::from_bytes(&e.name);
             let attr = file_attr(&e.attr);
             if reply.add(
                 INodeNo(e.attr.ino),
-                (i + 1) as u64,
+                *cookie,
                 name,
                 &self.ttl,
                 &attr,

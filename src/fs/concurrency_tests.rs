@@ -137,7 +137,7 @@ fn writes_show_in_stat_at_once_and_survive_a_crash_before_close() {
         assert_eq!(w.fs.getattr(a.ino).unwrap().size, expected.len() as u64);
     }
     let listed = w.fs.opendir(ROOT_INO).unwrap();
-    let entry = w.fs.readdir(listed).unwrap();
+    let entry = w.fs.read_dir_all(listed).unwrap();
     let log = entry.iter().find(|e| e.name == b"log").unwrap();
     assert_eq!(
         log.attr.size,

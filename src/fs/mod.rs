@@ -4,8 +4,8 @@
 //! `FsResult`, so unit tests drive it directly. Metadata operations (lookup, getattr,
 //! readdir, readlink, statfs) read only the index. `open` of a regular file hydrates it
 //! into the cache (the only network access) and keeps an open `File` in a handle table;
-//! `read` is a `pread` on that file. Directory handles hold a snapshot of the entries taken
-//! at `opendir`, so a long `readdir` sees one consistent listing and offsets stay valid.
+//! `read` is a `pread` on that file. Directory handles read the index a page at a time
+//! (`dir.rs`), so listing a directory of millions of entries holds one page.
 //!
 //! Inodes live in the index and survive `forget`; the kernel's lookup counts need no
 //! bookkeeping because an inode is only freed once unlinked and closed (open handles are
@@ -15,6 +15,7 @@
 //!
 //! Errors of every layer below become errnos in one place, `error.rs`.
 
+mod dir;
 pub mod error;
 mod handle;
 mod prefetch;
@@ -25,7 +26,7 @@ use handle::{Data, OpenFile};
 
 use crate::cache::Cache;
 use crate::index::names::{Name, NameError};
-use crate::index::{DirEntry, Index};
+use crate::index::Index;
 use crate::locks::InodeLocks;
 pub use crate::posix::{Attr, AttrChanges, Kind, RenameMode, SetTime};
 use crate::refresh::Refresher;
@@ -56,7 +57,7 @@ pub struct ListedEntry {
 
 enum Handle {
     File(Arc<OpenFile>),
-    Dir(Arc<Vec<ListedEntry>>),
+    Dir(Arc<dir::DirHandle>),
 }
 
 pub struct SimFs {
@@ -157,7 +158,7 @@ impl SimFs {
             return Err(FsError::NotDir);
         }
         let parent = self.attr(self.index.parent_of(ino)?)?;
-        let mut entries = vec![
+        let dots = [
             ListedEntry {
                 name: b".".to_vec(),
                 attr: me,
@@ -167,23 +168,29 @@ impl SimFs {
                 attr: parent,
             },
         ];
-        entries.extend(
-            self.index
-                .readdir(ino)?
-                .into_iter()
-                .map(|DirEntry { name, attr }| ListedEntry {
-                    name: name.as_bytes().to_vec(),
-                    attr,
-                }),
-        );
-        Ok(self.insert_handle(Handle::Dir(Arc::new(entries))))
+        Ok(self.insert_handle(Handle::Dir(Arc::new(dir::DirHandle::new(ino, dots)))))
     }
 
-    /// The snapshot of an open directory; entry `i` sits at readdir offset `i + 1`.
-    pub fn readdir(&self, fh: u64) -> FsResult<Arc<Vec<ListedEntry>>> {
-        match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::Dir(e)) => Ok(e.clone()),
-            _ => Err(FsError::BadHandle),
+    /// Entries of an open directory from position `offset` on (`.` is 0, `..` is 1), each with
+    /// its cookie (its position + 1: the offset that continues after it); a page at a time,
+    /// empty at the end.
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<(u64, ListedEntry)>> {
+        let h = match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::Dir(d)) => d.clone(),
+            _ => return Err(FsError::BadHandle),
+        };
+        h.read(&self.index, offset)
+    }
+
+    /// Every entry of an open directory, `.` and `..` first (tests and tools).
+    pub fn read_dir_all(&self, fh: u64) -> FsResult<Vec<ListedEntry>> {
+        let mut out = Vec::new();
+        loop {
+            let page = self.readdir(fh, out.len() as u64)?;
+            if page.is_empty() {
+                return Ok(out);
+            }
+            out.extend(page.into_iter().map(|(_, e)| e));
         }
     }
 

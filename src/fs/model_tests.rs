@@ -287,7 +287,7 @@ fn run(w: &World, op: &Op) -> i32 {
 fn compare(w: &World, model: &Model, step: &str) {
     let fh = w.fs.opendir(ROOT_INO).unwrap();
     let listed: Vec<String> =
-        w.fs.readdir(fh)
+        w.fs.read_dir_all(fh)
             .unwrap()
             .iter()
             .skip(2)

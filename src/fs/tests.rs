@@ -216,13 +216,13 @@ fn readdir_lists_dot_entries_then_names_in_order() {
     let venv = path(&w, "venv").unwrap();
     let fh = w.fs.opendir(venv.ino).unwrap();
     let names: Vec<String> =
-        w.fs.readdir(fh)
+        w.fs.read_dir_all(fh)
             .unwrap()
             .iter()
             .map(|e| String::from_utf8_lossy(&e.name).into_owned())
             .collect();
     assert_eq!(names, [".", "..", "bin", "lib"]);
-    assert_eq!(w.fs.readdir(fh).unwrap()[1].attr.ino, ROOT_INO);
+    assert_eq!(w.fs.read_dir_all(fh).unwrap()[1].attr.ino, ROOT_INO);
     w.fs.releasedir(fh);
     assert_eq!(w.fs.open_handles(), 0);
     assert_eq!(venv.nlink, 4, "2 + two subdirectories");
@@ -263,7 +263,7 @@ fn metadata_path_makes_no_request_after_mount() {
     let mut seen = 0;
     while let Some(ino) = stack.pop() {
         let fh = w.fs.opendir(ino).unwrap();
-        for e in w.fs.readdir(fh).unwrap().iter().skip(2) {
+        for e in w.fs.read_dir_all(fh).unwrap().iter().skip(2) {
             let a =
                 w.fs.lookup(ino, std::os::unix::ffi::OsStrExt::from_bytes(&e.name[..]))
                     .unwrap();
@@ -628,4 +628,47 @@ fn hydrated_files_survive_a_restart_and_a_damaged_copy_is_not_trusted() {
         store.counters.get.load(Ordering::SeqCst) > gets,
         "b was fetched again"
     );
+}
+
+#[test]
+fn a_large_directory_is_listed_a_page_at_a_time_and_each_entry_once() {
+    let mem = MemoryStore::new();
+    for i in 0..1300 {
+        mem.put(&format!("big/f{i:05}"), "x", &[]);
+    }
+    let w = super::write_tests::rw(mem);
+    let big = path(&w, "big").unwrap().ino;
+    let fh = w.fs.opendir(big).unwrap();
+    let first = w.fs.readdir(fh, 0).unwrap();
+    assert!(first.len() < 1300, "one page, not the whole directory");
+    // The kernel took the first 100; meanwhile names come and go on both sides of it.
+    let cookie = first[99].0;
+    w.fs.unlink(big, OsStr::new("f00010")).unwrap();
+    w.fs.unlink(big, OsStr::new("f01000")).unwrap();
+    w.fs.mkdir(big, OsStr::new("f00500x"), 0o755, super::write_tests::ME)
+        .unwrap();
+    let mut names: Vec<Vec<u8>> = first[..100].iter().map(|(_, e)| e.name.clone()).collect();
+    let mut at = cookie;
+    loop {
+        let page = w.fs.readdir(fh, at).unwrap();
+        let Some(last) = page.last() else { break };
+        at = last.0;
+        names.extend(page.into_iter().map(|(_, e)| e.name));
+    }
+    let unique: std::collections::BTreeSet<_> = names.iter().cloned().collect();
+    assert_eq!(unique.len(), names.len(), "no entry twice");
+    for i in (0..1300).filter(|&i| i != 1000 && i != 10) {
+        assert!(
+            unique.contains(format!("f{i:05}").as_bytes()),
+            "f{i:05} listed"
+        );
+    }
+    assert!(
+        !unique.contains(b"f01000".as_slice()),
+        "removed before it was reached"
+    );
+    // A seek back to an old position (telldir/seekdir) still works.
+    let again = w.fs.readdir(fh, 2).unwrap();
+    assert_eq!(again[0].1.name, b"f00000");
+    w.fs.releasedir(fh);
 }

@@ -432,6 +432,51 @@ impl Index {
         })
     }
 
+    /// Up to `limit` entries of directory `ino` in name order, starting after the name
+    /// `after` (from the first when None) or, with `after` None, after skipping `skip`.
+    pub fn readdir_page(
+        &self,
+        ino: u64,
+        after: Option<&[u8]>,
+        skip: u64,
+        limit: usize,
+    ) -> IndexResult<Vec<DirEntry>> {
+        self.with_conn(|c| {
+            let (sql, cursor): (String, rusqlite::types::Value) = match after {
+                Some(name) => (
+                    format!(
+                        "SELECT d.name, {ATTR_COLS} FROM dentries d JOIN inodes i ON i.ino = d.ino
+                         WHERE d.parent = ?1 AND d.name > ?2 ORDER BY d.name LIMIT ?3"
+                    ),
+                    rusqlite::types::Value::Blob(name.to_vec()),
+                ),
+                None => (
+                    format!(
+                        "SELECT d.name, {ATTR_COLS} FROM dentries d JOIN inodes i ON i.ino = d.ino
+                         WHERE d.parent = ?1 ORDER BY d.name LIMIT ?3 OFFSET ?2"
+                    ),
+                    rusqlite::types::Value::Integer(skip.min(i64::MAX as u64) as i64),
+                ),
+            };
+            let mut st = c.prepare_cached(&sql)?;
+            let rows = st.query_map(params![ino as i64, cursor, limit as i64], |r| {
+                let name: Vec<u8> = r.get(0)?;
+                Ok((name, row_attr(r, 1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, attr) = row?;
+                let name = Name::new(&name)
+                    .map_err(|e| IndexError::Corrupt(format!("entry name in {ino}: {e}")))?;
+                out.push(DirEntry {
+                    name,
+                    attr: self.written.overlay(attr),
+                });
+            }
+            Ok(out)
+        })
+    }
+
     /// The parent directory of `ino` (the root is its own parent).
     pub fn parent_of(&self, ino: u64) -> IndexResult<u64> {
         if ino == ROOT_INO {
