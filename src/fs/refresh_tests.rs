@@ -63,6 +63,15 @@ pub(super) fn tree(w: &World) -> Vec<Seen> {
     out
 }
 
+/// Writes `dir/model.pt` with a hard link `best.pt` at the root and a symlink
+/// `dir/latest` to it, as a training job leaves a checkpoint.
+pub(super) fn linked_checkpoint(w: &World, dir: &str, dir_ino: u64, data: &[u8]) {
+    let f = write_file(w, dir, "model.pt", data);
+    w.fs.link(f.ino, ROOT_INO, OsStr::new("best.pt")).unwrap();
+    w.fs.symlink(dir_ino, OsStr::new("latest"), b"model.pt", ME)
+        .unwrap();
+}
+
 /// A read-only mount of `w`'s container with its own cache directory.
 fn second_node(store: &Arc<FaultyStore<MemoryStore>>) -> World {
     world_on(
@@ -84,15 +93,7 @@ fn a_refresh_makes_the_tree_what_a_new_listing_shows() {
         .fs
         .mkdir(ROOT_INO, OsStr::new("runs"), 0o750, ME)
         .unwrap();
-    let f = write_file(&writer, "runs", "model.pt", b"weights v1");
-    writer
-        .fs
-        .link(f.ino, ROOT_INO, OsStr::new("best.pt"))
-        .unwrap();
-    writer
-        .fs
-        .symlink(d.ino, OsStr::new("latest"), b"model.pt", ME)
-        .unwrap();
+    linked_checkpoint(&writer, "runs", d.ino, b"weights v1");
     let chmod = AttrChanges {
         perm: Some(0o600),
         ..Default::default()

@@ -2,7 +2,7 @@
 //! (same tree, no listing), refuses one it cannot use (and lists instead), and of two
 //! publishers racing exactly one commits.
 
-use super::refresh_tests::tree;
+use super::refresh_tests::{linked_checkpoint, tree};
 use super::tests::{defaults, fixture, path, read_all, world_from, World};
 use super::write_tests::{drain, fresh, rw, write_file, ME};
 use super::*;
@@ -57,15 +57,7 @@ fn lists(w: &World) -> u64 {
 #[test]
 fn a_published_snapshot_mounts_the_same_tree_without_a_listing() {
     let writer = rw(fixture());
-    let f = write_file(&writer, "", "model.pt", b"weights");
-    writer
-        .fs
-        .link(f.ino, ROOT_INO, OsStr::new("best.pt"))
-        .unwrap();
-    writer
-        .fs
-        .symlink(ROOT_INO, OsStr::new("latest"), b"model.pt", ME)
-        .unwrap();
+    linked_checkpoint(&writer, "", ROOT_INO, b"weights");
     drain(&writer);
     let p = publish(&writer, "").unwrap();
     assert_eq!(p.blob, ".simfs/index/snapshot.db.gz");

@@ -13,7 +13,7 @@
 //! deleted from there: a crash between writing the new name and deleting the old one leaves
 //! a trash row, never an unclaimed duplicate.
 
-use super::{row_attr, Index, IndexResult, ATTR_COLS, ATTR_N, ROOT_INO};
+use super::{row_attr, Index, IndexResult, ATTR_COLS, ATTR_N};
 use crate::posix::{from_ns, to_ns, Attr, Kind};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::time::{Duration, SystemTime};
@@ -65,28 +65,7 @@ pub struct Claim {
 
 /// The path of directory `ino` relative to the mount root (empty for the root).
 fn dir_path(c: &Connection, ino: u64) -> IndexResult<Option<Vec<u8>>> {
-    let mut st = c.prepare_cached("SELECT parent, name FROM dentries WHERE ino = ?1 LIMIT 1")?;
-    let mut parts: Vec<Vec<u8>> = Vec::new();
-    let mut cur = ino;
-    while cur != ROOT_INO {
-        let Some((p, n)) = st
-            .query_row([cur as i64], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-            })
-            .optional()?
-        else {
-            return Ok(None);
-        };
-        parts.push(n);
-        cur = p as u64;
-        if parts.len() > 4096 {
-            return Err(super::IndexError::Corrupt(format!(
-                "directory loop above {ino}"
-            )));
-        }
-    }
-    parts.reverse();
-    Ok(Some(parts.join(&b'/')))
+    Ok(super::path_parts(c, ino)?.map(|parts| parts.join(&b'/')))
 }
 
 impl Index {

@@ -244,6 +244,30 @@ pub(crate) fn entry_of(c: &Connection, parent: u64, name: &Name) -> IndexResult<
         .optional()?)
 }
 
+/// The names from the root to `ino` (through one of its names); None when it has none.
+pub(crate) fn path_parts(c: &Connection, ino: u64) -> IndexResult<Option<Vec<Vec<u8>>>> {
+    let mut st = c.prepare_cached("SELECT parent, name FROM dentries WHERE ino = ?1 LIMIT 1")?;
+    let mut parts: Vec<Vec<u8>> = Vec::new();
+    let mut cur = ino;
+    while cur != ROOT_INO {
+        let Some((p, n)) = st
+            .query_row([cur as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        parts.push(n);
+        cur = p as u64;
+        if parts.len() > 4096 {
+            return Err(IndexError::Corrupt(format!("directory loop above {ino}")));
+        }
+    }
+    parts.reverse();
+    Ok(Some(parts))
+}
+
 /// A complete index, shared by all FUSE threads: reads through a pool of read-only
 /// connections, changes through the one writer connection.
 pub struct Index {
@@ -409,27 +433,7 @@ impl Index {
 
     /// All entries of directory `ino` in name order (without `.` and `..`).
     pub fn readdir(&self, ino: u64) -> IndexResult<Vec<DirEntry>> {
-        self.with_conn(|c| {
-            let mut st = c.prepare_cached(&format!(
-                "SELECT d.name, {ATTR_COLS} FROM dentries d JOIN inodes i ON i.ino = d.ino
-                 WHERE d.parent = ?1 ORDER BY d.name"
-            ))?;
-            let rows = st.query_map([ino as i64], |r| {
-                let name: Vec<u8> = r.get(0)?;
-                Ok((name, row_attr(r, 1)?))
-            })?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (name, attr) = row?;
-                let name = Name::new(&name)
-                    .map_err(|e| IndexError::Corrupt(format!("entry name in {ino}: {e}")))?;
-                out.push(DirEntry {
-                    name,
-                    attr: self.written.overlay(attr),
-                });
-            }
-            Ok(out)
-        })
+        self.readdir_page(ino, None, 0, usize::MAX)
     }
 
     /// Up to `limit` entries of directory `ino` in name order, starting after the name
@@ -459,7 +463,8 @@ impl Index {
                 ),
             };
             let mut st = c.prepare_cached(&sql)?;
-            let rows = st.query_map(params![ino as i64, cursor, limit as i64], |r| {
+            let limit = limit.min(i64::MAX as usize) as i64;
+            let rows = st.query_map(params![ino as i64, cursor, limit], |r| {
                 let name: Vec<u8> = r.get(0)?;
                 Ok((name, row_attr(r, 1)?))
             })?;
@@ -623,26 +628,13 @@ impl Index {
     /// has no name.
     pub fn path_of(&self, ino: u64) -> IndexResult<Option<Vec<Name>>> {
         self.with_conn(|c| {
-            let mut st =
-                c.prepare_cached("SELECT parent, name FROM dentries WHERE ino = ?1 LIMIT 1")?;
-            let mut names = Vec::new();
-            let mut cur = ino;
-            while cur != ROOT_INO {
-                let Some((p, n)) = st
-                    .query_row([cur as i64], |r| {
-                        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-                    })
-                    .optional()?
-                else {
-                    return Ok(None);
-                };
-                names.push(Name::new(&n).map_err(|e| IndexError::Corrupt(e.to_string()))?);
-                cur = p as u64;
-                if names.len() > 4096 {
-                    return Err(IndexError::Corrupt(format!("directory loop above {ino}")));
-                }
-            }
-            names.reverse();
+            let Some(parts) = path_parts(c, ino)? else {
+                return Ok(None);
+            };
+            let names = parts
+                .iter()
+                .map(|n| Name::new(n).map_err(|e| IndexError::Corrupt(e.to_string())))
+                .collect::<IndexResult<Vec<_>>>()?;
             Ok(Some(names))
         })
     }
