@@ -41,7 +41,7 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 endpoint="http://127.0.0.1:$port/devstoreaccount1"
 echo "hello from the container" > "$work/hello.txt"
 mkdir "$work/seed" && cp "$work/hello.txt" "$work/seed/"
-target/debug/simfs-seed --endpoint "$endpoint" --container debtest --dir "$work/seed=" >/dev/null
+"${CARGO_TARGET_DIR:-target}/debug/simfs-seed" --endpoint "$endpoint" --container debtest --dir "$work/seed=" >/dev/null
 ( umask 077; printf 'connection_string = "UseDevelopmentStorage=true;BlobEndpoint=%s"\n' "$endpoint" > "$cred" )
 
 check() { # mountpoint, how
