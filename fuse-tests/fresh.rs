@@ -89,7 +89,17 @@ fn a_second_mounts_changes_appear_within_the_interval_and_at_once_on_refresh() {
     )
     .unwrap();
     std::fs::create_dir_all(rb.join("logs/run1")).unwrap();
-    // Metadata changes go up after --upload-delay (0 here); unmounting B uploads all of it.
+    // Once B's changes are up, a refresh of B finds nothing new: its own uploads (ETags
+    // as the upload returned them, metadata as written) match the listing.
+    let settled = within(Duration::from_secs(20), || {
+        let said = simfs_refresh(&[rb]);
+        assert!(
+            said.contains(": 0 added, 0 changed, 0 removed"),
+            "B's own uploads looked like changes: {said}"
+        );
+        said.contains(", 0 kept")
+    });
+    assert!(settled.is_some(), "{}", simfs_refresh(&[rb]));
     let mut b = b;
     unmount_clean(&mut b);
     let said = simfs_refresh(&[ra]);

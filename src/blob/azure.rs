@@ -150,8 +150,22 @@ const BODY_RETRIES: u32 = 4;
 fn conditions(expect: &Expect) -> (Option<Etag>, Option<Etag>) {
     match expect {
         Expect::Absent => (None, Some(Etag::from("*"))),
-        Expect::Etag(e) => (Some(Etag::from(e.as_str())), None),
+        Expect::Etag(e) => (Some(etag_header(e)), None),
     }
+}
+
+/// An ETag as simfs keeps it: without the quotes response headers put around it, as List
+/// Blobs reports it, so the ETag an upload returned and the one a later listing shows for
+/// the same version compare equal.
+fn etag_text(e: Etag) -> String {
+    let s = String::from(e);
+    s.trim_matches('"').to_string()
+}
+
+/// An ETag for a conditional header: quoted, as HTTP and the Blob service's documentation
+/// write it.
+fn etag_header(e: &str) -> Etag {
+    Etag::from(format!("\"{}\"", e.trim_matches('"')))
 }
 
 fn to_hash_map(m: &Metadata) -> std::collections::HashMap<String, String> {
@@ -159,7 +173,7 @@ fn to_hash_map(m: &Metadata) -> std::collections::HashMap<String, String> {
 }
 
 fn etag_of(what: &str, e: Option<Etag>) -> BlobResult<String> {
-    e.map(String::from)
+    e.map(etag_text)
         .ok_or_else(|| BlobError::Invalid(format!("{what}: no ETag in the answer")))
 }
 
@@ -245,7 +259,7 @@ impl BlobStore for AzureStore {
             page.blobs.push(BlobProps {
                 name,
                 size: p.content_length.unwrap_or(0),
-                etag: p.etag.map(String::from).unwrap_or_default(),
+                etag: p.etag.map(etag_text).unwrap_or_default(),
                 last_modified: p
                     .last_modified
                     .map(to_system_time)
@@ -267,11 +281,7 @@ impl BlobStore for AzureStore {
         Ok(BlobProps {
             name: name.to_string(),
             size: rsp.content_length().map_err(bad)?.unwrap_or(0),
-            etag: rsp
-                .etag()
-                .map_err(bad)?
-                .map(String::from)
-                .unwrap_or_default(),
+            etag: rsp.etag().map_err(bad)?.map(etag_text).unwrap_or_default(),
             last_modified: rsp
                 .last_modified()
                 .map_err(bad)?
@@ -294,7 +304,7 @@ impl BlobStore for AzureStore {
             .and_then(NonZero::new);
         let opts = BlobClientDownloadOptions {
             range: Some(range.clone().into()),
-            if_match: Some(Etag::from(etag)),
+            if_match: Some(etag_header(etag)),
             parallel: NonZero::new(1),
             partition_size: whole,
             ..Default::default()
@@ -416,7 +426,7 @@ impl BlobStore for AzureStore {
     ) -> BlobResult<String> {
         let what = format!("set metadata of {name:?}");
         let opts = BlobClientSetMetadataOptions {
-            if_match: Some(Etag::from(etag)),
+            if_match: Some(etag_header(etag)),
             ..Default::default()
         };
         let rsp = self
@@ -448,7 +458,7 @@ impl BlobStore for AzureStore {
             metadata: Some(to_hash_map(metadata)),
             if_match,
             if_none_match,
-            source_if_match: Some(Etag::from(from_etag)),
+            source_if_match: Some(etag_header(from_etag)),
             ..Default::default()
         };
         let target = self.blob(to)?;
@@ -477,7 +487,7 @@ impl BlobStore for AzureStore {
 
     async fn delete(&self, name: &str, etag: &str) -> BlobResult<()> {
         let opts = BlobClientDeleteOptions {
-            if_match: Some(Etag::from(etag)),
+            if_match: Some(etag_header(etag)),
             ..Default::default()
         };
         self.blob(name)?

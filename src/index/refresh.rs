@@ -191,11 +191,17 @@ impl Row {
             || self.uid != f.uid
             || self.gid != f.gid
             || self.mtime_ns != f.mtime_ns
-            || self.blob != f.blob
-            || self.etag != f.etag
+            || !self.same_version(f)
             || self.target != f.target
             || self.rdev != f.rdev
             || (self.kind != DIR && self.size != f.size)
+    }
+
+    /// The same blob at the same ETag. Indexes written before ETags were kept unquoted
+    /// hold uploads' ETags in quotes; a listing never quotes them.
+    fn same_version(&self, f: &Row) -> bool {
+        let unquoted = |e: &Option<String>| e.as_deref().map(|e| e.trim_matches('"').to_string());
+        self.blob == f.blob && unquoted(&self.etag) == unquoted(&f.etag)
     }
 
     fn blob_ref(&self) -> Option<BlobRef> {
@@ -455,7 +461,13 @@ impl Apply<'_> {
             self.out.kept_local += 1;
             return Ok(());
         }
-        let new_data = l.blob != f.blob || l.etag != f.etag;
+        tracing::trace!(
+            "refresh: inode {ino} {:?}: local {:?} container {:?}",
+            String::from_utf8_lossy(name),
+            (&l.blob, &l.etag, l.perm, l.mtime_ns, l.size, l.uid, l.gid),
+            (&f.blob, &f.etag, f.perm, f.mtime_ns, f.size, f.uid, f.gid)
+        );
+        let new_data = !l.same_version(f);
         if l.kind == FILE && new_data && l.nlink == 1 && self.keep_open && (self.is_open)(ino) {
             // Open handles keep the version they opened, page cache included: the new
             // version is a new inode under the same name, as after a rename over the file.
@@ -485,7 +497,7 @@ impl Apply<'_> {
         if l.local {
             self.out.unlocal.push(ino);
         }
-        if l.kind == FILE && (l.blob != f.blob || l.etag != f.etag) {
+        if l.kind == FILE && new_data {
             self.out.stale.extend(l.blob_ref().map(|b| (ino, b)));
         }
         self.out.inodes.push(ino);
