@@ -24,6 +24,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+/// How long a read that found its blob changed waits for a refresh under way.
+const ENTRY_WAIT: Duration = Duration::from_secs(5);
+
 /// The index `meta` key holding the last refresh's report (JSON), for `simfs status`.
 pub const LAST_REFRESH: &str = "last_refresh";
 
@@ -45,6 +48,8 @@ pub enum RefreshError {
     Task(String),
     #[error("bad path: {0}")]
     Path(String),
+    #[error("another refresh is under way")]
+    Busy,
 }
 
 /// What one refresh did.
@@ -189,7 +194,15 @@ impl Refresher {
     /// `refresh`; without `keep_open` a changed file is updated in place even while open
     /// (for a file whose old version is gone and was never read).
     async fn refresh_with(&self, path: &[Name], keep_open: bool) -> Result<Report, RefreshError> {
-        let _one = self.one.lock().await;
+        // A read waiting on its one entry does not wait out a whole listing: it gives up
+        // (and gets ESTALE) if another refresh holds on for long.
+        let _one = if keep_open {
+            self.one.lock().await
+        } else {
+            tokio::time::timeout(ENTRY_WAIT, self.one.lock())
+                .await
+                .map_err(|_| RefreshError::Busy)?
+        };
         let (started, t0) = (SystemTime::now(), Instant::now());
         let scope = self.index.scope_for(path)?;
         let prefix = scope.listing_prefix();
