@@ -210,3 +210,36 @@ fn a_mount_from_the_published_snapshot_sees_what_a_listing_sees() {
         b"7"
     );
 }
+
+#[test]
+fn a_blob_rewritten_elsewhere_is_read_at_its_new_version_without_a_hang() {
+    let az = empty_container("stale");
+    let (ca, cb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut b = mount(
+        &az,
+        "stale",
+        cb.path(),
+        &["--refresh-interval", "0", "--upload-delay", "0"],
+    );
+    write_synced(&b.path().join("f"), b"old version");
+    let a = mount(&az, "stale", ca.path(), &["--refresh-interval", "0"]);
+    let f = a.path().join("f");
+    assert_eq!(std::fs::metadata(&f).unwrap().len(), 11);
+    write_synced(&b.path().join("f"), b"the new version, longer");
+    unmount_clean(&mut b);
+    // A's index still has the old ETag: the download is refused (412), simfs refreshes the
+    // entry while the kernel waits on that very read, and tells the kernel afterwards.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let g = f.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read(&g).map_err(|e| e.to_string()));
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the read answers instead of hanging");
+    assert!(first.is_ok(), "{first:?}");
+    let new = within(Duration::from_secs(10), || {
+        std::fs::read(&f).is_ok_and(|d| d == b"the new version, longer")
+    });
+    assert!(new.is_some(), "now {:?}", std::fs::read(&f));
+}

@@ -132,7 +132,7 @@ pub struct Refresher {
     /// Where the side index of a refresh is written (the state directory).
     dir: PathBuf,
     rt: tokio::runtime::Handle,
-    kernel: OnceLock<Box<dyn KernelCache>>,
+    kernel: OnceLock<Arc<dyn KernelCache>>,
     /// One refresh at a time.
     one: tokio::sync::Mutex<()>,
 }
@@ -155,6 +155,17 @@ fn jittered(every: Duration) -> Duration {
         ^ (std::process::id() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let unit = (seed % 2001) as f64 / 1000.0 - 1.0; // -1.0 ..= 1.0
     every.mul_f64(1.0 + unit / 10.0)
+}
+
+/// Tells the kernel which names and inodes a refresh changed.
+fn tell_kernel(kernel: Option<&dyn KernelCache>, a: &Applied) {
+    let Some(k) = kernel else { return };
+    for (parent, name) in &a.names {
+        k.inval_entry(*parent, name);
+    }
+    for ino in a.inodes.iter().collect::<BTreeSet<_>>() {
+        k.inval_inode(*ino);
+    }
 }
 
 impl Refresher {
@@ -182,7 +193,7 @@ impl Refresher {
 
     /// Who to tell about changes (set once, when the mount's FUSE session exists).
     pub fn set_kernel(&self, k: Box<dyn KernelCache>) {
-        let _ = self.kernel.set(k);
+        let _ = self.kernel.set(Arc::from(k));
     }
 
     /// Refreshes the tree below `path` (names from the root; empty for everything) and
@@ -252,7 +263,10 @@ impl Refresher {
             let _ = std::fs::remove_file(side.with_extension(ext));
         }
         let (applied, stats, requests) = applied?;
-        self.follow(&applied);
+        // Without `keep_open` this runs for a read of this very inode: the kernel holds the
+        // pages being read until the read is answered, so waiting for their invalidation
+        // here would wait forever. The kernel then hears of the change just after.
+        self.follow(&applied, keep_open).await;
         let report = Report {
             scope: prefix,
             started,
@@ -270,16 +284,19 @@ impl Refresher {
         Ok(report)
     }
 
-    /// After a refresh's commit: the kernel forgets what changed, and copies of versions
-    /// that are gone leave the cache (unless open).
-    fn follow(&self, a: &Applied) {
-        if let Some(k) = self.kernel.get() {
-            for (parent, name) in &a.names {
-                k.inval_entry(*parent, name);
-            }
-            for ino in a.inodes.iter().collect::<BTreeSet<_>>() {
-                k.inval_inode(*ino);
-            }
+    /// After a refresh's commit: the kernel forgets what changed (waited for when `wait`),
+    /// and copies of versions that are gone leave the cache (unless open). An invalidation
+    /// waits for reads in flight on the inode, so it runs off the runtime's workers, which
+    /// those reads' downloads need.
+    async fn follow(&self, a: &Applied, wait: bool) {
+        let kernel = self.kernel.get().cloned();
+        let told = {
+            let a = a.clone();
+            self.rt
+                .spawn_blocking(move || tell_kernel(kernel.as_deref(), &a))
+        };
+        if wait {
+            let _ = told.await;
         }
         for (ino, blob) in &a.stale {
             self.cache.evict(*ino, blob);
