@@ -416,3 +416,24 @@ fn the_kernel_is_told_exactly_what_changed() {
     got.dedup();
     assert_eq!(got, want, "root {root} and other/ untouched");
 }
+
+#[test]
+fn a_refresh_against_a_dead_service_fails_clearly_and_changes_nothing() {
+    let w = world_with(fixture(), "", 1 << 20);
+    let before = tree(&w);
+    w.store.inner().put("new.txt", "n", &[]);
+    w.store.set_offline(true);
+    let err = w.fs.refresher().unwrap().refresh_path("").unwrap_err();
+    assert!(err.to_string().contains("listing the container"), "{err}");
+    w.store.set_offline(false);
+    assert_eq!(tree(&w), before, "nothing applied");
+    assert!(w
+        .fs
+        .index()
+        .meta(crate::refresh::LAST_REFRESH)
+        .unwrap()
+        .is_none());
+    // The next refresh works and brings the change.
+    assert_eq!(refresh(&w, "").added, 1);
+    assert_eq!(read_all(&w, "new.txt").unwrap(), b"n");
+}
