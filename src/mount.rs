@@ -205,8 +205,13 @@ pub fn prepare_with_store(
         concurrency: cfg.list_concurrency,
         defaults: cfg.defaults.clone(),
     };
-    let from_snapshot = match (&existing, cfg.index_from_container && !cfg.reindex) {
-        (None, true) => match rt.block_on(snapshot::fetch(store.clone(), source, &db)) {
+    // With no index to reuse: the container's snapshot when asked for and usable, else a
+    // listing.
+    let from_snapshot = || {
+        if !cfg.index_from_container || cfg.reindex {
+            return None;
+        }
+        match rt.block_on(snapshot::fetch(store.clone(), source, &db)) {
             Ok(i) => {
                 tracing::info!(
                     "started from the index snapshot in the container; the refresh brings it up to date"
@@ -217,19 +222,20 @@ pub fn prepare_with_store(
                 tracing::warn!("{e}; listing the container");
                 None
             }
-        },
-        _ => None,
+        }
     };
-    let index = match (existing, from_snapshot) {
-        (Some(i), _) => {
+    let index = match existing {
+        Some(i) => {
             tracing::info!("reusing the index at {}", db.display());
             i
         }
-        (None, Some(i)) => i,
-        (None, None) => {
-            rt.block_on(build_index(store.clone(), source, &db, &ingest, progress))?
-                .0
-        }
+        None => match from_snapshot() {
+            Some(i) => i,
+            None => {
+                rt.block_on(build_index(store.clone(), source, &db, &ingest, progress))?
+                    .0
+            }
+        },
     };
     // Whoever made them (an older simfs, a caller with a loose umask), the index and its
     // journal are private: the index names every file, the journal what is not uploaded.

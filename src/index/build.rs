@@ -17,7 +17,7 @@
 //! crash while indexing never leaves a half index that a later mount would trust.
 
 use super::names::{split_blob_name, Name};
-use super::{IndexResult, SourceId, SCHEMA, SCHEMA_VERSION};
+use super::{kind_code, IndexResult, SourceId, SCHEMA, SCHEMA_VERSION};
 use crate::blob::{format, BlobProps};
 use crate::posix::{to_ns, Kind};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -72,10 +72,6 @@ pub struct TreeBuilder {
     dirs: Vec<Dir>,
     dir_at: HashMap<(usize, Name), usize>,
     next_ino: u64,
-}
-
-fn kind_code(k: Kind) -> i64 {
-    super::kind_code(k)
 }
 
 impl TreeBuilder {

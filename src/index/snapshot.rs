@@ -43,7 +43,7 @@ pub fn is_reserved(rel: &str) -> bool {
 pub enum SnapshotError {
     #[error("no index snapshot at {0}")]
     Missing(String),
-    #[error("the snapshot at {0} {1}; listing the container instead")]
+    #[error("the snapshot at {0} {1}")]
     Incompatible(String, String),
     #[error(
         "another publisher replaced {0} while this one was listing; nothing was overwritten (run it again)"
