@@ -244,6 +244,13 @@ pub(crate) fn entry_of(c: &Connection, parent: u64, name: &Name) -> IndexResult<
         .optional()?)
 }
 
+/// The value of `key` in the `meta` table of the index open on `c`.
+pub(crate) fn meta_value(c: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()
+}
+
 /// The names from the root to `ino` (through one of its names); None when it has none.
 pub(crate) fn path_parts(c: &Connection, ino: u64) -> IndexResult<Option<Vec<Vec<u8>>>> {
     let mut st = c.prepare_cached("SELECT parent, name FROM dentries WHERE ino = ?1 LIMIT 1")?;
@@ -295,10 +302,7 @@ impl Index {
             watch: refresh::Watch::default(),
         };
         let ok = index.with_conn(|c| {
-            let get = |k: &str| -> rusqlite::Result<Option<String>> {
-                c.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
-                    .optional()
-            };
+            let get = |k: &str| meta_value(c, k);
             Ok(get("schema")?.as_deref() == Some(SCHEMA_VERSION)
                 && get("complete")?.as_deref() == Some("1")
                 && get("container_url")?.as_deref() == Some(&source.container_url)
@@ -306,26 +310,30 @@ impl Index {
         });
         match ok {
             Ok(true) => {
-                // Indexes written before the running totals get them now (one scan, once).
-                let has_totals = index.with_conn(|c| {
-                    Ok(c.query_row(
-                        "SELECT 1 FROM sqlite_master WHERE name = 'totals_update'",
-                        [],
-                        |_| Ok(()),
-                    )
-                    .optional()?
-                    .is_some())
-                })?;
-                if !has_totals {
+                // Indexes written before the running totals, or before mount-time recovery
+                // read local copies through their own index (a remount scanned every inode),
+                // get them now: one scan, once.
+                let has = |name: &str| {
+                    index.with_conn(|c| {
+                        Ok(c.query_row(
+                            "SELECT 1 FROM sqlite_master WHERE name = ?1",
+                            [name],
+                            |_| Ok(()),
+                        )
+                        .optional()?
+                        .is_some())
+                    })
+                };
+                if !has("totals_update")? {
                     index.write(|tx| Ok(tx.execute_batch(TOTALS)?))?;
                 }
-                // Mount-time recovery reads the local copies through this index: without
-                // it a remount scans every inode (older indexes get it now, once).
-                index.write(|tx| {
-                    Ok(tx.execute_batch(
-                        "CREATE INDEX IF NOT EXISTS inodes_local ON inodes(ino) WHERE local = 1",
-                    )?)
-                })?;
+                if !has("inodes_local")? {
+                    index.write(|tx| {
+                        Ok(tx.execute_batch(
+                            "CREATE INDEX IF NOT EXISTS inodes_local ON inodes(ino) WHERE local = 1",
+                        )?)
+                    })?;
+                }
                 Ok(Some(index))
             }
             Ok(false) => Ok(None),
@@ -610,10 +618,7 @@ impl Index {
 
     /// The value of `key` in the index's `meta` table.
     pub fn meta(&self, key: &str) -> IndexResult<Option<String>> {
-        self.with_conn(|c| {
-            let mut st = c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?;
-            Ok(st.query_row([key], |r| r.get(0)).optional()?)
-        })
+        self.with_conn(|c| Ok(meta_value(c, key)?))
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> IndexResult<()> {

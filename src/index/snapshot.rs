@@ -219,13 +219,7 @@ fn install(gz: &Path, tmp: &Path, db: &Path, source: &SourceId) -> Result<(), St
     drop(out);
     let check = || -> rusqlite::Result<Result<(), String>> {
         let c = Connection::open(tmp)?;
-        let get = |k: &str| -> rusqlite::Result<Option<String>> {
-            rusqlite::OptionalExtension::optional(c.query_row(
-                "SELECT value FROM meta WHERE key = ?1",
-                [k],
-                |r| r.get(0),
-            ))
-        };
+        let get = |k: &str| super::meta_value(&c, k);
         if get("schema")?.as_deref() != Some(SCHEMA_VERSION)
             || get("complete")?.as_deref() != Some("1")
         {
