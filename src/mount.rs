@@ -255,6 +255,9 @@ pub fn prepare_with_store(
     )
     .map_err(|e| MountError::Io(format!("cache dir {}: {e}", dir.display())))?;
     let cache = Arc::new(cache);
+    cache
+        .start_evictor()
+        .map_err(|e| MountError::Io(format!("starting the cache's eviction thread: {e}")))?;
     let refresher = Arc::new(Refresher::new(
         store.clone(),
         source.clone(),

@@ -18,6 +18,7 @@
 //! without a syscall per write (`space.rs`), and fetches a directory's small files ahead of
 //! their first read (`prefetch.rs`).
 
+mod evict;
 mod fill;
 mod lru;
 mod pins;
@@ -73,6 +74,9 @@ pub struct CacheOptions {
     pub capacity: Option<u64>,
     /// The most a blob too large for the cache keeps on disk while it is streamed.
     pub stream_window: u64,
+    /// Free bytes the clean cache leaves on the disk (above the writers' reserve): below
+    /// it, clean files are evicted in the background.
+    pub min_free: u64,
 }
 
 impl Default for CacheOptions {
@@ -83,6 +87,7 @@ impl Default for CacheOptions {
             parallel: 16,
             capacity: None,
             stream_window: 256 << 20,
+            min_free: 0,
         }
     }
 }
@@ -184,6 +189,8 @@ pub struct Cache {
     space: space::Space,
     lru: Arc<lru::Lru>,
     prefetch: prefetch::Prefetch,
+    marks: evict::Marks,
+    evictor: std::sync::OnceLock<evict::Evictor>,
 }
 
 /// Blocks a file takes on disk, in bytes.
@@ -232,6 +239,7 @@ impl Cache {
         for (_, key, bytes) in kept {
             lru.insert(&key, bytes, None);
         }
+        let marks = evict::Marks::new(opts.capacity, opts.min_free, disk_size(&local_dir)?);
         Ok(Cache {
             data_dir,
             tmp_dir,
@@ -251,6 +259,8 @@ impl Cache {
             lru: Arc::new(lru),
             prefetch: prefetch::Prefetch::default(),
             local_dir,
+            marks,
+            evictor: std::sync::OnceLock::new(),
         })
     }
 
@@ -378,16 +388,18 @@ impl Cache {
             );
             let (filling, key) = (self.filling.clone(), key.to_string());
             Box::new(move |f: &Fill, ok: bool| {
+                // Tracked before its reservation is returned, so the bytes are never out of
+                // the count, and before the fill leaves the map, so `settle` sees them.
+                if let (true, Mode::Whole { dest }) = (ok, f.mode()) {
+                    let bytes = std::fs::metadata(dest).map(|m| allocated(&m)).unwrap_or(0);
+                    lru.insert(&key, bytes, Some(ino));
+                    present.insert(key.clone(), ());
+                }
                 reserved.fetch_sub(reserve, Ordering::Relaxed);
                 let mut map = filling.lock().unwrap_or_else(|p| p.into_inner());
                 // Only our own entry: a whole fill may have replaced a window of the blob.
                 if map.get(&key).is_some_and(|w| std::ptr::eq(w.as_ptr(), f)) {
                     map.remove(&key);
-                }
-                if let (true, Mode::Whole { dest }) = (ok, f.mode()) {
-                    let bytes = std::fs::metadata(dest).map(|m| allocated(&m)).unwrap_or(0);
-                    lru.insert(&key, bytes, Some(ino));
-                    present.insert(key.clone(), ());
                 }
             }) as fill::Finish
         };
@@ -405,44 +417,6 @@ impl Cache {
         drop(filling);
         fill.start();
         Ok(fill)
-    }
-
-    /// Whether `need` bytes fit under the capacity and on the disk without evicting.
-    fn room_without_eviction(&self, need: u64) -> bool {
-        let under_cap = self.opts.capacity.is_none_or(|cap| {
-            self.lru.bytes() + self.reserved.load(Ordering::Relaxed) + need <= cap
-        });
-        under_cap && self.space.free().is_ok_and(|(free, _)| need <= free)
-    }
-
-    /// Evicts least recently used clean files no one has open until `need` more bytes fit
-    /// under the capacity and on the disk. A file larger than the capacity still hydrates
-    /// (everything evictable goes first); the disk, not the capacity, is the hard limit.
-    fn make_room(&self, need: u64) -> Result<(), CacheError> {
-        let mut excess = match self.opts.capacity {
-            Some(cap) => (self.lru.bytes() + self.reserved.load(Ordering::Relaxed) + need)
-                .saturating_sub(cap),
-            None => 0,
-        };
-        let (free, _) = self.space.free()?;
-        excess = excess.max(need.saturating_sub(free));
-        if excess == 0 {
-            return Ok(());
-        }
-        let victims = self.lru.take_victims(excess, |ino| self.pins.is_open(ino));
-        for (key, bytes) in victims {
-            self.present.invalidate(&key);
-            match std::fs::remove_file(self.data_dir.join(&key)) {
-                Ok(()) => {
-                    self.evictions.fetch_add(1, Ordering::Relaxed);
-                    self.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!("evicting {key} from the cache: {e}"),
-            }
-        }
-        self.space.forget();
-        Ok(())
     }
 
     /// What the cache holds and how it has done.
@@ -518,7 +492,11 @@ impl Cache {
     /// Refuses (ENOSPC) a write of `bytes` that would eat into the reserve: the index needs
     /// that room to record deletions, or a full disk could never be freed from the mount.
     pub fn check_room(&self, bytes: u64) -> Result<(), CacheError> {
-        if !self.space.take(bytes)? {
+        if self.space.take(bytes)? {
+            return Ok(());
+        }
+        // Clean copies can be fetched again; the writer's data cannot.
+        if self.evict_lru(bytes) == 0 || !self.space.take(bytes)? {
             return Err(CacheError::DiskFull);
         }
         Ok(())
@@ -538,12 +516,12 @@ impl Cache {
         }
     }
 
-    /// What the clean cache may hold in all: its capacity, or (unbounded) what it holds
-    /// now plus the free disk above the writers' reserve.
+    /// What the clean cache may hold in all without trimming what it holds: its high
+    /// watermark, or (unbounded) what it holds now plus the free disk above the floor.
     pub fn room(&self) -> Result<u64, CacheError> {
-        match self.opts.capacity {
-            Some(c) => Ok(c),
-            None => Ok(self.space.free()?.0 + self.lru.bytes()),
+        match self.marks.high {
+            Some(h) => Ok(h),
+            None => Ok(self.space.free()?.0.saturating_sub(self.marks.floor) + self.lru.bytes()),
         }
     }
 

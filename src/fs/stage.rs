@@ -33,7 +33,8 @@ pub struct StagePlan {
     /// Bytes of every file in the plan, and of those already on the disk.
     pub bytes: u64,
     pub cached_bytes: u64,
-    /// What the cache may hold in all (its capacity, or what the disk has room for).
+    /// What the cache may hold without trimming it (its high watermark, or what the disk
+    /// has room for).
     pub room: u64,
 }
 

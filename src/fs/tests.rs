@@ -595,6 +595,89 @@ fn the_cache_stays_within_its_capacity_and_never_evicts_an_open_file() {
     assert_eq!(w.store.counters.get.load(Ordering::SeqCst), gets);
 }
 
+/// Waits (up to 10 s) for the background eviction thread to bring about `done`.
+fn eventually(what: &str, done: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed().as_secs() < 10, "never happened: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn crossing_the_high_watermark_trims_in_the_background_and_spares_open_files() {
+    let mem = MemoryStore::new();
+    for i in 0..10 {
+        mem.put(&format!("d/f{i}"), vec![i as u8; 64 << 10], &[]);
+    }
+    let w = world_with_capacity(
+        Arc::new(FaultyStore::new(mem)),
+        tempfile::tempdir().unwrap(),
+        10 * (64 << 10),
+    );
+    w.fs.cache().set_prefetch(false);
+    // The oldest file stays open: the trim takes the next oldest instead.
+    let f0 = path(&w, "d/f0").unwrap();
+    let held = w.fs.open(f0.ino, false, false).unwrap();
+    assert_eq!(w.fs.read(held, 0, 1).unwrap(), vec![0]);
+    for i in 1..10 {
+        read_all(&w, &format!("d/f{i}")).unwrap();
+        w.fs.cache().settle();
+    }
+    // Ten files fill the bound exactly: no open had to evict, yet the cache is over its
+    // high watermark (95%) until the thread trims it to the low one (90%).
+    eventually("a trim to the low watermark", || {
+        w.fs.cache().stats().used <= 9 * (64 << 10)
+    });
+    let stats = w.fs.cache().stats();
+    assert_eq!((stats.evictions, stats.evicted_bytes), (1, 64 << 10));
+    let gets = w.store.counters.get.load(Ordering::SeqCst);
+    assert_eq!(w.fs.read(held, 0, 1).unwrap(), vec![0]);
+    for i in 2..10 {
+        read_all(&w, &format!("d/f{i}")).unwrap();
+    }
+    assert_eq!(
+        w.store.counters.get.load(Ordering::SeqCst),
+        gets,
+        "only f1 was evicted"
+    );
+    w.fs.release(held).unwrap();
+    read_all(&w, "d/f1").unwrap();
+    assert!(w.store.counters.get.load(Ordering::SeqCst) > gets);
+}
+
+#[test]
+fn a_disk_under_the_free_space_floor_keeps_only_open_files() {
+    let mem = MemoryStore::new();
+    for i in 0..4 {
+        mem.put(&format!("d/f{i}"), vec![i as u8; 5000], &[]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = MountConfig::new(dir.path());
+    cfg.defaults = defaults();
+    cfg.read_only = true;
+    // No disk has this much free: every clean file is beyond the floor.
+    cfg.cache.min_free = u64::MAX / 4;
+    let w = world_from(Arc::new(FaultyStore::new(mem)), dir, "", &cfg);
+    w.fs.cache().set_prefetch(false);
+    let f3 = path(&w, "d/f3").unwrap();
+    let held = w.fs.open(f3.ino, false, false).unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            read_all(&w, &format!("d/f{i}")).unwrap(),
+            vec![i as u8; 5000]
+        );
+    }
+    assert_eq!(w.fs.read(held, 0, 3).unwrap(), vec![3; 3]);
+    w.fs.cache().settle();
+    eventually("the closed files evicted", || cached_bytes(&w) <= 8192);
+    assert_eq!(w.fs.cache().stats().evictions, 3);
+    let gets = w.store.counters.get.load(Ordering::SeqCst);
+    assert_eq!(w.fs.read(held, 4000, 3).unwrap(), vec![3; 3]);
+    assert_eq!(w.store.counters.get.load(Ordering::SeqCst), gets);
+    w.fs.release(held).unwrap();
+}
+
 #[test]
 fn hydrated_files_survive_a_restart_and_a_damaged_copy_is_not_trusted() {
     let mem = MemoryStore::new();

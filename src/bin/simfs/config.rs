@@ -94,6 +94,11 @@ pub struct SourceArgs {
     /// disk (`80%`). Least recently used files no one has open are evicted beyond it.
     #[arg(long, default_value = "80%", value_parser = parse_size)]
     pub cache_size: CacheSize,
+    /// Free space the clean cache leaves on its disk, for checkpoints being written and for
+    /// other users of the disk: bytes (`20G`) or a share of the disk (`5%`). Below it, least
+    /// recently used clean files are evicted in the background.
+    #[arg(long, default_value = "5%", value_parser = parse_size)]
+    pub cache_min_free: CacheSize,
 }
 
 /// A cache size as given: bytes, or a percentage of the cache disk.
@@ -520,12 +525,14 @@ impl SourceArgs {
         cfg.read_only = self.read_only;
         cfg.writeback.delay = std::time::Duration::from_secs_f64(self.upload_delay);
         cfg.request_timeout = std::time::Duration::from_secs_f64(self.request_timeout);
-        cfg.cache.capacity = match self.cache_size {
+        let bytes = |size: CacheSize| match size {
             CacheSize::Bytes(b) => Some(b),
             CacheSize::Percent(p) => simfs::cache::disk_size(&self.cache_dir)
                 .ok()
                 .map(|d| (d as f64 * p / 100.0) as u64),
         };
+        cfg.cache.capacity = bytes(self.cache_size);
+        cfg.cache.min_free = bytes(self.cache_min_free).unwrap_or(0);
         cfg
     }
 }
@@ -579,6 +586,20 @@ mod tests {
         .mount_config();
         let disk = simfs::cache::disk_size(std::path::Path::new("/tmp")).unwrap();
         assert_eq!(cfg.cache.capacity, Some(disk / 2));
+        assert_eq!(
+            cfg.cache.min_free,
+            disk / 20,
+            "the default floor is 5% of the disk"
+        );
+        let cfg = args(&[
+            "az://a/c",
+            "--cache-dir",
+            "/tmp/x",
+            "--cache-min-free",
+            "2G",
+        ])
+        .mount_config();
+        assert_eq!(cfg.cache.min_free, 2 << 30);
     }
 
     #[test]
