@@ -180,9 +180,13 @@ impl Mount {
         let log = tempfile::NamedTempFile::new().unwrap();
         let mut cmd = mount_command(args, at, env);
         cmd.arg("--foreground");
-        // Warnings only, unless the test asks for more.
+        // Warnings only, unless the test asks for more (or SIMFS_TEST_LOG does, for a
+        // debugging run: `SIMFS_TEST_LOG=fuser=debug,simfs=debug cargo test --test fuse X`).
         if !env.iter().any(|(k, _)| *k == "SIMFS_LOG") {
-            cmd.env("SIMFS_LOG", "warn");
+            cmd.env(
+                "SIMFS_LOG",
+                std::env::var("SIMFS_TEST_LOG").unwrap_or("warn".into()),
+            );
         }
         let mut child = cmd
             .stdout(Stdio::null())

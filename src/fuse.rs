@@ -12,7 +12,9 @@
 //! explicitly rather than rely on timeouts.
 
 use crate::fs::write::{target_bytes, Caller};
-use crate::fs::{Attr, AttrChanges, FsError, Kind, RenameMode, SetTime, SimFs};
+use crate::fs::{
+    Attr, AttrChanges, FsError, FsResult, Kind, ListedEntry, RenameMode, SetTime, SimFs,
+};
 use crate::iomode::{IoModes, Open};
 use fuser::BackingId;
 use fuser::{
@@ -46,6 +48,9 @@ pub struct SimFuse {
     modes: IoModes<BackingId>,
     /// How each open file handle was answered, for its release.
     opens: Mutex<HashMap<u64, (u64, Open<BackingId>)>>,
+    /// The kernel lists directories without OPENDIR and RELEASEDIR (Linux 5.1+): the first
+    /// OPENDIR is answered ENOSYS, and from then on readdir comes with no handle.
+    no_opendir: AtomicBool,
 }
 
 impl SimFuse {
@@ -64,6 +69,17 @@ impl SimFuse {
             passthrough: AtomicBool::new(passthrough),
             modes: IoModes::default(),
             opens: Mutex::default(),
+            no_opendir: AtomicBool::new(false),
+        }
+    }
+
+    /// A directory's entries from `offset`: through its handle, or without one (handles
+    /// start at 1; 0 is what a kernel that does not open directories sends).
+    fn list(&self, ino: INodeNo, fh: FileHandle, offset: u64) -> FsResult<Vec<(u64, ListedEntry)>> {
+        if fh.0 == 0 {
+            self.fs.readdir_unopened(ino.0, offset)
+        } else {
+            self.fs.readdir(fh.0, offset)
         }
     }
 
@@ -198,6 +214,15 @@ impl Filesystem for SimFuse {
             if config.add_capabilities(cap).is_err() {
                 tracing::debug!("kernel lacks {cap:?}");
             }
+        }
+        // Two round trips fewer per directory listed (find, du, ls -R, git status). The
+        // kernel then opens directories with FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE, what
+        // `opendir` answers anyway.
+        if config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok()
+        {
+            self.no_opendir.store(true, Ordering::Relaxed);
         }
         if self.passthrough.load(Ordering::Relaxed) {
             // Depth 1: backing files on a plain filesystem (the cache disk), not on a stacked
@@ -565,6 +590,9 @@ impl Filesystem for SimFuse {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir.load(Ordering::Relaxed) {
+            return reply.error(Errno::ENOSYS);
+        }
         // The kernel may keep a directory's listing across opens: the index changes only
         // through this mount (the kernel resets the cached listing itself) or through a
         // conflict rename, which invalidates the entry and with it the listing.
@@ -578,12 +606,12 @@ impl Filesystem for SimFuse {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.fs.readdir(fh.0, offset) {
+        let entries = match self.list(ino, fh, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
@@ -599,12 +627,12 @@ impl Filesystem for SimFuse {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.fs.readdir(fh.0, offset) {
+        let entries = match self.list(ino, fh, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };

@@ -71,6 +71,7 @@ pub struct SimFs {
     next_fh: AtomicU64,
     /// Brings others' changes in (absent in tests that build a bare filesystem).
     refresher: OnceLock<Arc<Refresher>>,
+    cursors: dir::Cursors,
 }
 
 pub const BLOCK_SIZE: u32 = 4096;
@@ -95,6 +96,7 @@ impl SimFs {
             localizing: InodeLocks::default(),
             next_fh: AtomicU64::new(1),
             refresher: OnceLock::new(),
+            cursors: dir::Cursors::default(),
         }
     }
 
@@ -153,6 +155,11 @@ impl SimFs {
     }
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let h = self.dir_handle(ino)?;
+        Ok(self.insert_handle(Handle::Dir(Arc::new(h))))
+    }
+
+    fn dir_handle(&self, ino: u64) -> FsResult<dir::DirHandle> {
         let me = self.attr(ino)?;
         if me.kind != Kind::Dir {
             return Err(FsError::NotDir);
@@ -168,7 +175,18 @@ impl SimFs {
                 attr: parent,
             },
         ];
-        Ok(self.insert_handle(Handle::Dir(Arc::new(dir::DirHandle::new(ino, dots)))))
+        Ok(dir::DirHandle::new(ino, dots))
+    }
+
+    /// Entries of directory `ino` from `offset` on, as `readdir`, for a kernel that lists
+    /// without opening (no handle: a window is found by the offset).
+    pub fn readdir_unopened(&self, ino: u64, offset: u64) -> FsResult<Vec<(u64, ListedEntry)>> {
+        let h = self.cursors.at(ino, offset, || self.dir_handle(ino))?;
+        let page = h.read(&self.index, offset)?;
+        if page.is_empty() {
+            self.cursors.finished(ino, &h);
+        }
+        Ok(page)
     }
 
     /// Entries of an open directory from position `offset` on (`.` is 0, `..` is 1), each with

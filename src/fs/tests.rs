@@ -755,3 +755,81 @@ fn a_large_directory_is_listed_a_page_at_a_time_and_each_entry_once() {
     assert_eq!(again[0].1.name, b"f00000");
     w.fs.releasedir(fh);
 }
+
+#[test]
+fn listings_without_a_handle_each_see_every_entry_once_and_start_afresh() {
+    let mem = MemoryStore::new();
+    for i in 0..1300 {
+        mem.put(&format!("big/f{i:05}"), "x", &[]);
+    }
+    let w = super::write_tests::rw(mem);
+    let big = path(&w, "big").unwrap().ino;
+    // Three listings of one directory interleaved, as concurrent `ls` without OPENDIR.
+    let mut lists: Vec<(u64, Vec<Vec<u8>>)> = vec![(0, vec![]); 3];
+    for round in 0.. {
+        if round == 1 {
+            // Behind every listing: one that fell back to positions would now skip a name.
+            w.fs.unlink(big, OsStr::new("f00001")).unwrap();
+        }
+        let mut progressed = false;
+        for (at, names) in lists.iter_mut() {
+            let page = w.fs.readdir_unopened(big, *at).unwrap();
+            // The kernel takes part of a page, then continues after what it took.
+            let take = page.len().min(300);
+            if let Some((cookie, _)) = page.get(take.saturating_sub(1)) {
+                *at = *cookie;
+                names.extend(page[..take].iter().map(|(_, e)| e.name.clone()));
+                progressed = true;
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    for (_, names) in &lists {
+        assert_eq!(names.len(), 1302, "every entry and the dots");
+        let unique: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), 1302, "no entry twice");
+    }
+    // A listing started after a change sees it.
+    w.fs.unlink(big, OsStr::new("f00000")).unwrap();
+    let first = w.fs.readdir_unopened(big, 0).unwrap();
+    assert_eq!(first[2].1.name, b"f00002");
+    let file = path(&w, "big/f00002").unwrap().ino;
+    assert!(w.fs.readdir_unopened(file, 0).is_err(), "not a directory");
+}
+
+/// Lists `dir` as the kernel does without a handle: from 0, then after the last cookie.
+fn list_unopened(w: &World, dir: u64) -> Vec<String> {
+    let (mut at, mut names) = (0, vec![]);
+    loop {
+        let page = w.fs.readdir_unopened(dir, at).unwrap();
+        let Some((cookie, _)) = page.last() else {
+            return names;
+        };
+        at = *cookie;
+        names.extend(
+            page.iter()
+                .map(|(_, e)| String::from_utf8_lossy(&e.name).into_owned()),
+        );
+    }
+}
+
+#[test]
+fn a_listing_without_a_handle_never_continues_in_an_older_listings_window() {
+    let mem = MemoryStore::new();
+    mem.put("a/one", "1", &[]);
+    let w = super::write_tests::rw(mem);
+    let a = path(&w, "a").unwrap().ino;
+    // Each listing ends at an offset where an earlier listing's window ended too.
+    assert_eq!(list_unopened(&w, a), [".", "..", "one"]);
+    let (_, fh) =
+        w.fs.create(a, OsStr::new("two"), 0o644, super::write_tests::ME)
+            .unwrap();
+    w.fs.release(fh).unwrap();
+    assert_eq!(list_unopened(&w, a), [".", "..", "one", "two"]);
+    w.fs.unlink(a, OsStr::new("one")).unwrap();
+    assert_eq!(list_unopened(&w, a), [".", "..", "two"]);
+    w.fs.unlink(a, OsStr::new("two")).unwrap();
+    assert_eq!(list_unopened(&w, a), [".", ".."]);
+}
