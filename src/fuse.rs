@@ -349,7 +349,7 @@ impl Filesystem for SimFuse {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -367,7 +367,7 @@ impl Filesystem for SimFuse {
         };
         let ttl = self.ttl;
         let resize = s.size.is_some();
-        let set = move |fs: &SimFs| match fs.setattr(ino.0, &s) {
+        let set = move |fs: &SimFs| match fs.setattr_via(fh.map(|f| f.0), ino.0, &s) {
             Ok(a) => reply.attr(&ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         };

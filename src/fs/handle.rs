@@ -30,6 +30,10 @@ pub(super) struct OpenFile {
     pub data: Mutex<Data>,
     /// Whether a read returned data: until then the handle may move to a newer version.
     served: AtomicBool,
+    /// Whether data changed through this handle (a write, a truncate, `O_TRUNC`): only then
+    /// does its close wait for the upload. A lock file created and closed unwritten (git's
+    /// `index.lock`) is a namespace change like `mkdir`, left to the background.
+    pub wrote: AtomicBool,
 }
 
 impl OpenFile {
@@ -39,6 +43,7 @@ impl OpenFile {
             write,
             data: Mutex::new(data),
             served: AtomicBool::new(false),
+            wrote: AtomicBool::new(false),
         }))
     }
 

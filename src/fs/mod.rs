@@ -246,7 +246,11 @@ impl SimFs {
             self.data_for_read(ino, write)?
         };
         self.cache.pins().pin(ino, write);
-        Ok(self.insert_handle(OpenFile::handle(ino, write, data)))
+        let fh = self.insert_handle(OpenFile::handle(ino, write, data));
+        if truncate && write {
+            self.note_written(fh);
+        }
+        Ok(fh)
     }
 
     /// Whether handle `fh` was opened for writing (its close uploads).

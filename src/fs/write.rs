@@ -19,6 +19,7 @@ use std::ffi::OsStr;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -263,6 +264,7 @@ impl SimFs {
         file.write_all_at(data, offset)?;
         self.index
             .wrote(ino, offset + data.len() as u64, now, due)?;
+        h.wrote.store(true, Ordering::Relaxed);
         self.changed(due);
         Ok(data.len() as u32)
     }
@@ -297,6 +299,7 @@ impl SimFs {
                 ..Default::default()
             };
             self.index.setattr(ino, &grow, now, due)?;
+            h.wrote.store(true, Ordering::Relaxed);
             self.changed(due);
         }
         Ok(())
@@ -305,10 +308,28 @@ impl SimFs {
     /// close(2) of a handle: a written file is uploaded before this returns.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.file_handle(fh)?;
-        if h.write {
+        if h.write && h.wrote.load(Ordering::Relaxed) {
             self.upload(h.ino)?;
         }
         Ok(())
+    }
+
+    /// Data changed through handle `fh` (a truncate through it): its close waits for the
+    /// upload.
+    pub fn note_written(&self, fh: u64) {
+        if let Ok(h) = self.file_handle(fh) {
+            h.wrote.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// `setattr` through an open file (`ftruncate`, the truncate of `open(O_TRUNC)`): a new
+    /// size counts as data written through `fh`.
+    pub fn setattr_via(&self, fh: Option<u64>, ino: u64, c: &AttrChanges) -> FsResult<Attr> {
+        let a = self.setattr(ino, c)?;
+        if let (Some(fh), Some(_)) = (fh, c.size) {
+            self.note_written(fh);
+        }
+        Ok(a)
     }
 
     /// fsync(2): the inode's data and attributes are committed in the container.

@@ -789,3 +789,49 @@ fn open_with_o_trunc_empties_the_file_without_downloading_it() {
     assert_eq!(w.fs.getattr(a.ino).unwrap().size, 0);
     w.fs.release(fh).unwrap();
 }
+
+#[test]
+fn close_waits_for_the_upload_only_when_data_changed_through_the_handle() {
+    let store = Arc::new(FaultyStore::new(fixture()));
+    let w = world_on(
+        store,
+        tempfile::tempdir().unwrap(),
+        "",
+        1 << 20,
+        Some(Duration::from_secs(3600)),
+    );
+    let root = ROOT_INO;
+    // A lock file created, closed unwritten and removed (git's index.lock): no upload waits
+    // at close, and the burst leaves nothing to upload.
+    let (_, fh) =
+        w.fs.create(root, OsStr::new("index.lock"), 0o644, ME)
+            .unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    assert_eq!(w.store.counters.put.load(Ordering::SeqCst), 0);
+    assert!(w.store.inner().data("index.lock").is_none());
+    w.fs.unlink(root, OsStr::new("index.lock")).unwrap();
+    drain(&w);
+    assert_eq!(w.store.counters.put.load(Ordering::SeqCst), 0);
+    assert!(w.store.inner().data("index.lock").is_none());
+    // Written through the handle: committed by the close.
+    write_file(&w, "", "written", b"data");
+    assert_eq!(w.store.inner().data("written").unwrap(), "data");
+    // Truncated by the open (O_TRUNC) and by ftruncate: committed by the close too.
+    let ino = path(&w, "written").unwrap().ino;
+    let fh = w.fs.open(ino, true, true).unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    assert_eq!(w.store.inner().data("written").unwrap().len(), 0);
+    write_file(&w, "", "again", b"more data");
+    let ino = path(&w, "again").unwrap().ino;
+    let fh = w.fs.open(ino, true, false).unwrap();
+    let cut = AttrChanges {
+        size: Some(4),
+        ..Default::default()
+    };
+    w.fs.setattr_via(Some(fh), ino, &cut).unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    assert_eq!(w.store.inner().data("again").unwrap(), "more");
+}

@@ -115,6 +115,8 @@ pub struct TargetResult {
     pub fio_randread_iops: Option<f64>,
     /// `venv/bin/python -c 'import ...'` from the tree, cold then warm (when it has a venv).
     pub py_import: Option<(Duration, Duration)>,
+    /// The module that import is of.
+    pub py_module: &'static str,
     pub wall: Duration,
 }
 
@@ -125,17 +127,26 @@ pub struct TargetResult {
 /// whose git index was written elsewhere (another disk, another node) finds every file's
 /// inode and ctime changed and reads every file to compare it, then rewrites the index; the
 /// second is the everyday one.
-const TOOLS: &[(&str, &[&str])] = &[
-    ("ls -lR", &["ls", "-lR", "."]),
-    ("find -type f", &["find", ".", "-type", "f"]),
-    ("du -s", &["du", "-s", "."]),
-    ("tar cf /dev/null", &["tar", "cf", "/dev/null", "."]),
+/// The real tools run on each tree: name, a path the tree must have for it (or ""), argv.
+const TOOLS: &[(&str, &str, &[&str])] = &[
+    // A directory of small shards read cold, one after another, as a dataloader does.
+    (
+        "cat shards/* (cold)",
+        "shards",
+        &["sh", "-c", "cat shards/* >/dev/null"],
+    ),
+    ("ls -lR", "", &["ls", "-lR", "."]),
+    ("find -type f", "", &["find", ".", "-type", "f"]),
+    ("du -s", "", &["du", "-s", "."]),
+    ("tar cf /dev/null", "", &["tar", "cf", "/dev/null", "."]),
     (
         "git status",
+        "repo/.git",
         &["git", "-C", "repo", "status", "--porcelain"],
     ),
     (
         "git status, again",
+        "repo/.git",
         &["git", "-C", "repo", "status", "--porcelain"],
     ),
 ];
@@ -186,16 +197,27 @@ fn time_command(mut cmd: std::process::Command) -> Option<Duration> {
     ok.then(|| t.elapsed())
 }
 
-/// What the Python import runs: pip's installer pulls in some hundred modules of the venv's
-/// site-packages (the standard library stays on the host), as an import of a real package does.
-const PY_IMPORT: &str = "import pip._internal.commands.install";
+/// What the Python import runs: `requests` when the venv has it (a real package and its
+/// dependencies, the standard library staying on the host), else pip's installer (some
+/// hundred modules of the venv's site-packages).
+fn py_module(root: &Path) -> &'static str {
+    let has_requests = std::fs::read_dir(root.join("venv/lib")).is_ok_and(|rd| {
+        rd.filter_map(|e| e.ok())
+            .any(|e| e.path().join("site-packages/requests").is_dir())
+    });
+    if has_requests {
+        "requests"
+    } else {
+        "pip._internal.commands.install"
+    }
+}
 
 /// Times a cold then a warm import with the tree's own venv, if it has one that works.
-fn py_import(root: &Path) -> Option<(Duration, Duration)> {
+fn py_import(root: &Path, module: &str) -> Option<(Duration, Duration)> {
     let python = root.join("venv/bin/python");
     let run = || {
         let mut cmd = std::process::Command::new(&python);
-        cmd.args(["-c", PY_IMPORT]);
+        cmd.args(["-c", &format!("import {module}")]);
         time_command(cmd)
     };
     if !python.exists() {
@@ -227,11 +249,16 @@ pub struct Plan {
     pub entries: Vec<PathBuf>,
     pub small: Vec<PathBuf>,
     pub large: Option<(PathBuf, u64)>,
+    /// What the Python import imports.
+    pub py_module: &'static str,
 }
 
 /// Walks `root` (without following symlinks) to make the plan.
 pub fn plan(root: &Path, opts: &BenchOptions) -> std::io::Result<Plan> {
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        py_module: py_module(root),
+        ..Plan::default()
+    };
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let mut names: Vec<_> = std::fs::read_dir(root.join(&rel))?
@@ -308,15 +335,16 @@ pub fn run(root: &Path, plan: &Plan, opts: &BenchOptions) -> TargetResult {
     r.tree_walk = t.elapsed();
     r.tools = TOOLS
         .iter()
-        .filter(|(name, _)| !name.starts_with("git") || root.join("repo/.git").is_dir())
-        .map(|(name, argv)| (*name, run_tool(root, argv)))
+        .filter(|(_, needs, _)| needs.is_empty() || root.join(needs).exists())
+        .map(|(name, _, argv)| (*name, run_tool(root, argv)))
         .collect();
     let mut buf = vec![0u8; 1 << 20];
     for p in &plan.small {
         r.small_reads.time(|| read_all(&root.join(p), &mut buf));
     }
     // Before the large file: its hydration would otherwise compete with the import.
-    r.py_import = py_import(root);
+    r.py_module = plan.py_module;
+    r.py_import = py_import(root, plan.py_module);
     if let Some((rel, bytes)) = &plan.large {
         let path = root.join(rel);
         let timed = |buf: &mut [u8]| -> std::io::Result<(Duration, Duration)> {
@@ -430,7 +458,7 @@ pub fn table(results: &[TargetResult]) -> String {
     row("stat, first pass total", &|r| ms(r.stat_first.total()));
     row("stat, warm p50/p99/max", &|r| lat(&r.stat_warm));
     row("ls -lR (readdir + lstat)", &|r| ms(r.tree_walk));
-    for (name, _) in TOOLS {
+    for (name, _, _) in TOOLS {
         let time = |r: &TargetResult| r.tools.iter().find(|t| t.0 == *name).and_then(|t| t.1);
         if !results.iter().any(|r| r.tools.iter().any(|t| t.0 == *name)) {
             continue;
@@ -475,7 +503,8 @@ pub fn table(results: &[TargetResult]) -> String {
                 .map(|(c, w)| if warm { w } else { c }.as_secs_f64())
         };
         let text = |s: f64| ms(Duration::from_secs_f64(s));
-        row("python import cold / warm (x first)", &|r| {
+        let label = format!("import {} cold / warm (x first)", results[0].py_module);
+        row(&label, &|r| {
             format!(
                 "{} / {}",
                 with_ratio(secs(r, false), secs(&results[0], false), text),
@@ -558,7 +587,7 @@ pub fn to_json(results: &[TargetResult]) -> serde_json::Value {
             })),
             "fio_randread_iops": r.fio_randread_iops,
             "py_import": r.py_import.map(|(c, w)| json!({
-                "module": PY_IMPORT,
+                "module": r.py_module,
                 "cold_s": c.as_secs_f64(),
                 "warm_s": w.as_secs_f64(),
             })),
@@ -739,7 +768,11 @@ mod tests {
         assert_eq!(r.stat_first.nanos.len(), 14);
         assert_eq!(r.stat_first.errors, 0);
         assert_eq!(r.tree_entries, 14);
-        assert_eq!(r.tools.len(), TOOLS.len() - 2, "no checkout: no git status");
+        assert_eq!(
+            r.tools.len(),
+            TOOLS.len() - 3,
+            "no checkout, no shards: no git status, no cat"
+        );
         assert!(r.tools.iter().all(|(_, d)| d.is_some()), "{:?}", r.tools);
         assert_eq!(r.small_reads.nanos.len(), 10);
         assert_eq!(r.writes.as_ref().unwrap().nanos.len(), 3);
