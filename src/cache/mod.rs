@@ -15,8 +15,9 @@
 //! yet uploaded and are never evicted; they are removed with their inode.
 //!
 //! The cache also counts open handles per inode (`pins.rs`), knows the disk's free space
-//! without a syscall per write (`space.rs`), and fetches a directory's small files ahead of
-//! their first read (`prefetch.rs`).
+//! without a syscall per write (`space.rs`), fetches a directory's small files ahead of
+//! their first read (`prefetch.rs`), and keeps itself under its watermarks in the background
+//! (`evict.rs`).
 
 mod evict;
 mod fill;

@@ -71,6 +71,7 @@ pub struct SimFs {
     next_fh: AtomicU64,
     /// Brings others' changes in (absent in tests that build a bare filesystem).
     refresher: OnceLock<Arc<Refresher>>,
+    /// Listings the kernel reads without opening the directory.
     cursors: dir::Cursors,
 }
 
