@@ -163,7 +163,8 @@ cat "$OUT/ranged_gets.json"
 # cache ran at 70 MB/s here (dd), the next at 2.2 GB/s. A cold read through a mount lands
 # every byte in the page cache (the cache file, the FUSE file), while the ranged GETs above
 # land none, so untouched memory alone made simfs's cold read 0.12x instead of 0.6-0.8x.
-# Touching MEM_TOUCH_GIB (default 4; 0: skip) first gives every target warm memory.
+# Touching MEM_TOUCH_GIB (default 4; 0: skip) first helps some runs, not all (0.56x, then
+# 0.10x): read the cold-read ratio on this kind of VM with that in mind.
 if [ "${MEM_TOUCH_GIB:-4}" -gt 0 ]; then
   echo "== touching ${MEM_TOUCH_GIB:-4} GiB of memory first (see the comment)"
   python3 -c "bytearray(${MEM_TOUCH_GIB:-4} << 30)"

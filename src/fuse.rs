@@ -8,8 +8,11 @@
 //! service is slow or gone. Opens never wait: an uncached file starts filling and returns.
 //!
 //! Entry and attribute timeouts are long because the index is authoritative for the mount's
-//! lifetime; when background refresh arrives it will invalidate the kernel's caches
-//! explicitly rather than rely on timeouts.
+//! lifetime; the refresh (`refresh.rs`) invalidates the kernel's caches explicitly when the
+//! container changes, rather than relying on timeouts. Round trips the kernel can be told to
+//! skip are: extended attributes (ENOSYS once), OPENDIR and RELEASEDIR (ENOSYS once where
+//! the kernel offers FUSE_NO_OPENDIR_SUPPORT; listings then come with no handle) and
+//! missing names (negative entries).
 
 use crate::fs::write::{target_bytes, Caller};
 use crate::fs::{
