@@ -116,6 +116,7 @@ fn mount(
         threads: 2,
         noexec: false,
         passthrough: false,
+        list_unopened: true,
         refresh_interval: Duration::ZERO,
     };
     let s = session(fs, dir.path(), &opts, rt)

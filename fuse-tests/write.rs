@@ -520,9 +520,27 @@ fn ls_cp_a_and_rsync_a_work_without_extended_attributes() {
 
 #[test]
 fn a_listing_cached_by_the_kernel_follows_changes_through_the_mount() {
-    let az = empty_container("listing");
+    listing_follows_changes("listing", &[]);
+}
+
+/// The fallback for kernels without FUSE_NO_OPENDIR_SUPPORT: every listing opens the
+/// directory and reads through its handle.
+#[test]
+fn a_listing_through_opened_directories_follows_changes_through_the_mount() {
+    listing_follows_changes("listing-opened", &["--open-dirs"]);
+}
+
+fn listing_follows_changes(container: &str, extra: &[&str]) {
+    let az = empty_container(container);
     let cache = tempfile::tempdir().unwrap();
-    let m = mount(&az, "listing", cache.path(), &[]);
+    let mut args = vec![container, "--cache-dir", cache.path().to_str().unwrap()];
+    args.extend_from_slice(extra);
+    // fuser's request log shows which way the kernel lists.
+    let env = [
+        ("AZURE_STORAGE_CONNECTION_STRING", az.connection_string()),
+        ("SIMFS_LOG", "warn,fuser::request=debug".to_string()),
+    ];
+    let m = Mount::start(&args, &env).expect("mount");
     let r = m.path();
     std::fs::create_dir_all(r.join("a")).unwrap();
     std::fs::create_dir_all(r.join("b")).unwrap();
@@ -551,4 +569,15 @@ fn a_listing_cached_by_the_kernel_follows_changes_through_the_mount() {
     assert_eq!(list("a"), ["hard", "link", "sub"]);
     std::fs::remove_dir(r.join("a/sub")).unwrap();
     assert_eq!(list("a"), ["hard", "link"]);
+    let log = m.log_text();
+    let opens = log.matches(" OPENDIR ").count();
+    if extra.contains(&"--open-dirs") {
+        assert!(opens >= 8, "every listing opens its directory: {opens}");
+        assert!(log.contains(" RELEASEDIR "));
+    } else {
+        // Only the first, answered ENOSYS (on kernels that offer the flag: 5.1 and later).
+        assert_eq!(opens, 1, "the kernel lists without opening");
+        assert!(!log.contains(" RELEASEDIR "));
+        assert!(log.contains("FileHandle(0)"));
+    }
 }

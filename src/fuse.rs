@@ -52,7 +52,8 @@ pub struct SimFuse {
     /// How each open file handle was answered, for its release.
     opens: Mutex<HashMap<u64, (u64, Open<BackingId>)>>,
     /// The kernel lists directories without OPENDIR and RELEASEDIR (Linux 5.1+): the first
-    /// OPENDIR is answered ENOSYS, and from then on readdir comes with no handle.
+    /// OPENDIR is answered ENOSYS, and from then on readdir comes with no handle. Asked for
+    /// at init when allowed, granted when the kernel offers it.
     no_opendir: AtomicBool,
 }
 
@@ -62,6 +63,7 @@ impl SimFuse {
         ttl: Duration,
         rt: tokio::runtime::Handle,
         passthrough: bool,
+        list_unopened: bool,
     ) -> SimFuse {
         // A writer can never join an inode in passthrough (see `iomode`).
         let passthrough = passthrough && fs.is_read_only();
@@ -72,7 +74,7 @@ impl SimFuse {
             passthrough: AtomicBool::new(passthrough),
             modes: IoModes::default(),
             opens: Mutex::default(),
-            no_opendir: AtomicBool::new(false),
+            no_opendir: AtomicBool::new(list_unopened),
         }
     }
 
@@ -221,11 +223,15 @@ impl Filesystem for SimFuse {
         // Two round trips fewer per directory listed (find, du, ls -R, git status). The
         // kernel then opens directories with FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE, what
         // `opendir` answers anyway.
-        if config
-            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
-            .is_ok()
+        if self.no_opendir.load(Ordering::Relaxed)
+            && config
+                .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+                .is_err()
         {
-            self.no_opendir.store(true, Ordering::Relaxed);
+            self.no_opendir.store(false, Ordering::Relaxed);
+            tracing::info!(
+                "this kernel opens every directory it lists (no FUSE_NO_OPENDIR_SUPPORT)"
+            );
         }
         if self.passthrough.load(Ordering::Relaxed) {
             // Depth 1: backing files on a plain filesystem (the cache disk), not on a stacked

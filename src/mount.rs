@@ -355,6 +355,8 @@ pub struct ServeOptions {
     pub noexec: bool,
     /// FUSE passthrough for cached files where the kernel offers it.
     pub passthrough: bool,
+    /// Directories listed without OPENDIR and RELEASEDIR where the kernel offers it.
+    pub list_unopened: bool,
     /// How often to list the container again for others' changes (zero: never).
     pub refresh_interval: Duration,
 }
@@ -388,7 +390,13 @@ pub fn session(
     config.n_threads = Some(opts.threads.max(1));
     // One /dev/fuse descriptor per worker: no thundering herd on a shared one.
     config.clone_fd = true;
-    let fuse = SimFuse::new(fs.clone(), opts.ttl, rt.clone(), opts.passthrough);
+    let fuse = SimFuse::new(
+        fs.clone(),
+        opts.ttl,
+        rt.clone(),
+        opts.passthrough,
+        opts.list_unopened,
+    );
     let session = fuser::Session::new(fuse, mountpoint, &config)
         .map_err(|e| MountError::Io(format!("cannot mount at {}: {e}", mountpoint.display())))?;
     if let Some(wb) = fs.writeback() {

@@ -64,6 +64,11 @@ enum Cmd {
         /// mounts, Linux 6.9+, root); reads then go through simfs, as on older kernels.
         #[arg(long)]
         no_passthrough: bool,
+        /// Answer OPENDIR and RELEASEDIR for every directory listed, as on a kernel without
+        /// FUSE_NO_OPENDIR_SUPPORT (by default the kernel lists without them: two round trips
+        /// fewer per directory). For comparisons and debugging.
+        #[arg(long)]
+        open_dirs: bool,
         /// Seconds between listings of the container that bring in others' changes
         /// (new, changed and deleted blobs); 0 turns background refresh off.
         #[arg(long, default_value_t = 60.0, value_parser = parse_interval)]
@@ -226,6 +231,7 @@ fn main() -> ExitCode {
             allow_non_empty,
             noexec,
             no_passthrough,
+            open_dirs,
             refresh_interval,
         } => {
             let serve = ServeOptions {
@@ -237,6 +243,7 @@ fn main() -> ExitCode {
                 }),
                 noexec,
                 passthrough: !no_passthrough,
+                list_unopened: !open_dirs,
                 refresh_interval: Duration::from_secs_f64(refresh_interval),
             };
             let args = daemon::MountArgs {
