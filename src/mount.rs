@@ -121,6 +121,14 @@ impl MountConfig {
             index_from_container: false,
         }
     }
+
+    /// How a listing of the container is turned into an index under this configuration.
+    fn ingest_options(&self) -> IngestOptions {
+        IngestOptions {
+            concurrency: self.list_concurrency,
+            defaults: self.defaults.clone(),
+        }
+    }
 }
 
 /// One line naming the cause, for the terminal.
@@ -201,10 +209,7 @@ pub fn prepare_with_store(
         }
         existing = None;
     }
-    let ingest = IngestOptions {
-        concurrency: cfg.list_concurrency,
-        defaults: cfg.defaults.clone(),
-    };
+    let ingest = cfg.ingest_options();
     // With no index to reuse: the container's snapshot when asked for and usable, else a
     // listing.
     let from_snapshot = || {
@@ -337,10 +342,7 @@ pub fn publish_index(
         .cache_dir
         .join(format!("publish-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let opts = IngestOptions {
-        concurrency: cfg.list_concurrency,
-        defaults: cfg.defaults.clone(),
-    };
+    let opts = cfg.ingest_options();
     let out = rt.block_on(snapshot::publish(store, &source.id(), &opts, &work));
     let _ = std::fs::remove_dir_all(&work);
     out.map_err(|e| e.to_string())

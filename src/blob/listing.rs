@@ -292,22 +292,12 @@ mod tests {
         most_in_flight: std::sync::atomic::AtomicUsize,
     }
 
-    struct IgnoresStartFrom(Probe);
-
-    impl IgnoresStartFrom {
-        fn new(store: MemoryStore) -> IgnoresStartFrom {
-            IgnoresStartFrom(Probe {
-                store,
-                ignore_start_from: true,
-                ..Default::default()
-            })
-        }
-    }
-
-    impl std::ops::Deref for IgnoresStartFrom {
-        type Target = Probe;
-        fn deref(&self) -> &Probe {
-            &self.0
+    /// `store` behind a service that ignores `startFrom`.
+    fn ignoring_start_from(store: MemoryStore) -> Probe {
+        Probe {
+            store,
+            ignore_start_from: true,
+            ..Default::default()
         }
     }
 
@@ -371,7 +361,7 @@ mod tests {
     async fn listing_is_exact_when_the_service_ignores_start_from() {
         let expected = names(collect_all(Arc::new(seeded(100_000)), "", 1).await.unwrap());
         let got = names(
-            collect_all(Arc::new(IgnoresStartFrom::new(seeded(6)).0), "", 8)
+            collect_all(Arc::new(ignoring_start_from(seeded(6))), "", 8)
                 .await
                 .unwrap(),
         );
@@ -411,7 +401,7 @@ mod tests {
         );
         // Exact, and no longer split, when the service ignores startFrom.
         let got = names(
-            collect_all(Arc::new(IgnoresStartFrom::new(flat(50)).0), "", 8)
+            collect_all(Arc::new(ignoring_start_from(flat(50))), "", 8)
                 .await
                 .unwrap(),
         );

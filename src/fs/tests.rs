@@ -713,14 +713,21 @@ fn hydrated_files_survive_a_restart_and_a_damaged_copy_is_not_trusted() {
     );
 }
 
-#[test]
-fn a_large_directory_is_listed_a_page_at_a_time_and_each_entry_once() {
+/// A writable world with directory `big` of 1,300 files, `f00000` to `f01299` (more than one
+/// page of a listing), and its inode.
+fn big_dir() -> (World, u64) {
     let mem = MemoryStore::new();
     for i in 0..1300 {
         mem.put(&format!("big/f{i:05}"), "x", &[]);
     }
     let w = super::write_tests::rw(mem);
     let big = path(&w, "big").unwrap().ino;
+    (w, big)
+}
+
+#[test]
+fn a_large_directory_is_listed_a_page_at_a_time_and_each_entry_once() {
+    let (w, big) = big_dir();
     let fh = w.fs.opendir(big).unwrap();
     let first = w.fs.readdir(fh, 0).unwrap();
     assert!(first.len() < 1300, "one page, not the whole directory");
@@ -758,12 +765,7 @@ fn a_large_directory_is_listed_a_page_at_a_time_and_each_entry_once() {
 
 #[test]
 fn listings_without_a_handle_each_see_every_entry_once_and_start_afresh() {
-    let mem = MemoryStore::new();
-    for i in 0..1300 {
-        mem.put(&format!("big/f{i:05}"), "x", &[]);
-    }
-    let w = super::write_tests::rw(mem);
-    let big = path(&w, "big").unwrap().ino;
+    let (w, big) = big_dir();
     // Three listings of one directory interleaved, as concurrent `ls` without OPENDIR.
     let mut lists: Vec<(u64, Vec<Vec<u8>>)> = vec![(0, vec![]); 3];
     for round in 0.. {

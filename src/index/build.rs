@@ -125,7 +125,7 @@ impl TreeBuilder {
         self.finding(blob, false, reason.as_ref())
     }
 
-    fn finding(&mut self, blob: &str, hidden: bool, reason: &str) -> IndexResult<()> {
+    fn finding(&self, blob: &str, hidden: bool, reason: &str) -> IndexResult<()> {
         self.conn
             .prepare_cached("INSERT INTO findings(blob, hidden, reason) VALUES (?1, ?2, ?3)")?
             .execute(params![blob, hidden, reason])?;
@@ -418,13 +418,8 @@ impl TreeBuilder {
                     c.prepare_cached("DELETE FROM dentries WHERE parent = ?1 AND name = ?2")?
                         .execute(params![parent, name])?;
                     if let Some(b) = blob {
-                        c.prepare_cached(
-                            "INSERT INTO findings(blob, hidden, reason) VALUES (?1, 1, ?2)",
-                        )?
-                        .execute(params![
-                            b,
-                            format!("hard link to group {group}, whose data blob is missing")
-                        ])?;
+                        let why = format!("hard link to group {group}, whose data blob is missing");
+                        self.finding(&b, true, &why)?;
                     }
                 }
             }
@@ -498,14 +493,19 @@ impl TreeBuilder {
         meta.execute(params!["complete", "1"])?;
         drop(meta);
         c.execute_batch(super::TOTALS)?;
-        let count = |sql: &str| -> IndexResult<u64> {
-            Ok(c.query_row(sql, [], |r| r.get::<_, i64>(0))? as u64)
+        let (dir, symlink) = (kind_code(Kind::Dir), kind_code(Kind::Symlink));
+        let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> IndexResult<u64> {
+            Ok(c.query_row(sql, p, |r| r.get::<_, i64>(0))? as u64)
         };
+        let of_kind = "SELECT count(*) FROM inodes WHERE kind = ?1";
         let stats = BuildStats {
-            files: count("SELECT count(*) FROM inodes WHERE kind NOT IN (1, 3)")?,
-            dirs: count("SELECT count(*) FROM inodes WHERE kind = 1")?,
-            symlinks: count("SELECT count(*) FROM inodes WHERE kind = 3")?,
-            hidden: count("SELECT count(*) FROM findings WHERE hidden")?,
+            files: count(
+                "SELECT count(*) FROM inodes WHERE kind NOT IN (?1, ?2)",
+                &[&dir, &symlink],
+            )?,
+            dirs: count(of_kind, &[&dir])?,
+            symlinks: count(of_kind, &[&symlink])?,
+            hidden: count("SELECT count(*) FROM findings WHERE hidden", &[])?,
         };
         c.execute_batch("COMMIT")?;
         // The live index runs in WAL mode; the file is complete before it is renamed.

@@ -4,16 +4,19 @@
 use crate::config::{resolve, SourceArgs};
 use crate::runtime;
 use simfs::index::ingest::no_progress;
-use simfs::mount::{prepare, publish_index};
+use simfs::mount::{prepare, publish_index, Source};
 use std::process::ExitCode;
 
+/// The source the arguments and the process environment name; an error is printed.
+fn resolve_from_env(source: &SourceArgs) -> Option<Source> {
+    resolve(source, &|k| std::env::var(k).ok())
+        .map_err(|e| eprintln!("simfs: {e}"))
+        .ok()
+}
+
 pub fn check(source: &SourceArgs) -> ExitCode {
-    let target = match resolve(source, &|k| std::env::var(k).ok()) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("simfs: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(target) = resolve_from_env(source) else {
+        return ExitCode::FAILURE;
     };
     // Checking only reads: it must not start uploading an earlier mount's pending changes.
     let mut cfg = source.mount_config();
@@ -48,12 +51,8 @@ pub fn check(source: &SourceArgs) -> ExitCode {
 }
 
 pub fn publish(source: &SourceArgs) -> ExitCode {
-    let target = match resolve(source, &|k| std::env::var(k).ok()) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("simfs: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(target) = resolve_from_env(source) else {
+        return ExitCode::FAILURE;
     };
     let rt = runtime();
     let t0 = std::time::Instant::now();
