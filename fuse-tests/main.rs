@@ -615,9 +615,18 @@ fn cached_files_read_and_map_correctly_with_and_without_passthrough() {
     );
     for (dir, extra) in runs {
         let cache = tempfile::tempdir().unwrap();
-        let mut args = vec!["--cache-size", "3M"];
+        let mut args = vec!["passthrough", "--cache-dir", cache.path().to_str().unwrap()];
+        args.extend_from_slice(&["--cache-size", "3M"]);
         args.extend_from_slice(extra);
-        let m = mount(&az, "passthrough", cache.path(), &args);
+        // fuser's request log shows whether the kernel wrote through simfs or in place.
+        let env = [
+            ("AZURE_STORAGE_CONNECTION_STRING", az.connection_string()),
+            (
+                "SIMFS_LOG",
+                "warn,simfs::fuse=info,fuser::request=debug".to_string(),
+            ),
+        ];
+        let m = Mount::start(&args, &env).expect("mount");
         let f0 = m.path().join(dir).join("f0");
         // The first read hydrates; later opens find a whole cached file (passthrough on the
         // read-only mount where the kernel offers it).
@@ -643,16 +652,42 @@ fn cached_files_read_and_map_correctly_with_and_without_passthrough() {
         if dir != "rw" {
             continue;
         }
-        // A writer beside the reader: both see the new bytes, and so does a new open.
+        // A writer beside the reader. Where the reader is in passthrough, the kernel makes
+        // the writer share its backing file and write it directly: the reader, a new open,
+        // stat, fsync and the container must all see the writes anyway.
+        let in_place = m
+            .log_text()
+            .contains("cached files are read by the kernel directly");
         let mut w = std::fs::OpenOptions::new().write(true).open(&f0).unwrap();
         std::io::Write::write_all(&mut w, b"NEW").unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&w, b"TAIL", body(0).len() as u64).unwrap();
+        let mut want = body(0);
+        want[..3].copy_from_slice(b"NEW");
+        want.extend_from_slice(b"TAIL");
+        assert_eq!(
+            std::fs::metadata(&f0).unwrap().len(),
+            want.len() as u64,
+            "stat while the writer is open"
+        );
+        w.sync_all().unwrap();
         drop(w);
         let mut head = [0u8; 3];
         std::os::unix::fs::FileExt::read_exact_at(&held, &mut head, 0).unwrap();
         assert_eq!(&head, b"NEW", "the open reader sees the write");
-        let mut want = body(0);
-        want[..3].copy_from_slice(b"NEW");
         assert!(std::fs::read(&f0).unwrap() == want);
         assert!(mmap_read(&f0) == want, "mmap after the write");
+        let writes = m
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(" WRITE "))
+            .count();
+        if in_place {
+            assert_eq!(writes, 0, "the writer joined the reader in place");
+        }
+        drop(held);
+        // fsync committed the writes made in place: a node with an empty cache reads them.
+        let other_cache = tempfile::tempdir().unwrap();
+        let fresh = mount(&az, "passthrough", other_cache.path(), &["--read-only"]);
+        assert!(std::fs::read(fresh.path().join(dir).join("f0")).unwrap() == want);
     }
 }

@@ -40,6 +40,12 @@ use std::time::{Duration, SystemTime};
 /// venv's modules would cost a round trip each: 16-38 us instead of 1.6 us, measured).
 const PASSTHROUGH_MIN: u64 = 1 << 20;
 
+/// A file the kernel reads (and writes) directly, registered under `id`.
+struct Backing {
+    id: BackingId,
+    file: std::fs::File,
+}
+
 pub struct SimFuse {
     fs: Arc<SimFs>,
     ttl: Duration,
@@ -48,9 +54,9 @@ pub struct SimFuse {
     /// Whether cached files are opened in passthrough: asked for, then granted by the kernel
     /// at init, and turned off for good if registering a backing file fails.
     passthrough: AtomicBool,
-    modes: IoModes<BackingId>,
+    modes: IoModes<Backing>,
     /// How each open file handle was answered, for its release.
-    opens: Mutex<HashMap<u64, (u64, Open<BackingId>)>>,
+    opens: Mutex<HashMap<u64, (u64, Open<Backing>)>>,
     /// The kernel lists directories without OPENDIR and RELEASEDIR (Linux 5.1+): the first
     /// OPENDIR is answered ENOSYS, and from then on readdir comes with no handle. Asked for
     /// at init when allowed, granted when the kernel offers it.
@@ -65,8 +71,6 @@ impl SimFuse {
         passthrough: bool,
         list_unopened: bool,
     ) -> SimFuse {
-        // A writer can never join an inode in passthrough (see `iomode`).
-        let passthrough = passthrough && fs.is_read_only();
         SimFuse {
             fs,
             ttl,
@@ -88,20 +92,20 @@ impl SimFuse {
         }
     }
 
-    /// How to answer the open `fh` of `ino`: passthrough for a whole cached file of 1 MiB
-    /// or more when the kernel allows it (see `iomode`); only on read-only mounts, where no
-    /// writer can arrive at an inode in passthrough.
-    fn io_mode(&self, ino: u64, fh: u64, reply: &ReplyOpen) -> Open<BackingId> {
-        if !self.passthrough.load(Ordering::Relaxed) {
-            return Open::Cached;
-        }
+    /// How to answer the open `fh` of `ino`: passthrough for a reader of a whole file of
+    /// 1 MiB or more when the kernel allows it, and for any open of an inode already in
+    /// passthrough (see `iomode`).
+    fn io_mode(&self, ino: u64, fh: u64, write: bool, reply: &ReplyOpen) -> Open<Backing> {
         self.modes.open(ino, || {
+            if write || !self.passthrough.load(Ordering::Relaxed) {
+                return None;
+            }
             let (file, size) = self.fs.passthrough_file(fh)?;
             if size < PASSTHROUGH_MIN {
                 return None;
             }
-            match reply.open_backing(&*file) {
-                Ok(id) => Some(id),
+            match reply.open_backing(&file) {
+                Ok(id) => Some(Backing { id, file }),
                 Err(e) => {
                     if self.passthrough.swap(false, Ordering::Relaxed) {
                         tracing::warn!(
@@ -112,6 +116,15 @@ impl SimFuse {
                 }
             }
         })
+    }
+
+    /// Records how open file `fh` of `ino` was answered, for its release. Called before the
+    /// reply: the release may arrive the moment the kernel has it.
+    fn record_open(&self, fh: u64, ino: u64, how: Open<Backing>) {
+        self.opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, (ino, how));
     }
 
     /// Runs `f` (which replies) off the FUSE worker thread.
@@ -279,26 +292,42 @@ impl Filesystem for SimFuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
+        // A writer of an inode the kernel reads in passthrough must share the backing file:
+        // its local copy is made that very file.
+        let in_place = write && self.modes.is_passthrough(ino.0);
         // Never waits: an uncached blob starts filling and its reads wait for their ranges.
-        let fh = match self.fs.open(ino.0, write, truncate) {
+        let opened = match in_place {
+            true => self.fs.open_in_place(ino.0, truncate),
+            false => self.fs.open(ino.0, write, truncate),
+        };
+        let fh = match opened {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(&e)),
         };
-        let how = self.io_mode(ino.0, fh, &reply);
-        let backing = match &how {
-            Open::Passthrough(id) => Some(id.clone()),
-            Open::Cached => None,
-        };
-        // Recorded before the reply: the release may arrive the moment the kernel has it.
-        self.opens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, (ino.0, how));
-        match backing {
-            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+        let how = self.io_mode(ino.0, fh, write, &reply);
+        if let (true, Open::Passthrough(b)) = (write, &how) {
+            // Its writes reach the file without a WRITE request: simfs looks for them.
+            if let Err(e) = self.fs.write_in_place(fh, &b.file) {
+                self.modes.release(ino.0, &how);
+                let _ = self.fs.release(fh);
+                return reply.error(errno(&e));
+            }
+        }
+        let flags = match &how {
+            Open::Passthrough(_) => FopenFlags::empty(),
             // Data changes only through this mount, which keeps the page cache coherent: the
-            // kernel keeps its pages across opens.
-            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            // kernel keeps its pages across opens, unless written past them (see `iomode`).
+            Open::Cached { keep_cache: true } => FopenFlags::FOPEN_KEEP_CACHE,
+            Open::Cached { keep_cache: false } => FopenFlags::empty(),
+        };
+        let backing = match &how {
+            Open::Passthrough(b) => Some(b.clone()),
+            Open::Cached { .. } => None,
+        };
+        self.record_open(fh, ino.0, how);
+        match backing {
+            Some(b) => reply.opened_passthrough(FileHandle(fh), flags, &b.id),
+            None => reply.opened(FileHandle(fh), flags),
         }
     }
 
@@ -503,13 +532,19 @@ impl Filesystem for SimFuse {
         reply: ReplyCreate,
     ) {
         match self.fs.create(parent.0, name, mode & !umask, caller(req)) {
-            Ok((a, fh)) => reply.created(
-                &self.ttl,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok((a, fh)) => {
+                // A new file is in the page cache mode: no reader may start passthrough on it
+                // while this handle is open.
+                let how = self.modes.open(a.ino, || None);
+                self.record_open(fh, a.ino, how);
+                reply.created(
+                    &self.ttl,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

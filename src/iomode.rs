@@ -7,23 +7,27 @@
 //! backing id (anything else, direct I/O included, fails the open with EIO); while cached
 //! handles are open, no passthrough open is allowed.
 //!
-//! Writes must reach simfs (it uploads them), so a writer can never join a passthrough
-//! inode: `fuse.rs` uses passthrough only on read-only mounts, where every open is a read.
-//! There, a later open of an inode in passthrough shares its backing file, whatever the state
-//! of its cached copy; an inode first opened while still downloading stays in the page cache
-//! mode until its last handle closes.
+//! Only readers start passthrough. A later open of an inode in passthrough shares its
+//! backing file whatever it is: a reader, or a writer, which then writes the file in place
+//! (`fs::in_place` finds its writes). An inode first opened while still downloading, or
+//! by a writer, stays in the page cache mode until its last handle closes.
+//!
+//! Writes made in place never pass through the kernel's page cache for the inode, so pages
+//! it kept from before may be stale: the first cached open after a passthrough period tells
+//! the kernel to drop them.
 //!
 //! This is bookkeeping only, generic over the backing handle, so it is tested without a
 //! kernel; `fuse.rs` registers the backing files and answers the kernel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 /// How one open was answered.
 #[derive(Debug)]
 pub enum Open<T> {
-    /// Through the kernel's page cache for the inode.
-    Cached,
+    /// Through the kernel's page cache for the inode; whether the pages it holds from
+    /// earlier opens are still good.
+    Cached { keep_cache: bool },
     /// Served by the kernel from this backing file.
     Passthrough(Arc<T>),
 }
@@ -33,28 +37,39 @@ enum Mode<T> {
     Passthrough { backing: Arc<T>, opens: usize },
 }
 
+struct State<T> {
+    modes: HashMap<u64, Mode<T>>,
+    /// Inodes out of passthrough since their last cached open: their kept pages may be
+    /// stale.
+    stale: HashSet<u64>,
+}
+
 pub struct IoModes<T> {
-    modes: Mutex<HashMap<u64, Mode<T>>>,
+    state: Mutex<State<T>>,
 }
 
 impl<T> Default for IoModes<T> {
     fn default() -> Self {
         IoModes {
-            modes: Mutex::new(HashMap::new()),
+            state: Mutex::new(State {
+                modes: HashMap::new(),
+                stale: HashSet::new(),
+            }),
         }
     }
 }
 
 impl<T> IoModes<T> {
-    fn modes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Mode<T>>> {
-        self.modes.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> std::sync::MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// An open of `ino` on a read-only mount. An inode in passthrough shares its backing
-    /// file; one with cached handles open stays cached; otherwise `register` may make a
-    /// backing file (None: not possible or not worth it, use the page cache).
+    /// An open of `ino`. An inode in passthrough shares its backing file; one with cached
+    /// handles open stays cached; otherwise `register` may make a backing file (None: not
+    /// possible or not worth it, or a writer: use the page cache).
     pub fn open(&self, ino: u64, register: impl FnOnce() -> Option<T>) -> Open<T> {
-        let mut modes = self.modes();
+        let mut state = self.state();
+        let State { modes, stale } = &mut *state;
         match modes.get_mut(&ino) {
             Some(Mode::Passthrough { backing, opens }) => {
                 *opens += 1;
@@ -62,7 +77,7 @@ impl<T> IoModes<T> {
             }
             Some(Mode::Cached(n)) => {
                 *n += 1;
-                return Open::Cached;
+                return Open::Cached { keep_cache: true };
             }
             None => {}
         }
@@ -80,7 +95,9 @@ impl<T> IoModes<T> {
             }
             None => {
                 modes.insert(ino, Mode::Cached(1));
-                Open::Cached
+                Open::Cached {
+                    keep_cache: !stale.remove(&ino),
+                }
             }
         }
     }
@@ -88,9 +105,9 @@ impl<T> IoModes<T> {
     /// A handle of `ino` opened as `how` is closed. The last passthrough handle drops the
     /// backing file's registration (`T`'s drop, once the caller drops `how` too).
     pub fn release(&self, ino: u64, how: &Open<T>) {
-        let mut modes = self.modes();
-        let last = match (modes.get_mut(&ino), how) {
-            (Some(Mode::Cached(n)), Open::Cached) => {
+        let mut state = self.state();
+        let last = match (state.modes.get_mut(&ino), how) {
+            (Some(Mode::Cached(n)), Open::Cached { .. }) => {
                 *n -= 1;
                 *n == 0
             }
@@ -101,13 +118,15 @@ impl<T> IoModes<T> {
             _ => false,
         };
         if last {
-            modes.remove(&ino);
+            if let Some(Mode::Passthrough { .. }) = state.modes.remove(&ino) {
+                state.stale.insert(ino);
+            }
         }
     }
 
     /// Whether `ino` has passthrough handles.
     pub fn is_passthrough(&self, ino: u64) -> bool {
-        matches!(self.modes().get(&ino), Some(Mode::Passthrough { .. }))
+        matches!(self.state().modes.get(&ino), Some(Mode::Passthrough { .. }))
     }
 }
 
@@ -158,7 +177,7 @@ mod tests {
         let m = IoModes::default();
         let first = m.open(3, || None);
         let second = m.open(3, register(&live));
-        assert!(matches!(second, Open::Cached));
+        assert!(matches!(second, Open::Cached { keep_cache: true }));
         assert_eq!(live.load(Ordering::SeqCst), 0, "no backing file registered");
         m.release(3, &first);
         m.release(3, &second);
@@ -170,8 +189,27 @@ mod tests {
     fn a_failed_registration_falls_back_to_the_page_cache() {
         let m: IoModes<Backing> = IoModes::default();
         let r = m.open(5, || None);
-        assert!(matches!(r, Open::Cached));
+        assert!(matches!(r, Open::Cached { keep_cache: true }));
         m.release(5, &r);
         assert!(!m.is_passthrough(5));
+    }
+
+    #[test]
+    fn the_first_cached_open_after_passthrough_drops_the_kernels_kept_pages() {
+        let live = Arc::new(AtomicUsize::new(0));
+        let m = IoModes::default();
+        let before = m.open(7, || None);
+        assert!(matches!(before, Open::Cached { keep_cache: true }));
+        m.release(7, &before);
+        // Read in place (and maybe written in place, past the kernel's page cache).
+        let pt = m.open(7, register(&live));
+        m.release(7, &pt);
+        let after = m.open(7, || None);
+        assert!(
+            matches!(after, Open::Cached { keep_cache: false }),
+            "pages kept from before the passthrough period may be stale"
+        );
+        let next = m.open(7, || None);
+        assert!(matches!(next, Open::Cached { keep_cache: true }));
     }
 }

@@ -37,6 +37,8 @@ pub enum FsError {
     Unsupported,
     #[error("file too large")]
     TooBig,
+    #[error("the file changed hands while it was opened; try again")]
+    Busy,
     #[error(transparent)]
     Writeback(#[from] Arc<WritebackError>),
 }
@@ -128,6 +130,7 @@ impl FsError {
             FsError::Invalid(_) => libc::EINVAL,
             FsError::Unsupported => libc::EOPNOTSUPP,
             FsError::TooBig => libc::EFBIG,
+            FsError::Busy => libc::EBUSY,
             FsError::Writeback(e) => writeback_errno(e),
         }
     }

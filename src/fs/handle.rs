@@ -11,6 +11,7 @@
 use super::{FsError, FsResult, Handle, SimFs};
 use crate::cache::Content;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +35,8 @@ pub(super) struct OpenFile {
     /// does its close wait for the upload. A lock file created and closed unwritten (git's
     /// `index.lock`) is a namespace change like `mkdir`, left to the background.
     pub wrote: AtomicBool,
+    /// Whether the kernel writes this handle's data straight to the local copy (`in_place`).
+    pub in_place: AtomicBool,
 }
 
 impl OpenFile {
@@ -44,6 +47,7 @@ impl OpenFile {
             data: Mutex::new(data),
             served: AtomicBool::new(false),
             wrote: AtomicBool::new(false),
+            in_place: AtomicBool::new(false),
         }))
     }
 
@@ -79,7 +83,7 @@ impl SimFs {
     }
 
     /// What handle `h` reads from now.
-    fn readable(&self, h: &OpenFile) -> FsResult<Data> {
+    pub(super) fn readable(&self, h: &OpenFile) -> FsResult<Data> {
         match h.data() {
             Data::Local(f) => Ok(Data::Local(f)),
             // A writer reads its own writes: once the inode has a local copy, use it.
@@ -148,18 +152,28 @@ impl SimFs {
         Ok(buf)
     }
 
-    /// The whole cached file a read-only handle reads, when it has one: what the kernel may
-    /// read directly (FUSE passthrough). None for writers, files still downloading, and local
-    /// copies (their data is not the container's yet).
-    pub fn passthrough_file(&self, fh: u64) -> Option<(Arc<File>, u64)> {
+    /// The whole file a read-only handle reads, when it has one, for the kernel to read
+    /// directly (FUSE passthrough): the cached copy, or on a writable mount the local copy.
+    /// None for writers and for files still downloading. On a writable mount the file is
+    /// opened read-write: a writer arriving later must share it (see `in_place`).
+    pub fn passthrough_file(&self, fh: u64) -> Option<(File, u64)> {
         let h = self.file_handle(fh).ok()?;
-        match (h.write, h.data()) {
-            (false, Data::Cached(Content::Whole(f))) => {
-                let size = self.attr(h.ino).ok()?.size;
-                Some((f, size))
-            }
-            _ => None,
-        }
+        let f = match (h.write, h.data()) {
+            (false, Data::Cached(Content::Whole(f)) | Data::Local(f)) => f,
+            _ => return None,
+        };
+        let size = self.attr(h.ino).ok()?.size;
+        let file = if self.is_read_only() {
+            f.try_clone().ok()?
+        } else {
+            // Through the descriptor, not the path: the copy may be renamed into place.
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                .ok()?
+        };
+        Some((file, size))
     }
 
     /// Whether a read may wait for the network (the FUSE adapter answers it off its threads).

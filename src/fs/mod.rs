@@ -18,6 +18,7 @@
 mod dir;
 pub mod error;
 mod handle;
+mod in_place;
 mod prefetch;
 pub mod stage;
 pub mod write;
@@ -73,6 +74,8 @@ pub struct SimFs {
     refresher: OnceLock<Arc<Refresher>>,
     /// Listings the kernel reads without opening the directory.
     cursors: dir::Cursors,
+    /// Writers the kernel serves straight from the local copy.
+    in_place: in_place::InPlace,
 }
 
 pub const BLOCK_SIZE: u32 = 4096;
@@ -98,6 +101,7 @@ impl SimFs {
             next_fh: AtomicU64::new(1),
             refresher: OnceLock::new(),
             cursors: dir::Cursors::default(),
+            in_place: in_place::InPlace::default(),
         }
     }
 
@@ -129,7 +133,7 @@ impl SimFs {
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let name = existing_name(name)?;
         match self.index.lookup(parent, &name)? {
-            Some(a) => Ok(a),
+            Some(a) => Ok(self.live(a)),
             None => {
                 let p = self.attr(parent)?;
                 Err(if p.kind == Kind::Dir {
@@ -142,7 +146,7 @@ impl SimFs {
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
-        self.attr(ino)
+        Ok(self.live(self.attr(ino)?))
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -187,7 +191,7 @@ impl SimFs {
         if page.is_empty() {
             self.cursors.finished(ino, &h);
         }
-        Ok(page)
+        Ok(self.live_page(page))
     }
 
     /// Entries of an open directory from position `offset` on (`.` is 0, `..` is 1), each with
@@ -198,7 +202,7 @@ impl SimFs {
             Some(Handle::Dir(d)) => d.clone(),
             _ => return Err(FsError::BadHandle),
         };
-        h.read(&self.index, offset)
+        Ok(self.live_page(h.read(&self.index, offset)?))
     }
 
     /// Every entry of an open directory, `.` and `..` first (tests and tools).
@@ -296,6 +300,11 @@ impl SimFs {
             return Ok(());
         };
         let (ino, write) = (h.ino, h.write);
+        // A failure to take in writes made in place is reported after the handle is gone.
+        let adopted = match h.in_place.load(Ordering::Relaxed) {
+            true => self.release_in_place(ino),
+            false => Ok(()),
+        };
         let last = self.cache.pins().unpin(ino, write);
         if last && self.attr(ino).is_ok_and(|a| a.nlink == 0) {
             if self.writeback.is_some() {
@@ -307,7 +316,7 @@ impl SimFs {
                 self.index.forget_unlinked(ino)?;
             }
         }
-        Ok(())
+        adopted
     }
 
     /// Refreshes `ino`'s entry after its blob was found changed; whether the index changed.

@@ -62,13 +62,13 @@ impl SimFs {
     }
 
     /// Now, and when a change made now should be uploaded by the background.
-    fn due(&self) -> FsResult<(SystemTime, SystemTime)> {
+    pub(super) fn due(&self) -> FsResult<(SystemTime, SystemTime)> {
         let now = SystemTime::now();
         Ok((now, now + self.writable()?.delay()))
     }
 
     /// Tells write-back that a change due at `due` was made.
-    fn changed(&self, due: SystemTime) {
+    pub(super) fn changed(&self, due: SystemTime) {
         if let Some(wb) = &self.writeback {
             wb.changed(due);
         }
@@ -308,6 +308,9 @@ impl SimFs {
     /// close(2) of a handle: a written file is uploaded before this returns.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.file_handle(fh)?;
+        if h.in_place.load(Ordering::Relaxed) && self.adopt_in_place(h.ino)? {
+            h.wrote.store(true, Ordering::Relaxed);
+        }
         if h.write && h.wrote.load(Ordering::Relaxed) {
             self.upload(h.ino)?;
         }
@@ -337,6 +340,7 @@ impl SimFs {
         if self.writeback.is_none() {
             return Ok(());
         }
+        self.adopt_in_place(ino)?;
         self.upload(ino)
     }
 

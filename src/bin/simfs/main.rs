@@ -60,8 +60,8 @@ enum Cmd {
         /// Do not allow programs on the mount to be executed.
         #[arg(long)]
         noexec: bool,
-        /// Never let the kernel read cached files directly (FUSE passthrough: read-only
-        /// mounts, Linux 6.9+, root); reads then go through simfs, as on older kernels.
+        /// Never let the kernel read cached files directly (FUSE passthrough: files of 1 MiB
+        /// or more, Linux 6.9+, root); reads then go through simfs, as on older kernels.
         #[arg(long)]
         no_passthrough: bool,
         /// Answer OPENDIR and RELEASEDIR for every directory listed, as on a kernel without
