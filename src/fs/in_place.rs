@@ -271,4 +271,21 @@ mod tests {
         w.fs.release(reader).unwrap();
         assert_eq!(read_all(&w, CKPT).unwrap(), vec![7u8; 10_000]);
     }
+
+    #[test]
+    fn truncating_a_file_read_in_place_by_path_truncates_the_file_the_kernel_reads() {
+        let w = rw(fixture());
+        let (ino, reader, backing) = read_in_place(&w);
+        let empty = crate::posix::AttrChanges {
+            size: Some(0),
+            ..Default::default()
+        };
+        w.fs.setattr(ino, &empty).unwrap();
+        assert_eq!(backing.metadata().unwrap().len(), 0, "the readers see it");
+        // A writer joining later shares that same file.
+        let writer = w.fs.open_in_place(ino, false).unwrap();
+        w.fs.write_in_place(writer, &backing).unwrap();
+        w.fs.release(writer).unwrap();
+        w.fs.release(reader).unwrap();
+    }
 }

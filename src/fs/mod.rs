@@ -271,6 +271,13 @@ impl SimFs {
             return Ok(());
         }
         let mut blob = self.index.blob_of(ino)?;
+        // An open file's whole cached copy is moved into place even when its content is
+        // about to go: that costs nothing (open files are never evicted), and keeps the file
+        // the kernel may be reading directly (passthrough), so its readers see the change.
+        let empty = empty
+            && !blob
+                .as_ref()
+                .is_some_and(|b| self.is_open(ino) && self.cache.is_hydrated(b));
         if let (Some(b), false) = (&blob, empty) {
             match self.cache.hydrate(ino, b) {
                 Err(crate::cache::CacheError::Blob(
