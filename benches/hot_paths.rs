@@ -118,6 +118,7 @@ fn mount(
         passthrough: false,
         list_unopened: true,
         refresh_interval: Duration::ZERO,
+        prime_entries: 0,
     };
     let s = session(fs, dir.path(), &opts, rt)
         .map_err(|e| eprintln!("skipping the FUSE benchmarks: {e}"))

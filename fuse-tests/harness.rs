@@ -225,11 +225,19 @@ impl Mount {
             let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
             eprintln!("simfs log of {}:\n{log}", self.at.display());
         }
-        if is_mounted(self.path()) {
-            let _ = Command::new("fusermount3")
+        // Busy for a moment after mounting while the daemon primes the kernel's dentry
+        // cache through the mount (at most 2 s).
+        let busy_until = Instant::now() + Duration::from_secs(3);
+        while is_mounted(self.path()) {
+            let out = Command::new("fusermount3")
                 .arg("-u")
                 .arg(self.path())
-                .status();
+                .output();
+            let busy = out.is_ok_and(|o| String::from_utf8_lossy(&o.stderr).contains("busy"));
+            if !busy || Instant::now() > busy_until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         if let Some(mut c) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(20);

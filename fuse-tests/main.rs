@@ -9,9 +9,9 @@ mod write;
 
 use harness::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A local tree in the shapes ML users store: nested dirs, a symlinked executable, a
 /// checkpoint directory with a `latest.pt` link, modes that are not the defaults, and a venv.
@@ -689,5 +689,53 @@ fn cached_files_read_and_map_correctly_with_and_without_passthrough() {
         let other_cache = tempfile::tempdir().unwrap();
         let fresh = mount(&az, "passthrough", other_cache.path(), &["--read-only"]);
         assert!(std::fs::read(fresh.path().join(dir).join("f0")).unwrap() == want);
+    }
+}
+
+#[test]
+fn a_primed_mount_answers_the_first_stat_of_its_tree_without_a_lookup() {
+    let (az, fx) = seeded("primed", 200, 0);
+    let paths: Vec<PathBuf> = walk(fx.path())
+        .into_iter()
+        .map(|p| p.strip_prefix(fx.path()).unwrap().to_path_buf())
+        .collect();
+    assert!(paths.len() > 20);
+    // fuser's request log counts the lookups; simfs's says when priming is done.
+    let env = [
+        ("AZURE_STORAGE_CONNECTION_STRING", az.connection_string()),
+        (
+            "SIMFS_LOG",
+            "warn,simfs::mount=info,fuser::request=debug".to_string(),
+        ),
+    ];
+    for entries in ["100000", "0"] {
+        let cache = tempfile::tempdir().unwrap();
+        let args = [
+            "primed",
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--prime-entries",
+            entries,
+        ];
+        let m = Mount::start(&args, &env).expect("mount");
+        if entries != "0" {
+            // In the foreground the mount appears before priming ends (in the background
+            // `simfs mount` returns after it).
+            let t = Instant::now();
+            while !m.log_text().contains("primed the kernel's dentry cache") {
+                assert!(t.elapsed() < Duration::from_secs(30), "{}", m.log_text());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let before = m.log_text().matches(" LOOKUP ").count();
+        for p in &paths {
+            std::fs::symlink_metadata(m.path().join(p)).unwrap();
+        }
+        let lookups = m.log_text().matches(" LOOKUP ").count() - before;
+        if entries == "0" {
+            assert!(lookups >= paths.len(), "unprimed: {lookups} lookups");
+        } else {
+            assert_eq!(lookups, 0, "primed: {lookups} lookups");
+        }
     }
 }

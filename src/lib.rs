@@ -14,7 +14,8 @@
 //! 5. `fs`: POSIX semantics over all of the above, without FUSE; the one place errors
 //!    become errnos.
 //! 6. `fuse`: a thin adapter from `fuser` to `fs`.
-//! 7. `mount`: wiring from a plain `MountConfig` to a serving mount.
+//! 7. `mount`: wiring from a plain `MountConfig` to a serving mount; `prime`: the kernel's
+//!    dentry cache filled at mount.
 //!
 //! The command line (argument parsing, credentials, the mount helper, daemonising, status,
 //! the benchmark driver) is the `simfs` binary's, under `src/bin/simfs/`.
@@ -31,5 +32,6 @@ pub mod iomode;
 pub mod locks;
 pub mod mount;
 pub mod posix;
+pub mod prime;
 pub mod refresh;
 pub mod writeback;

@@ -361,7 +361,13 @@ pub struct ServeOptions {
     pub list_unopened: bool,
     /// How often to list the container again for others' changes (zero: never).
     pub refresh_interval: Duration,
+    /// Entries listed through the mount before it is reported ready, so the kernel knows
+    /// them (see `prime`); zero: none.
+    pub prime_entries: usize,
 }
+
+/// The most a mount spends priming the kernel's dentry cache before it reports ready.
+const PRIME_BUDGET: Duration = Duration::from_secs(2);
 
 /// Mounts `fs` at `mountpoint`: the FUSE session, not yet serving, with the kernel-cache
 /// invalidation wired in. `Session::spawn` serves it in the background and unmounts when the
@@ -436,14 +442,15 @@ impl KernelCache for KernelNotifier {
 }
 
 /// Mounts `fs` at `mountpoint` and serves it, with the write-back thread, until it is
-/// unmounted. `ready` is called once the kernel has completed the FUSE handshake (or with
-/// the error that prevented it). What is still pending afterwards is `finish_uploads`'s.
+/// unmounted. `ready` is called once the mount serves and the kernel's dentry cache is
+/// primed (or with the error that prevented serving). What is still pending afterwards is
+/// `finish_uploads`'s.
 pub fn serve(
     fs: Arc<SimFs>,
     mountpoint: &Path,
     opts: &ServeOptions,
     rt: &tokio::runtime::Handle,
-    ready: impl FnOnce(Result<(), String>),
+    ready: impl FnOnce(Result<(), String>) + Send + 'static,
 ) -> Result<(), MountError> {
     let mut session = match session(fs.clone(), mountpoint, opts, rt) {
         Ok(s) => s,
@@ -454,7 +461,25 @@ pub fn serve(
     };
     let unmounter = std::sync::Mutex::new(session.unmount_callable());
     install_unmount_on_signal(unmounter);
-    ready(Ok(()));
+    // Through the mount, so it needs the session below running.
+    let (at, entries) = (mountpoint.to_path_buf(), opts.prime_entries);
+    std::thread::spawn(move || {
+        if entries > 0 {
+            let p = crate::prime::prime(&at, entries, PRIME_BUDGET);
+            tracing::info!(
+                "primed the kernel's dentry cache: {} entries in {} directories, {:.0} ms{}",
+                p.entries,
+                p.dirs,
+                p.elapsed.as_secs_f64() * 1e3,
+                if p.partial {
+                    " (stopped at its bound)"
+                } else {
+                    ""
+                }
+            );
+        }
+        ready(Ok(()));
+    });
     let background = fs.writeback().map(|wb| wb.start());
     let _refreshing = fs.refresher().and_then(|r| r.start(opts.refresh_interval));
     let ran = session

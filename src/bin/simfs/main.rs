@@ -73,6 +73,11 @@ enum Cmd {
         /// (new, changed and deleted blobs); 0 turns background refresh off.
         #[arg(long, default_value_t = 60.0, value_parser = parse_interval)]
         refresh_interval: f64,
+        /// Entries (breadth-first) listed through the mount before it reports ready, so the
+        /// kernel already knows them: their first stat makes no round trip. About 1 KiB of
+        /// kernel memory each; 0 turns it off.
+        #[arg(long, default_value_t = 100_000)]
+        prime_entries: usize,
     },
     /// Unmount a simfs mount.
     Unmount { mountpoint: PathBuf },
@@ -233,6 +238,7 @@ fn main() -> ExitCode {
             no_passthrough,
             open_dirs,
             refresh_interval,
+            prime_entries,
         } => {
             let serve = ServeOptions {
                 fsname: source.source.clone(),
@@ -245,6 +251,7 @@ fn main() -> ExitCode {
                 passthrough: !no_passthrough,
                 list_unopened: !open_dirs,
                 refresh_interval: Duration::from_secs_f64(refresh_interval),
+                prime_entries,
             };
             let args = daemon::MountArgs {
                 mountpoint: &mountpoint,

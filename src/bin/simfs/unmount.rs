@@ -44,28 +44,45 @@ pub fn unmount(mountpoint: &std::path::Path) -> ExitCode {
         .filter(|m| daemons.contains(&m.pid))
         .map(|m| m.state_dir)
         .collect();
-    for (prog, args) in [("fusermount3", vec!["-u"]), ("umount", vec![])] {
-        match std::process::Command::new(prog)
-            .args(&args)
-            .arg(mountpoint)
-            .status()
-        {
-            Ok(s) if s.success() => {
-                let started = std::time::Instant::now();
-                let mut told = false;
-                while daemons.iter().any(|p| alive(*p)) {
-                    if !told && started.elapsed() > Duration::from_secs(1) {
-                        eprintln!("simfs: waiting for pending uploads to finish...");
-                        told = true;
+    // A mount is busy for a moment after it appears while its daemon primes the kernel's
+    // dentry cache through it (`--prime-entries`, at most 2 s): a busy mount is tried again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut busy = false;
+        for (prog, args) in [("fusermount3", vec!["-u"]), ("umount", vec![])] {
+            match std::process::Command::new(prog)
+                .args(&args)
+                .arg(mountpoint)
+                .stderr(std::process::Stdio::piped())
+                .output()
+            {
+                Ok(o) if o.status.success() => {
+                    let started = std::time::Instant::now();
+                    let mut told = false;
+                    while daemons.iter().any(|p| alive(*p)) {
+                        if !told && started.elapsed() > Duration::from_secs(1) {
+                            eprintln!("simfs: waiting for pending uploads to finish...");
+                            told = true;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
                     }
-                    std::thread::sleep(Duration::from_millis(50));
+                    return left_behind(&state_dirs);
                 }
-                return left_behind(&state_dirs);
+                Ok(o) => {
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    busy |= err.contains("busy");
+                    if std::time::Instant::now() > deadline || !busy {
+                        eprint!("{err}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => eprintln!("simfs: {prog}: {e}"),
             }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => eprintln!("simfs: {prog}: {e}"),
         }
+        if !busy || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("simfs: could not unmount {}", mountpoint.display());
     ExitCode::FAILURE
