@@ -162,6 +162,14 @@ impl SimFs {
             (false, Data::Cached(Content::Whole(f)) | Data::Local(f)) => f,
             _ => return None,
         };
+        // A clean copy opened just before the inode got a new local copy (a racing
+        // `O_TRUNC`) is no longer the inode's data: not for the kernel to serve.
+        if !self.is_read_only() && self.index.is_local(h.ino).ok()? {
+            let local = self.cache.open_local(h.ino, false).ok()?;
+            if !super::in_place::same_file(&f, &local).ok()? {
+                return None;
+            }
+        }
         let size = self.attr(h.ino).ok()?.size;
         let file = if self.is_read_only() {
             f.try_clone().ok()?

@@ -59,7 +59,7 @@ impl InPlace {
 }
 
 /// Whether two open files are one file on disk.
-fn same_file(a: &File, b: &File) -> std::io::Result<bool> {
+pub(super) fn same_file(a: &File, b: &File) -> std::io::Result<bool> {
     let (a, b) = (a.metadata()?, b.metadata()?);
     Ok(a.dev() == b.dev() && a.ino() == b.ino())
 }
