@@ -543,9 +543,11 @@ pub(super) fn world_with_capacity(
 /// Allocated bytes of the clean cache files on disk.
 fn cached_bytes(w: &World) -> u64 {
     use std::os::unix::fs::MetadataExt;
+    // A file may be evicted by the background thread between the listing and its stat.
     std::fs::read_dir(w.state.join("cache/data"))
         .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .filter_map(|e| e.unwrap().metadata().ok())
+        .map(|m| m.blocks() * 512)
         .sum()
 }
 
