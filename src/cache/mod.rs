@@ -437,6 +437,12 @@ impl Cache {
         self.local_dir.join(ino.to_string())
     }
 
+    /// Where a marker says that writers may be writing `ino`'s local copy in place, past
+    /// the journal (`fs::in_place`): a crash leaves it for recovery to find.
+    pub fn in_place_marker(&self, ino: u64) -> PathBuf {
+        self.local_dir.join(format!("{ino}.in-place"))
+    }
+
     /// Opens the local copy of `ino`, read-write when `write`.
     pub fn open_local(&self, ino: u64, write: bool) -> Result<File, CacheError> {
         Ok(OpenOptions::new()

@@ -15,7 +15,10 @@
 //! - the sentinel is never reset while such writers remain, so a write racing a look is
 //!   never forgotten (at worst the file is uploaded once more than needed);
 //! - meanwhile getattr reports the file's own length and mtime, which the kernel tracks
-//!   for the writer too.
+//!   for the writer too;
+//! - a marker file beside the copy (`<ino>.in-place`) lives from the first such writer's
+//!   open to the last one's release: after a crash, the next mount uploads the copies it
+//!   marks, since their writes may never have reached the journal.
 //!
 //! Writers that arrive while no one reads in place write through simfs as usual; this path
 //! exists because the kernel gives no other choice.
@@ -97,6 +100,9 @@ impl SimFs {
             file: file.clone(),
         });
         if w.handles == 0 {
+            // Before any write can happen: a crash from here on leaves the marker, and the
+            // next mount uploads the copy (`Scheduler::recover`).
+            std::fs::File::create(self.cache.in_place_marker(h.ino))?;
             file.set_modified(UNWRITTEN)?;
             self.in_place.count.fetch_add(1, Ordering::AcqRel);
         }
@@ -131,6 +137,10 @@ impl SimFs {
             if w.handles == 0 {
                 writers.remove(&ino);
                 self.in_place.count.fetch_sub(1, Ordering::AcqRel);
+                // The journal knows everything now; unless it could not be told.
+                if adopted.is_ok() {
+                    let _ = std::fs::remove_file(self.cache.in_place_marker(ino));
+                }
             }
         }
         adopted.map(|_| ())
@@ -176,6 +186,7 @@ mod tests {
     fn read_in_place(w: &super::super::tests::World) -> (u64, u64, File) {
         // The first read hydrates; a later open finds the whole cached copy.
         read_all(w, CKPT).unwrap();
+        w.fs.cache().settle();
         let ino = path(w, CKPT).unwrap().ino;
         let fh = w.fs.open(ino, false, false).unwrap();
         let (backing, size) = w.fs.passthrough_file(fh).expect("a whole cached copy");
@@ -287,5 +298,30 @@ mod tests {
         w.fs.write_in_place(writer, &backing).unwrap();
         w.fs.release(writer).unwrap();
         w.fs.release(reader).unwrap();
+    }
+
+    #[test]
+    fn writes_in_place_cut_short_by_a_crash_are_uploaded_by_the_next_mount() {
+        use super::super::tests::world_on;
+        use super::super::write_tests::{copy_dir, drain, fresh};
+        let store = Arc::new(crate::blob::faulty::FaultyStore::new(fixture()));
+        let dir = tempfile::tempdir().unwrap();
+        let keep = dir.path().to_path_buf();
+        let hour = Some(std::time::Duration::from_secs(3600));
+        let w = world_on(store.clone(), dir, "", 1 << 20, hour);
+        let (ino, _reader, backing) = read_in_place(&w);
+        let writer = w.fs.open_in_place(ino, false).unwrap();
+        w.fs.write_in_place(writer, &backing).unwrap();
+        backing.write_all_at(b"CUT", 0).unwrap();
+        // "kill -9" before any close, fsync or release.
+        std::mem::forget(w);
+        let dir = tempfile::TempDir::new().unwrap();
+        copy_dir(&keep, dir.path());
+        let again = world_on(store.clone(), dir, "", 1 << 20, hour);
+        drain(&again);
+        let n = fresh(&again);
+        let mut want = vec![7u8; 10_000];
+        want[..3].copy_from_slice(b"CUT");
+        assert_eq!(read_all(&n, CKPT).unwrap(), want);
     }
 }

@@ -505,7 +505,7 @@ fn a_directory_rename_interrupted_at_every_step_resumes_without_loss_or_duplicat
     }
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+pub(super) fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
         let dest = to.join(e.file_name());

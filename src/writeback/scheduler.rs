@@ -257,6 +257,17 @@ impl Writeback {
                     .make_local(ino, None, true)
                     .map_err(|e| WritebackError::Invalid(e.to_string()))?;
             }
+            // Written in place by the kernel (FUSE passthrough) when the crash came: what was
+            // written may never have reached the journal, so the copy is uploaded.
+            let marker = self.cache.in_place_marker(ino);
+            if marker.exists() {
+                if let (Ok(md), true) = (std::fs::metadata(&path), a.nlink > 0) {
+                    let now = SystemTime::now();
+                    self.index.wrote(ino, md.len(), now, now)?;
+                }
+                let _ = std::fs::remove_file(&marker);
+                continue;
+            }
             if let Ok(md) = std::fs::metadata(&path) {
                 if md.len() != a.size && a.nlink > 0 {
                     let now = SystemTime::now();
