@@ -25,7 +25,7 @@
 
 use super::{FsError, FsResult, ListedEntry, SimFs};
 use crate::posix::Attr;
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::Ordering;
@@ -95,17 +95,17 @@ impl SimFs {
             return Err(FsError::Busy);
         }
         let mut writers = self.in_place.writers();
-        let w = writers.entry(h.ino).or_insert_with(|| Writers {
-            handles: 0,
-            file: file.clone(),
-        });
-        if w.handles == 0 {
-            // Before any write can happen: a crash from here on leaves the marker, and the
-            // next mount uploads the copy (`Scheduler::recover`).
-            std::fs::File::create(self.cache.in_place_marker(h.ino))?;
-            file.set_modified(UNWRITTEN)?;
-            self.in_place.count.fetch_add(1, Ordering::AcqRel);
-        }
+        let w = match writers.entry(h.ino) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                // Before any write can happen: a crash from here on leaves the marker, and
+                // the next mount uploads the copy (`Scheduler::recover`).
+                File::create(self.cache.in_place_marker(h.ino))?;
+                file.set_modified(UNWRITTEN)?;
+                self.in_place.count.fetch_add(1, Ordering::AcqRel);
+                e.insert(Writers { handles: 0, file })
+            }
+        };
         w.handles += 1;
         h.in_place.store(true, Ordering::Relaxed);
         Ok(())
