@@ -2,8 +2,11 @@
 //!
 //! A first read of a small uncached file (the filesystem decides what is small) hands the
 //! cache the directory's other small files. One background thread per directory starts
-//! their fills, at most `IN_FLIGHT` (32) at a time and at most `BUDGET_BYTES` and `BUDGET_FILES`
-//! per round. It never evicts: a file that does not fit in the room left under the capacity
+//! their fills, at most `BUDGET_BYTES` and `BUDGET_FILES` per round. A walk that touches
+//! hundreds of directories must not queue thousands of requests at the service ahead of the
+//! next demand read (a service serves them in order), so all rounds together keep at most
+//! `IN_FLIGHT` (32) fills going, and a round stops once `NEWER_ROUNDS` (4) rounds have started
+//! after it: the directories read last are the ones likely read next. It never evicts: a file that does not fit in the room left under the capacity
 //! ends the round, so prefetched data never pushes out data someone read. Demand reads are
 //! never queued behind it (they start their own requests, and join a prefetch of the same
 //! file instead of fetching it twice). `cancel_prefetch` stops every round at its next file.
@@ -14,11 +17,13 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-/// Requests a prefetch round keeps in flight.
+/// Fills all prefetch rounds keep in flight together.
 pub const IN_FLIGHT: usize = 32;
 /// What one round may fetch.
 pub const BUDGET_BYTES: u64 = 64 << 20;
 pub const BUDGET_FILES: usize = 512;
+/// How many rounds may start after a round before it stops.
+const NEWER_ROUNDS: u64 = 4;
 
 pub(super) struct Prefetch {
     /// Directories with a round under way.
@@ -27,6 +32,10 @@ pub(super) struct Prefetch {
     generation: std::sync::atomic::AtomicU64,
     pub files: std::sync::atomic::AtomicU64,
     pub enabled: std::sync::atomic::AtomicBool,
+    /// One permit per prefetch fill in flight, across rounds.
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Rounds started so far (each round's number is its place in this count).
+    rounds: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Prefetch {
@@ -36,6 +45,8 @@ impl Default for Prefetch {
             generation: Default::default(),
             files: Default::default(),
             enabled: true.into(),
+            slots: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+            rounds: Default::default(),
         }
     }
 }
@@ -98,6 +109,8 @@ impl Cache {
 
     async fn prefetch_round(&self, list: Vec<(u64, BlobRef)>) {
         let generation = self.prefetch.generation.load(Ordering::SeqCst);
+        let me = self.prefetch.rounds.fetch_add(1, Ordering::SeqCst);
+        let superseded = || self.prefetch.rounds.load(Ordering::SeqCst) > me + NEWER_ROUNDS + 1;
         let mut in_flight = FuturesUnordered::new();
         let (mut bytes, mut files) = (0u64, 0usize);
         for (ino, blob) in list {
@@ -110,15 +123,23 @@ impl Cache {
             if self.is_hydrated(&blob) || !self.room_without_eviction(blob.size) {
                 continue;
             }
-            while in_flight.len() >= IN_FLIGHT {
-                in_flight.next().await;
+            let Ok(slot) = self.prefetch.slots.clone().acquire_owned().await else {
+                break;
+            };
+            if superseded() {
+                break;
             }
             match self.open_with(ino, &blob, super::Want::Prefetch) {
                 Ok(Content::Filling(f)) => {
                     bytes += blob.size;
                     files += 1;
                     self.prefetch.files.fetch_add(1, Ordering::Relaxed);
-                    in_flight.push(async move { f.settled().await });
+                    // Its own task: the slot frees when the fill settles, even while this
+                    // round waits for a slot.
+                    in_flight.push(self.rt.spawn(async move {
+                        f.settled().await;
+                        drop(slot);
+                    }));
                 }
                 Ok(Content::Whole(_)) => {}
                 Err(e) => {

@@ -168,6 +168,35 @@ fn a_cancelled_prefetch_stops_fetching() {
 }
 
 #[test]
+fn a_walk_through_many_directories_prefetches_the_ones_read_last() {
+    let mem = MemoryStore::new();
+    for d in 0..10 {
+        for f in 0..200 {
+            mem.put(&format!("d{d}/f{f:03}"), vec![d as u8; 500], &[]);
+        }
+    }
+    let w = world_with(mem, "", 1 << 20);
+    w.store.set_latency(Duration::from_millis(20));
+    for d in 0..10 {
+        read_all(&w, &format!("d{d}/f000")).unwrap();
+    }
+    w.fs.cache().settle();
+    let fetched = w.store.counters.get.load(Ordering::SeqCst);
+    // Every round left running would fetch all 2,000; the first five stop once five newer
+    // ones have started (in 100 ms of demand reads, 32 fills at a time: a few hundred).
+    assert!(fetched < 1_500, "{fetched} files fetched");
+    for f in 1..200 {
+        let blob =
+            w.fs.index()
+                .blob_of(path(&w, &format!("d9/f{f:03}")).unwrap().ino);
+        assert!(
+            w.fs.cache().is_hydrated(&blob.unwrap().unwrap()),
+            "the last directory read is prefetched whole (f{f:03})"
+        );
+    }
+}
+
+#[test]
 fn a_stage_plan_counts_each_file_once_and_forced_keeps_what_fits() {
     let mem = MemoryStore::new();
     for i in 0..6 {
