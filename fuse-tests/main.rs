@@ -586,6 +586,33 @@ fn mmap_read(p: &Path) -> Vec<u8> {
     }
 }
 
+/// Writes `data` at `offset` of `f` through a shared mapping, synced and unmapped.
+fn mmap_write(f: &std::fs::File, offset: usize, data: &[u8]) {
+    let len = f.metadata().unwrap().len() as usize;
+    assert!(offset + data.len() <= len);
+    // SAFETY: a shared mapping of a file we hold open for writing, written within its
+    // length and unmapped before return.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            0,
+        );
+        assert_ne!(
+            addr,
+            libc::MAP_FAILED,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        std::ptr::copy_nonoverlapping(data.as_ptr(), (addr as *mut u8).add(offset), data.len());
+        assert_eq!(libc::msync(addr, len, libc::MS_SYNC), 0);
+        libc::munmap(addr, len);
+    }
+}
+
 #[test]
 fn cached_files_read_and_map_correctly_with_and_without_passthrough() {
     let az = Azurite::start();
@@ -676,6 +703,18 @@ fn cached_files_read_and_map_correctly_with_and_without_passthrough() {
         assert_eq!(&head, b"NEW", "the open reader sees the write");
         assert!(std::fs::read(&f0).unwrap() == want);
         assert!(mmap_read(&f0) == want, "mmap after the write");
+        // A writer through a shared mapping beside the reader (numpy's memmap): its close
+        // uploads that too.
+        let mw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f0)
+            .unwrap();
+        mmap_write(&mw, 3, b"MAP");
+        drop(mw);
+        want[3..6].copy_from_slice(b"MAP");
+        std::os::unix::fs::FileExt::read_exact_at(&held, &mut head, 3).unwrap();
+        assert_eq!(&head, b"MAP", "the open reader sees the mapped write");
         let writes = m
             .log_text()
             .lines()
