@@ -174,7 +174,7 @@ impl SimFs {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{fixture, path, read_all};
+    use super::super::tests::{fixture, path, read_all, World};
     use super::super::write_tests::rw;
     use super::*;
     use std::os::unix::fs::FileExt;
@@ -183,7 +183,7 @@ mod tests {
 
     /// A reader of the whole cached checkpoint as the kernel reads it in passthrough: its
     /// handle and the backing file registered for it.
-    fn read_in_place(w: &super::super::tests::World) -> (u64, u64, File) {
+    fn read_in_place(w: &World) -> (u64, u64, File) {
         // The first read hydrates; a later open finds the whole cached copy.
         read_all(w, CKPT).unwrap();
         w.fs.cache().settle();
@@ -194,12 +194,18 @@ mod tests {
         (ino, fh, backing)
     }
 
+    /// A writer of `ino` that joins the reader in place, as `fuse.rs` opens one.
+    fn writer_in_place(w: &World, ino: u64, backing: &File, truncate: bool) -> u64 {
+        let fh = w.fs.open_in_place(ino, truncate).unwrap();
+        w.fs.write_in_place(fh, backing).unwrap();
+        fh
+    }
+
     #[test]
     fn a_writer_joining_a_file_read_in_place_writes_that_file_and_its_close_uploads() {
         let w = rw(fixture());
         let (ino, reader, backing) = read_in_place(&w);
-        let writer = w.fs.open_in_place(ino, false).unwrap();
-        w.fs.write_in_place(writer, &backing).unwrap();
+        let writer = writer_in_place(&w, ino, &backing, false);
         // The kernel writes the backing file directly, past simfs.
         backing.write_all_at(b"NEW", 0).unwrap();
         backing.write_all_at(b"TAIL", 10_000).unwrap();
@@ -226,8 +232,7 @@ mod tests {
         let (ino, reader, backing) = read_in_place(&w);
         let puts = || w.store.counters.put.load(Ordering::SeqCst);
         let before = puts();
-        let writer = w.fs.open_in_place(ino, false).unwrap();
-        w.fs.write_in_place(writer, &backing).unwrap();
+        let writer = writer_in_place(&w, ino, &backing, false);
         w.fs.flush(writer).unwrap();
         w.fs.release(writer).unwrap();
         w.fs.fsync(ino).unwrap();
@@ -239,12 +244,10 @@ mod tests {
     fn a_second_writer_in_place_never_hides_what_the_first_wrote() {
         let w = rw(fixture());
         let (ino, reader, backing) = read_in_place(&w);
-        let first = w.fs.open_in_place(ino, false).unwrap();
-        w.fs.write_in_place(first, &backing).unwrap();
+        let first = writer_in_place(&w, ino, &backing, false);
         backing.write_all_at(b"ONE", 0).unwrap();
         // A second writer arrives before anyone looked: the evidence must survive it.
-        let second = w.fs.open_in_place(ino, false).unwrap();
-        w.fs.write_in_place(second, &backing).unwrap();
+        let second = writer_in_place(&w, ino, &backing, false);
         w.fs.flush(second).unwrap();
         w.fs.release(second).unwrap();
         assert_eq!(&w.store.inner().data(CKPT).unwrap()[..3], b"ONE");
@@ -260,8 +263,7 @@ mod tests {
     fn o_trunc_in_place_empties_the_very_file_the_kernel_reads() {
         let w = rw(fixture());
         let (ino, reader, backing) = read_in_place(&w);
-        let writer = w.fs.open_in_place(ino, true).unwrap();
-        w.fs.write_in_place(writer, &backing).unwrap();
+        let writer = writer_in_place(&w, ino, &backing, true);
         assert_eq!(backing.metadata().unwrap().len(), 0);
         backing.write_all_at(b"fresh", 0).unwrap();
         w.fs.flush(writer).unwrap();
@@ -294,8 +296,7 @@ mod tests {
         w.fs.setattr(ino, &empty).unwrap();
         assert_eq!(backing.metadata().unwrap().len(), 0, "the readers see it");
         // A writer joining later shares that same file.
-        let writer = w.fs.open_in_place(ino, false).unwrap();
-        w.fs.write_in_place(writer, &backing).unwrap();
+        let writer = writer_in_place(&w, ino, &backing, false);
         w.fs.release(writer).unwrap();
         w.fs.release(reader).unwrap();
     }
@@ -310,8 +311,7 @@ mod tests {
         let hour = Some(std::time::Duration::from_secs(3600));
         let w = world_on(store.clone(), dir, "", 1 << 20, hour);
         let (ino, _reader, backing) = read_in_place(&w);
-        let writer = w.fs.open_in_place(ino, false).unwrap();
-        w.fs.write_in_place(writer, &backing).unwrap();
+        writer_in_place(&w, ino, &backing, false);
         backing.write_all_at(b"CUT", 0).unwrap();
         // "kill -9" before any close, fsync or release.
         std::mem::forget(w);
