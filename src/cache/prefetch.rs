@@ -1,15 +1,17 @@
 //! Fetching a directory's small files before they are read.
 //!
 //! A first read of a small uncached file (the filesystem decides what is small) hands the
-//! cache the directory's other small files. One background thread per directory starts
-//! their fills, at most `BUDGET_BYTES` and `BUDGET_FILES` per round. A walk that touches
-//! hundreds of directories must not queue thousands of requests at the service ahead of the
-//! next demand read (a service serves them in order), so all rounds together keep at most
-//! `IN_FLIGHT` (32) fills going, and a round stops once `NEWER_ROUNDS` (4) rounds have started
-//! after it: the directories read last are the ones likely read next. It never evicts: a file that does not fit in the room left under the capacity
-//! ends the round, so prefetched data never pushes out data someone read. Demand reads are
-//! never queued behind it (they start their own requests, and join a prefetch of the same
-//! file instead of fetching it twice). `cancel_prefetch` stops every round at its next file.
+//! cache the directory's other small files. One background task per directory starts their
+//! fills, at most `BUDGET_BYTES` and `BUDGET_FILES` per round. A walk that touches hundreds of
+//! directories must not queue thousands of requests at the service ahead of the next demand
+//! read (a service answers them in order), so all rounds together keep at most `IN_FLIGHT`
+//! (32) fills going, and a round stops once `NEWER_ROUNDS` (4) rounds have started after it:
+//! the directories read last are the ones likely read next.
+//!
+//! It never evicts: a file that does not fit in the room left under the capacity ends the
+//! round, so prefetched data never pushes out data someone read. Demand reads never wait for
+//! it in simfs (they start their own requests, and join a prefetch of the same file instead
+//! of fetching it twice). `cancel_prefetch` stops every round at its next file.
 
 use super::{BlobRef, Cache, Content};
 use futures::stream::{FuturesUnordered, StreamExt};
