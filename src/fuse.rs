@@ -31,7 +31,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 /// Files smaller than this are not opened in passthrough. A small file is read in one or two
@@ -61,6 +61,8 @@ pub struct SimFuse {
     /// OPENDIR is answered ENOSYS, and from then on readdir comes with no handle. Asked for
     /// at init when allowed, granted when the kernel offers it.
     no_opendir: AtomicBool,
+    /// Tells the kernel to drop cached pages (set once the session exists).
+    kernel: Arc<OnceLock<fuser::Notifier>>,
 }
 
 impl SimFuse {
@@ -70,6 +72,7 @@ impl SimFuse {
         rt: tokio::runtime::Handle,
         passthrough: bool,
         list_unopened: bool,
+        kernel: Arc<OnceLock<fuser::Notifier>>,
     ) -> SimFuse {
         SimFuse {
             fs,
@@ -79,6 +82,7 @@ impl SimFuse {
             modes: IoModes::default(),
             opens: Mutex::default(),
             no_opendir: AtomicBool::new(list_unopened),
+            kernel,
         }
     }
 
@@ -125,6 +129,31 @@ impl SimFuse {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, (ino, how));
+    }
+
+    /// The last handle of `ino`, read or written through the kernel's page cache of the FUSE
+    /// file (a cold read, a writer), is closed. A file that passthrough will serve from now on
+    /// is cached twice, in those pages and in the cache file's: the FUSE file's pages are
+    /// dropped in the background, which halves the memory it holds and spares its next open
+    /// that work (a passthrough open cannot keep them: about 45 ms per GiB, measured).
+    fn drop_pages_of_closed(&self, ino: u64) {
+        let Some(kernel) = self.kernel.get().cloned() else {
+            return;
+        };
+        if !self.passthrough.load(Ordering::Relaxed)
+            || self
+                .fs
+                .getattr(ino)
+                .map_or(true, |a| a.size < PASSTHROUGH_MIN)
+        {
+            return;
+        }
+        // Off the FUSE threads: dropping pages may have to wait for reads they serve.
+        self.rt.spawn_blocking(move || {
+            if let Err(e) = kernel.inval_inode(INodeNo(ino), 0, -1) {
+                tracing::trace!("dropping the pages of inode {ino}: {e}");
+            }
+        });
     }
 
     /// Runs `f` (which replies) off the FUSE worker thread.
@@ -370,7 +399,9 @@ impl Filesystem for SimFuse {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh.0);
         if let Some((ino, how)) = opened {
-            self.modes.release(ino, &how);
+            if self.modes.release(ino, &how) && matches!(how, Open::Cached { .. }) {
+                self.drop_pages_of_closed(ino);
+            }
         }
         // The last close of an unlinked file deletes its blobs.
         self.off_thread(move |fs| reply_empty(fs.release(fh.0), reply));

@@ -102,9 +102,10 @@ impl<T> IoModes<T> {
         }
     }
 
-    /// A handle of `ino` opened as `how` is closed. The last passthrough handle drops the
-    /// backing file's registration (`T`'s drop, once the caller drops `how` too).
-    pub fn release(&self, ino: u64, how: &Open<T>) {
+    /// A handle of `ino` opened as `how` is closed; whether it was the inode's last. The last
+    /// passthrough handle drops the backing file's registration (`T`'s drop, once the caller
+    /// drops `how` too).
+    pub fn release(&self, ino: u64, how: &Open<T>) -> bool {
         let mut state = self.state();
         let last = match (state.modes.get_mut(&ino), how) {
             (Some(Mode::Cached(n)), Open::Cached { .. }) => {
@@ -122,6 +123,7 @@ impl<T> IoModes<T> {
                 state.stale.insert(ino);
             }
         }
+        last
     }
 
     /// Whether `ino` has passthrough handles.
@@ -200,7 +202,7 @@ mod tests {
         let m = IoModes::default();
         let before = m.open(7, || None);
         assert!(matches!(before, Open::Cached { keep_cache: true }));
-        m.release(7, &before);
+        assert!(m.release(7, &before), "its last handle");
         // Read in place (and maybe written in place, past the kernel's page cache).
         let pt = m.open(7, register(&live));
         m.release(7, &pt);

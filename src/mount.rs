@@ -398,15 +398,18 @@ pub fn session(
     config.n_threads = Some(opts.threads.max(1));
     // One /dev/fuse descriptor per worker: no thundering herd on a shared one.
     config.clone_fd = true;
+    let kernel = Arc::new(std::sync::OnceLock::new());
     let fuse = SimFuse::new(
         fs.clone(),
         opts.ttl,
         rt.clone(),
         opts.passthrough,
         opts.list_unopened,
+        kernel.clone(),
     );
     let session = fuser::Session::new(fuse, mountpoint, &config)
         .map_err(|e| MountError::Io(format!("cannot mount at {}: {e}", mountpoint.display())))?;
+    let _ = kernel.set(session.notifier());
     if let Some(wb) = fs.writeback() {
         let notifier = session.notifier();
         wb.set_invalidator(Box::new(move |parent, name| {
