@@ -321,37 +321,27 @@ impl Filesystem for SimFuse {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        // A writer of an inode the kernel reads in passthrough must share the backing file:
-        // its local copy is made that very file.
-        let in_place = write && self.modes.is_passthrough(ino.0);
         // Never waits: an uncached blob starts filling and its reads wait for their ranges.
-        let opened = match in_place {
-            true => self.fs.open_in_place(ino.0, truncate),
-            false => self.fs.open(ino.0, write, truncate),
-        };
-        let fh = match opened {
+        let fh = match self.fs.open(ino.0, write, truncate) {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(&e)),
         };
         let how = self.io_mode(ino.0, fh, write, &reply);
         if let (true, Open::Passthrough(b)) = (write, &how) {
-            // Its writes reach the file without a WRITE request: simfs looks for them.
+            // A writer of an inode the kernel reads in passthrough shares the backing file,
+            // and its writes reach it without a WRITE request: simfs looks for them.
             if let Err(e) = self.fs.write_in_place(fh, &b.file) {
                 self.modes.release(ino.0, &how);
                 let _ = self.fs.release(fh);
                 return reply.error(errno(&e));
             }
         }
-        let flags = match &how {
-            Open::Passthrough(_) => FopenFlags::empty(),
+        let (flags, backing) = match &how {
+            Open::Passthrough(b) => (FopenFlags::empty(), Some(b.clone())),
             // Data changes only through this mount, which keeps the page cache coherent: the
             // kernel keeps its pages across opens, unless written past them (see `iomode`).
-            Open::Cached { keep_cache: true } => FopenFlags::FOPEN_KEEP_CACHE,
-            Open::Cached { keep_cache: false } => FopenFlags::empty(),
-        };
-        let backing = match &how {
-            Open::Passthrough(b) => Some(b.clone()),
-            Open::Cached { .. } => None,
+            Open::Cached { keep_cache: true } => (FopenFlags::FOPEN_KEEP_CACHE, None),
+            Open::Cached { keep_cache: false } => (FopenFlags::empty(), None),
         };
         self.record_open(fh, ino.0, how);
         match backing {

@@ -68,24 +68,15 @@ pub(super) fn same_file(a: &File, b: &File) -> std::io::Result<bool> {
 }
 
 impl SimFs {
-    /// Opens `ino` for a writer that must share the file the kernel already reads in place:
-    /// its local copy is the cached copy moved into place (whole already, so nothing is
-    /// fetched), and `truncate` empties that same file.
-    pub fn open_in_place(&self, ino: u64, truncate: bool) -> FsResult<u64> {
-        self.writable()?;
-        self.make_local(ino, false)?;
-        self.open(ino, true, truncate)
-    }
-
-    /// Writer `fh` (from `open_in_place`) writes `backing` directly, as the kernel does once
-    /// its open is answered in passthrough. Refused (EBUSY) unless `backing` is the handle's
-    /// local copy: the kernel's writes would otherwise land where simfs never looks.
+    /// Writer `fh` writes `backing` directly, as the kernel does once its open is answered in
+    /// passthrough. Its local copy is made now by moving the whole cached copy into place (an
+    /// `O_TRUNC` open already did so: see `make_local`), so it is that very file; refused
+    /// (EBUSY) otherwise, since the kernel's writes would land where simfs never looks.
     pub fn write_in_place(&self, fh: u64, backing: &File) -> FsResult<()> {
         let h = self.file_handle(fh)?;
         if !h.write {
             return Err(FsError::BadHandle);
         }
-        // Opened as the inode entered passthrough: its local copy is made now, the same way.
         self.make_local(h.ino, false)?;
         let file = match (h.write, self.readable(&h)?) {
             (true, super::Data::Local(f)) => f,
@@ -196,7 +187,7 @@ mod tests {
 
     /// A writer of `ino` that joins the reader in place, as `fuse.rs` opens one.
     fn writer_in_place(w: &World, ino: u64, backing: &File, truncate: bool) -> u64 {
-        let fh = w.fs.open_in_place(ino, truncate).unwrap();
+        let fh = w.fs.open(ino, true, truncate).unwrap();
         w.fs.write_in_place(fh, backing).unwrap();
         fh
     }
@@ -277,7 +268,7 @@ mod tests {
         let w = rw(fixture());
         let (ino, reader, _) = read_in_place(&w);
         let elsewhere = tempfile::tempfile().unwrap();
-        let writer = w.fs.open_in_place(ino, false).unwrap();
+        let writer = w.fs.open(ino, true, false).unwrap();
         let e = w.fs.write_in_place(writer, &elsewhere).unwrap_err();
         assert_eq!(e.errno(), libc::EBUSY);
         w.fs.release(writer).unwrap();
