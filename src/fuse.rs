@@ -104,10 +104,7 @@ impl SimFuse {
             if write || !self.passthrough.load(Ordering::Relaxed) {
                 return None;
             }
-            let (file, size) = self.fs.passthrough_file(fh)?;
-            if size < PASSTHROUGH_MIN {
-                return None;
-            }
+            let file = self.fs.passthrough_file(fh, PASSTHROUGH_MIN)?;
             match reply.open_backing(&file) {
                 Ok(id) => Some(Backing { id, file }),
                 Err(e) => {

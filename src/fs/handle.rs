@@ -152,36 +152,38 @@ impl SimFs {
         Ok(buf)
     }
 
-    /// The whole file a read-only handle reads, when it has one, for the kernel to read
-    /// directly (FUSE passthrough): the cached copy, or on a writable mount the local copy.
-    /// None for writers and for files still downloading. On a writable mount the file is
-    /// opened read-write: a writer arriving later must share it (see `in_place`).
-    pub fn passthrough_file(&self, fh: u64) -> Option<(File, u64)> {
+    /// The whole file of at least `min_size` bytes a read-only handle reads, when it has one,
+    /// for the kernel to read directly (FUSE passthrough): the cached copy, or on a writable
+    /// mount the local copy. None for writers and for files still downloading. On a writable
+    /// mount the file is opened read-write: a writer arriving later must share it (see
+    /// `in_place`).
+    pub fn passthrough_file(&self, fh: u64, min_size: u64) -> Option<File> {
         let h = self.file_handle(fh).ok()?;
         let f = match (h.write, h.data()) {
             (false, Data::Cached(Content::Whole(f)) | Data::Local(f)) => f,
             _ => return None,
         };
+        // Before any of the work below: most opens are of small files.
+        if self.attr(h.ino).ok()?.size < min_size {
+            return None;
+        }
+        if self.is_read_only() {
+            return f.try_clone().ok();
+        }
         // A clean copy opened just before the inode got a new local copy (a racing
         // `O_TRUNC`) is no longer the inode's data: not for the kernel to serve.
-        if !self.is_read_only() && self.index.is_local(h.ino).ok()? {
+        if self.index.is_local(h.ino).ok()? {
             let local = self.cache.open_local(h.ino, false).ok()?;
             if !super::in_place::same_file(&f, &local).ok()? {
                 return None;
             }
         }
-        let size = self.attr(h.ino).ok()?.size;
-        let file = if self.is_read_only() {
-            f.try_clone().ok()?
-        } else {
-            // Through the descriptor, not the path: the copy may be renamed into place.
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
-                .ok()?
-        };
-        Some((file, size))
+        // Through the descriptor, not the path: the copy may be renamed into place.
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
+            .ok()
     }
 
     /// Whether a read may wait for the network (the FUSE adapter answers it off its threads).

@@ -180,8 +180,13 @@ mod tests {
         w.fs.cache().settle();
         let ino = path(w, CKPT).unwrap().ino;
         let fh = w.fs.open(ino, false, false).unwrap();
-        let (backing, size) = w.fs.passthrough_file(fh).expect("a whole cached copy");
-        assert_eq!(size, 10_000);
+        assert!(
+            w.fs.passthrough_file(fh, 10_001).is_none(),
+            "under the minimum"
+        );
+        let backing =
+            w.fs.passthrough_file(fh, 10_000)
+                .expect("a whole cached copy");
         (ino, fh, backing)
     }
 
