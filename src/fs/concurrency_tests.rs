@@ -177,3 +177,36 @@ fn the_background_uploads_a_change_when_it_is_due_and_is_idle_otherwise() {
     );
     background.stop();
 }
+
+/// The race CI's fsx hit: a stat read the index row before the background persisted the
+/// writes held in memory and looked at them after, so it missed both and reported the file
+/// shorter than the write just returned had made it.
+#[test]
+fn a_stat_racing_the_background_persist_never_reports_a_size_a_write_already_passed() {
+    let w = rw_on(MemoryStore::new(), 1 << 20, Duration::from_secs(60));
+    let (attr, fh) =
+        w.fs.create(ROOT_INO, OsStr::new("grows"), 0o644, ME)
+            .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                w.fs.index().persist_written().unwrap();
+            }
+        });
+        let mut short = Vec::new();
+        for end in 1..=20_000u64 {
+            w.fs.write(fh, end - 1, &[1]).unwrap();
+            let seen = w.fs.getattr(attr.ino).unwrap().size;
+            if seen < end {
+                short.push((end, seen));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(
+            short.is_empty(),
+            "stat after a write saw it shorter (end, seen): {short:?}"
+        );
+    });
+    w.fs.release(fh).unwrap();
+}

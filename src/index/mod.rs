@@ -429,14 +429,31 @@ impl Index {
         out
     }
 
+    /// Runs `read` (rows overlaid with the writes held in memory) until no held write was
+    /// persisted and dropped while it ran: such a read may have seen the row from before
+    /// the persist and no longer the entry, and so missed the write.
+    fn overlaid<T>(&self, mut read: impl FnMut() -> IndexResult<T>) -> IndexResult<T> {
+        loop {
+            let before = self.written.removals();
+            let out = read()?;
+            if self.written.removals() == before {
+                return Ok(out);
+            }
+        }
+    }
+
     pub fn getattr(&self, ino: u64) -> IndexResult<Option<Attr>> {
-        let a = self.with_conn(|c| attr_of(c, ino))?;
-        Ok(a.map(|a| self.written.overlay(a)))
+        self.overlaid(|| {
+            let a = self.with_conn(|c| attr_of(c, ino))?;
+            Ok(a.map(|a| self.written.overlay(a)))
+        })
     }
 
     pub fn lookup(&self, parent: u64, name: &Name) -> IndexResult<Option<Attr>> {
-        let a = self.with_conn(|c| entry_of(c, parent, name))?;
-        Ok(a.map(|a| self.written.overlay(a)))
+        self.overlaid(|| {
+            let a = self.with_conn(|c| entry_of(c, parent, name))?;
+            Ok(a.map(|a| self.written.overlay(a)))
+        })
     }
 
     /// All entries of directory `ino` in name order (without `.` and `..`).
@@ -447,6 +464,16 @@ impl Index {
     /// Up to `limit` entries of directory `ino` in name order, starting after the name
     /// `after` (from the first when None) or, with `after` None, after skipping `skip`.
     pub fn readdir_page(
+        &self,
+        ino: u64,
+        after: Option<&[u8]>,
+        skip: u64,
+        limit: usize,
+    ) -> IndexResult<Vec<DirEntry>> {
+        self.overlaid(|| self.readdir_rows(ino, after, skip, limit))
+    }
+
+    fn readdir_rows(
         &self,
         ino: u64,
         after: Option<&[u8]>,

@@ -12,11 +12,15 @@
 //! - every transaction first persists the entries that took writes since (bumping `gen`
 //!   again), so an upload that read the inode before those writes can never mark it clean;
 //!   entries that took none are simply dropped.
+//!
+//! A read looks at the row, then at the entries: a persist that commits and drops an entry
+//! between the two would hide the write from both. `removals` counts the drops, and a read
+//! that saw it move is repeated (`Index::overlaid`).
 
 use crate::posix::{to_ns, Attr};
 use rusqlite::{params, Transaction};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
@@ -35,6 +39,9 @@ pub(super) struct Written {
     map: RwLock<HashMap<u64, Write>>,
     /// Entries in `map`: reads skip the lock when there are none (the common case).
     len: AtomicUsize,
+    /// Entries dropped so far; raised before `len` falls, so a read that sees `len` fall
+    /// sees this move too.
+    removals: AtomicU64,
 }
 
 impl Written {
@@ -90,9 +97,15 @@ impl Written {
         for (ino, w) in snapshot {
             if map.get(ino) == Some(w) {
                 map.remove(ino);
-                self.len.fetch_sub(1, Ordering::Release);
+                self.removals.fetch_add(1, Ordering::SeqCst);
+                self.len.fetch_sub(1, Ordering::SeqCst);
             }
         }
+    }
+
+    /// How many entries were dropped so far (see `removals`).
+    pub fn removals(&self) -> u64 {
+        self.removals.load(Ordering::SeqCst)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -101,7 +114,7 @@ impl Written {
 
     /// `a` with the size and times of writes not yet persisted.
     pub fn overlay(&self, mut a: Attr) -> Attr {
-        if self.len.load(Ordering::Acquire) == 0 {
+        if self.len.load(Ordering::SeqCst) == 0 {
             return a;
         }
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
