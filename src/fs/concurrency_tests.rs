@@ -210,3 +210,54 @@ fn a_stat_racing_the_background_persist_never_reports_a_size_a_write_already_pas
     });
     w.fs.release(fh).unwrap();
 }
+
+/// The index keeps hot rows in memory; a reader that queried just before a commit must not
+/// keep its old row past it. Each chmod here is a commit; readers racing them must never see
+/// a mode older than one whose chmod had returned before their stat began.
+#[test]
+fn stats_racing_changes_never_keep_a_row_older_than_a_finished_change() {
+    let w = rw_on(MemoryStore::new(), 1 << 20, Duration::from_secs(60));
+    let (attr, fh) =
+        w.fs.create(ROOT_INO, OsStr::new("modes"), 0o600, ME)
+            .unwrap();
+    w.fs.release(fh).unwrap();
+    let done = std::sync::atomic::AtomicU32::new(0o600);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut old = Vec::new();
+                    while !stop.load(Ordering::SeqCst) {
+                        let before = done.load(Ordering::SeqCst);
+                        let by_ino = w.fs.getattr(attr.ino).unwrap().perm;
+                        let by_name = w.fs.lookup(ROOT_INO, OsStr::new("modes")).unwrap().perm;
+                        for seen in [by_ino, by_name] {
+                            if seen < before {
+                                old.push((before, seen));
+                            }
+                        }
+                    }
+                    old
+                })
+            })
+            .collect();
+        for perm in 0o601..0o7777 {
+            let c = crate::posix::AttrChanges {
+                perm: Some(perm),
+                ..Default::default()
+            };
+            w.fs.setattr(attr.ino, &c).unwrap();
+            done.store(perm, Ordering::SeqCst);
+        }
+        stop.store(true, Ordering::SeqCst);
+        for r in readers {
+            let old = r.join().unwrap();
+            assert!(
+                old.is_empty(),
+                "stats saw modes older than a finished chmod: {old:?}"
+            );
+        }
+    });
+    assert_eq!(w.fs.getattr(attr.ino).unwrap().perm, 0o7776);
+}

@@ -21,11 +21,14 @@
 //! write to a clean inode marks it dirty in a transaction before it returns (the crash
 //! guarantee), later ones only update its size and mtime in memory, which every read here
 //! overlays and the next transaction of any kind persists. `totals` keeps the file count and
-//! byte sum up to date by triggers, so `statfs` reads one row.
+//! byte sum up to date by triggers, so `statfs` reads one row. Lookups and getattrs are
+//! answered from hot rows kept in memory when they can be (`memo.rs`); every commit drops
+//! the rows it changed.
 
 pub mod build;
 pub mod ingest;
 pub mod journal;
+mod memo;
 pub mod names;
 pub mod refresh;
 pub mod snapshot;
@@ -34,6 +37,7 @@ mod written;
 
 use crate::blob::BlobRef;
 use crate::posix::{from_ns, Attr, Kind};
+use memo::Memo;
 use names::Name;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
@@ -285,6 +289,8 @@ pub struct Index {
     written: Written,
     /// Inodes changed since a refresh began (see `refresh.rs`).
     watch: refresh::Watch,
+    /// Hot rows in memory (see `memo.rs`).
+    memo: Memo,
 }
 
 impl Index {
@@ -300,6 +306,7 @@ impl Index {
             writer: std::sync::Mutex::new(None),
             written: Written::default(),
             watch: refresh::Watch::default(),
+            memo: Memo::default(),
         };
         let ok = index.with_conn(|c| {
             let get = |k: &str| meta_value(c, k);
@@ -354,6 +361,7 @@ impl Index {
             writer: std::sync::Mutex::new(None),
             written: Written::default(),
             watch: refresh::Watch::default(),
+            memo: Memo::default(),
         };
         index.with_conn(|_| Ok(()))?;
         Ok(index)
@@ -408,14 +416,30 @@ impl Index {
             // loss could, and the cache disk does not survive that anyway.
             c.pragma_update(None, "synchronous", "NORMAL")?;
             c.busy_timeout(Duration::from_secs(10))?;
-            self.watch.install(&c);
+            let watch = self.watch.recorder();
+            let memo = self.memo.hook_target();
+            c.update_hook(Some(
+                move |_: rusqlite::hooks::Action, _: &str, table: &str, rowid: i64| {
+                    if table == "inodes" {
+                        watch(rowid as u64);
+                        Memo::inode_changed(&memo, rowid as u64);
+                    }
+                },
+            ));
+            self.memo.install(&c)?;
             *guard = Some(c);
         }
         let conn = guard.as_mut().expect("opened above");
-        let tx = conn.transaction()?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+        let out = (|| {
+            let tx = conn.transaction()?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        // Committed or rolled back, the rows it touched leave memory (still under the
+        // writer's lock, so no other transaction's changes mix in).
+        self.memo.ended();
+        out
     }
 
     /// Runs `f` on a pooled read connection.
@@ -443,15 +467,36 @@ impl Index {
     }
 
     pub fn getattr(&self, ino: u64) -> IndexResult<Option<Attr>> {
-        self.overlaid(|| {
-            let a = self.with_conn(|c| attr_of(c, ino))?;
-            Ok(a.map(|a| self.written.overlay(a)))
-        })
+        self.overlaid(|| Ok(self.committed_attr(ino)?.map(|a| self.written.overlay(a))))
+    }
+
+    /// `ino`'s row as committed: from memory, or read and kept.
+    fn committed_attr(&self, ino: u64) -> IndexResult<Option<Attr>> {
+        if let Some(a) = self.memo.attr(ino) {
+            return Ok(Some(a));
+        }
+        let seen = self.memo.seen();
+        let a = self.with_conn(|c| attr_of(c, ino))?;
+        if let Some(a) = &a {
+            self.memo.keep_attr(seen, a);
+        }
+        Ok(a)
     }
 
     pub fn lookup(&self, parent: u64, name: &Name) -> IndexResult<Option<Attr>> {
         self.overlaid(|| {
-            let a = self.with_conn(|c| entry_of(c, parent, name))?;
+            let a = match self.memo.entry(parent, name.as_bytes()) {
+                // A kept entry's inode row is normally kept too; if not, one query.
+                Some(ino) => self.committed_attr(ino)?,
+                None => {
+                    let seen = self.memo.seen();
+                    let a = self.with_conn(|c| entry_of(c, parent, name))?;
+                    if let Some(a) = &a {
+                        self.memo.keep_entry(seen, parent, name.as_bytes(), a);
+                    }
+                    a
+                }
+            };
             Ok(a.map(|a| self.written.overlay(a)))
         })
     }

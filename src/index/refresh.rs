@@ -43,18 +43,15 @@ struct Seen {
 pub(super) struct Watch(Arc<Mutex<Option<Seen>>>);
 
 impl Watch {
-    /// Records every `inodes` row that `c` (the writer connection) inserts, updates or deletes.
-    pub(super) fn install(&self, c: &Connection) {
+    /// What records an `inodes` row the writer connection inserts, updates or deletes (its
+    /// update hook calls it).
+    pub(super) fn recorder(&self) -> impl Fn(u64) + Send + 'static {
         let seen = self.0.clone();
-        c.update_hook(Some(
-            move |_: rusqlite::hooks::Action, _: &str, table: &str, rowid: i64| {
-                if table == "inodes" {
-                    if let Some(s) = seen.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-                        s.inodes.insert(rowid as u64);
-                    }
-                }
-            },
-        ));
+        move |ino| {
+            if let Some(s) = seen.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                s.inodes.insert(ino);
+            }
+        }
     }
 
     fn with(&self, f: impl FnOnce(&mut Option<Seen>)) {

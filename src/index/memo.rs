@@ -1,0 +1,185 @@
+//! The index's hot rows in memory: attributes by inode, and directory entries by parent and
+//! name, in front of SQLite.
+//!
+//! The kernel asks again for what it knew once: its entry or attribute timeout ran out, a
+//! read invalidated the atime (every `stat` after a read is a GETATTR), or it reclaimed its
+//! dentries. Those answers come from here without a query; a miss reads SQLite and keeps the
+//! row. Rows are kept as committed; the data writes held in memory (`written.rs`) are
+//! overlaid on them like on every read.
+//!
+//! Every change goes through the one writer connection, which reports the rows it changes:
+//! `inodes` rows through SQLite's update hook, `dentries` rows (a WITHOUT ROWID table, which
+//! the hook skips) through temporary triggers that call back into Rust. After each commit
+//! those rows are dropped from memory.
+//!
+//! The tricky case is a reader that read SQLite just before a commit and keeps its (now old)
+//! row just after the commit dropped it. So a commit first raises `gen` and then drops its
+//! rows, and a reader notes `gen` before its query and keeps the row only if `gen` has not
+//! moved since. The check and the insert happen under a lock (one of `STRIPES`, by key) that
+//! the drop of that key takes too: either the reader sees the raise, or the commit's drop
+//! comes after the reader's insert. Without the lock another reader could get the old row
+//! in the moment between an insert and a check that takes it back.
+//!
+//! Both maps are bounded (least recently used rows go); a row not kept is only a query.
+
+use crate::posix::Attr;
+use moka::sync::Cache;
+use rusqlite::functions::FunctionFlags;
+use rusqlite::Connection;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Rows kept in each map: about 30 MB each when full; a tree's hot set, not all of it.
+const ROWS: u64 = 200_000;
+
+/// Locks that order a reader's keep against a commit's drop of the same key.
+const STRIPES: usize = 64;
+
+type EntryKey = (u64, Box<[u8]>);
+
+/// Rows the open transaction changed.
+#[derive(Default)]
+pub(super) struct Changed {
+    inodes: Vec<u64>,
+    entries: Vec<EntryKey>,
+}
+
+pub(super) struct Memo {
+    attrs: Cache<u64, Attr>,
+    entries: Cache<EntryKey, u64>,
+    /// Raised by every commit before it drops its rows.
+    gen: AtomicU64,
+    stripes: [Mutex<()>; STRIPES],
+    changed: Arc<Mutex<Changed>>,
+}
+
+/// A reader's note of `gen`, taken before its query.
+#[derive(Clone, Copy)]
+pub(super) struct Seen(u64);
+
+impl Default for Memo {
+    fn default() -> Self {
+        Memo {
+            attrs: Cache::new(ROWS),
+            entries: Cache::new(ROWS),
+            gen: AtomicU64::new(0),
+            stripes: std::array::from_fn(|_| Mutex::new(())),
+            changed: Arc::default(),
+        }
+    }
+}
+
+impl Memo {
+    /// The lock for key `k` (an inode, or a parent and name hashed).
+    fn stripe(&self, k: impl std::hash::Hash) -> std::sync::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let h =
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(k);
+        self.stripes[h as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed(&self) -> std::sync::MutexGuard<'_, Changed> {
+        self.changed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the writer connection `c` report the `dentries` rows it changes (the update
+    /// hook, installed by the caller, reports `inodes` rows through `inode_changed`).
+    pub(super) fn install(&self, c: &Connection) -> rusqlite::Result<()> {
+        let changed = self.changed.clone();
+        c.create_scalar_function(
+            "simfs_entry_changed",
+            2,
+            FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DIRECTONLY,
+            move |ctx| {
+                let parent: i64 = ctx.get(0)?;
+                let name: Vec<u8> = ctx.get(1)?;
+                changed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entries
+                    .push((parent as u64, name.into_boxed_slice()));
+                Ok(rusqlite::types::Null)
+            },
+        )?;
+        c.execute_batch(
+            "CREATE TEMP TRIGGER IF NOT EXISTS memo_entry_insert AFTER INSERT ON dentries
+             BEGIN SELECT simfs_entry_changed(NEW.parent, NEW.name); END;
+             CREATE TEMP TRIGGER IF NOT EXISTS memo_entry_delete AFTER DELETE ON dentries
+             BEGIN SELECT simfs_entry_changed(OLD.parent, OLD.name); END;
+             CREATE TEMP TRIGGER IF NOT EXISTS memo_entry_update AFTER UPDATE ON dentries
+             BEGIN SELECT simfs_entry_changed(OLD.parent, OLD.name);
+                   SELECT simfs_entry_changed(NEW.parent, NEW.name); END;",
+        )
+    }
+
+    /// The update hook saw `inodes` row `ino` change.
+    pub(super) fn inode_changed(changed: &Mutex<Changed>, ino: u64) {
+        changed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .inodes
+            .push(ino);
+    }
+
+    /// What the update hook records into (see `inode_changed`).
+    pub(super) fn hook_target(&self) -> Arc<Mutex<Changed>> {
+        self.changed.clone()
+    }
+
+    /// A transaction ended (committed or not): its rows leave memory.
+    pub(super) fn ended(&self) {
+        let Changed { inodes, entries } = std::mem::take(&mut *self.changed());
+        if inodes.is_empty() && entries.is_empty() {
+            return;
+        }
+        self.gen.fetch_add(1, Ordering::SeqCst);
+        for ino in inodes {
+            let _order = self.stripe(ino);
+            self.attrs.invalidate(&ino);
+        }
+        for key in entries {
+            let _order = self.stripe(&key);
+            self.entries.invalidate(&key);
+        }
+    }
+
+    /// Called before a query whose result may be kept.
+    pub(super) fn seen(&self) -> Seen {
+        Seen(self.gen.load(Ordering::SeqCst))
+    }
+
+    pub(super) fn attr(&self, ino: u64) -> Option<Attr> {
+        if std::env::var_os("NOMEMO").is_some() {
+            return None;
+        }
+        self.attrs.get(&ino)
+    }
+
+    /// The inode `name` in `parent` names, when kept.
+    pub(super) fn entry(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        if std::env::var_os("NOMEMO").is_some() {
+            return None;
+        }
+        self.entries.get(&(parent, Box::from(name)))
+    }
+
+    /// Keeps `a`, read from SQLite after `seen`.
+    pub(super) fn keep_attr(&self, seen: Seen, a: &Attr) {
+        let _order = self.stripe(a.ino);
+        if self.gen.load(Ordering::SeqCst) == seen.0 {
+            self.attrs.insert(a.ino, a.clone());
+        }
+    }
+
+    /// Keeps the entry `name` in `parent` for inode `a` (and `a`), read after `seen`.
+    pub(super) fn keep_entry(&self, seen: Seen, parent: u64, name: &[u8], a: &Attr) {
+        self.keep_attr(seen, a);
+        let key: EntryKey = (parent, Box::from(name));
+        let _order = self.stripe(&key);
+        if self.gen.load(Ordering::SeqCst) == seen.0 {
+            self.entries.insert(key, a.ino);
+        }
+    }
+}
