@@ -178,15 +178,20 @@ fn the_background_uploads_a_change_when_it_is_due_and_is_idle_otherwise() {
     background.stop();
 }
 
+/// An empty container with one file `name` created at the root and still open; nothing is
+/// uploaded in the background.
+fn with_new_file(name: &str, mode: u32) -> (World, Attr, u64) {
+    let w = rw_on(MemoryStore::new(), 1 << 20, Duration::from_secs(60));
+    let (attr, fh) = w.fs.create(ROOT_INO, OsStr::new(name), mode, ME).unwrap();
+    (w, attr, fh)
+}
+
 /// The race CI's fsx hit: a stat read the index row before the background persisted the
 /// writes held in memory and looked at them after, so it missed both and reported the file
 /// shorter than the write just returned had made it.
 #[test]
 fn a_stat_racing_the_background_persist_never_reports_a_size_a_write_already_passed() {
-    let w = rw_on(MemoryStore::new(), 1 << 20, Duration::from_secs(60));
-    let (attr, fh) =
-        w.fs.create(ROOT_INO, OsStr::new("grows"), 0o644, ME)
-            .unwrap();
+    let (w, attr, fh) = with_new_file("grows", 0o644);
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -216,10 +221,7 @@ fn a_stat_racing_the_background_persist_never_reports_a_size_a_write_already_pas
 /// a mode older than one whose chmod had returned before their stat began.
 #[test]
 fn stats_racing_changes_never_keep_a_row_older_than_a_finished_change() {
-    let w = rw_on(MemoryStore::new(), 1 << 20, Duration::from_secs(60));
-    let (attr, fh) =
-        w.fs.create(ROOT_INO, OsStr::new("modes"), 0o600, ME)
-            .unwrap();
+    let (w, attr, fh) = with_new_file("modes", 0o600);
     w.fs.release(fh).unwrap();
     let done = std::sync::atomic::AtomicU32::new(0o600);
     let stop = std::sync::atomic::AtomicBool::new(false);
