@@ -186,6 +186,15 @@ fn with_new_file(name: &str, mode: u32) -> (World, Attr, u64) {
     (w, attr, fh)
 }
 
+/// Raises its flag when dropped, so the threads a test races stop even if the test fails.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// The race CI's fsx hit: a stat read the index row before the background persisted the
 /// writes held in memory and looked at them after, so it missed both and reported the file
 /// shorter than the write just returned had made it.
@@ -195,10 +204,11 @@ fn a_stat_racing_the_background_persist_never_reports_a_size_a_write_already_pas
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
-            while !stop.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::SeqCst) {
                 w.fs.index().persist_written().unwrap();
             }
         });
+        let stopping = StopOnDrop(&stop);
         let mut short = Vec::new();
         for end in 1..=20_000u64 {
             w.fs.write(fh, end - 1, &[1]).unwrap();
@@ -207,7 +217,7 @@ fn a_stat_racing_the_background_persist_never_reports_a_size_a_write_already_pas
                 short.push((end, seen));
             }
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(stopping);
         assert!(
             short.is_empty(),
             "stat after a write saw it shorter (end, seen): {short:?}"
@@ -244,6 +254,7 @@ fn stats_racing_changes_never_keep_a_row_older_than_a_finished_change() {
                 })
             })
             .collect();
+        let stopping = StopOnDrop(&stop);
         for perm in 0o601..0o7777 {
             let c = crate::posix::AttrChanges {
                 perm: Some(perm),
@@ -252,7 +263,7 @@ fn stats_racing_changes_never_keep_a_row_older_than_a_finished_change() {
             w.fs.setattr(attr.ino, &c).unwrap();
             done.store(perm, Ordering::SeqCst);
         }
-        stop.store(true, Ordering::SeqCst);
+        drop(stopping);
         for r in readers {
             let old = r.join().unwrap();
             assert!(
