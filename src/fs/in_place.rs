@@ -78,9 +78,8 @@ impl SimFs {
             return Err(FsError::BadHandle);
         }
         self.make_local(h.ino, false)?;
-        let file = match (h.write, self.readable(&h)?) {
-            (true, super::Data::Local(f)) => f,
-            _ => return Err(FsError::BadHandle),
+        let super::Data::Local(file) = self.readable(&h)? else {
+            return Err(FsError::BadHandle);
         };
         if !same_file(&file, backing)? {
             return Err(FsError::Busy);
