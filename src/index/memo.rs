@@ -20,7 +20,8 @@
 //! comes after the reader's insert. Without the lock another reader could get the old row
 //! in the moment between an insert and a check that takes it back.
 //!
-//! Both maps are bounded (least recently used rows go); a row not kept is only a query.
+//! Both maps are bounded (moka's policy, TinyLFU, picks the rows that go); a row not kept is
+//! only a query.
 
 use crate::posix::Attr;
 use moka::sync::Cache;
@@ -41,7 +42,7 @@ type EntryKey = (u64, Box<[u8]>);
 
 /// Rows the open transaction changed.
 #[derive(Default)]
-pub(super) struct Changed {
+struct Changed {
     inodes: Vec<u64>,
     entries: Vec<EntryKey>,
 }
@@ -87,7 +88,7 @@ impl Memo {
     }
 
     /// Makes the writer connection `c` report the `dentries` rows it changes (the update
-    /// hook, installed by the caller, reports `inodes` rows through `inode_changed`).
+    /// hook, installed by the caller, reports `inodes` rows through `recorder`).
     pub(super) fn install(&self, c: &Connection) -> rusqlite::Result<()> {
         let changed = self.changed.clone();
         c.create_scalar_function(
@@ -116,18 +117,16 @@ impl Memo {
         )
     }
 
-    /// The update hook saw `inodes` row `ino` change.
-    pub(super) fn inode_changed(changed: &Mutex<Changed>, ino: u64) {
-        changed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .inodes
-            .push(ino);
-    }
-
-    /// What the update hook records into (see `inode_changed`).
-    pub(super) fn hook_target(&self) -> Arc<Mutex<Changed>> {
-        self.changed.clone()
+    /// What records an `inodes` row the writer connection changed (its update hook calls it).
+    pub(super) fn recorder(&self) -> impl Fn(u64) + Send + 'static {
+        let changed = self.changed.clone();
+        move |ino| {
+            changed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .inodes
+                .push(ino)
+        }
     }
 
     /// A transaction ended (committed or not): its rows leave memory.

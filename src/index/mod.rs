@@ -416,13 +416,12 @@ impl Index {
             // loss could, and the cache disk does not survive that anyway.
             c.pragma_update(None, "synchronous", "NORMAL")?;
             c.busy_timeout(Duration::from_secs(10))?;
-            let watch = self.watch.recorder();
-            let memo = self.memo.hook_target();
+            let (watch, memo) = (self.watch.recorder(), self.memo.recorder());
             c.update_hook(Some(
                 move |_: rusqlite::hooks::Action, _: &str, table: &str, rowid: i64| {
                     if table == "inodes" {
                         watch(rowid as u64);
-                        Memo::inode_changed(&memo, rowid as u64);
+                        memo(rowid as u64);
                     }
                 },
             ));
