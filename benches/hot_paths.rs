@@ -15,6 +15,7 @@ use simfs::index::build::Defaults;
 use simfs::index::ingest::no_progress;
 use simfs::index::names::Name;
 use simfs::index::{Index, SourceId, ROOT_INO};
+use simfs::kernel::Kernel;
 use simfs::mount::{prepare_with_store, session, MountConfig, Prepared, ServeOptions};
 use std::hint::black_box;
 use std::path::Path;
@@ -59,7 +60,15 @@ fn prepare(store: &Arc<dyn BlobStore>, rt: &tokio::runtime::Runtime, dir: &Path)
     };
     cfg.list_concurrency = 8;
     cfg.read_only = true;
-    prepare_with_store(store.clone(), &source, &cfg, rt, &no_progress).unwrap()
+    prepare_with_store(
+        store.clone(),
+        &source,
+        &cfg,
+        &Kernel::none(),
+        rt,
+        &no_progress,
+    )
+    .unwrap()
 }
 
 fn name(s: &str) -> Name {
@@ -120,7 +129,7 @@ fn mount(
         refresh_interval: Duration::ZERO,
         prime_entries: 0,
     };
-    let s = session(fs, dir.path(), &opts, rt)
+    let s = session(fs, Kernel::for_session(), dir.path(), &opts, rt)
         .map_err(|e| eprintln!("skipping the FUSE benchmarks: {e}"))
         .ok()?;
     Some((s.spawn().unwrap(), dir))

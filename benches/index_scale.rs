@@ -15,6 +15,7 @@ use simfs::blob::BlobStore;
 use simfs::index::build::Defaults;
 use simfs::index::ingest::no_progress;
 use simfs::index::SourceId;
+use simfs::kernel::Kernel;
 use simfs::mount::{prepare_with_store, MountConfig};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
@@ -104,14 +105,23 @@ fn main() {
         dir_mode: 0o755,
     };
     cfg.read_only = true;
-    let (prepared, secs, mib) =
-        measured(|| prepare_with_store(store.clone(), &source, &cfg, &rt, &no_progress).unwrap());
+    let (prepared, secs, mib) = measured(|| {
+        prepare_with_store(
+            store.clone(),
+            &source,
+            &cfg,
+            &Kernel::none(),
+            &rt,
+            &no_progress,
+        )
+        .unwrap()
+    });
     println!(
         "index {n} blobs: {secs:.2} s, {:.0} blobs/s, {}",
         n as f64 / secs,
         memory(mib)
     );
-    let refresher = prepared.fs.refresher().unwrap().clone();
+    let refresher = prepared.fs.refresher().clone();
     let (r, secs, mib) = measured(|| refresher.refresh_path("").unwrap());
     assert!(!r.changed_anything(), "{r:?}");
     println!(
@@ -137,8 +147,17 @@ fn main() {
     );
     drop(refresher);
     drop(prepared);
-    let (again, secs, mib) =
-        measured(|| prepare_with_store(store.clone(), &source, &cfg, &rt, &no_progress).unwrap());
+    let (again, secs, mib) = measured(|| {
+        prepare_with_store(
+            store.clone(),
+            &source,
+            &cfg,
+            &Kernel::none(),
+            &rt,
+            &no_progress,
+        )
+        .unwrap()
+    });
     let root = again.fs.index().readdir(simfs::index::ROOT_INO).unwrap();
     assert_eq!(root.len(), 2, "flat and dated");
     println!(
@@ -181,8 +200,17 @@ fn main() {
     drop(fs);
     drop(again);
     cfg.read_only = false;
-    let (_rw, secs, mib) =
-        measured(|| prepare_with_store(store.clone(), &source, &cfg, &rt, &no_progress).unwrap());
+    let (_rw, secs, mib) = measured(|| {
+        prepare_with_store(
+            store.clone(),
+            &source,
+            &cfg,
+            &Kernel::none(),
+            &rt,
+            &no_progress,
+        )
+        .unwrap()
+    });
     println!(
         "remount reusing the index, read-write (journal recovery): {secs:.3} s, {}",
         memory(mib)

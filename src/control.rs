@@ -92,8 +92,8 @@ pub fn serve(fs: &SimFs, conn: UnixStream) {
         },
         Some("refresh") => {
             let path = req["path"].as_str().unwrap_or("");
-            match fs.refresher().map(|r| r.refresh_path(path)) {
-                Some(Ok(r)) => send(json!({
+            match fs.refresher().refresh_path(path) {
+                Ok(r) => send(json!({
                     "event": "done",
                     "scope": r.scope,
                     "added": r.added,
@@ -104,8 +104,7 @@ pub fn serve(fs: &SimFs, conn: UnixStream) {
                     "list_requests": r.list_requests,
                     "took_ms": r.took.as_millis() as u64,
                 })),
-                Some(Err(e)) => send(json!({"event": "error", "message": e.to_string()})),
-                None => send(json!({"event": "error", "message": "this mount cannot refresh"})),
+                Err(e) => send(json!({"event": "error", "message": e.to_string()})),
             };
         }
         other => {

@@ -19,6 +19,7 @@ use crate::fs::{
     Attr, AttrChanges, FsError, FsResult, Kind, ListedEntry, RenameMode, SetTime, SimFs,
 };
 use crate::iomode::{IoModes, Open};
+use crate::kernel::Kernel;
 use fuser::BackingId;
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -31,7 +32,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// Files smaller than this are not opened in passthrough. A small file is read in one or two
@@ -61,8 +62,8 @@ pub struct SimFuse {
     /// OPENDIR is answered ENOSYS, and from then on readdir comes with no handle. Asked for
     /// at init when allowed, granted when the kernel offers it.
     no_opendir: AtomicBool,
-    /// Tells the kernel to drop cached pages (set once the session exists).
-    kernel: Arc<OnceLock<fuser::Notifier>>,
+    /// Tells the kernel to drop cached pages.
+    kernel: Kernel,
 }
 
 impl SimFuse {
@@ -72,7 +73,7 @@ impl SimFuse {
         rt: tokio::runtime::Handle,
         passthrough: bool,
         list_unopened: bool,
-        kernel: Arc<OnceLock<fuser::Notifier>>,
+        kernel: Kernel,
     ) -> SimFuse {
         SimFuse {
             fs,
@@ -134,9 +135,6 @@ impl SimFuse {
     /// dropped in the background, which halves the memory it holds and spares its next open
     /// that work (a passthrough open cannot keep them: about 45 ms per GiB, measured).
     fn drop_pages_of_closed(&self, ino: u64) {
-        let Some(kernel) = self.kernel.get().cloned() else {
-            return;
-        };
         if !self.passthrough.load(Ordering::Relaxed)
             || self
                 .fs
@@ -146,11 +144,8 @@ impl SimFuse {
             return;
         }
         // Off the FUSE threads: dropping pages may have to wait for reads they serve.
-        self.rt.spawn_blocking(move || {
-            if let Err(e) = kernel.inval_inode(INodeNo(ino), 0, -1) {
-                tracing::trace!("dropping the pages of inode {ino}: {e}");
-            }
-        });
+        let kernel = self.kernel.clone();
+        self.rt.spawn_blocking(move || kernel.inval_inode(ino));
     }
 
     /// Runs `f` (which replies) off the FUSE worker thread.

@@ -22,12 +22,14 @@ use crate::index::build::Defaults;
 use crate::index::ingest::{build_index, IngestError, IngestOptions, IngestProgress};
 use crate::index::snapshot::{self, Published};
 use crate::index::{Index, SourceId};
-use crate::refresh::{KernelCache, Refresher};
+use crate::kernel::{Kernel, KernelLink};
+use crate::local::LocalCopies;
+use crate::pins::Pins;
+use crate::refresh::Refresher;
 use crate::writeback::{Writeback, WritebackOptions};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -180,11 +182,13 @@ pub struct Prepared {
 }
 
 /// Opens (or builds) the index, the cache and the write-back engine for `source` on
-/// `store`, and recovers an earlier mount's pending changes.
+/// `store`, and recovers an earlier mount's pending changes. What changes behind the kernel's
+/// back is told to `kernel` (`Kernel::for_session` for a mount, `Kernel::none` without).
 pub fn prepare_with_store(
     store: Arc<dyn BlobStore>,
     source: &SourceId,
     cfg: &MountConfig,
+    kernel: &Kernel,
     rt: &tokio::runtime::Runtime,
     progress: &(dyn Fn(IngestProgress) + Sync),
 ) -> Result<Prepared, MountError> {
@@ -252,8 +256,10 @@ pub fn prepare_with_store(
         }
     }
     let index = Arc::new(index);
+    let pins = Arc::new(Pins::default());
     let cache = Cache::new(
         &dir.join("cache"),
+        pins.clone(),
         store.clone(),
         rt.handle().clone(),
         cfg.cache.clone(),
@@ -263,12 +269,20 @@ pub fn prepare_with_store(
     cache
         .start_evictor()
         .map_err(|e| MountError::Io(format!("starting the cache's eviction thread: {e}")))?;
+    // Beside the clean cache's own folders, where they have always been.
+    let local_dir = dir.join("cache").join("local");
+    let local = LocalCopies::new(&local_dir, cache.clone())
+        .map_err(|e| MountError::Io(format!("cache dir {}: {e}", local_dir.display())))?;
+    let local = Arc::new(local);
     let refresher = Arc::new(Refresher::new(
         store.clone(),
         source.clone(),
         ingest,
         index.clone(),
         cache.clone(),
+        local.clone(),
+        pins.clone(),
+        kernel.clone(),
         dir.clone(),
         rt.handle().clone(),
     ));
@@ -278,7 +292,9 @@ pub fn prepare_with_store(
         let wb = Writeback::new(
             store,
             index.clone(),
-            cache.clone(),
+            local.clone(),
+            pins.clone(),
+            kernel.clone(),
             rt.handle().clone(),
             source.prefix.clone(),
             cfg.writeback.clone(),
@@ -289,8 +305,7 @@ pub fn prepare_with_store(
         }
         Some(Arc::new(wb))
     };
-    let fs = Arc::new(SimFs::new(index, cache, writeback));
-    fs.set_refresher(refresher);
+    let fs = Arc::new(SimFs::new(index, cache, local, pins, writeback, refresher));
     Ok(Prepared {
         fs,
         lock,
@@ -303,6 +318,7 @@ pub fn prepare_with_store(
 pub fn prepare(
     source: &Source,
     cfg: &MountConfig,
+    kernel: &Kernel,
     rt: &tokio::runtime::Runtime,
     progress: &(dyn Fn(IngestProgress) + Sync),
 ) -> Result<Prepared, String> {
@@ -312,7 +328,7 @@ pub fn prepare(
         tracing::warn!("the SAS token does not allow writing (no 'w' in sp=): mounting read-only");
         cfg.read_only = true;
     }
-    prepare_with_store(store, &source.id(), &cfg, rt, progress)
+    prepare_with_store(store, &source.id(), &cfg, kernel, rt, progress)
         .map_err(|e| explain(&e, Some(source)))
 }
 
@@ -369,11 +385,12 @@ pub struct ServeOptions {
 /// The most a mount spends priming the kernel's dentry cache before it reports ready.
 const PRIME_BUDGET: Duration = Duration::from_secs(2);
 
-/// Mounts `fs` at `mountpoint`: the FUSE session, not yet serving, with the kernel-cache
-/// invalidation wired in. `Session::spawn` serves it in the background and unmounts when the
+/// Mounts `fs` at `mountpoint`: the FUSE session, not yet serving, with `kernel` (the handle
+/// `fs` was prepared with) linked to it. `Session::spawn` serves it in the background and unmounts when the
 /// handle is dropped (the benchmarks); `serve` runs it in the foreground.
 pub fn session(
     fs: Arc<SimFs>,
+    (kernel, link): (Kernel, KernelLink),
     mountpoint: &Path,
     opts: &ServeOptions,
     rt: &tokio::runtime::Handle,
@@ -398,50 +415,18 @@ pub fn session(
     config.n_threads = Some(opts.threads.max(1));
     // One /dev/fuse descriptor per worker: no thundering herd on a shared one.
     config.clone_fd = true;
-    let kernel = Arc::new(std::sync::OnceLock::new());
     let fuse = SimFuse::new(
         fs.clone(),
         opts.ttl,
         rt.clone(),
         opts.passthrough,
         opts.list_unopened,
-        kernel.clone(),
+        kernel,
     );
     let session = fuser::Session::new(fuse, mountpoint, &config)
         .map_err(|e| MountError::Io(format!("cannot mount at {}: {e}", mountpoint.display())))?;
-    let _ = kernel.set(session.notifier());
-    if let Some(wb) = fs.writeback() {
-        let notifier = session.notifier();
-        wb.set_invalidator(Box::new(move |parent, name| {
-            let name = std::ffi::OsStr::from_bytes(name);
-            if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), name) {
-                tracing::debug!("invalidating {name:?} in {parent}: {e}");
-            }
-        }));
-    }
-    if let Some(r) = fs.refresher() {
-        r.set_kernel(Box::new(KernelNotifier(session.notifier())));
-    }
+    link.connect(session.notifier());
     Ok(session)
-}
-
-/// The kernel's caches of a mount, invalidated through its FUSE session.
-struct KernelNotifier(fuser::Notifier);
-
-impl KernelCache for KernelNotifier {
-    fn inval_entry(&self, parent: u64, name: &[u8]) {
-        let name = std::ffi::OsStr::from_bytes(name);
-        // ENOENT: the kernel does not know the name, which is what was wanted.
-        if let Err(e) = self.0.inval_entry(fuser::INodeNo(parent), name) {
-            tracing::trace!("invalidating {name:?} in {parent}: {e}");
-        }
-    }
-
-    fn inval_inode(&self, ino: u64) {
-        if let Err(e) = self.0.inval_inode(fuser::INodeNo(ino), 0, 0) {
-            tracing::trace!("invalidating inode {ino}: {e}");
-        }
-    }
 }
 
 /// Mounts `fs` at `mountpoint` and serves it, with the write-back thread, until it is
@@ -450,12 +435,13 @@ impl KernelCache for KernelNotifier {
 /// `finish_uploads`'s.
 pub fn serve(
     fs: Arc<SimFs>,
+    kernel: (Kernel, KernelLink),
     mountpoint: &Path,
     opts: &ServeOptions,
     rt: &tokio::runtime::Handle,
     ready: impl FnOnce(Result<(), String>) + Send + 'static,
 ) -> Result<(), MountError> {
-    let mut session = match session(fs.clone(), mountpoint, opts, rt) {
+    let mut session = match session(fs.clone(), kernel, mountpoint, opts, rt) {
         Ok(s) => s,
         Err(e) => {
             ready(Err(e.to_string()));
@@ -484,7 +470,7 @@ pub fn serve(
         ready(Ok(()));
     });
     let background = fs.writeback().map(|wb| wb.start());
-    let _refreshing = fs.refresher().and_then(|r| r.start(opts.refresh_interval));
+    let _refreshing = fs.refresher().start(opts.refresh_interval);
     let ran = session
         .run()
         .map_err(|e| MountError::Io(format!("FUSE session ended with an error: {e}")));

@@ -19,9 +19,12 @@ use crate::index::ingest::{no_progress, write_listing, IngestError, IngestOption
 use crate::index::names::Name;
 use crate::index::refresh::Applied;
 use crate::index::{Index, IndexError, SourceId};
+use crate::kernel::Kernel;
+use crate::local::LocalCopies;
+use crate::pins::Pins;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 /// How long a read that found its blob changed waits for a refresh under way.
@@ -29,14 +32,6 @@ const ENTRY_WAIT: Duration = Duration::from_secs(5);
 
 /// The index `meta` key holding the last refresh's report (JSON), for `simfs status`.
 pub const LAST_REFRESH: &str = "last_refresh";
-
-/// The kernel's caches, as a refresh invalidates them (fuser's `Notifier` on a mount).
-pub trait KernelCache: Send + Sync {
-    /// Forget the dentry `parent/name` (and a negative one).
-    fn inval_entry(&self, parent: u64, name: &[u8]);
-    /// Forget `ino`'s attributes and cached pages (for a directory: its cached listing).
-    fn inval_inode(&self, ino: u64);
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
@@ -128,11 +123,15 @@ pub struct Refresher {
     source: SourceId,
     opts: IngestOptions,
     index: Arc<Index>,
+    /// Copies of versions the container no longer has leave the clean cache; local copies
+    /// of files others deleted go; an open file keeps both.
     cache: Arc<Cache>,
+    local: Arc<LocalCopies>,
+    pins: Arc<Pins>,
     /// Where the side index of a refresh is written (the state directory).
     dir: PathBuf,
     rt: tokio::runtime::Handle,
-    kernel: OnceLock<Arc<dyn KernelCache>>,
+    kernel: Kernel,
     /// One refresh at a time.
     one: tokio::sync::Mutex<()>,
 }
@@ -158,8 +157,7 @@ fn jittered(every: Duration) -> Duration {
 }
 
 /// Tells the kernel which names and inodes a refresh changed.
-fn tell_kernel(kernel: Option<&dyn KernelCache>, a: &Applied) {
-    let Some(k) = kernel else { return };
+fn tell_kernel(k: &Kernel, a: &Applied) {
     for (parent, name) in &a.names {
         k.inval_entry(*parent, name);
     }
@@ -169,12 +167,16 @@ fn tell_kernel(kernel: Option<&dyn KernelCache>, a: &Applied) {
 }
 
 impl Refresher {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn BlobStore>,
         source: SourceId,
         opts: IngestOptions,
         index: Arc<Index>,
         cache: Arc<Cache>,
+        local: Arc<LocalCopies>,
+        pins: Arc<Pins>,
+        kernel: Kernel,
         dir: PathBuf,
         rt: tokio::runtime::Handle,
     ) -> Refresher {
@@ -184,16 +186,13 @@ impl Refresher {
             opts,
             index,
             cache,
+            local,
+            pins,
             dir,
             rt,
-            kernel: OnceLock::new(),
+            kernel,
             one: tokio::sync::Mutex::new(()),
         }
-    }
-
-    /// Who to tell about changes (set once, when the mount's FUSE session exists).
-    pub fn set_kernel(&self, k: Box<dyn KernelCache>) {
-        let _ = self.kernel.set(Arc::from(k));
     }
 
     /// Refreshes the tree below `path` (names from the root; empty for everything) and
@@ -235,11 +234,11 @@ impl Refresher {
         .await;
         let applied = match built {
             Ok((stats, requests)) => {
-                let (index, cache, side2) = (self.index.clone(), self.cache.clone(), side.clone());
+                let (index, pins, side2) = (self.index.clone(), self.pins.clone(), side.clone());
                 let scope2 = scope.clone();
                 let applied = tokio::task::spawn_blocking(move || {
                     let fresh = Index::open_read_only(&side2)?;
-                    let is_open = |ino| cache.pins().is_open(ino);
+                    let is_open = |ino| pins.is_open(ino);
                     index.refresh_from(&fresh, &scope2, &is_open, keep_open)
                 })
                 .await;
@@ -289,11 +288,9 @@ impl Refresher {
     /// waits for reads in flight on the inode, so it runs off the runtime's workers, which
     /// those reads' downloads need.
     async fn follow(&self, a: &Applied, wait: bool) {
-        let kernel = self.kernel.get().cloned();
         let told = {
-            let a = a.clone();
-            self.rt
-                .spawn_blocking(move || tell_kernel(kernel.as_deref(), &a))
+            let (a, kernel) = (a.clone(), self.kernel.clone());
+            self.rt.spawn_blocking(move || tell_kernel(&kernel, &a))
         };
         if wait {
             let _ = told.await;
@@ -302,7 +299,7 @@ impl Refresher {
             self.cache.evict(*ino, blob);
         }
         for ino in &a.unlocal {
-            self.cache.remove_local(*ino);
+            self.local.remove(*ino);
         }
     }
 

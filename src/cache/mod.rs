@@ -9,29 +9,26 @@
 //! never kept. Directories are 0700 and files 0600: the cache holds data other users may not
 //! read.
 //!
-//! A file opened for writing gets a *local* copy, `local/<ino>`, which from then on is the
-//! inode's data (the index says so): a hydrated copy is renamed there, not copied, so read
-//! handles opened earlier see the writes too, as on a local disk. Local files hold data not
-//! yet uploaded and are never evicted; they are removed with their inode.
+//! A file opened for writing takes its whole clean copy over (`take_whole`, used by
+//! `local`): from then on the cache no longer knows it. An open file is never evicted: the
+//! cache reads the open-handle counts (`pins`) but does not keep them.
 //!
-//! The cache also counts open handles per inode (`pins.rs`), knows the disk's free space
-//! without a syscall per write (`space.rs`), fetches a directory's small files ahead of
-//! their first read (`prefetch.rs`), and keeps itself under its watermarks in the background
-//! (`evict.rs`).
+//! The cache also knows the disk's free space without a syscall per write (`space.rs`),
+//! fetches a directory's small files ahead of their first read (`prefetch.rs`), and keeps
+//! itself under its watermarks in the background (`evict.rs`).
 
 mod evict;
 mod fill;
 mod lru;
-mod pins;
 mod prefetch;
 mod space;
 
 pub use fill::Fill;
-pub use pins::Pins;
 pub use prefetch::BUDGET_FILES as PREFETCH_FILES;
 pub use space::disk_size;
 
 use crate::blob::{BlobError, BlobRef, BlobStore};
+use crate::pins::Pins;
 use fill::{Mode, Tuning};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -170,7 +167,6 @@ pub struct CacheStats {
 
 pub struct Cache {
     data_dir: PathBuf,
-    local_dir: PathBuf,
     tmp_dir: PathBuf,
     store: Arc<dyn BlobStore>,
     rt: tokio::runtime::Handle,
@@ -186,7 +182,7 @@ pub struct Cache {
     hits: AtomicU64,
     evictions: AtomicU64,
     evicted_bytes: AtomicU64,
-    pins: Pins,
+    pins: Arc<Pins>,
     space: space::Space,
     lru: Arc<lru::Lru>,
     prefetch: prefetch::Prefetch,
@@ -199,25 +195,25 @@ fn allocated(md: &std::fs::Metadata) -> u64 {
     std::os::unix::fs::MetadataExt::blocks(md) * 512
 }
 
-fn private_dir(p: &Path) -> std::io::Result<()> {
+pub(crate) fn private_dir(p: &Path) -> std::io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(p)?;
     std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o700))
 }
 
 impl Cache {
-    /// A cache rooted at `dir` (created 0700). Leftover partial downloads are removed.
+    /// A cache rooted at `dir` (created 0700). Leftover partial downloads are removed. Files
+    /// whose inode `pins` counts open are never evicted.
     pub fn new(
         dir: &Path,
+        pins: Arc<Pins>,
         store: Arc<dyn BlobStore>,
         rt: tokio::runtime::Handle,
         opts: CacheOptions,
     ) -> std::io::Result<Cache> {
         let data_dir = dir.join("data");
         let tmp_dir = dir.join("tmp");
-        let local_dir = dir.join("local");
         private_dir(dir)?;
         private_dir(&data_dir)?;
-        private_dir(&local_dir)?;
         if tmp_dir.exists() {
             std::fs::remove_dir_all(&tmp_dir)?;
         }
@@ -240,7 +236,7 @@ impl Cache {
         for (_, key, bytes) in kept {
             lru.insert(&key, bytes, None);
         }
-        let marks = evict::Marks::new(opts.capacity, opts.min_free, disk_size(&local_dir)?);
+        let marks = evict::Marks::new(opts.capacity, opts.min_free, disk_size(dir)?);
         Ok(Cache {
             data_dir,
             tmp_dir,
@@ -255,11 +251,10 @@ impl Cache {
             hits: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
-            pins: Pins::default(),
-            space: space::Space::new(&local_dir),
+            pins,
+            space: space::Space::new(dir),
             lru: Arc::new(lru),
             prefetch: prefetch::Prefetch::default(),
-            local_dir,
             marks,
             evictor: std::sync::OnceLock::new(),
         })
@@ -432,62 +427,22 @@ impl Cache {
         }
     }
 
-    /// The local copy of inode `ino`.
-    pub fn local_path(&self, ino: u64) -> PathBuf {
-        self.local_dir.join(ino.to_string())
-    }
-
-    /// Where a marker says that writers may be writing `ino`'s local copy in place, past
-    /// the journal (`fs::in_place`): a crash leaves it for recovery to find.
-    pub fn in_place_marker(&self, ino: u64) -> PathBuf {
-        self.local_dir.join(format!("{ino}.in-place"))
-    }
-
-    /// Opens the local copy of `ino`, read-write when `write`.
-    pub fn open_local(&self, ino: u64, write: bool) -> Result<File, CacheError> {
-        Ok(OpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(self.local_path(ino))?)
-    }
-
-    /// Gives `ino` a local copy: the hydrated blob moved into place, or an empty file when
-    /// there is no blob or its content is about to be discarded (`empty`).
-    pub fn make_local(
-        &self,
-        ino: u64,
-        blob: Option<&BlobRef>,
-        empty: bool,
-    ) -> Result<(), CacheError> {
-        let dest = self.local_path(ino);
-        match blob {
-            Some(b) if !empty => {
-                // Hydrate (or find) the clean copy, then take it over. It is not pinned
-                // between the two, so an eviction may take it first: then fetch it again.
-                let key = Self::key(b);
-                let mut tries = 0;
-                loop {
-                    self.hydrate(ino, b)?;
-                    self.present.invalidate(&key);
-                    self.lru.remove(&key);
-                    match std::fs::rename(self.data_dir.join(&key), &dest) {
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => {
-                            tries += 1
-                        }
-                        r => break r?,
-                    }
-                }
-            }
-            _ => {
-                OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&dest)?;
+    /// Moves the whole clean copy of `blob` to `dest` (hydrating it first, even beyond the
+    /// capacity): the inode `ino` takes it over as its local copy and the cache forgets it.
+    /// It is not pinned between the two steps, so an eviction may take it first: then it is
+    /// fetched again.
+    pub fn take_whole(&self, ino: u64, blob: &BlobRef, dest: &Path) -> Result<(), CacheError> {
+        let key = Self::key(blob);
+        let mut tries = 0;
+        loop {
+            self.hydrate(ino, blob)?;
+            self.present.invalidate(&key);
+            self.lru.remove(&key);
+            match std::fs::rename(self.data_dir.join(&key), dest) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => tries += 1,
+                r => return Ok(r?),
             }
         }
-        Ok(())
     }
 
     /// Free bytes and free inodes on the cache disk, less the reserve writers cannot use
@@ -507,11 +462,6 @@ impl Cache {
             return Err(CacheError::DiskFull);
         }
         Ok(())
-    }
-
-    /// The open handles per inode.
-    pub fn pins(&self) -> &Pins {
-        &self.pins
     }
 
     /// Makes sure the clean copy of `blob` is cached whole for inode `ino` (downloading it
@@ -578,11 +528,6 @@ impl Cache {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
-    }
-
-    /// Removes the local copy of a deleted inode.
-    pub fn remove_local(&self, ino: u64) {
-        let _ = std::fs::remove_file(self.local_path(ino));
     }
 }
 

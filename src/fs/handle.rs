@@ -72,7 +72,7 @@ impl SimFs {
     /// fill this starts, without waiting for it).
     pub(super) fn data_for_read(&self, ino: u64, write: bool) -> FsResult<Data> {
         if self.index.is_local(ino)? {
-            return Ok(Data::Local(Arc::new(self.cache.open_local(ino, write)?)));
+            return Ok(Data::Local(Arc::new(self.local.open(ino, write)?)));
         }
         let blob = self.index.blob_of(ino)?.ok_or(FsError::NotFound)?;
         let content = self.cache.open(ino, &blob)?;
@@ -88,7 +88,7 @@ impl SimFs {
             Data::Local(f) => Ok(Data::Local(f)),
             // A writer reads its own writes: once the inode has a local copy, use it.
             Data::Cached(_) | Data::Deferred if h.write && self.index.is_local(h.ino)? => {
-                let d = Data::Local(Arc::new(self.cache.open_local(h.ino, true)?));
+                let d = Data::Local(Arc::new(self.local.open(h.ino, true)?));
                 h.set(d.clone());
                 Ok(d)
             }
@@ -113,7 +113,7 @@ impl SimFs {
             return Ok(f);
         }
         self.make_local(h.ino, whole(self)?)?;
-        let f = Arc::new(self.cache.open_local(h.ino, true)?);
+        let f = Arc::new(self.local.open(h.ino, true)?);
         h.set(Data::Local(f.clone()));
         Ok(f)
     }
@@ -173,7 +173,7 @@ impl SimFs {
         // A clean copy opened just before the inode got a new local copy (a racing
         // `O_TRUNC`) is no longer the inode's data: not for the kernel to serve.
         if self.index.is_local(h.ino).ok()? {
-            let local = self.cache.open_local(h.ino, false).ok()?;
+            let local = self.local.open(h.ino, false).ok()?;
             if !super::in_place::same_file(&f, &local).ok()? {
                 return None;
             }

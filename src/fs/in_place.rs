@@ -90,7 +90,7 @@ impl SimFs {
             Entry::Vacant(e) => {
                 // Before any write can happen: a crash from here on leaves the marker, and
                 // the next mount uploads the copy (`Scheduler::recover`).
-                File::create(self.cache.in_place_marker(h.ino))?;
+                File::create(self.local.in_place_marker(h.ino))?;
                 file.set_modified(UNWRITTEN)?;
                 self.in_place.count.fetch_add(1, Ordering::AcqRel);
                 e.insert(Writers { handles: 0, file })
@@ -129,7 +129,7 @@ impl SimFs {
                 self.in_place.count.fetch_sub(1, Ordering::AcqRel);
                 // The journal knows everything now; unless it could not be told.
                 if adopted.is_ok() {
-                    let _ = std::fs::remove_file(self.cache.in_place_marker(ino));
+                    let _ = std::fs::remove_file(self.local.in_place_marker(ino));
                 }
             }
         }

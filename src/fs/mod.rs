@@ -9,7 +9,7 @@
 //!
 //! Inodes live in the index and survive `forget`; the kernel's lookup counts need no
 //! bookkeeping because an inode is only freed once unlinked and closed (open handles are
-//! counted in the cache's pins). Changes (`write.rs`) go to the index and the local copy
+//! counted in `pins`, which write-back, the refresh and eviction read). Changes (`write.rs`) go to the index and the local copy
 //! first; `writeback` takes them to the container, asked by close and fsync and told of
 //! every change so its background thread wakes when one is due.
 //!
@@ -28,7 +28,9 @@ use handle::{Data, OpenFile};
 use crate::cache::Cache;
 use crate::index::names::{Name, NameError};
 use crate::index::Index;
+use crate::local::LocalCopies;
 use crate::locks::InodeLocks;
+use crate::pins::Pins;
 pub use crate::posix::{Attr, AttrChanges, Kind, RenameMode, SetTime};
 use crate::refresh::Refresher;
 use crate::writeback::Writeback;
@@ -36,7 +38,7 @@ pub use error::{FsError, FsResult};
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// What `statfs` reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,15 +65,20 @@ enum Handle {
 
 pub struct SimFs {
     index: Arc<Index>,
+    /// Clean copies of blobs.
     cache: Arc<Cache>,
+    /// The data of inodes being written.
+    local: Arc<LocalCopies>,
+    /// Open handles per inode.
+    pins: Arc<Pins>,
     /// None on a read-only mount.
     writeback: Option<Arc<Writeback>>,
     handles: Mutex<HashMap<u64, Handle>>,
     /// Giving an inode its local copy happens once per inode at a time (no other waits).
     localizing: InodeLocks,
     next_fh: AtomicU64,
-    /// Brings others' changes in (absent in tests that build a bare filesystem).
-    refresher: OnceLock<Arc<Refresher>>,
+    /// Brings others' changes in (a read that finds its blob changed refreshes its entry).
+    refresher: Arc<Refresher>,
     /// Listings the kernel reads without opening the directory.
     cursors: dir::Cursors,
     /// Writers the kernel serves straight from the local copy.
@@ -90,16 +97,26 @@ fn existing_name(name: &OsStr) -> FsResult<Name> {
 }
 
 impl SimFs {
-    /// A filesystem over `index` and `cache`; read-write when `writeback` uploads changes.
-    pub fn new(index: Arc<Index>, cache: Arc<Cache>, writeback: Option<Arc<Writeback>>) -> SimFs {
+    /// A filesystem over `index`, the clean `cache` and the `local` copies, counting open
+    /// handles in `pins`; read-write when `writeback` uploads changes.
+    pub fn new(
+        index: Arc<Index>,
+        cache: Arc<Cache>,
+        local: Arc<LocalCopies>,
+        pins: Arc<Pins>,
+        writeback: Option<Arc<Writeback>>,
+        refresher: Arc<Refresher>,
+    ) -> SimFs {
         SimFs {
             index,
             cache,
+            local,
+            pins,
             writeback,
             handles: Mutex::new(HashMap::new()),
             localizing: InodeLocks::default(),
             next_fh: AtomicU64::new(1),
-            refresher: OnceLock::new(),
+            refresher,
             cursors: dir::Cursors::default(),
             in_place: in_place::InPlace::default(),
         }
@@ -113,12 +130,8 @@ impl SimFs {
         &self.cache
     }
 
-    pub fn set_refresher(&self, r: Arc<Refresher>) {
-        let _ = self.refresher.set(r);
-    }
-
-    pub fn refresher(&self) -> Option<&Arc<Refresher>> {
-        self.refresher.get()
+    pub fn refresher(&self) -> &Arc<Refresher> {
+        &self.refresher
     }
 
     /// The write-back engine (None on a read-only mount).
@@ -250,7 +263,7 @@ impl SimFs {
         } else {
             self.data_for_read(ino, write)?
         };
-        self.cache.pins().pin(ino, write);
+        self.pins.pin(ino, write);
         let fh = self.insert_handle(OpenFile::handle(ino, write, data));
         if truncate && write {
             self.note_written(fh);
@@ -296,7 +309,7 @@ impl SimFs {
         if self.index.is_local(ino)? {
             return Ok(());
         }
-        self.cache.make_local(ino, blob.as_ref(), empty)?;
+        self.local.make(ino, blob.as_ref(), empty)?;
         self.index.set_local(ino)?;
         Ok(())
     }
@@ -312,7 +325,7 @@ impl SimFs {
             true => self.release_in_place(ino),
             false => Ok(()),
         };
-        let last = self.cache.pins().unpin(ino, write);
+        let last = self.pins.unpin(ino, write);
         if last && self.attr(ino).is_ok_and(|a| a.nlink == 0) {
             if self.writeback.is_some() {
                 self.index.mark_pending(ino, std::time::SystemTime::now())?;
@@ -328,17 +341,14 @@ impl SimFs {
 
     /// Refreshes `ino`'s entry after its blob was found changed; whether the index changed.
     fn blob_changed(&self, ino: u64) -> bool {
-        let Some(r) = self.refresher() else {
-            return false;
-        };
-        r.refresh_inode(ino).unwrap_or_else(|e| {
+        self.refresher.refresh_inode(ino).unwrap_or_else(|e| {
             tracing::warn!("inode {ino}: refreshing its changed blob failed: {e}");
             false
         })
     }
 
     fn is_open(&self, ino: u64) -> bool {
-        self.cache.pins().is_open(ino)
+        self.pins.is_open(ino)
     }
 
     pub fn statfs(&self) -> FsResult<FsStats> {

@@ -2,7 +2,7 @@
 //! a refresh, local changes win, open handles keep their version, and the kernel is told
 //! exactly what changed.
 
-use super::tests::{fixture, path, read_all, world_on, world_with, World};
+use super::tests::{fixture, path, read_all, world_on, world_telling, world_with, World};
 use super::write_tests::{drain, fresh, rw, write_file, ME};
 use super::*;
 use crate::blob::faulty::FaultyStore;
@@ -10,15 +10,13 @@ use crate::blob::memory::MemoryStore;
 use crate::index::ingest::{no_progress, write_listing, IngestOptions, Listing};
 use crate::index::refresh::Scope;
 use crate::index::{SourceId, ROOT_INO};
-use crate::refresh::{KernelCache, Report};
+use crate::kernel::{Kernel, KernelCache};
+use crate::refresh::Report;
 use std::ffi::OsStr;
 use std::time::Duration;
 
 fn refresh(w: &World, p: &str) -> Report {
-    w.fs.refresher()
-        .expect("a mounted world refreshes")
-        .refresh_path(p)
-        .unwrap()
+    w.fs.refresher().refresh_path(p).unwrap()
 }
 
 /// Every entry below the root: (path, kind, mode, owner, size, mtime, links, target,
@@ -388,9 +386,11 @@ fn the_kernel_is_told_exactly_what_changed() {
     mem.put("d/keep", "k", &[]);
     mem.put("d/edit", "1", &[]);
     mem.put("other/x", "x", &[]);
-    let w = world_with(mem, "", 1 << 20);
     let told = Arc::new(Told::default());
-    w.fs.refresher().unwrap().set_kernel(Box::new(told.clone()));
+    let store = Arc::new(FaultyStore::new(mem));
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = Kernel::new(told.clone());
+    let w = world_telling(store, dir, "", 1 << 20, None, kernel);
     let d = path(&w, "d").unwrap().ino;
     let edit = path(&w, "d/edit").unwrap().ino;
     refresh(&w, "");
@@ -423,7 +423,7 @@ fn a_refresh_against_a_dead_service_fails_clearly_and_changes_nothing() {
     let before = tree(&w);
     w.store.inner().put("new.txt", "n", &[]);
     w.store.set_offline(true);
-    let err = w.fs.refresher().unwrap().refresh_path("").unwrap_err();
+    let err = w.fs.refresher().refresh_path("").unwrap_err();
     assert!(err.to_string().contains("listing the container"), "{err}");
     w.store.set_offline(false);
     assert_eq!(tree(&w), before, "nothing applied");

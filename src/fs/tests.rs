@@ -8,6 +8,7 @@ use crate::cache::CacheOptions;
 use crate::index::build::Defaults;
 use crate::index::ingest::no_progress;
 use crate::index::{SourceId, ROOT_INO};
+use crate::kernel::Kernel;
 use crate::mount::{prepare_with_store, MountConfig};
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering;
@@ -63,6 +64,18 @@ pub(super) fn world_on(
     chunk: u64,
     delay: Option<std::time::Duration>,
 ) -> World {
+    world_telling(store, dir, prefix, chunk, delay, Kernel::none())
+}
+
+/// `world_on`, telling `kernel` what changes behind the kernel's back.
+pub(super) fn world_telling(
+    store: Arc<FaultyStore<MemoryStore>>,
+    dir: tempfile::TempDir,
+    prefix: &str,
+    chunk: u64,
+    delay: Option<std::time::Duration>,
+    kernel: Kernel,
+) -> World {
     let mut cfg = MountConfig::new(dir.path());
     cfg.defaults = defaults();
     cfg.list_concurrency = 4;
@@ -81,7 +94,7 @@ pub(super) fn world_on(
         },
         ..Default::default()
     };
-    world_from(store, dir, prefix, &cfg)
+    world_with_kernel(store, dir, prefix, &cfg, kernel)
 }
 
 /// A world over `store` with its state in `dir`, mounted with `cfg`.
@@ -90,6 +103,16 @@ pub(super) fn world_from(
     dir: tempfile::TempDir,
     prefix: &str,
     cfg: &MountConfig,
+) -> World {
+    world_with_kernel(store, dir, prefix, cfg, Kernel::none())
+}
+
+fn world_with_kernel(
+    store: Arc<FaultyStore<MemoryStore>>,
+    dir: tempfile::TempDir,
+    prefix: &str,
+    cfg: &MountConfig,
+    kernel: Kernel,
 ) -> World {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -101,7 +124,7 @@ pub(super) fn world_from(
         prefix: prefix.into(),
     };
     let dyn_store: Arc<dyn BlobStore> = store.clone();
-    let p = prepare_with_store(dyn_store, &source, cfg, &rt, &no_progress).unwrap();
+    let p = prepare_with_store(dyn_store, &source, cfg, &kernel, &rt, &no_progress).unwrap();
     World {
         fs: p.fs,
         store,

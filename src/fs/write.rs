@@ -106,7 +106,7 @@ impl SimFs {
         };
         let attr = self.index.create(parent, &name, &node, now, due)?;
         if kind == Kind::File {
-            self.cache.make_local(attr.ino, None, true)?;
+            self.local.make(attr.ino, None, true)?;
         }
         self.changed(due);
         Ok(attr)
@@ -121,8 +121,8 @@ impl SimFs {
         who: Caller,
     ) -> FsResult<(Attr, u64)> {
         let attr = self.new_inode(parent, name, Kind::File, mode, 0, who, None)?;
-        let file = self.cache.open_local(attr.ino, true)?;
-        self.cache.pins().pin(attr.ino, true);
+        let file = self.local.open(attr.ino, true)?;
+        self.pins.pin(attr.ino, true);
         let fh = self.insert_handle(super::OpenFile::handle(
             attr.ino,
             true,
@@ -236,7 +236,7 @@ impl SimFs {
                 return Err(FsError::Invalid("only regular files have a size to set"));
             }
             self.make_local(ino, size == 0)?;
-            let f = self.cache.open_local(ino, true)?;
+            let f = self.local.open(ino, true)?;
             f.set_len(size)?;
             // truncate(2) changes the times like a write, when the size changes.
             if size != a.size && c.mtime.is_none() {

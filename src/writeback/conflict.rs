@@ -114,11 +114,9 @@ impl Writeback {
             now,
             now,
         )?;
-        if let Some(f) = self.invalidate.get() {
-            // Both names: the kernel may hold a negative entry for the new one.
-            f(entry.parent, from.as_bytes());
-            f(entry.parent, to.as_bytes());
-        }
+        // Both names: the kernel may hold a negative entry for the new one.
+        self.kernel.inval_entry(entry.parent, from.as_bytes());
+        self.kernel.inval_entry(entry.parent, to.as_bytes());
         let kept = format!(
             "{}{}",
             &anchor[..anchor.len() - from.as_bytes().len()],

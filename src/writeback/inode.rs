@@ -126,10 +126,10 @@ impl Writeback {
         }
         if v.names.is_empty() {
             // Unlinked: every claimed name goes to the trash; the row goes once unused.
-            let is_open = self.cache.pins().is_open(ino);
+            let is_open = self.pins.is_open(ino);
             index.record_upload(ino, v.gen, None, &[], v.dirty, !is_open)?;
             if !is_open {
-                self.cache.remove_local(ino);
+                self.local.remove(ino);
             }
             return Ok(());
         }
@@ -290,7 +290,7 @@ impl Writeback {
             )));
         }
         let expect = self.make_room(cx, ino, name).await?;
-        let path = self.cache.local_path(ino);
+        let path = self.local.path(ino);
         self.converge(name, expect, |e| {
             let path = &path;
             async move {

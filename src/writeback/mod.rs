@@ -1,7 +1,8 @@
 //! Write-back: makes the container match the index, pending inode by pending inode.
 //!
 //! This module is the one home of uploading. The engine (`Writeback`) owns what it works
-//! with: the store, the index, the cache and a lock per inode. The filesystem core asks it
+//! with: the store, the index, the local copies it uploads from, the open-handle counts, the
+//! kernel handle (a conflict renames an entry behind the kernel's back) and a lock per inode. The filesystem core asks it
 //! to upload an inode (`upload`, which returns once the container has it: close and fsync)
 //! and tells it when changes were made (`changed`, so the background thread wakes when the
 //! first of them is due); nothing here calls back into the core.
@@ -33,10 +34,12 @@ pub use scheduler::Background;
 
 use crate::blob::upload::{UploadError, UploadOptions};
 use crate::blob::{BlobError, BlobStore};
-use crate::cache::Cache;
 use crate::index::{Index, IndexError};
+use crate::kernel::Kernel;
+use crate::local::LocalCopies;
 use crate::locks::{InodeLocks, NameLocks};
-use std::sync::{Arc, OnceLock};
+use crate::pins::Pins;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,13 +81,12 @@ impl Default for WritebackOptions {
     }
 }
 
-/// Drops the kernel's cached entry `name` in directory `parent`.
-pub type Invalidator = Box<dyn Fn(u64, &[u8]) + Send + Sync>;
-
 pub struct Writeback {
     store: Arc<dyn BlobStore>,
     index: Arc<Index>,
-    cache: Arc<Cache>,
+    local: Arc<LocalCopies>,
+    pins: Arc<Pins>,
+    kernel: Kernel,
     rt: tokio::runtime::Handle,
     /// Blob name prefix of the mount root ("" or ending in '/').
     prefix: String,
@@ -97,16 +99,17 @@ pub struct Writeback {
     /// recorded: the next writer of the name then sees the ETag it must expect, so a
     /// mount's own uploads never look like someone else's change to each other.
     names: NameLocks,
-    /// Tells the kernel a directory entry changed behind its back (a conflict rename).
-    invalidate: OnceLock<Invalidator>,
     wakeup: scheduler::Wakeup,
 }
 
 impl Writeback {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<dyn BlobStore>,
         index: Arc<Index>,
-        cache: Arc<Cache>,
+        local: Arc<LocalCopies>,
+        pins: Arc<Pins>,
+        kernel: Kernel,
         rt: tokio::runtime::Handle,
         prefix: String,
         opts: WritebackOptions,
@@ -116,13 +119,14 @@ impl Writeback {
             store,
             writer,
             index,
-            cache,
+            local,
+            pins,
+            kernel,
             rt,
             prefix,
             opts,
             locks: InodeLocks::default(),
             names: NameLocks::default(),
-            invalidate: OnceLock::new(),
             wakeup: scheduler::Wakeup::default(),
         })
     }
@@ -130,11 +134,6 @@ impl Writeback {
     /// How long a change waits before the background uploads it.
     pub fn delay(&self) -> Duration {
         self.opts.delay
-    }
-
-    /// Sets how to tell the kernel about entries renamed by write-back (once, at mount).
-    pub fn set_invalidator(&self, f: Invalidator) {
-        let _ = self.invalidate.set(f);
     }
 
     /// Uploads inode `ino` now if it is pending; returns once the container has it. A

@@ -170,7 +170,7 @@ impl Writeback {
             }
             let mut ready = Vec::with_capacity(due.len());
             for ino in due {
-                if !writers_too && self.cache.pins().has_writers(ino) {
+                if !writers_too && self.pins.has_writers(ino) {
                     self.index.defer(ino, now + self.opts.delay)?;
                 } else {
                     ready.push(ino);
@@ -250,16 +250,16 @@ impl Writeback {
             let Some(a) = self.index.getattr(ino)? else {
                 continue;
             };
-            let path = self.cache.local_path(ino);
+            let path = self.local.path(ino);
             // A crash between creating the inode and its (empty) local file.
             if !path.exists() && a.size == 0 {
-                self.cache
-                    .make_local(ino, None, true)
+                self.local
+                    .make(ino, None, true)
                     .map_err(|e| WritebackError::Invalid(e.to_string()))?;
             }
             // Written in place by the kernel (FUSE passthrough) when the crash came: what was
             // written may never have reached the journal, so the copy is uploaded.
-            let marker = self.cache.in_place_marker(ino);
+            let marker = self.local.in_place_marker(ino);
             if marker.exists() {
                 if let (Ok(md), true) = (std::fs::metadata(&path), a.nlink > 0) {
                     let now = SystemTime::now();

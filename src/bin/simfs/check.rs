@@ -4,6 +4,7 @@
 use crate::config::{resolve, SourceArgs};
 use crate::runtime;
 use simfs::index::ingest::no_progress;
+use simfs::kernel::Kernel;
 use simfs::mount::{prepare, publish_index, Source};
 use std::process::ExitCode;
 
@@ -22,7 +23,7 @@ pub fn check(source: &SourceArgs) -> ExitCode {
     let mut cfg = source.mount_config();
     cfg.read_only = true;
     let rt = runtime();
-    let prepared = match prepare(&target, &cfg, &rt, &no_progress) {
+    let prepared = match prepare(&target, &cfg, &Kernel::none(), &rt, &no_progress) {
         Ok(p) => p,
         Err(msg) => {
             eprintln!("simfs: {msg}");

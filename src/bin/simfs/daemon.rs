@@ -154,7 +154,10 @@ fn mount_foreground(
     crate::config::forget_secrets();
     let rt = runtime();
     let bar = IndexingBar::new();
-    let prepared = match prepare(&target, &source.mount_config(), &rt, &|p| bar.show(p)) {
+    let (kernel, link) = simfs::kernel::Kernel::for_session();
+    let prepared = match prepare(&target, &source.mount_config(), &kernel, &rt, &|p| {
+        bar.show(p)
+    }) {
         Ok(p) => p,
         Err(msg) => {
             report_ready(Err(msg));
@@ -177,6 +180,7 @@ fn mount_foreground(
     }
     let result = serve(
         prepared.fs.clone(),
+        (kernel, link),
         mountpoint,
         opts,
         rt.handle(),

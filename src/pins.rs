@@ -2,8 +2,9 @@
 //!
 //! The filesystem core counts a handle in at open and out at release; write-back reads the
 //! counts (an unlinked inode keeps its row and local copy while open, a file open for writing
-//! is left to its writer's close or fsync) and so will eviction (an open file is never
-//! evicted). The counts live here, below both, so neither has to call back up into the core.
+//! is left to its writer's close or fsync), and so do the refresh (an open file keeps the
+//! version it opened) and eviction (an open file is never evicted). The counts live here,
+//! below all of them, so none has to call back up into the core; one `Arc<Pins>` is shared.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -1,0 +1,78 @@
+//! Local copies: the files of inodes being written, `local/<ino>` on the cache disk.
+//!
+//! Once an inode has a local copy (the index says so), that copy *is* its data until it is
+//! uploaded and beyond: reads and writes go to it, write-back uploads from it. It is never
+//! evicted and is removed only with its inode. A hydrated clean copy is moved into place, not
+//! copied, so read handles opened before the first write (and a kernel reading the clean copy
+//! in passthrough) see the writes too, as on a local disk.
+//!
+//! A marker beside a copy (`<ino>.in-place`) says writers may be writing it in place, past the
+//! journal (`fs::in_place`): a crash leaves it for mount-time recovery to find.
+//!
+//! This sits above the clean cache (`cache`), which it asks for a whole clean copy to take
+//! over; nothing below calls up into it.
+
+use crate::blob::BlobRef;
+use crate::cache::{Cache, CacheError};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct LocalCopies {
+    dir: PathBuf,
+    cache: Arc<Cache>,
+}
+
+impl LocalCopies {
+    /// Local copies in `dir` (created 0700), taking clean copies over from `cache`.
+    pub fn new(dir: &Path, cache: Arc<Cache>) -> std::io::Result<LocalCopies> {
+        crate::cache::private_dir(dir)?;
+        Ok(LocalCopies {
+            dir: dir.to_path_buf(),
+            cache,
+        })
+    }
+
+    /// The local copy of inode `ino`.
+    pub fn path(&self, ino: u64) -> PathBuf {
+        self.dir.join(ino.to_string())
+    }
+
+    /// Where a marker says that writers may be writing `ino`'s local copy in place, past
+    /// the journal (`fs::in_place`): a crash leaves it for recovery to find.
+    pub fn in_place_marker(&self, ino: u64) -> PathBuf {
+        self.dir.join(format!("{ino}.in-place"))
+    }
+
+    /// Opens the local copy of `ino`, read-write when `write`.
+    pub fn open(&self, ino: u64, write: bool) -> Result<File, CacheError> {
+        Ok(OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(self.path(ino))?)
+    }
+
+    /// Gives `ino` a local copy: the hydrated blob moved into place, or an empty file when
+    /// there is no blob or its content is about to be discarded (`empty`).
+    pub fn make(&self, ino: u64, blob: Option<&BlobRef>, empty: bool) -> Result<(), CacheError> {
+        let dest = self.path(ino);
+        match blob {
+            Some(b) if !empty => self.cache.take_whole(ino, b, &dest),
+            _ => {
+                OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&dest)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes the local copy of a deleted inode.
+    pub fn remove(&self, ino: u64) {
+        let _ = std::fs::remove_file(self.path(ino));
+    }
+}
