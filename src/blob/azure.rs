@@ -194,12 +194,10 @@ fn map_err(what: &str, e: azure_core::Error) -> BlobError {
             BlobError::ContainerNotFound(msg)
         }
         Some(StatusCode::NotFound) => BlobError::NotFound(msg),
-        Some(StatusCode::PreconditionFailed) => BlobError::PreconditionFailed(msg),
+        Some(StatusCode::PreconditionFailed) => BlobError::Changed(msg),
         // A conditional create (If-None-Match: *) of a name that exists is answered 409, not
         // 412: the same failed precondition.
-        Some(StatusCode::Conflict) if code == "BlobAlreadyExists" => {
-            BlobError::PreconditionFailed(msg)
-        }
+        Some(StatusCode::Conflict) if code == "BlobAlreadyExists" => BlobError::Changed(msg),
         Some(StatusCode::Unauthorized | StatusCode::Forbidden) => BlobError::Auth(msg),
         Some(_) => BlobError::Service(msg),
         None => match e.kind() {

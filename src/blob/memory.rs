@@ -76,9 +76,7 @@ impl MemoryStore {
         if ok {
             Ok(())
         } else {
-            Err(BlobError::PreconditionFailed(format!(
-                "{name}: expected {expect:?}"
-            )))
+            Err(BlobError::Changed(format!("{name}: expected {expect:?}")))
         }
     }
 
@@ -173,7 +171,7 @@ impl BlobStore for MemoryStore {
             .get(name)
             .ok_or_else(|| BlobError::NotFound(name.to_string()))?;
         if s.props.etag != etag {
-            return Err(BlobError::PreconditionFailed(name.to_string()));
+            return Err(BlobError::Changed(name.to_string()));
         }
         let end = range.end.min(s.data.len() as u64) as usize;
         let start = (range.start as usize).min(end);
@@ -253,7 +251,7 @@ impl BlobStore for MemoryStore {
         let mut blobs = self.blobs.write().unwrap();
         match blobs.get(name) {
             None => Err(BlobError::NotFound(name.to_string())),
-            Some(s) if s.props.etag != etag => Err(BlobError::PreconditionFailed(name.into())),
+            Some(s) if s.props.etag != etag => Err(BlobError::Changed(name.into())),
             Some(_) => {
                 blobs.remove(name);
                 Ok(())

@@ -10,7 +10,7 @@
 //! `test-util` feature that the crate's own tests and benches turn on). Keeping the trait this small is what lets
 //! the filesystem core be tested without a network.
 //!
-//! Errors carry their meaning (`NotFound`, `PreconditionFailed`, `Auth`, ...) rather than HTTP
+//! Errors carry their meaning (`NotFound`, `Changed`, `Auth`, ...) rather than HTTP
 //! codes so callers can map them to errnos without knowing which store produced them.
 
 pub mod auth;
@@ -78,8 +78,10 @@ pub enum BlobError {
     NotFound(String),
     #[error("the container does not exist: {0}")]
     ContainerNotFound(String),
+    /// The one way "the blob is not the version expected" (HTTP 412) is told, from every
+    /// layer: match it by type (`is_changed` on the errors that wrap it), never by errno.
     #[error("the blob changed since it was indexed (ETag mismatch): {0}")]
-    PreconditionFailed(String),
+    Changed(String),
     #[error("authentication failed: {0}")]
     Auth(String),
     #[error("the storage service cannot be reached: {0}")]
@@ -90,13 +92,20 @@ pub enum BlobError {
     Invalid(String),
 }
 
+impl BlobError {
+    /// The blob is not the version the request expected.
+    pub fn is_changed(&self) -> bool {
+        matches!(self, BlobError::Changed(_))
+    }
+}
+
 pub type BlobResult<T> = Result<T, BlobError>;
 
 /// Blob metadata as simfs writes it (lower-case keys).
 pub type Metadata = BTreeMap<String, String>;
 
 /// What a write expects to find at its target name; the service refuses the write with
-/// `PreconditionFailed` otherwise.
+/// `Changed` otherwise.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expect {
     /// No blob at the name (a new file).
@@ -115,7 +124,7 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Properties and metadata of one blob.
     async fn head(&self, name: &str) -> BlobResult<BlobProps>;
 
-    /// Bytes `range` of blob `name`, failing with `PreconditionFailed` when its ETag is no
+    /// Bytes `range` of blob `name`, failing with `Changed` when its ETag is no
     /// longer `etag`.
     async fn get_range(&self, name: &str, range: Range<u64>, etag: &str) -> BlobResult<Bytes>;
 

@@ -40,6 +40,13 @@ pub enum UploadError {
     Local(#[from] std::io::Error),
 }
 
+impl UploadError {
+    /// The blob is not the version the upload expected.
+    pub fn is_changed(&self) -> bool {
+        matches!(self, UploadError::Blob(e) if e.is_changed())
+    }
+}
+
 fn read_range(file: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, offset)?;
@@ -126,7 +133,7 @@ mod tests {
         ));
         assert!(matches!(
             again,
-            Err(UploadError::Blob(BlobError::PreconditionFailed(_)))
+            Err(UploadError::Blob(BlobError::Changed(_)))
         ));
     }
 }

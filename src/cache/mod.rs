@@ -51,6 +51,13 @@ pub enum CacheError {
     DiskFull,
 }
 
+impl CacheError {
+    /// The blob is not the version the cache was asked for.
+    pub fn is_changed(&self) -> bool {
+        matches!(self, CacheError::Blob(e) if e.is_changed())
+    }
+}
+
 impl From<std::io::Error> for CacheError {
     fn from(e: std::io::Error) -> Self {
         CacheError::Io(Arc::new(e))

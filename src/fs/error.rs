@@ -87,7 +87,7 @@ fn blob_errno(e: &BlobError) -> i32 {
     match e {
         BlobError::NotFound(_) | BlobError::ContainerNotFound(_) => libc::ENOENT,
         // The blob changed under an open: the kernel's view of the file is stale.
-        BlobError::PreconditionFailed(_) => libc::ESTALE,
+        BlobError::Changed(_) => libc::ESTALE,
         BlobError::Auth(_) => libc::EACCES,
         BlobError::Unreachable(_) | BlobError::Service(_) | BlobError::Invalid(_) => libc::EIO,
     }
@@ -115,6 +115,11 @@ fn writeback_errno(e: &WritebackError) -> i32 {
 }
 
 impl FsError {
+    /// The blob is not the version the index knew (another writer replaced it).
+    pub fn is_changed(&self) -> bool {
+        matches!(self, FsError::Cache(c) if c.is_changed())
+    }
+
     pub fn errno(&self) -> i32 {
         match self {
             FsError::NotFound => libc::ENOENT,

@@ -121,7 +121,7 @@ impl SimFs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let h = self.file_handle(fh)?;
         match self.read_from(&h, offset, size) {
-            Err(e) if e.errno() == libc::ESTALE => {
+            Err(e) if e.is_changed() => {
                 // The blob changed since it was indexed. A handle that has shown nothing yet
                 // may as well have been opened after the change: it moves to the new version.
                 if !self.blob_changed(h.ino) || h.served.load(Ordering::Relaxed) {

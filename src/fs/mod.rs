@@ -293,9 +293,7 @@ impl SimFs {
                 .is_some_and(|b| self.is_open(ino) && self.cache.is_hydrated(b));
         if let (Some(b), false) = (&blob, empty) {
             match self.cache.hydrate(ino, b) {
-                Err(crate::cache::CacheError::Blob(
-                    crate::blob::BlobError::PreconditionFailed(_),
-                )) if self.blob_changed(ino) => {
+                Err(e) if e.is_changed() && self.blob_changed(ino) => {
                     // Rewritten elsewhere since it was indexed: start from the new version.
                     blob = self.index.blob_of(ino)?;
                     if let Some(b) = &blob {

@@ -138,7 +138,7 @@ pub async fn publish(
             index_bytes,
             snapshot_bytes,
         }),
-        Err(UploadError::Blob(BlobError::PreconditionFailed(_))) => Err(SnapshotError::Raced(name)),
+        Err(e) if e.is_changed() => Err(SnapshotError::Raced(name)),
         Err(e) => Err(e.into()),
     }
 }

@@ -18,7 +18,7 @@ use std::time::SystemTime;
 fn quiet_delete(r: Result<(), BlobError>) -> Result<(), BlobError> {
     match r {
         // Gone already, or replaced by a version that is not ours to delete.
-        Ok(()) | Err(BlobError::NotFound(_)) | Err(BlobError::PreconditionFailed(_)) => Ok(()),
+        Ok(()) | Err(BlobError::NotFound(_)) | Err(BlobError::Changed(_)) => Ok(()),
         Err(e) => Err(e),
     }
 }

@@ -16,22 +16,13 @@
 
 use super::{WbResult, Writeback, WritebackError};
 use crate::blob::format::{blob_name_for, render, Role, KEY_PATH, KEY_WRITER};
-use crate::blob::upload::{upload_file, UploadError};
+use crate::blob::upload::upload_file;
 use crate::blob::{BlobError, Expect, Metadata};
 use crate::index::journal::PendingInode;
 use crate::index::ROOT_INO;
 use crate::posix::Kind;
 use bytes::Bytes;
 use std::time::SystemTime;
-
-/// The service refused a write because the name holds another version than expected.
-fn is_precondition(e: &WritebackError) -> bool {
-    matches!(
-        e,
-        WritebackError::Blob(BlobError::PreconditionFailed(_))
-            | WritebackError::Upload(UploadError::Blob(BlobError::PreconditionFailed(_)))
-    )
-}
 
 /// What one upload works with.
 struct Ctx<'a> {
@@ -78,7 +69,7 @@ impl Writeback {
         Fut: std::future::Future<Output = WbResult<String>>,
     {
         match write(expect).await {
-            Err(e) if is_precondition(&e) => match self.store.head(name).await {
+            Err(e) if e.is_changed() => match self.store.head(name).await {
                 Ok(p) if p.metadata.get(KEY_WRITER) == Some(&self.writer) => {
                     tracing::info!("{name}: found this mount's own earlier write; continuing");
                     write(Expect::Etag(p.etag)).await
@@ -174,7 +165,7 @@ impl Writeback {
     ) -> WbResult<String> {
         let expect = self.make_room(cx, ino, name).await?;
         match self.store.put(name, body.clone(), meta, &expect).await {
-            Err(BlobError::PreconditionFailed(_)) => {
+            Err(BlobError::Changed(_)) => {
                 let expect = match self.store.head(name).await {
                     Ok(p) => Expect::Etag(p.etag),
                     Err(BlobError::NotFound(_)) => Expect::Absent,
@@ -240,7 +231,7 @@ impl Writeback {
         };
         let etag = match result {
             Ok(e) => e,
-            Err(e) if is_precondition(&e) => {
+            Err(e) if e.is_changed() => {
                 if !(v.dirty || v.local) {
                     // Only attributes changed here, and the data changed there: theirs wins
                     // and the attribute change is dropped rather than retried forever.

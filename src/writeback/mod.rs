@@ -60,6 +60,17 @@ pub enum WritebackError {
     Failing(u64),
 }
 
+impl WritebackError {
+    /// The service refused a write because the name holds another version than expected.
+    pub fn is_changed(&self) -> bool {
+        match self {
+            WritebackError::Blob(e) => e.is_changed(),
+            WritebackError::Upload(e) => e.is_changed(),
+            _ => false,
+        }
+    }
+}
+
 pub type WbResult<T> = Result<T, WritebackError>;
 
 #[derive(Clone, Debug)]
