@@ -65,7 +65,12 @@ fn refusal_errno(r: Refusal) -> i32 {
 fn name_errno(e: &NameError) -> i32 {
     match e {
         NameError::TooLong => libc::ENAMETOOLONG,
-        NameError::Empty | NameError::Dot | NameError::BadByte => libc::EINVAL,
+        NameError::Empty
+        | NameError::Dot
+        | NameError::BadByte
+        | NameError::NotUtf8
+        | NameError::Backslash
+        | NameError::Reserved => libc::EINVAL,
     }
 }
 

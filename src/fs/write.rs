@@ -30,30 +30,9 @@ pub struct Caller {
     pub gid: u32,
 }
 
-/// Blob names are UTF-8, and the Blob service reads `\` in a name as `/`: a name that is
-/// not UTF-8 or holds a backslash cannot be stored as itself, so it is refused (EINVAL)
-/// rather than stored under another path.
-/// `.simfs` at the root holds index snapshots, which every mount hides: a file made there
-/// would vanish, so the name is refused (EINVAL).
+/// The name of a new entry in `parent` (the rules are `Name::for_new_entry`'s).
 fn new_name(parent: u64, name: &OsStr) -> FsResult<Name> {
-    let n = Name::from_os(name)?;
-    let reserved = crate::index::snapshot::RESERVED.trim_end_matches('/');
-    if parent == crate::index::ROOT_INO && n.as_bytes() == reserved.as_bytes() {
-        return Err(FsError::Invalid(
-            "'.simfs' at the mount's root is reserved for simfs's index snapshots",
-        ));
-    }
-    if std::str::from_utf8(n.as_bytes()).is_err() {
-        return Err(FsError::Invalid(
-            "names must be UTF-8 to be stored as blob names",
-        ));
-    }
-    if n.as_bytes().contains(&b'\\') {
-        return Err(FsError::Invalid(
-            "names may not hold a backslash: the Blob service turns it into '/'",
-        ));
-    }
-    Ok(n)
+    Ok(Name::for_new_entry(parent == crate::index::ROOT_INO, name)?)
 }
 
 impl SimFs {

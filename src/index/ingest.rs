@@ -155,7 +155,7 @@ fn add_page(
         let Some(rel) = props.name.strip_prefix(prefix) else {
             continue;
         };
-        if super::snapshot::is_reserved(rel) {
+        if super::names::is_reserved(rel) {
             builder.hide(&props.name, "reserved for simfs (index snapshots)")?;
             continue;
         }

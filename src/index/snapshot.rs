@@ -23,8 +23,6 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-/// The directory below a mount's prefix that simfs keeps for itself.
-pub const RESERVED: &str = ".simfs/";
 /// Where the snapshot of a prefix's index lives, below that prefix.
 pub const SNAPSHOT: &str = ".simfs/index/snapshot.db.gz";
 
@@ -33,11 +31,6 @@ const KEY_PREFIX: &str = "simfs_index_prefix";
 const KEY_ENTRIES: &str = "simfs_index_entries";
 /// Bytes per ranged GET when downloading a snapshot.
 const CHUNK: u64 = 16 << 20;
-
-/// Whether `rel` (a blob name relative to the mount's prefix) is simfs's own.
-pub fn is_reserved(rel: &str) -> bool {
-    rel.starts_with(RESERVED)
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
