@@ -1,29 +1,26 @@
 //! The control socket: how `simfs stage` and `simfs refresh` talk to a serving mount.
 //!
 //! A serving daemon listens on `STATE_DIR/control.sock`. The state directory is 0700, so only
-//! the user who mounted (and root) can connect. A client sends one JSON request line and
-//! reads JSON event lines until the daemon closes the connection:
+//! the user who mounted (and root) can connect. A client sends one `protocol::Request` line
+//! and reads `protocol::Event` lines until the daemon closes the connection:
 //!
-//! - `{"op":"stage","paths":[...],"jobs":N,"force":false}`: a `plan` event (files, bytes,
-//!   cached bytes, room), then `refused` (the plan does not fit and was not forced) or one
-//!   `file` event per file staged and a closing `done`;
-//! - `{"op":"evict","paths":[...]}`: one `done` event with the files and bytes dropped;
-//! - `{"op":"refresh","path":"a/b"}`: lists that subtree (all of the container for `""`)
-//!   and applies what changed; one `done` event with the counts once the change is visible.
+//! - `Stage`: a `Plan`, then `Refused` (the plan does not fit and was not forced) or one
+//!   `File` per file staged and a closing `Staged`;
+//! - `Evict`: one `Evicted` with the files and bytes dropped;
+//! - `Refresh`: lists that subtree (all of the container for `""`) and applies what
+//!   changed; one `Refreshed` with the report once the change is visible.
 //!
-//! Any failure is an `error` event. Paths are relative to the mount's root. A client that
+//! Any failure is an `Error` event. Paths are relative to the mount's root. A client that
 //! goes away cancels its staging: the next event cannot be written and the workers stop.
 
 use crate::fs::stage::StageItem;
 use crate::fs::SimFs;
-use serde_json::{json, Value};
+use crate::protocol::{Event, Request, StagePlan, SOCKET};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-
-pub const SOCKET: &str = "control.sock";
 
 /// The most staging workers one request may run.
 pub const MAX_JOBS: usize = 64;
@@ -60,55 +57,33 @@ pub fn serve(fs: &SimFs, conn: UnixStream) {
     if BufReader::new(conn).read_line(&mut line).is_err() {
         return;
     }
-    let mut send = |v: Value| writeln!(out, "{v}").is_ok();
-    let req: Value = match serde_json::from_str(&line) {
-        Ok(v) => v,
+    let mut send = |e: Event| match serde_json::to_string(&e) {
+        Ok(l) => writeln!(out, "{l}").is_ok(),
+        Err(_) => false,
+    };
+    let error = |message: String| Event::Error { message };
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
         Err(e) => {
-            send(json!({"event": "error", "message": format!("bad request: {e}")}));
+            send(error(format!("bad request: {e}")));
             return;
         }
     };
-    let paths: Vec<String> = req["paths"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    match req["op"].as_str() {
-        Some("stage") => {
-            let jobs = req["jobs"].as_u64().unwrap_or(8).clamp(1, MAX_JOBS as u64) as usize;
-            let force = req["force"].as_bool().unwrap_or(false);
-            stage(fs, &paths, jobs, force, &mut send);
+    match req {
+        Request::Stage { paths, jobs, force } => {
+            stage(fs, &paths, jobs.clamp(1, MAX_JOBS), force, &mut send);
         }
-        Some("evict") => match fs.evict_tree(&paths) {
-            Ok((files, bytes)) => {
-                send(json!({"event": "done", "files": files, "bytes": bytes}));
-            }
-            Err(e) => {
-                send(json!({"event": "error", "message": e.to_string()}));
-            }
-        },
-        Some("refresh") => {
-            let path = req["path"].as_str().unwrap_or("");
-            match fs.refresher().refresh_path(path) {
-                Ok(r) => send(json!({
-                    "event": "done",
-                    "scope": r.scope,
-                    "added": r.added,
-                    "changed": r.changed,
-                    "removed": r.removed,
-                    "kept_local": r.kept_local,
-                    "listed": r.listed,
-                    "list_requests": r.list_requests,
-                    "took_ms": r.took.as_millis() as u64,
-                })),
-                Err(e) => send(json!({"event": "error", "message": e.to_string()})),
-            };
+        Request::Evict { paths } => {
+            send(match fs.evict_tree(&paths) {
+                Ok((files, bytes)) => Event::Evicted { files, bytes },
+                Err(e) => error(e.to_string()),
+            });
         }
-        other => {
-            send(json!({"event": "error", "message": format!("unknown op {other:?}")}));
+        Request::Refresh { path } => {
+            send(match fs.refresher().refresh_path(&path) {
+                Ok(r) => Event::Refreshed(r),
+                Err(e) => error(e.to_string()),
+            });
         }
     }
 }
@@ -118,12 +93,14 @@ fn stage(
     paths: &[String],
     jobs: usize,
     force: bool,
-    send: &mut impl FnMut(Value) -> bool,
+    send: &mut impl FnMut(Event) -> bool,
 ) {
     let plan = match fs.stage_plan(paths) {
         Ok(p) => p,
         Err(e) => {
-            send(json!({"event": "error", "message": e.to_string()}));
+            send(Event::Error {
+                message: e.to_string(),
+            });
             return;
         }
     };
@@ -134,36 +111,35 @@ fn stage(
     } else {
         (Vec::new(), Vec::new())
     };
-    let planned = json!({
-        "event": "plan",
-        "files": plan.items.len(),
-        "bytes": plan.bytes,
-        "cached_bytes": plan.cached_bytes,
-        "room": plan.room,
-        "staging_files": todo.len(),
-        "staging_bytes": todo.iter().map(|i| i.size).sum::<u64>(),
+    let planned = Event::Plan(StagePlan {
+        files: plan.items.len() as u64,
+        bytes: plan.bytes,
+        cached_bytes: plan.cached_bytes,
+        room: plan.room,
+        staging_files: todo.len() as u64,
+        staging_bytes: todo.iter().map(|i| i.size).sum::<u64>(),
     });
     if !send(planned) {
         return;
     }
     if !plan.fits() && !force {
-        send(json!({
-            "event": "refused",
-            "message": format!(
+        send(Event::Refused {
+            message: format!(
                 "{} files of {} bytes do not fit in the cache's {} bytes",
-                plan.items.len(), plan.bytes, plan.room
+                plan.items.len(),
+                plan.bytes,
+                plan.room
             ),
-        }));
+        });
         return;
     }
-    let (ok, failed) = run_jobs(fs, &todo, jobs, send);
-    send(json!({
-        "event": "done",
-        "files": ok,
-        "failed": failed,
-        "skipped": skipped.len(),
-        "skipped_bytes": skipped.iter().map(|i| i.size).sum::<u64>(),
-    }));
+    let (files, failed) = run_jobs(fs, &todo, jobs, send);
+    send(Event::Staged {
+        files,
+        failed,
+        skipped: skipped.len() as u64,
+        skipped_bytes: skipped.iter().map(|i| i.size).sum::<u64>(),
+    });
 }
 
 /// Stages `items` with `jobs` workers, sending a `file` event for each; stops early when an
@@ -172,7 +148,7 @@ fn run_jobs(
     fs: &SimFs,
     items: &[StageItem],
     jobs: usize,
-    send: &mut impl FnMut(Value) -> bool,
+    send: &mut impl FnMut(Event) -> bool,
 ) -> (u64, u64) {
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -196,15 +172,15 @@ fn run_jobs(
         drop(tx);
         for (i, r) in rx {
             let item = &items[i];
-            let ev = match &r {
-                Ok(()) => {
-                    ok += 1;
-                    json!({"event": "file", "path": item.path, "bytes": item.size, "cached": item.cached})
-                }
-                Err(e) => {
-                    failed += 1;
-                    json!({"event": "file", "path": item.path, "bytes": item.size, "error": e})
-                }
+            match r {
+                Ok(()) => ok += 1,
+                Err(_) => failed += 1,
+            }
+            let ev = Event::File {
+                path: item.path.clone(),
+                bytes: item.size,
+                cached: item.cached,
+                error: r.err(),
             };
             if !send(ev) {
                 stop.store(true, Ordering::Relaxed);

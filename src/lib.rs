@@ -36,5 +36,6 @@ pub mod mount;
 pub mod pins;
 pub mod posix;
 pub mod prime;
+pub mod protocol;
 pub mod refresh;
 pub mod writeback;

@@ -47,12 +47,15 @@ pub enum RefreshError {
     Busy,
 }
 
-/// What one refresh did.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What one refresh did (recorded in the index for `simfs status`, and sent to `simfs
+/// refresh`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     /// The listed prefix, relative to the mount's root ("" for all of it).
     pub scope: String,
+    #[serde(rename = "started_unix_ms", with = "crate::protocol::unix_ms")]
     pub started: SystemTime,
+    #[serde(rename = "took_ms", with = "crate::protocol::millis")]
     pub took: Duration,
     pub list_requests: u64,
     /// Entries the listing produced.
@@ -66,41 +69,6 @@ pub struct Report {
 impl Report {
     pub fn changed_anything(&self) -> bool {
         self.added + self.changed + self.removed > 0
-    }
-
-    pub fn to_json(&self) -> String {
-        let at = self
-            .started
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        serde_json::json!({
-            "scope": self.scope,
-            "started_unix_ms": at.as_millis() as u64,
-            "took_ms": self.took.as_millis() as u64,
-            "list_requests": self.list_requests,
-            "listed": self.listed,
-            "added": self.added,
-            "changed": self.changed,
-            "removed": self.removed,
-            "kept_local": self.kept_local,
-        })
-        .to_string()
-    }
-
-    pub fn from_json(s: &str) -> Option<Report> {
-        let v: serde_json::Value = serde_json::from_str(s).ok()?;
-        let n = |k: &str| v.get(k).and_then(|x| x.as_u64());
-        Some(Report {
-            scope: v.get("scope")?.as_str()?.to_string(),
-            started: SystemTime::UNIX_EPOCH + Duration::from_millis(n("started_unix_ms")?),
-            took: Duration::from_millis(n("took_ms")?),
-            list_requests: n("list_requests")?,
-            listed: n("listed")?,
-            added: n("added")?,
-            changed: n("changed")?,
-            removed: n("removed")?,
-            kept_local: n("kept_local")?,
-        })
     }
 
     /// One line for logs and `simfs status`.
@@ -277,7 +245,10 @@ impl Refresher {
             removed: applied.removed,
             kept_local: applied.kept_local,
         };
-        if let Err(e) = self.index.set_meta(LAST_REFRESH, &report.to_json()) {
+        if let Err(e) = self.index.set_meta(
+            LAST_REFRESH,
+            &serde_json::to_string(&report).unwrap_or_default(),
+        ) {
             tracing::warn!("cannot record the refresh in the index: {e}");
         }
         Ok(report)

@@ -160,7 +160,7 @@ pub fn read_full(file: &File, buf: &mut [u8], off: u64) -> Result<usize, CacheEr
 }
 
 /// What `simfs status` shows of the cache.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
     pub capacity: Option<u64>,
     /// Allocated bytes of clean cached files.

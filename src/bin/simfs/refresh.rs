@@ -4,7 +4,7 @@
 //! the control socket, and prints what changed once the change is visible. PATH need not
 //! exist on the mount: refreshing where a new file is expected is how it appears.
 
-use serde_json::json;
+use simfs::protocol::{request, Event, Request};
 use std::path::{Component, Path};
 use std::process::ExitCode;
 
@@ -53,28 +53,21 @@ pub fn refresh(mountpoint: &Path, path: Option<&Path>) -> ExitCode {
             .copied()
             .collect::<Vec<_>>()
             .join("/");
-        let events = crate::stage::request(&state_dir, &json!({"op": "refresh", "path": full}))?;
-        for e in events {
-            match e["event"].as_str() {
-                Some("done") => {
-                    let n = |k: &str| e[k].as_u64().unwrap_or(0);
+        for e in request(&state_dir, &Request::Refresh { path: full.clone() })? {
+            match e? {
+                Event::Refreshed(r) => {
                     return Ok(format!(
                         "refreshed /{full}: {} added, {} changed, {} removed, {} kept (local changes not yet uploaded); {} entries listed with {} requests in {:.2} s",
-                        n("added"),
-                        n("changed"),
-                        n("removed"),
-                        n("kept_local"),
-                        n("listed"),
-                        n("list_requests"),
-                        n("took_ms") as f64 / 1000.0
+                        r.added,
+                        r.changed,
+                        r.removed,
+                        r.kept_local,
+                        r.listed,
+                        r.list_requests,
+                        r.took.as_secs_f64()
                     ));
                 }
-                Some("error") => {
-                    return Err(e["message"]
-                        .as_str()
-                        .unwrap_or("refresh failed")
-                        .to_string())
-                }
+                Event::Error { message } => return Err(message),
                 _ => {}
             }
         }

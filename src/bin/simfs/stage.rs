@@ -8,9 +8,8 @@
 //! non-zero when any did, or when the plan does not fit in the cache and `--force` was not
 //! given.
 
-use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::os::unix::net::UnixStream;
+use simfs::protocol::{request, Event, Request};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -39,20 +38,6 @@ pub(crate) fn mount_of(path: &Path) -> Result<(PathBuf, String), String> {
     Ok((state_dir, rel))
 }
 
-pub(crate) fn request(
-    state_dir: &Path,
-    req: &Value,
-) -> Result<impl Iterator<Item = Value>, String> {
-    let sock = state_dir.join(simfs::control::SOCKET);
-    let mut conn = UnixStream::connect(&sock)
-        .map_err(|e| format!("cannot reach the mount's daemon at {}: {e}", sock.display()))?;
-    writeln!(conn, "{req}").map_err(|e| format!("{}: {e}", sock.display()))?;
-    Ok(BufReader::new(conn)
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str::<Value>(&l).ok()))
-}
-
 fn gib(b: u64) -> String {
     format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
 }
@@ -79,8 +64,15 @@ pub fn stage(paths: &[PathBuf], jobs: usize, force: bool, evict: bool) -> ExitCo
     let Some(state) = state else {
         return ExitCode::from(2);
     };
-    let op = if evict { "evict" } else { "stage" };
-    let req = json!({"op": op, "paths": rels, "jobs": jobs, "force": force});
+    let req = if evict {
+        Request::Evict { paths: rels }
+    } else {
+        Request::Stage {
+            paths: rels,
+            jobs,
+            force,
+        }
+    };
     let events = match request(&state, &req) {
         Ok(e) => e,
         Err(e) => {
@@ -94,25 +86,18 @@ pub fn stage(paths: &[PathBuf], jobs: usize, force: bool, evict: bool) -> ExitCo
     stage_report(events)
 }
 
-fn evict_report(events: impl Iterator<Item = Value>) -> ExitCode {
+fn evict_report(events: impl Iterator<Item = Result<Event, String>>) -> ExitCode {
     for ev in events {
-        match ev["event"].as_str() {
-            Some("done") => {
-                let (files, bytes) = (
-                    ev["files"].as_u64().unwrap_or(0),
-                    ev["bytes"].as_u64().unwrap_or(0),
-                );
+        match ev {
+            Ok(Event::Evicted { files, bytes }) => {
                 println!("dropped {files} files ({}) from the cache", gib(bytes));
                 return ExitCode::SUCCESS;
             }
-            Some("error") => {
-                eprintln!(
-                    "simfs stage --evict: {}",
-                    ev["message"].as_str().unwrap_or("failed")
-                );
+            Ok(Event::Error { message }) | Err(message) => {
+                eprintln!("simfs stage --evict: {message}");
                 return ExitCode::FAILURE;
             }
-            _ => {}
+            Ok(_) => {}
         }
     }
     eprintln!("simfs stage --evict: the daemon closed the connection");
@@ -186,59 +171,64 @@ impl Progress {
     }
 }
 
-fn stage_report(events: impl Iterator<Item = Value>) -> ExitCode {
+fn stage_report(events: impl Iterator<Item = Result<Event, String>>) -> ExitCode {
     let mut progress: Option<Progress> = None;
     let mut failures = Vec::new();
     let mut already = 0u64;
     for ev in events {
-        let num = |k: &str| ev[k].as_u64().unwrap_or(0);
-        match ev["event"].as_str() {
-            Some("plan") => {
+        match ev {
+            Ok(Event::Plan(plan)) => {
                 println!(
                     "{} files, {} ({} cached already); the cache holds {}",
-                    num("files"),
-                    gib(num("bytes")),
-                    gib(num("cached_bytes")),
-                    gib(num("room"))
+                    plan.files,
+                    gib(plan.bytes),
+                    gib(plan.cached_bytes),
+                    gib(plan.room)
                 );
-                progress = Some(Progress::new(num("staging_files"), num("staging_bytes")));
+                progress = Some(Progress::new(plan.staging_files, plan.staging_bytes));
             }
-            Some("refused") => {
+            Ok(Event::Refused { message }) => {
                 eprintln!(
-                    "simfs stage: refused: {}; stage a smaller tree, give the cache more room (--cache-size), or --force to stage what fits",
-                    ev["message"].as_str().unwrap_or("")
+                    "simfs stage: refused: {message}; stage a smaller tree, give the cache more room (--cache-size), or --force to stage what fits"
                 );
                 return ExitCode::FAILURE;
             }
-            Some("file") => {
-                if let Some(e) = ev["error"].as_str() {
-                    failures.push(format!("{}: {e}", ev["path"].as_str().unwrap_or("?")));
-                }
-                if ev["cached"].as_bool() == Some(true) {
-                    already += 1;
+            Ok(Event::File {
+                path,
+                bytes,
+                cached,
+                error,
+            }) => {
+                match error {
+                    Some(e) => failures.push(format!("{path}: {e}")),
+                    None if cached => already += 1,
+                    None => {}
                 }
                 if let Some(p) = &mut progress {
-                    p.advance(num("bytes"));
+                    p.advance(bytes);
                 }
             }
-            Some("done") => {
+            Ok(Event::Staged {
+                files,
+                skipped,
+                skipped_bytes,
+                ..
+            }) => {
                 let took = progress
                     .as_ref()
                     .map_or(0.0, |p| p.start.elapsed().as_secs_f64());
                 if let Some(p) = &progress {
                     p.finish();
                     println!(
-                        "staged {} files ({}) in {took:.1}s, {:.1} MiB/s; {already} were cached already",
-                        num("files"),
+                        "staged {files} files ({}) in {took:.1}s, {:.1} MiB/s; {already} were cached already",
                         gib(p.bytes),
                         p.rate() / (1 << 20) as f64
                     );
                 }
-                if num("skipped") > 0 {
+                if skipped > 0 {
                     println!(
-                        "skipped {} files ({}) that do not fit (--force)",
-                        num("skipped"),
-                        gib(num("skipped_bytes"))
+                        "skipped {skipped} files ({}) that do not fit (--force)",
+                        gib(skipped_bytes)
                     );
                 }
                 if failures.is_empty() {
@@ -250,17 +240,14 @@ fn stage_report(events: impl Iterator<Item = Value>) -> ExitCode {
                 }
                 return ExitCode::FAILURE;
             }
-            Some("error") => {
+            Ok(Event::Error { message }) | Err(message) => {
                 if let Some(p) = &progress {
                     p.finish();
                 }
-                eprintln!(
-                    "simfs stage: {}",
-                    ev["message"].as_str().unwrap_or("failed")
-                );
+                eprintln!("simfs stage: {message}");
                 return ExitCode::FAILURE;
             }
-            _ => {}
+            Ok(_) => {}
         }
     }
     if let Some(p) = &progress {

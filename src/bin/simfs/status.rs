@@ -7,49 +7,24 @@
 //! and the number of changes waiting to be uploaded (read from the index, which SQLite lets
 //! another process read while the mount writes).
 
+use simfs::cache::CacheStats;
 use simfs::index::Index;
+use simfs::protocol;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-/// The file in the state directory where a serving daemon publishes its cache figures.
-const STATS_FILE: &str = "cache-stats";
-
-/// The cache figures of a serving mount, as `simfs status` shows them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CacheFigures {
-    pub capacity: Option<u64>,
-    pub used: u64,
-    pub hits: u64,
-    pub downloads: u64,
-    pub evictions: u64,
-}
 
 /// Publishes `fs`'s cache figures in `state_dir` for `simfs status` (another process), when
 /// they change, checking every two seconds for as long as the daemon runs.
 pub fn publish_cache_stats(fs: std::sync::Arc<simfs::fs::SimFs>, state_dir: &Path) {
-    let path = state_dir.join(STATS_FILE);
+    let path = state_dir.join(protocol::CACHE_STATS);
     let spawned = std::thread::Builder::new()
         .name("simfs-stats".into())
         .spawn(move || {
             let mut last = None;
             loop {
                 let s = fs.cache().stats();
-                if last.as_ref() != Some(&s) {
-                    let text = format!(
-                        "capacity={}\nused={}\nhits={}\ndownloads={}\nevictions={}\n",
-                        s.capacity.map_or("none".to_string(), |c| c.to_string()),
-                        s.used,
-                        s.hits,
-                        s.downloads,
-                        s.evictions
-                    );
-                    let tmp = path.with_extension("tmp");
-                    if std::fs::write(&tmp, text)
-                        .and_then(|_| std::fs::rename(&tmp, &path))
-                        .is_ok()
-                    {
-                        last = Some(s);
-                    }
+                if last.as_ref() != Some(&s) && protocol::write_file(&path, &s).is_ok() {
+                    last = Some(s);
                 }
                 std::thread::sleep(std::time::Duration::from_secs(2));
             }
@@ -57,24 +32,6 @@ pub fn publish_cache_stats(fs: std::sync::Arc<simfs::fs::SimFs>, state_dir: &Pat
     if let Err(e) = spawned {
         tracing::warn!("cannot publish cache figures: {e}");
     }
-}
-
-/// The value of `key` in `key=value` lines (the registration and stats files).
-fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn read_cache_stats(path: &Path) -> Option<CacheFigures> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let num = |k: &str| field(&text, k).and_then(|v| v.parse::<u64>().ok());
-    Some(CacheFigures {
-        capacity: num("capacity"),
-        used: num("used")?,
-        hits: num("hits")?,
-        downloads: num("downloads")?,
-        evictions: num("evictions")?,
-    })
 }
 
 /// Where serving mounts register.
@@ -108,12 +65,12 @@ pub fn register(
 ) -> std::io::Result<Registration> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join(std::process::id().to_string());
-    let text = format!(
-        "mountpoint={}\nsource={source}\nstate_dir={}\n",
-        mountpoint.display(),
-        state_dir.display()
-    );
-    std::fs::write(&path, text)?;
+    let reg = protocol::Registration {
+        mountpoint: mountpoint.to_path_buf(),
+        source: source.to_string(),
+        state_dir: state_dir.to_path_buf(),
+    };
+    protocol::write_file(&path, &reg)?;
     Ok(Registration(path))
 }
 
@@ -126,7 +83,7 @@ pub struct MountInfo {
     pub index_bytes: u64,
     pub cache_bytes: u64,
     /// The serving daemon's cache figures (None: not published yet).
-    pub cache: Option<CacheFigures>,
+    pub cache: Option<CacheStats>,
     /// Changes not yet uploaded, and how many of those keep failing (None: unreadable).
     pub pending: Option<(u64, usize)>,
     /// The last refresh of the index from the container (None: none since it was built).
@@ -163,11 +120,10 @@ pub fn list(dir: &Path) -> Vec<MountInfo> {
             let _ = std::fs::remove_file(e.path());
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(e.path()) else {
+        let Some(reg) = protocol::read_file::<protocol::Registration>(&e.path()) else {
             continue;
         };
-        let field = |k: &str| field(&text, k).unwrap_or_default().to_string();
-        let state_dir = PathBuf::from(field("state_dir"));
+        let state_dir = reg.state_dir;
         let db = state_dir.join("index.db");
         let index_bytes = ["index.db", "index.db-wal"]
             .iter()
@@ -180,13 +136,13 @@ pub fn list(dir: &Path) -> Vec<MountInfo> {
         let last_refresh = index
             .as_ref()
             .and_then(|i| i.meta(simfs::refresh::LAST_REFRESH).ok().flatten())
-            .and_then(|j| simfs::refresh::Report::from_json(&j));
+            .and_then(|j| serde_json::from_str(&j).ok());
         out.push(MountInfo {
             pid,
-            mountpoint: PathBuf::from(field("mountpoint")),
-            source: field("source"),
+            mountpoint: reg.mountpoint,
+            source: reg.source,
             cache_bytes: tree_size(&state_dir.join("cache")),
-            cache: read_cache_stats(&state_dir.join(STATS_FILE)),
+            cache: protocol::read_cache_stats(&state_dir),
             state_dir,
             index_bytes,
             pending,
@@ -270,11 +226,15 @@ mod tests {
         assert!(l[0].cache_bytes >= 8192);
         assert_eq!(l[0].pending, None, "no index there");
         assert_eq!(l[0].cache, None, "nothing published yet");
-        std::fs::write(
-            state.path().join(STATS_FILE),
-            "capacity=1000\nused=500\nhits=3\ndownloads=1\nevictions=2\n",
-        )
-        .unwrap();
+        let published = CacheStats {
+            capacity: Some(1000),
+            used: 500,
+            hits: 3,
+            downloads: 1,
+            evictions: 2,
+            evicted_bytes: 0,
+        };
+        protocol::write_file(&state.path().join(protocol::CACHE_STATS), &published).unwrap();
         let c = list(run.path())[0].cache.clone().unwrap();
         assert_eq!(
             (c.capacity, c.used, c.hits, c.downloads, c.evictions),
