@@ -12,7 +12,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets
 # The heavier, bounded stage: about 10,000 random operations against the POSIX model with
 # uploads racing them, and fsx with 20,000 operations on a real mount.
-SIMFS_MODEL_CASES=100 SIMFS_MODEL_OPS=200 cargo test --lib model_tests
+SIMFS_MODEL_CASES=100 SIMFS_MODEL_OPS=200 cargo test --test core model_tests
 SIMFS_FSX_OPS=20000 cargo test --test fuse fsx_
 # The Debian package, installed and mounted three ways (needs root: CI runs as root).
 if [ "$(id -u)" = 0 ]; then

@@ -510,7 +510,8 @@ impl Cache {
     }
 
     /// Waits until no fill or prefetch round is under way (fills that fail are not retried).
-    /// For staging and tests: a fill completes in the background after its last read.
+    /// For tests: a fill completes in the background after its last read.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn settle(&self) {
         let mut failed = std::collections::HashSet::new();
         loop {

@@ -11,7 +11,7 @@
 //! It never evicts: a file that does not fit in the room left under the capacity ends the
 //! round, so prefetched data never pushes out data someone read. Demand reads never wait for
 //! it in simfs (they start their own requests, and join a prefetch of the same file instead
-//! of fetching it twice). `cancel_prefetch` stops every round at its next file.
+//! of fetching it twice). `cancel_prefetch` (tests) stops every round at its next file.
 
 use super::{BlobRef, Cache, Content};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -59,6 +59,7 @@ impl Cache {
     }
 
     /// Whether a prefetch round is under way.
+    #[cfg(any(test, feature = "test-util"))]
     pub(super) fn prefetch_running(&self) -> bool {
         !self
             .prefetch
@@ -74,6 +75,7 @@ impl Cache {
     }
 
     /// Stops every prefetch round under way (at its next file).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn cancel_prefetch(&self) {
         self.prefetch.generation.fetch_add(1, Ordering::SeqCst);
     }

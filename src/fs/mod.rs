@@ -218,7 +218,8 @@ impl SimFs {
         Ok(self.live_page(h.read(&self.index, offset)?))
     }
 
-    /// Every entry of an open directory, `.` and `..` first (tests and tools).
+    /// Every entry of an open directory, `.` and `..` first (tests).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn read_dir_all(&self, fh: u64) -> FsResult<Vec<ListedEntry>> {
         let mut out = Vec::new();
         loop {
@@ -379,22 +380,8 @@ impl SimFs {
     }
 
     /// Number of open file and directory handles (tests check nothing leaks).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn open_handles(&self) -> usize {
         self.handles.lock().unwrap().len()
     }
 }
-
-#[cfg(test)]
-mod concurrency_tests;
-#[cfg(test)]
-mod hydration_tests;
-#[cfg(test)]
-mod model_tests;
-#[cfg(test)]
-mod refresh_tests;
-#[cfg(test)]
-mod snapshot_tests;
-#[cfg(test)]
-mod tests;
-#[cfg(test)]
-mod write_tests;

@@ -1,9 +1,9 @@
 //! Reads during hydration and prefetching, on the in-memory and failure-injecting stores.
 //! What is pinned is which requests are made and in what order, never how long they take.
 
-use super::tests::{path, read_all, world_with, world_with_capacity};
-use crate::blob::faulty::FaultyStore;
-use crate::blob::memory::MemoryStore;
+use crate::world::{path, read_all, world_with, world_with_capacity};
+use simfs::blob::faulty::FaultyStore;
+use simfs::blob::memory::MemoryStore;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -257,7 +257,7 @@ fn evicting_a_tree_keeps_open_files() {
 fn an_empty_blob_opens_reads_and_grows_without_waiting_for_a_fill() {
     let mem = MemoryStore::new();
     mem.put("empty", "", &[]);
-    let w = super::write_tests::rw(mem);
+    let w = crate::write_tests::rw(mem);
     assert_eq!(read_all(&w, "empty").unwrap(), b"");
     let a = path(&w, "empty").unwrap();
     // Growing it needs its (empty) old content first: that must not wait forever.
@@ -271,7 +271,7 @@ fn an_empty_blob_opens_reads_and_grows_without_waiting_for_a_fill() {
 fn a_first_write_covering_the_whole_file_fetches_nothing() {
     let mem = MemoryStore::new();
     mem.put("ckpt", vec![1u8; 300_000], &[]);
-    let w = super::write_tests::rw(mem);
+    let w = crate::write_tests::rw(mem);
     let a = path(&w, "ckpt").unwrap();
     let gets = w.store.counters.get.load(Ordering::SeqCst);
     let fh = w.fs.open(a.ino, true, false).unwrap();

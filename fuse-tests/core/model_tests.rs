@@ -8,17 +8,18 @@
 //!
 //! `SIMFS_MODEL_CASES` and `SIMFS_MODEL_OPS` scale it up (CI's heavier stage).
 
-use super::tests::{world_on, World};
-use super::write::Caller;
-use super::*;
-use crate::blob::faulty::FaultyStore;
-use crate::blob::memory::MemoryStore;
-use crate::index::ROOT_INO;
+use crate::world::{world_on, World};
 use proptest::prelude::*;
+use simfs::blob::faulty::FaultyStore;
+use simfs::blob::memory::MemoryStore;
+use simfs::fs::write::Caller;
+use simfs::fs::*;
+use simfs::index::ROOT_INO;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 const ME: Caller = Caller {
@@ -191,7 +192,7 @@ impl Model {
 /// A read-write mount with its background write-back thread.
 struct Mount {
     // Stopped before the world (and its runtime) goes.
-    _background: crate::writeback::Background,
+    _background: simfs::writeback::Background,
     w: World,
 }
 

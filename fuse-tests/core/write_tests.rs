@@ -1,21 +1,23 @@
 //! Unit tests of the write path: every change is checked in the container and, where it
 //! matters, through a "fresh node" (a new index built from the container alone).
 
-use super::tests::{fixture, path, read_all, world_on, World};
-use super::write::Caller;
-use super::*;
-use crate::blob::faulty::FaultyStore;
-use crate::blob::memory::MemoryStore;
-use crate::index::ROOT_INO;
+use crate::world::{fixture, path, read_all, world_on, World};
+use simfs::blob::faulty::FaultyStore;
+use simfs::blob::memory::MemoryStore;
+use simfs::fs::write::Caller;
+use simfs::fs::*;
+use simfs::index::ROOT_INO;
 use std::ffi::OsStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-pub(super) const ME: Caller = Caller {
+pub(crate) const ME: Caller = Caller {
     uid: 1000,
     gid: 1000,
 };
 
-pub(super) fn rw(mem: MemoryStore) -> World {
+pub(crate) fn rw(mem: MemoryStore) -> World {
     let store = Arc::new(FaultyStore::new(mem));
     world_on(
         store,
@@ -27,7 +29,7 @@ pub(super) fn rw(mem: MemoryStore) -> World {
 }
 
 /// A second node with an empty cache over the same container.
-pub(super) fn fresh(w: &World) -> World {
+pub(crate) fn fresh(w: &World) -> World {
     world_on(
         w.store.clone(),
         tempfile::tempdir().unwrap(),
@@ -41,7 +43,7 @@ fn dir_of(w: &World, p: &str) -> u64 {
     path(w, p).unwrap().ino
 }
 
-pub(super) fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> Attr {
+pub(crate) fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> Attr {
     let (a, fh) =
         w.fs.create(dir_of(w, parent), OsStr::new(name), 0o640, ME)
             .unwrap();
@@ -51,7 +53,7 @@ pub(super) fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> At
     a
 }
 
-pub(super) fn drain(w: &World) {
+pub(crate) fn drain(w: &World) {
     assert_eq!(w.wb().drain(true, |_| {}).unwrap(), 0, "everything uploads");
 }
 
@@ -505,7 +507,7 @@ fn a_directory_rename_interrupted_at_every_step_resumes_without_loss_or_duplicat
     }
 }
 
-pub(super) fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+pub(crate) fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
         let dest = to.join(e.file_name());
@@ -614,7 +616,7 @@ fn writing_into_the_middle_of_a_container_file_keeps_the_rest() {
 
 #[test]
 fn the_read_only_mount_refuses_every_change() {
-    let w = super::tests::world_on(
+    let w = crate::world::world_on(
         Arc::new(FaultyStore::new(fixture())),
         tempfile::tempdir().unwrap(),
         "",

@@ -3,13 +3,15 @@
 //! when a change is due and is idle otherwise. Timings are compared with generous factors,
 //! never against fixed budgets.
 
-use super::tests::{path, read_all, world_on, World};
-use super::write::Caller;
-use super::*;
-use crate::blob::faulty::FaultyStore;
-use crate::blob::memory::MemoryStore;
-use crate::index::ROOT_INO;
+use crate::world::{path, read_all, world_on, World};
+use simfs::blob::faulty::FaultyStore;
+use simfs::blob::memory::MemoryStore;
+use simfs::fs::write::Caller;
+use simfs::fs::*;
+use simfs::index::ROOT_INO;
 use std::ffi::OsStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const ME: Caller = Caller {
@@ -256,7 +258,7 @@ fn stats_racing_changes_never_keep_a_row_older_than_a_finished_change() {
             .collect();
         let stopping = StopOnDrop(&stop);
         for perm in 0o601..0o7777 {
-            let c = crate::posix::AttrChanges {
+            let c = simfs::posix::AttrChanges {
                 perm: Some(perm),
                 ..Default::default()
             };

@@ -2,18 +2,18 @@
 //! (same tree, no listing), refuses one it cannot use (and lists instead), and of two
 //! publishers racing exactly one commits.
 
-use super::refresh_tests::{linked_checkpoint, tree};
-use super::tests::{defaults, fixture, path, read_all, world_from, World};
-use super::write_tests::{drain, fresh, rw, write_file, ME};
-use super::*;
-use crate::blob::faulty::FaultyStore;
-use crate::blob::memory::MemoryStore;
-use crate::index::ingest::IngestOptions;
-use crate::index::snapshot::{self, Published, SnapshotError};
-use crate::index::{SourceId, ROOT_INO};
-use crate::mount::MountConfig;
+use crate::refresh_tests::{linked_checkpoint, tree};
+use crate::world::{defaults, fixture, path, read_all, world_from, World};
+use crate::write_tests::{drain, fresh, rw, write_file, ME};
+use simfs::blob::faulty::FaultyStore;
+use simfs::blob::memory::MemoryStore;
+use simfs::index::ingest::IngestOptions;
+use simfs::index::snapshot::{self, Published, SnapshotError};
+use simfs::index::{SourceId, ROOT_INO};
+use simfs::mount::MountConfig;
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 fn source(prefix: &str) -> SourceId {
     SourceId {
@@ -131,7 +131,7 @@ fn of_two_publishers_racing_one_commits_and_the_other_changes_nothing() {
         defaults: defaults(),
     };
     let src = source("");
-    let store: Arc<dyn crate::blob::BlobStore> = writer.store.clone();
+    let store: Arc<dyn simfs::blob::BlobStore> = writer.store.clone();
     let (a, b) = writer._rt.block_on(async {
         tokio::join!(
             snapshot::publish(store.clone(), &src, &opts, work.0.path()),

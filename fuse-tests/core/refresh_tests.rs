@@ -2,17 +2,19 @@
 //! a refresh, local changes win, open handles keep their version, and the kernel is told
 //! exactly what changed.
 
-use super::tests::{fixture, path, read_all, world_on, world_telling, world_with, World};
-use super::write_tests::{drain, fresh, rw, write_file, ME};
-use super::*;
-use crate::blob::faulty::FaultyStore;
-use crate::blob::memory::MemoryStore;
-use crate::index::ingest::{no_progress, write_listing, IngestOptions, Listing};
-use crate::index::refresh::Scope;
-use crate::index::{SourceId, ROOT_INO};
-use crate::kernel::{Kernel, KernelCache};
-use crate::refresh::Report;
+use crate::world::{fixture, path, read_all, world_on, world_telling, world_with, World};
+use crate::write_tests::{drain, fresh, rw, write_file, ME};
+use simfs::blob::faulty::FaultyStore;
+use simfs::blob::memory::MemoryStore;
+use simfs::fs::*;
+use simfs::index::ingest::{no_progress, write_listing, IngestOptions, Listing};
+use simfs::index::refresh::Scope;
+use simfs::index::{SourceId, ROOT_INO};
+use simfs::kernel::{Kernel, KernelCache};
+use simfs::refresh::Report;
 use std::ffi::OsStr;
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 fn refresh(w: &World, p: &str) -> Report {
@@ -21,7 +23,7 @@ fn refresh(w: &World, p: &str) -> Report {
 
 /// Every entry below the root: (path, kind, mode, owner, size, mtime, links, target,
 /// content), as a user would see them through stat, readlink and read.
-pub(super) type Seen = (
+pub(crate) type Seen = (
     String,
     Kind,
     u32,
@@ -33,7 +35,7 @@ pub(super) type Seen = (
     Vec<u8>,
 );
 
-pub(super) fn tree(w: &World) -> Vec<Seen> {
+pub(crate) fn tree(w: &World) -> Vec<Seen> {
     let mut out = Vec::new();
     let mut stack = vec![(ROOT_INO, String::new())];
     while let Some((ino, prefix)) = stack.pop() {
@@ -63,7 +65,7 @@ pub(super) fn tree(w: &World) -> Vec<Seen> {
 
 /// Writes `dir/model.pt` with a hard link `best.pt` at the root and a symlink
 /// `dir/latest` to it, as a training job leaves a checkpoint.
-pub(super) fn linked_checkpoint(w: &World, dir: &str, dir_ino: u64, data: &[u8]) {
+pub(crate) fn linked_checkpoint(w: &World, dir: &str, dir_ino: u64, data: &[u8]) {
     let f = write_file(w, dir, "model.pt", data);
     w.fs.link(f.ino, ROOT_INO, OsStr::new("best.pt")).unwrap();
     w.fs.symlink(dir_ino, OsStr::new("latest"), b"model.pt", ME)
@@ -294,13 +296,13 @@ fn a_name_deleted_here_while_the_listing_ran_is_not_brought_back() {
     };
     let opts = IngestOptions {
         concurrency: 2,
-        defaults: super::tests::defaults(),
+        defaults: crate::world::defaults(),
     };
     let listing = Listing {
         under: "",
         known_target: &|_, _| None,
     };
-    let store: Arc<dyn crate::blob::BlobStore> = w.store.clone();
+    let store: Arc<dyn simfs::blob::BlobStore> = w.store.clone();
     w._rt
         .block_on(write_listing(
             store,
@@ -317,7 +319,7 @@ fn a_name_deleted_here_while_the_listing_ran_is_not_brought_back() {
         .unwrap();
     write_file(&w, "", "new.txt", b"fresh");
     drain(&w);
-    let fresh_index = crate::index::Index::open_read_only(&side).unwrap();
+    let fresh_index = simfs::index::Index::open_read_only(&side).unwrap();
     let applied = index
         .refresh_from(&fresh_index, &Scope::Dir(Vec::new()), &|_| false, true)
         .unwrap();
@@ -367,10 +369,10 @@ fn a_blob_rewritten_elsewhere_is_read_at_its_new_version_instead_of_estale() {
     assert_eq!(path(&w, "f").unwrap().size, 4);
 }
 
-#[derive(Default)]
-struct Told(Mutex<Vec<String>>);
+#[derive(Default, Clone)]
+struct Told(Arc<Mutex<Vec<String>>>);
 
-impl KernelCache for Arc<Told> {
+impl KernelCache for Told {
     fn inval_entry(&self, parent: u64, name: &[u8]) {
         let n = String::from_utf8_lossy(name);
         self.0.lock().unwrap().push(format!("entry {parent}/{n}"));
@@ -386,7 +388,7 @@ fn the_kernel_is_told_exactly_what_changed() {
     mem.put("d/keep", "k", &[]);
     mem.put("d/edit", "1", &[]);
     mem.put("other/x", "x", &[]);
-    let told = Arc::new(Told::default());
+    let told = Told::default();
     let store = Arc::new(FaultyStore::new(mem));
     let dir = tempfile::tempdir().unwrap();
     let kernel = Kernel::new(told.clone());
@@ -430,7 +432,7 @@ fn a_refresh_against_a_dead_service_fails_clearly_and_changes_nothing() {
     assert!(w
         .fs
         .index()
-        .meta(crate::refresh::LAST_REFRESH)
+        .meta(simfs::refresh::LAST_REFRESH)
         .unwrap()
         .is_none());
     // The next refresh works and brings the change.

@@ -1,0 +1,160 @@
+//! Writers the kernel serves in place (FUSE passthrough): their writes, found afterwards,
+//! are uploaded, and a crash mid-write is recovered by the next mount.
+
+use crate::world::{fixture, path, read_all, World};
+use crate::write_tests::rw;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+const CKPT: &str = "ckpt/step-100.pt";
+
+/// A reader of the whole cached checkpoint as the kernel reads it in passthrough: its
+/// handle and the backing file registered for it.
+fn read_in_place(w: &World) -> (u64, u64, File) {
+    // The first read hydrates; a later open finds the whole cached copy.
+    read_all(w, CKPT).unwrap();
+    w.fs.cache().settle();
+    let ino = path(w, CKPT).unwrap().ino;
+    let fh = w.fs.open(ino, false, false).unwrap();
+    assert!(
+        w.fs.passthrough_file(fh, 10_001).is_none(),
+        "under the minimum"
+    );
+    let backing =
+        w.fs.passthrough_file(fh, 10_000)
+            .expect("a whole cached copy");
+    (ino, fh, backing)
+}
+
+/// A writer of `ino` that joins the reader in place, as `fuse.rs` opens one.
+fn writer_in_place(w: &World, ino: u64, backing: &File, truncate: bool) -> u64 {
+    let fh = w.fs.open(ino, true, truncate).unwrap();
+    w.fs.write_in_place(fh, backing).unwrap();
+    fh
+}
+
+#[test]
+fn a_writer_joining_a_file_read_in_place_writes_that_file_and_its_close_uploads() {
+    let w = rw(fixture());
+    let (ino, reader, backing) = read_in_place(&w);
+    let writer = writer_in_place(&w, ino, &backing, false);
+    // The kernel writes the backing file directly, past simfs.
+    backing.write_all_at(b"NEW", 0).unwrap();
+    backing.write_all_at(b"TAIL", 10_000).unwrap();
+    assert_eq!(
+        w.fs.getattr(ino).unwrap().size,
+        10_004,
+        "stat follows the writer before its close"
+    );
+    w.fs.flush(writer).unwrap();
+    let mut want = vec![7u8; 10_000];
+    want[..3].copy_from_slice(b"NEW");
+    want.extend_from_slice(b"TAIL");
+    assert_eq!(w.store.inner().data(CKPT).unwrap(), want, "close uploaded");
+    assert_eq!(w.fs.read(reader, 0, 20_000).unwrap(), want);
+    w.fs.release(writer).unwrap();
+    w.fs.release(reader).unwrap();
+    assert_eq!(read_all(&w, CKPT).unwrap(), want);
+    assert_eq!(path(&w, CKPT).unwrap().size, 10_004);
+}
+
+#[test]
+fn a_writer_in_place_that_writes_nothing_uploads_nothing() {
+    let w = rw(fixture());
+    let (ino, reader, backing) = read_in_place(&w);
+    let puts = || w.store.counters.put.load(Ordering::SeqCst);
+    let before = puts();
+    let writer = writer_in_place(&w, ino, &backing, false);
+    w.fs.flush(writer).unwrap();
+    w.fs.release(writer).unwrap();
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(puts(), before);
+    w.fs.release(reader).unwrap();
+}
+
+#[test]
+fn a_second_writer_in_place_never_hides_what_the_first_wrote() {
+    let w = rw(fixture());
+    let (ino, reader, backing) = read_in_place(&w);
+    let first = writer_in_place(&w, ino, &backing, false);
+    backing.write_all_at(b"ONE", 0).unwrap();
+    // A second writer arrives before anyone looked: the evidence must survive it.
+    let second = writer_in_place(&w, ino, &backing, false);
+    w.fs.flush(second).unwrap();
+    w.fs.release(second).unwrap();
+    assert_eq!(&w.store.inner().data(CKPT).unwrap()[..3], b"ONE");
+    // A write after the first look is found by the next one (fsync here).
+    backing.write_all_at(b"TWO", 3).unwrap();
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(&w.store.inner().data(CKPT).unwrap()[..6], b"ONETWO");
+    w.fs.release(first).unwrap();
+    w.fs.release(reader).unwrap();
+}
+
+#[test]
+fn o_trunc_in_place_empties_the_very_file_the_kernel_reads() {
+    let w = rw(fixture());
+    let (ino, reader, backing) = read_in_place(&w);
+    let writer = writer_in_place(&w, ino, &backing, true);
+    assert_eq!(backing.metadata().unwrap().len(), 0);
+    backing.write_all_at(b"fresh", 0).unwrap();
+    w.fs.flush(writer).unwrap();
+    assert_eq!(w.store.inner().data(CKPT).unwrap(), "fresh");
+    w.fs.release(writer).unwrap();
+    w.fs.release(reader).unwrap();
+}
+
+#[test]
+fn a_writer_whose_copy_is_not_the_kernels_file_is_refused() {
+    let w = rw(fixture());
+    let (ino, reader, _) = read_in_place(&w);
+    let elsewhere = tempfile::tempfile().unwrap();
+    let writer = w.fs.open(ino, true, false).unwrap();
+    let e = w.fs.write_in_place(writer, &elsewhere).unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY);
+    w.fs.release(writer).unwrap();
+    w.fs.release(reader).unwrap();
+    assert_eq!(read_all(&w, CKPT).unwrap(), vec![7u8; 10_000]);
+}
+
+#[test]
+fn truncating_a_file_read_in_place_by_path_truncates_the_file_the_kernel_reads() {
+    let w = rw(fixture());
+    let (ino, reader, backing) = read_in_place(&w);
+    let empty = simfs::posix::AttrChanges {
+        size: Some(0),
+        ..Default::default()
+    };
+    w.fs.setattr(ino, &empty).unwrap();
+    assert_eq!(backing.metadata().unwrap().len(), 0, "the readers see it");
+    // A writer joining later shares that same file.
+    let writer = writer_in_place(&w, ino, &backing, false);
+    w.fs.release(writer).unwrap();
+    w.fs.release(reader).unwrap();
+}
+
+#[test]
+fn writes_in_place_cut_short_by_a_crash_are_uploaded_by_the_next_mount() {
+    use crate::world::world_on;
+    use crate::write_tests::{copy_dir, drain, fresh};
+    let store = Arc::new(simfs::blob::faulty::FaultyStore::new(fixture()));
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().to_path_buf();
+    let hour = Some(std::time::Duration::from_secs(3600));
+    let w = world_on(store.clone(), dir, "", 1 << 20, hour);
+    let (ino, _reader, backing) = read_in_place(&w);
+    writer_in_place(&w, ino, &backing, false);
+    backing.write_all_at(b"CUT", 0).unwrap();
+    // "kill -9" before any close, fsync or release.
+    std::mem::forget(w);
+    let dir = tempfile::TempDir::new().unwrap();
+    copy_dir(&keep, dir.path());
+    let again = world_on(store.clone(), dir, "", 1 << 20, hour);
+    drain(&again);
+    let n = fresh(&again);
+    let mut want = vec![7u8; 10_000];
+    want[..3].copy_from_slice(b"CUT");
+    assert_eq!(read_all(&n, CKPT).unwrap(), want);
+}
