@@ -8,7 +8,7 @@
 //!
 //! `SIMFS_MODEL_CASES` and `SIMFS_MODEL_OPS` scale it up (CI's heavier stage).
 
-use crate::world::{world_on, World};
+use crate::world::{world_async, world_on, World};
 use proptest::prelude::*;
 use simfs::blob::faulty::FaultyStore;
 use simfs::blob::memory::MemoryStore;
@@ -197,7 +197,8 @@ struct Mount {
 }
 
 fn mount(store: Arc<FaultyStore<MemoryStore>>, dir: tempfile::TempDir) -> Mount {
-    let w = world_on(store, dir, "", 1 << 20, Some(Duration::ZERO));
+    // The default mount: close only journals, the background uploads at once.
+    let w = world_async(store, dir, Duration::ZERO);
     let background = w.wb().start();
     Mount {
         w,

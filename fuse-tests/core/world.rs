@@ -57,7 +57,9 @@ pub(crate) fn world_with(mem: MemoryStore, prefix: &str, chunk: u64) -> World {
 }
 
 /// A world over `store` with its state in `dir` (an index there is reused); read-write
-/// when `delay` is given (the write-back delay). Wired exactly as a mount is.
+/// when `delay` is given (the write-back delay). Wired exactly as a mount is, except that a
+/// read-write world is a `sync` mount: close returns once the container has the file, which
+/// is the contract most write tests pin. `world_async` is the default mount.
 pub(crate) fn world_on(
     store: Arc<FaultyStore<MemoryStore>>,
     dir: tempfile::TempDir,
@@ -77,6 +79,29 @@ pub(crate) fn world_telling(
     delay: Option<std::time::Duration>,
     kernel: Kernel,
 ) -> World {
+    let cfg = config(&dir, chunk, delay, true);
+    world_with_kernel(store, dir, prefix, &cfg, kernel)
+}
+
+/// A read-write world as simfs mounts by default (`async`: close only journals the file),
+/// with write-back `delay` for namespace changes.
+pub(crate) fn world_async(
+    store: Arc<FaultyStore<MemoryStore>>,
+    dir: tempfile::TempDir,
+    delay: std::time::Duration,
+) -> World {
+    let cfg = config(&dir, 1 << 20, Some(delay), false);
+    world_from(store, dir, "", &cfg)
+}
+
+/// The configuration of a test world: small chunks and blocks, so that a few KiB take the
+/// multi-request paths.
+pub(crate) fn config(
+    dir: &tempfile::TempDir,
+    chunk: u64,
+    delay: Option<std::time::Duration>,
+    sync: bool,
+) -> MountConfig {
     let mut cfg = MountConfig::new(dir.path());
     cfg.defaults = defaults();
     cfg.list_concurrency = 4;
@@ -88,6 +113,7 @@ pub(crate) fn world_telling(
     };
     cfg.writeback = simfs::writeback::WritebackOptions {
         delay: delay.unwrap_or_default(),
+        sync,
         upload: simfs::blob::upload::UploadOptions {
             single_put_max: 64 << 10,
             block_size: 16 << 10,
@@ -95,7 +121,7 @@ pub(crate) fn world_telling(
         },
         ..Default::default()
     };
-    world_with_kernel(store, dir, prefix, &cfg, kernel)
+    cfg
 }
 
 /// A world over `store` with its state in `dir`, mounted with `cfg`.

@@ -32,9 +32,13 @@ pub(super) struct OpenFile {
     /// Whether a read returned data: until then the handle may move to a newer version.
     served: AtomicBool,
     /// Whether data changed through this handle (a write, a truncate, `O_TRUNC`): only then
-    /// does its close wait for the upload. A lock file created and closed unwritten (git's
-    /// `index.lock`) is a namespace change like `mkdir`, left to the background.
+    /// does its close record the file for upload (or, on a `sync` mount, wait for it). A lock
+    /// file created and closed unwritten (git's `index.lock`) is a namespace change like
+    /// `mkdir`, left to the background.
     pub wrote: AtomicBool,
+    /// Whether data changed through this handle since its last flush: it counts as writing
+    /// in `pins` meanwhile, and the upload waits for it.
+    writing: AtomicBool,
     /// Whether the kernel writes this handle's data straight to the local copy (`in_place`).
     pub in_place: AtomicBool,
 }
@@ -47,6 +51,7 @@ impl OpenFile {
             data: Mutex::new(data),
             served: AtomicBool::new(false),
             wrote: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
             in_place: AtomicBool::new(false),
         }))
     }
@@ -61,6 +66,27 @@ impl OpenFile {
 }
 
 impl SimFs {
+    /// Data changed through `h`: its close must record the file for upload, and until that
+    /// close the upload waits.
+    pub(super) fn note_writing(&self, h: &OpenFile) {
+        h.wrote.store(true, Ordering::Relaxed);
+        self.hold_upload(h);
+    }
+
+    /// Until `h` is flushed, its file's upload waits (it may be changing the data).
+    pub(super) fn hold_upload(&self, h: &OpenFile) {
+        if !h.writing.swap(true, Ordering::AcqRel) {
+            self.pins.start_writing(h.ino);
+        }
+    }
+
+    /// `h` was flushed or closed: it no longer holds up its file's upload.
+    pub(super) fn done_writing(&self, h: &OpenFile) {
+        if h.writing.swap(false, Ordering::AcqRel) {
+            self.pins.stop_writing(h.ino);
+        }
+    }
+
     pub(super) fn file_handle(&self, fh: u64) -> FsResult<Arc<OpenFile>> {
         match self.handles.lock().unwrap().get(&fh) {
             Some(Handle::File(f)) => Ok(f.clone()),

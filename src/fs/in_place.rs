@@ -98,6 +98,8 @@ impl SimFs {
         };
         w.handles += 1;
         h.in_place.store(true, Ordering::Relaxed);
+        // Its writes reach the file unseen: until its close it counts as writing.
+        self.hold_upload(&h);
         Ok(())
     }
 

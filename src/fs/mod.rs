@@ -264,7 +264,7 @@ impl SimFs {
         } else {
             self.data_for_read(ino, write)?
         };
-        self.pins.pin(ino, write);
+        self.pins.pin(ino);
         let fh = self.insert_handle(OpenFile::handle(ino, write, data));
         if truncate && write {
             self.note_written(fh);
@@ -318,13 +318,14 @@ impl SimFs {
         let Some(Handle::File(h)) = self.handles.lock().unwrap().remove(&fh) else {
             return Ok(());
         };
-        let (ino, write) = (h.ino, h.write);
+        let ino = h.ino;
         // A failure to take in writes made in place is reported after the handle is gone.
         let adopted = match h.in_place.load(Ordering::Relaxed) {
             true => self.release_in_place(ino),
             false => Ok(()),
         };
-        let last = self.pins.unpin(ino, write);
+        self.done_writing(&h);
+        let last = self.pins.unpin(ino);
         if last && self.attr(ino).is_ok_and(|a| a.nlink == 0) {
             if self.writeback.is_some() {
                 self.index.mark_pending(ino, std::time::SystemTime::now())?;

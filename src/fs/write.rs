@@ -101,7 +101,7 @@ impl SimFs {
     ) -> FsResult<(Attr, u64)> {
         let attr = self.new_inode(parent, name, Kind::File, mode, 0, who, None)?;
         let file = self.local.open(attr.ino, true)?;
-        self.pins.pin(attr.ino, true);
+        self.pins.pin(attr.ino);
         let fh = self.insert_handle(super::OpenFile::handle(
             attr.ino,
             true,
@@ -243,7 +243,7 @@ impl SimFs {
         file.write_all_at(data, offset)?;
         self.index
             .wrote(ino, offset + data.len() as u64, now, due)?;
-        h.wrote.store(true, Ordering::Relaxed);
+        self.note_writing(&h);
         self.changed(due);
         Ok(data.len() as u32)
     }
@@ -278,29 +278,37 @@ impl SimFs {
                 ..Default::default()
             };
             self.index.setattr(ino, &grow, now, due)?;
-            h.wrote.store(true, Ordering::Relaxed);
+            self.note_writing(&h);
             self.changed(due);
         }
         Ok(())
     }
 
-    /// close(2) of a handle: a written file is uploaded before this returns.
+    /// close(2) of a handle. A file written through it is recorded in the journal (its size
+    /// and times, with its data in the local copy) and its upload starts in the background;
+    /// on a `sync` mount close waits until the blob is committed. Past the window of
+    /// uncommitted data (`--max-pending`), close waits for uploads to make room.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.file_handle(fh)?;
         if h.in_place.load(Ordering::Relaxed) && self.adopt_in_place(h.ino)? {
             h.wrote.store(true, Ordering::Relaxed);
         }
-        if h.write && h.wrote.load(Ordering::Relaxed) {
-            self.upload(h.ino)?;
+        self.done_writing(&h);
+        if !(h.write && h.wrote.load(Ordering::Relaxed)) {
+            return Ok(());
         }
-        Ok(())
+        let wb = self.writable()?;
+        if wb.is_sync() {
+            return self.upload(h.ino);
+        }
+        Ok(wb.closed(h.ino).map_err(Arc::new)?)
     }
 
-    /// Data changed through handle `fh` (a truncate through it): its close waits for the
-    /// upload.
+    /// Data changed through handle `fh` (a truncate through it): its close records the file
+    /// for upload.
     pub fn note_written(&self, fh: u64) {
         if let Ok(h) = self.file_handle(fh) {
-            h.wrote.store(true, Ordering::Relaxed);
+            self.note_writing(&h);
         }
     }
 

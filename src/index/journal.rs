@@ -150,6 +150,45 @@ impl Index {
         })
     }
 
+    /// Closed-but-uncommitted data: pending inodes with data to upload and their bytes,
+    /// leaving out `except` (the file whose close asks).
+    pub fn pending_data(&self, except: u64) -> IndexResult<(u64, u64)> {
+        self.with_conn(|c| {
+            Ok(c.prepare_cached(
+                "SELECT count(*), coalesce(sum(size), 0) FROM inodes
+                 WHERE pending = 1 AND dirty = 1 AND ino != ?1",
+            )?
+            .query_row([except as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })?)
+        })
+    }
+
+    /// When the least recently changed pending inode last changed: how long the oldest
+    /// change not yet in the container has waited, at least.
+    pub fn oldest_pending(&self) -> IndexResult<Option<SystemTime>> {
+        self.with_conn(|c| {
+            Ok(c.query_row(
+                "SELECT min(ctime_ns) FROM inodes WHERE pending = 1",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )?
+            .map(from_ns))
+        })
+    }
+
+    /// A written file was closed: the data writes held in memory are persisted with it (the
+    /// journal now has its size and times) and its upload is due at `now`.
+    pub fn closed(&self, ino: u64, now: SystemTime) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "UPDATE inodes SET due_ns = min(due_ns, ?2) WHERE ino = ?1 AND pending = 1",
+            )?
+            .execute(params![ino as i64, to_ns(now)])?;
+            Ok(())
+        })
+    }
+
     /// Pending inodes whose last attempt failed.
     pub fn failing(&self) -> IndexResult<Vec<Failing>> {
         self.with_conn(|c| {

@@ -1,11 +1,12 @@
 //! When uploads happen: batches of due changes, drain, recovery, the background thread.
 //!
-//! A change becomes due `delay` after the first change of a burst (see `index::write`). The
-//! background thread uploads what is due, 16 inodes at a time, then sleeps until the next
-//! change is due, a new change is due earlier than that (`changed` wakes it), or in-memory
-//! data writes should be persisted to the index. An idle mount's thread sleeps and does no
-//! work. A file open for writing is left to its writer's close or fsync: uploading it midway
-//! would only be uploaded again.
+//! A namespace or attribute change becomes due `delay` after the first change of a burst
+//! (see `index::write`); a written file becomes due when it is closed (`closed`), at once.
+//! The background thread uploads what is due, 16 inodes at a time, oldest first, then sleeps
+//! until the next change is due, a new change is due earlier than that (`changed` wakes it),
+//! or in-memory data writes should be persisted to the index. An idle mount's thread sleeps
+//! and does no work. A file a handle is still writing (written, not yet flushed) is left for
+//! later: uploading it midway would only be uploaded again.
 
 use super::{WbResult, Writeback, WritebackError};
 use crate::index::journal::Failing;
@@ -170,7 +171,7 @@ impl Writeback {
             }
             let mut ready = Vec::with_capacity(due.len());
             for ino in due {
-                if !writers_too && self.pins.has_writers(ino) {
+                if !writers_too && self.pins.is_writing(ino) {
                     self.index.defer(ino, now + self.opts.delay)?;
                 } else {
                     ready.push(ino);
