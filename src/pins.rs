@@ -87,6 +87,9 @@ mod tests {
         assert!(p.unpin(5));
         assert!(!p.is_open(5));
         p.start_writing(5);
-        assert!(!p.is_writing(5), "an inode no one has open is never being written");
+        assert!(
+            !p.is_writing(5),
+            "an inode no one has open is never being written"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //!
 //! Real mounts against Azurite are the other test target, `fuse` (`fuse-tests/main.rs`).
 
+mod async_close_tests;
 mod concurrency_tests;
 mod hydration_tests;
 mod in_place_tests;

@@ -82,8 +82,22 @@ pub struct SourceArgs {
     /// Mount read-only: nothing is ever written to the container.
     #[arg(long)]
     pub read_only: bool,
+    /// mount(8)'s `sync`: every close of a written file waits until its blob is committed in
+    /// the container. Without it (`async`, the default) close returns once the file is in the
+    /// local journal, and its upload starts at once in the background; fsync, `simfs sync`
+    /// and unmount wait for the commit either way.
+    #[arg(long)]
+    pub sync: bool,
+    /// The most closed-but-uncommitted data the mount holds: a size (`64G`, `500M`) or a
+    /// share of the cache disk (`10%`). Past it, close waits for uploads to make room. It is
+    /// what a wiped cache disk could lose.
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
+    pub max_pending: CacheSize,
+    /// The most closed-but-uncommitted files; past it, close waits for uploads.
+    #[arg(long, default_value_t = simfs::writeback::DEFAULT_MAX_PENDING_FILES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pending_files: u64,
     /// Seconds a metadata change (chmod, rename, mkdir, ...) waits before it is uploaded, so
-    /// bursts coalesce; data is uploaded on close and fsync regardless.
+    /// bursts coalesce; a written file's upload starts when it is closed regardless.
     #[arg(long, default_value_t = 1.0, value_parser = parse_delay)]
     pub upload_delay: f64,
     /// Seconds a request to the service may go unanswered (plus one per MiB it moves)
@@ -532,6 +546,10 @@ impl SourceArgs {
                 .map(|d| (d as f64 * p / 100.0) as u64),
         };
         cfg.cache.capacity = bytes(self.cache_size);
+        cfg.writeback.sync = self.sync;
+        cfg.writeback.max_pending_bytes =
+            bytes(self.max_pending).unwrap_or(simfs::writeback::DEFAULT_MAX_PENDING_BYTES);
+        cfg.writeback.max_pending_files = self.max_pending_files;
         cfg.cache.min_free = bytes(self.cache_min_free).unwrap_or(0);
         cfg
     }

@@ -170,6 +170,8 @@ mod tests {
             ("uid", true),
             ("read-only", false),
             ("upload-delay", true),
+            ("sync", false),
+            ("max-pending", true),
         ]
         .iter()
         .map(|(n, v)| Flag {
@@ -240,6 +242,18 @@ mod tests {
                 "/m"
             ])
         );
+    }
+
+    #[test]
+    fn sync_and_async_mean_what_mount_8_says() {
+        let call = translate(&os(&["c", "/m", "-o", "rw,sync,max_pending=10G"]), &flags()).unwrap();
+        assert_eq!(
+            call.args,
+            os(&["mount", "--sync", "--max-pending", "10G", "c", "/m"])
+        );
+        // async is the default: nothing to pass.
+        let call = translate(&os(&["c", "/m", "-o", "async"]), &flags()).unwrap();
+        assert_eq!(call.args, os(&["mount", "c", "/m"]));
     }
 
     #[test]

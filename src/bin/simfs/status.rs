@@ -74,6 +74,53 @@ pub fn register(
     Ok(Registration(path))
 }
 
+/// What a mount has not committed to the container yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    /// Pending changes (inodes and deletions), and how many of those keep failing.
+    pub changes: u64,
+    pub failing: usize,
+    /// Closed files whose data is not uploaded yet, and their bytes: what a wiped cache disk
+    /// would lose.
+    pub files: u64,
+    pub bytes: u64,
+    /// When the least recently changed pending inode changed.
+    pub oldest: Option<std::time::SystemTime>,
+}
+
+impl Pending {
+    fn of(i: &Index) -> simfs::index::IndexResult<Pending> {
+        let (files, bytes) = i.pending_data(0)?;
+        Ok(Pending {
+            changes: i.pending()?.0,
+            failing: i.failing()?.len(),
+            files,
+            bytes,
+            oldest: i.oldest_pending()?,
+        })
+    }
+
+    /// One line for `simfs status`.
+    fn summary(&self) -> String {
+        if self.changes == 0 {
+            return "none".to_string();
+        }
+        let mut s = format!(
+            "{} changes; {} files ({:.1} MiB) of data",
+            self.changes,
+            self.files,
+            self.bytes as f64 / (1 << 20) as f64
+        );
+        if let Some(age) = self.oldest.and_then(|t| t.elapsed().ok()) {
+            s += &format!("; oldest {:.0} s old", age.as_secs_f64());
+        }
+        if self.failing > 0 {
+            s += &format!("; {} failing (see the log)", self.failing);
+        }
+        s
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountInfo {
     pub pid: u32,
@@ -84,8 +131,8 @@ pub struct MountInfo {
     pub cache_bytes: u64,
     /// The serving daemon's cache figures (None: not published yet).
     pub cache: Option<CacheStats>,
-    /// Changes not yet uploaded, and how many of those keep failing (None: unreadable).
-    pub pending: Option<(u64, usize)>,
+    /// What is not in the container yet (None: unreadable).
+    pub pending: Option<Pending>,
     /// The last refresh of the index from the container (None: none since it was built).
     pub last_refresh: Option<simfs::refresh::Report>,
 }
@@ -130,9 +177,7 @@ pub fn list(dir: &Path) -> Vec<MountInfo> {
             .map(|f| std::fs::metadata(state_dir.join(f)).map_or(0, |m| m.len()))
             .sum();
         let index = Index::open_read_only(&db).ok();
-        let pending = index
-            .as_ref()
-            .and_then(|i| Some((i.pending().ok()?.0, i.failing().ok()?.len())));
+        let pending = index.as_ref().and_then(|i| Pending::of(i).ok());
         let last_refresh = index
             .as_ref()
             .and_then(|i| i.meta(simfs::refresh::LAST_REFRESH).ok().flatten())
@@ -162,12 +207,10 @@ pub fn status() -> ExitCode {
     }
     let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
     for m in mounts {
-        let pending = match m.pending {
-            Some((0, _)) => "none".to_string(),
-            Some((n, 0)) => format!("{n} changes"),
-            Some((n, failing)) => format!("{n} changes, {failing} failing (see the log)"),
-            None => "unknown".to_string(),
-        };
+        let pending = m
+            .pending
+            .as_ref()
+            .map_or("unknown".to_string(), Pending::summary);
         println!("{}", m.mountpoint.display());
         println!("  source          {}", m.source);
         println!("  process         {}", m.pid);
@@ -243,5 +286,30 @@ mod tests {
         assert!(!run.path().join("999999999").exists());
         drop(reg);
         assert!(list(run.path()).is_empty());
+    }
+
+    #[test]
+    fn pending_uploads_show_files_bytes_and_the_oldest_age() {
+        let p = Pending {
+            changes: 4,
+            failing: 1,
+            files: 3,
+            bytes: 3 << 20,
+            oldest: Some(std::time::SystemTime::now() - std::time::Duration::from_secs(90)),
+        };
+        let s = p.summary();
+        assert!(
+            s.starts_with("4 changes; 3 files (3.0 MiB) of data; oldest 9"),
+            "{s}"
+        );
+        assert!(s.ends_with("1 failing (see the log)"), "{s}");
+        let none = Pending {
+            changes: 0,
+            failing: 0,
+            files: 0,
+            bytes: 0,
+            oldest: None,
+        };
+        assert_eq!(none.summary(), "none");
     }
 }

@@ -1,0 +1,166 @@
+//! Close on the default (`async`) mount: local and journaled, uploaded at once in the
+//! background, bounded by the window, and never lost by a crash.
+
+use crate::world::{config, fixture, path, read_all, world_async, world_from, World};
+use crate::write_tests::{copy_dir, drain, fresh, ME};
+use simfs::blob::faulty::FaultyStore;
+use simfs::blob::memory::MemoryStore;
+use simfs::fs::*;
+use simfs::index::ROOT_INO;
+use std::ffi::OsStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn async_world() -> World {
+    let store = Arc::new(FaultyStore::new(fixture()));
+    world_async(store, tempfile::tempdir().unwrap(), Duration::ZERO)
+}
+
+/// Creates `name` at the root, writes `data` and closes it; returns its inode.
+fn close_new(w: &World, name: &str, data: &[u8]) -> u64 {
+    let (a, fh) = w.fs.create(ROOT_INO, OsStr::new(name), 0o644, ME).unwrap();
+    w.fs.write(fh, 0, data).unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    a.ino
+}
+
+fn writes(w: &World) -> u64 {
+    w.store.counters.writes()
+}
+
+fn eventually(what: &str, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn close_returns_before_any_request_and_the_background_commits_the_file_at_once() {
+    let w = async_world();
+    let before = writes(&w);
+    close_new(&w, "model.bin", b"weights");
+    assert_eq!(writes(&w), before, "close made no request");
+    assert_eq!(w.wb().pending().unwrap().0, 1, "the journal has it");
+    // No delay to wait out: the background takes it as soon as it runs.
+    let _bg = w.wb().start();
+    eventually("the blob is committed", || {
+        w.store.inner().data("model.bin").as_deref() == Some(&b"weights"[..])
+    });
+    eventually("nothing is pending", || w.wb().pending().unwrap().0 == 0);
+}
+
+#[test]
+fn a_file_created_and_deleted_before_its_upload_costs_no_request() {
+    let w = async_world();
+    let before = writes(&w);
+    close_new(&w, "scratch", b"tmp");
+    w.fs.unlink(ROOT_INO, OsStr::new("scratch")).unwrap();
+    drain(&w);
+    assert_eq!(writes(&w), before);
+    assert!(w.store.inner().data("scratch").is_none());
+}
+
+#[test]
+fn a_temp_file_renamed_into_place_before_its_upload_costs_one_put() {
+    let w = async_world();
+    let c = &w.store.counters;
+    let before = (c.put.load(Ordering::SeqCst), writes(&w));
+    close_new(&w, "index.lock", b"new index");
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new("index.lock"),
+        ROOT_INO,
+        OsStr::new("index"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    drain(&w);
+    assert_eq!(c.put.load(Ordering::SeqCst) - before.0, 1, "one PUT");
+    assert_eq!(writes(&w) - before.1, 1, "and nothing else");
+    assert_eq!(w.store.inner().data("index").unwrap(), &b"new index"[..]);
+    assert!(w.store.inner().data("index.lock").is_none());
+}
+
+#[test]
+fn a_handle_still_writing_holds_its_upload_and_its_close_releases_it() {
+    let w = async_world();
+    let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("log"), 0o644, ME).unwrap();
+    w.fs.write(fh, 0, b"part one").unwrap();
+    // Due (delay zero), but a handle is still writing it: not uploaded midway.
+    w.wb().upload_due(false).unwrap();
+    assert!(w.store.inner().data("log").is_none());
+    w.fs.flush(fh).unwrap();
+    w.wb().upload_due(false).unwrap();
+    assert_eq!(
+        w.store.inner().data("log").unwrap(),
+        &b"part one"[..],
+        "closed: uploaded"
+    );
+    w.fs.release(fh).unwrap();
+    assert_eq!(path(&w, "log").unwrap().ino, a.ino);
+}
+
+#[test]
+fn past_the_window_a_close_waits_until_uploads_make_room() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir, 1 << 20, Some(Duration::ZERO), false);
+    cfg.writeback.max_pending_files = 2;
+    let w = world_from(store, dir, "", &cfg);
+    close_new(&w, "one", b"1");
+    close_new(&w, "two", b"2");
+    // Two others are pending: the third close must wait, and with no uploader it would wait
+    // for ever, so it runs on its own thread while the test watches.
+    let w = Arc::new(w);
+    let third = {
+        let w = w.clone();
+        std::thread::spawn(move || close_new(&w, "three", b"3"))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!third.is_finished(), "the close waits past the window");
+    assert_eq!(
+        w.wb().pending().unwrap().0,
+        3,
+        "its data is journaled meanwhile"
+    );
+    let _bg = w.wb().start();
+    third.join().unwrap();
+    eventually("all three committed", || {
+        w.store.inner().data("three").as_deref() == Some(&b"3"[..])
+    });
+}
+
+#[test]
+fn a_crash_right_after_close_loses_nothing_and_the_next_mount_uploads_it() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().to_path_buf();
+    let w = world_async(store.clone(), dir, Duration::ZERO);
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    for i in 0..20 {
+        close_new(&w, &format!("f{i}"), &data[..1000 * (i + 1)]);
+    }
+    assert_eq!(writes(&w), 0);
+    // "kill -9": nothing flushed, drained or dropped in order.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&keep, copy.path());
+    std::mem::forget(w);
+    let again = world_async(store.clone(), copy, Duration::ZERO);
+    assert_eq!(
+        again.wb().pending().unwrap().0,
+        20,
+        "the journal kept all twenty"
+    );
+    drain(&again);
+    let n = fresh(&again);
+    for i in 0..20 {
+        assert_eq!(
+            read_all(&n, &format!("f{i}")).unwrap(),
+            &data[..1000 * (i + 1)]
+        );
+    }
+}
