@@ -6,6 +6,7 @@ mod harness;
 mod helper;
 mod posix;
 mod write;
+mod writeback;
 
 use harness::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

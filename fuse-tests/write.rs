@@ -299,14 +299,37 @@ fn a_full_cache_disk_gives_enospc_and_corrupts_nothing() {
 
 #[test]
 fn a_blob_changed_by_another_writer_is_kept_and_ours_is_saved_beside_it() {
-    let az = empty_container("conflict");
+    // On a `sync` mount close is the commit, so close is what fails.
+    conflict_is_kept_beside("conflict-sync", &["--sync"], |h| nix_close(h));
+}
+
+#[test]
+fn on_an_async_mount_the_conflict_fails_fsync_and_ours_is_saved_beside_it() {
+    conflict_is_kept_beside("conflict-async", &[], |h| {
+        let e = h.sync_all().unwrap_err();
+        assert_eq!(nix_close(h).raw_os_error(), None, "close itself is local");
+        e
+    });
+}
+
+/// Another tool rewrites a blob the mount had committed; our next version of it must then
+/// fail its commit (`commit`: close or fsync, returning its error) and be kept beside theirs.
+fn conflict_is_kept_beside(
+    container: &str,
+    extra: &[&str],
+    commit: impl FnOnce(std::fs::File) -> std::io::Error,
+) {
+    let az = empty_container(container);
     let cache = tempfile::tempdir().unwrap();
-    let m = mount(&az, "conflict", cache.path(), &[]);
+    let m = mount(&az, container, cache.path(), extra);
     let f = m.path().join("shared.txt");
-    std::fs::write(&f, "first version").unwrap();
+    let mut h = std::fs::File::create(&f).unwrap();
+    h.write_all(b"first version").unwrap();
+    h.sync_all().unwrap();
+    drop(h);
     // Another tool rewrites the blob behind the mount's back.
     let out = Command::new(SEED)
-        .args(["--endpoint", &az.endpoint(), "--container", "conflict"])
+        .args(["--endpoint", &az.endpoint(), "--container", container])
         .args(["--raw", "shared.txt"])
         .output()
         .unwrap();
@@ -317,8 +340,8 @@ fn a_blob_changed_by_another_writer_is_kept_and_ours_is_saved_beside_it() {
         .open(&f)
         .unwrap();
     h.write_all(b"our version").unwrap();
-    let closed = nix_close(h);
-    assert_eq!(closed.raw_os_error(), Some(libc::EIO), "{closed}");
+    let failed = commit(h);
+    assert_eq!(failed.raw_os_error(), Some(libc::EIO), "{failed}");
     // The kernel was told: the name is gone here, ours sits beside it.
     let names: Vec<String> = std::fs::read_dir(m.path())
         .unwrap()
@@ -329,7 +352,7 @@ fn a_blob_changed_by_another_writer_is_kept_and_ours_is_saved_beside_it() {
     assert!(!f.exists());
     drop(m);
     let fresh = tempfile::tempdir().unwrap();
-    let n = mount(&az, "conflict", fresh.path(), &[]);
+    let n = mount(&az, container, fresh.path(), &[]);
     assert_eq!(
         std::fs::read_to_string(n.path().join("shared.txt")).unwrap(),
         "raw"

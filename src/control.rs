@@ -8,7 +8,9 @@
 //!   `File` per file staged and a closing `Staged`;
 //! - `Evict`: one `Evicted` with the files and bytes dropped;
 //! - `Refresh`: lists that subtree (all of the container for `""`) and applies what
-//!   changed; one `Refreshed` with the report once the change is visible.
+//!   changed; one `Refreshed` with the report once the change is visible;
+//! - `Sync`: commits what is pending under the paths; `Syncing` progress (at most ten a
+//!   second) and a closing `Synced` with what failed.
 //!
 //! Any failure is an `Error` event. Paths are relative to the mount's root. A client that
 //! goes away cancels its staging: the next event cannot be written and the workers stop.
@@ -79,6 +81,7 @@ pub fn serve(fs: &SimFs, conn: UnixStream) {
                 Err(e) => error(e.to_string()),
             });
         }
+        Request::Sync { paths } => sync(fs, &paths, &mut send),
         Request::Refresh { path } => {
             send(match fs.refresher().refresh_path(&path) {
                 Ok(r) => Event::Refreshed(r),
@@ -86,6 +89,55 @@ pub fn serve(fs: &SimFs, conn: UnixStream) {
             });
         }
     }
+}
+
+fn sync(fs: &SimFs, paths: &[String], send: &mut impl FnMut(Event) -> bool) {
+    let Some(wb) = fs.writeback() else {
+        // A read-only mount has nothing to commit.
+        send(Event::Synced {
+            committed: 0,
+            failed: Vec::new(),
+            still_open: Vec::new(),
+        });
+        return;
+    };
+    // Progress comes from the upload threads; the connection is written from this one.
+    let (tx, rx) = mpsc::channel::<(u64, u64)>();
+    let tx = std::sync::Mutex::new(tx);
+    let outcome = std::thread::scope(|s| {
+        // The sender moves into the worker: the progress loop below ends with it.
+        let worker = s.spawn(move || {
+            let progress = |done, total| {
+                let _ = tx
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .send((done, total));
+            };
+            wb.sync_paths(paths, &progress)
+        });
+        let mut last: Option<std::time::Instant> = None;
+        for (done, total) in rx {
+            if done == total || last.is_none_or(|t| t.elapsed().as_millis() >= 100) {
+                last = Some(std::time::Instant::now());
+                // A client that went away does not stop the sync: its data still goes.
+                send(Event::Syncing { done, total });
+            }
+        }
+        worker.join()
+    });
+    send(match outcome {
+        Ok(Ok(o)) => Event::Synced {
+            committed: o.committed,
+            failed: o.failed,
+            still_open: o.still_open,
+        },
+        Ok(Err(e)) => Event::Error {
+            message: e.to_string(),
+        },
+        Err(_) => Event::Error {
+            message: "the sync failed unexpectedly (see the mount's log)".into(),
+        },
+    });
 }
 
 fn stage(

@@ -34,6 +34,9 @@ pub enum Request {
     Evict { paths: Vec<String> },
     /// List the subtree at `path` and apply what changed.
     Refresh { path: String },
+    /// Commit everything pending under `paths` (all of the mount when empty) to the
+    /// container now.
+    Sync { paths: Vec<String> },
 }
 
 /// What staging will do.
@@ -78,6 +81,18 @@ pub enum Event {
     },
     /// The refresh is applied and visible.
     Refreshed(Report),
+    /// A sync's progress: inodes committed (or failed) of those it waits for.
+    Syncing {
+        done: u64,
+        total: u64,
+    },
+    /// The sync ended: what it committed, what failed (path and why) and the files it left
+    /// out because a handle is still writing them.
+    Synced {
+        committed: u64,
+        failed: Vec<(String, String)>,
+        still_open: Vec<String>,
+    },
     /// The request failed.
     Error {
         message: String,
@@ -179,6 +194,9 @@ mod tests {
             },
             Request::Evict { paths: vec![] },
             Request::Refresh { path: "x".into() },
+            Request::Sync {
+                paths: vec!["ckpt".into()],
+            },
         ];
         for r in reqs {
             let line = serde_json::to_string(&r).unwrap();
@@ -207,6 +225,11 @@ mod tests {
                 error: Some("boom".into()),
             },
             Event::Refreshed(report),
+            Event::Synced {
+                committed: 3,
+                failed: vec![("a/b".into(), "EIO".into())],
+                still_open: vec!["log".into()],
+            },
             Event::Error {
                 message: "no".into(),
             },

@@ -127,6 +127,17 @@ impl Index {
         })
     }
 
+    /// Every pending inode.
+    pub fn pending_inodes(&self) -> IndexResult<Vec<u64>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached("SELECT ino FROM inodes WHERE pending = 1")?;
+            let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
+            Ok(rows
+                .map(|r| r.map(|i| i as u64))
+                .collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     /// Pending inodes due at `now`, oldest first.
     pub fn due(&self, now: SystemTime, limit: usize) -> IndexResult<Vec<u64>> {
         self.with_conn(|c| {

@@ -10,7 +10,9 @@
 //! - `inode.rs`: the idempotent steps that bring one inode's container side up to date;
 //! - `conflict.rs`: what happens when someone else changed a blob, and emptying the trash;
 //! - `scheduler.rs`: due changes in parallel batches, drain, mount-time recovery, and the
-//!   background thread, which sleeps until the next change is due or it is woken.
+//!   background thread, which sleeps until the next change is due or it is woken;
+//! - `window.rs`: the bounded window of closed-but-uncommitted data (back-pressure on close);
+//! - `sync.rs`: the barrier of `simfs sync PATH`.
 //!
 //! Every write names the ETag simfs last saw at the target (see `index::journal`). A name
 //! simfs has never seen holding a blob is a conflict: the local file is renamed to
@@ -29,9 +31,11 @@
 mod conflict;
 mod inode;
 mod scheduler;
+mod sync;
 mod window;
 
 pub use scheduler::Background;
+pub use sync::SyncOutcome;
 
 use crate::blob::upload::{UploadError, UploadOptions};
 use crate::blob::{BlobError, BlobStore};

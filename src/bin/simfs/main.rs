@@ -12,6 +12,7 @@ mod helper;
 mod refresh;
 mod stage;
 mod status;
+mod sync;
 mod unmount;
 
 use clap::{CommandFactory, Parser, Subcommand};
@@ -127,6 +128,12 @@ enum Cmd {
         /// A path relative to the mount's root, or an absolute path below the mount point
         /// (it need not exist on the mount yet).
         path: Option<PathBuf>,
+    },
+    /// Wait until everything closed under PATH (or on every simfs mount) is committed in the
+    /// container: the barrier after saving a checkpoint. Lists what failed (exit 1).
+    Sync {
+        /// Files or directories on simfs mounts; none: every mount, whole.
+        paths: Vec<PathBuf>,
     },
     /// The index as a shared artefact: `simfs index publish SOURCE --cache-dir DIR` lists the
     /// container once and uploads a snapshot that mounts with --index-from-container start
@@ -265,6 +272,7 @@ fn main() -> ExitCode {
         Cmd::Unmount { mountpoint } => unmount::unmount(&mountpoint),
         Cmd::Status => status::status(),
         Cmd::Refresh { mountpoint, path } => refresh::refresh(&mountpoint, path.as_deref()),
+        Cmd::Sync { paths } => sync::sync(&paths),
         Cmd::Stage {
             paths,
             jobs,

@@ -1,0 +1,181 @@
+//! Write-back on real mounts: close is local and journaled, `-o sync` makes it wait, the
+//! window of uncommitted data is bounded, `simfs sync PATH` is a barrier for PATH only, and
+//! a daemon killed right after its last close loses nothing.
+
+use crate::harness::*;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn mount_via(proxy: &FaultProxy, container: &str, cache: &Path, extra: &[&str]) -> Mount {
+    mount_with(proxy.connection_string(), container, cache, extra)
+}
+
+/// PUTs (whole blobs, blocks and block lists) whose path holds `part` (a `/` in a blob name
+/// is `%2F` there) are held until the
+/// rules change: a service that takes as long as the test wants.
+fn hold_puts(proxy: &FaultProxy, part: &str) {
+    proxy.set(&format!(
+        r#"{{"rules": [{{"method": "PUT", "path": "{part}", "fault": "hang"}}], "log_all": true}}"#
+    ));
+}
+
+/// Writes `data` to `path` and closes it on a thread of its own.
+fn close_in_background(
+    path: std::path::PathBuf,
+    data: &'static [u8],
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(data).unwrap();
+        drop(f);
+    })
+}
+
+fn finishes_within(t: &std::thread::JoinHandle<()>, d: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < d {
+        if t.is_finished() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.is_finished()
+}
+
+#[test]
+fn close_returns_before_the_service_answers_and_a_sync_mount_waits_for_it() {
+    let az = crate::write::empty_container("close-modes");
+    let proxy = FaultProxy::start(&az);
+    for (extra, waits) in [(&[][..], false), (&["--sync"][..], true)] {
+        let cache = tempfile::tempdir().unwrap();
+        let mut m = mount_via(&proxy, "close-modes", cache.path(), extra);
+        let dir = m.path().join(if waits { "s" } else { "a" });
+        std::fs::create_dir(&dir).unwrap();
+        hold_puts(&proxy, "%2Fslow");
+        let closer = close_in_background(dir.join("slow"), b"held by the service");
+        let returned = finishes_within(&closer, Duration::from_millis(800));
+        assert_eq!(
+            returned, !waits,
+            "close with {extra:?} returned before the service answered: {returned}"
+        );
+        proxy.set("{}");
+        closer.join().unwrap();
+        unmount_clean(&mut m);
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let n = crate::mount(&az, "close-modes", cache.path(), &[]);
+    for d in ["a", "s"] {
+        assert_eq!(
+            std::fs::read(n.path().join(d).join("slow")).unwrap(),
+            b"held by the service"
+        );
+    }
+}
+
+#[test]
+fn past_max_pending_files_the_next_close_waits_for_uploads() {
+    let az = crate::write::empty_container("window");
+    let proxy = FaultProxy::start(&az);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount_via(
+        &proxy,
+        "window",
+        cache.path(),
+        &["--max-pending-files", "3"],
+    );
+    hold_puts(&proxy, "/held-");
+    for i in 0..3 {
+        let c = close_in_background(m.path().join(format!("held-{i}")), b"x");
+        assert!(
+            finishes_within(&c, Duration::from_secs(5)),
+            "within the window"
+        );
+    }
+    let fourth = close_in_background(m.path().join("held-3"), b"y");
+    assert!(
+        !finishes_within(&fourth, Duration::from_millis(800)),
+        "three files wait for the service: the fourth close waits too"
+    );
+    proxy.set("{}");
+    assert!(
+        finishes_within(&fourth, Duration::from_secs(20)),
+        "uploads made room"
+    );
+    unmount_clean(&mut m);
+}
+
+#[test]
+fn simfs_sync_of_a_path_commits_that_path_and_waits_for_nothing_else() {
+    let az = crate::write::empty_container("sync-path");
+    let proxy = FaultProxy::start(&az);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount_via(&proxy, "sync-path", cache.path(), &[]);
+    let (ckpt, other) = (m.path().join("ckpt"), m.path().join("other"));
+    std::fs::create_dir(&ckpt).unwrap();
+    std::fs::create_dir(&other).unwrap();
+    hold_puts(&proxy, "other%2F");
+    std::fs::write(other.join("held"), "waits for the service").unwrap();
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(ckpt.join("model.pt"), &data).unwrap();
+    let start = Instant::now();
+    let out = Command::new(SIMFS).arg("sync").arg(&ckpt).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(start.elapsed() < Duration::from_secs(30));
+    // Committed: a node with an empty cache reads it now, while other/ is still held.
+    let fresh = tempfile::tempdir().unwrap();
+    let n = crate::mount(&az, "sync-path", fresh.path(), &[]);
+    assert_eq!(std::fs::read(n.path().join("ckpt/model.pt")).unwrap(), data);
+    assert!(
+        !n.path().join("other/held").exists(),
+        "other/ was not waited for: {:?}",
+        proxy.injected()
+    );
+    drop(n);
+    proxy.set("{}");
+    let out = Command::new(SIMFS).arg("sync").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    unmount_clean(&mut m);
+}
+
+#[test]
+fn a_thousand_files_closed_right_before_a_sigkill_all_reach_a_fresh_node() {
+    let az = crate::write::empty_container("kill-after-close");
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = crate::mount(&az, "kill-after-close", cache.path(), &[]);
+    let root = m.path().to_path_buf();
+    let body = |i: usize| format!("file {i}: {}", "x".repeat(i % 97)).into_bytes();
+    for d in 0..10 {
+        std::fs::create_dir(root.join(format!("d{d}"))).unwrap();
+    }
+    for i in 0..1000 {
+        // As editors and pip do: a temporary name, then the final one.
+        let tmp = root.join(format!("d{}/.tmp-{i}", i % 10));
+        std::fs::write(&tmp, body(i)).unwrap();
+        std::fs::rename(&tmp, root.join(format!("d{}/f{i}", i % 10))).unwrap();
+    }
+    let mut child = m.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    m.unmount();
+    // Same cache directory: the journal has all of it; unmount drains.
+    let mut again = crate::mount(&az, "kill-after-close", cache.path(), &[]);
+    unmount_clean(&mut again);
+    let fresh = tempfile::tempdir().unwrap();
+    let n = crate::mount(&az, "kill-after-close", fresh.path(), &[]);
+    for i in 0..1000 {
+        let p = n.path().join(format!("d{}/f{i}", i % 10));
+        assert_eq!(std::fs::read(&p).unwrap(), body(i), "{}", p.display());
+        assert!(!n.path().join(format!("d{}/.tmp-{i}", i % 10)).exists());
+    }
+}

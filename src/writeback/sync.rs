@@ -1,0 +1,115 @@
+//! The barrier of `simfs sync [PATH...]`: everything pending under some paths, committed now.
+//!
+//! It takes the pending inodes whose names lie under one of the paths (all of them for the
+//! whole mount), uploads them `PARALLEL` at a time whatever their due time, and then
+//! completes the pending deletions (all of them: they are one cheap request each, and a
+//! deletion no longer knows its path's inode). A file that a handle is still writing (written
+//! and not yet closed) is not part of the barrier, since it was not closed before the call:
+//! it is reported, not waited for. What fails stays pending and is retried by the background
+//! as before; the caller gets each failure with its path.
+
+use super::{WbResult, Writeback};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Uploads at once.
+const PARALLEL: usize = 16;
+
+/// What a sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Inodes committed (or found committed already by the time their turn came).
+    pub committed: u64,
+    /// Paths that could not be committed, with why.
+    pub failed: Vec<(String, String)>,
+    /// Paths left out because a handle is still writing them.
+    pub still_open: Vec<String>,
+}
+
+/// Whether `path` is `under` or below it ("" is the whole mount).
+fn is_under(path: &[u8], under: &[u8]) -> bool {
+    under.is_empty()
+        || path == under
+        || (path.len() > under.len() && path.starts_with(under) && path[under.len()] == b'/')
+}
+
+impl Writeback {
+    /// Commits what is pending now under `paths` (relative to the mount's root; an empty
+    /// list or "" for everything), calling `progress(done, total)` as inodes finish.
+    pub fn sync_paths(
+        &self,
+        paths: &[String],
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> WbResult<SyncOutcome> {
+        let whole = paths.is_empty() || paths.iter().any(|p| p.is_empty());
+        self.index.persist_written()?;
+        let mut todo = Vec::new();
+        let mut out = SyncOutcome::default();
+        for ino in self.index.pending_inodes()? {
+            let Some(p) = self.index.pending_inode(ino)? else {
+                continue;
+            };
+            let path = p
+                .names
+                .first()
+                .map(|n| String::from_utf8_lossy(&n.path).into_owned());
+            let wanted = match &path {
+                // Unlinked: a deletion, which belongs to the whole mount's barrier.
+                None => whole,
+                Some(_) if whole => true,
+                Some(_) => p.names.iter().any(|n| {
+                    paths
+                        .iter()
+                        .any(|under| is_under(&n.path, under.trim_matches('/').as_bytes()))
+                }),
+            };
+            if !wanted {
+                continue;
+            }
+            let path = path.unwrap_or_else(|| format!("(deleted inode {ino})"));
+            if self.pins.is_writing(ino) {
+                out.still_open.push(path);
+            } else {
+                todo.push((ino, path));
+            }
+        }
+        let total = todo.len() as u64;
+        progress(0, total);
+        let (next, done) = (AtomicU64::new(0), AtomicU64::new(0));
+        let failed = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..PARALLEL.min(todo.len()) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some((ino, path)) = todo.get(i) else {
+                        return;
+                    };
+                    if let Err(e) = self.upload(*ino) {
+                        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                        f.push((path.clone(), e.to_string()));
+                    }
+                    progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+                });
+            }
+        });
+        out.failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+        out.failed.sort();
+        out.committed = total - out.failed.len() as u64;
+        self.empty_trash(true)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_under;
+
+    #[test]
+    fn a_path_is_under_itself_and_its_directories_only() {
+        assert!(is_under(b"a/b", b""));
+        assert!(is_under(b"a/b", b"a"));
+        assert!(is_under(b"a/b", b"a/b"));
+        assert!(!is_under(b"ab/c", b"a"), "a sibling with a longer name");
+        assert!(!is_under(b"a", b"a/b"));
+    }
+}
