@@ -300,7 +300,7 @@ fn a_full_cache_disk_gives_enospc_and_corrupts_nothing() {
 #[test]
 fn a_blob_changed_by_another_writer_is_kept_and_ours_is_saved_beside_it() {
     // On a `sync` mount close is the commit, so close is what fails.
-    conflict_is_kept_beside("conflict-sync", &["--sync"], |h| nix_close(h));
+    conflict_is_kept_beside("conflict-sync", &["--sync"], nix_close);
 }
 
 #[test]
