@@ -618,12 +618,12 @@ impl Filesystem for SimFuse {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.off_thread(move |fs| reply_empty(fs.fsyncdir(), reply));
+        self.off_thread(move |fs| reply_empty(fs.fsyncdir(ino.0), reply));
     }
 
     fn fallocate(

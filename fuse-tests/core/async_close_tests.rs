@@ -164,3 +164,34 @@ fn a_crash_right_after_close_loses_nothing_and_the_next_mount_uploads_it() {
         );
     }
 }
+
+#[test]
+fn fsync_of_a_directory_commits_its_entries_and_deletions_and_nothing_elsewhere() {
+    let w = async_world();
+    let a =
+        w.fs.mkdir(ROOT_INO, OsStr::new("a"), 0o755, ME)
+            .unwrap()
+            .ino;
+    let b =
+        w.fs.mkdir(ROOT_INO, OsStr::new("b"), 0o755, ME)
+            .unwrap()
+            .ino;
+    for (dir, name) in [(a, "x"), (b, "y")] {
+        let (_, fh) = w.fs.create(dir, OsStr::new(name), 0o644, ME).unwrap();
+        w.fs.write(fh, 0, name.as_bytes()).unwrap();
+        w.fs.flush(fh).unwrap();
+        w.fs.release(fh).unwrap();
+    }
+    // An entry committed earlier and removed now: its deletion belongs to the barrier.
+    w.store.inner().put("a/old", "old", &[]);
+    w.fs.refresher().refresh_path("a").unwrap();
+    w.fs.unlink(a, OsStr::new("old")).unwrap();
+    w.fs.fsyncdir(a).unwrap();
+    let s = w.store.inner();
+    assert_eq!(s.data("a/x").as_deref(), Some(&b"x"[..]));
+    assert!(s.data("a/old").is_none(), "the removal is committed");
+    assert!(
+        s.data("b/y").is_none(),
+        "another directory is not waited for"
+    );
+}

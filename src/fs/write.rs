@@ -331,11 +331,12 @@ impl SimFs {
         self.upload(ino)
     }
 
-    /// fsyncdir(2): every pending change is committed (entries of a directory depend on
-    /// changes elsewhere, such as a rename's source).
-    pub fn fsyncdir(&self) -> FsResult<()> {
+    /// fsyncdir(2) of `dir`: the entries pending in it (created, renamed in, changed), the
+    /// directory itself and the pending deletions (entries removed or renamed away) are
+    /// committed; other directories' pending changes are not waited for.
+    pub fn fsyncdir(&self, dir: u64) -> FsResult<()> {
         match &self.writeback {
-            Some(wb) => Ok(wb.drain_all().map_err(Arc::new)?),
+            Some(wb) => Ok(wb.sync_dir(dir).map_err(Arc::new)?),
             None => Ok(()),
         }
     }

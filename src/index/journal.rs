@@ -138,6 +138,32 @@ impl Index {
         })
     }
 
+    /// Pending inodes with an entry in directory `dir`.
+    pub fn pending_entries_of(&self, dir: u64) -> IndexResult<Vec<u64>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT i.ino FROM dentries d JOIN inodes i ON i.ino = d.ino
+                 WHERE d.parent = ?1 AND i.pending = 1",
+            )?;
+            let rows = st.query_map([dir as i64], |r| r.get::<_, i64>(0))?;
+            Ok(rows
+                .map(|r| r.map(|i| i as u64))
+                .collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Pending inodes with no name left (their blobs are to be deleted).
+    pub fn pending_unlinked(&self) -> IndexResult<Vec<u64>> {
+        self.with_conn(|c| {
+            let mut st =
+                c.prepare_cached("SELECT ino FROM inodes WHERE pending = 1 AND nlink = 0")?;
+            let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
+            Ok(rows
+                .map(|r| r.map(|i| i as u64))
+                .collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
     /// Pending inodes due at `now`, oldest first.
     pub fn due(&self, now: SystemTime, limit: usize) -> IndexResult<Vec<u64>> {
         self.with_conn(|c| {

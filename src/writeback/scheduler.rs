@@ -230,14 +230,6 @@ impl Writeback {
         }
     }
 
-    /// `drain`, failing when something could not be uploaded (fsyncdir).
-    pub fn drain_all(&self) -> WbResult<()> {
-        match self.drain(true, |_| {})? {
-            0 => Ok(()),
-            n => Err(WritebackError::Failing(n)),
-        }
-    }
-
     /// Number of pending changes and the ones failing with their last error.
     pub fn pending(&self) -> WbResult<(u64, Vec<Failing>)> {
         Ok((self.index.pending()?.0, self.index.failing()?))

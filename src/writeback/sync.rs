@@ -1,4 +1,5 @@
-//! The barrier of `simfs sync [PATH...]`: everything pending under some paths, committed now.
+//! Barriers: `simfs sync [PATH...]` (everything pending under some paths, committed now) and
+//! fsync of a directory (the entries pending in it).
 //!
 //! It takes the pending inodes whose names lie under one of the paths (all of them for the
 //! whole mount), uploads them `PARALLEL` at a time whatever their due time, and then
@@ -73,6 +74,43 @@ impl Writeback {
                 todo.push((ino, path));
             }
         }
+        out.failed = self.upload_all(&todo, progress);
+        out.committed = todo.len() as u64 - out.failed.len() as u64;
+        self.empty_trash(true)?;
+        Ok(out)
+    }
+
+    /// fsync of directory `dir`: commits the entries pending in it (created, renamed into
+    /// it, changed), the directory itself, and the pending deletions (entries removed or
+    /// renamed away, wherever: they are one cheap request each). A file still open for
+    /// writing is committed as it is now, as fsync of a directory on a local disk would
+    /// persist the entry with whatever the file holds.
+    pub fn sync_dir(&self, dir: u64) -> WbResult<()> {
+        self.index.persist_written()?;
+        let mut todo: Vec<(u64, String)> = self
+            .index
+            .pending_entries_of(dir)?
+            .into_iter()
+            .chain(std::iter::once(dir))
+            .chain(self.index.pending_unlinked()?)
+            .map(|ino| (ino, format!("inode {ino}")))
+            .collect();
+        todo.dedup();
+        let failed = self.upload_all(&todo, &|_, _| {});
+        self.empty_trash(true)?;
+        match failed.len() {
+            0 => Ok(()),
+            n => Err(super::WritebackError::Failing(n as u64)),
+        }
+    }
+
+    /// Uploads `todo` (inode, path for the report) `PARALLEL` at a time, calling
+    /// `progress(done, total)`; the paths that failed, with why, sorted.
+    fn upload_all(
+        &self,
+        todo: &[(u64, String)],
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Vec<(String, String)> {
         let total = todo.len() as u64;
         progress(0, total);
         let (next, done) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -92,11 +130,9 @@ impl Writeback {
                 });
             }
         });
-        out.failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
-        out.failed.sort();
-        out.committed = total - out.failed.len() as u64;
-        self.empty_trash(true)?;
-        Ok(out)
+        let mut failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+        failed.sort();
+        failed
     }
 }
 
