@@ -6,14 +6,43 @@ each direction, so every request-response pays one RTT while throughput is not l
     delay_proxy.py LISTEN_PORT TARGET_PORT [RTT_MS]     # on 127.0.0.1
 
 Models Azure's in-region round trip (about 5 ms) in front of Azurite on loopback.
+
+With DELAY_PROXY_COUNTS=FILE it also counts the requests it forwards, by method, and keeps
+FILE up to date as JSON ({"PUT": 12, "GET": 3, ...}): the request count of a workload is the
+difference of two readings. Request lines are found in the client's bytes; a body that
+happened to hold one would be counted too, which a benchmark's data does not.
 """
 import asyncio
+import json
+import os
+import re
 import sys
 import time
 
+COUNTS_FILE = os.environ.get("DELAY_PROXY_COUNTS")
+REQUEST_LINE = re.compile(rb"(GET|PUT|HEAD|DELETE|POST) /[^ \r\n]* HTTP/1\.1\r\n")
+counts = {}
 
-async def pipe(reader, writer, delay):
+
+def count(tail, chunk):
+    """Counts the request lines in `chunk` (with `tail`, the end of the previous chunk, so a
+    line cut in two is seen once); returns the new tail."""
+    data = tail + chunk
+    found = list(REQUEST_LINE.finditer(data))
+    for m in found:
+        if m.end() > len(tail):
+            counts[m.group(1).decode()] = counts.get(m.group(1).decode(), 0) + 1
+    if found and COUNTS_FILE:
+        tmp = COUNTS_FILE + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(counts, f)
+        os.replace(tmp, COUNTS_FILE)
+    return data[-200:]
+
+
+async def pipe(reader, writer, delay, counting=False):
     queue = asyncio.Queue()
+    tail = b""
 
     async def forward():
         while True:
@@ -33,6 +62,8 @@ async def pipe(reader, writer, delay):
             chunk = await reader.read(1 << 16)
             if not chunk:
                 break
+            if counting and COUNTS_FILE:
+                tail = count(tail, chunk)
             await queue.put((time.monotonic() + delay, chunk))
     except (ConnectionError, OSError):
         pass
@@ -54,7 +85,7 @@ async def main():
             client_w.close()
             return
         await asyncio.gather(
-            pipe(client_r, server_w, half), pipe(server_r, client_w, half)
+            pipe(client_r, server_w, half, counting=True), pipe(server_r, client_w, half)
         )
 
     server = await asyncio.start_server(handle, "127.0.0.1", listen)

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# The write workloads users run on a mount, each on a native directory and on simfs in the
+# same run, through a delay proxy (default 5 ms round trip, Azure's in-region order):
+#
+#   pip      python -m venv + pip install --no-index numpy requests (local wheels)
+#   build    autoreconf + configure + make of a small C project (60 sources)
+#   clone    git clone --no-local of a repository of COMMITS (default 3,000) commits
+#   dd       1 GiB written with dd bs=1M conv=fsync, beside the Azure SDK for Python's
+#            upload_blob (max_concurrency=8) and rclone copyto of the same file
+#   drain    after pip on the default (async) mount: `simfs sync` time and the requests the
+#            proxy counted; the same pip on a `-o sync` mount for comparison
+#
+# Ratios are simfs over native, measured one after the other in one run; the results land
+# in OUT (default benches/results/writes): table.txt and writes.json.
+#
+#   bash benches/writes.sh
+#   RTT_MS=5 COMMITS=3000 ONLY="pip dd" OUT=/tmp/w bash benches/writes.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+RTT_MS="${RTT_MS:-5}"; COMMITS="${COMMITS:-3000}"; ONLY="${ONLY:-pip build clone dd}"
+OUT="${OUT:-$PWD/benches/results/writes}"
+bash fuse-tests/setup.sh
+need=()
+for t in autoreconf:autoconf automake:automake make:make git:git rclone:rclone; do
+  command -v "${t%%:*}" >/dev/null 2>&1 || need+=("${t##*:}")
+done
+if ((${#need[@]})); then
+  echo "writes: installing ${need[*]}" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+cargo build --release --quiet --bins
+bin="$PWD/target/release"
+mkdir -p "$OUT"
+work="$(mktemp -d /tmp/simfs-writes.XXXXXX)"
+mkdir -p "$work/az" "$work/native" "$work/async" "$work/sync"
+cleanup() {
+  set +e
+  for m in "$work/async" "$work/sync"; do
+    grep -q " $m " /proc/mounts && { fusermount3 -u "$m" || umount -l "$m"; }
+  done
+  for p in ${pids:-}; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.05; done; }
+
+az_port="$(free_port)"; proxy_port="$(free_port)"
+fuse-tests/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$az_port" \
+  --location "$work/az" --skipApiVersionCheck --silent --loose >/dev/null 2>&1 &
+pids="$!"
+DELAY_PROXY_COUNTS="$work/counts.json" python3 benches/delay_proxy.py "$proxy_port" "$az_port" "$RTT_MS" &
+pids="$pids $!"
+wait_port "$az_port"; wait_port "$proxy_port"
+direct="http://127.0.0.1:$az_port/devstoreaccount1"
+slow="http://127.0.0.1:$proxy_port/devstoreaccount1"
+requests() { python3 -c 'import json,sys; print(sum(json.load(open(sys.argv[1])).values()))' "$work/counts.json" 2>/dev/null || echo 0; }
+
+echo "== inputs"
+mkdir -p "$work/empty"; echo "simfs write bench" > "$work/empty/README"
+sas_url=""
+for c in w-async w-sync w-ref; do
+  s="$("$bin/simfs-seed" --endpoint "$direct" --container "$c" --dir "$work/empty=" --print-sas racwdl)"
+  [ "$c" = w-ref ] && sas_url="${s/$direct/$slow}"
+done
+# Wheels once per machine (PyPI), then never again: pip installs them with --no-index.
+wheels="${WHEELS:-$HOME/.cache/simfs-bench/wheels}"
+mkdir -p "$wheels"
+ls "$wheels"/numpy-*.whl >/dev/null 2>&1 && ls "$wheels"/requests-*.whl >/dev/null 2>&1 ||
+  python3 -m pip download -q --only-binary=:all: --dest "$wheels" numpy requests
+# The reference uploader: the Azure SDK for Python, in a venv of its own (outside the mounts).
+python3 -m venv "$work/sdk"
+"$work/sdk/bin/pip" install -q --disable-pip-version-check --find-links "$wheels" azure-storage-blob ||
+  echo "writes: no azure-storage-blob (PyPI unreachable?): the SDK reference is skipped" >&2
+"$work/sdk/bin/pip" download -q --disable-pip-version-check --dest "$wheels" azure-storage-blob >/dev/null 2>&1 || true
+# A small autotools project: 60 sources.
+proj="$work/cproj"; mkdir -p "$proj/src"
+cat > "$proj/configure.ac" <<'AC'
+AC_INIT([bench], [1.0])
+AM_INIT_AUTOMAKE([foreign subdir-objects])
+AC_PROG_CC
+AC_CONFIG_FILES([Makefile])
+AC_OUTPUT
+AC
+{ echo "bin_PROGRAMS = bench"; printf 'bench_SOURCES = src/main.c'; for i in $(seq 0 59); do printf ' src/m%d.c' "$i"; done; echo; } > "$proj/Makefile.am"
+{ for i in $(seq 0 59); do echo "int m$i(int);"; done
+  echo "int main(void) { int s = 0;"; for i in $(seq 0 59); do echo "s += m$i($i);"; done; echo "return s == 42; }"; } > "$proj/src/main.c"
+for i in $(seq 0 59); do
+  { echo "#include <string.h>"; echo "static int t$i[64];"
+    echo "int m$i(int x) { for (int i = 0; i < 64; i++) t$i[i] = x * i; return (int)strlen(\"m$i\") + t$i[x % 64]; }"; } > "$proj/src/m$i.c"
+done
+# A repository of COMMITS commits over 400 files (fast-import: seconds to make).
+repo="$work/repo"; git init -q "$repo"
+python3 - "$COMMITS" <<'PY' | git -C "$repo" fast-import --quiet
+import random, sys
+n = int(sys.argv[1]); rng = random.Random(7); mark = 0
+for c in range(n):
+    print("commit refs/heads/main")
+    print(f"committer bench <bench@example.invalid> {1700000000 + c} +0000")
+    msg = f"change {c}".encode(); print(f"data {len(msg)}"); print(msg.decode())
+    if c: print(f"from :{c}")
+    print(f"mark :{c + 1}")
+    for _ in range(3 if c else 400):
+        f = rng.randrange(400) if c else _
+        body = "".join(f"line {rng.random()}\n" for _ in range(rng.randint(20, 200))).encode()
+        print(f"M 644 inline src/f{f:03d}.txt"); print(f"data {len(body)}"); sys.stdout.flush()
+        sys.stdout.buffer.write(body); print()
+PY
+git -C "$repo" checkout -q main 2>/dev/null || true
+echo "   repository: $(git -C "$repo" rev-list --count main) commits, $(du -sh "$repo/.git" | cut -f1) of .git"
+dd if=/dev/urandom of="$work/1g.bin" bs=1M count=1024 status=none
+
+export AZURE_STORAGE_CONNECTION_STRING="UseDevelopmentStorage=true;BlobEndpoint=$slow"
+"$bin/simfs" mount w-async "$work/async" --cache-dir "$work/cache-a"
+"$bin/simfs" mount w-sync "$work/sync" --cache-dir "$work/cache-s" --sync
+
+results="$work/results.txt"; : > "$results"
+# run NAME TARGET_LABEL DIR COMMAND...: times COMMAND in DIR, records "NAME LABEL SECONDS REQUESTS".
+run() {
+  local name="$1" label="$2" dir="$3"; shift 3
+  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  local r0 t0 t1 r1; r0="$(requests)"; t0=$EPOCHREALTIME
+  (cd "$dir" && "$@") > "$work/$name-$label.log" 2>&1 || { echo "$name on $label failed:" >&2; tail -5 "$work/$name-$label.log" >&2; return 1; }
+  t1=$EPOCHREALTIME; r1="$(requests)"
+  awk -v n="$name" -v l="$label" -v a="$t0" -v b="$t1" -v r=$((r1 - r0)) 'BEGIN { printf "%s %s %.2f %d\n", n, l, b - a, r }' | tee -a "$results"
+}
+pip_job() { python3 -m venv venv && venv/bin/pip install -q --disable-pip-version-check --no-index --find-links "$wheels" numpy requests && venv/bin/python -c 'import numpy, requests'; }
+build_job() { cp -r "$proj" proj && cd proj && autoreconf -i >/dev/null 2>&1 && ./configure -q && make -s -j2; }
+clone_job() { git clone -q --no-local "$repo" clone; }
+dd_job() { dd if="$work/1g.bin" of=1g.bin bs=1M conv=fsync status=none; }
+
+for w in $ONLY; do
+  echo "== $w"
+  for t in native async; do
+    d="$work/$t/$w"; mkdir -p "$d"
+    run "$w" "$t" "$d" "${w}_job"
+  done
+  case "$w" in
+    pip)
+      # What the async mount still owes the container, and what it costs to pay it.
+      run drain async "$work/async/pip" "$bin/simfs" sync .
+      mkdir -p "$work/sync/pip"; run pip sync "$work/sync/pip" pip_job ;;
+    dd)
+      if [ -x "$work/sdk/bin/python" ] && "$work/sdk/bin/python" -c 'import azure.storage.blob' 2>/dev/null; then
+        run dd sdk "$work" "$work/sdk/bin/python" -c '
+import sys
+from azure.storage.blob import BlobClient
+c = BlobClient.from_connection_string(sys.argv[1], "w-ref", "sdk-1g.bin")
+with open(sys.argv[2], "rb") as f:
+    c.upload_blob(f, overwrite=True, max_concurrency=8)' "$AZURE_STORAGE_CONNECTION_STRING" "$work/1g.bin"
+      fi
+      RCLONE_CONFIG_AZ_TYPE=azureblob RCLONE_CONFIG_AZ_SAS_URL="$sas_url" \
+        run dd rclone "$work" rclone copyto "$work/1g.bin" az:w-ref/rclone-1g.bin --azureblob-upload-concurrency 8 ;;
+  esac
+done
+"$bin/simfs" unmount "$work/async"
+"$bin/simfs" unmount "$work/sync"
+
+python3 - "$results" "$OUT" "$RTT_MS" <<'PY' | tee "$OUT/table.txt"
+import json, sys, os
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+r = {(n, t): (float(s), int(q)) for n, t, s, q in rows}
+out, rtt = sys.argv[2], sys.argv[3]
+print(f"write workloads, {rtt} ms round trip; seconds (requests the proxy counted)")
+for w in ["pip", "build", "clone", "dd"]:
+    if (w, "native") not in r:
+        continue
+    n, a = r[(w, "native")][0], r.get((w, "async"))
+    line = f"{w:6} native {n:7.2f} s   simfs {a[0]:7.2f} s ({a[1]} requests) = {a[0] / n:.2f}x"
+    if w == "dd":
+        for ref in ["sdk", "rclone"]:
+            if (w, ref) in r:
+                line += f";  {ref} upload {r[(w, ref)][0]:.2f} s (simfs = {a[0] / r[(w, ref)][0]:.2f}x)"
+    print(line)
+if ("drain", "async") in r:
+    d, s = r[("drain", "async")], r.get(("pip", "sync"))
+    print(f"drain  simfs sync after pip: {d[0]:.2f} s, {d[1]} requests"
+          + (f";  pip on a -o sync mount: {s[0]:.2f} s ({s[1]} requests)" if s else ""))
+json.dump([{"workload": n, "target": t, "s": float(s), "requests": int(q)} for n, t, s, q in rows],
+          open(os.path.join(out, "writes.json"), "w"), indent=1)
+PY
