@@ -92,16 +92,16 @@ for i in $(seq 0 59); do
     echo "int m$i(int x) { for (int i = 0; i < 64; i++) t$i[i] = x * i; return (int)strlen(\"m$i\") + t$i[x % 64]; }"; } > "$proj/src/m$i.c"
 done
 # A repository of COMMITS commits over 400 files (fast-import: seconds to make).
-repo="$work/repo"; git init -q "$repo"
+repo="$work/repo"; git init -q -b main "$repo"
 python3 - "$COMMITS" <<'PY' | git -C "$repo" fast-import --quiet
 import random, sys
 n = int(sys.argv[1]); rng = random.Random(7); mark = 0
 for c in range(n):
     print("commit refs/heads/main")
+    print(f"mark :{c + 1}")
     print(f"committer bench <bench@example.invalid> {1700000000 + c} +0000")
     msg = f"change {c}".encode(); print(f"data {len(msg)}"); print(msg.decode())
     if c: print(f"from :{c}")
-    print(f"mark :{c + 1}")
     for _ in range(3 if c else 400):
         f = rng.randrange(400) if c else _
         body = "".join(f"line {rng.random()}\n" for _ in range(rng.randint(20, 200))).encode()

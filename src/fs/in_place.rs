@@ -98,8 +98,10 @@ impl SimFs {
         };
         w.handles += 1;
         h.in_place.store(true, Ordering::Relaxed);
-        // Its writes reach the file unseen: until its close it counts as writing.
+        // Its writes reach the file unseen: until its close it counts as writing, and no
+        // block staged ahead of the commit can be trusted.
         self.hold_upload(&h);
+        self.writable()?.forget_stream(h.ino);
         Ok(())
     }
 
@@ -115,6 +117,7 @@ impl SimFs {
         }
         let (now, due) = self.due()?;
         self.index.wrote(ino, md.len(), now, due)?;
+        self.writable()?.forget_stream(ino);
         self.changed(due);
         Ok(true)
     }

@@ -217,6 +217,7 @@ impl SimFs {
             self.make_local(ino, size == 0)?;
             let f = self.local.open(ino, true)?;
             f.set_len(size)?;
+            self.writable()?.truncated(ino, size);
             // truncate(2) changes the times like a write, when the size changes.
             if size != a.size && c.mtime.is_none() {
                 c.mtime = Some(SetTime::Now);
@@ -244,6 +245,9 @@ impl SimFs {
         self.index
             .wrote(ino, offset + data.len() as u64, now, due)?;
         self.note_writing(&h);
+        if let Some(wb) = &self.writeback {
+            wb.wrote_range(ino, offset, data.len() as u64);
+        }
         self.changed(due);
         Ok(data.len() as u32)
     }
@@ -279,6 +283,9 @@ impl SimFs {
             };
             self.index.setattr(ino, &grow, now, due)?;
             self.note_writing(&h);
+            if let Some(wb) = &self.writeback {
+                wb.wrote_range(ino, size, end - size);
+            }
             self.changed(due);
         }
         Ok(())

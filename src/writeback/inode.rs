@@ -118,6 +118,7 @@ impl Writeback {
         if v.names.is_empty() {
             // Unlinked: every claimed name goes to the trash; the row goes once unused.
             let is_open = self.pins.is_open(ino);
+            self.forget_stream(ino);
             index.record_upload(ino, v.gen, None, &[], v.dirty, !is_open)?;
             if !is_open {
                 self.local.remove(ino);
@@ -177,18 +178,27 @@ impl Writeback {
         }
     }
 
-    async fn upload_file(&self, cx: &Ctx<'_>, v: &PendingInode) -> WbResult<()> {
-        let index = &self.index;
-        let a = &v.attr;
-        let ino = a.ino;
+    /// The blob names of a file's paths, and its *anchor*: the name its data goes to (the
+    /// blob it already has if that is still one of its names, else its first name).
+    pub(super) fn anchor(&self, v: &PendingInode) -> WbResult<(Vec<String>, String)> {
         let mut paths = Vec::with_capacity(v.names.len());
         for n in &v.names {
             paths.push(self.blob_name(&n.path)?);
         }
         let anchor = match &v.blob {
             Some((b, _)) if paths.contains(b) => b.clone(),
-            _ => paths[0].clone(),
+            _ => paths.first().cloned().ok_or_else(|| {
+                WritebackError::Invalid(format!("inode {} has no name", v.attr.ino))
+            })?,
         };
+        Ok((paths, anchor))
+    }
+
+    async fn upload_file(&self, cx: &Ctx<'_>, v: &PendingInode) -> WbResult<()> {
+        let index = &self.index;
+        let a = &v.attr;
+        let ino = a.ino;
+        let (paths, anchor) = self.anchor(v)?;
         let anchor_at = paths.iter().position(|p| *p == anchor).unwrap_or(0);
         let meta = self.with_path(
             &v.names[anchor_at].path,
@@ -285,6 +295,19 @@ impl Writeback {
         self.converge(name, expect, |e| {
             let path = &path;
             async move {
+                // Blocks staged while the file was written are reused; a list the service
+                // refuses (it dropped them: another commit to the name) falls back to a
+                // whole upload, unless the name holds another version (a conflict).
+                match self.commit_stream(ino, name, path, meta, &e).await {
+                    Some(Ok(etag)) => return Ok(etag),
+                    Some(Err(err)) if err.is_changed() => return Err(err.into()),
+                    Some(Err(err)) => {
+                        tracing::info!(
+                            "{name}: the staged blocks were refused ({err}); uploading whole"
+                        )
+                    }
+                    None => {}
+                }
                 Ok(
                     upload_file(self.store.as_ref(), name, path, meta, &e, &self.opts.upload)
                         .await?,

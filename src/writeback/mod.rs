@@ -11,6 +11,7 @@
 //! - `conflict.rs`: what happens when someone else changed a blob, and emptying the trash;
 //! - `scheduler.rs`: due changes in parallel batches, drain, mount-time recovery, and the
 //!   background thread, which sleeps until the next change is due or it is woken;
+//! - `stream.rs`: blocks of a file being written sequentially, staged before its commit;
 //! - `window.rs`: the bounded window of closed-but-uncommitted data (back-pressure on close);
 //! - `sync.rs`: the barrier of `simfs sync PATH`.
 //!
@@ -31,6 +32,7 @@
 mod conflict;
 mod inode;
 mod scheduler;
+mod stream;
 mod sync;
 mod window;
 
@@ -137,6 +139,8 @@ pub struct Writeback {
     wakeup: scheduler::Wakeup,
     /// Uploads that ended, for the closes waiting for room in the window.
     finished: window::Finished,
+    /// Blocks of files being written, staged ahead of their commit.
+    streams: stream::Streams,
 }
 
 impl Writeback {
@@ -152,6 +156,7 @@ impl Writeback {
         opts: WritebackOptions,
     ) -> WbResult<Writeback> {
         let writer = index.writer_id()?;
+        let streams = stream::Streams::new(&opts.upload);
         Ok(Writeback {
             store,
             writer,
@@ -166,6 +171,7 @@ impl Writeback {
             names: NameLocks::default(),
             wakeup: scheduler::Wakeup::default(),
             finished: window::Finished::default(),
+            streams,
         })
     }
 

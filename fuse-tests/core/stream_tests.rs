@@ -1,0 +1,136 @@
+//! Checkpoints streamed while written: blocks a sequential writer has finished are staged
+//! before its close, each once; the commit stages only the rest, and the committed blob is
+//! the file at the commit whatever was rewritten or truncated after staging. (The test world
+//! uploads in 16 KiB blocks, files over 64 KiB in blocks.)
+
+use crate::world::{fixture, world_async, World};
+use crate::write_tests::ME;
+use simfs::blob::faulty::FaultyStore;
+use simfs::fs::*;
+use simfs::index::ROOT_INO;
+use std::ffi::OsStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BLOCK: usize = 16 << 10;
+/// Twelve whole blocks and a tail.
+const SIZE: usize = 12 * BLOCK + 5000;
+
+fn data() -> Vec<u8> {
+    (0..SIZE as u32).map(|i| (i % 249) as u8).collect()
+}
+
+fn puts(w: &World) -> u64 {
+    w.store.counters.put.load(Ordering::SeqCst)
+}
+
+fn eventually(what: &str, done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never: {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Writes `data` sequentially in 4 KiB writes to a new file; returns its inode and handle.
+fn write_sequentially(w: &World, data: &[u8]) -> (u64, u64) {
+    let (a, fh) =
+        w.fs.create(ROOT_INO, OsStr::new("ckpt.pt"), 0o644, ME)
+            .unwrap();
+    for (i, chunk) in data.chunks(4096).enumerate() {
+        w.fs.write(fh, (i * 4096) as u64, chunk).unwrap();
+    }
+    (a.ino, fh)
+}
+
+fn world() -> World {
+    let store = Arc::new(FaultyStore::new(fixture()));
+    world_async(store, tempfile::tempdir().unwrap(), Duration::ZERO)
+}
+
+#[test]
+fn a_sequential_writers_blocks_are_staged_before_its_close_and_each_only_once() {
+    let w = world();
+    let before = puts(&w);
+    let data = data();
+    let (ino, fh) = write_sequentially(&w, &data);
+    eventually(
+        "the twelve finished blocks are staged while the file is open",
+        || puts(&w) - before == 12,
+    );
+    assert!(
+        w.store.inner().data("ckpt.pt").is_none(),
+        "nothing committed yet"
+    );
+    w.fs.flush(fh).unwrap();
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(
+        puts(&w) - before,
+        14,
+        "the tail and the commit: no block twice"
+    );
+    assert_eq!(w.store.inner().data("ckpt.pt").unwrap(), data);
+    w.fs.release(fh).unwrap();
+}
+
+#[test]
+fn a_block_written_again_after_it_was_staged_is_staged_again() {
+    let w = world();
+    let before = puts(&w);
+    let mut data = data();
+    let (ino, fh) = write_sequentially(&w, &data);
+    eventually("staged", || puts(&w) - before == 12);
+    w.fs.write(fh, 100, b"REWRITTEN").unwrap();
+    data[100..109].copy_from_slice(b"REWRITTEN");
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(
+        puts(&w) - before,
+        15,
+        "block 0 again, the tail and the commit"
+    );
+    assert_eq!(w.store.inner().data("ckpt.pt").unwrap(), data);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}
+
+#[test]
+fn a_truncate_after_staging_commits_the_shorter_file_only() {
+    let w = world();
+    let before = puts(&w);
+    let data = data();
+    let (ino, fh) = write_sequentially(&w, &data);
+    eventually("staged", || puts(&w) - before == 12);
+    let cut = 5 * BLOCK + 123;
+    let c = AttrChanges {
+        size: Some(cut as u64),
+        ..Default::default()
+    };
+    w.fs.setattr_via(Some(fh), ino, &c).unwrap();
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(w.store.inner().data("ckpt.pt").unwrap(), &data[..cut]);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}
+
+#[test]
+fn a_file_renamed_before_its_commit_is_uploaded_whole_at_its_new_name() {
+    let w = world();
+    let data = data();
+    let (ino, fh) = write_sequentially(&w, &data);
+    let before = puts(&w);
+    eventually("staged", || puts(&w) - before >= 1);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new("ckpt.pt"),
+        ROOT_INO,
+        OsStr::new("final.pt"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(w.store.inner().data("final.pt").unwrap(), data);
+    assert!(w.store.inner().data("ckpt.pt").is_none());
+}

@@ -1,0 +1,322 @@
+//! Checkpoints streamed while written: the blocks a sequential writer has finished are staged
+//! (Put Block) in the background, so the close or fsync that commits the file stages only
+//! what is left and commits the block list, and a 10 GB checkpoint's fsync pays its tail.
+//!
+//! Per inode being written, a `Stream` keeps for each block of `block_size` bytes a sequence
+//! number, bumped by every write, truncate or allocation that touches the block, and for a
+//! staged block the id it was staged under and the sequence number it had when its data was
+//! read back from the local copy. A block is staged once the writer has moved past its end
+//! and the file is larger than one PUT. The commit (`upload_local`) reuses a staged block
+//! only while its sequence number is unchanged: a block written again after it was staged
+//! is staged again, and whatever a random writer or a truncate left unstaged or stale is
+//! staged at the commit. So the committed blob is always the file as it was at the commit.
+//!
+//! Memory stays bounded: a block is read back from the local copy when it is staged, with
+//! at most `IN_FLIGHT` blocks in flight across the mount. Staged blocks belong to one blob
+//! name: a rename before the commit (or a commit by anyone else to the name, after which the
+//! service drops uncommitted blocks and refuses the list) makes the upload fall back to a
+//! whole one. Nothing here is journaled: after a crash the previous version is still the
+//! committed one, and the next mount uploads the file whole.
+
+use super::Writeback;
+use crate::blob::upload::UploadOptions;
+use crate::blob::{Expect, Metadata};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Blocks being staged at once across the mount (each is read into memory).
+const IN_FLIGHT: usize = 8;
+/// A block blob holds at most this many blocks.
+const MAX_BLOCKS: u64 = 50_000;
+
+#[derive(Default)]
+struct Stream {
+    /// The blob name the blocks are staged for, from the first staging on.
+    name: Option<String>,
+    /// Distinguishes this stream's block ids from any other upload's.
+    nonce: u128,
+    /// Sequence number of the last change, per block (0: never written).
+    changed: Vec<u64>,
+    /// Staged blocks: id and the sequence number their data was read at.
+    staged: HashMap<u64, (Vec<u8>, u64)>,
+    /// Blocks being staged now.
+    staging: usize,
+    next_seq: u64,
+    /// The first block not yet looked at for staging.
+    cursor: u64,
+    /// The commit took the stream: no new staging.
+    closed: bool,
+}
+
+impl Stream {
+    fn touch(&mut self, first: u64, last: u64) {
+        if self.changed.len() <= last as usize {
+            self.changed.resize(last as usize + 1, 0);
+        }
+        self.next_seq += 1;
+        for b in first..=last {
+            self.changed[b as usize] = self.next_seq;
+        }
+    }
+
+    fn id(&self, block: u64, seq: u64) -> Vec<u8> {
+        format!("{:032x}{block:08x}{seq:016x}", self.nonce).into_bytes()
+    }
+}
+
+/// The streams of a mount's inodes being written.
+pub(super) struct Streams {
+    map: Mutex<HashMap<u64, Arc<Mutex<Stream>>>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Block size and the single-PUT bound, as the upload uses them.
+    opts: UploadOptions,
+}
+
+impl Streams {
+    pub(super) fn new(opts: &UploadOptions) -> Streams {
+        Streams {
+            map: Mutex::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
+            opts: opts.clone(),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Mutex<Stream>>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, ino: u64) -> Arc<Mutex<Stream>> {
+        self.map()
+            .entry(ino)
+            .or_insert_with(|| {
+                let nonce = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos()
+                    ^ (ino as u128) << 64;
+                Arc::new(Mutex::new(Stream {
+                    nonce,
+                    ..Default::default()
+                }))
+            })
+            .clone()
+    }
+
+    fn take(&self, ino: u64) -> Option<Arc<Mutex<Stream>>> {
+        self.map().remove(&ino)
+    }
+}
+
+fn lock(s: &Mutex<Stream>) -> std::sync::MutexGuard<'_, Stream> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Writeback {
+    /// Bytes `off..off + len` of `ino`'s local copy changed (a write, or an allocation):
+    /// blocks the writer has moved past are staged in the background.
+    pub fn wrote_range(self: &Arc<Self>, ino: u64, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let block = self.streams.opts.block_size.max(1);
+        let (first, last) = (off / block, (off + len - 1) / block);
+        if last >= MAX_BLOCKS {
+            // Larger than a block blob of this block size holds: uploaded whole at commit.
+            self.streams.take(ino);
+            return;
+        }
+        let stream = self.streams.get(ino);
+        let ready: Vec<u64> = {
+            let mut s = lock(&stream);
+            s.touch(first, last);
+            if s.closed || (off + len) <= self.streams.opts.single_put_max {
+                return;
+            }
+            // Blocks wholly below this write's first block are finished for a sequential
+            // writer; one written since it was looked at is looked at again next time.
+            let ready = (s.cursor.min(first)..first)
+                .filter(|b| {
+                    s.staged
+                        .get(b)
+                        .is_none_or(|(_, seq)| *seq != s.changed[*b as usize])
+                })
+                .collect();
+            s.cursor = first;
+            ready
+        };
+        for b in ready {
+            self.stage_in_background(ino, stream.clone(), b);
+        }
+    }
+
+    /// `ino` was truncated to `size`: blocks from the one holding the new end on change.
+    pub fn truncated(&self, ino: u64, size: u64) {
+        let block = self.streams.opts.block_size.max(1);
+        let Some(stream) = self.streams.map().get(&ino).cloned() else {
+            return;
+        };
+        let mut s = lock(&stream);
+        let from = size / block;
+        let to = (s.changed.len() as u64).max(from + 1) - 1;
+        s.touch(from, to);
+        s.cursor = s.cursor.min(from);
+    }
+
+    /// `ino`'s local copy changes where simfs cannot see it (writers in place): no block
+    /// staged so far can be trusted, and none is staged until its next upload.
+    pub fn forget_stream(&self, ino: u64) {
+        if let Some(s) = self.streams.take(ino) {
+            lock(&s).closed = true;
+        }
+    }
+
+    fn stage_in_background(self: &Arc<Self>, ino: u64, stream: Arc<Mutex<Stream>>, b: u64) {
+        lock(&stream).staging += 1;
+        let wb = self.clone();
+        self.rt.spawn(async move {
+            let staged = wb.stage_one(ino, &stream, b).await;
+            let mut s = lock(&stream);
+            s.staging -= 1;
+            match staged {
+                Some((id, seq)) => {
+                    s.staged.insert(b, (id, seq));
+                }
+                None => tracing::debug!("inode {ino}: block {b} left for the commit"),
+            }
+        });
+    }
+
+    /// Stages block `b` of `ino` as it is now; its id and the sequence number it was read at.
+    async fn stage_one(&self, ino: u64, stream: &Mutex<Stream>, b: u64) -> Option<(Vec<u8>, u64)> {
+        let _permit = self.streams.in_flight.clone().acquire_owned().await.ok()?;
+        // (Bound first: a guard in a match's scrutinee lives through the whole match.)
+        let known = lock(stream).name.clone();
+        let name = match known {
+            Some(n) => n,
+            None => {
+                let n = self.anchor_of(ino).ok()??;
+                lock(stream).name.get_or_insert(n).clone()
+            }
+        };
+        let (id, seq) = {
+            let s = lock(stream);
+            if s.closed {
+                return None;
+            }
+            let seq = *s.changed.get(b as usize)?;
+            (s.id(b, seq), seq)
+        };
+        let block = self.streams.opts.block_size;
+        let path = self.local.path(ino);
+        let data = tokio::task::spawn_blocking(move || read_block(&path, b * block, block))
+            .await
+            .ok()?
+            .ok()?;
+        if data.len() as u64 != block {
+            return None;
+        }
+        self.store.stage_block(&name, &id, data).await.ok()?;
+        Some((id, seq))
+    }
+
+    /// The name `ino`'s data would be uploaded to now (None: it has no name).
+    fn anchor_of(&self, ino: u64) -> super::WbResult<Option<String>> {
+        match self.index.pending_inode(ino)? {
+            Some(p) if !p.names.is_empty() => Ok(Some(self.anchor(&p)?.1)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Uploads `ino`'s local copy at `path` as blob `name` using the blocks its stream staged
+    /// there; None when there is no stream for that name (the caller uploads whole).
+    pub(super) async fn commit_stream(
+        &self,
+        ino: u64,
+        name: &str,
+        path: &Path,
+        meta: &Metadata,
+        expect: &Expect,
+    ) -> Option<Result<String, crate::blob::upload::UploadError>> {
+        let stream = self.streams.take(ino)?;
+        lock(&stream).closed = true;
+        // Blocks being staged finish first (at most a few): their ids may be reused.
+        while lock(&stream).staging > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        let block = self.streams.opts.block_size;
+        let size = std::fs::metadata(path).ok()?.len();
+        let count = size.div_ceil(block);
+        if size <= self.streams.opts.single_put_max || count > MAX_BLOCKS {
+            return None;
+        }
+        let plan: Vec<(Vec<u8>, bool)> = {
+            let s = lock(&stream);
+            if s.name.as_deref() != Some(name) {
+                return None;
+            }
+            (0..count)
+                .map(|b| {
+                    let seq = s.changed.get(b as usize).copied().unwrap_or(0);
+                    let full = (b + 1) * block <= size;
+                    match s.staged.get(&b) {
+                        Some((id, at)) if *at == seq && full => (id.clone(), true),
+                        // A fresh id: never one a stale staging used.
+                        _ => (s.id(b, seq.max(s.next_seq) + 1), false),
+                    }
+                })
+                .collect()
+        };
+        Some(
+            self.stage_rest_and_commit(name, path, &plan, size, meta, expect)
+                .await,
+        )
+    }
+
+    async fn stage_rest_and_commit(
+        &self,
+        name: &str,
+        path: &Path,
+        plan: &[(Vec<u8>, bool)],
+        size: u64,
+        meta: &Metadata,
+        expect: &Expect,
+    ) -> Result<String, crate::blob::upload::UploadError> {
+        use futures::{StreamExt, TryStreamExt};
+        let block = self.streams.opts.block_size;
+        let file = std::fs::File::open(path)?;
+        let file = &file;
+        futures::stream::iter(plan.iter().enumerate().filter(|(_, (_, done))| !done).map(
+            |(b, (id, _))| async move {
+                let off = b as u64 * block;
+                let data = read_at(file, off, block.min(size - off))?;
+                self.store.stage_block(name, id, data).await?;
+                Ok::<_, crate::blob::upload::UploadError>(())
+            },
+        ))
+        .buffer_unordered(self.streams.opts.parallel.max(1))
+        .try_collect::<Vec<_>>()
+        .await?;
+        let ids: Vec<Vec<u8>> = plan.iter().map(|(id, _)| id.clone()).collect();
+        Ok(self.store.commit_blocks(name, &ids, meta, expect).await?)
+    }
+}
+
+fn read_at(file: &std::fs::File, off: u64, len: u64) -> std::io::Result<Bytes> {
+    let mut buf = vec![0u8; len as usize];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], off + filled as u64)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf.into())
+}
+
+fn read_block(path: &Path, off: u64, len: u64) -> std::io::Result<Bytes> {
+    read_at(&std::fs::File::open(path)?, off, len)
+}
