@@ -179,3 +179,61 @@ fn a_thousand_files_closed_right_before_a_sigkill_all_reach_a_fresh_node() {
         assert!(!n.path().join(format!("d{}/.tmp-{i}", i % 10)).exists());
     }
 }
+
+#[test]
+fn a_streamed_checkpoint_stages_each_block_once_and_a_rewritten_block_again() {
+    let az = crate::write::empty_container("stream");
+    let proxy = FaultProxy::start(&az);
+    proxy.set(r#"{"log_all": true}"#);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount_via(&proxy, "stream", cache.path(), &[]);
+    let blocks = || {
+        proxy
+            .injected()
+            .iter()
+            .filter(|l| {
+                l.contains("PUT") && l.contains("comp=block") && !l.contains("comp=blocklist")
+            })
+            .count()
+    };
+    // Eight whole 8 MiB blocks and a 1 MiB tail, written as a training loop saves.
+    let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 239) as u8).collect();
+    let path = m.path().join("step-100.pt");
+    let mut f = std::fs::File::create(&path).unwrap();
+    for _ in 0..65 {
+        f.write_all(&mib).unwrap();
+    }
+    let start = Instant::now();
+    while blocks() < 8 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "staged: {}",
+            blocks()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        blocks(),
+        8,
+        "the finished blocks, staged while the file is open"
+    );
+    // A block rewritten after it was staged.
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"rewritten", 4096).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(
+        blocks(),
+        10,
+        "block 0 again and the tail; no other block twice"
+    );
+    drop(f);
+    unmount_clean(&mut m);
+    let mut want = Vec::with_capacity(65 << 20);
+    for _ in 0..65 {
+        want.extend_from_slice(&mib);
+    }
+    want[4096..4105].copy_from_slice(b"rewritten");
+    let fresh = tempfile::tempdir().unwrap();
+    let n = crate::mount(&az, "stream", fresh.path(), &[]);
+    assert!(std::fs::read(n.path().join("step-100.pt")).unwrap() == want);
+}
