@@ -43,7 +43,7 @@ struct Stream {
     /// Staged blocks: id and the sequence number their data was read at.
     staged: HashMap<u64, (Vec<u8>, u64)>,
     /// Blocks being staged now.
-    staging: usize,
+    staging: std::collections::HashSet<u64>,
     next_seq: u64,
     /// The first block not yet looked at for staging.
     cursor: u64,
@@ -137,13 +137,15 @@ impl Writeback {
             }
             // Blocks wholly below this write's first block are finished for a sequential
             // writer; one written since it was looked at is looked at again next time.
-            let ready = (s.cursor.min(first)..first)
+            let ready: Vec<u64> = (s.cursor.min(first)..first)
                 .filter(|b| {
-                    s.staged
-                        .get(b)
-                        .is_none_or(|(_, seq)| *seq != s.changed[*b as usize])
+                    !s.staging.contains(b)
+                        && s.staged
+                            .get(b)
+                            .is_none_or(|(_, seq)| *seq != s.changed[*b as usize])
                 })
                 .collect();
+            s.staging.extend(&ready);
             s.cursor = first;
             ready
         };
@@ -173,13 +175,13 @@ impl Writeback {
         }
     }
 
+    /// Stages block `b` (already counted in `staging`) on the runtime.
     fn stage_in_background(self: &Arc<Self>, ino: u64, stream: Arc<Mutex<Stream>>, b: u64) {
-        lock(&stream).staging += 1;
         let wb = self.clone();
         self.rt.spawn(async move {
             let staged = wb.stage_one(ino, &stream, b).await;
             let mut s = lock(&stream);
-            s.staging -= 1;
+            s.staging.remove(&b);
             match staged {
                 Some((id, seq)) => {
                     s.staged.insert(b, (id, seq));
@@ -243,7 +245,7 @@ impl Writeback {
         let stream = self.streams.take(ino)?;
         lock(&stream).closed = true;
         // Blocks being staged finish first (at most a few): their ids may be reused.
-        while lock(&stream).staging > 0 {
+        while !lock(&stream).staging.is_empty() {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
         let block = self.streams.opts.block_size;
