@@ -139,7 +139,12 @@ fn simfs_sync_of_a_path_commits_that_path_and_waits_for_nothing_else() {
     );
     drop(n);
     proxy.set("{}");
-    let out = Command::new(SIMFS).arg("sync").output().unwrap();
+    // (The mount, not `simfs sync` of every mount: other tests' mounts may be held.)
+    let out = Command::new(SIMFS)
+        .arg("sync")
+        .arg(m.path())
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",

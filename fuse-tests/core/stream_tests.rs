@@ -134,3 +134,34 @@ fn a_file_renamed_before_its_commit_is_uploaded_whole_at_its_new_name() {
     assert_eq!(w.store.inner().data("final.pt").unwrap(), data);
     assert!(w.store.inner().data("ckpt.pt").is_none());
 }
+
+#[test]
+fn a_crash_mid_stream_keeps_the_previous_version_and_the_next_mount_uploads_the_file() {
+    let mem = simfs::blob::memory::MemoryStore::new();
+    mem.put("ckpt.pt", "the previous version", &[]);
+    let store = Arc::new(FaultyStore::new(mem));
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().to_path_buf();
+    let w = world_async(store.clone(), dir, Duration::ZERO);
+    let ino = w.fs.lookup(ROOT_INO, OsStr::new("ckpt.pt")).unwrap().ino;
+    let fh = w.fs.open(ino, true, true).unwrap();
+    let data = data();
+    for (i, chunk) in data.chunks(4096).enumerate() {
+        w.fs.write(fh, (i * 4096) as u64, chunk).unwrap();
+    }
+    let before = puts(&w);
+    eventually("blocks staged", || puts(&w) > before);
+    // "kill -9" with the blocks staged and nothing committed.
+    let copy = tempfile::tempdir().unwrap();
+    crate::write_tests::copy_dir(&keep, copy.path());
+    std::mem::forget(w);
+    assert_eq!(
+        store.inner().data("ckpt.pt").unwrap(),
+        &b"the previous version"[..]
+    );
+    // The staged blocks are still on the blob (as the service keeps them for a week): the
+    // next upload's blocks must not be refused beside them.
+    let again = world_async(store.clone(), copy, Duration::ZERO);
+    crate::write_tests::drain(&again);
+    assert_eq!(store.inner().data("ckpt.pt").unwrap(), data);
+}

@@ -194,10 +194,17 @@ impl BlobStore for MemoryStore {
     }
 
     async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
-        self.staged
-            .lock()
-            .unwrap()
-            .insert((name.to_string(), id.to_vec()), data);
+        let mut staged = self.staged.lock().unwrap();
+        // As the service: the blocks staged on one blob must all have ids of one length.
+        if staged
+            .keys()
+            .any(|(n, other)| n == name && other.len() != id.len())
+        {
+            return Err(BlobError::Service(format!(
+                "stage block of {name:?}: HTTP 400 InvalidBlobOrBlock"
+            )));
+        }
+        staged.insert((name.to_string(), id.to_vec()), data);
         Ok(())
     }
 

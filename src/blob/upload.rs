@@ -47,6 +47,12 @@ impl UploadError {
     }
 }
 
+/// The length of every block id simfs stages: the service refuses a block whose id length
+/// differs from that of blocks already staged (uncommitted) on the same blob, so an upload
+/// cut short by a crash would otherwise block the next one with another id scheme until the
+/// service drops the leftovers, a week later.
+pub const BLOCK_ID_LEN: usize = 40;
+
 fn read_range(file: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, offset)?;
@@ -80,6 +86,7 @@ pub async fn upload_file(
     let ids: Vec<Vec<u8>> = (0..count)
         .map(|i| format!("{nonce:032x}{i:08x}").into_bytes())
         .collect();
+    debug_assert!(ids.iter().all(|id| id.len() == BLOCK_ID_LEN));
     let file = &file;
     futures::stream::iter(ids.iter().enumerate().map(|(i, id)| async move {
         let off = i as u64 * block;

@@ -62,8 +62,12 @@ impl Stream {
         }
     }
 
+    /// The id of block `block` staged at sequence number `seq`: as long as every other id
+    /// simfs stages (`BLOCK_ID_LEN`).
     fn id(&self, block: u64, seq: u64) -> Vec<u8> {
-        format!("{:032x}{block:08x}{seq:016x}", self.nonce).into_bytes()
+        let id = format!("{:016x}{block:08x}{seq:016x}", self.nonce as u64).into_bytes();
+        debug_assert_eq!(id.len(), crate::blob::upload::BLOCK_ID_LEN);
+        id
     }
 }
 
@@ -321,4 +325,21 @@ fn read_at(file: &std::fs::File, off: u64, len: u64) -> std::io::Result<Bytes> {
 
 fn read_block(path: &Path, off: u64, len: u64) -> std::io::Result<Bytes> {
     read_at(&std::fs::File::open(path)?, off, len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_block_ids_are_as_long_as_every_other_upload_s() {
+        let s = Stream {
+            nonce: u128::MAX,
+            ..Default::default()
+        };
+        for (b, seq) in [(0, 0), (MAX_BLOCKS - 1, u64::MAX)] {
+            assert_eq!(s.id(b, seq).len(), crate::blob::upload::BLOCK_ID_LEN);
+        }
+        assert_ne!(s.id(1, 2), s.id(2, 1));
+    }
 }
