@@ -33,6 +33,17 @@ fn close_in_background(
     })
 }
 
+/// `simfs sync PATH`, which must succeed.
+fn simfs_sync(path: &Path) {
+    let out = Command::new(SIMFS).arg("sync").arg(path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn finishes_within(t: &std::thread::JoinHandle<()>, d: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < d {
@@ -120,13 +131,7 @@ fn simfs_sync_of_a_path_commits_that_path_and_waits_for_nothing_else() {
     let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
     std::fs::write(ckpt.join("model.pt"), &data).unwrap();
     let start = Instant::now();
-    let out = Command::new(SIMFS).arg("sync").arg(&ckpt).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    simfs_sync(&ckpt);
     assert!(start.elapsed() < Duration::from_secs(30));
     // Committed: a node with an empty cache reads it now, while other/ is still held.
     let fresh = tempfile::tempdir().unwrap();
@@ -140,16 +145,7 @@ fn simfs_sync_of_a_path_commits_that_path_and_waits_for_nothing_else() {
     drop(n);
     proxy.set("{}");
     // (The mount, not `simfs sync` of every mount: other tests' mounts may be held.)
-    let out = Command::new(SIMFS)
-        .arg("sync")
-        .arg(m.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    simfs_sync(m.path());
     unmount_clean(&mut m);
 }
 

@@ -129,35 +129,28 @@ impl Index {
 
     /// Every pending inode.
     pub fn pending_inodes(&self) -> IndexResult<Vec<u64>> {
-        self.with_conn(|c| {
-            let mut st = c.prepare_cached("SELECT ino FROM inodes WHERE pending = 1")?;
-            let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
-            Ok(rows
-                .map(|r| r.map(|i| i as u64))
-                .collect::<Result<Vec<_>, _>>()?)
-        })
+        self.inodes_where("SELECT ino FROM inodes WHERE pending = 1", [])
     }
 
     /// Pending inodes with an entry in directory `dir`.
     pub fn pending_entries_of(&self, dir: u64) -> IndexResult<Vec<u64>> {
-        self.with_conn(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT i.ino FROM dentries d JOIN inodes i ON i.ino = d.ino
-                 WHERE d.parent = ?1 AND i.pending = 1",
-            )?;
-            let rows = st.query_map([dir as i64], |r| r.get::<_, i64>(0))?;
-            Ok(rows
-                .map(|r| r.map(|i| i as u64))
-                .collect::<Result<Vec<_>, _>>()?)
-        })
+        self.inodes_where(
+            "SELECT i.ino FROM dentries d JOIN inodes i ON i.ino = d.ino
+             WHERE d.parent = ?1 AND i.pending = 1",
+            [dir as i64],
+        )
     }
 
     /// Pending inodes with no name left (their blobs are to be deleted).
     pub fn pending_unlinked(&self) -> IndexResult<Vec<u64>> {
+        self.inodes_where("SELECT ino FROM inodes WHERE pending = 1 AND nlink = 0", [])
+    }
+
+    /// The inode numbers `sql` selects.
+    fn inodes_where<P: rusqlite::Params>(&self, sql: &str, params: P) -> IndexResult<Vec<u64>> {
         self.with_conn(|c| {
-            let mut st =
-                c.prepare_cached("SELECT ino FROM inodes WHERE pending = 1 AND nlink = 0")?;
-            let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
+            let mut st = c.prepare_cached(sql)?;
+            let rows = st.query_map(params, |r| r.get::<_, i64>(0))?;
             Ok(rows
                 .map(|r| r.map(|i| i as u64))
                 .collect::<Result<Vec<_>, _>>()?)
@@ -429,13 +422,7 @@ impl Index {
     /// Local files whose inode the index no longer has or that are no longer local
     /// (for cleaning the cache at mount).
     pub fn local_inodes(&self) -> IndexResult<Vec<u64>> {
-        self.with_conn(|c| {
-            let mut st = c.prepare_cached("SELECT ino FROM inodes WHERE local = 1")?;
-            let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
-            Ok(rows
-                .map(|r| r.map(|i| i as u64))
-                .collect::<Result<Vec<_>, _>>()?)
-        })
+        self.inodes_where("SELECT ino FROM inodes WHERE local = 1", [])
     }
 
     /// Makes every pending inode due now (mount-time recovery, fsyncdir, unmount).
