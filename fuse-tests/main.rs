@@ -705,7 +705,8 @@ fn cached_files_read_and_map_correctly_with_and_without_passthrough() {
         assert!(std::fs::read(&f0).unwrap() == want);
         assert!(mmap_read(&f0) == want, "mmap after the write");
         // A writer through a shared mapping beside the reader (numpy's memmap): its close
-        // uploads that too.
+        // journals that too, and `simfs sync` commits it (close itself is local: a fresh
+        // node reading before the upload ends could see the version before).
         let mw = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -713,6 +714,15 @@ fn cached_files_read_and_map_correctly_with_and_without_passthrough() {
             .unwrap();
         mmap_write(&mw, 3, b"MAP");
         drop(mw);
+        // The kernel sends the RELEASE after close(2) returns, and its last look at the
+        // writes made in place journals the file once more: let it land before the barrier.
+        std::thread::sleep(Duration::from_millis(200));
+        let synced = Command::new(SIMFS)
+            .arg("sync")
+            .arg(m.path())
+            .output()
+            .unwrap();
+        assert!(synced.status.success(), "{synced:?}");
         want[3..6].copy_from_slice(b"MAP");
         std::os::unix::fs::FileExt::read_exact_at(&held, &mut head, 3).unwrap();
         assert_eq!(&head, b"MAP", "the open reader sees the mapped write");
@@ -725,7 +735,8 @@ fn cached_files_read_and_map_correctly_with_and_without_passthrough() {
             assert_eq!(writes, 0, "the writer joined the reader in place");
         }
         drop(held);
-        // fsync committed the writes made in place: a node with an empty cache reads them.
+        // fsync and simfs sync committed the writes made in place: a node with an empty
+        // cache reads them.
         let other_cache = tempfile::tempdir().unwrap();
         let fresh = mount(&az, "passthrough", other_cache.path(), &["--read-only"]);
         assert!(std::fs::read(fresh.path().join(dir).join("f0")).unwrap() == want);
