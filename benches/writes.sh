@@ -114,6 +114,9 @@ echo "   repository: $(git -C "$repo" rev-list --count main) commits, $(du -sh "
 dd if=/dev/urandom of="$work/1g.bin" bs=1M count=1024 status=none
 
 export AZURE_STORAGE_CONNECTION_STRING="UseDevelopmentStorage=true;BlobEndpoint=$slow"
+# The Python SDK reads UseDevelopmentStorage as port 10000 whatever BlobEndpoint says: the
+# development account spelled out, through the proxy.
+sdk_cs="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint=$slow"
 "$bin/simfs" mount w-async "$work/async" --cache-dir "$work/cache-a"
 "$bin/simfs" mount w-sync "$work/sync" --cache-dir "$work/cache-s" --sync
 
@@ -154,7 +157,7 @@ import sys
 from azure.storage.blob import BlobClient
 c = BlobClient.from_connection_string(sys.argv[1], "w-ref", "sdk-1g.bin")
 with open(sys.argv[2], "rb") as f:
-    c.upload_blob(f, overwrite=True, max_concurrency=8)' "$AZURE_STORAGE_CONNECTION_STRING" "$work/1g.bin"
+    c.upload_blob(f, overwrite=True, max_concurrency=8)' "$sdk_cs" "$work/1g.bin"
       fi
       RCLONE_CONFIG_AZ_TYPE=azureblob RCLONE_CONFIG_AZ_SAS_URL="$sas_url" \
         run dd rclone "$work" rclone copyto "$work/1g.bin" az:w-ref/rclone-1g.bin --azureblob-upload-concurrency 8 ;;
