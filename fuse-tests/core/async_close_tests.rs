@@ -195,3 +195,30 @@ fn fsync_of_a_directory_commits_its_entries_and_deletions_and_nothing_elsewhere(
         "another directory is not waited for"
     );
 }
+
+#[test]
+fn an_unlink_never_waits_for_the_upload_of_the_file_it_removes() {
+    let w = async_world();
+    close_new(&w, "pkg.tmp", b"being uploaded");
+    w.store.set_latency(Duration::from_secs(3));
+    let bg = w.wb().start();
+    // The background takes the file at once; its PUT now waits out the latency.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        w.store.counters.put.load(Ordering::SeqCst),
+        0,
+        "still in flight"
+    );
+    let start = Instant::now();
+    w.fs.unlink(ROOT_INO, OsStr::new("pkg.tmp")).unwrap();
+    assert!(
+        start.elapsed() < Duration::from_millis(1500),
+        "unlink waited {:?} for the network",
+        start.elapsed()
+    );
+    w.store.set_latency(Duration::ZERO);
+    eventually("the blob the upload made is deleted too", || {
+        w.store.inner().data("pkg.tmp").is_none() && w.wb().pending().unwrap().0 == 0
+    });
+    drop(bg);
+}

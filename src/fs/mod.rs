@@ -327,9 +327,9 @@ impl SimFs {
         self.done_writing(&h);
         let last = self.pins.unpin(ino);
         if last && self.attr(ino).is_ok_and(|a| a.nlink == 0) {
-            if self.writeback.is_some() {
+            if let Some(wb) = &self.writeback {
                 self.index.mark_pending(ino, std::time::SystemTime::now())?;
-                self.upload(ino)?;
+                wb.settle_deleted(ino).map_err(Arc::new)?;
             } else {
                 // Deleted or replaced in the container by a refresh while open: nothing
                 // to upload, the row just goes.

@@ -163,7 +163,7 @@ impl SimFs {
         self.changed(due);
         if a.nlink == 0 && !self.is_open(a.ino) {
             // Nothing can reach it any more: free it now rather than after the delay.
-            self.upload(a.ino)?;
+            self.writable()?.settle_deleted(a.ino).map_err(Arc::new)?;
         }
         Ok(())
     }
@@ -197,7 +197,7 @@ impl SimFs {
         self.changed(due);
         if let Some(r) = replaced {
             if !self.is_open(r) && self.attr(r).is_ok_and(|a| a.nlink == 0) {
-                self.upload(r)?;
+                self.writable()?.settle_deleted(r).map_err(Arc::new)?;
             }
         }
         Ok(())

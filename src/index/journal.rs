@@ -207,9 +207,10 @@ impl Index {
         })
     }
 
-    /// A written file was closed: the data writes held in memory are persisted with it (the
-    /// journal now has its size and times) and its upload is due at `now`.
-    pub fn closed(&self, ino: u64, now: SystemTime) -> IndexResult<()> {
+    /// `ino`'s upload is due at `now` (a written file was closed, a deleted one can go); the
+    /// data writes held in memory are persisted with it, so the journal has its size and
+    /// times.
+    pub fn due_now(&self, ino: u64, now: SystemTime) -> IndexResult<()> {
         self.write(|tx| {
             tx.prepare_cached(
                 "UPDATE inodes SET due_ns = min(due_ns, ?2) WHERE ino = ?1 AND pending = 1",

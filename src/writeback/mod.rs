@@ -80,6 +80,21 @@ impl WritebackError {
 
 pub type WbResult<T> = Result<T, WritebackError>;
 
+impl Writeback {
+    /// Brings a deleted inode's bookkeeping up to date now (its names go to the trash, its
+    /// row once unused: no request), unless an upload of it is under way: then it is made
+    /// due and the background finishes it, so an unlink never waits for the network.
+    pub fn settle_deleted(&self, ino: u64) -> WbResult<()> {
+        if self.locks.try_lock(&ino).is_some() {
+            return self.upload(ino);
+        }
+        let now = SystemTime::now();
+        self.index.due_now(ino, now)?;
+        self.changed(now);
+        Ok(())
+    }
+}
+
 /// The default bound on closed-but-uncommitted bytes: about 20 s of a 25 Gbit/s link's
 /// uploads, and a small share of a GPU node's local NVMe (3.5 to 28 TB): what a wiped cache
 /// disk could lose is bounded by it.

@@ -65,7 +65,7 @@ impl Writeback {
     /// Returns when the window has room for it (back-pressure).
     pub fn closed(&self, ino: u64) -> WbResult<()> {
         let now = SystemTime::now();
-        self.index.closed(ino, now)?;
+        self.index.due_now(ino, now)?;
         self.changed(now);
         let size = self.index.getattr(ino)?.map_or(0, |a| a.size);
         self.wait_for_room(ino, size)
