@@ -97,6 +97,18 @@ impl BlobError {
     pub fn is_changed(&self) -> bool {
         matches!(self, BlobError::Changed(_))
     }
+
+    /// The service pushes back: unreachable or timing out, busy or throttling (HTTP 500,
+    /// 503, 429). Whoever sends many requests at once should send fewer for a while.
+    pub fn is_pushback(&self) -> bool {
+        match self {
+            BlobError::Unreachable(_) => true,
+            BlobError::Service(m) => ["HTTP 500", "HTTP 503", "HTTP 429"]
+                .iter()
+                .any(|c| m.contains(c)),
+            _ => false,
+        }
+    }
 }
 
 pub type BlobResult<T> = Result<T, BlobError>;

@@ -76,6 +76,16 @@ impl WritebackError {
             _ => false,
         }
     }
+
+    /// The service pushed back (see `BlobError::is_pushback`).
+    pub fn is_pushback(&self) -> bool {
+        match self {
+            WritebackError::Blob(e) | WritebackError::Upload(UploadError::Blob(e)) => {
+                e.is_pushback()
+            }
+            _ => false,
+        }
+    }
 }
 
 pub type WbResult<T> = Result<T, WritebackError>;
@@ -156,6 +166,8 @@ pub struct Writeback {
     finished: window::Finished,
     /// Blocks of files being written, staged ahead of their commit.
     streams: stream::Streams,
+    /// Uploads the background runs at once.
+    concurrency: scheduler::Concurrency,
 }
 
 impl Writeback {
@@ -187,6 +199,7 @@ impl Writeback {
             wakeup: scheduler::Wakeup::default(),
             finished: window::Finished::default(),
             streams,
+            concurrency: scheduler::Concurrency::default(),
         })
     }
 

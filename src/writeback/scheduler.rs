@@ -2,7 +2,9 @@
 //!
 //! A namespace or attribute change becomes due `delay` after the first change of a burst
 //! (see `index::write`); a written file becomes due when it is closed (`closed`), at once.
-//! The background thread uploads what is due, 16 inodes at a time, oldest first, then sleeps
+//! The background thread uploads what is due, oldest first, 16 inodes at a time to start
+//! with and adapted to the service (`Concurrency`: halved when it pushes back, grown by one
+//! per success up to 64), then sleeps
 //! until the next change is due, a new change is due earlier than that (`changed` wakes it),
 //! or in-memory data writes should be persisted to the index. An idle mount's thread sleeps
 //! and does no work. A file a handle is still writing (written, not yet flushed) is left for
@@ -15,8 +17,47 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
-/// Inodes uploaded at once.
-const PARALLEL: usize = 16;
+/// Inodes the background uploads at once: it starts at `START`, halves (down to one) when
+/// the service pushes back (busy, throttling, timing out) and grows by one with each upload
+/// that succeeds, up to `MOST`, from one batch to the next.
+const START: usize = 16;
+const MOST: usize = 64;
+
+/// How many uploads the background runs at once, adapted to the service.
+pub(super) struct Concurrency(std::sync::atomic::AtomicUsize);
+
+impl Default for Concurrency {
+    fn default() -> Self {
+        Concurrency(std::sync::atomic::AtomicUsize::new(START))
+    }
+}
+
+impl Concurrency {
+    fn now(&self) -> usize {
+        self.0.load(Ordering::Relaxed).clamp(1, MOST)
+    }
+
+    fn succeeded(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some((n + 1).min(MOST))
+            });
+    }
+
+    fn pushed_back(&self) {
+        let before = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some((n / 2).max(1))
+            })
+            .unwrap_or(1);
+        tracing::debug!(
+            "the service pushes back: {} uploads at once",
+            (before / 2).max(1)
+        );
+    }
+}
 /// Longest time data writes stay in memory only (their size and mtime; the dirty mark is
 /// always in the index).
 const PERSIST_WRITES: Duration = Duration::from_secs(1);
@@ -182,13 +223,18 @@ impl Writeback {
             // Several uploads at once: each is mostly a round trip. A failure is recorded
             // with its retry time by `upload` itself.
             std::thread::scope(|scope| {
-                for _ in 0..PARALLEL {
+                for _ in 0..self.concurrency.now() {
                     scope.spawn(|| loop {
                         let Some(ino) = queue.lock().unwrap().next() else {
                             break;
                         };
-                        if self.upload(ino).is_ok() {
-                            progress.store(true, Ordering::Relaxed);
+                        match self.upload(ino) {
+                            Ok(()) => {
+                                progress.store(true, Ordering::Relaxed);
+                                self.concurrency.succeeded();
+                            }
+                            Err(e) if e.is_pushback() => self.concurrency.pushed_back(),
+                            Err(_) => {}
                         }
                     });
                 }
@@ -275,5 +321,41 @@ impl Writeback {
         }
         self.index.all_due_now()?;
         Ok(self.index.pending()?.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::BlobError;
+
+    #[test]
+    fn concurrency_halves_when_the_service_pushes_back_and_grows_by_one_per_success() {
+        let c = Concurrency::default();
+        assert_eq!(c.now(), START);
+        c.pushed_back();
+        assert_eq!(c.now(), START / 2);
+        for _ in 0..10 {
+            c.pushed_back();
+        }
+        assert_eq!(c.now(), 1, "never below one");
+        c.succeeded();
+        assert_eq!(c.now(), 2);
+        for _ in 0..200 {
+            c.succeeded();
+        }
+        assert_eq!(c.now(), MOST, "never above the most");
+    }
+
+    #[test]
+    fn busy_throttled_and_unreachable_answers_are_pushback_and_others_are_not() {
+        let service = |m: &str| BlobError::Service(m.to_string());
+        assert!(service("put of \"a\": HTTP 503 ServerBusy").is_pushback());
+        assert!(service("put of \"a\": HTTP 500 OperationTimedOut").is_pushback());
+        assert!(service("put of \"a\": HTTP 429 TooManyRequests").is_pushback());
+        assert!(BlobError::Unreachable("timed out".into()).is_pushback());
+        assert!(!service("put of \"a\": HTTP 400 InvalidBlobOrBlock").is_pushback());
+        assert!(!BlobError::Changed("a".into()).is_pushback());
+        assert!(!BlobError::Auth("a".into()).is_pushback());
     }
 }
