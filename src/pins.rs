@@ -1,11 +1,12 @@
 //! Open files, counted per inode: what the kernel holds open is pinned.
 //!
 //! The filesystem core counts a handle in at open and out at release, and a handle as
-//! *writing* from its first change of the file's data to its next flush (close); write-back
-//! reads the counts (an unlinked inode keeps its row and local copy while open, a file being
-//! written is uploaded once its writers have closed it, not midway), and so do the refresh (an open file keeps the
-//! version it opened) and eviction (an open file is never evicted). The counts live here,
-//! below all of them, so none has to call back up into the core; one `Arc<Pins>` is shared.
+//! *writing* from its first change of the file's data to its next flush (close). Write-back
+//! reads the counts (an unlinked inode keeps its row and local copy while open; a file being
+//! written is uploaded once its writers have closed it, not midway), and so do the refresh
+//! (an open file keeps the version it opened) and eviction (an open file is never evicted).
+//! The counts live here, below all of them, so none has to call back up into the core; one
+//! `Arc<Pins>` is shared.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

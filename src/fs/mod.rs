@@ -9,9 +9,10 @@
 //!
 //! Inodes live in the index and survive `forget`; the kernel's lookup counts need no
 //! bookkeeping because an inode is only freed once unlinked and closed (open handles are
-//! counted in `pins`, which write-back, the refresh and eviction read). Changes (`write.rs`) go to the index and the local copy
-//! first; `writeback` takes them to the container, asked by close and fsync and told of
-//! every change so its background thread wakes when one is due.
+//! counted in `pins`, which write-back, the refresh and eviction read). Changes (`write.rs`)
+//! go to the index and the local copy first; `writeback` takes them to the container, asked
+//! by fsync (and close on a `sync` mount) and told of every change and close so its
+//! background thread wakes when one is due.
 //!
 //! Errors of every layer below become errnos in one place, `error.rs`.
 
@@ -272,7 +273,7 @@ impl SimFs {
         Ok(fh)
     }
 
-    /// Whether handle `fh` was opened for writing (its close uploads).
+    /// Whether handle `fh` was opened for writing (its close journals or uploads).
     pub fn is_writable_handle(&self, fh: u64) -> bool {
         self.file_handle(fh).is_ok_and(|h| h.write)
     }

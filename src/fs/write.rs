@@ -1,10 +1,11 @@
 //! The write half of the filesystem core: namespace changes, attributes, data, durability.
 //!
 //! Every change lands in the index (and, for data, the inode's local copy) before the call
-//! returns, marked pending for write-back, which is told when it is due; nothing here waits
-//! for the network except `flush` of a written handle (close), `fsync` and `fsyncdir`, which
-//! ask write-back to upload and return only once the container has the data, or fail with
-//! EIO leaving it pending for a retry.
+//! returns, marked pending for write-back, which is told when it is due. Nothing here waits
+//! for the network except `fsync`, `fsyncdir` and, on a `sync` mount, `flush` of a written
+//! handle (close), which ask write-back to upload and return only once the container has
+//! the data, or fail with EIO leaving it pending for a retry. On the default mount close
+//! only journals the file (and waits past the window of uncommitted data).
 //!
 //! Permission checks are the kernel's (`default_permissions`); what it cannot know lives
 //! here: setgid directories hand their group (and, to subdirectories, their setgid bit) to

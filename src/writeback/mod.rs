@@ -2,10 +2,13 @@
 //!
 //! This module is the one home of uploading. The engine (`Writeback`) owns what it works
 //! with: the store, the index, the local copies it uploads from, the open-handle counts, the
-//! kernel handle (a conflict renames an entry behind the kernel's back) and a lock per inode. The filesystem core asks it
-//! to upload an inode (`upload`, which returns once the container has it: close and fsync)
-//! and tells it when changes were made (`changed`, so the background thread wakes when the
-//! first of them is due); nothing here calls back into the core.
+//! kernel handle (a conflict renames an entry behind the kernel's back) and a lock per
+//! inode. The filesystem core asks it to upload an inode (`upload`, which returns once the
+//! container has it: fsync, and close on a `sync` mount), tells it when a written file was
+//! closed (`closed`: due at once, with back-pressure past the window) and when other changes
+//! were made (`changed`, so the background thread wakes when the first of them is due), and
+//! what a writer wrote (`wrote_range`, for blocks staged ahead of the commit); nothing here
+//! calls back into the core.
 //!
 //! - `inode.rs`: the idempotent steps that bring one inode's container side up to date;
 //! - `conflict.rs`: what happens when someone else changed a blob, and emptying the trash;
