@@ -48,7 +48,7 @@ wait_mount() { for _ in $(seq 600); do grep -q " $1 " /proc/mounts && return; sl
 
 az_port="$(free_port)"; proxy_port="$(free_port)"
 fuse-tests/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$az_port" \
-  --location "$work/az" --skipApiVersionCheck --silent --loose >/dev/null 2>&1 &
+  --location "$work/az" --skipApiVersionCheck --disableTelemetry --silent --loose >/dev/null 2>&1 &
 pids="$!"
 python3 benches/delay_proxy.py "$proxy_port" "$az_port" "$RTT_MS" &
 pids="$pids $!"

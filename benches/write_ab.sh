@@ -27,7 +27,7 @@ cleanup() {
 trap cleanup EXIT
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 fuse-tests/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$port" \
-  --location "$work/az" --skipApiVersionCheck --silent --loose >/dev/null 2>&1 &
+  --location "$work/az" --skipApiVersionCheck --disableTelemetry --silent --loose >/dev/null 2>&1 &
 az=$!
 for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
 endpoint="http://127.0.0.1:$port/devstoreaccount1"

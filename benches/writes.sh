@@ -50,7 +50,7 @@ wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 
 az_port="$(free_port)"; proxy_port="$(free_port)"
 fuse-tests/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$az_port" \
-  --location "$work/az" --skipApiVersionCheck --silent --loose >/dev/null 2>&1 &
+  --location "$work/az" --skipApiVersionCheck --disableTelemetry --silent --loose >/dev/null 2>&1 &
 pids="$!"
 DELAY_PROXY_COUNTS="$work/counts.json" python3 benches/delay_proxy.py "$proxy_port" "$az_port" "$RTT_MS" &
 pids="$pids $!"

@@ -25,7 +25,7 @@ cleanup() {
 trap cleanup EXIT
 
 fuse-tests/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$port" \
-  --location "$work/azurite" --skipApiVersionCheck --silent >/dev/null 2>&1 &
+  --location "$work/azurite" --skipApiVersionCheck --disableTelemetry --silent >/dev/null 2>&1 &
 az_pid=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 endpoint="http://127.0.0.1:$port/devstoreaccount1"

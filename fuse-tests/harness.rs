@@ -69,6 +69,9 @@ impl Azurite {
                 "--blobPort",
                 &port.to_string(),
                 "--skipApiVersionCheck",
+                // Its telemetry probes the Azure metadata endpoint, which on a closed network
+                // can hold the process at exit (seen: a SIGTERM'd Azurite waiting on it).
+                "--disableTelemetry",
                 "--silent",
             ])
             .arg("--location")

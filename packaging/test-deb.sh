@@ -35,7 +35,7 @@ simfs --version
 
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 fuse-tests/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$port" \
-  --location "$work/az" --skipApiVersionCheck --silent >/dev/null 2>&1 &
+  --location "$work/az" --skipApiVersionCheck --disableTelemetry --silent >/dev/null 2>&1 &
 az_pid=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 endpoint="http://127.0.0.1:$port/devstoreaccount1"
