@@ -11,6 +11,9 @@
 //! is staged again, and whatever a random writer or a truncate left unstaged or stale is
 //! staged at the commit. So the committed blob is always the file as it was at the commit.
 //!
+//! A stream is made by the first write that reaches past one PUT's size: nothing was staged
+//! before it, so changes before it need no record.
+//!
 //! Memory stays bounded: a block is read back from the local copy when it is staged, with
 //! at most `IN_FLIGHT` blocks in flight across the mount. Staged blocks belong to one blob
 //! name: a rename before the commit (or a commit by anyone else to the name, after which the
@@ -132,11 +135,20 @@ impl Writeback {
             self.streams.take(ino);
             return;
         }
-        let stream = self.streams.get(ino);
+        // A file that fits in one PUT needs no stream: none is made for it (pip's thousands
+        // of small files), but one that exists keeps counting changes.
+        let small = off + len <= self.streams.opts.single_put_max;
+        // (Bound first: a guard in a match's scrutinee lives through the whole match.)
+        let existing = self.streams.map().get(&ino).cloned();
+        let stream = match existing {
+            Some(s) => s,
+            None if small => return,
+            None => self.streams.get(ino),
+        };
         let ready: Vec<u64> = {
             let mut s = lock(&stream);
             s.touch(first, last);
-            if s.closed || (off + len) <= self.streams.opts.single_put_max {
+            if s.closed || small {
                 return;
             }
             // Blocks wholly below this write's first block are finished for a sequential
