@@ -103,15 +103,11 @@ fn sync(fs: &SimFs, paths: &[String], send: &mut impl FnMut(Event) -> bool) {
     };
     // Progress comes from the upload threads; the connection is written from this one.
     let (tx, rx) = mpsc::channel::<(u64, u64)>();
-    let tx = std::sync::Mutex::new(tx);
     let outcome = std::thread::scope(|s| {
         // The sender moves into the worker: the progress loop below ends with it.
         let worker = s.spawn(move || {
             let progress = |done, total| {
-                let _ = tx
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .send((done, total));
+                let _ = tx.send((done, total));
             };
             wb.sync_paths(paths, &progress)
         });

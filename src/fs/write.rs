@@ -245,10 +245,7 @@ impl SimFs {
         file.write_all_at(data, offset)?;
         self.index
             .wrote(ino, offset + data.len() as u64, now, due)?;
-        self.note_writing(&h);
-        if let Some(wb) = &self.writeback {
-            wb.wrote_range(ino, offset, data.len() as u64);
-        }
+        self.wrote_through(&h, offset, data.len() as u64);
         self.changed(due);
         Ok(data.len() as u32)
     }
@@ -283,10 +280,7 @@ impl SimFs {
                 ..Default::default()
             };
             self.index.setattr(ino, &grow, now, due)?;
-            self.note_writing(&h);
-            if let Some(wb) = &self.writeback {
-                wb.wrote_range(ino, size, end - size);
-            }
+            self.wrote_through(&h, size, end - size);
             self.changed(due);
         }
         Ok(())
@@ -310,6 +304,15 @@ impl SimFs {
             return self.upload(h.ino);
         }
         Ok(wb.closed(h.ino).map_err(Arc::new)?)
+    }
+
+    /// Bytes `off..off + len` changed through `h`: its close records the file, and
+    /// write-back may stage the blocks the writer has finished.
+    fn wrote_through(&self, h: &super::OpenFile, off: u64, len: u64) {
+        self.note_writing(h);
+        if let Some(wb) = &self.writeback {
+            wb.wrote_range(h.ino, off, len);
+        }
     }
 
     /// Data changed through handle `fh` (a truncate through it): its close records the file

@@ -98,9 +98,16 @@ impl Writeback {
     /// row once unused: no request), unless an upload of it is under way: then it is made
     /// due and the background finishes it, so an unlink never waits for the network.
     pub fn settle_deleted(&self, ino: u64) -> WbResult<()> {
+        // (The probe's guard goes at once: an upload that takes the lock in between only
+        // makes this one wait for it, as before.)
         if self.locks.try_lock(&ino).is_some() {
             return self.upload(ino);
         }
+        self.due_at_once(ino)
+    }
+
+    /// `ino`'s upload is due now (its journal entry persisted) and the background is woken.
+    fn due_at_once(&self, ino: u64) -> WbResult<()> {
         let now = SystemTime::now();
         self.index.due_now(ino, now)?;
         self.changed(now);

@@ -13,7 +13,7 @@
 use super::{WbResult, Writeback, WritebackError};
 use crate::index::journal::Failing;
 use crate::posix::{AttrChanges, SetTime};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -24,11 +24,11 @@ const START: usize = 16;
 const MOST: usize = 64;
 
 /// How many uploads the background runs at once, adapted to the service.
-pub(super) struct Concurrency(std::sync::atomic::AtomicUsize);
+pub(super) struct Concurrency(AtomicUsize);
 
 impl Default for Concurrency {
     fn default() -> Self {
-        Concurrency(std::sync::atomic::AtomicUsize::new(START))
+        Concurrency(AtomicUsize::new(START))
     }
 }
 
@@ -198,6 +198,29 @@ impl Writeback {
         self.upload_due_with(writers_too, &mut || {})
     }
 
+    /// Uploads `inos`, `workers` at a time (each upload is mostly a round trip), calling
+    /// `done(i, result)` as the `i`th ends. A failure is recorded with its retry time by
+    /// `upload` itself.
+    pub(super) fn upload_each(
+        &self,
+        inos: &[u64],
+        workers: usize,
+        done: &(dyn Fn(usize, &WbResult<()>) + Sync),
+    ) {
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..workers.min(inos.len()) {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(ino) = inos.get(i) else {
+                        return;
+                    };
+                    done(i, &self.upload(*ino));
+                });
+            }
+        });
+    }
+
     /// `upload_due`, calling `after_batch` after each batch of (up to 256) inodes.
     fn upload_due_with(
         &self,
@@ -218,26 +241,14 @@ impl Writeback {
                     ready.push(ino);
                 }
             }
-            let queue = Mutex::new(ready.into_iter());
             let progress = AtomicBool::new(false);
-            // Several uploads at once: each is mostly a round trip. A failure is recorded
-            // with its retry time by `upload` itself.
-            std::thread::scope(|scope| {
-                for _ in 0..self.concurrency.now() {
-                    scope.spawn(|| loop {
-                        let Some(ino) = queue.lock().unwrap().next() else {
-                            break;
-                        };
-                        match self.upload(ino) {
-                            Ok(()) => {
-                                progress.store(true, Ordering::Relaxed);
-                                self.concurrency.succeeded();
-                            }
-                            Err(e) if e.is_pushback() => self.concurrency.pushed_back(),
-                            Err(_) => {}
-                        }
-                    });
+            self.upload_each(&ready, self.concurrency.now(), &|_, r| match r {
+                Ok(()) => {
+                    progress.store(true, Ordering::Relaxed);
+                    self.concurrency.succeeded();
                 }
+                Err(e) if e.is_pushback() => self.concurrency.pushed_back(),
+                Err(_) => {}
             });
             after_batch();
             if !progress.load(Ordering::Relaxed) {

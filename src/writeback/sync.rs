@@ -87,7 +87,7 @@ impl Writeback {
     /// persist the entry with whatever the file holds.
     pub fn sync_dir(&self, dir: u64) -> WbResult<()> {
         self.index.persist_written()?;
-        let mut todo: Vec<(u64, String)> = self
+        let todo: Vec<(u64, String)> = self
             .index
             .pending_entries_of(dir)?
             .into_iter()
@@ -95,7 +95,6 @@ impl Writeback {
             .chain(self.index.pending_unlinked()?)
             .map(|ino| (ino, format!("inode {ino}")))
             .collect();
-        todo.dedup();
         let failed = self.upload_all(&todo, &|_, _| {});
         self.empty_trash(true)?;
         match failed.len() {
@@ -113,22 +112,15 @@ impl Writeback {
     ) -> Vec<(String, String)> {
         let total = todo.len() as u64;
         progress(0, total);
-        let (next, done) = (AtomicU64::new(0), AtomicU64::new(0));
+        let done = AtomicU64::new(0);
         let failed = Mutex::new(Vec::new());
-        std::thread::scope(|s| {
-            for _ in 0..PARALLEL.min(todo.len()) {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some((ino, path)) = todo.get(i) else {
-                        return;
-                    };
-                    if let Err(e) = self.upload(*ino) {
-                        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
-                        f.push((path.clone(), e.to_string()));
-                    }
-                    progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
-                });
+        let inos: Vec<u64> = todo.iter().map(|(ino, _)| *ino).collect();
+        self.upload_each(&inos, PARALLEL, &|i, r| {
+            if let Err(e) = r {
+                let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                f.push((todo[i].1.clone(), e.to_string()));
             }
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
         });
         let mut failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
         failed.sort();

@@ -12,7 +12,7 @@
 
 use super::{WbResult, Writeback};
 use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// How often a waiting close counts again without being woken (the index may have been
 /// drained by another path, such as `simfs sync`).
@@ -64,9 +64,7 @@ impl Writeback {
     /// with its size and times, its upload is due at once and the background is woken.
     /// Returns when the window has room for it (back-pressure).
     pub fn closed(&self, ino: u64) -> WbResult<()> {
-        let now = SystemTime::now();
-        self.index.due_now(ino, now)?;
-        self.changed(now);
+        self.due_at_once(ino)?;
         let size = self.index.getattr(ino)?.map_or(0, |a| a.size);
         self.wait_for_room(ino, size)
     }
