@@ -439,3 +439,107 @@ fn a_refresh_against_a_dead_service_fails_clearly_and_changes_nothing() {
     assert_eq!(refresh(&w, "").added, 1);
     assert_eq!(read_all(&w, "new.txt").unwrap(), b"n");
 }
+
+/// `rm -rf` of `dir` through the core, deepest entries first.
+fn remove_tree(w: &World, parent: u64, name: &str) {
+    let a = w.fs.lookup(parent, OsStr::new(name)).unwrap();
+    if a.kind == Kind::Dir {
+        let names: Vec<String> =
+            w.fs.index()
+                .readdir(a.ino)
+                .unwrap()
+                .into_iter()
+                .map(|e| String::from_utf8_lossy(e.name.as_bytes()).into_owned())
+                .collect();
+        for n in names {
+            remove_tree(w, a.ino, &n);
+        }
+        w.fs.rmdir(parent, OsStr::new(name)).unwrap();
+    } else {
+        w.fs.unlink(parent, OsStr::new(name)).unwrap();
+    }
+}
+
+/// A world whose namespace changes wait an hour for write-back.
+fn held(store: &Arc<FaultyStore<MemoryStore>>) -> World {
+    world_on(
+        store.clone(),
+        tempfile::tempdir().unwrap(),
+        "",
+        1 << 20,
+        Some(Duration::from_secs(3600)),
+    )
+}
+
+#[test]
+fn a_tree_removed_here_stays_gone_while_its_deletions_are_on_their_way() {
+    let store = Arc::new(FaultyStore::new(fixture()));
+    let w = held(&store);
+    remove_tree(&w, ROOT_INO, "ckpt");
+    remove_tree(&w, ROOT_INO, "venv");
+    let before = tree(&w);
+    assert!(
+        store.inner().data("ckpt/step-100.pt").is_some()
+            && store.inner().data("venv/lib/site.py").is_some(),
+        "the deletions have not reached the container yet"
+    );
+    let r = refresh(&w, "");
+    assert_eq!(r.added, 0, "{r:?}");
+    assert!(
+        path(&w, "ckpt").is_err(),
+        "an implied directory is not brought back"
+    );
+    assert!(path(&w, "venv").is_err(), "nor one with a marker");
+    assert_eq!(tree(&w), before);
+    drain(&w);
+    assert!(store.inner().data("ckpt/step-100.pt").is_none());
+    refresh(&w, "");
+    assert_eq!(tree(&w), before);
+}
+
+#[test]
+fn a_file_renamed_here_before_its_blob_moved_is_not_listed_twice() {
+    let store = Arc::new(FaultyStore::new(fixture()));
+    let w = held(&store);
+    let lib = path(&w, "venv/lib").unwrap().ino;
+    w.fs.rename(
+        lib,
+        OsStr::new("site.py"),
+        lib,
+        OsStr::new("moved.py"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    assert!(store.inner().data("venv/lib/site.py").is_some());
+    let r = refresh(&w, "");
+    assert_eq!(r.added, 0, "{r:?}");
+    assert!(
+        path(&w, "venv/lib/site.py").is_err(),
+        "the old name stays gone"
+    );
+    assert_eq!(read_all(&w, "venv/lib/moved.py").unwrap(), b"print('hi')");
+    drain(&w);
+    assert!(store.inner().data("venv/lib/site.py").is_none());
+    assert_eq!(
+        store.inner().data("venv/lib/moved.py").unwrap(),
+        &b"print('hi')"[..]
+    );
+}
+
+#[test]
+fn a_blob_being_written_here_is_not_taken_for_someone_elses_until_recorded() {
+    let w = rw(fixture());
+    // Write-back's PUT has landed; its result is not recorded yet (the inode may have been
+    // unlinked or renamed meanwhile).
+    w.store.inner().put("landed.txt", "x", &[]);
+    let writing = w.fs.index().writing(vec!["landed.txt".into()]);
+    refresh(&w, "");
+    assert!(
+        path(&w, "landed.txt").is_err(),
+        "not while it is being written"
+    );
+    drop(writing);
+    // Nobody here claims it now: it is someone else's blob.
+    refresh(&w, "");
+    assert_eq!(read_all(&w, "landed.txt").unwrap(), b"x");
+}

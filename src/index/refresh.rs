@@ -10,10 +10,14 @@
 //! Local changes win. An inode that is pending or dirty is left alone, and so is anything a
 //! transaction touched after the refresh began (`Watch`): the listing may predate it. A name
 //! the listing has and the index lacks is not added to a directory touched meanwhile (a local
-//! unlink may have deleted it after the listing saw it), nor when its blob waits in, or just
-//! left, the trash (deleted here, not yet or only just in the container). What is skipped is
-//! picked up by the next refresh. A local copy (`local`) that is clean gives way to the
-//! container's new version unless a handle has it open.
+//! unlink may have deleted it after the listing saw it), nor when its blob is this node's own
+//! doing not yet settled: waiting in, or just out of, the trash; claimed by an inode here
+//! (renamed or unlinked here before write-back moved or deleted the blob); or being written
+//! by write-back right now (its result not yet recorded). A directory the listing only
+//! implies (no marker blob) is added only when something below it is: `rm -rf` of an uploaded
+//! tree must not bring its directories back, empty, while the deletions are on their way.
+//! What is skipped is picked up by the next refresh. A local copy (`local`) that is clean
+//! gives way to the container's new version unless a handle has it open.
 //!
 //! The comparison runs on read connections; the changes are made in one transaction that
 //! checks each of them again, so a local change made between the two still wins. The caller
@@ -24,7 +28,7 @@ use super::{Finding, Index, IndexError, IndexResult, Refusal, ROOT_INO};
 use crate::blob::BlobRef;
 use crate::posix::to_ns;
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -38,15 +42,49 @@ struct Seen {
     deleted: HashSet<String>,
 }
 
-/// What changed locally while a refresh was under way.
+/// What changed locally while a refresh was under way, and which blobs write-back is
+/// writing.
 #[derive(Default)]
-pub(super) struct Watch(Arc<Mutex<Option<Seen>>>);
+pub(super) struct Watch {
+    seen: Arc<Mutex<Option<Seen>>>,
+    /// Blob names being written, with how many writers each.
+    writing: Mutex<HashMap<String, usize>>,
+}
+
+/// Blob names write-back is writing; they stop counting as such when this is dropped,
+/// which must be after the write's result is recorded in the index.
+pub struct Writing<'a> {
+    watch: &'a Watch,
+    names: Vec<String>,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut w = self.watch.writing();
+        for n in &self.names {
+            if let Some(c) = w.get_mut(n) {
+                *c -= 1;
+                if *c == 0 {
+                    w.remove(n);
+                }
+            }
+        }
+    }
+}
 
 impl Watch {
+    fn writing(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.writing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_writing(&self, blob: &str) -> bool {
+        self.writing().contains_key(blob)
+    }
+
     /// What records an `inodes` row the writer connection inserts, updates or deletes (its
     /// update hook calls it).
     pub(super) fn recorder(&self) -> impl Fn(u64) + Send + 'static {
-        let seen = self.0.clone();
+        let seen = self.seen.clone();
         move |ino| {
             if let Some(s) = seen.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                 s.inodes.insert(ino);
@@ -55,7 +93,7 @@ impl Watch {
     }
 
     fn with(&self, f: impl FnOnce(&mut Option<Seen>)) {
-        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&mut self.seen.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub(super) fn deleted_blob(&self, blob: &str) {
@@ -391,6 +429,7 @@ struct Apply<'a> {
     tx: &'a Connection,
     fresh: &'a Connection,
     seen: Seen,
+    watch: &'a Watch,
     is_open: &'a dyn Fn(u64) -> bool,
     /// Whether a file that is open gets a new inode for its new version (else in place).
     keep_open: bool,
@@ -417,6 +456,55 @@ impl Apply<'_> {
             .tx
             .prepare_cached("SELECT 1 FROM trash WHERE blob = ?1")?;
         Ok(st.query_row([blob], |_| Ok(())).optional()?.is_some())
+    }
+
+    /// Whether `blob` is this node's own doing, not yet settled: deleted here, claimed by an
+    /// inode here (which then has it under another name, or none), or being written. Such a
+    /// blob in the listing is not a new entry.
+    fn ours_unsettled(&self, blob: &str) -> IndexResult<bool> {
+        if self.deleted_here(blob)? || self.watch.is_writing(blob) {
+            return Ok(true);
+        }
+        let mut st = self.tx.prepare_cached(
+            "SELECT 1 FROM inodes WHERE blob = ?1 UNION ALL SELECT 1 FROM stubs WHERE blob = ?1
+             LIMIT 1",
+        )?;
+        Ok(st.query_row([blob], |_| Ok(())).optional()?.is_some())
+    }
+
+    /// The hard-linked inode of this index that the fresh node `f` is one more name of.
+    fn known_link(&self, f: &Row) -> IndexResult<Option<i64>> {
+        let (Some(id), true) = (&f.link_id, f.kind != DIR) else {
+            return Ok(None);
+        };
+        Ok(self
+            .tx
+            .prepare_cached("SELECT ino FROM inodes WHERE link_id = ?1 AND nlink > 0 LIMIT 1")?
+            .query_row([id], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Whether inserting the fresh node `fresh` would show anything: a blob that is not this
+    /// node's own unsettled doing, or, for a directory the listing only implies, such a blob
+    /// somewhere below it.
+    fn would_show(&self, fresh: u64) -> IndexResult<bool> {
+        let Some(f) = row_of(self.fresh, fresh)? else {
+            return Ok(false);
+        };
+        match &f.blob {
+            Some(b) if self.deleted_here(b)? => Ok(false),
+            Some(_) if self.known_link(&f)?.is_some() => Ok(true),
+            Some(b) => Ok(!self.ours_unsettled(b)?),
+            None if f.kind == DIR => {
+                for (_, c) in entries(self.fresh, fresh)? {
+                    if self.would_show(c)? {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            }
+            None => Ok(true),
+        }
     }
 
     fn entry_changed(&mut self, parent: u64, name: &[u8]) {
@@ -518,35 +606,26 @@ impl Apply<'_> {
     fn insert(&mut self, parent: u64, name: &[u8], fresh: u64) -> IndexResult<()> {
         let f = row_of(self.fresh, fresh)?
             .ok_or_else(|| IndexError::Corrupt(format!("fresh listing lacks inode {fresh}")))?;
-        if let Some(b) = &f.blob {
-            if self.deleted_here(b)? {
-                self.out.kept_local += 1;
-                return Ok(());
-            }
+        if !self.would_show(fresh)? {
+            self.out.kept_local += 1;
+            return Ok(());
         }
         let dentry = "INSERT INTO dentries(parent, name, ino) VALUES (?1, ?2, ?3)";
         // One more name of a hard-linked inode this index has already.
-        if let (Some(id), true) = (&f.link_id, f.kind != DIR) {
-            let known: Option<i64> = self
-                .tx
-                .prepare_cached("SELECT ino FROM inodes WHERE link_id = ?1 AND nlink > 0 LIMIT 1")?
-                .query_row([id], |r| r.get(0))
-                .optional()?;
-            if let Some(ino) = known {
-                self.tx
-                    .prepare_cached(dentry)?
-                    .execute(params![parent as i64, name, ino])?;
-                self.tx
-                    .prepare_cached(
-                        "UPDATE inodes SET nlink = nlink + 1, ctime_ns = ?2 WHERE ino = ?1",
-                    )?
-                    .execute(params![ino, self.now])?;
-                self.copy_stubs(ino as u64, fresh)?;
-                self.out.inodes.push(ino as u64);
-                self.entry_changed(parent, name);
-                self.out.added += 1;
-                return Ok(());
-            }
+        if let Some(ino) = self.known_link(&f)? {
+            self.tx
+                .prepare_cached(dentry)?
+                .execute(params![parent as i64, name, ino])?;
+            self.tx
+                .prepare_cached(
+                    "UPDATE inodes SET nlink = nlink + 1, ctime_ns = ?2 WHERE ino = ?1",
+                )?
+                .execute(params![ino, self.now])?;
+            self.copy_stubs(ino as u64, fresh)?;
+            self.out.inodes.push(ino as u64);
+            self.entry_changed(parent, name);
+            self.out.added += 1;
+            return Ok(());
         }
         self.tx
             .prepare_cached(
@@ -678,6 +757,20 @@ impl Apply<'_> {
 }
 
 impl Index {
+    /// Marks `names` as being written by write-back until the guard is dropped: a refresh
+    /// meanwhile does not add them as others' blobs (see the module paragraph).
+    pub fn writing(&self, names: Vec<String>) -> Writing<'_> {
+        let mut w = self.watch.writing();
+        for n in &names {
+            *w.entry(n.clone()).or_default() += 1;
+        }
+        drop(w);
+        Writing {
+            watch: &self.watch,
+            names,
+        }
+    }
+
     /// Starts recording local changes for a refresh whose listing begins now.
     pub fn watch_changes(&self) -> Watching<'_> {
         self.watch.with(|s| *s = Some(Seen::default()));
@@ -746,7 +839,7 @@ impl Index {
             self.write(|tx| {
                 let seen = self
                     .watch
-                    .0
+                    .seen
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .take();
@@ -754,6 +847,7 @@ impl Index {
                     tx,
                     fresh: f,
                     seen: seen.unwrap_or_default(),
+                    watch: &self.watch,
                     is_open,
                     keep_open,
                     now: to_ns(SystemTime::now()),

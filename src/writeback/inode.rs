@@ -125,6 +125,14 @@ impl Writeback {
             }
             return Ok(());
         }
+        // Until the result is recorded, a refresh listing these names must not take them
+        // for others' blobs (the inode may be renamed or unlinked meanwhile).
+        let names = v
+            .names
+            .iter()
+            .map(|n| self.blob_name(&n.path))
+            .collect::<WbResult<Vec<_>>>()?;
+        let _writing = index.writing(names);
         let cx = Ctx { locked };
         let cx = &cx;
         let a = &v.attr;
