@@ -6,7 +6,9 @@
 //! whoever waits for it, forever. Each request gets `base` plus one second per MiB it moves,
 //! so a slow but live link still finishes large transfers.
 
-use super::{BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata};
+use super::{
+    BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata, ReadError, Sink,
+};
 use crate::blob::BlobError;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -27,20 +29,25 @@ impl<S: BlobStore> Bounded<S> {
         Bounded { inner, base }
     }
 
+    fn limit(&self, bytes: u64) -> Duration {
+        self.base + Duration::from_secs(bytes >> 20)
+    }
+
     async fn within<T>(
         &self,
         what: &str,
         bytes: u64,
         fut: impl Future<Output = BlobResult<T>>,
     ) -> BlobResult<T> {
-        let limit = self.base + Duration::from_secs(bytes >> 20);
-        match tokio::time::timeout(limit, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(BlobError::Unreachable(format!(
-                "{what}: no answer within {limit:?}"
-            ))),
-        }
+        let limit = self.limit(bytes);
+        tokio::time::timeout(limit, fut)
+            .await
+            .unwrap_or_else(|_| Err(no_answer(what, limit)))
     }
+}
+
+fn no_answer(what: &str, limit: Duration) -> BlobError {
+    BlobError::Unreachable(format!("{what}: no answer within {limit:?}"))
 }
 
 #[async_trait]
@@ -55,6 +62,18 @@ impl<S: BlobStore> BlobStore for Bounded<S> {
         let n = range.end.saturating_sub(range.start);
         self.within(name, n, self.inner.get_range(name, range, etag))
             .await
+    }
+    async fn read_range(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        etag: &str,
+        sink: &mut Sink<'_>,
+    ) -> Result<u64, ReadError> {
+        let limit = self.limit(range.end.saturating_sub(range.start));
+        tokio::time::timeout(limit, self.inner.read_range(name, range, etag, sink))
+            .await
+            .unwrap_or_else(|_| Err(no_answer(name, limit).into()))
     }
     async fn check_access(&self) -> BlobResult<()> {
         self.within("the container", 0, self.inner.check_access())

@@ -4,7 +4,10 @@
 //! switches to model a service that goes away (every request fails as unreachable) or a
 //! blob that changes behind simfs's back.
 
-use super::{BlobError, BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata};
+use super::{
+    BlobError, BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata, ReadError,
+    Sink,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::ops::Range;
@@ -55,6 +58,10 @@ pub struct FaultyStore<S> {
     /// This many more writes are carried out, but their answer is lost (a connection reset
     /// after the service committed).
     lose_answers: AtomicU64,
+    /// The next ranged read hands on a first piece, then starts over (a body retried after
+    /// a reset mid-transfer), with that piece's bytes flipped: whatever took them must
+    /// forget them.
+    restart_next_read: AtomicBool,
 }
 
 impl<S: BlobStore> FaultyStore<S> {
@@ -68,6 +75,7 @@ impl<S: BlobStore> FaultyStore<S> {
             writes_left: AtomicU64::new(u64::MAX),
             latency_ms: AtomicU64::new(0),
             lose_answers: AtomicU64::new(0),
+            restart_next_read: AtomicBool::new(false),
         }
     }
 
@@ -109,6 +117,11 @@ impl<S: BlobStore> FaultyStore<S> {
     }
 
     /// From now on every request fails as if the service were unreachable.
+    /// The next ranged read starts over after a first, garbled piece (see the field).
+    pub fn restart_next_read(&self) {
+        self.restart_next_read.store(true, Ordering::SeqCst);
+    }
+
     pub fn set_offline(&self, offline: bool) {
         self.offline.store(offline, Ordering::SeqCst);
     }
@@ -178,6 +191,27 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
             return Err(BlobError::Service("injected: ranged GET failed".into()));
         }
         self.inner.get_range(name, range, etag).await
+    }
+
+    async fn read_range(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        etag: &str,
+        sink: &mut Sink<'_>,
+    ) -> Result<u64, ReadError> {
+        self.round_trip().await;
+        self.counters.get.fetch_add(1, Ordering::SeqCst);
+        self.gate()?;
+        if range.start == self.fail_get_at.load(Ordering::SeqCst) {
+            return Err(BlobError::Service("injected: ranged GET failed".into()).into());
+        }
+        if self.restart_next_read.swap(false, Ordering::SeqCst) {
+            let first = self.inner.get_range(name, range.clone(), etag).await?;
+            let garbled: Vec<u8> = first.iter().take(4096).map(|b| !b).collect();
+            sink(0, Bytes::from(garbled)).map_err(ReadError::Sink)?;
+        }
+        self.inner.read_range(name, range, etag, sink).await
     }
 
     async fn check_access(&self) -> BlobResult<()> {

@@ -113,6 +113,22 @@ impl BlobError {
 
 pub type BlobResult<T> = Result<T, BlobError>;
 
+/// Where `read_range` delivers: (offset from the range's start, bytes).
+pub type Sink<'a> = dyn FnMut(u64, Bytes) -> std::io::Result<()> + Send + 'a;
+
+/// Why a `read_range` stopped: the store failed, or the sink did (a full cache disk).
+#[derive(Debug)]
+pub enum ReadError {
+    Blob(BlobError),
+    Sink(std::io::Error),
+}
+
+impl From<BlobError> for ReadError {
+    fn from(e: BlobError) -> Self {
+        ReadError::Blob(e)
+    }
+}
+
 /// Blob metadata as simfs writes it (lower-case keys).
 pub type Metadata = BTreeMap<String, String>;
 
@@ -139,6 +155,25 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Bytes `range` of blob `name`, failing with `Changed` when its ETag is no
     /// longer `etag`.
     async fn get_range(&self, name: &str, range: Range<u64>, etag: &str) -> BlobResult<Bytes>;
+
+    /// Bytes `range` of blob `name` (as `get_range`), handed to `sink` piece by piece as
+    /// they arrive, each with its offset from the range's start: a caller that lands them
+    /// in a file needs no buffer of the range, and the Azure store passes on the frames its
+    /// HTTP client received without copying them into one. A retried answer starts again
+    /// at offset 0. Returns how many bytes the sink took. The default fetches the range
+    /// whole and hands it on in one piece.
+    async fn read_range(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        etag: &str,
+        sink: &mut Sink<'_>,
+    ) -> Result<u64, ReadError> {
+        let data = self.get_range(name, range, etag).await?;
+        let n = data.len() as u64;
+        sink(0, data).map_err(ReadError::Sink)?;
+        Ok(n)
+    }
 
     /// Confirms the container exists and the credentials can list it.
     async fn check_access(&self) -> BlobResult<()>;
@@ -207,6 +242,15 @@ impl<S: BlobStore> BlobStore for Arc<S> {
     }
     async fn get_range(&self, name: &str, range: Range<u64>, etag: &str) -> BlobResult<Bytes> {
         (**self).get_range(name, range, etag).await
+    }
+    async fn read_range(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        etag: &str,
+        sink: &mut Sink<'_>,
+    ) -> Result<u64, ReadError> {
+        (**self).read_range(name, range, etag, sink).await
     }
     async fn check_access(&self) -> BlobResult<()> {
         (**self).check_access().await

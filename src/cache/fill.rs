@@ -20,7 +20,8 @@
 //! tries again, so a transient outage costs a read, not the open file.
 
 use super::{read_full, CacheError};
-use crate::blob::{BlobRef, BlobStore};
+use crate::blob::{BlobRef, BlobStore, ReadError};
+use bytes::Bytes;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -29,6 +30,16 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Instant;
+
+/// Failed chunks become fetchable again: someone asks for the whole.
+fn retry_failed(st: &mut State) {
+    for c in st.chunks.iter_mut().filter(|c| **c == Chunk::Failed) {
+        *c = Chunk::Missing;
+    }
+}
+
+/// How many bytes of an answer are gathered before the blocking pool writes them.
+const WRITE_BATCH: u64 = 1 << 20;
 
 /// What the cache does once a whole fill is verified (or its file is dropped): promote it,
 /// release its reservation. Called exactly once.
@@ -39,6 +50,10 @@ enum Chunk {
     Missing,
     Fetching,
     Present,
+    /// Its last request failed: fetched again only when someone asks (a read, an open, a
+    /// wait for the whole), never by workers still sweeping, which would fail it again
+    /// while the service is down and fail the reads that came after.
+    Failed,
 }
 
 pub(super) enum Mode {
@@ -237,6 +252,7 @@ impl Fill {
     /// Starts the background sweep (whole mode; a window fills around its readers).
     pub(super) fn start(&self) {
         let mut st = self.state();
+        retry_failed(&mut st);
         self.spawn_workers(&mut st);
     }
 
@@ -318,6 +334,9 @@ impl Fill {
             }
             if !asked {
                 asked = true;
+                // A reader asking is what retries failed chunks: its own first, the rest
+                // with the sweep.
+                retry_failed(&mut st);
                 for i in r.clone().rev() {
                     if st.chunks[i] == Chunk::Missing {
                         st.urgent.push_front(i);
@@ -333,6 +352,7 @@ impl Fill {
     pub fn wait_complete(&self) -> Result<(), CacheError> {
         let mut st = self.state();
         let seen = st.failures;
+        retry_failed(&mut st);
         self.spawn_workers(&mut st);
         loop {
             if self.is_complete() {
@@ -410,7 +430,7 @@ impl Fill {
     /// mode only up to half a window past the furthest read).
     fn next_chunk(&self, st: &mut State) -> Option<usize> {
         while let Some(i) = st.urgent.pop_front() {
-            if st.chunks[i] == Chunk::Missing {
+            if matches!(st.chunks[i], Chunk::Missing | Chunk::Failed) {
                 st.chunks[i] = Chunk::Fetching;
                 return Some(i);
             }
@@ -443,26 +463,87 @@ impl Fill {
     }
 
     async fn fetch(&self, i: usize) -> Result<u64, CacheError> {
+        use md5::{Digest as _, Md5};
         let (start, end) = self.range_of(i);
-        let data = self
+        // A blob of one chunk is verified before anyone reads it, as it arrives.
+        let mut md5 = match (self.chunk_count(), &self.blob.content_md5) {
+            (1, Some(_)) => Some(Md5::new()),
+            _ => None,
+        };
+        let me = self.me.upgrade().expect("a fill fetching is alive");
+        // Each piece goes to the file as it arrives, with no buffer of the chunk between,
+        // and off the async threads (a blocking write there stalls every other transfer):
+        // pieces are gathered up to `WRITE_BATCH` and written in order by one blocking
+        // task (in order: a retried answer's pieces must land after the first attempt's).
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<Bytes>)>();
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut failed = None;
+            for (mut at, pieces) in rx {
+                for p in pieces {
+                    if failed.is_none() {
+                        failed = me.file.write_all_at(&p, start + at).err();
+                    }
+                    at += p.len() as u64;
+                }
+            }
+            failed.map_or(Ok(()), Err)
+        });
+        let mut batch: (u64, u64, Vec<Bytes>) = (0, 0, Vec::new());
+        let write = |batch: &mut (u64, u64, Vec<Bytes>)| {
+            let (at, _, pieces) = std::mem::take(batch);
+            if !pieces.is_empty() {
+                // The writer ends only when this sender goes: it is there to take them.
+                let _ = tx.send((at, pieces));
+            }
+        };
+        let got = self
             .store
-            .get_range(&self.blob.name, start..end, &self.blob.etag)
-            .await?;
-        if data.len() as u64 != end - start {
+            .read_range(
+                &self.blob.name,
+                start..end,
+                &self.blob.etag,
+                &mut |at, data| {
+                    if let Some(h) = md5.as_mut() {
+                        if at == 0 {
+                            // A retried answer starts over.
+                            *h = Md5::new();
+                        }
+                        h.update(&data);
+                    }
+                    if batch.2.is_empty() || at != batch.0 + batch.1 {
+                        write(&mut batch);
+                        batch.0 = at;
+                    }
+                    batch.1 += data.len() as u64;
+                    batch.2.push(data);
+                    if batch.1 >= WRITE_BATCH {
+                        write(&mut batch);
+                    }
+                    Ok(())
+                },
+            )
+            .await;
+        write(&mut batch);
+        drop(tx);
+        // Every write ends before the chunk counts as present (or its failure is told).
+        writer
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))?;
+        let got = got.map_err(|e| match e {
+            ReadError::Blob(e) => CacheError::Blob(e),
+            ReadError::Sink(e) => CacheError::from(e),
+        })?;
+        if got != end - start {
             return Err(CacheError::Corrupt(format!(
-                "{:?}: range {start}..{end} returned {} bytes",
-                self.blob.name,
-                data.len()
+                "{:?}: range {start}..{end} returned {got} bytes",
+                self.blob.name
             )));
         }
-        if let (1, Some(expected)) = (self.chunk_count(), &self.blob.content_md5) {
-            // A blob of one chunk is verified before anyone reads it.
-            use md5::{Digest as _, Md5};
-            if Md5::digest(&data).as_slice() != expected.as_slice() {
+        if let (Some(h), Some(expected)) = (md5, &self.blob.content_md5) {
+            if h.finalize().as_slice() != expected.as_slice() {
                 return Err(mismatch(&self.blob.name));
             }
         }
-        self.file.write_all_at(&data, start)?;
         Ok(end - start)
     }
 
@@ -491,7 +572,7 @@ impl Fill {
                     // The service holds something else than it describes: no retry helps.
                     st.broken = Some(e.clone());
                 }
-                st.chunks[i] = Chunk::Missing;
+                st.chunks[i] = Chunk::Failed;
                 st.failures += 1;
                 st.error = Some(e);
                 // Nobody retries on their own: the next read (or open) asks again.
