@@ -220,7 +220,9 @@ fn a_multi_chunk_blob_that_fails_verification_is_never_promoted() {
     let mem = MemoryStore::new();
     mem.put("big", vec![5u8; 300_000], &[]);
     mem.set_content_md5("big", Some(vec![0u8; 16]));
-    let w = world_with(mem, "", 65_536);
+    // (`auto` checks each range's CRC64 instead, which this service offers: the blob's
+    // bytes are what the service holds, and the whole is not hashed again.)
+    let w = verifying(mem, 65_536, simfs::cache::verify::Verify::Md5, |_| {});
     let ino = path(&w, "big").unwrap().ino;
     let fh = w.fs.open(ino, false, false).unwrap();
     // Ranges read before the end are served; the verification at the end then fails
@@ -699,4 +701,102 @@ fn an_answer_that_starts_over_lands_only_its_second_delivery() {
             "the cached copy, {len} bytes"
         );
     }
+}
+
+/// A world over `mem` (chunks of `chunk` bytes) checking with `verify`.
+fn verifying(
+    mem: MemoryStore,
+    chunk: u64,
+    verify: simfs::cache::verify::Verify,
+    set: impl FnOnce(&FaultyStore<MemoryStore>),
+) -> World {
+    let store = Arc::new(FaultyStore::new(mem));
+    set(&store);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir, chunk, None, true);
+    cfg.cache.verify = verify;
+    world_from(store, dir, "", &cfg)
+}
+
+/// 3 MiB of a pattern in a blob without a Content-MD5 (uploaded in blocks).
+fn blocks_blob() -> (MemoryStore, Vec<u8>) {
+    let data: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 253) as u8).collect();
+    let mem = MemoryStore::new();
+    mem.put("f", data.clone(), &[]);
+    mem.set_content_md5("f", None);
+    (mem, data)
+}
+
+#[test]
+fn a_range_corrupted_on_the_way_fails_its_crc64_and_is_fetched_again() {
+    use simfs::cache::verify::Verify;
+    let (mem, data) = blocks_blob();
+    let w = verifying(mem, 1 << 20, Verify::Auto, |s| s.corrupt_reads(1));
+    assert!(read_all(&w, "f").unwrap() == data, "the bytes as stored");
+    let gets = w.store.counters.get.load(Ordering::SeqCst);
+    w.fs.cache().settle();
+    // The same corruption unchecked lands in the file: `none` serves it.
+    let (mem, data) = blocks_blob();
+    let none = verifying(mem, 1 << 20, Verify::None, |s| s.corrupt_reads(1));
+    assert!(
+        read_all(&none, "f").unwrap() != data,
+        "unchecked, the flipped bit stays"
+    );
+    let none_gets = none.store.counters.get.load(Ordering::SeqCst);
+    assert_eq!(gets, none_gets + 1, "one range fetched twice");
+}
+
+#[test]
+fn a_range_that_keeps_arriving_corrupted_fails_the_read_with_eio() {
+    use simfs::cache::verify::Verify;
+    let (mem, _) = blocks_blob();
+    let w = verifying(mem, 1 << 20, Verify::Crc64, |s| s.corrupt_reads(1000));
+    assert_eq!(read_all(&w, "f").unwrap_err().errno(), libc::EIO);
+}
+
+#[test]
+fn auto_checks_md5_per_range_where_the_service_leaves_out_crc64() {
+    use simfs::cache::verify::{Checksum, Verify};
+    let (mem, data) = blocks_blob();
+    let w = verifying(mem, 1 << 20, Verify::Auto, |s| {
+        s.omit_sum(Checksum::Crc64, true);
+        // Two corrupted answers: whichever ranges they hit, MD5 catches them once the
+        // service has shown it gives no CRC64.
+        s.corrupt_reads(2);
+    });
+    assert!(read_all(&w, "f").unwrap() == data);
+}
+
+#[test]
+fn crc64_left_out_by_the_service_falls_back_to_the_content_md5() {
+    use simfs::cache::verify::{Checksum, Verify};
+    let data = vec![3u8; 3 << 20];
+    let mem = MemoryStore::new();
+    mem.put("good", data.clone(), &[]);
+    mem.put("bad", data.clone(), &[]);
+    mem.set_content_md5("bad", Some(vec![0u8; 16]));
+    let w = verifying(mem, 1 << 20, Verify::Crc64, |s| {
+        s.omit_sum(Checksum::Crc64, true)
+    });
+    assert!(read_all(&w, "good").unwrap() == data);
+    let ino = path(&w, "bad").unwrap().ino;
+    let fh = w.fs.open(ino, false, false).unwrap();
+    let _ = w.fs.read(fh, 0, 3 << 20);
+    w.fs.cache().settle();
+    assert_eq!(
+        w.fs.read(fh, 0, 10).unwrap_err().errno(),
+        libc::EIO,
+        "the whole-blob check ran"
+    );
+    w.fs.release(fh).unwrap();
+}
+
+#[test]
+fn verify_none_serves_a_blob_whose_content_md5_is_wrong() {
+    use simfs::cache::verify::Verify;
+    let mem = MemoryStore::new();
+    mem.put("f", "payload", &[]);
+    mem.set_content_md5("f", Some(vec![0u8; 16]));
+    let w = verifying(mem, 1 << 20, Verify::None, |_| {});
+    assert_eq!(read_all(&w, "f").unwrap(), b"payload");
 }

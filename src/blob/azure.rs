@@ -10,9 +10,10 @@ use super::{
     BlobError, BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata, ReadError,
     Sink,
 };
+use super::{Checksum, Got};
 use async_trait::async_trait;
 use azure_core::error::ErrorKind;
-use azure_core::http::headers::ETAG;
+use azure_core::http::headers::{HeaderName, ETAG};
 use azure_core::http::policies::Policy;
 use azure_core::http::{
     ClientOptions, Etag, ExponentialRetryOptions, RequestContent, RetryOptions, StatusCode, Url,
@@ -299,7 +300,7 @@ impl BlobStore for AzureStore {
         let mut buf = vec![0u8; (range.end - range.start) as usize];
         let into = &mut buf;
         let got = self
-            .read_range(name, range, etag, &mut |at, d| {
+            .read_range(name, range, etag, None, &mut |at, d| {
                 into[at as usize..at as usize + d.len()].copy_from_slice(&d);
                 Ok(())
             })
@@ -308,7 +309,7 @@ impl BlobStore for AzureStore {
                 ReadError::Blob(e) => e,
                 ReadError::Sink(e) => BlobError::Invalid(e.to_string()),
             })?;
-        debug_assert_eq!(got, buf.len() as u64);
+        debug_assert_eq!(got.bytes, buf.len() as u64);
         Ok(Bytes::from(buf))
     }
 
@@ -317,10 +318,11 @@ impl BlobStore for AzureStore {
         name: &str,
         range: Range<u64>,
         etag: &str,
+        want: Option<Checksum>,
         sink: &mut Sink<'_>,
-    ) -> Result<u64, ReadError> {
+    ) -> Result<Got, ReadError> {
         if range.is_empty() {
-            return Ok(0);
+            return Ok(Got::default());
         }
         // One request per range: the SDK's download is partitioned (4 MiB pieces by default,
         // fetched one after another with parallel = 1), which halved a fill's rate. The cache
@@ -333,6 +335,8 @@ impl BlobStore for AzureStore {
             if_match: Some(etag_header(etag)),
             parallel: NonZero::new(1),
             partition_size: whole,
+            range_get_content_md5: (want == Some(Checksum::Md5)).then_some(true),
+            range_get_content_crc64: (want == Some(Checksum::Crc64)).then_some(true),
             ..Default::default()
         };
         let what = || format!("GET {name:?} bytes {}..{}", range.start, range.end);
@@ -341,19 +345,33 @@ impl BlobStore for AzureStore {
         // them (a reset mid-transfer, a truncating proxy) is retried here, as a whole.
         let mut attempt = 0u32;
         loop {
-            let mut body = self
+            let rsp = self
                 .blob(name)?
                 .download(Some(opts.clone()))
                 .await
-                .map_err(|e| map_err(&what(), e))?
-                .body;
+                .map_err(|e| map_err(&what(), e))?;
+            // A range's checksum, when asked for and given; a header that does not parse
+            // counts as not given (the range is then checked as if the service had none).
+            let sum = want.and_then(|w| {
+                use base64::Engine;
+                let header = match w {
+                    Checksum::Md5 => HeaderName::from_static("content-md5"),
+                    Checksum::Crc64 => HeaderName::from_static("x-ms-content-crc64"),
+                };
+                let v = rsp.headers.get_optional_str(&header)?;
+                base64::engine::general_purpose::STANDARD
+                    .decode(v)
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            });
+            let mut body = rsp.body;
             // Each frame goes to the sink as the client received it: no copy into a buffer
             // of the range (that copy, its allocation and its page faults were a sixth of
             // a cold read's CPU).
             let mut at = 0u64;
             let failure = loop {
                 match body.next().await {
-                    None if at == expected => return Ok(at),
+                    None if at == expected => return Ok(Got { bytes: at, sum }),
                     None => {
                         break BlobError::Unreachable(format!(
                             "{}: the answer ended after {at} of {expected} bytes",

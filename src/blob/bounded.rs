@@ -9,6 +9,7 @@
 use super::{
     BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata, ReadError, Sink,
 };
+use super::{Checksum, Got};
 use crate::blob::BlobError;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -68,10 +69,11 @@ impl<S: BlobStore> BlobStore for Bounded<S> {
         name: &str,
         range: Range<u64>,
         etag: &str,
+        want: Option<Checksum>,
         sink: &mut Sink<'_>,
-    ) -> Result<u64, ReadError> {
+    ) -> Result<Got, ReadError> {
         let limit = self.limit(range.end.saturating_sub(range.start));
-        tokio::time::timeout(limit, self.inner.read_range(name, range, etag, sink))
+        tokio::time::timeout(limit, self.inner.read_range(name, range, etag, want, sink))
             .await
             .unwrap_or_else(|_| Err(no_answer(name, limit).into()))
     }

@@ -8,6 +8,7 @@ use super::{
     BlobError, BlobProps, BlobResult, BlobStore, Expect, ListPage, ListQuery, Metadata, ReadError,
     Sink,
 };
+use super::{Checksum, Got};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::ops::Range;
@@ -62,6 +63,11 @@ pub struct FaultyStore<S> {
     /// a reset mid-transfer), with that piece's bytes flipped: whatever took them must
     /// forget them.
     restart_next_read: AtomicBool,
+    /// This many more ranged reads have one bit flipped in their first piece.
+    corrupt_reads: AtomicU64,
+    /// Ranged answers come without a CRC64 / an MD5 when asked (as from an emulator).
+    omit_crc64: AtomicBool,
+    omit_md5: AtomicBool,
 }
 
 impl<S: BlobStore> FaultyStore<S> {
@@ -76,6 +82,9 @@ impl<S: BlobStore> FaultyStore<S> {
             latency_ms: AtomicU64::new(0),
             lose_answers: AtomicU64::new(0),
             restart_next_read: AtomicBool::new(false),
+            corrupt_reads: AtomicU64::new(0),
+            omit_crc64: AtomicBool::new(false),
+            omit_md5: AtomicBool::new(false),
         }
     }
 
@@ -120,6 +129,19 @@ impl<S: BlobStore> FaultyStore<S> {
     /// The next ranged read starts over after a first, garbled piece (see the field).
     pub fn restart_next_read(&self) {
         self.restart_next_read.store(true, Ordering::SeqCst);
+    }
+
+    /// The next `n` ranged reads arrive with one bit flipped.
+    pub fn corrupt_reads(&self, n: u64) {
+        self.corrupt_reads.store(n, Ordering::SeqCst);
+    }
+
+    /// Ranged answers leave out `sum` when asked for it.
+    pub fn omit_sum(&self, sum: Checksum, omit: bool) {
+        match sum {
+            Checksum::Crc64 => self.omit_crc64.store(omit, Ordering::SeqCst),
+            Checksum::Md5 => self.omit_md5.store(omit, Ordering::SeqCst),
+        }
     }
 
     pub fn set_offline(&self, offline: bool) {
@@ -198,8 +220,9 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
         name: &str,
         range: Range<u64>,
         etag: &str,
+        want: Option<Checksum>,
         sink: &mut Sink<'_>,
-    ) -> Result<u64, ReadError> {
+    ) -> Result<Got, ReadError> {
         self.round_trip().await;
         self.counters.get.fetch_add(1, Ordering::SeqCst);
         self.gate()?;
@@ -211,7 +234,36 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
             let garbled: Vec<u8> = first.iter().take(4096).map(|b| !b).collect();
             sink(0, Bytes::from(garbled)).map_err(ReadError::Sink)?;
         }
-        self.inner.read_range(name, range, etag, sink).await
+        let corrupt = self.corrupt_reads.load(Ordering::SeqCst) > 0
+            && self
+                .corrupt_reads
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        let mut got = if corrupt {
+            // One bit flipped on the way: the service's checksum is of what it sent.
+            let mut first = true;
+            self.inner
+                .read_range(name, range, etag, want, &mut |at, piece: Bytes| {
+                    if std::mem::take(&mut first) && !piece.is_empty() {
+                        let mut p = piece.to_vec();
+                        p[0] ^= 1;
+                        return sink(at, Bytes::from(p));
+                    }
+                    sink(at, piece)
+                })
+                .await?
+        } else {
+            self.inner.read_range(name, range, etag, want, sink).await?
+        };
+        let omit = match want {
+            Some(Checksum::Crc64) => &self.omit_crc64,
+            Some(Checksum::Md5) => &self.omit_md5,
+            None => return Ok(got),
+        };
+        if omit.load(Ordering::SeqCst) {
+            got.sum = None;
+        }
+        Ok(got)
     }
 
     async fn check_access(&self) -> BlobResult<()> {

@@ -113,6 +113,22 @@ impl BlobError {
 
 pub type BlobResult<T> = Result<T, BlobError>;
 
+/// A checksum the service computes for a ranged answer of at most 4 MiB, when asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checksum {
+    Md5,
+    Crc64,
+}
+
+/// What a `read_range` delivered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Got {
+    pub bytes: u64,
+    /// The service's checksum of the range, when asked for and given: MD5's 16 bytes, or
+    /// CRC64's 8 (little-endian, as `x-ms-content-crc64` carries it).
+    pub sum: Option<Vec<u8>>,
+}
+
 /// Where `read_range` delivers: (offset from the range's start, bytes).
 pub type Sink<'a> = dyn FnMut(u64, Bytes) -> std::io::Result<()> + Send + 'a;
 
@@ -162,17 +178,22 @@ pub trait BlobStore: Send + Sync + 'static {
     /// HTTP client received without copying them into one. A retried answer starts again
     /// at offset 0. Returns how many bytes the sink took. The default fetches the range
     /// whole and hands it on in one piece.
+    ///
+    /// With `want`, the service is asked to checksum its answer (see `Checksum`); it may
+    /// not (an emulator, a range over 4 MiB): `Got::sum` then stays None.
     async fn read_range(
         &self,
         name: &str,
         range: Range<u64>,
         etag: &str,
+        want: Option<Checksum>,
         sink: &mut Sink<'_>,
-    ) -> Result<u64, ReadError> {
+    ) -> Result<Got, ReadError> {
+        let _ = want;
         let data = self.get_range(name, range, etag).await?;
-        let n = data.len() as u64;
+        let bytes = data.len() as u64;
         sink(0, data).map_err(ReadError::Sink)?;
-        Ok(n)
+        Ok(Got { bytes, sum: None })
     }
 
     /// Confirms the container exists and the credentials can list it.
@@ -248,9 +269,10 @@ impl<S: BlobStore> BlobStore for Arc<S> {
         name: &str,
         range: Range<u64>,
         etag: &str,
+        want: Option<Checksum>,
         sink: &mut Sink<'_>,
-    ) -> Result<u64, ReadError> {
-        (**self).read_range(name, range, etag, sink).await
+    ) -> Result<Got, ReadError> {
+        (**self).read_range(name, range, etag, want, sink).await
     }
     async fn check_access(&self) -> BlobResult<()> {
         (**self).check_access().await

@@ -19,6 +19,7 @@
 //! A failed request fails the reads that wait on it; the next read of a missing range
 //! tries again, so a transient outage costs a read, not the open file.
 
+use super::verify::{Checksum, Plan, Running, Verifier, RANGE_SUM_MAX};
 use super::{read_full, CacheError};
 use crate::blob::{BlobRef, BlobStore, ReadError};
 use bytes::Bytes;
@@ -37,6 +38,9 @@ fn retry_failed(st: &mut State) {
         *c = Chunk::Missing;
     }
 }
+
+/// How many times a range that arrives corrupted is fetched again before its read fails.
+const RANGE_RETRIES: u32 = 2;
 
 /// How many bytes of an answer are gathered before the blocking pool writes them.
 const WRITE_BATCH: u64 = 1 << 20;
@@ -136,6 +140,9 @@ pub struct Fill {
     bounds: Vec<u64>,
     mode: Mode,
     tuning: Tuning,
+    verifier: Arc<Verifier>,
+    /// Some range came without the checksum asked for: the whole-blob check decides.
+    unverified: AtomicBool,
     complete: AtomicBool,
     st: Mutex<State>,
     cv: Condvar,
@@ -153,11 +160,20 @@ impl Fill {
         blob: BlobRef,
         tmp: PathBuf,
         mode: Mode,
-        tuning: Tuning,
-        store: Arc<dyn BlobStore>,
+        mut tuning: Tuning,
+        (store, verifier): (Arc<dyn BlobStore>, Arc<Verifier>),
         rt: tokio::runtime::Handle,
         finish: Finish,
     ) -> Result<Arc<Fill>, CacheError> {
+        if verifier
+            .plan(blob.content_md5.is_some())
+            .per_range
+            .is_some()
+        {
+            // The service checksums ranges of at most 4 MiB.
+            tuning.max_chunk = tuning.max_chunk.min(RANGE_SUM_MAX);
+            tuning.min_chunk = tuning.min_chunk.min(tuning.max_chunk);
+        }
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -195,6 +211,8 @@ impl Fill {
             bounds,
             mode,
             tuning,
+            verifier,
+            unverified: AtomicBool::new(false),
             complete: AtomicBool::new(false),
             st: Mutex::new(st),
             cv: Condvar::new(),
@@ -462,31 +480,94 @@ impl Fill {
         (st.demand_hi + chunks / 2 + 1).min(st.chunks.len())
     }
 
+    /// What this fill's checks are now (auto mode learns from the service's answers).
+    fn plan(&self) -> Plan {
+        self.verifier.plan(self.blob.content_md5.is_some())
+    }
+
+    /// Fetches chunk `i`, again when its range arrived corrupted (its checksum says so)
+    /// or without the checksum the plan now asks for.
     async fn fetch(&self, i: usize) -> Result<u64, CacheError> {
-        use md5::{Digest as _, Md5};
+        let mut corrupted = 0;
+        loop {
+            let plan = self.plan();
+            // A blob of one chunk is verified against its Content-MD5 as it arrives.
+            let whole = self.chunk_count() == 1 && plan.whole_md5;
+            let want = if whole { None } else { plan.per_range };
+            let (bytes, sum) = self.fetch_once(i, want, whole).await?;
+            let Some(w) = want else { return Ok(bytes) };
+            let (local, given) = sum;
+            match given {
+                Some(given) if given == local => {
+                    self.verifier.answered(w, true);
+                    return Ok(bytes);
+                }
+                Some(_) => {
+                    self.verifier.answered(w, true);
+                    corrupted += 1;
+                    let (start, end) = self.range_of(i);
+                    tracing::warn!(
+                        "{:?}: bytes {start}..{end} arrived corrupted ({w:?} mismatch); fetching them again",
+                        self.blob.name
+                    );
+                    if corrupted > RANGE_RETRIES {
+                        return Err(CacheError::Corrupt(format!(
+                            "{:?}: bytes {start}..{end} failed their {w:?} check {corrupted} times",
+                            self.blob.name
+                        )));
+                    }
+                }
+                None => {
+                    self.verifier.answered(w, false);
+                    if self.plan().per_range == Some(w) || self.plan().whole_md5 {
+                        // Nothing better to ask for: the whole-blob check (if any) decides.
+                        self.unverified.store(true, Ordering::Relaxed);
+                        return Ok(bytes);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One request for chunk `i`, asking the service for `want`; with `whole`, the chunk
+    /// is the blob and is checked against its Content-MD5. Returns the bytes and (the
+    /// range's checksum computed here, the service's).
+    async fn fetch_once(
+        &self,
+        i: usize,
+        want: Option<Checksum>,
+        whole: bool,
+    ) -> Result<(u64, (Vec<u8>, Option<Vec<u8>>)), CacheError> {
         let (start, end) = self.range_of(i);
-        // A blob of one chunk is verified before anyone reads it, as it arrives.
-        let mut md5 = match (self.chunk_count(), &self.blob.content_md5) {
-            (1, Some(_)) => Some(Md5::new()),
-            _ => None,
-        };
         let me = self.me.upgrade().expect("a fill fetching is alive");
         // Each piece goes to the file as it arrives, with no buffer of the chunk between,
         // and off the async threads (a blocking write there stalls every other transfer):
         // pieces are gathered up to `WRITE_BATCH` and written in order by one blocking
-        // task (in order: a retried answer's pieces must land after the first attempt's).
+        // task (in order: a retried answer's pieces must land after the first attempt's),
+        // which also computes the checksums, so they cost the async threads nothing.
         let (tx, rx) = std::sync::mpsc::channel::<(u64, Vec<Bytes>)>();
         let writer = tokio::task::spawn_blocking(move || {
-            let mut failed = None;
+            let fresh = || {
+                (
+                    want.map(Running::new),
+                    whole.then(|| Running::new(Checksum::Md5)),
+                )
+            };
+            let mut sums = fresh();
             for (mut at, pieces) in rx {
+                if at == 0 {
+                    // A retried answer starts over.
+                    sums = fresh();
+                }
                 for p in pieces {
-                    if failed.is_none() {
-                        failed = me.file.write_all_at(&p, start + at).err();
+                    me.file.write_all_at(&p, start + at)?;
+                    for h in [&mut sums.0, &mut sums.1].into_iter().flatten() {
+                        h.update(&p);
                     }
                     at += p.len() as u64;
                 }
             }
-            failed.map_or(Ok(()), Err)
+            Ok::<_, std::io::Error>((sums.0.map(Running::finish), sums.1.map(Running::finish)))
         });
         let mut batch: (u64, u64, Vec<Bytes>) = (0, 0, Vec::new());
         let write = |batch: &mut (u64, u64, Vec<Bytes>)| {
@@ -502,14 +583,8 @@ impl Fill {
                 &self.blob.name,
                 start..end,
                 &self.blob.etag,
-                &mut |at, data| {
-                    if let Some(h) = md5.as_mut() {
-                        if at == 0 {
-                            // A retried answer starts over.
-                            *h = Md5::new();
-                        }
-                        h.update(&data);
-                    }
+                want,
+                &mut |at, data: Bytes| {
                     if batch.2.is_empty() || at != batch.0 + batch.1 {
                         write(&mut batch);
                         batch.0 = at;
@@ -526,25 +601,25 @@ impl Fill {
         write(&mut batch);
         drop(tx);
         // Every write ends before the chunk counts as present (or its failure is told).
-        writer
+        let (range_sum, md5) = writer
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))?;
         let got = got.map_err(|e| match e {
             ReadError::Blob(e) => CacheError::Blob(e),
             ReadError::Sink(e) => CacheError::from(e),
         })?;
-        if got != end - start {
+        if got.bytes != end - start {
             return Err(CacheError::Corrupt(format!(
-                "{:?}: range {start}..{end} returned {got} bytes",
-                self.blob.name
+                "{:?}: range {start}..{end} returned {} bytes",
+                self.blob.name, got.bytes
             )));
         }
         if let (Some(h), Some(expected)) = (md5, &self.blob.content_md5) {
-            if h.finalize().as_slice() != expected.as_slice() {
+            if &h != expected {
                 return Err(mismatch(&self.blob.name));
             }
         }
-        Ok(end - start)
+        Ok((got.bytes, (range_sum.unwrap_or_default(), got.sum)))
     }
 
     /// Records the outcome of chunk `i`; false when the worker should stop.
@@ -638,8 +713,12 @@ impl Fill {
         let Mode::Whole { dest } = &self.mode else {
             return;
         };
+        // The whole-blob hash is skipped when every range was checked on arrival.
+        let plan = self.plan();
+        let hash =
+            plan.whole_md5 && (plan.per_range.is_none() || self.unverified.load(Ordering::Relaxed));
         let verdict = match &self.blob.content_md5 {
-            Some(_) if self.chunk_count() == 1 => Ok(()),
+            Some(_) if self.chunk_count() == 1 || !hash => Ok(()),
             Some(expected) => {
                 let path = self.tmp.clone();
                 let expected = expected.clone();

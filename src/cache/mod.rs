@@ -22,6 +22,7 @@ mod fill;
 mod lru;
 mod prefetch;
 mod space;
+pub mod verify;
 
 pub use fill::Fill;
 pub use prefetch::BUDGET_FILES as PREFETCH_FILES;
@@ -82,6 +83,8 @@ pub struct CacheOptions {
     /// Free bytes the clean cache leaves on the disk (above the writers' reserve): below
     /// it, clean files are evicted in the background.
     pub min_free: u64,
+    /// How fetched bytes are checked (see `verify`).
+    pub verify: verify::Verify,
 }
 
 impl Default for CacheOptions {
@@ -93,6 +96,7 @@ impl Default for CacheOptions {
             capacity: None,
             stream_window: 256 << 20,
             min_free: 0,
+            verify: verify::Verify::Auto,
         }
     }
 }
@@ -176,6 +180,7 @@ pub struct Cache {
     data_dir: PathBuf,
     tmp_dir: PathBuf,
     store: Arc<dyn BlobStore>,
+    verifier: Arc<verify::Verifier>,
     rt: tokio::runtime::Handle,
     opts: CacheOptions,
     /// Hydrated files known to be whole.
@@ -245,6 +250,7 @@ impl Cache {
         }
         let marks = evict::Marks::new(opts.capacity, opts.min_free, disk_size(dir)?);
         Ok(Cache {
+            verifier: Arc::new(verify::Verifier::new(opts.verify)),
             data_dir,
             tmp_dir,
             store,
@@ -412,7 +418,7 @@ impl Cache {
             tmp,
             mode,
             tuning,
-            store,
+            (store, self.verifier.clone()),
             self.rt.clone(),
             finish,
         )?;

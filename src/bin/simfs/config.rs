@@ -113,6 +113,12 @@ pub struct SourceArgs {
     /// recently used clean files are evicted in the background.
     #[arg(long, default_value = "5%", value_parser = parse_size)]
     pub cache_min_free: CacheSize,
+    /// How fetched bytes are checked: `auto` (CRC64 of each range where the service offers
+    /// it, else the blob's Content-MD5, else MD5 of each range), `md5` (the Content-MD5,
+    /// else MD5 of each range), `crc64` (of each range; the Content-MD5 where the service
+    /// leaves it out) or `none`. A range that fails its check is fetched again.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(simfs::cache::verify::Verify))]
+    pub verify: simfs::cache::verify::Verify,
 }
 
 /// A cache size as given: bytes, or a percentage of the cache disk.
@@ -551,6 +557,7 @@ impl SourceArgs {
             bytes(self.max_pending).unwrap_or(simfs::writeback::DEFAULT_MAX_PENDING_BYTES);
         cfg.writeback.max_pending_files = self.max_pending_files;
         cfg.cache.min_free = bytes(self.cache_min_free).unwrap_or(0);
+        cfg.cache.verify = self.verify;
         cfg
     }
 }
