@@ -152,7 +152,21 @@ fn fuse_stat(c: &mut Criterion, fs: Arc<SimFs>, rt: &tokio::runtime::Handle) {
     }
 }
 
+/// What `--verify` costs per 4 MiB range: CRC64 (Azure's, per range) and MD5 (the blob's
+/// Content-MD5, or per range where the service has no CRC64). Throughput in bytes.
+fn checksums(c: &mut Criterion) {
+    use simfs::cache::verify::{sum_of, Checksum};
+    let range = vec![0x5au8; 4 << 20];
+    let mut g = c.benchmark_group("checksum 4 MiB");
+    g.throughput(criterion::Throughput::Bytes(range.len() as u64));
+    for (name, sum) in [("crc64", Checksum::Crc64), ("md5", Checksum::Md5)] {
+        g.bench_function(name, |b| b.iter(|| sum_of(sum, &range)));
+    }
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
+    checksums(c);
     let store = store();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
