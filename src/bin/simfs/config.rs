@@ -96,12 +96,14 @@ pub struct SourceArgs {
     /// The most closed-but-uncommitted files; past it, close waits for uploads.
     #[arg(long, default_value_t = simfs::writeback::DEFAULT_MAX_PENDING_FILES, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_pending_files: u64,
-    /// Seconds a metadata change (chmod, rename, mkdir, ...) waits before it is uploaded, so
-    /// bursts coalesce; a written file's upload starts when it is closed regardless.
+    /// How long a metadata change (chmod, rename, mkdir, ...) waits before it is uploaded, so
+    /// bursts coalesce (seconds, or `500ms`, `2s`); a written file's upload starts when it is
+    /// closed regardless.
     #[arg(long, default_value_t = 1.0, value_parser = parse_delay)]
     pub upload_delay: f64,
-    /// Seconds a request to the service may go unanswered (plus one per MiB it moves)
-    /// before it fails; what waited for it gets EIO and uploads are retried.
+    /// How long a request to the service may go unanswered (seconds, or `30s`, `2m`), plus a
+    /// second per MiB it moves, before it fails; what waited for it gets EIO and uploads
+    /// are retried.
     #[arg(long, default_value_t = 60.0, value_parser = parse_timeout)]
     pub request_timeout: f64,
     /// Room for clean cached files: bytes (`500M`, `64G`, `2T`) or a share of the cache
@@ -153,22 +155,33 @@ fn parse_size(s: &str) -> Result<CacheSize, String> {
     Ok(CacheSize::Bytes((v * (1u64 << shift) as f64) as u64))
 }
 
-fn parse_timeout(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && (1.0..=3600.0).contains(&v) => Ok(v),
+/// Seconds from a plain number (`30`, `1.5`) or a duration with units (`500ms`, `5s`, `2m`,
+/// `1h`, `1h30m`), between `min` and `max` seconds; `zero_means` names what 0 does when 0 is
+/// allowed below `min`.
+pub fn parse_seconds(s: &str, min: f64, max: f64, zero: Option<&str>) -> Result<f64, String> {
+    let t = s.trim();
+    let v = match t.parse::<f64>() {
+        Ok(v) => Some(v),
+        Err(_) => humantime::parse_duration(t).ok().map(|d| d.as_secs_f64()),
+    };
+    let zero_ok = zero.is_some() && v == Some(0.0);
+    match v {
+        Some(v) if zero_ok || (v.is_finite() && (min..=max).contains(&v)) => Ok(v),
         _ => Err(format!(
-            "{s:?} is not a number of seconds between 1 and 3600"
+            "{s:?} is not {}a duration between {} and {}: give seconds (`30`, `1.5`) or a number with a unit (`500ms`, `5s`, `2m`, `1h`)",
+            zero.map(|z| format!("0 ({z}) or ")).unwrap_or_default(),
+            humantime::format_duration(std::time::Duration::from_secs_f64(min)),
+            humantime::format_duration(std::time::Duration::from_secs_f64(max)),
         )),
     }
 }
 
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    parse_seconds(s, 1.0, 3600.0, None)
+}
+
 fn parse_delay(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not a number of seconds between 0 and 3600"
-        )),
-    }
+    parse_seconds(s, 0.0, 3600.0, None)
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -589,6 +602,34 @@ mod tests {
         std::fs::write(f.path(), text).unwrap();
         std::fs::set_permissions(f.path(), PermissionsExt::from_mode(mode)).unwrap();
         f
+    }
+
+    #[test]
+    fn durations_parse_as_seconds_or_with_units_and_a_bad_one_says_what_is_accepted() {
+        for (given, secs) in [
+            ("30", 30.0),
+            ("1.5", 1.5),
+            ("5s", 5.0),
+            ("2m", 120.0),
+            ("1h", 3600.0),
+            ("1h 30m", 5400.0),
+        ] {
+            assert_eq!(
+                parse_seconds(given, 1.0, 86_400.0, None),
+                Ok(secs),
+                "{given}"
+            );
+        }
+        assert_eq!(parse_delay("500ms"), Ok(0.5));
+        let e = parse_timeout("5x").unwrap_err();
+        assert!(e.contains("`5s`") && e.contains("seconds"), "{e}");
+        assert!(parse_timeout("0").is_err(), "a timeout of 0 is refused");
+        assert!(parse_timeout("2h").is_err(), "above its bound");
+        assert_eq!(parse_seconds("0", 1.0, 60.0, Some("off")), Ok(0.0));
+        assert!(parse_seconds("0.5", 1.0, 60.0, Some("off"))
+            .unwrap_err()
+            .contains("0 (off)"));
+        assert!(parse_seconds("-1", 0.0, 60.0, None).is_err());
     }
 
     #[test]

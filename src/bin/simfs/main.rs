@@ -49,9 +49,10 @@ enum Cmd {
         /// Let other users access the mount (needs user_allow_other for non-root).
         #[arg(long)]
         allow_other: bool,
-        /// Kernel entry/attribute cache time in seconds (the index is authoritative).
-        #[arg(long, default_value_t = 86400)]
-        attr_timeout: u64,
+        /// How long the kernel keeps entries and attributes (seconds, or `1h`, `1d`): the
+        /// index is authoritative and changes are told to the kernel as they land.
+        #[arg(long, default_value = "86400", value_parser = parse_attr_timeout)]
+        attr_timeout: f64,
         /// FUSE worker threads [default: the number of CPUs, 2 to 8].
         #[arg(long)]
         threads: Option<usize>,
@@ -70,8 +71,8 @@ enum Cmd {
         /// fewer per directory). For comparisons and debugging.
         #[arg(long)]
         open_dirs: bool,
-        /// Seconds between listings of the container that bring in others' changes
-        /// (new, changed and deleted blobs); 0 turns background refresh off.
+        /// How often the container is listed again to bring in others' changes (new,
+        /// changed and deleted blobs): seconds, or `30s`, `5m`, `1h`; 0 turns it off.
         #[arg(long, default_value_t = 60.0, value_parser = parse_interval)]
         refresh_interval: f64,
         /// Entries (breadth-first) listed through the mount before it reports ready, so the
@@ -150,12 +151,11 @@ enum Cmd {
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v == 0.0 || (v.is_finite() && (1.0..=86_400.0).contains(&v)) => Ok(v),
-        _ => Err(format!(
-            "{s:?} is not 0 (off) or a number of seconds between 1 and 86400"
-        )),
-    }
+    config::parse_seconds(s, 1.0, 86_400.0, Some("off"))
+}
+
+fn parse_attr_timeout(s: &str) -> Result<f64, String> {
+    config::parse_seconds(s, 0.0, 10.0 * 365.0 * 86_400.0, None)
 }
 
 #[derive(Subcommand)]
@@ -250,7 +250,7 @@ fn main() -> ExitCode {
             let serve = ServeOptions {
                 fsname: source.source.clone(),
                 allow_other,
-                ttl: Duration::from_secs(attr_timeout),
+                ttl: Duration::from_secs_f64(attr_timeout),
                 threads: threads.unwrap_or_else(|| {
                     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
                 }),
