@@ -20,6 +20,7 @@ use crate::fs::{
 };
 use crate::iomode::{IoModes, Open};
 use crate::kernel::Kernel;
+use crate::metrics;
 use fuser::BackingId;
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -149,9 +150,13 @@ impl SimFuse {
     }
 
     /// Runs `f` (which replies) off the FUSE worker thread.
-    fn off_thread(&self, f: impl FnOnce(&SimFs) + Send + 'static) {
+    /// (`t` times the request until `f` has replied.)
+    fn off_thread(&self, t: metrics::FuseTimer, f: impl FnOnce(&SimFs) + Send + 'static) {
         let fs = self.fs.clone();
-        self.rt.spawn_blocking(move || f(&fs));
+        self.rt.spawn_blocking(move || {
+            f(&fs);
+            drop(t);
+        });
     }
 }
 
@@ -177,6 +182,7 @@ fn set_time(t: TimeOrNow) -> SetTime {
 }
 
 fn errno(e: &FsError) -> Errno {
+    metrics::fuse_error(e.errno());
     if e.errno() == libc::EIO {
         tracing::warn!("I/O error returned to the kernel: {e}");
     }
@@ -285,6 +291,7 @@ impl Filesystem for SimFuse {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _t = metrics::get().fuse("lookup");
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             // The index is authoritative: a missing name is a negative entry the kernel keeps
@@ -297,6 +304,7 @@ impl Filesystem for SimFuse {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _t = metrics::get().fuse("getattr");
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -304,6 +312,7 @@ impl Filesystem for SimFuse {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _t = metrics::get().fuse("readlink");
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
@@ -311,6 +320,7 @@ impl Filesystem for SimFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _t = metrics::get().fuse("open");
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
         // Never waits: an uncached blob starts filling and its reads wait for their ranges.
@@ -353,13 +363,14 @@ impl Filesystem for SimFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let t = metrics::get().fuse("read");
         let read = move |fs: &SimFs| match fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(&e)),
         };
         // A range still being fetched is waited for off the FUSE threads.
         if self.fs.read_may_wait(fh.0, offset, size) {
-            self.off_thread(read);
+            self.off_thread(t, read);
         } else {
             read(&self.fs);
         }
@@ -375,6 +386,7 @@ impl Filesystem for SimFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let t = metrics::get().fuse("release");
         let opened = self
             .opens
             .lock()
@@ -386,7 +398,7 @@ impl Filesystem for SimFuse {
             }
         }
         // The last close of an unlinked file deletes its blobs.
-        self.off_thread(move |fs| reply_empty(fs.release(fh.0), reply));
+        self.off_thread(t, move |fs| reply_empty(fs.release(fh.0), reply));
     }
 
     fn setattr(
@@ -407,6 +419,7 @@ impl Filesystem for SimFuse {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let t = metrics::get().fuse("setattr");
         let s = AttrChanges {
             perm: mode,
             uid,
@@ -424,7 +437,7 @@ impl Filesystem for SimFuse {
         };
         // A new size needs the old data first (a download).
         if resize {
-            self.off_thread(set);
+            self.off_thread(t, set);
         } else {
             set(&self.fs);
         }
@@ -440,6 +453,7 @@ impl Filesystem for SimFuse {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _t = metrics::get().fuse("mknod");
         match self
             .fs
             .mknod(parent.0, name, mode & !umask, rdev, caller(req))
@@ -458,6 +472,7 @@ impl Filesystem for SimFuse {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _t = metrics::get().fuse("mkdir");
         match self.fs.mkdir(parent.0, name, mode & !umask, caller(req)) {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
@@ -465,6 +480,7 @@ impl Filesystem for SimFuse {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = metrics::get().fuse("unlink");
         match self.fs.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -472,6 +488,7 @@ impl Filesystem for SimFuse {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _t = metrics::get().fuse("rmdir");
         match self.fs.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -486,6 +503,7 @@ impl Filesystem for SimFuse {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _t = metrics::get().fuse("symlink");
         match self
             .fs
             .symlink(parent.0, link_name, target_bytes(target), caller(req))
@@ -505,6 +523,7 @@ impl Filesystem for SimFuse {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::get().fuse("rename");
         let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             RenameMode::Exchange
         } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
@@ -528,6 +547,7 @@ impl Filesystem for SimFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _t = metrics::get().fuse("link");
         match self.fs.link(ino.0, newparent.0, newname) {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
@@ -544,6 +564,7 @@ impl Filesystem for SimFuse {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let _t = metrics::get().fuse("create");
         match self.fs.create(parent.0, name, mode & !umask, caller(req)) {
             Ok((a, fh)) => {
                 // A new file is in the page cache mode: no reader may start passthrough on it
@@ -574,10 +595,11 @@ impl Filesystem for SimFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let t = metrics::get().fuse("write");
         if self.fs.write_may_wait(fh.0) {
             // The handle's first write may fetch the old content first.
             let data = data.to_vec();
-            self.off_thread(move |fs| match fs.write(fh.0, offset, &data) {
+            self.off_thread(t, move |fs| match fs.write(fh.0, offset, &data) {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(&e)),
             });
@@ -597,8 +619,9 @@ impl Filesystem for SimFuse {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let t = metrics::get().fuse("flush");
         if self.fs.is_writable_handle(fh.0) {
-            self.off_thread(move |fs| reply_empty(fs.flush(fh.0), reply));
+            self.off_thread(t, move |fs| reply_empty(fs.flush(fh.0), reply));
         } else {
             reply_empty(self.fs.flush(fh.0), reply);
         }
@@ -612,7 +635,8 @@ impl Filesystem for SimFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.off_thread(move |fs| reply_empty(fs.fsync(ino.0), reply));
+        let t = metrics::get().fuse("fsync");
+        self.off_thread(t, move |fs| reply_empty(fs.fsync(ino.0), reply));
     }
 
     fn fsyncdir(
@@ -623,7 +647,8 @@ impl Filesystem for SimFuse {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.off_thread(move |fs| reply_empty(fs.fsyncdir(ino.0), reply));
+        let t = metrics::get().fuse("fsyncdir");
+        self.off_thread(t, move |fs| reply_empty(fs.fsyncdir(ino.0), reply));
     }
 
     fn fallocate(
@@ -636,17 +661,19 @@ impl Filesystem for SimFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let t = metrics::get().fuse("fallocate");
         let allocate =
             move |fs: &SimFs| reply_empty(fs.fallocate(fh.0, offset, length, mode), reply);
         // Like a first write, it may fetch the old content first.
         if self.fs.write_may_wait(fh.0) {
-            self.off_thread(allocate);
+            self.off_thread(t, allocate);
         } else {
             allocate(&self.fs);
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _t = metrics::get().fuse("opendir");
         if self.no_opendir.load(Ordering::Relaxed) {
             return reply.error(Errno::ENOSYS);
         }
@@ -668,6 +695,7 @@ impl Filesystem for SimFuse {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _t = metrics::get().fuse("readdir");
         let entries = match self.list(ino, fh, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
@@ -689,6 +717,7 @@ impl Filesystem for SimFuse {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _t = metrics::get().fuse("readdirplus");
         let entries = match self.list(ino, fh, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
@@ -718,6 +747,7 @@ impl Filesystem for SimFuse {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::get().fuse("releasedir");
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -727,10 +757,12 @@ impl Filesystem for SimFuse {
     // and never asks again. Without it, every `ls -l` (security.selinux, the ACL keys) and the
     // security.capability check before every write cost a round trip each.
     fn getxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _s: u32, reply: ReplyXattr) {
+        let _t = metrics::get().fuse("getxattr");
         reply.error(Errno::ENOSYS);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        let _t = metrics::get().fuse("listxattr");
         reply.error(Errno::ENOSYS);
     }
 
@@ -744,10 +776,12 @@ impl Filesystem for SimFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _t = metrics::get().fuse("setxattr");
         reply.error(Errno::ENOSYS);
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _t = metrics::get().fuse("removexattr");
         reply.error(Errno::ENOSYS);
     }
 
@@ -762,10 +796,12 @@ impl Filesystem for SimFuse {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
+        let _t = metrics::get().fuse("ioctl");
         reply.error(Errno::ENOTTY);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _t = metrics::get().fuse("statfs");
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks,

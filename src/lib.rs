@@ -41,6 +41,7 @@ pub mod iomode;
 pub mod kernel;
 pub mod local;
 pub mod locks;
+pub mod metrics;
 pub mod mount;
 pub mod pins;
 pub mod posix;

@@ -380,6 +380,8 @@ pub struct ServeOptions {
     /// Entries listed through the mount before it is reported ready, so the kernel knows
     /// them (see `prime`); zero: none.
     pub prime_entries: usize,
+    /// Where Prometheus metrics are served (`/metrics`), if anywhere.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// The most a mount spends priming the kernel's dentry cache before it reports ready.
@@ -441,6 +443,19 @@ pub fn serve(
     rt: &tokio::runtime::Handle,
     ready: impl FnOnce(Result<(), String>) + Send + 'static,
 ) -> Result<(), MountError> {
+    if let Some(addr) = opts.metrics_address {
+        // Before the mount: an address in use fails it, with the reason.
+        match crate::metrics::serve(addr) {
+            Ok(at) => tracing::info!("metrics at http://{at}/metrics"),
+            Err(e) => {
+                let e = MountError::Io(format!("serving metrics at {addr}: {e}"));
+                ready(Err(e.to_string()));
+                return Err(e);
+            }
+        }
+        let source = fs.clone();
+        crate::metrics::get().set_source(Box::new(move || source.levels()));
+    }
     let mut session = match session(fs.clone(), kernel, mountpoint, opts, rt) {
         Ok(s) => s,
         Err(e) => {

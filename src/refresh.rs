@@ -245,6 +245,16 @@ impl Refresher {
             removed: applied.removed,
             kept_local: applied.kept_local,
         };
+        let m = crate::metrics::get();
+        for (kind, n) in [
+            ("added", report.added),
+            ("changed", report.changed),
+            ("removed", report.removed),
+        ] {
+            m.refresh_changes
+                .get_or_create(&vec![("kind", kind)])
+                .inc_by(n);
+        }
         if let Err(e) = self.index.set_meta(
             LAST_REFRESH,
             &serde_json::to_string(&report).unwrap_or_default(),

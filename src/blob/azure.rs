@@ -103,6 +103,12 @@ impl AzureStore {
                 .per_call_policies
                 .push(p.clone() as Arc<dyn Policy>);
         }
+        client_options
+            .per_call_policies
+            .push(Arc::new(CountCalls) as Arc<dyn Policy>);
+        client_options
+            .per_try_policies
+            .push(Arc::new(CountAttempts) as Arc<dyn Policy>);
         let token = cred
             .token_credential()
             .map_err(|e| BlobError::Auth(format!("{}: {e}", cred.describe())))?;
@@ -118,6 +124,90 @@ impl AzureStore {
             token,
             client_options,
         })
+    }
+}
+
+/// The attempts of one request so far (in its context, from `CountCalls`).
+struct Attempts(std::sync::atomic::AtomicU32);
+
+/// Gives each request (before the retry policy) a count of its attempts.
+#[derive(Debug)]
+struct CountCalls;
+
+#[async_trait]
+impl Policy for CountCalls {
+    async fn send(
+        &self,
+        ctx: &azure_core::http::Context,
+        request: &mut azure_core::http::Request,
+        next: &[Arc<dyn Policy>],
+    ) -> azure_core::http::policies::PolicyResult {
+        let ctx = ctx
+            .clone()
+            .with_value(Attempts(std::sync::atomic::AtomicU32::new(0)));
+        next[0].send(&ctx, request, &next[1..]).await
+    }
+}
+
+/// Counts every attempt of a request (what a proxy in front of the service sees): its
+/// operation, outcome, time to the answer's headers and bytes, and the retries.
+#[derive(Debug)]
+struct CountAttempts;
+
+#[async_trait]
+impl Policy for CountAttempts {
+    async fn send(
+        &self,
+        ctx: &azure_core::http::Context,
+        request: &mut azure_core::http::Request,
+        next: &[Arc<dyn Policy>],
+    ) -> azure_core::http::policies::PolicyResult {
+        let method = request.method();
+        let copy = request
+            .headers()
+            .get_optional_str(&HeaderName::from_static("x-ms-copy-source"))
+            .is_some();
+        let op =
+            crate::metrics::blob_op(method.as_str(), request.url().query().unwrap_or(""), copy);
+        let sent = request.body().len().unwrap_or(0);
+        let start = std::time::Instant::now();
+        let r = next[0].send(ctx, request, &next[1..]).await;
+        let m = crate::metrics::get();
+        let status = r.as_ref().ok().map(|rsp| u16::from(rsp.status()));
+        let code = r.as_ref().ok().and_then(|rsp| {
+            rsp.headers()
+                .get_optional_str(&HeaderName::from_static("x-ms-error-code"))
+        });
+        let outcome = crate::metrics::blob_outcome(status, code);
+        m.blob_requests
+            .get_or_create(&vec![("op", op), ("outcome", outcome)])
+            .inc();
+        m.blob_seconds
+            .get_or_create(&vec![("op", op)])
+            .observe(start.elapsed().as_secs_f64());
+        if sent > 0 {
+            m.blob_bytes
+                .get_or_create(&vec![("op", op), ("direction", "out")])
+                .inc_by(sent);
+        }
+        if let (Ok(rsp), Some(200..=299)) = (&r, status) {
+            if op == "get" {
+                let got = rsp
+                    .headers()
+                    .get_optional_str(&HeaderName::from_static("content-length"))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                m.blob_bytes
+                    .get_or_create(&vec![("op", op), ("direction", "in")])
+                    .inc_by(got);
+            }
+        }
+        if let Some(a) = ctx.value::<Attempts>() {
+            if a.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+                m.blob_retries.get_or_create(&vec![("op", op)]).inc();
+            }
+        }
+        r
     }
 }
 

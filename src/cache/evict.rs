@@ -172,6 +172,9 @@ impl Cache {
                     freed += size;
                     self.evictions.fetch_add(1, Ordering::Relaxed);
                     self.evicted_bytes.fetch_add(size, Ordering::Relaxed);
+                    let m = crate::metrics::get();
+                    m.cache_evictions.inc();
+                    m.cache_evicted_bytes.inc_by(size);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!("evicting {key} from the cache: {e}"),

@@ -306,6 +306,10 @@ impl Cache {
                     self.present.insert(key.clone(), ());
                     if want != Want::Prefetch {
                         self.hits.fetch_add(1, Ordering::Relaxed);
+                        crate::metrics::get()
+                            .cache_opens
+                            .get_or_create(&vec![("result", "hit")])
+                            .inc();
                     }
                     // A hit only moves the file to the front; its size is read when new.
                     if !self.lru.touch(&key, ino) {
@@ -365,6 +369,10 @@ impl Cache {
         }
         if want != Want::Prefetch {
             self.downloads.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::get()
+                .cache_opens
+                .get_or_create(&vec![("result", "miss")])
+                .inc();
         }
         let mut tuning = self.opts.tuning();
         let fits = self.opts.capacity.is_none_or(|c| blob.size <= c)
@@ -426,6 +434,16 @@ impl Cache {
         drop(filling);
         fill.start();
         Ok(fill)
+    }
+
+    /// Downloads of whole files (or windows) under way.
+    pub fn fills_in_flight(&self) -> usize {
+        self.filling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|f| f.strong_count() > 0)
+            .count()
     }
 
     /// What the cache holds and how it has done.

@@ -138,6 +138,10 @@ impl Cache {
                     bytes += blob.size;
                     files += 1;
                     self.prefetch.files.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::get()
+                        .prefetch
+                        .get_or_create(&vec![("outcome", "issued")])
+                        .inc();
                     // Its own task: the slot frees when the fill settles, even while this
                     // round waits for a slot.
                     in_flight.push(self.rt.spawn(async move {

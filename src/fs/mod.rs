@@ -20,6 +20,7 @@ mod dir;
 pub mod error;
 mod handle;
 mod in_place;
+mod levels;
 mod prefetch;
 pub mod stage;
 pub mod write;

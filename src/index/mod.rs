@@ -687,6 +687,13 @@ impl Index {
         })
     }
 
+    /// How many names (directory entries) the index holds.
+    pub fn entry_count(&self) -> IndexResult<u64> {
+        self.with_conn(|c| {
+            Ok(c.query_row("SELECT count(*) FROM dentries", [], |r| r.get::<_, i64>(0))? as u64)
+        })
+    }
+
     /// The value of `key` in the index's `meta` table.
     pub fn meta(&self, key: &str) -> IndexResult<Option<String>> {
         self.with_conn(|c| Ok(meta_value(c, key)?))

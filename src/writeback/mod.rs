@@ -247,6 +247,15 @@ impl Writeback {
             locked = std::iter::once(ino).chain(holders).collect();
         };
         self.finished.one();
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(e) if e.is_changed() => "conflict",
+            Err(_) => "failed",
+        };
+        crate::metrics::get()
+            .uploads
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
         if let Err(e) = &result {
             let backoff = self.index.upload_failed(
                 ino,

@@ -80,6 +80,10 @@ enum Cmd {
         /// kernel memory each; 0 turns it off.
         #[arg(long, default_value_t = 100_000)]
         prime_entries: usize,
+        /// Serve Prometheus metrics at http://HOST:PORT/metrics (off by default; in fstab
+        /// `metrics_address=127.0.0.1:9464`). See docs/metrics.md.
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_address: Option<std::net::SocketAddr>,
     },
     /// Unmount a simfs mount.
     Unmount { mountpoint: PathBuf },
@@ -246,6 +250,7 @@ fn main() -> ExitCode {
             open_dirs,
             refresh_interval,
             prime_entries,
+            metrics_address,
         } => {
             let serve = ServeOptions {
                 fsname: source.source.clone(),
@@ -259,6 +264,7 @@ fn main() -> ExitCode {
                 list_unopened: !open_dirs,
                 refresh_interval: Duration::from_secs_f64(refresh_interval),
                 prime_entries,
+                metrics_address,
             };
             let args = daemon::MountArgs {
                 mountpoint: &mountpoint,
