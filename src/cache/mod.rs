@@ -299,6 +299,21 @@ impl Cache {
     }
 
     fn open_with(&self, ino: u64, blob: &BlobRef, want: Want) -> Result<Content, CacheError> {
+        loop {
+            if let Some(c) = self.open_once(ino, blob, want)? {
+                return Ok(c);
+            }
+        }
+    }
+
+    /// `open_with`, or None when a fill of the blob completed between the look for a whole
+    /// copy and the look for a fill (then the whole copy is there: look again).
+    fn open_once(
+        &self,
+        ino: u64,
+        blob: &BlobRef,
+        want: Want,
+    ) -> Result<Option<Content>, CacheError> {
         let key = Self::key(blob);
         if self.present.contains_key(&key) || self.whole_file(&key, blob.size).is_some() {
             match File::open(self.data_dir.join(&key)) {
@@ -316,7 +331,7 @@ impl Cache {
                         let bytes = file.metadata().map(|m| allocated(&m)).unwrap_or(blob.size);
                         self.lru.insert(&key, bytes, Some(ino));
                     }
-                    return Ok(Content::Whole(Arc::new(file)));
+                    return Ok(Some(Content::Whole(Arc::new(file))));
                 }
                 // Removed behind our back (evicted, or someone cleaned the cache).
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -338,11 +353,11 @@ impl Cache {
             std::fs::rename(&tmp, self.data_dir.join(&key))?;
             self.present.insert(key.clone(), ());
             self.lru.insert(&key, 0, Some(ino));
-            return Ok(Content::Whole(Arc::new(File::open(
+            return Ok(Some(Content::Whole(Arc::new(File::open(
                 self.data_dir.join(&key),
-            )?)));
+            )?))));
         }
-        Ok(Content::Filling(self.fill_for(ino, &key, blob, want)?))
+        Ok(self.fill_for(ino, &key, blob, want)?.map(Content::Filling))
     }
 
     /// A new, unique name in `tmp/` for a copy of `key` being written.
@@ -359,13 +374,17 @@ impl Cache {
         key: &str,
         blob: &BlobRef,
         want: Want,
-    ) -> Result<Arc<Fill>, CacheError> {
+    ) -> Result<Option<Arc<Fill>>, CacheError> {
         let whole = want == Want::Whole;
         let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = filling.get(key).and_then(Weak::upgrade) {
             if !(f.is_broken() || whole && f.is_window()) {
-                return Ok(f);
+                return Ok(Some(f));
             }
+        } else if self.present.contains_key(key) {
+            // A fill finished since the caller looked: it marks its copy present before it
+            // leaves this map (under this lock), so the copy is there to open.
+            return Ok(None);
         }
         if want != Want::Prefetch {
             self.downloads.fetch_add(1, Ordering::Relaxed);
@@ -433,7 +452,7 @@ impl Cache {
         filling.insert(key.to_string(), Arc::downgrade(&fill));
         drop(filling);
         fill.start();
-        Ok(fill)
+        Ok(Some(fill))
     }
 
     /// Downloads of whole files (or windows) under way.
