@@ -22,6 +22,14 @@ if ((${#need_apt[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# Prometheus: a fuse-test scrapes a live mount with it (its recommends, the exporters, are
+# not needed).
+if ! command -v prometheus >/dev/null 2>&1; then
+  echo "setup: installing prometheus" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  [ "${#need_apt[@]}" -gt 0 ] || $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is missing: install Rust (rustup) first" >&2
   exit 1

@@ -500,7 +500,10 @@ mod tests {
         let ok = ask("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
         assert!(ok.contains("simfs_process_threads"), "{ok}");
-        assert!(ok.trim_end().ends_with("# EOF"), "OpenMetrics ends with EOF");
+        assert!(
+            ok.trim_end().ends_with("# EOF"),
+            "OpenMetrics ends with EOF"
+        );
         let other = ask("GET / HTTP/1.1\r\n\r\n");
         assert!(other.starts_with("HTTP/1.1 404"), "{other}");
     }

@@ -40,6 +40,9 @@ pub struct AzureStore {
     /// What a blob client made from its own URL needs (see `needs_own_url`).
     token: Option<Arc<dyn azure_core::credentials::TokenCredential>>,
     client_options: ClientOptions,
+    /// The service refused to checksum ranges (an emulator in strict mode answers the
+    /// header with FeatureNotSupported): [MD5, CRC64]. Not asked again.
+    refuses_sum: [std::sync::atomic::AtomicBool; 2],
 }
 
 #[derive(Clone, Debug)]
@@ -108,6 +111,9 @@ impl AzureStore {
             .push(Arc::new(CountCalls) as Arc<dyn Policy>);
         client_options
             .per_try_policies
+            .push(Arc::new(NoRetryOfRefusals) as Arc<dyn Policy>);
+        client_options
+            .per_try_policies
             .push(Arc::new(CountAttempts) as Arc<dyn Policy>);
         let token = cred
             .token_credential()
@@ -123,7 +129,51 @@ impl AzureStore {
             sas,
             token,
             client_options,
+            refuses_sum: Default::default(),
         })
+    }
+}
+
+/// Whether a service's error says it will not compute a range checksum (Azurite without
+/// `--loose` answers the header with 500 FeatureNotSupported; a proxy may say
+/// UnsupportedHeader).
+fn refuses_checksums(message: &str) -> bool {
+    ["FeatureNotSupported", "UnsupportedHeader"]
+        .iter()
+        .any(|c| message.contains(c))
+}
+
+/// A service that refuses a feature (500 FeatureNotSupported: Azurite without `--loose`, asked
+/// for a range checksum) refuses it every time: its answer reaches the retry policy as a 400,
+/// which is not retried, instead of a 500, which would be for seconds. `read_range` then
+/// asks again without the feature.
+#[derive(Debug)]
+struct NoRetryOfRefusals;
+
+#[async_trait]
+impl Policy for NoRetryOfRefusals {
+    async fn send(
+        &self,
+        ctx: &azure_core::http::Context,
+        request: &mut azure_core::http::Request,
+        next: &[Arc<dyn Policy>],
+    ) -> azure_core::http::policies::PolicyResult {
+        let rsp = next[0].send(ctx, request, &next[1..]).await?;
+        let refused = u16::from(rsp.status()) == 500
+            && rsp
+                .headers()
+                .get_optional_str(&HeaderName::from_static("x-ms-error-code"))
+                .is_some_and(refuses_checksums);
+        if !refused {
+            return Ok(rsp);
+        }
+        let (_, headers, body) = rsp.deconstruct();
+        let body = body.collect().await?;
+        Ok(azure_core::http::AsyncRawResponse::from_bytes(
+            StatusCode::BadRequest,
+            headers,
+            body,
+        ))
     }
 }
 
@@ -414,13 +464,15 @@ impl BlobStore for AzureStore {
         if range.is_empty() {
             return Ok(Got::default());
         }
+        let refused = |w: Checksum| &self.refuses_sum[(w == Checksum::Crc64) as usize];
+        let mut want = want.filter(|w| !refused(*w).load(std::sync::atomic::Ordering::Relaxed));
         // One request per range: the SDK's download is partitioned (4 MiB pieces by default,
         // fetched one after another with parallel = 1), which halved a fill's rate. The cache
         // chooses the ranges and runs them in parallel itself.
         let whole = usize::try_from(range.end - range.start)
             .ok()
             .and_then(NonZero::new);
-        let opts = BlobClientDownloadOptions {
+        let opts = |want: Option<Checksum>| BlobClientDownloadOptions {
             range: Some(range.clone().into()),
             if_match: Some(etag_header(etag)),
             parallel: NonZero::new(1),
@@ -435,11 +487,22 @@ impl BlobStore for AzureStore {
         // them (a reset mid-transfer, a truncating proxy) is retried here, as a whole.
         let mut attempt = 0u32;
         loop {
-            let rsp = self
-                .blob(name)?
-                .download(Some(opts.clone()))
-                .await
-                .map_err(|e| map_err(&what(), e))?;
+            let rsp = match self.blob(name)?.download(Some(opts(want))).await {
+                Ok(rsp) => rsp,
+                Err(e) => match (map_err(&what(), e), want) {
+                    (BlobError::Service(m), Some(w)) if refuses_checksums(&m) => {
+                        // Asked again without it: the range then comes unchecked by the
+                        // service, which the caller handles as a checksum left out.
+                        tracing::info!(
+                            "the service refuses to checksum ranges ({m}): not asked again"
+                        );
+                        refused(w).store(true, std::sync::atomic::Ordering::Relaxed);
+                        want = None;
+                        continue;
+                    }
+                    (e, _) => return Err(e.into()),
+                },
+            };
             // A range's checksum, when asked for and given; a header that does not parse
             // counts as not given (the range is then checked as if the service had none).
             let sum = want.and_then(|w| {
