@@ -214,3 +214,21 @@ fn prometheus_scrapes_what_the_mount_did_and_the_wire_agrees() {
     );
     unmount_clean(&mut m2);
 }
+
+#[test]
+fn the_packaged_scrape_configuration_and_alerts_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging");
+    for (what, file) in [("config", "prometheus.yml"), ("rules", "simfs-alerts.yml")] {
+        let out = Command::new("promtool")
+            .args(["check", what, file])
+            .current_dir(&dir)
+            .output()
+            .expect("promtool comes with prometheus: run fuse-tests/setup.sh");
+        assert!(
+            out.status.success(),
+            "{file}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
