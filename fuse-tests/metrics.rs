@@ -232,3 +232,40 @@ fn the_packaged_scrape_configuration_and_alerts_are_valid() {
         );
     }
 }
+
+#[test]
+fn simfs_stats_shows_a_busy_mount_second_by_second() {
+    let (az, _fx) = crate::seeded("stats", 200, 0);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = crate::mount(&az, "stats", cache.path(), &[]);
+    let root = m.path().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let busy = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for f in walk(&root).iter().filter(|f| f.is_file()) {
+                    let _ = std::fs::metadata(f);
+                    let _ = std::fs::read(f);
+                }
+            }
+        })
+    };
+    let out = Command::new(SIMFS)
+        .args(["stats", "--once", "--json", "--interval", "500ms"])
+        .arg(m.path())
+        .output()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    busy.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON row");
+    assert!(row["fuse_ops_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    assert_eq!(row["pending_files"].as_f64(), Some(0.0), "{row}");
+    assert_eq!(row["errors_per_s"].as_f64(), Some(0.0), "{row}");
+    m.unmount();
+}

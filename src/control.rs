@@ -82,6 +82,11 @@ pub fn serve(fs: &SimFs, conn: UnixStream) {
             });
         }
         Request::Sync { paths } => sync(fs, &paths, &mut send),
+        Request::Metrics => {
+            send(Event::Metrics {
+                text: crate::metrics::get().render(),
+            });
+        }
         Request::Refresh { path } => {
             send(match fs.refresher().refresh_path(&path) {
                 Ok(r) => Event::Refreshed(r),

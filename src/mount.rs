@@ -453,9 +453,10 @@ pub fn serve(
                 return Err(e);
             }
         }
-        let source = fs.clone();
-        crate::metrics::get().set_source(Box::new(move || source.levels()));
     }
+    // Read at scrape time (and by `simfs stats` over the control socket).
+    let source = fs.clone();
+    crate::metrics::get().set_source(Box::new(move || source.levels()));
     let mut session = match session(fs.clone(), kernel, mountpoint, opts, rt) {
         Ok(s) => s,
         Err(e) => {

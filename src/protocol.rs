@@ -37,6 +37,8 @@ pub enum Request {
     /// Commit everything pending under `paths` (all of the mount when empty) to the
     /// container now.
     Sync { paths: Vec<String> },
+    /// The daemon's metrics now (`simfs stats`).
+    Metrics,
 }
 
 /// What staging will do.
@@ -92,6 +94,10 @@ pub enum Event {
         committed: u64,
         failed: Vec<(String, String)>,
         still_open: Vec<String>,
+    },
+    /// The metrics in the OpenMetrics text format (see docs/metrics.md).
+    Metrics {
+        text: String,
     },
     /// The request failed.
     Error {

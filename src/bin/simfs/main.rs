@@ -11,6 +11,7 @@ mod daemon;
 mod helper;
 mod refresh;
 mod stage;
+mod stats;
 mod status;
 mod sync;
 mod unmount;
@@ -140,6 +141,21 @@ enum Cmd {
         /// Files or directories on simfs mounts; none: every mount, whole.
         paths: Vec<PathBuf>,
     },
+    /// What a mount does, a row per interval: FUSE operations, MiB/s from and to the
+    /// service, requests, the cache's hit ratio, pending uploads, errors and throttling.
+    Stats {
+        /// The mount point (or any path on the mount).
+        mountpoint: PathBuf,
+        /// Time between rows (seconds, or `500ms`, `5s`).
+        #[arg(long, default_value = "1", value_parser = parse_stats_interval)]
+        interval: f64,
+        /// One row, then exit.
+        #[arg(long)]
+        once: bool,
+        /// Each row as a JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// The index as a shared artefact: `simfs index publish SOURCE --cache-dir DIR` lists the
     /// container once and uploads a snapshot that mounts with --index-from-container start
     /// from.
@@ -156,6 +172,10 @@ enum Cmd {
 
 fn parse_interval(s: &str) -> Result<f64, String> {
     config::parse_seconds(s, 1.0, 86_400.0, Some("off"))
+}
+
+fn parse_stats_interval(s: &str) -> Result<f64, String> {
+    config::parse_seconds(s, 0.1, 3600.0, None)
 }
 
 fn parse_attr_timeout(s: &str) -> Result<f64, String> {
@@ -279,6 +299,12 @@ fn main() -> ExitCode {
         Cmd::Status => status::status(),
         Cmd::Refresh { mountpoint, path } => refresh::refresh(&mountpoint, path.as_deref()),
         Cmd::Sync { paths } => sync::sync(&paths),
+        Cmd::Stats {
+            mountpoint,
+            interval,
+            once,
+            json,
+        } => stats::stats(&mountpoint, interval, once, json),
         Cmd::Stage {
             paths,
             jobs,
