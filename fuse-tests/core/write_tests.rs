@@ -837,3 +837,53 @@ fn close_waits_for_the_upload_only_when_data_changed_through_the_handle() {
     w.fs.release(fh).unwrap();
     assert_eq!(w.store.inner().data("again").unwrap(), "more");
 }
+
+#[test]
+fn a_first_write_that_landed_unrecorded_is_deleted_once_the_file_moved_on() {
+    // The service commits `.tmp-1`, the answer is lost (as when the daemon is killed before
+    // it records the result), and the file is renamed before any retry: the upload then
+    // goes to `final`, and the blob at the old name, this mount's own, must not stay behind
+    // for other nodes to see.
+    let w = rw(MemoryStore::new());
+    w.store.lose_answers(1);
+    let (_, fh) =
+        w.fs.create(ROOT_INO, OsStr::new(".tmp-1"), 0o644, ME)
+            .unwrap();
+    w.fs.write(fh, 0, b"payload").unwrap();
+    assert_eq!(errno(w.fs.flush(fh)), libc::EIO);
+    w.fs.release(fh).unwrap();
+    assert!(w.store.inner().data(".tmp-1").is_some(), "the write landed");
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new(".tmp-1"),
+        ROOT_INO,
+        OsStr::new("final"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    drain(&w);
+    assert_eq!(w.store.inner().data("final").unwrap(), &b"payload"[..]);
+    assert!(
+        w.store.inner().data(".tmp-1").is_none(),
+        "the unrecorded first write is gone: {:?}",
+        w.store.inner().names()
+    );
+    // Someone else's blob at a name this mount once meant to write is left alone.
+    w.store.lose_answers(1);
+    let (_, fh) = w.fs.create(ROOT_INO, OsStr::new("t2"), 0o644, ME).unwrap();
+    w.fs.write(fh, 0, b"mine").unwrap();
+    assert_eq!(errno(w.fs.flush(fh)), libc::EIO);
+    w.fs.release(fh).unwrap();
+    w.store.inner().put("t2", "theirs", &[]);
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new("t2"),
+        ROOT_INO,
+        OsStr::new("f2"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    drain(&w);
+    assert_eq!(w.store.inner().data("t2").unwrap(), &b"theirs"[..]);
+    assert_eq!(w.store.inner().data("f2").unwrap(), &b"mine"[..]);
+}

@@ -12,6 +12,13 @@
 //! rename, every name of a deleted file) move to `trash` in that same transaction and are
 //! deleted from there: a crash between writing the new name and deleting the old one leaves
 //! a trash row, never an unclaimed duplicate.
+//!
+//! A name write-back is about to write for the first time is an *intent* first (`intend`),
+//! persisted before the request: a crash after the service committed it and before the
+//! result was recorded would otherwise leave a blob no one claims (a temporary file renamed
+//! while its upload ran, seen by every other node). `record_upload` drops the intents it
+//! settles by a claim; what is left is looked up in the container and, when it is this
+//! index's own write, trashed (`Writeback::settle_intents`).
 
 use super::{row_attr, Index, IndexResult, ATTR_COLS, ATTR_N};
 use crate::posix::{from_ns, to_ns, Attr, Kind};
@@ -324,6 +331,11 @@ impl Index {
             }
             tx.prepare_cached("DELETE FROM stubs WHERE ino = ?1")?
                 .execute([ino as i64])?;
+            // The names now claimed (or trashed) are settled intents.
+            for n in &names {
+                tx.prepare_cached("DELETE FROM intents WHERE blob = ?1")?
+                    .execute([n])?;
+            }
             if remove {
                 tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1 AND nlink = 0")?
                     .execute([ino as i64])?;
@@ -346,6 +358,51 @@ impl Index {
                 gen,
                 uploaded_data
             ])?;
+            Ok(())
+        })
+    }
+
+    /// Records that inode `ino` is about to write `names` (those it does not claim yet).
+    pub fn intend(&self, ino: u64, names: &[String]) -> IndexResult<()> {
+        self.write(|tx| {
+            for n in names {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO intents(blob, ino) SELECT ?1, ?2
+                     WHERE NOT EXISTS (SELECT 1 FROM inodes WHERE ino = ?2 AND blob = ?1)
+                       AND NOT EXISTS (SELECT 1 FROM stubs WHERE ino = ?2 AND blob = ?1)",
+                )?
+                .execute(params![n, ino as i64])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Intents no claim settled (of `ino`, or of every inode): (name, inode).
+    pub fn open_intents(&self, ino: Option<u64>) -> IndexResult<Vec<(String, u64)>> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT blob, ino FROM intents i WHERE (?1 IS NULL OR ino = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM inodes WHERE blob = i.blob)
+                   AND NOT EXISTS (SELECT 1 FROM stubs WHERE blob = i.blob)
+                   AND NOT EXISTS (SELECT 1 FROM trash WHERE blob = i.blob)",
+            )?;
+            let rows = st.query_map([ino.map(|i| i as i64)], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// An intent is settled: the blob it named goes to the trash (`etag`: it exists and is
+    /// this index's write) or is forgotten (None: absent, or someone else's now).
+    pub fn settle_intent(&self, blob: &str, etag: Option<&str>) -> IndexResult<()> {
+        self.write(|tx| {
+            tx.prepare_cached("DELETE FROM intents WHERE blob = ?1")?
+                .execute([blob])?;
+            if let Some(e) = etag {
+                tx.prepare_cached("INSERT OR REPLACE INTO trash(blob, etag) VALUES (?1, ?2)")?
+                    .execute(params![blob, e])?;
+            }
             Ok(())
         })
     }

@@ -176,6 +176,7 @@ CREATE INDEX inodes_local ON inodes(ino) WHERE local = 1;
 CREATE TABLE stubs(blob TEXT PRIMARY KEY, ino INTEGER NOT NULL, etag TEXT NOT NULL);
 CREATE INDEX stubs_by_ino ON stubs(ino);
 CREATE TABLE trash(blob TEXT PRIMARY KEY, etag TEXT NOT NULL);
+CREATE TABLE intents(blob TEXT PRIMARY KEY, ino INTEGER NOT NULL);
 CREATE TABLE dentries(
     parent INTEGER NOT NULL,
     name   BLOB NOT NULL,
@@ -333,6 +334,13 @@ impl Index {
                 };
                 if !has("totals_update")? {
                     index.write(|tx| Ok(tx.execute_batch(TOTALS)?))?;
+                }
+                if !has("intents")? {
+                    index.write(|tx| {
+                        Ok(tx.execute_batch(
+                            "CREATE TABLE IF NOT EXISTS intents(blob TEXT PRIMARY KEY, ino INTEGER NOT NULL)",
+                        )?)
+                    })?;
                 }
                 if !has("inodes_local")? {
                     index.write(|tx| {

@@ -120,6 +120,8 @@ impl Writeback {
             let is_open = self.pins.is_open(ino);
             self.forget_stream(ino);
             index.record_upload(ino, v.gen, None, &[], v.dirty, !is_open)?;
+            // A first write that landed and was never recorded goes too.
+            self.settle_intents(Some(ino)).await?;
             if !is_open {
                 self.local.remove(ino);
             }
@@ -132,6 +134,18 @@ impl Writeback {
             .iter()
             .map(|n| self.blob_name(&n.path))
             .collect::<WbResult<Vec<_>>>()?;
+        // Names written for the first time are intents until their result is recorded.
+        let new: Vec<String> = names
+            .iter()
+            .filter(|n| {
+                v.blob.as_ref().is_none_or(|(b, _)| b != *n)
+                    && !v.stubs.iter().any(|(s, _)| s == *n)
+            })
+            .cloned()
+            .collect();
+        if !new.is_empty() {
+            index.intend(ino, &new)?;
+        }
         let _writing = index.writing(names);
         let cx = Ctx { locked };
         let cx = &cx;

@@ -34,6 +34,7 @@
 
 mod conflict;
 mod inode;
+mod intents;
 mod scheduler;
 mod stream;
 mod sync;

@@ -137,6 +137,9 @@ impl Writeback {
     }
 
     fn background(&self) {
+        if let Err(e) = self.rt.block_on(self.settle_intents(None)) {
+            tracing::warn!("write-back: settling interrupted uploads: {e}");
+        }
         loop {
             {
                 let mut st = self.wakeup.lock();
@@ -264,6 +267,7 @@ impl Writeback {
     /// many changes are still failing.
     pub fn drain(&self, writers_too: bool, mut progress: impl FnMut(u64)) -> WbResult<u64> {
         self.index.persist_written()?;
+        self.rt.block_on(self.settle_intents(None))?;
         self.index.all_due_now()?;
         let mut last_left = u64::MAX;
         loop {
