@@ -94,6 +94,8 @@ pub struct MountConfig {
     /// With no index to reuse, start from the snapshot published in the container (when
     /// there is a compatible one) instead of listing.
     pub index_from_container: bool,
+    /// Rates the mount holds itself to, across all its traffic.
+    pub limits: crate::blob::limits::RateLimits,
 }
 
 /// The default `refresh_interval`: a training node sees a new checkpoint or a refreshed
@@ -121,6 +123,7 @@ impl MountConfig {
             cache: CacheOptions::default(),
             request_timeout: bounded::DEFAULT_BASE,
             index_from_container: false,
+            limits: Default::default(),
         }
     }
 
@@ -338,7 +341,10 @@ pub fn connect(source: &Source, cfg: &MountConfig) -> Result<Arc<dyn BlobStore>,
     let store = AzureStore::new(
         source.container_url.clone(),
         &source.credential,
-        &AzureOptions::default(),
+        &AzureOptions {
+            limits: cfg.limits,
+            ..AzureOptions::default()
+        },
     )
     .map_err(|e| explain(&e.into(), Some(source)))?;
     Ok(Arc::new(Bounded::new(store, cfg.request_timeout)))

@@ -43,6 +43,7 @@ pub struct AzureStore {
     /// The service refused to checksum ranges (an emulator in strict mode answers the
     /// header with FeatureNotSupported): [MD5, CRC64]. Not asked again.
     refuses_sum: [std::sync::atomic::AtomicBool; 2],
+    limits: Arc<super::limits::Limits>,
 }
 
 #[derive(Clone, Debug)]
@@ -53,6 +54,8 @@ pub struct AzureOptions {
     pub max_retry_time: Duration,
     /// SAS permissions simfs signs for itself with an account key.
     pub sas_permissions: String,
+    /// Rates the store holds itself to.
+    pub limits: super::limits::RateLimits,
 }
 
 impl Default for AzureOptions {
@@ -62,6 +65,7 @@ impl Default for AzureOptions {
             max_retry_time: Duration::from_secs(30),
             // read, add, create, write, delete, list: what a read-write mount does.
             sas_permissions: "racwdl".into(),
+            limits: Default::default(),
         }
     }
 }
@@ -109,9 +113,13 @@ impl AzureStore {
         client_options
             .per_call_policies
             .push(Arc::new(CountCalls) as Arc<dyn Policy>);
+        let limits = Arc::new(super::limits::Limits::new(opts.limits));
         client_options
             .per_try_policies
             .push(Arc::new(NoRetryOfRefusals) as Arc<dyn Policy>);
+        client_options
+            .per_try_policies
+            .push(Arc::new(Limit(limits.clone())) as Arc<dyn Policy>);
         client_options
             .per_try_policies
             .push(Arc::new(CountAttempts) as Arc<dyn Policy>);
@@ -130,6 +138,7 @@ impl AzureStore {
             token,
             client_options,
             refuses_sum: Default::default(),
+            limits,
         })
     }
 }
@@ -174,6 +183,28 @@ impl Policy for NoRetryOfRefusals {
             headers,
             body,
         ))
+    }
+}
+
+/// Holds every attempt to the mount's request and upload rates (see `limits`).
+struct Limit(Arc<super::limits::Limits>);
+
+impl std::fmt::Debug for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Limit")
+    }
+}
+
+#[async_trait]
+impl Policy for Limit {
+    async fn send(
+        &self,
+        ctx: &azure_core::http::Context,
+        request: &mut azure_core::http::Request,
+        next: &[Arc<dyn Policy>],
+    ) -> azure_core::http::policies::PolicyResult {
+        self.0.send(request.body().len().unwrap_or(0)).await;
+        next[0].send(ctx, request, &next[1..]).await
     }
 }
 
@@ -542,6 +573,7 @@ impl BlobStore for AzureStore {
                         let n = frame.len() as u64;
                         sink(at, frame).map_err(ReadError::Sink)?;
                         at += n;
+                        self.limits.received(n).await;
                     }
                     Some(Err(e)) => break map_err(&format!("{} (reading the body)", what()), e),
                 }

@@ -19,6 +19,7 @@ pub mod bounded;
 #[cfg(any(test, feature = "test-util"))]
 pub mod faulty;
 pub mod format;
+pub mod limits;
 pub mod listing;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;

@@ -121,6 +121,36 @@ pub struct SourceArgs {
     /// leaves it out) or `none`. A range that fails its check is fetched again.
     #[arg(long, default_value = "auto", value_parser = clap::value_parser!(simfs::cache::verify::Verify))]
     pub verify: simfs::cache::verify::Verify,
+    /// The most bytes per second the mount downloads, across all its reads (`100M`, `1G`);
+    /// unlimited by default.
+    #[arg(long, value_name = "SIZE", value_parser = parse_rate)]
+    pub max_download_rate: Option<u64>,
+    /// The most bytes per second the mount uploads (`50M`); unlimited by default.
+    #[arg(long, value_name = "SIZE", value_parser = parse_rate)]
+    pub max_upload_rate: Option<u64>,
+    /// The most requests per second the mount sends the service (retries included);
+    /// unlimited by default.
+    #[arg(long, value_name = "N", value_parser = parse_request_rate)]
+    pub max_requests_per_second: Option<f64>,
+}
+
+/// A rate in bytes per second: a size with a unit (`100M` is 100 MiB/s); no share.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s) {
+        Ok(CacheSize::Bytes(b)) if b > 0 => Ok(b),
+        _ => Err(format!(
+            "{s:?} is not a rate: give bytes per second with a unit (`500K`, `100M`, `1G`)"
+        )),
+    }
+}
+
+fn parse_request_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.1 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of requests per second (at least 0.1)"
+        )),
+    }
 }
 
 /// A cache size as given: bytes, or a percentage of the cache disk.
@@ -571,6 +601,11 @@ impl SourceArgs {
         cfg.writeback.max_pending_files = self.max_pending_files;
         cfg.cache.min_free = bytes(self.cache_min_free).unwrap_or(0);
         cfg.cache.verify = self.verify;
+        cfg.limits = simfs::blob::limits::RateLimits {
+            download_bytes_per_s: self.max_download_rate,
+            upload_bytes_per_s: self.max_upload_rate,
+            requests_per_s: self.max_requests_per_second,
+        };
         cfg
     }
 }
