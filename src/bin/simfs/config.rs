@@ -668,6 +668,15 @@ mod tests {
     }
 
     #[test]
+    fn rates_take_a_size_per_second_and_no_share() {
+        assert_eq!(parse_rate("100M"), Ok(100 << 20));
+        assert!(parse_rate("10%").unwrap_err().contains("bytes per second"));
+        assert!(parse_rate("0").is_err());
+        assert_eq!(parse_request_rate("20"), Ok(20.0));
+        assert!(parse_request_rate("0").is_err());
+    }
+
+    #[test]
     fn cache_sizes_parse_as_bytes_units_or_a_share_of_the_disk() {
         assert_eq!(parse_size("500M"), Ok(CacheSize::Bytes(500 << 20)));
         assert_eq!(parse_size("64G"), Ok(CacheSize::Bytes(64 << 30)));
