@@ -44,6 +44,8 @@ pub struct AzureStore {
     /// header with FeatureNotSupported): [MD5, CRC64]. Not asked again.
     refuses_sum: [std::sync::atomic::AtomicBool; 2],
     limits: Arc<super::limits::Limits>,
+    /// Throttling answers seen by `CountAttempts`.
+    throttled: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[derive(Clone, Debug)]
@@ -120,9 +122,10 @@ impl AzureStore {
         client_options
             .per_try_policies
             .push(Arc::new(Limit(limits.clone())) as Arc<dyn Policy>);
+        let throttled = Arc::new(std::sync::atomic::AtomicU64::new(0));
         client_options
             .per_try_policies
-            .push(Arc::new(CountAttempts) as Arc<dyn Policy>);
+            .push(Arc::new(CountAttempts(throttled.clone())) as Arc<dyn Policy>);
         let token = cred
             .token_credential()
             .map_err(|e| BlobError::Auth(format!("{}: {e}", cred.describe())))?;
@@ -139,6 +142,7 @@ impl AzureStore {
             client_options,
             refuses_sum: Default::default(),
             limits,
+            throttled,
         })
     }
 }
@@ -233,7 +237,7 @@ impl Policy for CountCalls {
 /// Counts every attempt of a request (what a proxy in front of the service sees): its
 /// operation, outcome, time to the answer's headers and bytes, and the retries.
 #[derive(Debug)]
-struct CountAttempts;
+struct CountAttempts(Arc<std::sync::atomic::AtomicU64>);
 
 #[async_trait]
 impl Policy for CountAttempts {
@@ -260,6 +264,9 @@ impl Policy for CountAttempts {
                 .get_optional_str(&HeaderName::from_static("x-ms-error-code"))
         });
         let outcome = crate::metrics::blob_outcome(status, code);
+        if outcome == "throttled" {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         m.blob_requests
             .get_or_create(&vec![("op", op), ("outcome", outcome)])
             .inc();
@@ -585,6 +592,10 @@ impl BlobStore for AzureStore {
             tracing::debug!("{failure}; retrying");
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
+    }
+
+    fn throttled(&self) -> u64 {
+        self.throttled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn check_access(&self) -> BlobResult<()> {

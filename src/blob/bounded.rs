@@ -77,6 +77,9 @@ impl<S: BlobStore> BlobStore for Bounded<S> {
             .await
             .unwrap_or_else(|_| Err(no_answer(name, limit).into()))
     }
+    fn throttled(&self) -> u64 {
+        self.inner.throttled()
+    }
     async fn check_access(&self) -> BlobResult<()> {
         self.within("the container", 0, self.inner.check_access())
             .await

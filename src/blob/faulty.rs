@@ -68,6 +68,9 @@ pub struct FaultyStore<S> {
     /// Ranged answers come without a CRC64 / an MD5 when asked (as from an emulator).
     omit_crc64: AtomicBool,
     omit_md5: AtomicBool,
+    /// Answers that said "throttled" and were retried to success (as the SDK does).
+    throttled: AtomicU64,
+    throttle_reads: AtomicU64,
 }
 
 impl<S: BlobStore> FaultyStore<S> {
@@ -85,6 +88,8 @@ impl<S: BlobStore> FaultyStore<S> {
             corrupt_reads: AtomicU64::new(0),
             omit_crc64: AtomicBool::new(false),
             omit_md5: AtomicBool::new(false),
+            throttled: AtomicU64::new(0),
+            throttle_reads: AtomicU64::new(0),
         }
     }
 
@@ -129,6 +134,12 @@ impl<S: BlobStore> FaultyStore<S> {
     /// The next ranged read starts over after a first, garbled piece (see the field).
     pub fn restart_next_read(&self) {
         self.restart_next_read.store(true, Ordering::SeqCst);
+    }
+
+    /// The next `n` ranged reads are throttled once each and retried to success (what the
+    /// caller sees: the count of `throttled` grows).
+    pub fn throttle_reads(&self, n: u64) {
+        self.throttle_reads.store(n, Ordering::SeqCst);
     }
 
     /// The next `n` ranged reads arrive with one bit flipped.
@@ -229,6 +240,13 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
         if range.start == self.fail_get_at.load(Ordering::SeqCst) {
             return Err(BlobError::Service("injected: ranged GET failed".into()).into());
         }
+        if self
+            .throttle_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.throttled.fetch_add(1, Ordering::SeqCst);
+        }
         if self.restart_next_read.swap(false, Ordering::SeqCst) {
             let first = self.inner.get_range(name, range.clone(), etag).await?;
             let garbled: Vec<u8> = first.iter().take(4096).map(|b| !b).collect();
@@ -264,6 +282,10 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
             got.sum = None;
         }
         Ok(got)
+    }
+
+    fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::SeqCst) + self.inner.throttled()
     }
 
     async fn check_access(&self) -> BlobResult<()> {

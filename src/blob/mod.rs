@@ -197,6 +197,13 @@ pub trait BlobStore: Send + Sync + 'static {
         Ok(Got { bytes, sum: None })
     }
 
+    /// How many answers so far said the service is throttling (503 ServerBusy, 429, 500
+    /// OperationTimedOut), retried or not: callers that run many requests at once lower
+    /// their number while it grows.
+    fn throttled(&self) -> u64 {
+        0
+    }
+
     /// Confirms the container exists and the credentials can list it.
     async fn check_access(&self) -> BlobResult<()>;
 
@@ -274,6 +281,9 @@ impl<S: BlobStore> BlobStore for Arc<S> {
         sink: &mut Sink<'_>,
     ) -> Result<Got, ReadError> {
         (**self).read_range(name, range, etag, want, sink).await
+    }
+    fn throttled(&self) -> u64 {
+        (**self).throttled()
     }
     async fn check_access(&self) -> BlobResult<()> {
         (**self).check_access().await

@@ -39,6 +39,9 @@ fn retry_failed(st: &mut State) {
     }
 }
 
+/// Chunks landed without throttling before an eased-off fill adds a request in flight.
+const CALM_CHUNKS: u32 = 4;
+
 /// How many times a range that arrives corrupted is fetched again before its read fails.
 const RANGE_RETRIES: u32 = 2;
 
@@ -130,6 +133,11 @@ struct State {
     tick: u64,
     demand_hi: usize,
     finishing: bool,
+    /// The store's count of throttling answers when last looked at; chunks landed since the
+    /// fill eased off, and whether it did.
+    throttled_seen: u64,
+    calm: u32,
+    eased: bool,
 }
 
 pub struct Fill {
@@ -203,6 +211,9 @@ impl Fill {
             tick: 0,
             demand_hi: 0,
             finishing: false,
+            throttled_seen: store.throttled(),
+            calm: 0,
+            eased: false,
         };
         Ok(Arc::new_cyclic(|me| Fill {
             blob,
@@ -636,7 +647,7 @@ impl Fill {
                 if st.present == 1 {
                     // The rate is measured from here, at full parallelism.
                     st.round = (Instant::now(), 0);
-                } else {
+                } else if !self.ease_off(&mut st) {
                     self.adapt(&mut st, bytes);
                 }
                 true
@@ -664,6 +675,32 @@ impl Fill {
             self.spawn_workers(&mut st);
         }
         ok
+    }
+
+    /// While the service throttles (its answers say so, even those retried to success), the
+    /// fill halves its requests in flight and stops doubling; then adds one back per
+    /// `CALM_CHUNKS` chunks landed without throttling, up to where it was allowed. A fleet
+    /// that keeps its parallelism while the account throttles makes the throttling worse.
+    /// Whether the fill is easing off (and `adapt` must not run).
+    fn ease_off(&self, st: &mut State) -> bool {
+        let now = self.store.throttled();
+        if now > st.throttled_seen {
+            st.throttled_seen = now;
+            st.target = (st.target / 2).max(1);
+            st.settled = true;
+            st.eased = true;
+            st.calm = 0;
+            return true;
+        }
+        if !st.eased {
+            return false;
+        }
+        st.calm += 1;
+        if st.calm >= CALM_CHUNKS {
+            st.calm = 0;
+            st.target = (st.target + 1).min(self.tuning.max_parallel);
+        }
+        true
     }
 
     /// Doubles the requests in flight while the last doubling raised the rate by 15%.
@@ -790,6 +827,11 @@ impl Worker {
             // worker and everything is present.
             let next = {
                 let mut st = fill.state();
+                if st.workers > st.target.max(1) && !st.finishing {
+                    // The fill eased off: this worker goes (the others carry on).
+                    st.workers -= 1;
+                    return;
+                }
                 let next = fill.next_chunk(&mut st);
                 if next.is_none() {
                     st.workers -= 1;
@@ -850,7 +892,64 @@ fn punch(file: &File, off: u64, len: u64) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::Tuning;
+    use super::{Fill, Mode, Tuning};
+    use crate::blob::faulty::FaultyStore;
+    use crate::blob::memory::MemoryStore;
+    use crate::blob::{BlobRef, BlobStore};
+    use crate::cache::verify::{Verifier, Verify};
+    use std::sync::Arc;
+
+    /// A whole fill of a 4 MiB blob in 64 chunks, the store throttling its first
+    /// `throttled` reads (each retried to success); the parallelism it ended at.
+    fn parallelism_after(throttled: u64) -> usize {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mem = MemoryStore::new();
+        mem.put("b", vec![3u8; 4 << 20], &[]);
+        let p = rt.block_on(mem.head("b")).unwrap();
+        let blob = BlobRef {
+            name: "b".into(),
+            etag: p.etag,
+            size: p.size,
+            content_md5: None,
+        };
+        let store = Arc::new(FaultyStore::new(mem));
+        store.throttle_reads(throttled);
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = Tuning {
+            min_chunk: 64 << 10,
+            max_chunk: 64 << 10,
+            start_parallel: 4,
+            max_parallel: 8,
+        };
+        let fill = Fill::new(
+            blob,
+            dir.path().join("tmp"),
+            Mode::Whole {
+                dest: dir.path().join("dest"),
+            },
+            tuning,
+            (
+                store.clone() as Arc<dyn BlobStore>,
+                Arc::new(Verifier::new(Verify::None)),
+            ),
+            rt.handle().clone(),
+            Box::new(|_, _| {}),
+        )
+        .unwrap();
+        fill.start();
+        fill.wait_complete().unwrap();
+        fill.parallelism()
+    }
+
+    #[test]
+    fn a_throttled_fill_halves_its_requests_and_adds_them_back_once_calm() {
+        assert_eq!(parallelism_after(u64::MAX), 1, "throttled throughout");
+        assert_eq!(
+            parallelism_after(3),
+            8,
+            "throttled at first, then one more per calm stretch up to the maximum"
+        );
+    }
 
     fn tuning() -> Tuning {
         Tuning {
