@@ -166,8 +166,24 @@ fn checksums(c: &mut Criterion) {
     g.finish();
 }
 
+/// What the metrics add to each FUSE request and each request to the service.
+fn metrics_cost(c: &mut Criterion) {
+    let m = simfs::metrics::get();
+    c.bench_function("metrics: one FUSE request timed", |b| {
+        b.iter(|| drop(m.fuse("getattr")))
+    });
+    c.bench_function("metrics: one service request counted", |b| {
+        b.iter(|| {
+            m.blob_requests
+                .get_or_create(&vec![("op", "get"), ("outcome", "ok")])
+                .inc()
+        })
+    });
+}
+
 fn bench(c: &mut Criterion) {
     checksums(c);
+    metrics_cost(c);
     let store = store();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
