@@ -59,6 +59,7 @@ pub struct Metrics {
     pub refresh_changes: Family<Labels, Counter>,
     /// Files opened: served from the cache (hit) or downloaded (miss); and bytes read.
     pub cache_opens: Family<Labels, Counter>,
+    pub cache_open_bytes: Family<Labels, Counter>,
     pub cache_evictions: Counter,
     pub cache_evicted_bytes: Counter,
     levels: Vec<(&'static str, Gauge<f64, AtomicU64>)>,
@@ -142,6 +143,7 @@ impl Metrics {
             prefetch: Family::default(),
             refresh_changes: Family::default(),
             cache_opens: Family::default(),
+            cache_open_bytes: Family::default(),
             cache_evictions: Counter::default(),
             cache_evicted_bytes: Counter::default(),
             levels: LEVELS.iter().map(|l| (l.0, Gauge::default())).collect(),
@@ -188,7 +190,7 @@ impl Metrics {
         );
         r.register(
             "prefetch_files",
-            "Small files fetched ahead of their first read, by outcome (issued, used)",
+            "Small files fetched ahead of their first read, by outcome (issued; used: read later; wasted: evicted unread)",
             m.prefetch.clone(),
         );
         r.register(
@@ -198,8 +200,14 @@ impl Metrics {
         );
         r.register(
             "cache_opens",
-            "Opens of a file's data, by result (hit: cached; miss: downloaded)",
+            "Opens of a file's data, by result (hit: cached; joined: a download under way; miss: a new download)",
             m.cache_opens.clone(),
+        );
+        r.register_with_unit(
+            "cache_open",
+            "Bytes of the files opened, by result (hit, joined, miss)",
+            Unit::Bytes,
+            m.cache_open_bytes.clone(),
         );
         r.register(
             "cache_evictions",

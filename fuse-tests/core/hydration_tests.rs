@@ -105,6 +105,9 @@ fn the_first_small_file_read_fetches_its_siblings_ahead() {
     mem.put("pkg/big.bin", pattern(2 << 20), &[]);
     mem.put("other/x.py", "elsewhere", &[]);
     let w = world_with(mem, "", 1 << 20);
+    let used =
+        |m: &simfs::metrics::Metrics| m.prefetch.get_or_create(&vec![("outcome", "used")]).get();
+    let used_before = used(simfs::metrics::get());
     assert_eq!(read_all(&w, "pkg/m00.py").unwrap(), b"module 0");
     w.fs.cache().settle();
     let gets = w.store.counters.get.load(Ordering::SeqCst);
@@ -118,6 +121,11 @@ fn the_first_small_file_read_fetches_its_siblings_ahead() {
         w.store.counters.get.load(Ordering::SeqCst),
         gets,
         "every sibling was already cached"
+    );
+    // (Other tests in this process count too: at least these 39 were used.)
+    assert!(
+        used(simfs::metrics::get()) - used_before >= 39,
+        "the metrics count each prefetched file read as used"
     );
     // Large files and other directories are not prefetched.
     read_all(&w, "other/x.py").unwrap();

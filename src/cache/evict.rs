@@ -175,6 +175,9 @@ impl Cache {
                     let m = crate::metrics::get();
                     m.cache_evictions.inc();
                     m.cache_evicted_bytes.inc_by(size);
+                    if self.prefetch.forget(&key) {
+                        m.prefetch.get_or_create(&vec![("outcome", "wasted")]).inc();
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!("evicting {key} from the cache: {e}"),

@@ -321,10 +321,7 @@ impl Cache {
                     self.present.insert(key.clone(), ());
                     if want != Want::Prefetch {
                         self.hits.fetch_add(1, Ordering::Relaxed);
-                        crate::metrics::get()
-                            .cache_opens
-                            .get_or_create(&vec![("result", "hit")])
-                            .inc();
+                        self.count_open("hit", &key, blob.size);
                     }
                     // A hit only moves the file to the front; its size is read when new.
                     if !self.lru.touch(&key, ino) {
@@ -379,6 +376,9 @@ impl Cache {
         let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = filling.get(key).and_then(Weak::upgrade) {
             if !(f.is_broken() || whole && f.is_window()) {
+                if want != Want::Prefetch {
+                    self.count_open("joined", key, blob.size);
+                }
                 return Ok(Some(f));
             }
         } else if self.present.contains_key(key) {
@@ -388,10 +388,7 @@ impl Cache {
         }
         if want != Want::Prefetch {
             self.downloads.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::get()
-                .cache_opens
-                .get_or_create(&vec![("result", "miss")])
-                .inc();
+            self.count_open("miss", key, blob.size);
         }
         let mut tuning = self.opts.tuning();
         let fits = self.opts.capacity.is_none_or(|c| blob.size <= c)
@@ -453,6 +450,20 @@ impl Cache {
         drop(filling);
         fill.start();
         Ok(Some(fill))
+    }
+
+    /// Counts a reader's open of `key` (`size` bytes) for the metrics: served from the
+    /// cache (`hit`), by a download under way (`joined`) or by a new one (`miss`); a file
+    /// fetched ahead of its read counts as prefetch `used` the first time.
+    fn count_open(&self, result: &'static str, key: &str, size: u64) {
+        let m = crate::metrics::get();
+        m.cache_opens.get_or_create(&vec![("result", result)]).inc();
+        m.cache_open_bytes
+            .get_or_create(&vec![("result", result)])
+            .inc_by(size);
+        if self.prefetch.forget(key) {
+            m.prefetch.get_or_create(&vec![("outcome", "used")]).inc();
+        }
     }
 
     /// Downloads of whole files (or windows) under way.

@@ -36,6 +36,8 @@ pub(super) struct Prefetch {
     pub enabled: std::sync::atomic::AtomicBool,
     /// One permit per prefetch fill in flight, across rounds.
     slots: Arc<tokio::sync::Semaphore>,
+    /// Files fetched ahead and not read yet (for the metrics: used or wasted).
+    unread: Mutex<HashSet<String>>,
     /// Rounds started so far (each round's number is its place in this count).
     rounds: std::sync::atomic::AtomicU64,
 }
@@ -49,7 +51,16 @@ impl Default for Prefetch {
             enabled: true.into(),
             slots: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             rounds: Default::default(),
+            unread: Mutex::default(),
         }
+    }
+}
+
+impl Prefetch {
+    /// Whether `key` was fetched ahead and not read yet (it is not any more).
+    pub(super) fn forget(&self, key: &str) -> bool {
+        let mut unread = self.unread.lock().unwrap_or_else(|p| p.into_inner());
+        !unread.is_empty() && unread.remove(key)
     }
 }
 
@@ -138,6 +149,11 @@ impl Cache {
                     bytes += blob.size;
                     files += 1;
                     self.prefetch.files.fetch_add(1, Ordering::Relaxed);
+                    self.prefetch
+                        .unread
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(Self::key(&blob));
                     crate::metrics::get()
                         .prefetch
                         .get_or_create(&vec![("outcome", "issued")])
