@@ -79,3 +79,56 @@ fn requests_hold_to_their_rate_as_the_wire_counts_them() {
     );
     unmount_clean(&mut m);
 }
+
+#[test]
+fn while_the_service_throttles_the_mount_sends_fewer_requests_a_second() {
+    // Two files of 32 MiB, read cold one after the other: the first with every answer
+    // served, the second with 40% answered 503 ServerBusy. The reader gets every byte both
+    // times, and the mount's request rate on the wire (retries included) drops.
+    let (az, _fx) = crate::seeded("backoff", 0, 32);
+    let proxy = FaultProxy::start(&az);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount_with(
+        proxy.connection_string(),
+        "backoff",
+        cache.path(),
+        &["--verify", "none"],
+    );
+    let rate_of = |lines: &[String]| {
+        let times: Vec<f64> = lines
+            .iter()
+            .filter(|l| l.contains(" GET ") && !l.contains("comp=list"))
+            .filter_map(|l| l.split(' ').next()?.parse().ok())
+            .collect();
+        let span = times.last().unwrap() - times.first().unwrap();
+        (times.len(), times.len() as f64 / span.max(1e-3))
+    };
+    proxy.set(r#"{"log_all": true}"#);
+    let expected = crate::big_expected(32);
+    assert!(std::fs::read(m.path().join("big/large.bin")).unwrap() == expected);
+    let calm = rate_of(&proxy.injected());
+    // The same blob again, from a fresh cache.
+    unmount_clean(&mut m);
+    let cache2 = tempfile::tempdir().unwrap();
+    let mut m = mount_with(
+        proxy.connection_string(),
+        "backoff",
+        cache2.path(),
+        &["--verify", "none"],
+    );
+    proxy.set(r#"{"log_all": true, "rates": {"503": 0.4}, "seed": 11}"#);
+    assert!(
+        std::fs::read(m.path().join("big/large.bin")).unwrap() == expected,
+        "no error reaches the reader"
+    );
+    let throttled = rate_of(&proxy.injected());
+    assert!(
+        throttled.1 < calm.1,
+        "requests/s while throttled {:.1} ({} requests), calm {:.1} ({} requests)",
+        throttled.1,
+        throttled.0,
+        calm.1,
+        calm.0
+    );
+    unmount_clean(&mut m);
+}
