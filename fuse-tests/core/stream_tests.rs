@@ -117,8 +117,8 @@ fn a_truncate_after_staging_commits_the_shorter_file_only() {
 fn a_file_renamed_before_its_commit_is_uploaded_whole_at_its_new_name() {
     let w = world();
     let data = data();
-    let (ino, fh) = write_sequentially(&w, &data);
     let before = puts(&w);
+    let (ino, fh) = write_sequentially(&w, &data);
     eventually("staged", || puts(&w) - before >= 1);
     w.fs.flush(fh).unwrap();
     w.fs.release(fh).unwrap();
@@ -146,10 +146,11 @@ fn a_crash_mid_stream_keeps_the_previous_version_and_the_next_mount_uploads_the_
     let ino = w.fs.lookup(ROOT_INO, OsStr::new("ckpt.pt")).unwrap().ino;
     let fh = w.fs.open(ino, true, true).unwrap();
     let data = data();
+    // Counted before the writes: the blocks may all be staged before the last write returns.
+    let before = puts(&w);
     for (i, chunk) in data.chunks(4096).enumerate() {
         w.fs.write(fh, (i * 4096) as u64, chunk).unwrap();
     }
-    let before = puts(&w);
     eventually("blocks staged", || puts(&w) > before);
     // "kill -9" with the blocks staged and nothing committed.
     let copy = tempfile::tempdir().unwrap();
