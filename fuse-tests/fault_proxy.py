@@ -12,7 +12,8 @@ read again whenever it changes:
      "rates": {"503": 0.05, "reset_before": 0.02, "reset_after": 0.02, "truncate": 0.02},
      "delay_ms": [0, 20], "seed": 7}
 
-Faults: "503" (answered here with an Azure ServerBusy error body, never forwarded),
+Faults: "503" (answered here with an Azure ServerBusy error body, never forwarded; with
+"retry_after": N in the rules, with Retry-After: N),
 "reset_before" (the connection is reset, the service never sees the request),
 "reset_after" (the service carries the request out; its answer is lost to a reset),
 "truncate" (the answer's headers and half its body, then a reset), "hang" (the request is
@@ -143,9 +144,12 @@ async def handle(reader, writer):
             await asyncio.sleep(float(fault[6:]) / 1000)
             fault = None
         if fault == "503":
+            # "retry_after": N in the rules adds Retry-After: N (seconds), as Azure may.
+            after = state["cfg"].get("retry_after")
+            extra = b"Retry-After: %d\r\n" % int(after) if after is not None else b""
             writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
-                         b"x-ms-error-code: ServerBusy\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n" % len(BUSY) + BUSY)
+                         b"x-ms-error-code: ServerBusy\r\nContent-Length: %d\r\n" % len(BUSY)
+                         + extra + b"Connection: close\r\n\r\n" + BUSY)
             await writer.drain()
             writer.close()
             return

@@ -132,3 +132,25 @@ fn while_the_service_throttles_the_mount_sends_fewer_requests_a_second() {
     );
     unmount_clean(&mut m);
 }
+
+#[test]
+fn a_throttled_request_waits_what_retry_after_asks() {
+    // The first GET of the file is answered 503 ServerBusy with Retry-After: 3; the read
+    // succeeds, after at least those 3 s (the SDK's own back-off would be 0.2 s).
+    let (az, _fx) = crate::seeded("after", 0, 1);
+    let proxy = FaultProxy::start(&az);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount_with(proxy.connection_string(), "after", cache.path(), &[]);
+    proxy.set(
+        r#"{"retry_after": 3, "rules": [{"method": "GET", "path": "large.bin", "fault": "503", "times": 1}]}"#,
+    );
+    let t = Instant::now();
+    assert!(std::fs::read(m.path().join("big/large.bin")).unwrap() == crate::big_expected(1));
+    let waited = t.elapsed().as_secs_f64();
+    assert_eq!(proxy.injected().len(), 1, "{:?}", proxy.injected());
+    assert!(
+        (3.0..20.0).contains(&waited),
+        "the read took {waited:.2} s; Retry-After asked for 3"
+    );
+    unmount_clean(&mut m);
+}
