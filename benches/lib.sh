@@ -5,7 +5,7 @@
 #   source benches/lib.sh
 #   bench_workdir simfs-cold        # sets $work; removed on exit
 #   bench_service 5                 # sets $direct and $slow endpoints; DELAY_PROXY_COUNTS honoured
-#   bench_apt fio rclone            # installs missing Debian packages
+#   bench_apt fio autoreconf:autoconf   # installs missing Debian packages
 
 bench_pids=""
 bench_mounts=()
@@ -48,11 +48,11 @@ bench_service() {
   slow="http://127.0.0.1:$proxy_port/devstoreaccount1"
 }
 
-# bench_apt PACKAGE...: installs the Debian packages whose command is missing (the command is
-# the package's name).
+# bench_apt COMMAND[:PACKAGE]...: installs the Debian packages whose command is missing (the
+# package is named like the command unless given).
 bench_apt() {
   local need=() p
-  for p in "$@"; do command -v "$p" >/dev/null 2>&1 || need+=("$p"); done
+  for p in "$@"; do command -v "${p%%:*}" >/dev/null 2>&1 || need+=("${p##*:}"); done
   ((${#need[@]})) || return 0
   echo "bench: installing ${need[*]}" >&2
   local SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

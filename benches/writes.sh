@@ -20,43 +20,16 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RTT_MS="${RTT_MS:-5}"; COMMITS="${COMMITS:-3000}"; ONLY="${ONLY:-pip build clone stream dd}"
 OUT="${OUT:-$PWD/benches/results/writes}"
+source benches/lib.sh
 bash fuse-tests/setup.sh
-need=()
-for t in autoreconf:autoconf automake:automake make:make git:git rclone:rclone; do
-  command -v "${t%%:*}" >/dev/null 2>&1 || need+=("${t##*:}")
-done
-if ((${#need[@]})); then
-  echo "writes: installing ${need[*]}" >&2
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+bench_apt autoreconf:autoconf automake make git rclone
 cargo build --release --quiet --bins
 bin="$PWD/target/release"
 mkdir -p "$OUT"
-work="$(mktemp -d /tmp/simfs-writes.XXXXXX)"
-mkdir -p "$work/az" "$work/native" "$work/async" "$work/sync"
-cleanup() {
-  set +e
-  for m in "$work/async" "$work/sync"; do
-    grep -q " $m " /proc/mounts && { fusermount3 -u "$m" || umount -l "$m"; }
-  done
-  for p in ${pids:-}; do kill "$p" 2>/dev/null; done
-  wait 2>/dev/null
-  rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.05; done; }
-
-az_port="$(free_port)"; proxy_port="$(free_port)"
-fuse-tests/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$az_port" \
-  --location "$work/az" --skipApiVersionCheck --disableTelemetry --silent --loose >/dev/null 2>&1 &
-pids="$!"
-DELAY_PROXY_COUNTS="$work/counts.json" python3 benches/delay_proxy.py "$proxy_port" "$az_port" "$RTT_MS" &
-pids="$pids $!"
-wait_port "$az_port"; wait_port "$proxy_port"
-direct="http://127.0.0.1:$az_port/devstoreaccount1"
-slow="http://127.0.0.1:$proxy_port/devstoreaccount1"
+bench_workdir simfs-writes
+mkdir -p "$work/native" "$work/async" "$work/sync"
+bench_mount_point "$work/async"; bench_mount_point "$work/sync"
+DELAY_PROXY_COUNTS="$work/counts.json" bench_service "$RTT_MS"
 requests() { python3 -c 'import json,sys; print(sum(json.load(open(sys.argv[1])).values()))' "$work/counts.json" 2>/dev/null || echo 0; }
 
 echo "== inputs"

@@ -364,6 +364,17 @@ pub fn simfs_unmount(mountpoint: &Path) -> std::process::Output {
         .unwrap()
 }
 
+/// `simfs sync PATH`, which must succeed.
+pub fn simfs_sync(path: &Path) {
+    let out = Command::new(SIMFS).arg("sync").arg(path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `simfs unmount`, which must succeed (everything was uploaded); then the guard's cleanup.
 pub fn unmount_clean(m: &mut Mount) {
     let out = simfs_unmount(m.path());

@@ -3,7 +3,6 @@
 //! and the requests the fault proxy saw.
 
 use crate::harness::*;
-use std::process::Command;
 use std::time::Instant;
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -29,16 +28,7 @@ fn downloads_and_uploads_hold_to_their_byte_rates() {
     let data = vec![7u8; 12 << 20];
     let t = Instant::now();
     std::fs::write(m.path().join("up.bin"), &data).unwrap();
-    let out = Command::new(SIMFS)
-        .arg("sync")
-        .arg(m.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    simfs_sync(m.path());
     let secs = t.elapsed().as_secs_f64();
     let rate = data.len() as f64 / MIB / secs;
     assert!(

@@ -168,16 +168,7 @@ fn prometheus_scrapes_what_the_mount_did_and_the_wire_agrees() {
     }
     // A write drains: pending back to 0.
     std::fs::write(m2.path().join("new.txt"), b"fresh").unwrap();
-    let out = Command::new(SIMFS)
-        .arg("sync")
-        .arg(m2.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    simfs_sync(m2.path());
     let throttled_on_wire = proxy
         .injected()
         .iter()

@@ -5,7 +5,6 @@
 use crate::harness::*;
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn mount_via(proxy: &FaultProxy, container: &str, cache: &Path, extra: &[&str]) -> Mount {
@@ -34,16 +33,6 @@ fn close_in_background(
 }
 
 /// `simfs sync PATH`, which must succeed.
-fn simfs_sync(path: &Path) {
-    let out = Command::new(SIMFS).arg("sync").arg(path).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn finishes_within(t: &std::thread::JoinHandle<()>, d: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < d {
