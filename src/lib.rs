@@ -6,16 +6,17 @@
 //! 1. Value types and small pieces every layer shares: `posix` (kinds, attributes, times,
 //!    rename modes), `locks` (per-inode and per-name locks), `pins` (open handles per inode),
 //!    `kernel` (the handle that tells the kernel to forget cached entries, attributes and
-//!    pages).
+//!    pages), `metrics` (the process's counters and levels, and the `/metrics` endpoint).
 //! 2. `blob`: the container behind the `BlobStore` trait (Azure, and in tests an in-memory
-//!    and a failure-injecting store), authentication, uploads and the persisted POSIX format.
+//!    and a failure-injecting store), authentication, the SDK pipeline's policies (metrics,
+//!    rate limits), uploads and the persisted POSIX format.
 //! 3. `index` (the SQLite namespace, name rules and the write-back journal) and `cache` (clean
-//!    copies of blobs on the local disk: fills, LRU, eviction, free space, prefetch), side by
-//!    side, each over `blob`.
+//!    copies of blobs on the local disk: fills, their verification, LRU, eviction, free
+//!    space, prefetch), side by side, each over `blob`.
 //! 4. `local`: the local copies of files being written, over `cache` (a first write takes the
 //!    clean copy over).
 //! 5. `writeback` (makes the container match the index: per-inode uploads, conflicts, the
-//!    trash, the background scheduler) and `refresh` (brings others' changes in), each over
+//!    trash, intents, the background scheduler) and `refresh` (brings others' changes in), each over
 //!    the index, the copies and the pins, telling `kernel` what changed.
 //! 6. `fs`: POSIX semantics over all of the above, without FUSE; the one place errors
 //!    become errnos. `iomode`: which open files the kernel reads in passthrough.

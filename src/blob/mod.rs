@@ -23,6 +23,7 @@ pub mod limits;
 pub mod listing;
 #[cfg(any(test, feature = "test-util"))]
 pub mod memory;
+mod policies;
 pub mod sas;
 pub mod upload;
 
