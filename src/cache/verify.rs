@@ -118,10 +118,21 @@ impl Verifier {
         let was = self.crc64.swap(now, Ordering::Relaxed);
         if !with && was != OMITTED {
             tracing::info!(
-                "the service answers ranged reads without a CRC64: data is checked with the blob's Content-MD5, or MD5 per range (--verify {:?})",
+                "the service answers ranged reads without a CRC64: data is checked with the blob's Content-MD5, or MD5 per range (--verify {})",
                 self.mode
             );
         }
+    }
+}
+
+impl std::fmt::Display for Verify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verify::Auto => "auto",
+            Verify::Md5 => "md5",
+            Verify::Crc64 => "crc64",
+            Verify::None => "none",
+        })
     }
 }
 
