@@ -31,7 +31,7 @@ struct Ctx<'a> {
 }
 
 impl Writeback {
-    fn blob_name(&self, rel: &[u8]) -> WbResult<String> {
+    pub(super) fn blob_name(&self, rel: &[u8]) -> WbResult<String> {
         Ok(self.blob_name_and_path(rel)?.0)
     }
 

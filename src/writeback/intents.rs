@@ -4,7 +4,8 @@
 //! this index wrote (its `simfs_writer` is ours) and that no inode claims goes to the trash
 //! and is deleted like any other stale name; an absent one, or someone else's, is forgotten.
 //! An intent of an inode whose upload runs now is left for later: its request may still be
-//! in flight.
+//! in flight. So is one whose inode still has that name and is pending: its next upload
+//! writes the name again and settles it.
 
 use super::{WbResult, Writeback};
 use crate::blob::format::KEY_WRITER;
@@ -22,6 +23,11 @@ impl Writeback {
                     None => continue,
                 },
             };
+            if self.still_named(owner, &blob)? {
+                // Its owner will write it again: that upload settles it (and finds its own
+                // blob there). Trashing it now would race that upload.
+                continue;
+            }
             let etag = match self.store.head(&blob).await {
                 Ok(p) if p.metadata.get(KEY_WRITER) == Some(&self.writer) => Some(p.etag),
                 Ok(_) | Err(BlobError::NotFound(_)) => None,
@@ -40,5 +46,18 @@ impl Writeback {
             self.index.settle_intent(&blob, etag.as_deref())?;
         }
         Ok(())
+    }
+
+    /// Whether `blob` is the name of one of `ino`'s paths now (it is pending and has it).
+    fn still_named(&self, ino: u64, blob: &str) -> WbResult<bool> {
+        let Some(p) = self.index.pending_inode(ino)? else {
+            return Ok(false);
+        };
+        for n in &p.names {
+            if self.blob_name(&n.path)? == blob {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
