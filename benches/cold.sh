@@ -41,14 +41,7 @@ sas="$("$bin/simfs-seed" --endpoint "$direct" --container cold --dir "$work/src=
 export AZURE_STORAGE_CONNECTION_STRING="UseDevelopmentStorage=true;BlobEndpoint=$slow"
 export RCLONE_CONFIG_AZ_TYPE=azureblob RCLONE_CONFIG_AZ_SAS_URL="${sas/$direct/$slow}"
 sdk_cs="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint=$slow"
-wheels="${WHEELS:-$HOME/.cache/simfs-bench/wheels}"
-mkdir -p "$wheels"
-ls "$wheels"/numpy-*.whl >/dev/null 2>&1 && ls "$wheels"/requests-*.whl >/dev/null 2>&1 ||
-  python3 -m pip download -q --only-binary=:all: --dest "$wheels" numpy requests
-python3 -m venv "$work/sdk"
-"$work/sdk/bin/pip" install -q --disable-pip-version-check --find-links "$wheels" azure-storage-blob ||
-  echo "cold: no azure-storage-blob (PyPI unreachable?): the SDK reference is skipped" >&2
-"$work/sdk/bin/pip" download -q --disable-pip-version-check --dest "$wheels" azure-storage-blob >/dev/null 2>&1 || true
+bench_wheels
 
 # A fresh mount of CONTAINER at $work/m with an empty cache; sets dpid. Extra args to mount.
 fresh_mount() {

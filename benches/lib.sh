@@ -59,6 +59,21 @@ bench_apt() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 }
 
+# bench_wheels: the numpy and requests wheels in $wheels (downloaded from PyPI once per
+# machine, then never again: pip installs them with --no-index); and the reference client,
+# the Azure SDK for Python, in a venv of its own at $work/sdk (skipped, with a warning, when
+# PyPI cannot be reached).
+bench_wheels() {
+  wheels="${WHEELS:-$HOME/.cache/simfs-bench/wheels}"
+  mkdir -p "$wheels"
+  ls "$wheels"/numpy-*.whl >/dev/null 2>&1 && ls "$wheels"/requests-*.whl >/dev/null 2>&1 ||
+    python3 -m pip download -q --only-binary=:all: --dest "$wheels" numpy requests
+  python3 -m venv "$work/sdk"
+  "$work/sdk/bin/pip" install -q --disable-pip-version-check --find-links "$wheels" azure-storage-blob ||
+    echo "bench: no azure-storage-blob (PyPI unreachable?): the SDK reference is skipped" >&2
+  "$work/sdk/bin/pip" download -q --disable-pip-version-check --dest "$wheels" azure-storage-blob >/dev/null 2>&1 || true
+}
+
 # cold_start: empties the page cache and touches GIB GiB (default 3) of memory first. This
 # kind of VM backs guest memory on first touch: the first GiB written into fresh page cache
 # ran at 70 MB/s here, the next at 2.2 GB/s, so a cold read measured on untouched memory

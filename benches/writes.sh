@@ -39,16 +39,8 @@ for c in w-async w-sync w-ref; do
   s="$("$bin/simfs-seed" --endpoint "$direct" --container "$c" --dir "$work/empty=" --print-sas racwdl)"
   [ "$c" = w-ref ] && sas_url="${s/$direct/$slow}"
 done
-# Wheels once per machine (PyPI), then never again: pip installs them with --no-index.
-wheels="${WHEELS:-$HOME/.cache/simfs-bench/wheels}"
-mkdir -p "$wheels"
-ls "$wheels"/numpy-*.whl >/dev/null 2>&1 && ls "$wheels"/requests-*.whl >/dev/null 2>&1 ||
-  python3 -m pip download -q --only-binary=:all: --dest "$wheels" numpy requests
-# The reference uploader: the Azure SDK for Python, in a venv of its own (outside the mounts).
-python3 -m venv "$work/sdk"
-"$work/sdk/bin/pip" install -q --disable-pip-version-check --find-links "$wheels" azure-storage-blob ||
-  echo "writes: no azure-storage-blob (PyPI unreachable?): the SDK reference is skipped" >&2
-"$work/sdk/bin/pip" download -q --disable-pip-version-check --dest "$wheels" azure-storage-blob >/dev/null 2>&1 || true
+# The wheels pip installs, and the reference uploader (the Azure SDK for Python).
+bench_wheels
 # A small autotools project: 60 sources.
 proj="$work/cproj"; mkdir -p "$proj/src"
 cat > "$proj/configure.ac" <<'AC'
