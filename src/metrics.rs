@@ -334,8 +334,13 @@ fn errno_name(e: i32) -> &'static str {
 
 /// (resident bytes, CPU seconds, threads) of this process, from /proc; zeros elsewhere.
 fn process() -> (f64, f64, f64) {
-    let page = 4096.0;
-    let hz = 100.0;
+    // SAFETY: sysconf only reads configuration values.
+    let (page, hz) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PAGESIZE) as f64,
+            libc::sysconf(libc::_SC_CLK_TCK) as f64,
+        )
+    };
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     // Fields after the command (which may hold spaces), from the closing parenthesis.
     let rest: Vec<&str> = stat
