@@ -170,22 +170,50 @@ fn a_thousand_files_closed_right_before_a_sigkill_all_reach_a_fresh_node() {
     }
 }
 
+/// The distinct block ids staged through `proxy` (Put Block, not Put Block List), decoded,
+/// in the order first seen.
+fn staged_block_ids(proxy: &FaultProxy) -> Vec<String> {
+    use base64::Engine;
+    let mut ids: Vec<String> = Vec::new();
+    for line in proxy.injected() {
+        if !(line.contains(" PUT ") && line.contains("comp=block")) || line.contains("blocklist") {
+            continue;
+        }
+        let Some(raw) = line.split("blockid=").nth(1) else {
+            continue;
+        };
+        let raw = raw.split(['&', ' ']).next().unwrap_or_default();
+        let raw = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        let id = base64::engine::general_purpose::STANDARD
+            .decode(raw.as_bytes())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_else(|_| raw.into_owned());
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
 #[test]
 fn a_streamed_checkpoint_stages_each_block_once_and_a_rewritten_block_again() {
     let az = crate::write::empty_container("stream");
     let proxy = FaultProxy::start(&az);
     proxy.set(r#"{"log_all": true}"#);
     let cache = tempfile::tempdir().unwrap();
-    let mut m = mount_via(&proxy, "stream", cache.path(), &[]);
-    let blocks = || {
-        proxy
-            .injected()
-            .iter()
-            .filter(|l| {
-                l.contains("PUT") && l.contains("comp=block") && !l.contains("comp=blocklist")
-            })
-            .count()
-    };
+    // Write-back's own decisions are logged, for a failure to explain itself.
+    let mut m = Mount::start(
+        &["stream", "--cache-dir", cache.path().to_str().unwrap()],
+        &[
+            ("AZURE_STORAGE_CONNECTION_STRING", proxy.connection_string()),
+            ("SIMFS_LOG", "warn,simfs::writeback=debug".into()),
+        ],
+    )
+    .expect("mount");
+    // Distinct block ids staged: a request the client repeated (its answer lost) stages
+    // the same id again and is not a second staging.
+    let ids = || staged_block_ids(&proxy);
+    let blocks = || ids().len();
     // Eight whole 8 MiB blocks and a 1 MiB tail, written as a training loop saves.
     let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 239) as u8).collect();
     let path = m.path().join("step-100.pt");
@@ -205,7 +233,8 @@ fn a_streamed_checkpoint_stages_each_block_once_and_a_rewritten_block_again() {
     assert_eq!(
         blocks(),
         8,
-        "the finished blocks, staged while the file is open"
+        "the finished blocks, staged while the file is open: {:?}",
+        ids()
     );
     // A block rewritten after it was staged.
     use std::os::unix::fs::FileExt;
@@ -214,7 +243,8 @@ fn a_streamed_checkpoint_stages_each_block_once_and_a_rewritten_block_again() {
     assert_eq!(
         blocks(),
         10,
-        "block 0 again and the tail; no other block twice"
+        "block 0 again and the tail; no other block twice: {:?}",
+        ids()
     );
     drop(f);
     unmount_clean(&mut m);

@@ -105,6 +105,37 @@ fn a_handle_still_writing_holds_its_upload_and_its_close_releases_it() {
 }
 
 #[test]
+fn a_file_just_created_is_left_to_its_creator_until_its_close() {
+    // Due at once (delay zero), but its creator has not written yet: an upload now would
+    // put an empty blob, or whatever part a checkpoint writer had written when it read.
+    let w = async_world();
+    let before = writes(&w);
+    let (_, fh) =
+        w.fs.create(ROOT_INO, OsStr::new("step-1.pt"), 0o644, ME)
+            .unwrap();
+    w.wb().upload_due(false).unwrap();
+    assert_eq!(
+        writes(&w),
+        before,
+        "nothing uploaded while the creator holds it"
+    );
+    w.fs.write(fh, 0, b"weights").unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    w.wb().upload_due(false).unwrap();
+    assert_eq!(w.store.inner().data("step-1.pt").unwrap(), &b"weights"[..]);
+    assert_eq!(writes(&w), before + 1, "one PUT, of the written file");
+    // Created and closed unwritten (git's index.lock): a namespace change, uploaded after.
+    let (_, fh) =
+        w.fs.create(ROOT_INO, OsStr::new("index.lock"), 0o644, ME)
+            .unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    w.wb().upload_due(false).unwrap();
+    assert_eq!(w.store.inner().data("index.lock").unwrap(), &b""[..]);
+}
+
+#[test]
 fn past_the_window_a_close_waits_until_uploads_make_room() {
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let dir = tempfile::tempdir().unwrap();

@@ -887,3 +887,36 @@ fn a_first_write_that_landed_unrecorded_is_deleted_once_the_file_moved_on() {
     assert_eq!(w.store.inner().data("t2").unwrap(), &b"theirs"[..]);
     assert_eq!(w.store.inner().data("f2").unwrap(), &b"mine"[..]);
 }
+
+#[test]
+fn a_directory_renamed_while_its_child_uploads_leaves_nothing_at_the_old_path() {
+    // `a/sub`'s marker is on its way when `a` becomes `b`: that upload lands at the old
+    // path, and its result must not count as `sub` being up to date at its new one.
+    let w = rw(MemoryStore::new());
+    let a = w.fs.mkdir(ROOT_INO, OsStr::new("a"), 0o755, ME).unwrap();
+    let sub = w.fs.mkdir(a.ino, OsStr::new("sub"), 0o755, ME).unwrap();
+    write_file(&w, "a/sub", "f", b"data");
+    w.store.set_latency(Duration::from_millis(300));
+    let wb = w.wb().clone();
+    let in_flight = std::thread::spawn(move || wb.upload(sub.ino));
+    std::thread::sleep(Duration::from_millis(100));
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new("a"),
+        ROOT_INO,
+        OsStr::new("b"),
+        RenameMode::NoReplace,
+    )
+    .unwrap();
+    in_flight.join().unwrap().unwrap();
+    w.store.set_latency(Duration::ZERO);
+    drain(&w);
+    let names = w.store.inner().names();
+    assert!(
+        names.iter().all(|n| !n.starts_with("a/") && n != "a"),
+        "nothing left under the old path: {names:?}"
+    );
+    let n = fresh(&w);
+    assert_eq!(read_all(&n, "b/sub/f").unwrap(), b"data");
+    assert!(path(&n, "a").is_err());
+}

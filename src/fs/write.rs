@@ -103,11 +103,14 @@ impl SimFs {
         let attr = self.new_inode(parent, name, Kind::File, mode, 0, who, None)?;
         let file = self.local.open(attr.ino, true)?;
         self.pins.pin(attr.ino);
-        let fh = self.insert_handle(super::OpenFile::handle(
-            attr.ino,
-            true,
-            super::Data::Local(Arc::new(file)),
-        ));
+        let h = super::OpenFile::handle(attr.ino, true, super::Data::Local(Arc::new(file)));
+        // The creator is about to write (a checkpoint, pip's temporary file): until its
+        // close the background leaves the file alone rather than upload it empty, or
+        // upload whatever part of it is written by the time that upload reads it.
+        if let super::Handle::File(f) = &h {
+            self.hold_upload(f);
+        }
+        let fh = self.insert_handle(h);
         Ok((attr, fh))
     }
 

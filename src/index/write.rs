@@ -78,7 +78,10 @@ fn is_empty_dir(tx: &Transaction<'_>, ino: u64) -> IndexResult<bool> {
 }
 
 /// Marks `ino` and everything below it that exists in the container: their blob names all
-/// change with the path.
+/// change with the path. Pending entries below get a new generation too: one whose upload
+/// is in flight is writing the old path, and that result must not count as up to date.
+/// (Never-uploaded directories implied by others' blobs stay as they are: they have no
+/// blob of their own to move.)
 fn mark_subtree(tx: &Transaction<'_>, ino: u64, due: SystemTime) -> IndexResult<()> {
     tx.prepare_cached(
         "WITH RECURSIVE sub(ino) AS (
@@ -86,7 +89,7 @@ fn mark_subtree(tx: &Transaction<'_>, ino: u64, due: SystemTime) -> IndexResult<
          UPDATE inodes SET gen = gen + 1,
              due_ns = CASE WHEN pending = 1 THEN min(due_ns, ?2) ELSE ?2 END, pending = 1
          WHERE ino IN sub
-           AND (ino = ?1 OR blob IS NOT NULL OR ino IN (SELECT ino FROM stubs))",
+           AND (ino = ?1 OR blob IS NOT NULL OR pending = 1 OR ino IN (SELECT ino FROM stubs))",
     )?
     .execute(params![ino as i64, to_ns(due)])?;
     Ok(())
