@@ -257,3 +257,47 @@ fn a_streamed_checkpoint_stages_each_block_once_and_a_rewritten_block_again() {
     let n = crate::mount(&az, "stream", fresh.path(), &[]);
     assert!(std::fs::read(n.path().join("step-100.pt")).unwrap() == want);
 }
+
+#[test]
+fn a_file_fsynced_as_it_grows_stages_each_block_once_across_the_fsyncs() {
+    // Azurite, like the service, takes a block list naming blocks of the previous commit:
+    // the second fsync stages what was written since the first, nothing before it.
+    let az = crate::write::empty_container("grow");
+    let proxy = FaultProxy::start(&az);
+    proxy.set(r#"{"log_all": true}"#);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount_via(&proxy, "grow", cache.path(), &[]);
+    let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 233) as u8).collect();
+    let mut f = std::fs::File::create(m.path().join("train.log")).unwrap();
+    for _ in 0..17 {
+        f.write_all(&mib).unwrap();
+    }
+    f.sync_all().unwrap();
+    let first = staged_block_ids(&proxy);
+    assert_eq!(
+        first.len(),
+        3,
+        "two whole 8 MiB blocks and the tail: {first:?}"
+    );
+    for _ in 17..33 {
+        f.write_all(&mib).unwrap();
+    }
+    f.sync_all().unwrap();
+    let all = staged_block_ids(&proxy);
+    assert_eq!(
+        all.len(),
+        6,
+        "the block the tail grew into, the next, and the new tail: {all:?}"
+    );
+    drop(f);
+    unmount_clean(&mut m);
+    assert_eq!(
+        staged_block_ids(&proxy).len(),
+        6,
+        "a close after the fsync, with nothing written between, stages nothing"
+    );
+    let fresh = tempfile::tempdir().unwrap();
+    let n = crate::mount(&az, "grow", fresh.path(), &[]);
+    let got = std::fs::read(n.path().join("train.log")).unwrap();
+    assert!(got.len() == 33 << 20 && got.chunks(1 << 20).all(|c| c == &mib[..]));
+}

@@ -166,3 +166,44 @@ fn a_crash_mid_stream_keeps_the_previous_version_and_the_next_mount_uploads_the_
     crate::write_tests::drain(&again);
     assert_eq!(store.inner().data("ckpt.pt").unwrap(), data);
 }
+
+#[test]
+fn a_writer_that_fsyncs_as_it_goes_pays_each_time_only_what_changed() {
+    // A log or a checkpoint fsynced every few blocks while it grows: each fsync stages what
+    // was written since the last one (and the tail), and commits a list naming the blocks
+    // committed before again, instead of uploading the whole file each time.
+    let w = world();
+    let data = data();
+    let (a, fh) =
+        w.fs.create(ROOT_INO, OsStr::new("train.log"), 0o644, ME)
+            .unwrap();
+    let mut written = 0;
+    // Up to each fsync, the requests it and the staging before it made: the blocks
+    // finished since the last commit, the tail, the commit. (The first five blocks are
+    // staged as the writer passes them, the sixth by the fsync.)
+    for (upto, want) in [
+        (6 * BLOCK, 5 + 1 + 1),
+        (9 * BLOCK + 100, 3 + 1 + 1),
+        (SIZE, 3 + 1 + 1),
+    ] {
+        let before = puts(&w);
+        while written < upto {
+            let n = 4096.min(upto - written);
+            w.fs.write(fh, written as u64, &data[written..written + n])
+                .unwrap();
+            written += n;
+        }
+        w.fs.fsync(a.ino).unwrap();
+        assert!(
+            w.store.inner().data("train.log").unwrap() == data[..upto],
+            "the blob is the file at the fsync ({upto} bytes)"
+        );
+        assert_eq!(
+            puts(&w) - before,
+            want,
+            "requests up to the fsync at {upto}"
+        );
+    }
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}

@@ -19,6 +19,9 @@ use std::time::SystemTime;
 struct Stored {
     props: BlobProps,
     data: Bytes,
+    /// The committed block list of a blob made by `commit_blocks` (empty otherwise): as
+    /// on the service, a later list may name these again.
+    blocks: HashMap<Vec<u8>, Bytes>,
 }
 
 pub struct MemoryStore {
@@ -51,6 +54,16 @@ impl MemoryStore {
 
     /// Stores `data` at `name` and returns the new ETag (the service's side of every write).
     fn store(&self, name: &str, data: Bytes, metadata: Metadata) -> String {
+        self.store_blocks(name, data, metadata, HashMap::new())
+    }
+
+    fn store_blocks(
+        &self,
+        name: &str,
+        data: Bytes,
+        metadata: Metadata,
+        blocks: HashMap<Vec<u8>, Bytes>,
+    ) -> String {
         let n = self
             .etag_counter
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -63,10 +76,14 @@ impl MemoryStore {
             metadata,
         };
         let etag = props.etag.clone();
-        self.blobs
-            .write()
-            .unwrap()
-            .insert(name.to_string(), Stored { props, data });
+        self.blobs.write().unwrap().insert(
+            name.to_string(),
+            Stored {
+                props,
+                data,
+                blocks,
+            },
+        );
         etag
     }
 
@@ -250,16 +267,27 @@ impl BlobStore for MemoryStore {
     ) -> BlobResult<String> {
         self.check(name, expect)?;
         let mut staged = self.staged.lock().unwrap();
+        let committed = self
+            .blobs
+            .read()
+            .unwrap()
+            .get(name)
+            .map(|b| b.blocks.clone())
+            .unwrap_or_default();
         let mut data = Vec::new();
+        let mut blocks = HashMap::new();
         for id in ids {
+            // "Latest": an uncommitted block of that id, else a committed one.
             let block = staged
                 .get(&(name.to_string(), id.clone()))
-                .ok_or_else(|| BlobError::Service(format!("{name}: block not staged")))?;
+                .or_else(|| committed.get(id))
+                .ok_or_else(|| BlobError::Service(format!("{name}: HTTP 400 InvalidBlockList")))?;
             data.extend_from_slice(block);
+            blocks.insert(id.clone(), block.clone());
         }
         staged.retain(|(n, _), _| n != name);
         drop(staged);
-        Ok(self.store(name, data.into(), metadata.clone()))
+        Ok(self.store_blocks(name, data.into(), metadata.clone(), blocks))
     }
 
     async fn set_metadata(
@@ -269,8 +297,16 @@ impl BlobStore for MemoryStore {
         etag: &str,
     ) -> BlobResult<String> {
         self.check(name, &Expect::Etag(etag.to_string()))?;
+        // New metadata keeps the data and the committed block list.
+        let blocks = self
+            .blobs
+            .read()
+            .unwrap()
+            .get(name)
+            .map(|b| b.blocks.clone())
+            .unwrap_or_default();
         let data = self.data(name).unwrap_or_default();
-        Ok(self.store(name, data, metadata.clone()))
+        Ok(self.store_blocks(name, data, metadata.clone(), blocks))
     }
 
     async fn copy(

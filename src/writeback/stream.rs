@@ -14,12 +14,18 @@
 //! A stream is made by the first write that reaches past one PUT's size: nothing was staged
 //! before it, so changes before it need no record.
 //!
+//! A commit while a handle still writes the file (an fsync mid-stream, a log appended and
+//! fsynced) keeps the stream: the blocks it committed stay known, and the next commit names
+//! them again (the block list asks for the "latest" block of each id, which the service
+//! finds among the committed ones), so each fsync pays what changed since the last, not the
+//! whole file again. The stream goes with the last commit after the writers are done.
+//!
 //! Memory stays bounded: a block is read back from the local copy when it is staged, with
 //! at most `IN_FLIGHT` blocks in flight across the mount. Staged blocks belong to one blob
 //! name: a rename before the commit (or a commit by anyone else to the name, after which the
 //! service drops uncommitted blocks and refuses the list) makes the upload fall back to a
-//! whole one. Nothing here is journaled: after a crash the previous version is still the
-//! committed one, and the next mount uploads the file whole.
+//! whole one, and the stream starts over. Nothing here is journaled: after a crash the
+//! previous version is still the committed one, and the next mount uploads the file whole.
 
 use super::Writeback;
 use crate::blob::upload::UploadOptions;
@@ -43,14 +49,19 @@ struct Stream {
     nonce: u128,
     /// Sequence number of the last change, per block (0: never written).
     changed: Vec<u64>,
-    /// Staged blocks: id and the sequence number their data was read at.
+    /// Staged (or staged and committed) blocks: id and the sequence number their data was
+    /// read at.
     staged: HashMap<u64, (Vec<u8>, u64)>,
     /// Blocks being staged now.
     staging: std::collections::HashSet<u64>,
     next_seq: u64,
+    /// Changes counted, and their count when the last commit planned: equal when nothing
+    /// changed since.
+    touches: u64,
+    committed_touches: u64,
     /// The first block not yet looked at for staging.
     cursor: u64,
-    /// The commit took the stream: no new staging.
+    /// A commit is under way (or the stream was dropped): no new staging.
     closed: bool,
 }
 
@@ -60,9 +71,24 @@ impl Stream {
             self.changed.resize(last as usize + 1, 0);
         }
         self.next_seq += 1;
+        self.touches += 1;
         for b in first..=last {
             self.changed[b as usize] = self.next_seq;
         }
+    }
+
+    /// Forgets every staged block: they belong to a name no longer written, or the service
+    /// no longer has them.
+    fn start_over(&mut self) {
+        self.name = None;
+        self.staged.clear();
+        self.cursor = 0;
+    }
+
+    /// A fresh id for block `block`, never used before by this stream.
+    fn fresh_id(&mut self, block: u64) -> Vec<u8> {
+        self.next_seq += 1;
+        self.id(block, self.next_seq)
     }
 
     /// The id of block `block` staged at sequence number `seq`: as long as every other id
@@ -191,6 +217,19 @@ impl Writeback {
         }
     }
 
+    /// The last writer of `ino` closed it: a stream with no change since its last commit
+    /// has nothing left to do (a file fsynced, then closed unchanged, is not uploaded
+    /// again); one with changes serves the upload the close made due.
+    pub(super) fn writers_done(&self, ino: u64) {
+        let idle = self.streams.map().get(&ino).is_some_and(|s| {
+            let s = lock(s);
+            s.touches == s.committed_touches && s.staging.is_empty() && !s.closed
+        });
+        if idle {
+            self.streams.take(ino);
+        }
+    }
+
     /// Stages block `b` (already counted in `staging`) on the runtime.
     fn stage_in_background(self: &Arc<Self>, ino: u64, stream: Arc<Mutex<Stream>>, b: u64) {
         let wb = self.clone();
@@ -258,46 +297,86 @@ impl Writeback {
         meta: &Metadata,
         expect: &Expect,
     ) -> Option<Result<String, crate::blob::upload::UploadError>> {
-        let stream = self.streams.take(ino)?;
+        let stream = self.streams.map().get(&ino).cloned()?;
         lock(&stream).closed = true;
         // Blocks being staged finish first (at most a few): their ids may be reused.
         while !lock(&stream).staging.is_empty() {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
+        let result = self.commit_with(&stream, name, path, meta, expect).await;
+        let mut s = lock(&stream);
+        match &result {
+            Some(Ok(_)) => {}
+            // The blocks are not (or no longer) the service's for this name.
+            _ => s.start_over(),
+        }
+        if self.pins.is_writing(ino) {
+            s.closed = false;
+        } else {
+            drop(s);
+            self.streams.take(ino);
+        }
+        result
+    }
+
+    /// Stages what `stream` lacks of the file at `path` and commits it as `name`; records
+    /// the blocks committed for the next commit to name again.
+    async fn commit_with(
+        &self,
+        stream: &Mutex<Stream>,
+        name: &str,
+        path: &Path,
+        meta: &Metadata,
+        expect: &Expect,
+    ) -> Option<Result<String, crate::blob::upload::UploadError>> {
         let block = self.streams.opts.block_size;
         let size = std::fs::metadata(path).ok()?.len();
         let count = size.div_ceil(block);
         if size <= self.streams.opts.single_put_max || count > MAX_BLOCKS {
             return None;
         }
-        let plan: Vec<(Vec<u8>, bool)> = {
-            let s = lock(&stream);
+        // Per block: its id, whether the service has it, and the sequence number it is
+        // read at.
+        let plan: Vec<(Vec<u8>, bool, u64)> = {
+            let mut s = lock(stream);
             if s.name.as_deref() != Some(name) {
                 return None;
             }
+            let touches = s.touches;
+            s.committed_touches = touches;
             (0..count)
                 .map(|b| {
                     let seq = s.changed.get(b as usize).copied().unwrap_or(0);
                     let full = (b + 1) * block <= size;
                     match s.staged.get(&b) {
-                        Some((id, at)) if *at == seq && full => (id.clone(), true),
+                        Some((id, at)) if *at == seq && full => (id.clone(), true, seq),
                         // A fresh id: never one a stale staging used.
-                        _ => (s.id(b, seq.max(s.next_seq) + 1), false),
+                        _ => (s.fresh_id(b), false, seq),
                     }
                 })
                 .collect()
         };
-        Some(
-            self.stage_rest_and_commit(name, path, &plan, size, meta, expect)
-                .await,
-        )
+        let result = self
+            .stage_rest_and_commit(name, path, &plan, size, meta, expect)
+            .await;
+        if result.is_ok() {
+            // Whole blocks read at `seq` are the service's now under their ids; a write
+            // since then changed the block's number, so it is staged again.
+            let mut s = lock(stream);
+            for (b, (id, _, seq)) in plan.into_iter().enumerate() {
+                if (b as u64 + 1) * block <= size {
+                    s.staged.insert(b as u64, (id, seq));
+                }
+            }
+        }
+        Some(result)
     }
 
     async fn stage_rest_and_commit(
         &self,
         name: &str,
         path: &Path,
-        plan: &[(Vec<u8>, bool)],
+        plan: &[(Vec<u8>, bool, u64)],
         size: u64,
         meta: &Metadata,
         expect: &Expect,
@@ -306,18 +385,21 @@ impl Writeback {
         let block = self.streams.opts.block_size;
         let file = std::fs::File::open(path)?;
         let file = &file;
-        futures::stream::iter(plan.iter().enumerate().filter(|(_, (_, done))| !done).map(
-            |(b, (id, _))| async move {
-                let off = b as u64 * block;
-                let data = read_at(file, off, block.min(size - off))?;
-                self.store.stage_block(name, id, data).await?;
-                Ok::<_, crate::blob::upload::UploadError>(())
-            },
-        ))
+        futures::stream::iter(
+            plan.iter()
+                .enumerate()
+                .filter(|(_, (_, done, _))| !done)
+                .map(|(b, (id, _, _))| async move {
+                    let off = b as u64 * block;
+                    let data = read_at(file, off, block.min(size - off))?;
+                    self.store.stage_block(name, id, data).await?;
+                    Ok::<_, crate::blob::upload::UploadError>(())
+                }),
+        )
         .buffer_unordered(self.streams.opts.parallel.max(1))
         .try_collect::<Vec<_>>()
         .await?;
-        let ids: Vec<Vec<u8>> = plan.iter().map(|(id, _)| id.clone()).collect();
+        let ids: Vec<Vec<u8>> = plan.iter().map(|(id, _, _)| id.clone()).collect();
         Ok(self.store.commit_blocks(name, &ids, meta, expect).await?)
     }
 }

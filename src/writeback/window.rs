@@ -65,6 +65,9 @@ impl Writeback {
     /// Returns when the window has room for it (back-pressure).
     pub fn closed(&self, ino: u64) -> WbResult<()> {
         self.due_at_once(ino)?;
+        if !self.pins.is_writing(ino) {
+            self.writers_done(ino);
+        }
         let size = self.index.getattr(ino)?.map_or(0, |a| a.size);
         self.wait_for_room(ino, size)
     }
