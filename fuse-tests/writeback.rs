@@ -301,3 +301,49 @@ fn a_file_fsynced_as_it_grows_stages_each_block_once_across_the_fsyncs() {
     let got = std::fs::read(n.path().join("train.log")).unwrap();
     assert!(got.len() == 33 << 20 && got.chunks(1 << 20).all(|c| c == &mib[..]));
 }
+
+#[test]
+fn a_child_process_closing_its_copy_of_a_writers_descriptor_does_not_finish_the_file() {
+    // A process writing a file starts another (a shell command, a dataloader worker): the
+    // child gets a copy of every descriptor and closes it at its exec, and the kernel
+    // flushes the file as for a close. The writer is not done: nothing is uploaded until
+    // its own close.
+    let az = crate::write::empty_container("forked");
+    let proxy = FaultProxy::start(&az);
+    proxy.set(r#"{"log_all": true}"#);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount_via(&proxy, "forked", cache.path(), &["--upload-delay", "0"]);
+    let puts = || {
+        proxy
+            .injected()
+            .iter()
+            .filter(|l| l.contains(" PUT ") && l.contains("log.txt"))
+            .count()
+    };
+    let mut f = std::fs::File::create(m.path().join("log.txt")).unwrap();
+    f.write_all(b"first line\n").unwrap();
+    for _ in 0..3 {
+        let ok = std::process::Command::new("true").status().unwrap();
+        assert!(ok.success());
+    }
+    // What the background would have had time to upload, had it taken those for closes.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(puts(), 0, "uploaded while its writer still writes");
+    f.write_all(b"second line\n").unwrap();
+    drop(f);
+    let start = Instant::now();
+    while puts() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "never uploaded after its close"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unmount_clean(&mut m);
+    let fresh = tempfile::tempdir().unwrap();
+    let n = crate::mount(&az, "forked", fresh.path(), &[]);
+    assert_eq!(
+        std::fs::read_to_string(n.path().join("log.txt")).unwrap(),
+        "first line\nsecond line\n"
+    );
+}

@@ -319,7 +319,7 @@ impl Filesystem for SimFuse {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _t = metrics::get().fuse("open");
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
@@ -328,6 +328,7 @@ impl Filesystem for SimFuse {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(&e)),
         };
+        self.fs.note_opener(fh, req.pid());
         let how = self.io_mode(ino.0, fh, write, &reply);
         if let (true, Open::Passthrough(b)) = (write, &how) {
             // A writer of an inode the kernel reads in passthrough shares the backing file,
@@ -567,6 +568,7 @@ impl Filesystem for SimFuse {
         let _t = metrics::get().fuse("create");
         match self.fs.create(parent.0, name, mode & !umask, caller(req)) {
             Ok((a, fh)) => {
+                self.fs.note_opener(fh, req.pid());
                 // A new file is in the page cache mode: no reader may start passthrough on it
                 // while this handle is open.
                 let how = self.modes.open(a.ino, || None);
@@ -613,17 +615,18 @@ impl Filesystem for SimFuse {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         let t = metrics::get().fuse("flush");
+        let pid = req.pid();
         if self.fs.is_writable_handle(fh.0) {
-            self.off_thread(t, move |fs| reply_empty(fs.flush(fh.0), reply));
+            self.off_thread(t, move |fs| reply_empty(fs.flush_by(fh.0, pid), reply));
         } else {
-            reply_empty(self.fs.flush(fh.0), reply);
+            reply_empty(self.fs.flush_by(fh.0, pid), reply);
         }
     }
 

@@ -136,6 +136,38 @@ fn a_file_just_created_is_left_to_its_creator_until_its_close() {
 }
 
 #[test]
+fn a_close_by_another_process_leaves_the_file_to_its_writer_and_the_last_release_finishes_it() {
+    let w = async_world();
+    let (_, fh) =
+        w.fs.create(ROOT_INO, OsStr::new("out.log"), 0o644, ME)
+            .unwrap();
+    w.fs.note_opener(fh, 100);
+    w.fs.write(fh, 0, b"one\n").unwrap();
+    // A child's copy of the descriptor, closed at its exec.
+    w.fs.flush_by(fh, 200).unwrap();
+    w.wb().upload_due(false).unwrap();
+    assert!(
+        w.store.inner().data("out.log").is_none(),
+        "the writer still writes"
+    );
+    w.fs.write(fh, 4, b"two\n").unwrap();
+    // The opener's close finishes it.
+    w.fs.flush_by(fh, 100).unwrap();
+    w.wb().upload_due(false).unwrap();
+    assert_eq!(w.store.inner().data("out.log").unwrap(), &b"one\ntwo\n"[..]);
+    // Written again, and only another process's copy closed before the last release (the
+    // opener closed from another thread, say): the release finishes the file.
+    w.fs.write(fh, 8, b"three\n").unwrap();
+    w.fs.flush_by(fh, 300).unwrap();
+    w.fs.release(fh).unwrap();
+    w.wb().upload_due(false).unwrap();
+    assert_eq!(
+        w.store.inner().data("out.log").unwrap(),
+        &b"one\ntwo\nthree\n"[..]
+    );
+}
+
+#[test]
 fn past_the_window_a_close_waits_until_uploads_make_room() {
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let dir = tempfile::tempdir().unwrap();

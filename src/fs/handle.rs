@@ -12,7 +12,7 @@ use super::{FsError, FsResult, Handle, SimFs};
 use crate::cache::Content;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Clone)]
@@ -41,6 +41,11 @@ pub(super) struct OpenFile {
     writing: AtomicBool,
     /// Whether the kernel writes this handle's data straight to the local copy (`in_place`).
     pub in_place: AtomicBool,
+    /// The process that opened the handle (0: not known). A child process holds a copy of
+    /// the descriptor from a fork until it closes it or execs, and that close reaches simfs
+    /// as a flush of this handle like the opener's own close: only the opener's says the
+    /// writer is done (see `SimFs::flush_by`).
+    opener: AtomicU32,
 }
 
 impl OpenFile {
@@ -53,7 +58,19 @@ impl OpenFile {
             wrote: AtomicBool::new(false),
             writing: AtomicBool::new(false),
             in_place: AtomicBool::new(false),
+            opener: AtomicU32::new(0),
         }))
+    }
+
+    /// Whether a flush by process `pid` comes from another process than the opener.
+    pub fn flushed_by_another(&self, pid: u32) -> bool {
+        let opener = self.opener.load(Ordering::Relaxed);
+        opener != 0 && pid != 0 && pid != opener
+    }
+
+    /// Whether data changed through this handle since its writer was last done.
+    pub fn is_writing(&self) -> bool {
+        self.writing.load(Ordering::Acquire)
     }
 
     fn data(&self) -> Data {
@@ -84,6 +101,13 @@ impl SimFs {
     pub(super) fn done_writing(&self, h: &OpenFile) {
         if h.writing.swap(false, Ordering::AcqRel) {
             self.pins.stop_writing(h.ino);
+        }
+    }
+
+    /// Handle `fh` was opened by process `pid`.
+    pub fn note_opener(&self, fh: u64, pid: u32) {
+        if let Ok(h) = self.file_handle(fh) {
+            h.opener.store(pid, Ordering::Relaxed);
         }
     }
 

@@ -326,6 +326,14 @@ impl SimFs {
             true => self.release_in_place(ino),
             false => Ok(()),
         };
+        // Written since the last close that counted (only other processes' copies of the
+        // descriptor were closed since): the writer is done now. (On a `sync` mount every
+        // close commits; a release is not a close anyone waits for.)
+        let pending_close = self.writeback.as_ref().is_some_and(|wb| !wb.is_sync());
+        let finished = match h.is_writing() && pending_close {
+            true => self.writer_done(&h),
+            false => Ok(()),
+        };
         self.done_writing(&h);
         let last = self.pins.unpin(ino);
         if last && self.attr(ino).is_ok_and(|a| a.nlink == 0) {
@@ -338,7 +346,7 @@ impl SimFs {
                 self.index.forget_unlinked(ino)?;
             }
         }
-        adopted
+        adopted.and(finished)
     }
 
     /// Refreshes `ino`'s entry after its blob was found changed; whether the index changed.

@@ -294,11 +294,30 @@ impl SimFs {
     /// on a `sync` mount close waits until the blob is committed. Past the window of
     /// uncommitted data (`--max-pending`), close waits for uploads to make room.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
+        self.flush_by(fh, 0)
+    }
+
+    /// A flush of `fh` by process `pid` (0: the opener). The kernel flushes a handle at
+    /// every close of a descriptor of it, including the copy a child process got from a
+    /// fork and closes at its exec or exit: such a close says nothing about the writer, who
+    /// may be writing on, so it leaves the file as it is (on a `sync` mount it still
+    /// commits what is there, as every close does). The opener's close, or the release of
+    /// the last descriptor (`release`), finishes the file.
+    pub fn flush_by(&self, fh: u64, pid: u32) -> FsResult<()> {
         let h = self.file_handle(fh)?;
         if h.in_place.load(Ordering::Relaxed) && self.adopt_in_place(h.ino)? {
             h.wrote.store(true, Ordering::Relaxed);
         }
-        self.done_writing(&h);
+        if h.flushed_by_another(pid) && !self.writeback.as_ref().is_some_and(|wb| wb.is_sync()) {
+            return Ok(());
+        }
+        self.writer_done(&h)
+    }
+
+    /// The writer of `h` is done (its close): a file written through it is recorded for
+    /// upload, or on a `sync` mount committed.
+    pub(super) fn writer_done(&self, h: &super::OpenFile) -> FsResult<()> {
+        self.done_writing(h);
         if !(h.write && h.wrote.load(Ordering::Relaxed)) {
             return Ok(());
         }
