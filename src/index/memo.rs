@@ -10,12 +10,16 @@
 //! Every change goes through the one writer connection, which reports the rows it changes:
 //! `inodes` rows through SQLite's update hook, `dentries` rows (a WITHOUT ROWID table, which
 //! the hook skips) through temporary triggers that call back into Rust. After each commit
-//! those rows are dropped from memory.
+//! those rows are read again on the writer connection and kept as they now stand (a few
+//! rows, from the writer's warm pages: while files are written every commit touches the
+//! directory they are in, and a reader's own query would find its pages dropped by the
+//! commit and read them again from the WAL); a large transaction's rows are dropped.
 //!
 //! The tricky case is a reader that read SQLite just before a commit and keeps its (now old)
-//! row just after the commit dropped it. So a commit first raises `gen` and then drops its
-//! rows, and a reader notes `gen` before its query and keeps the row only if `gen` has not
-//! moved since. The check and the insert happen under a lock (one of `STRIPES`, by key) that
+//! row just after the commit dropped it. So a commit first raises `gen` and then drops or
+//! replaces its rows, and a reader notes `gen` before its query and keeps the row only if
+//! `gen` has not moved since. The rows a commit puts back are read while the writer is
+//! still held, so no later commit can have changed them. The check and the insert happen under a lock (one of `STRIPES`, by key) that
 //! the drop of that key takes too: either the reader sees the raise, or the commit's drop
 //! comes after the reader's insert. Without the lock another reader could get the old row
 //! in the moment between an insert and a check that takes it back.
@@ -34,6 +38,11 @@ use std::sync::{Arc, Mutex};
 /// with moka's bookkeeping (measured: 48 MB of RSS for 65,536 in both maps), so about
 /// 12 MB per map when full.
 const ROWS: u64 = 32_768;
+
+/// A transaction that changed at most this many rows has them read again and kept; a larger
+/// one (a refresh, a subtree renamed) has them dropped, as reading them all would cost the
+/// writer more than the readers save.
+const REFILL: usize = 16;
 
 /// Locks that order a reader's keep against a commit's drop of the same key.
 const STRIPES: usize = 64;
@@ -129,20 +138,50 @@ impl Memo {
         }
     }
 
-    /// A transaction ended (committed or not): its rows leave memory.
-    pub(super) fn ended(&self) {
-        let Changed { inodes, entries } = std::mem::take(&mut *self.changed());
+    /// A transaction ended (committed or not) on the writer connection `now`, which the
+    /// caller still holds: its rows are kept as they now stand, or leave memory.
+    pub(super) fn ended(&self, now: &Connection) {
+        let Changed {
+            mut inodes,
+            mut entries,
+        } = std::mem::take(&mut *self.changed());
         if inodes.is_empty() && entries.is_empty() {
             return;
         }
+        inodes.sort_unstable();
+        inodes.dedup();
+        entries.sort_unstable();
+        entries.dedup();
+        // A row that cannot be read is dropped, like one that is gone.
+        let refill = inodes.len() + entries.len() <= REFILL;
+        let attrs: Vec<(u64, Option<Attr>)> = inodes
+            .into_iter()
+            .map(|ino| {
+                let a = refill.then(|| super::attr_of(now, ino).ok().flatten());
+                (ino, a.flatten())
+            })
+            .collect();
+        let names: Vec<(EntryKey, Option<u64>)> = entries
+            .into_iter()
+            .map(|key| {
+                let ino = refill.then(|| entry_ino(now, &key).ok().flatten());
+                (key, ino.flatten())
+            })
+            .collect();
         self.gen.fetch_add(1, Ordering::SeqCst);
-        for ino in inodes {
+        for (ino, a) in attrs {
             let _order = self.stripe(ino);
-            self.attrs.invalidate(&ino);
+            match a {
+                Some(a) => self.attrs.insert(ino, a),
+                None => self.attrs.invalidate(&ino),
+            }
         }
-        for key in entries {
+        for (key, ino) in names {
             let _order = self.stripe(&key);
-            self.entries.invalidate(&key);
+            match ino {
+                Some(ino) => self.entries.insert(key, ino),
+                None => self.entries.invalidate(&key),
+            }
         }
     }
 
@@ -176,5 +215,92 @@ impl Memo {
         if self.gen.load(Ordering::SeqCst) == seen.0 {
             self.entries.insert(key, a.ino);
         }
+    }
+}
+
+/// The inode `key`'s name leads to, as committed on `c`.
+fn entry_ino(c: &Connection, key: &EntryKey) -> rusqlite::Result<Option<u64>> {
+    use rusqlite::OptionalExtension;
+    c.prepare_cached("SELECT ino FROM dentries WHERE parent = ?1 AND name = ?2")?
+        .query_row(rusqlite::params![key.0 as i64, &key.1[..]], |r| {
+            r.get::<_, i64>(0)
+        })
+        .optional()
+        .map(|ino| ino.map(|i| i as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::build::{Defaults, TreeBuilder};
+    use super::super::names::Name;
+    use super::super::write::NewNode;
+    use super::super::{Index, SourceId, ROOT_INO};
+    use crate::posix::Kind;
+    use std::time::{Duration, SystemTime};
+
+    fn empty_index(dir: &std::path::Path) -> Index {
+        let path = dir.join("index.db");
+        let defaults = Defaults {
+            uid: 0,
+            gid: 0,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+        };
+        let source = SourceId {
+            container_url: "mem://memo".into(),
+            prefix: String::new(),
+        };
+        TreeBuilder::create(&path, defaults)
+            .unwrap()
+            .write(&path, &source)
+            .unwrap();
+        Index::open_existing(&path, &source).unwrap().unwrap()
+    }
+
+    fn file(index: &Index, name: &str, at: SystemTime) -> u64 {
+        let node = NewNode {
+            kind: Kind::File,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            target: None,
+            rdev: 0,
+        };
+        let name = Name::new(name.as_bytes()).unwrap();
+        index.create(ROOT_INO, &name, &node, at, at).unwrap().ino
+    }
+
+    #[test]
+    fn a_small_commit_leaves_its_rows_in_memory_as_they_now_stand() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = empty_index(dir.path());
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let ino = file(&index, "new", at);
+        let root = index
+            .memo
+            .attr(ROOT_INO)
+            .expect("the directory's row is kept");
+        assert_eq!(root.mtime, at, "kept with the create's mtime");
+        assert_eq!(index.memo.attr(ino).map(|a| a.ino), Some(ino));
+        assert_eq!(index.memo.entry(ROOT_INO, b"new"), Some(ino));
+        // What memory holds is what SQLite answers.
+        let c = index.connect().unwrap();
+        assert_eq!(super::super::attr_of(&c, ROOT_INO).unwrap(), Some(root));
+    }
+
+    #[test]
+    fn a_large_commit_drops_its_rows_and_readers_read_them_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = empty_index(dir.path());
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let inos: Vec<u64> = (0..super::REFILL + 1)
+            .map(|i| file(&index, &format!("f{i}"), at))
+            .collect();
+        assert!(inos.iter().all(|&i| index.memo.attr(i).is_some()));
+        index
+            .write(|tx| Ok(tx.execute("UPDATE inodes SET perm = 384 WHERE kind = 2", [])?))
+            .unwrap();
+        assert!(inos.iter().all(|&i| index.memo.attr(i).is_none()));
+        assert_eq!(index.getattr(inos[0]).unwrap().unwrap().perm, 0o600);
     }
 }

@@ -449,9 +449,9 @@ impl Index {
             tx.commit()?;
             Ok(out)
         })();
-        // Committed or rolled back, the rows it touched leave memory (still under the
-        // writer's lock, so no other transaction's changes mix in).
-        self.memo.ended();
+        // Committed or rolled back, the rows it touched are kept as they now stand or leave
+        // memory (still under the writer's lock, so no other transaction's changes mix in).
+        self.memo.ended(conn);
         out
     }
 
