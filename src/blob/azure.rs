@@ -470,14 +470,22 @@ impl BlobStore for AzureStore {
             metadata: Some(to_hash_map(metadata)),
             if_match,
             if_none_match,
-            // One request: the caller cuts large files into blocks itself.
+            // One request: the caller cuts large files into blocks itself. Saying so also
+            // spares the SDK its default, which reads the cgroup's CPU limit from /proc and
+            // /sys on every upload.
             partition_size: NonZero::new((data.len() as u64).max(1)),
+            parallel: NonZero::new(1),
             ..Default::default()
         };
+        // The trait's `from`, not RequestContent's own, which takes a Vec: the block goes
+        // out as it is, not copied first.
         let rsp = self
             .blob(name)?
             .block_blob_client()
-            .upload(RequestContent::from(data.to_vec()), Some(opts))
+            .upload(
+                <RequestContent<_, _> as From<Bytes>>::from(data),
+                Some(opts),
+            )
             .await
             .map_err(|e| map_err(&what, e))?;
         etag_of(&what, rsp.etag)
@@ -487,7 +495,12 @@ impl BlobStore for AzureStore {
         let len = data.len() as u64;
         self.blob(name)?
             .block_blob_client()
-            .stage_block(id, len, RequestContent::from(data.to_vec()), None)
+            .stage_block(
+                id,
+                len,
+                <RequestContent<_, _> as From<Bytes>>::from(data),
+                None,
+            )
             .await
             .map_err(|e| map_err(&format!("stage block of {name:?}"), e))?;
         Ok(())
