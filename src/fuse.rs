@@ -623,7 +623,7 @@ impl Filesystem for SimFuse {
     ) {
         let t = metrics::get().fuse("flush");
         let pid = req.pid();
-        if self.fs.is_writable_handle(fh.0) {
+        if self.fs.flush_may_wait(fh.0) {
             self.off_thread(t, move |fs| reply_empty(fs.flush_by(fh.0, pid), reply));
         } else {
             reply_empty(self.fs.flush_by(fh.0, pid), reply);

@@ -285,3 +285,48 @@ fn an_unlink_never_waits_for_the_upload_of_the_file_it_removes() {
     });
     drop(bg);
 }
+
+/// A close that cannot wait is answered on the FUSE thread; one that may (the window not
+/// counted lately, a `sync` mount, a handle that wrote nothing is never one) leaves it.
+#[test]
+fn only_a_close_that_may_wait_for_the_window_or_the_upload_leaves_the_fuse_thread() {
+    let w = async_world();
+    let write_new = |w: &World, name: &str| {
+        let (_, fh) = w.fs.create(ROOT_INO, OsStr::new(name), 0o644, ME).unwrap();
+        w.fs.write(fh, 0, b"data").unwrap();
+        fh
+    };
+    let fh = write_new(&w, "first");
+    assert!(
+        w.fs.flush_may_wait(fh),
+        "the window was never counted: the close counts it, and may wait"
+    );
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    let fh = write_new(&w, "second");
+    assert!(
+        !w.fs.flush_may_wait(fh),
+        "counted under half full a moment ago"
+    );
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    let (_, reader) =
+        w.fs.create(ROOT_INO, OsStr::new("unwritten"), 0o644, ME)
+            .unwrap();
+    assert!(!w.fs.flush_may_wait(reader), "nothing written through it");
+    w.fs.release(reader).unwrap();
+
+    let store = Arc::new(FaultyStore::new(fixture()));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&dir, 1 << 20, Some(Duration::ZERO), true);
+    let sync = world_from(store, dir, "", &cfg);
+    for name in ["one", "two"] {
+        let fh = write_new(&sync, name);
+        assert!(
+            sync.fs.flush_may_wait(fh),
+            "a sync mount's close waits for the upload"
+        );
+        sync.fs.flush(fh).unwrap();
+        sync.fs.release(fh).unwrap();
+    }
+}

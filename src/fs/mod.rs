@@ -275,8 +275,24 @@ impl SimFs {
     }
 
     /// Whether handle `fh` was opened for writing (its close journals or uploads).
-    pub fn is_writable_handle(&self, fh: u64) -> bool {
-        self.file_handle(fh).is_ok_and(|h| h.write)
+    /// Whether a flush of `fh` may wait: for its upload (a `sync` mount), for room in the
+    /// write-back window, or to adopt an in-place writer's copy. One that cannot is answered
+    /// on the FUSE thread, without handing it to another thread first.
+    pub fn flush_may_wait(&self, fh: u64) -> bool {
+        let Ok(h) = self.file_handle(fh) else {
+            return false;
+        };
+        if !h.write {
+            return false;
+        }
+        if h.in_place.load(std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        h.wrote.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .writeback
+                .as_ref()
+                .is_some_and(|wb| wb.close_may_wait())
     }
 
     /// Gives `ino` its local copy if it has none yet. The download happens before the

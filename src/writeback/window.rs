@@ -60,6 +60,22 @@ impl Writeback {
         self.opts.sync
     }
 
+    /// Whether a close now may wait: on a `sync` mount always; on an `async` one unless the
+    /// window was counted under half full a moment ago (the close counts again itself).
+    pub fn close_may_wait(&self) -> bool {
+        if self.opts.sync {
+            return true;
+        }
+        let (max_files, max_bytes) = (self.opts.max_pending_files, self.opts.max_pending_bytes);
+        let roomy = self
+            .finished
+            .roomy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        !matches!(*roomy, Some((at, files, bytes))
+            if at.elapsed() < TRUST && files < max_files / 2 && bytes < max_bytes / 2)
+    }
+
     /// A file written through a handle was closed (`async`): it is recorded in the journal
     /// with its size and times, its upload is due at once and the background is woken.
     /// Returns when the window has room for it (back-pressure).
