@@ -22,8 +22,8 @@
 //! guarantee), later ones only update its size and mtime in memory, which every read here
 //! overlays and the next transaction of any kind persists. `totals` keeps the file count and
 //! byte sum up to date by triggers, so `statfs` reads one row. Lookups and getattrs are
-//! answered from hot rows kept in memory when they can be (`memo.rs`); every commit drops
-//! the rows it changed.
+//! answered from hot rows kept in memory when they can be (`memo.rs`); every commit puts
+//! back the rows it changed as they now stand (a few) or drops them (many).
 
 pub mod build;
 pub mod ingest;
