@@ -274,7 +274,6 @@ impl SimFs {
         Ok(fh)
     }
 
-    /// Whether handle `fh` was opened for writing (its close journals or uploads).
     /// Whether a flush of `fh` may wait: for its upload (a `sync` mount), for room in the
     /// write-back window, or to adopt an in-place writer's copy. One that cannot is answered
     /// on the FUSE thread, without handing it to another thread first.

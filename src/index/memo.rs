@@ -19,10 +19,11 @@
 //! row just after the commit dropped it. So a commit first raises `gen` and then drops or
 //! replaces its rows, and a reader notes `gen` before its query and keeps the row only if
 //! `gen` has not moved since. The rows a commit puts back are read while the writer is
-//! still held, so no later commit can have changed them. The check and the insert happen under a lock (one of `STRIPES`, by key) that
-//! the drop of that key takes too: either the reader sees the raise, or the commit's drop
-//! comes after the reader's insert. Without the lock another reader could get the old row
-//! in the moment between an insert and a check that takes it back.
+//! still held, so no later commit can have changed them. The check and the insert happen
+//! under a lock (one of `STRIPES`, by key) that the drop of that key takes too: either the
+//! reader sees the raise, or the commit's drop comes after the reader's insert. Without the
+//! lock another reader could get the old row in the moment between an insert and a check
+//! that takes it back.
 //!
 //! Both maps are bounded (moka's policy, TinyLFU, picks the rows that go); a row not kept is
 //! only a query.
