@@ -135,6 +135,49 @@ fn a_file_just_created_is_left_to_its_creator_until_its_close() {
     assert_eq!(w.store.inner().data("index.lock").unwrap(), &b""[..]);
 }
 
+/// The background may look for due inodes at any moment, woken by other changes: the
+/// creator's hold must be in place before a new inode can be seen, not just after `create`
+/// returns (CI caught an empty upload in that gap).
+#[test]
+fn a_background_racing_creates_never_uploads_a_file_before_its_creator_closes_it() {
+    let w = async_world();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let names: Vec<String> = (0..300).map(|i| format!("new-{i}")).collect();
+    std::thread::scope(|s| {
+        let background = s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                w.wb().upload_due(false).unwrap();
+            }
+        });
+        let handles: Vec<u64> = names
+            .iter()
+            .map(|n| {
+                let (_, fh) = w.fs.create(ROOT_INO, OsStr::new(n), 0o644, ME).unwrap();
+                fh
+            })
+            .collect();
+        stop.store(true, Ordering::SeqCst);
+        background.join().unwrap();
+        let early: Vec<&String> = names
+            .iter()
+            .filter(|n| w.store.inner().data(n).is_some())
+            .collect();
+        assert!(
+            early.is_empty(),
+            "uploaded before their creator's close: {early:?}"
+        );
+        for (n, fh) in names.iter().zip(handles) {
+            w.fs.write(fh, 0, n.as_bytes()).unwrap();
+            w.fs.flush(fh).unwrap();
+            w.fs.release(fh).unwrap();
+        }
+    });
+    w.wb().upload_due(false).unwrap();
+    for n in &names {
+        assert_eq!(w.store.inner().data(n).as_deref(), Some(n.as_bytes()));
+    }
+}
+
 #[test]
 fn a_close_by_another_process_leaves_the_file_to_its_writer_and_the_last_release_finishes_it() {
     let w = async_world();

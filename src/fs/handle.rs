@@ -97,6 +97,13 @@ impl SimFs {
         }
     }
 
+    /// `h` is the creator's handle of a file whose upload `create` held (pinned and
+    /// writing) from the moment the inode existed: the hold is now `h`'s, released at its
+    /// flush or close like any other.
+    pub(super) fn take_hold(&self, h: &OpenFile) {
+        h.writing.store(true, Ordering::Release);
+    }
+
     /// `h` was flushed or closed: it no longer holds up its file's upload.
     pub(super) fn done_writing(&self, h: &OpenFile) {
         if h.writing.swap(false, Ordering::AcqRel) {

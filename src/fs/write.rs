@@ -65,6 +65,22 @@ impl SimFs {
         who: Caller,
         target: Option<&[u8]>,
     ) -> FsResult<Attr> {
+        self.new_inode_then(parent, name, kind, mode, rdev, who, target, |_| {})
+    }
+
+    /// `new_inode`, calling `inserted` with the inode before it is committed.
+    #[allow(clippy::too_many_arguments)]
+    fn new_inode_then(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        kind: Kind,
+        mode: u32,
+        rdev: u32,
+        who: Caller,
+        target: Option<&[u8]>,
+        inserted: impl FnOnce(u64),
+    ) -> FsResult<Attr> {
         let (now, due) = self.due()?;
         let name = new_name(parent, name)?;
         let p = self.attr(parent)?;
@@ -84,7 +100,9 @@ impl SimFs {
             target,
             rdev,
         };
-        let attr = self.index.create(parent, &name, &node, now, due)?;
+        let attr = self
+            .index
+            .create_then(parent, &name, &node, now, due, inserted)?;
         if kind == Kind::File {
             self.local.make(attr.ino, None, true)?;
         }
@@ -100,15 +118,32 @@ impl SimFs {
         mode: u32,
         who: Caller,
     ) -> FsResult<(Attr, u64)> {
-        let attr = self.new_inode(parent, name, Kind::File, mode, 0, who, None)?;
-        let file = self.local.open(attr.ino, true)?;
-        self.pins.pin(attr.ino);
-        let h = super::OpenFile::handle(attr.ino, true, super::Data::Local(Arc::new(file)));
         // The creator is about to write (a checkpoint, pip's temporary file): until its
         // close the background leaves the file alone rather than upload it empty, or
-        // upload whatever part of it is written by the time that upload reads it.
+        // upload whatever part of it is written by the time that upload reads it. The
+        // hold is taken before the inode is committed: the background, woken by other
+        // changes, may look for due inodes at any moment after that.
+        let held = std::cell::Cell::new(None);
+        let made = self
+            .new_inode_then(parent, name, Kind::File, mode, 0, who, None, |ino| {
+                self.pins.pin(ino);
+                self.pins.start_writing(ino);
+                held.set(Some(ino));
+            })
+            .and_then(|attr| Ok((self.local.open(attr.ino, true)?, attr)));
+        let (file, attr) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                if let Some(ino) = held.get() {
+                    self.pins.stop_writing(ino);
+                    self.pins.unpin(ino);
+                }
+                return Err(e);
+            }
+        };
+        let h = super::OpenFile::handle(attr.ino, true, super::Data::Local(Arc::new(file)));
         if let super::Handle::File(f) = &h {
-            self.hold_upload(f);
+            self.take_hold(f);
         }
         let fh = self.insert_handle(h);
         Ok((attr, fh))

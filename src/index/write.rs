@@ -156,6 +156,21 @@ impl Index {
         now: SystemTime,
         due: SystemTime,
     ) -> IndexResult<Attr> {
+        self.create_then(parent, name, node, now, due, |_| {})
+    }
+
+    /// `create`, calling `inserted` with the new inode before the transaction commits: what
+    /// it sets up is in place before anyone else (the write-back's query of what is due)
+    /// can see the inode.
+    pub fn create_then(
+        &self,
+        parent: u64,
+        name: &Name,
+        node: &NewNode<'_>,
+        now: SystemTime,
+        due: SystemTime,
+        inserted: impl FnOnce(u64),
+    ) -> IndexResult<Attr> {
         self.write(|tx| {
             dir(tx, parent)?;
             if entry_of(tx, parent, name)?.is_some() {
@@ -192,7 +207,9 @@ impl Index {
                 add_nlink(tx, parent, 1)?;
             }
             touch_dir(tx, parent, now, due)?;
-            attr_of(tx, ino)?.ok_or(Refusal::NotFound.into())
+            let a = attr_of(tx, ino)?.ok_or(Refusal::NotFound)?;
+            inserted(ino);
+            Ok(a)
         })
     }
 
