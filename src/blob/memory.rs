@@ -57,6 +57,16 @@ impl MemoryStore {
         self.store_blocks(name, data, metadata, HashMap::new())
     }
 
+    /// The committed block list of `name`, by id (empty for a blob put whole or absent).
+    fn committed_blocks(&self, name: &str) -> HashMap<Vec<u8>, Bytes> {
+        self.blobs
+            .read()
+            .unwrap()
+            .get(name)
+            .map(|b| b.blocks.clone())
+            .unwrap_or_default()
+    }
+
     fn store_blocks(
         &self,
         name: &str,
@@ -267,13 +277,7 @@ impl BlobStore for MemoryStore {
     ) -> BlobResult<String> {
         self.check(name, expect)?;
         let mut staged = self.staged.lock().unwrap();
-        let committed = self
-            .blobs
-            .read()
-            .unwrap()
-            .get(name)
-            .map(|b| b.blocks.clone())
-            .unwrap_or_default();
+        let committed = self.committed_blocks(name);
         let mut data = Vec::new();
         let mut blocks = HashMap::new();
         for id in ids {
@@ -298,13 +302,7 @@ impl BlobStore for MemoryStore {
     ) -> BlobResult<String> {
         self.check(name, &Expect::Etag(etag.to_string()))?;
         // New metadata keeps the data and the committed block list.
-        let blocks = self
-            .blobs
-            .read()
-            .unwrap()
-            .get(name)
-            .map(|b| b.blocks.clone())
-            .unwrap_or_default();
+        let blocks = self.committed_blocks(name);
         let data = self.data(name).unwrap_or_default();
         Ok(self.store_blocks(name, data, metadata.clone(), blocks))
     }

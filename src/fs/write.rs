@@ -64,21 +64,6 @@ impl SimFs {
         rdev: u32,
         who: Caller,
         target: Option<&[u8]>,
-    ) -> FsResult<Attr> {
-        self.new_inode_then(parent, name, kind, mode, rdev, who, target, |_| {})
-    }
-
-    /// `new_inode`, calling `inserted` with the inode before it is committed.
-    #[allow(clippy::too_many_arguments)]
-    fn new_inode_then(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        kind: Kind,
-        mode: u32,
-        rdev: u32,
-        who: Caller,
-        target: Option<&[u8]>,
         inserted: impl FnOnce(u64),
     ) -> FsResult<Attr> {
         let (now, due) = self.due()?;
@@ -102,7 +87,7 @@ impl SimFs {
         };
         let attr = self
             .index
-            .create_then(parent, &name, &node, now, due, inserted)?;
+            .create(parent, &name, &node, now, due, inserted)?;
         if kind == Kind::File {
             self.local.make(attr.ino, None, true)?;
         }
@@ -125,7 +110,7 @@ impl SimFs {
         // changes, may look for due inodes at any moment after that.
         let held = std::cell::Cell::new(None);
         let made = self
-            .new_inode_then(parent, name, Kind::File, mode, 0, who, None, |ino| {
+            .new_inode(parent, name, Kind::File, mode, 0, who, None, |ino| {
                 self.pins.pin(ino);
                 self.pins.start_writing(ino);
                 held.set(Some(ino));
@@ -171,11 +156,11 @@ impl SimFs {
             Kind::CharDevice | Kind::BlockDevice => rdev,
             _ => 0,
         };
-        self.new_inode(parent, name, kind, mode, rdev, who, None)
+        self.new_inode(parent, name, kind, mode, rdev, who, None, |_| {})
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, who: Caller) -> FsResult<Attr> {
-        self.new_inode(parent, name, Kind::Dir, mode, 0, who, None)
+        self.new_inode(parent, name, Kind::Dir, mode, 0, who, None, |_| {})
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &[u8], who: Caller) -> FsResult<Attr> {
@@ -185,7 +170,16 @@ impl SimFs {
         if target.len() as u64 > crate::index::build::MAX_TARGET {
             return Err(FsError::Name(crate::index::names::NameError::TooLong));
         }
-        self.new_inode(parent, name, Kind::Symlink, 0o777, 0, who, Some(target))
+        self.new_inode(
+            parent,
+            name,
+            Kind::Symlink,
+            0o777,
+            0,
+            who,
+            Some(target),
+            |_| {},
+        )
     }
 
     pub fn link(&self, ino: u64, parent: u64, name: &OsStr) -> FsResult<Attr> {

@@ -268,7 +268,10 @@ mod tests {
             rdev: 0,
         };
         let name = Name::new(name.as_bytes()).unwrap();
-        index.create(ROOT_INO, &name, &node, at, at).unwrap().ino
+        index
+            .create(ROOT_INO, &name, &node, at, at, |_| {})
+            .unwrap()
+            .ino
     }
 
     #[test]

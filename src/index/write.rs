@@ -147,22 +147,10 @@ fn new_link_id(ino: u64, now: SystemTime) -> String {
 }
 
 impl Index {
-    /// Creates `parent/name` as a new inode (file, directory or symlink).
+    /// Creates `parent/name` as a new inode (file, directory or symlink), calling
+    /// `inserted` with it before the transaction commits: what that sets up is in place
+    /// before anyone else (the write-back's query of what is due) can see the inode.
     pub fn create(
-        &self,
-        parent: u64,
-        name: &Name,
-        node: &NewNode<'_>,
-        now: SystemTime,
-        due: SystemTime,
-    ) -> IndexResult<Attr> {
-        self.create_then(parent, name, node, now, due, |_| {})
-    }
-
-    /// `create`, calling `inserted` with the new inode before the transaction commits: what
-    /// it sets up is in place before anyone else (the write-back's query of what is due)
-    /// can see the inode.
-    pub fn create_then(
         &self,
         parent: u64,
         name: &Name,
