@@ -128,6 +128,7 @@ fn mount(
         list_unopened: true,
         refresh_interval: Duration::ZERO,
         prime_entries: 0,
+        read_ahead: 0,
         metrics_address: None,
     };
     let s = session(fs, Kernel::for_session(), dir.path(), &opts, rt)

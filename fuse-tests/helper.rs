@@ -53,6 +53,22 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The kernel's read-ahead for the mount at `mnt` (its device's `read_ahead_kb`).
+fn read_ahead_kb(mnt: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(mnt).unwrap().dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    std::fs::read_to_string(&knob)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn the_mount_helper_takes_fstab_options_and_a_credential_file() {
     let az = Azurite::start();
@@ -72,6 +88,11 @@ fn the_mount_helper_takes_fstab_options_and_a_credential_file() {
     assert!(out.status.success(), "{}", stderr(&out));
     let guard = Mounted(mnt.path().to_path_buf());
     assert!(is_mounted(mnt.path()), "the helper returns once mounted");
+    assert_eq!(
+        read_ahead_kb(mnt.path()),
+        1024,
+        "1 MiB of read-ahead by default"
+    );
     std::fs::write(mnt.path().join("from-fstab.txt"), "hello").unwrap();
     let status = Command::new(SIMFS).arg("status").output().unwrap();
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
@@ -100,13 +121,18 @@ fn the_mount_helper_takes_fstab_options_and_a_credential_file() {
     // A fresh mount sees what was written through the helper-started mount.
     let fresh = tempfile::tempdir().unwrap();
     let opts2 = format!(
-        "ro,cache_dir={},credential_file={}",
+        "ro,read_ahead=4M,cache_dir={},credential_file={}",
         fresh.path().display(),
         cred.path().display()
     );
     let out = run(&helper, &["helper", m, "-o", &opts2], None);
     assert!(out.status.success(), "{}", stderr(&out));
     let _guard = Mounted(mnt.path().to_path_buf());
+    assert_eq!(
+        read_ahead_kb(mnt.path()),
+        4096,
+        "-o read_ahead=4M is honoured"
+    );
     assert_eq!(
         std::fs::read_to_string(mnt.path().join("from-fstab.txt")).unwrap(),
         "hello"

@@ -308,15 +308,28 @@ impl Fill {
 
     /// Reads at `off`, waiting until the chunks under the range are present.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, CacheError> {
+        let len = buf.len() as u64;
+        self.read_with(off, len, |file| read_full(file, buf, off))
+            .map(|n| n.unwrap_or(0))
+    }
+
+    /// Runs `read` on the file once the chunks under `len` bytes at `off` are present (None
+    /// when the range lies past the end).
+    pub(super) fn read_with<T>(
+        &self,
+        off: u64,
+        len: u64,
+        read: impl FnOnce(&File) -> Result<T, CacheError>,
+    ) -> Result<Option<T>, CacheError> {
         if self.is_complete() {
-            return read_full(&self.file, buf, off);
+            return read(&self.file).map(Some);
         }
-        let r = self.chunks_of(off, buf.len() as u64);
+        let r = self.chunks_of(off, len);
         if r.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         self.wait_for(r.clone())?;
-        let got = read_full(&self.file, buf, off);
+        let got = read(&self.file).map(Some);
         if self.is_window() {
             let mut st = self.state();
             for i in r {

@@ -199,14 +199,11 @@ impl SimFs {
     }
 
     fn read_from(&self, h: &OpenFile, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let mut buf = vec![0u8; size as usize];
-        let n = match self.readable(h)? {
-            Data::Local(f) => crate::cache::read_full(&f, &mut buf, offset)?,
-            Data::Cached(c) => c.read_at(&mut buf, offset)?,
+        Ok(match self.readable(h)? {
+            Data::Local(f) => crate::cache::read_vec(&f, size as usize, offset)?,
+            Data::Cached(c) => c.read_vec(size as usize, offset)?,
             Data::Deferred => unreachable!("readable() resolves a deferred handle"),
-        };
-        buf.truncate(n);
-        Ok(buf)
+        })
     }
 
     /// The whole file of at least `min_size` bytes a read-only handle reads, when it has one,

@@ -144,6 +144,21 @@ fn parse_rate(s: &str) -> Result<u64, String> {
     }
 }
 
+/// A read-ahead: a size with a unit, at most 64 MiB (the kernel's own ceiling is the
+/// device's `read_ahead_kb`, which takes far more, but a window that large is wasted on
+/// every file read only in part); 0 keeps the kernel's.
+pub fn parse_read_ahead(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    match parse_size(s) {
+        Ok(CacheSize::Bytes(b)) if b <= 64 << 20 => Ok(b),
+        _ => Err(format!(
+            "{s:?} is not a read-ahead: give a size up to 64M (`1M`, `4M`), or 0 for the kernel's default"
+        )),
+    }
+}
+
 fn parse_request_rate(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.1 => Ok(v),
@@ -674,6 +689,14 @@ mod tests {
         assert!(parse_rate("0").is_err());
         assert_eq!(parse_request_rate("20"), Ok(20.0));
         assert!(parse_request_rate("0").is_err());
+    }
+
+    #[test]
+    fn read_ahead_takes_a_size_up_to_64m_or_0_for_the_kernels() {
+        assert_eq!(parse_read_ahead("1M"), Ok(1 << 20));
+        assert_eq!(parse_read_ahead("0"), Ok(0));
+        assert!(parse_read_ahead("128M").unwrap_err().contains("up to 64M"));
+        assert!(parse_read_ahead("5%").is_err());
     }
 
     #[test]

@@ -85,6 +85,11 @@ enum Cmd {
         /// `metrics_address=127.0.0.1:9464`). See docs/metrics.md.
         #[arg(long, value_name = "HOST:PORT")]
         metrics_address: Option<std::net::SocketAddr>,
+        /// How far ahead the kernel reads a file it reads sequentially through simfs (`1M`,
+        /// `4M`; 0 keeps the kernel's 128 KiB). Set on the mount's device in sysfs: needs
+        /// root, else the default stays.
+        #[arg(long, default_value = "1M", value_parser = config::parse_read_ahead)]
+        read_ahead: u64,
     },
     /// Unmount a simfs mount.
     Unmount { mountpoint: PathBuf },
@@ -271,6 +276,7 @@ fn main() -> ExitCode {
             refresh_interval,
             prime_entries,
             metrics_address,
+            read_ahead,
         } => {
             let serve = ServeOptions {
                 fsname: source.source.clone(),
@@ -285,6 +291,7 @@ fn main() -> ExitCode {
                 refresh_interval: Duration::from_secs_f64(refresh_interval),
                 prime_entries,
                 metrics_address,
+                read_ahead,
             };
             let args = daemon::MountArgs {
                 mountpoint: &mountpoint,
