@@ -4,7 +4,8 @@
 #
 #   source benches/lib.sh
 #   bench_workdir simfs-cold        # sets $work; removed on exit
-#   bench_service 5                 # sets $direct and $slow endpoints; DELAY_PROXY_COUNTS honoured
+#   bench_service 5                 # sets $direct and $slow endpoints; DELAY_PROXY_COUNTS and
+#                                   # SERVICE_CPUS (bench_isolate_service) honoured
 #   bench_apt fio autoreconf:autoconf   # installs missing Debian packages
 
 bench_pids=""
@@ -44,8 +45,24 @@ bench_service() {
   python3 benches/delay_proxy.py "$proxy_port" "$az_port" "$1" &
   bench_pids="$bench_pids $!"
   wait_port "$az_port"; wait_port "$proxy_port"
+  [ -n "${SERVICE_CPUS:-}" ] && bench_isolate_service "$SERVICE_CPUS"
   direct="http://127.0.0.1:$az_port/devstoreaccount1"
   slow="http://127.0.0.1:$proxy_port/devstoreaccount1"
+}
+
+# bench_isolate_service CPUS: Azurite and the proxy (every thread) on CPUS, this script and
+# all it starts later (mounts, workloads, reference clients) on the other CPUs. On a small VM
+# the emulated service otherwise takes its CPU from the workload beside it (Azurite spent
+# 0.8 CPU-s during a 1.4 s git clone on 2 vCPUs), which a real, remote service never does.
+# Native and simfs runs then have the same, smaller, set of CPUs.
+bench_isolate_service() {
+  local all rest p
+  all="$(nproc --all)"
+  rest="$(python3 -c 'import sys; s={int(c) for p in sys.argv[1].split(",") for c in (range(int(p.split("-")[0]), int(p.split("-")[-1]) + 1))}; print(",".join(str(c) for c in range(int(sys.argv[2])) if c not in s))' "$1" "$all")"
+  [ -n "$rest" ] || { echo "bench: SERVICE_CPUS=$1 leaves no CPU for the workload" >&2; exit 1; }
+  for p in $bench_pids; do taskset -a -p -c "$1" "$p" >/dev/null; done
+  taskset -p -c "$rest" $$ >/dev/null
+  echo "bench: service on CPU $1, workloads on CPU $rest" >&2
 }
 
 # bench_apt COMMAND[:PACKAGE]...: installs the Debian packages whose command is missing (the

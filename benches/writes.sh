@@ -15,6 +15,7 @@
 # in OUT (default benches/results/writes): table.txt and writes.json.
 #
 #   bash benches/writes.sh
+#   SERVICE_CPUS=1 bash benches/writes.sh   # Azurite and the proxy on CPU 1 only, the rest elsewhere
 #   RTT_MS=5 COMMITS=3000 ONLY="pip dd" OUT=/tmp/w bash benches/writes.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -131,12 +132,14 @@ done
 "$bin/simfs" unmount "$work/async"
 "$bin/simfs" unmount "$work/sync"
 
-python3 - "$results" "$OUT" "$RTT_MS" <<'PY' | tee "$OUT/table.txt"
+python3 - "$results" "$OUT" "$RTT_MS" "${SERVICE_CPUS:-}" <<'PY' | tee "$OUT/table.txt"
 import json, sys, os
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 r = {(n, t): (float(s), int(q)) for n, t, s, q in rows}
 out, rtt = sys.argv[2], sys.argv[3]
-print(f"write workloads, {rtt} ms round trip; seconds (requests the proxy counted)")
+iso = sys.argv[4]
+print(f"write workloads, {rtt} ms round trip; seconds (requests the proxy counted)"
+      + (f"; service on CPU {iso}, workloads on the others" if iso else "; service and workloads share the CPUs"))
 for w in ["pip", "build", "clone", "stream", "dd"]:
     if (w, "native") not in r:
         continue
