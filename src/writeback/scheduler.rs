@@ -13,41 +13,83 @@
 use super::{WbResult, Writeback, WritebackError};
 use crate::index::journal::Failing;
 use crate::posix::{AttrChanges, SetTime};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// Inodes the background uploads at once: it starts at `START`, halves (down to one) when
-/// the service pushes back (busy, throttling, timing out) and grows by one with each upload
-/// that succeeds, up to `MOST`, from one batch to the next.
+/// the service pushes back (busy, throttling, timing out), and otherwise follows how long
+/// small uploads take (`succeeded`), between one and `MOST`.
 const START: usize = 16;
 const MOST: usize = 64;
+/// Uploads up to this size steer the concurrency: their time is the round trip and the
+/// service's queue, not the transfer.
+const SMALL: u64 = 1 << 20;
+/// A small upload within this many times the fastest one lately adds one upload at once;
+/// one slower than `QUEUED` times it takes one away.
+const FAST: u64 = 2;
+const QUEUED: u64 = 4;
 
 /// How many uploads the background runs at once, adapted to the service.
-pub(super) struct Concurrency(AtomicUsize);
+///
+/// More uploads at once help only while the service answers them in parallel. Past that they
+/// wait in its queue: the uploads get no faster in total, but each takes longer, and so
+/// does the one request someone waits for, an fsync's. pip fsyncs each package's RECORD and
+/// INSTALLER: behind 64 queued uploads on a single-threaded Azurite they took 30 to 340 ms.
+/// So a small upload's time, against the fastest lately (the floor), steers: near the floor
+/// the service keeps up and one more runs; at several times it, uploads queue and one
+/// fewer runs. The floor creeps up (1/256 per sample) so a link that became slower is
+/// relearned.
+pub(super) struct Concurrency {
+    now: AtomicUsize,
+    /// The fastest small upload lately, in microseconds (`u64::MAX`: none yet).
+    floor_us: AtomicU64,
+}
 
 impl Default for Concurrency {
     fn default() -> Self {
-        Concurrency(AtomicUsize::new(START))
+        Concurrency {
+            now: AtomicUsize::new(START),
+            floor_us: AtomicU64::new(u64::MAX),
+        }
     }
 }
 
 impl Concurrency {
     fn now(&self) -> usize {
-        self.0.load(Ordering::Relaxed).clamp(1, MOST)
+        self.now.load(Ordering::Relaxed).clamp(1, MOST)
     }
 
-    fn succeeded(&self) {
+    /// An upload of `size` bytes succeeded in `took`.
+    fn succeeded(&self, took: Duration, size: u64) {
+        if size > SMALL {
+            return;
+        }
+        let us = (took.as_micros() as u64).max(1);
+        let floor = self
+            .floor_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+                Some(if us < f { us } else { f + (f / 256).max(1) })
+            })
+            .unwrap_or(us)
+            .min(us);
+        let step = |n: usize| {
+            if us <= floor.saturating_mul(FAST) {
+                (n + 1).min(MOST)
+            } else if us > floor.saturating_mul(QUEUED) {
+                n.saturating_sub(1).max(1)
+            } else {
+                n
+            }
+        };
         let _ = self
-            .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some((n + 1).min(MOST))
-            });
+            .now
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(step(n)));
     }
 
     fn pushed_back(&self) {
         let before = self
-            .0
+            .now
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 Some((n / 2).max(1))
             })
@@ -208,7 +250,7 @@ impl Writeback {
         &self,
         inos: &[u64],
         workers: usize,
-        done: &(dyn Fn(usize, &WbResult<()>) + Sync),
+        done: &(dyn Fn(usize, &WbResult<()>, Duration) + Sync),
     ) {
         let next = AtomicUsize::new(0);
         std::thread::scope(|scope| {
@@ -218,7 +260,9 @@ impl Writeback {
                     let Some(ino) = inos.get(i) else {
                         return;
                     };
-                    done(i, &self.upload(*ino));
+                    let started = std::time::Instant::now();
+                    let r = self.upload(*ino);
+                    done(i, &r, started.elapsed());
                 });
             }
         });
@@ -245,10 +289,11 @@ impl Writeback {
                 }
             }
             let progress = AtomicBool::new(false);
-            self.upload_each(&ready, self.concurrency.now(), &|_, r| match r {
+            self.upload_each(&ready, self.concurrency.now(), &|i, r, took| match r {
                 Ok(()) => {
                     progress.store(true, Ordering::Relaxed);
-                    self.concurrency.succeeded();
+                    let size = self.index.getattr(ready[i]).ok().flatten();
+                    self.concurrency.succeeded(took, size.map_or(0, |a| a.size));
                 }
                 Err(e) if e.is_pushback() => self.concurrency.pushed_back(),
                 Err(_) => {}
@@ -345,7 +390,8 @@ mod tests {
     use crate::blob::BlobError;
 
     #[test]
-    fn concurrency_halves_when_the_service_pushes_back_and_grows_by_one_per_success() {
+    fn concurrency_halves_when_the_service_pushes_back_and_grows_while_uploads_stay_fast() {
+        let ms = Duration::from_millis;
         let c = Concurrency::default();
         assert_eq!(c.now(), START);
         c.pushed_back();
@@ -354,12 +400,50 @@ mod tests {
             c.pushed_back();
         }
         assert_eq!(c.now(), 1, "never below one");
-        c.succeeded();
-        assert_eq!(c.now(), 2);
+        c.succeeded(ms(6), 3000);
+        assert_eq!(
+            c.now(),
+            2,
+            "the first small upload sets the floor, and is fast"
+        );
         for _ in 0..200 {
-            c.succeeded();
+            c.succeeded(ms(8), 3000);
         }
         assert_eq!(c.now(), MOST, "never above the most");
+    }
+
+    #[test]
+    fn uploads_that_queue_at_the_service_take_concurrency_away_and_large_ones_do_not_steer() {
+        let ms = Duration::from_millis;
+        let c = Concurrency::default();
+        c.succeeded(ms(6), 3000);
+        assert_eq!(c.now(), START + 1);
+        for _ in 0..10 {
+            c.succeeded(ms(40), 3000);
+        }
+        assert_eq!(
+            c.now(),
+            START + 1 - 10,
+            "each upload at 6x the floor: one fewer"
+        );
+        c.succeeded(ms(18), 3000);
+        assert_eq!(c.now(), START - 9, "at 3x the floor: held");
+        for _ in 0..10 {
+            c.succeeded(ms(900), 64 << 20);
+        }
+        assert_eq!(c.now(), START - 9, "a large upload's time is its transfer");
+        for _ in 0..100 {
+            c.succeeded(ms(300), 3000);
+        }
+        assert_eq!(c.now(), 1, "never below one");
+        // The floor creeps up while every upload is slow: a link that became slower (or a
+        // floor that was a fluke) is relearned, and concurrency grows again.
+        let mut grew = false;
+        for _ in 0..2000 {
+            c.succeeded(ms(300), 3000);
+            grew |= c.now() > 1;
+        }
+        assert!(grew, "a floor of 6 ms relearned as 300 ms");
     }
 
     #[test]
