@@ -102,7 +102,7 @@ impl Writeback {
         // (The probe's guard goes at once: an upload that takes the lock in between only
         // makes this one wait for it, as before.)
         if self.locks.try_lock(&ino).is_some() {
-            return self.upload(ino);
+            return self.upload_inode(ino);
         }
         self.due_at_once(ino)
     }
@@ -179,6 +179,8 @@ pub struct Writeback {
     streams: stream::Streams,
     /// Uploads the background runs at once.
     concurrency: scheduler::Concurrency,
+    /// Uploads someone waits for (fsync, a sync close, a barrier): the background holds back.
+    foreground: scheduler::Foreground,
 }
 
 impl Writeback {
@@ -211,6 +213,7 @@ impl Writeback {
             finished: window::Finished::default(),
             streams,
             concurrency: scheduler::Concurrency::default(),
+            foreground: scheduler::Foreground::default(),
         })
     }
 
@@ -219,9 +222,16 @@ impl Writeback {
         self.opts.delay
     }
 
-    /// Uploads inode `ino` now if it is pending; returns once the container has it. A
-    /// failure is recorded with a retry time for the background, and returned.
+    /// Uploads inode `ino` now if it is pending, for someone who waits (see `Foreground`);
+    /// returns once the container has it. A failure is recorded with a retry time for the
+    /// background, and returned.
     pub fn upload(&self, ino: u64) -> WbResult<()> {
+        let _waiting = self.foreground.enter();
+        self.upload_inode(ino)
+    }
+
+    /// `upload`, without holding the background back.
+    fn upload_inode(&self, ino: u64) -> WbResult<()> {
         let mut locked = vec![ino];
         let mut rounds = 0;
         let result = loop {

@@ -3,8 +3,9 @@
 //! A namespace or attribute change becomes due `delay` after the first change of a burst
 //! (see `index::write`); a written file becomes due when it is closed (`closed`), at once.
 //! The background thread uploads what is due, oldest first, 16 inodes at a time to start
-//! with and adapted to the service (`Concurrency`: halved when it pushes back, grown by one
-//! per success up to 64), then sleeps
+//! with and adapted to the service (`Concurrency`: halved when it pushes back, else steered
+//! by how long small uploads take, up to 64), holding back while an upload someone waits
+//! for runs (`Foreground`), then sleeps
 //! until the next change is due, a new change is due earlier than that (`changed` wakes it),
 //! or in-memory data writes should be persisted to the index. An idle mount's thread sleeps
 //! and does no work. A file a handle is still writing (written, not yet flushed) is left for
@@ -18,8 +19,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// Inodes the background uploads at once: it starts at `START`, halves (down to one) when
-/// the service pushes back (busy, throttling, timing out), and otherwise follows how long
-/// small uploads take (`succeeded`), between one and `MOST`.
+/// the service pushes back (busy, throttling, timing out) and grows back by one per upload,
+/// and past `START` follows how long small uploads take (`succeeded`), up to `MOST`.
 const START: usize = 16;
 const MOST: usize = 64;
 /// Uploads up to this size steer the concurrency: their time is the round trip and the
@@ -29,6 +30,53 @@ const SMALL: u64 = 1 << 20;
 /// one slower than `QUEUED` times it takes one away.
 const FAST: u64 = 2;
 const QUEUED: u64 = 4;
+/// Uploads quicker than this made no request (a file created and deleted before its turn, a
+/// change already committed): they say nothing about the service, and must not become the
+/// floor every real upload is measured against.
+const NO_REQUEST: Duration = Duration::from_millis(1);
+
+/// The most the background holds back one upload for a foreground one: a stream of fsyncs
+/// must not stop it.
+const YIELD_AT_MOST: Duration = Duration::from_millis(200);
+
+/// Uploads someone waits for: fsync, a close on a `sync` mount, `simfs sync` and fsync of a
+/// directory. While one runs the background starts no new upload (for at most
+/// `YIELD_AT_MOST` each), so the waited-for requests queue at the service behind those
+/// already in flight only, not behind a steady stream of new ones. pip fsyncs each
+/// package's RECORD and INSTALLER while hundreds of its files upload in the background.
+#[derive(Default)]
+pub(super) struct Foreground {
+    running: Mutex<usize>,
+    idle: Condvar,
+}
+
+/// One foreground upload under way.
+pub(super) struct Waiting<'a>(&'a Foreground);
+
+impl Foreground {
+    pub(super) fn enter(&self) -> Waiting<'_> {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        Waiting(self)
+    }
+
+    /// Waits (at most `YIELD_AT_MOST`) until no foreground upload runs.
+    fn yield_to(&self) {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self
+            .idle
+            .wait_timeout_while(running, YIELD_AT_MOST, |n| *n > 0);
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.running.lock().unwrap_or_else(|p| p.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
 
 /// How many uploads the background runs at once, adapted to the service.
 ///
@@ -36,10 +84,10 @@ const QUEUED: u64 = 4;
 /// wait in its queue: the uploads get no faster in total, but each takes longer, and so
 /// does the one request someone waits for, an fsync's. pip fsyncs each package's RECORD and
 /// INSTALLER: behind 64 queued uploads on a single-threaded Azurite they took 30 to 340 ms.
-/// So a small upload's time, against the fastest lately (the floor), steers: near the floor
-/// the service keeps up and one more runs; at several times it, uploads queue and one
-/// fewer runs. The floor creeps up (1/256 per sample) so a link that became slower is
-/// relearned.
+/// So past `START` a small upload's time, against the fastest lately (the floor), steers:
+/// near the floor the service keeps up and one more runs; at several times it, uploads queue
+/// and one fewer runs. The floor creeps up (1/256 per sample) so a link that became slower
+/// is relearned.
 pub(super) struct Concurrency {
     now: AtomicUsize,
     /// The fastest small upload lately, in microseconds (`u64::MAX`: none yet).
@@ -62,7 +110,7 @@ impl Concurrency {
 
     /// An upload of `size` bytes succeeded in `took`.
     fn succeeded(&self, took: Duration, size: u64) {
-        if size > SMALL {
+        if size > SMALL || took < NO_REQUEST {
             return;
         }
         let us = (took.as_micros() as u64).max(1);
@@ -73,11 +121,15 @@ impl Concurrency {
             })
             .unwrap_or(us)
             .min(us);
+        // Back up to `START` after a push-back as before; past it only while uploads stay
+        // fast, and back down to it when they queue. Slow uploads never take it below
+        // `START`: they may be slow for the client's own reasons (a busy CPU), and fewer
+        // uploads at once would then only let the pending work pile up.
         let step = |n: usize| {
-            if us <= floor.saturating_mul(FAST) {
+            if n < START || us <= floor.saturating_mul(FAST) {
                 (n + 1).min(MOST)
             } else if us > floor.saturating_mul(QUEUED) {
-                n.saturating_sub(1).max(1)
+                n.saturating_sub(1).max(START)
             } else {
                 n
             }
@@ -250,18 +302,23 @@ impl Writeback {
         &self,
         inos: &[u64],
         workers: usize,
+        background: bool,
         done: &(dyn Fn(usize, &WbResult<()>, Duration) + Sync),
     ) {
         let next = AtomicUsize::new(0);
+        let _waiting = (!background).then(|| self.foreground.enter());
         std::thread::scope(|scope| {
             for _ in 0..workers.min(inos.len()) {
                 scope.spawn(|| loop {
+                    if background {
+                        self.foreground.yield_to();
+                    }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(ino) = inos.get(i) else {
                         return;
                     };
                     let started = std::time::Instant::now();
-                    let r = self.upload(*ino);
+                    let r = self.upload_inode(*ino);
                     done(i, &r, started.elapsed());
                 });
             }
@@ -289,15 +346,20 @@ impl Writeback {
                 }
             }
             let progress = AtomicBool::new(false);
-            self.upload_each(&ready, self.concurrency.now(), &|i, r, took| match r {
-                Ok(()) => {
-                    progress.store(true, Ordering::Relaxed);
-                    let size = self.index.getattr(ready[i]).ok().flatten();
-                    self.concurrency.succeeded(took, size.map_or(0, |a| a.size));
-                }
-                Err(e) if e.is_pushback() => self.concurrency.pushed_back(),
-                Err(_) => {}
-            });
+            self.upload_each(
+                &ready,
+                self.concurrency.now(),
+                true,
+                &|i, r, took| match r {
+                    Ok(()) => {
+                        progress.store(true, Ordering::Relaxed);
+                        let size = self.index.getattr(ready[i]).ok().flatten();
+                        self.concurrency.succeeded(took, size.map_or(0, |a| a.size));
+                    }
+                    Err(e) if e.is_pushback() => self.concurrency.pushed_back(),
+                    Err(_) => {}
+                },
+            );
             after_batch();
             if !progress.load(Ordering::Relaxed) {
                 break;
@@ -413,37 +475,81 @@ mod tests {
     }
 
     #[test]
-    fn uploads_that_queue_at_the_service_take_concurrency_away_and_large_ones_do_not_steer() {
+    fn uploads_that_queue_at_the_service_take_back_the_growth_and_large_ones_do_not_steer() {
         let ms = Duration::from_millis;
         let c = Concurrency::default();
-        c.succeeded(ms(6), 3000);
-        assert_eq!(c.now(), START + 1);
+        for _ in 0..14 {
+            c.succeeded(ms(6), 3000);
+        }
+        assert_eq!(c.now(), START + 14, "fast uploads: one more each");
         for _ in 0..10 {
             c.succeeded(ms(40), 3000);
         }
-        assert_eq!(
-            c.now(),
-            START + 1 - 10,
-            "each upload at 6x the floor: one fewer"
-        );
+        assert_eq!(c.now(), START + 4, "each upload at 6x the floor: one fewer");
         c.succeeded(ms(18), 3000);
-        assert_eq!(c.now(), START - 9, "at 3x the floor: held");
+        assert_eq!(c.now(), START + 4, "at 3x the floor: held");
         for _ in 0..10 {
             c.succeeded(ms(900), 64 << 20);
         }
-        assert_eq!(c.now(), START - 9, "a large upload's time is its transfer");
+        assert_eq!(c.now(), START + 4, "a large upload's time is its transfer");
+        for _ in 0..10 {
+            c.succeeded(Duration::from_micros(50), 0);
+        }
+        c.succeeded(ms(18), 3000);
+        assert_eq!(
+            c.now(),
+            START + 4,
+            "an upload that made no request is no floor"
+        );
         for _ in 0..100 {
             c.succeeded(ms(300), 3000);
         }
-        assert_eq!(c.now(), 1, "never below one");
+        assert_eq!(c.now(), START, "slow uploads never take it below the start");
+        c.pushed_back();
+        c.succeeded(ms(300), 3000);
+        assert_eq!(
+            c.now(),
+            START / 2 + 1,
+            "after a push-back it grows back to the start"
+        );
         // The floor creeps up while every upload is slow: a link that became slower (or a
-        // floor that was a fluke) is relearned, and concurrency grows again.
+        // floor that was a fluke) is relearned, and concurrency grows past the start again.
         let mut grew = false;
         for _ in 0..2000 {
             c.succeeded(ms(300), 3000);
-            grew |= c.now() > 1;
+            grew |= c.now() > START;
         }
         assert!(grew, "a floor of 6 ms relearned as 300 ms");
+    }
+
+    #[test]
+    fn the_background_holds_back_while_a_foreground_upload_runs_but_not_for_ever() {
+        use std::time::Instant;
+        let f = Arc::new(Foreground::default());
+        let waiting = f.enter();
+        let started = Instant::now();
+        f.yield_to();
+        assert!(
+            started.elapsed() >= YIELD_AT_MOST,
+            "held back while the foreground upload runs, up to the bound"
+        );
+        let f2 = f.clone();
+        let background = std::thread::spawn(move || {
+            let started = Instant::now();
+            f2.yield_to();
+            started.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        drop(waiting);
+        let held = background.join().unwrap();
+        assert!(held >= Duration::from_millis(50), "{held:?}");
+        let _nested = (f.enter(), f.enter());
+        drop(_nested);
+        assert_eq!(
+            *f.running.lock().unwrap(),
+            0,
+            "every foreground upload counted out"
+        );
     }
 
     #[test]

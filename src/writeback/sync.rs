@@ -115,7 +115,7 @@ impl Writeback {
         let done = AtomicU64::new(0);
         let failed = Mutex::new(Vec::new());
         let inos: Vec<u64> = todo.iter().map(|(ino, _)| *ino).collect();
-        self.upload_each(&inos, PARALLEL, &|i, r, _| {
+        self.upload_each(&inos, PARALLEL, false, &|i, r, _| {
             if let Err(e) = r {
                 let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                 f.push((todo[i].1.clone(), e.to_string()));
