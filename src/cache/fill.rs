@@ -20,7 +20,7 @@
 //! tries again, so a transient outage costs a read, not the open file.
 
 use super::verify::{Checksum, Plan, Running, Verifier, RANGE_SUM_MAX};
-use super::{read_full, CacheError};
+use super::CacheError;
 use crate::blob::{BlobRef, BlobStore, ReadError};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -304,13 +304,6 @@ impl Fill {
         let r = self.chunks_of(off, len);
         let st = self.state();
         st.broken.is_none() && st.chunks[r].iter().all(|c| *c == Chunk::Present)
-    }
-
-    /// Reads at `off`, waiting until the chunks under the range are present.
-    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, CacheError> {
-        let len = buf.len() as u64;
-        self.read_with(off, len, |file| read_full(file, buf, off))
-            .map(|n| n.unwrap_or(0))
     }
 
     /// Runs `read` on the file once the chunks under `len` bytes at `off` are present (None

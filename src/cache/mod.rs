@@ -131,14 +131,6 @@ pub enum Content {
 }
 
 impl Content {
-    /// Reads at `off` (waiting for a fill's chunks under the range).
-    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, CacheError> {
-        match self {
-            Content::Whole(f) => read_full(f, buf, off),
-            Content::Filling(f) => f.read_at(buf, off),
-        }
-    }
-
     /// Up to `len` bytes at `off` (waiting for a fill's chunks under the range).
     pub fn read_vec(&self, len: usize, off: u64) -> Result<Vec<u8>, CacheError> {
         match self {
@@ -189,21 +181,6 @@ pub fn read_vec(file: &File, len: usize, off: u64) -> Result<Vec<u8>, CacheError
         }
     }
     Ok(buf)
-}
-
-/// `pread` until `buf` is full or the file ends.
-pub fn read_full(file: &File, buf: &mut [u8], off: u64) -> Result<usize, CacheError> {
-    use std::os::unix::fs::FileExt;
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], off + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(filled)
 }
 
 /// What `simfs status` shows of the cache.
