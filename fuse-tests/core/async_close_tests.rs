@@ -373,3 +373,37 @@ fn only_a_close_that_may_wait_for_the_window_or_the_upload_leaves_the_fuse_threa
         sync.fs.release(fh).unwrap();
     }
 }
+
+#[test]
+fn two_barriers_emptying_the_trash_at_once_delete_each_blob_once() {
+    let w = async_world();
+    for i in 0..8 {
+        close_new(&w, &format!("t{i}.tmp"), b"uploaded, then removed");
+    }
+    w.wb().sync_paths(&[], &|_, _| {}).unwrap();
+    for i in 0..8 {
+        w.fs.unlink(ROOT_INO, OsStr::new(&format!("t{i}.tmp")))
+            .unwrap();
+    }
+    let before = w.store.counters.delete.load(Ordering::SeqCst);
+    // Slow deletes: the second barrier reads the trash while the first is deleting it.
+    w.store.set_latency(Duration::from_millis(100));
+    let barriers: Vec<_> = (0..2)
+        .map(|_| {
+            let wb = w.wb().clone();
+            std::thread::spawn(move || wb.sync_paths(&[], &|_, _| {}).unwrap())
+        })
+        .collect();
+    for b in barriers {
+        b.join().unwrap();
+    }
+    w.store.set_latency(Duration::ZERO);
+    assert_eq!(
+        w.store.counters.delete.load(Ordering::SeqCst) - before,
+        8,
+        "one delete per trashed blob"
+    );
+    for i in 0..8 {
+        assert!(w.store.inner().data(&format!("t{i}.tmp")).is_none());
+    }
+}

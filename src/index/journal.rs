@@ -416,6 +416,15 @@ impl Index {
         })
     }
 
+    /// Whether `blob` at `etag` is still in the trash (no one has deleted it since it was
+    /// read from there).
+    pub fn in_trash(&self, blob: &str, etag: &str) -> IndexResult<bool> {
+        self.with_conn(|c| {
+            let mut st = c.prepare_cached("SELECT 1 FROM trash WHERE blob = ?1 AND etag = ?2")?;
+            Ok(st.exists(params![blob, etag])?)
+        })
+    }
+
     /// A trashed blob is gone (or was replaced by a newer version someone else owns).
     pub fn trash_done(&self, blob: &str, etag: &str) -> IndexResult<()> {
         self.write(|tx| {

@@ -35,19 +35,24 @@ impl Writeback {
                 return Ok(0);
             }
             // A name an upload is writing right now is left for a later round: that upload
-            // may be expecting exactly the version this would delete.
+            // may be expecting exactly the version this would delete. A name someone else
+            // emptied while this waited for it (the background and a barrier at once) is
+            // no longer in the trash: deleting it again would cost a request for a 412.
             let mut busy = 0;
             let batch: Vec<_> = batch
                 .into_iter()
-                .filter_map(|(blob, etag)| match self.names.try_lock(&blob) {
-                    Some(g) => Some((blob, etag, g)),
-                    None if wait => {
-                        let g = self.names.lock(&blob);
-                        Some((blob, etag, g))
-                    }
-                    None => {
-                        busy += 1;
-                        None
+                .filter_map(|(blob, etag)| {
+                    let g = match self.names.try_lock(&blob) {
+                        Some(g) => g,
+                        None if wait => self.names.lock(&blob),
+                        None => {
+                            busy += 1;
+                            return None;
+                        }
+                    };
+                    match self.index.in_trash(&blob, &etag) {
+                        Ok(false) => None,
+                        _ => Some((blob, etag, g)),
                     }
                 })
                 .collect();
