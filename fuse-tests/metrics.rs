@@ -260,3 +260,65 @@ fn simfs_stats_shows_a_busy_mount_second_by_second() {
     assert_eq!(row["errors_per_s"].as_f64(), Some(0.0), "{row}");
     m.unmount();
 }
+
+/// The metrics endpoint's text, fetched as a scraper does.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: simfs\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// How many FUSE requests of `opcode` the mount at `addr` has answered.
+fn fuse_requests(addr: &str, opcode: &str) -> f64 {
+    let key = format!("simfs_fuse_request_seconds_count{{opcode=\"{opcode}\"}} ");
+    scrape(addr)
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+/// FOPEN_NOFLUSH came with Linux 5.16; older kernels flush every close.
+fn kernel_skips_flush_when_asked() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (5, 16)
+}
+
+#[test]
+fn a_readers_close_costs_no_round_trip_and_a_writers_close_is_recorded() {
+    let (az, _fx) = crate::seeded("noflush", 8, 0);
+    let cache = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut m = crate::mount(&az, "noflush", cache.path(), &["--metrics-address", &addr]);
+    let files: Vec<_> = walk(m.path()).into_iter().filter(|f| f.is_file()).collect();
+    assert!(files.len() >= 8, "{files:?}");
+    let before = fuse_requests(&addr, "flush");
+    for _ in 0..3 {
+        for f in &files {
+            std::fs::read(f).unwrap();
+        }
+    }
+    let after_reads = fuse_requests(&addr, "flush");
+    if kernel_skips_flush_when_asked() {
+        assert_eq!(after_reads, before, "{} reads and closes", 3 * files.len());
+    }
+    // A writer's close still reaches simfs, which records the file for upload.
+    std::fs::write(m.path().join("written.txt"), b"recorded at close").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fuse_requests(&addr, "flush") <= after_reads && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        fuse_requests(&addr, "flush") > after_reads,
+        "the writer's close"
+    );
+    simfs_sync(m.path());
+    unmount_clean(&mut m);
+}

@@ -339,13 +339,19 @@ impl Filesystem for SimFuse {
                 return reply.error(errno(&e));
             }
         }
-        let (flags, backing) = match &how {
+        let (mut flags, backing) = match &how {
             Open::Passthrough(b) => (FopenFlags::empty(), Some(b.clone())),
             // Data changes only through this mount, which keeps the page cache coherent: the
             // kernel keeps its pages across opens, unless written past them (see `iomode`).
             Open::Cached { keep_cache: true } => (FopenFlags::FOPEN_KEEP_CACHE, None),
             Open::Cached { keep_cache: false } => (FopenFlags::empty(), None),
         };
+        if !write {
+            // A reader's close has nothing to record (locks are the kernel's own), so the
+            // kernel skips its FLUSH round trip (Linux 5.16+; older kernels ignore the flag
+            // and send a FLUSH that `flush_by` answers at once).
+            flags |= FopenFlags::FOPEN_NOFLUSH;
+        }
         self.record_open(fh, ino.0, how);
         match backing {
             Some(b) => reply.opened_passthrough(FileHandle(fh), flags, &b.id),
