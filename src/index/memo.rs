@@ -231,7 +231,7 @@ fn entry_ino(c: &Connection, key: &EntryKey) -> rusqlite::Result<Option<u64>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::super::build::{Defaults, TreeBuilder};
     use super::super::names::Name;
     use super::super::write::NewNode;
@@ -239,7 +239,7 @@ mod tests {
     use crate::posix::Kind;
     use std::time::{Duration, SystemTime};
 
-    fn empty_index(dir: &std::path::Path) -> Index {
+    pub(in crate::index) fn empty_index(dir: &std::path::Path) -> Index {
         let path = dir.join("index.db");
         let defaults = Defaults {
             uid: 0,
@@ -258,7 +258,7 @@ mod tests {
         Index::open_existing(&path, &source).unwrap().unwrap()
     }
 
-    fn file(index: &Index, name: &str, at: SystemTime) -> u64 {
+    pub(in crate::index) fn file(index: &Index, name: &str, at: SystemTime) -> u64 {
         let node = NewNode {
             kind: Kind::File,
             perm: 0o644,

@@ -26,6 +26,7 @@
 //! back the rows it changed as they now stand (a few) or drops them (many).
 
 pub mod build;
+mod checkpoint;
 pub mod ingest;
 pub mod journal;
 mod memo;
@@ -296,6 +297,8 @@ pub struct Index {
     watch: refresh::Watch,
     /// Hot rows in memory (see `memo.rs`).
     memo: Memo,
+    /// Log checkpoints off the committing threads (see `checkpoint.rs`).
+    checkpoints: checkpoint::Checkpointer,
 }
 
 impl Index {
@@ -312,6 +315,7 @@ impl Index {
             written: Written::default(),
             watch: refresh::Watch::default(),
             memo: Memo::default(),
+            checkpoints: Default::default(),
         };
         let ok = index.with_conn(|c| {
             let get = |k: &str| meta_value(c, k);
@@ -374,6 +378,7 @@ impl Index {
             written: Written::default(),
             watch: refresh::Watch::default(),
             memo: Memo::default(),
+            checkpoints: Default::default(),
         };
         index.with_conn(|_| Ok(()))?;
         Ok(index)
@@ -429,6 +434,9 @@ impl Index {
             // loss could, and the cache disk does not survive that anyway.
             c.pragma_update(None, "synchronous", "NORMAL")?;
             c.busy_timeout(Duration::from_secs(10))?;
+            c.pragma_update(None, "cache_size", -16_000)?;
+            c.pragma_update(None, "wal_autocheckpoint", checkpoint::SAFETY_NET_PAGES)?;
+            self.checkpoints.start(self.path.clone());
             c.set_prepared_statement_cache_capacity(STATEMENTS);
             let (watch, memo) = (self.watch.recorder(), self.memo.recorder());
             c.update_hook(Some(
@@ -447,12 +455,28 @@ impl Index {
             let tx = conn.transaction()?;
             let out = f(&tx)?;
             tx.commit()?;
+            self.checkpoints.committed();
             Ok(out)
         })();
         // Committed or rolled back, the rows it touched are kept as they now stand or leave
         // memory (still under the writer's lock, so no other transaction's changes mix in).
         self.memo.ended(conn);
         out
+    }
+
+    /// Runs `f` on the writer connection when no transaction holds it, else on a pooled
+    /// read connection. In WAL mode a connection drops its whole page cache when another
+    /// connection committed since its last read, so while files are being written every
+    /// pooled reader starts cold (a dozen page reads for one row); the writer's cache
+    /// survives its own commits. For point reads only: a long read here would hold up
+    /// every write behind it.
+    fn with_warm_conn<T>(&self, f: impl FnOnce(&Connection) -> IndexResult<T>) -> IndexResult<T> {
+        if let Ok(guard) = self.writer.try_lock() {
+            if let Some(c) = guard.as_ref() {
+                return f(c);
+            }
+        }
+        self.with_conn(f)
     }
 
     /// Runs `f` on a pooled read connection.
@@ -489,7 +513,7 @@ impl Index {
             return Ok(Some(a));
         }
         let seen = self.memo.seen();
-        let a = self.with_conn(|c| attr_of(c, ino))?;
+        let a = self.with_warm_conn(|c| attr_of(c, ino))?;
         if let Some(a) = &a {
             self.memo.keep_attr(seen, a);
         }
@@ -503,7 +527,7 @@ impl Index {
                 Some(ino) => self.committed_attr(ino)?,
                 None => {
                     let seen = self.memo.seen();
-                    let a = self.with_conn(|c| entry_of(c, parent, name))?;
+                    let a = self.with_warm_conn(|c| entry_of(c, parent, name))?;
                     if let Some(a) = &a {
                         self.memo.keep_entry(seen, parent, name.as_bytes(), a);
                     }
