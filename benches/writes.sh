@@ -6,6 +6,8 @@
 #   build    autoreconf + configure + make of a small C project (60 sources)
 #   clone    git clone --no-local of a repository of COMMITS (default 3,000) commits
 #   stream   1 GiB written with dd bs=1M, no fsync (the close included)
+#   fio      1 GiB written sequentially by fio (bs=1M, psync, no fsync): the write
+#            syscalls' own throughput, which fio reports, against the same on native
 #   dd       1 GiB written with dd bs=1M conv=fsync, beside the Azure SDK for Python's
 #            upload_blob (max_concurrency=8) and rclone copyto of the same file
 #   drain    after pip on the default (async) mount: `simfs sync` time and the requests the
@@ -19,11 +21,11 @@
 #   RTT_MS=5 COMMITS=3000 ONLY="pip dd" OUT=/tmp/w bash benches/writes.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-RTT_MS="${RTT_MS:-5}"; COMMITS="${COMMITS:-3000}"; ONLY="${ONLY:-pip build clone stream dd}"
+RTT_MS="${RTT_MS:-5}"; COMMITS="${COMMITS:-3000}"; ONLY="${ONLY:-pip build clone stream fio dd}"
 OUT="${OUT:-$PWD/benches/results/writes}"
 source benches/lib.sh
 bash fuse-tests/setup.sh
-bench_apt autoreconf:autoconf automake make git rclone
+bench_apt autoreconf:autoconf automake make git rclone fio
 cargo build --release --quiet --bins
 bin="$PWD/target/release"
 mkdir -p "$OUT"
@@ -100,6 +102,7 @@ pip_job() { python3 -m venv venv && venv/bin/pip install -q --disable-pip-versio
 build_job() { cp -r "$proj" proj && cd proj && autoreconf -i >/dev/null 2>&1 && ./configure -q && make -s -j2; }
 clone_job() { git clone -q --no-local "$repo" clone; }
 stream_job() { dd if="$work/1g.bin" of=1g.bin bs=1M status=none; }
+fio_job() { fio --name=seqwrite --filename=fio.bin --rw=write --bs=1M --size=1G --ioengine=psync --end_fsync=0 --output-format=json --output=fio.json; }
 dd_job() { dd if="$work/1g.bin" of=1g.bin bs=1M conv=fsync status=none; }
 
 for w in $ONLY; do
@@ -109,9 +112,19 @@ for w in $ONLY; do
     run "$w" "$t" "$d" "${w}_job"
   done
   case "$w" in
-    stream)
+    stream|fio)
       # Its upload goes on after close: let it finish before the next workload.
-      "$bin/simfs" sync "$work/async" >/dev/null ;;
+      "$bin/simfs" sync "$work/async" >/dev/null
+      if [ "$w" = fio ]; then
+        # The cache disk's own throughput: the same writes with O_DIRECT, past the page cache.
+        mkdir -p "$work/disk/fio"
+        (cd "$work/disk/fio" && fio --name=disk --filename=fio.bin --rw=write --bs=1M --size=1G \
+          --ioengine=psync --direct=1 --output-format=json --output=fio.json && rm -f fio.bin)
+        for t in native disk async; do
+          python3 -c 'import json,sys; print("fiobw", sys.argv[2], json.load(open(sys.argv[1]))["jobs"][0]["write"]["bw_bytes"] / 2**20, 0)' \
+            "$work/$t/fio/fio.json" "$t" | tee -a "$results"
+        done
+      fi ;;
     pip)
       # What the async mount still owes the container, and what it costs to pay it.
       run drain async "$work/async/pip" "$bin/simfs" sync .
@@ -140,7 +153,7 @@ out, rtt = sys.argv[2], sys.argv[3]
 iso = sys.argv[4]
 print(f"write workloads, {rtt} ms round trip; seconds (requests the proxy counted)"
       + (f"; service on CPU {iso}, workloads on the others" if iso else "; service and workloads share the CPUs"))
-for w in ["pip", "build", "clone", "stream", "dd"]:
+for w in ["pip", "build", "clone", "stream", "fio", "dd"]:
     if (w, "native") not in r:
         continue
     n, a = r[(w, "native")][0], r.get((w, "async"))
@@ -150,6 +163,12 @@ for w in ["pip", "build", "clone", "stream", "dd"]:
             if (w, ref) in r:
                 line += f";  {ref} upload {r[(w, ref)][0]:.2f} s (simfs = {a[0] / r[(w, ref)][0]:.2f}x)"
     print(line)
+if ("fiobw", "native") in r and ("fiobw", "async") in r:
+    n, a = r[("fiobw", "native")][0], r[("fiobw", "async")][0]
+    print(f"fio    write syscalls: native {n:.0f} MiB/s, simfs {a:.0f} MiB/s = {a / n:.2f}x of native's throughput")
+    if ("fiobw", "disk") in r:
+        d = r[("fiobw", "disk")][0]
+        print(f"       the cache disk itself (O_DIRECT): {d:.0f} MiB/s; simfs = {a / d:.2f}x of it")
 if ("drain", "async") in r:
     d, s = r[("drain", "async")], r.get(("pip", "sync"))
     print(f"drain  simfs sync after pip: {d[0]:.2f} s, {d[1]} requests"

@@ -154,6 +154,11 @@ impl Content {
 /// buffer that is never zeroed first: a FUSE read of 1 MiB would otherwise pay a 1 MiB
 /// `memset` (3% of the daemon's CPU in a cold read, perf) before the copy that overwrites it.
 pub fn read_vec(file: &File, len: usize, off: u64) -> Result<Vec<u8>, CacheError> {
+    Ok(pread_vec(file, len, off)?)
+}
+
+/// `read_vec`, for callers outside the cache (uploads reading a local copy back).
+pub fn pread_vec(file: &File, len: usize, off: u64) -> std::io::Result<Vec<u8>> {
     use std::os::fd::AsRawFd;
     let mut buf = Vec::with_capacity(len);
     while buf.len() < len {
@@ -175,7 +180,7 @@ pub fn read_vec(file: &File, len: usize, off: u64) -> Result<Vec<u8>, CacheError
             _ => {
                 let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }

@@ -32,7 +32,6 @@ use crate::blob::upload::UploadOptions;
 use crate::blob::{Expect, Metadata};
 use bytes::Bytes;
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -383,7 +382,7 @@ impl Writeback {
     ) -> Result<String, crate::blob::upload::UploadError> {
         use futures::{StreamExt, TryStreamExt};
         let block = self.streams.opts.block_size;
-        let file = std::fs::File::open(path)?;
+        let file = crate::blob::upload::open_local_copy(path)?;
         let file = &file;
         futures::stream::iter(
             plan.iter()
@@ -405,20 +404,11 @@ impl Writeback {
 }
 
 fn read_at(file: &std::fs::File, off: u64, len: u64) -> std::io::Result<Bytes> {
-    let mut buf = vec![0u8; len as usize];
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read_at(&mut buf[filled..], off + filled as u64)? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    buf.truncate(filled);
-    Ok(buf.into())
+    crate::blob::upload::read_local(file, off, len)
 }
 
 fn read_block(path: &Path, off: u64, len: u64) -> std::io::Result<Bytes> {
-    read_at(&std::fs::File::open(path)?, off, len)
+    read_at(&crate::blob::upload::open_local_copy(path)?, off, len)
 }
 
 #[cfg(test)]
