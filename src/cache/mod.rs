@@ -159,17 +159,29 @@ pub fn read_vec(file: &File, len: usize, off: u64) -> Result<Vec<u8>, CacheError
 
 /// `read_vec`, for callers outside the cache (uploads reading a local copy back).
 pub fn pread_vec(file: &File, len: usize, off: u64) -> std::io::Result<Vec<u8>> {
-    use std::os::fd::AsRawFd;
     let mut buf = Vec::with_capacity(len);
+    pread_into(file, &mut buf, len, off)?;
+    Ok(buf)
+}
+
+/// Fills the empty `buf` (of any capacity) with up to `len` bytes at `off`.
+fn pread_into(file: &File, buf: &mut Vec<u8>, len: usize, off: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    buf.clear();
+    buf.reserve(len);
     while buf.len() < len {
-        let spare = buf.spare_capacity_mut();
-        // SAFETY: pread writes at most `spare.len()` bytes into the spare capacity, and only
-        // the bytes it reports written are then counted in the length.
+        // The rest of `len`, not the whole spare capacity: a vector may get more room than
+        // asked for, and a FUSE reply longer than the read asked for fails the read (a
+        // page fault of a mapped file then gets SIGBUS).
+        let want = len - buf.len();
+        let spare = &mut buf.spare_capacity_mut()[..want];
+        // SAFETY: pread writes at most `want` bytes into the spare capacity, and only the
+        // bytes it reports written are then counted in the length.
         let n = unsafe {
             libc::pread(
                 file.as_raw_fd(),
                 spare.as_mut_ptr().cast(),
-                spare.len(),
+                want,
                 (off + buf.len() as u64) as libc::off_t,
             )
         };
@@ -185,7 +197,7 @@ pub fn pread_vec(file: &File, len: usize, off: u64) -> std::io::Result<Vec<u8>> 
             }
         }
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// What `simfs status` shows of the cache.
@@ -647,5 +659,17 @@ mod tests {
         assert_eq!(read_vec(&f, 1 << 20, 99_000).unwrap(), &body[99_000..]);
         assert!(read_vec(&f, 10, 200_000).unwrap().is_empty());
         assert!(read_vec(&f, 0, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_read_into_a_roomier_buffer_returns_no_more_than_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &body).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let mut buf = Vec::with_capacity(1 << 20);
+        super::pread_into(&f, &mut buf, 4096, 1000).unwrap();
+        assert_eq!(buf, &body[1000..5096]);
     }
 }
