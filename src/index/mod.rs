@@ -26,7 +26,6 @@
 //! back the rows it changed as they now stand (a few) or drops them (many).
 
 pub mod build;
-mod checkpoint;
 pub mod ingest;
 pub mod journal;
 mod memo;
@@ -291,14 +290,14 @@ pub struct Index {
     path: PathBuf,
     pool: crossbeam::queue::ArrayQueue<Connection>,
     writer: std::sync::Mutex<Option<Connection>>,
+    /// Transactions waiting for the writer connection: point reads leave it to them.
+    writers_waiting: std::sync::atomic::AtomicUsize,
     /// Data writes not yet persisted (see `written.rs`).
     written: Written,
     /// Inodes changed since a refresh began (see `refresh.rs`).
     watch: refresh::Watch,
     /// Hot rows in memory (see `memo.rs`).
     memo: Memo,
-    /// Log checkpoints off the committing threads (see `checkpoint.rs`).
-    checkpoints: checkpoint::Checkpointer,
 }
 
 impl Index {
@@ -312,10 +311,10 @@ impl Index {
             path: path.to_path_buf(),
             pool: crossbeam::queue::ArrayQueue::new(32),
             writer: std::sync::Mutex::new(None),
+            writers_waiting: Default::default(),
             written: Written::default(),
             watch: refresh::Watch::default(),
             memo: Memo::default(),
-            checkpoints: Default::default(),
         };
         let ok = index.with_conn(|c| {
             let get = |k: &str| meta_value(c, k);
@@ -375,10 +374,10 @@ impl Index {
             path: path.to_path_buf(),
             pool: crossbeam::queue::ArrayQueue::new(2),
             writer: std::sync::Mutex::new(None),
+            writers_waiting: Default::default(),
             written: Written::default(),
             watch: refresh::Watch::default(),
             memo: Memo::default(),
-            checkpoints: Default::default(),
         };
         index.with_conn(|_| Ok(()))?;
         Ok(index)
@@ -426,7 +425,17 @@ impl Index {
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> IndexResult<T>,
     ) -> IndexResult<T> {
-        let mut guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+        let mut guard = match self.writer.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                self.writers_waiting.fetch_add(1, AcqRel);
+                let g = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                self.writers_waiting.fetch_sub(1, Relaxed);
+                g
+            }
+        };
         if guard.is_none() {
             let c = Connection::open(&self.path)?;
             c.pragma_update(None, "journal_mode", "WAL")?;
@@ -435,8 +444,6 @@ impl Index {
             c.pragma_update(None, "synchronous", "NORMAL")?;
             c.busy_timeout(Duration::from_secs(10))?;
             c.pragma_update(None, "cache_size", -16_000)?;
-            c.pragma_update(None, "wal_autocheckpoint", checkpoint::SAFETY_NET_PAGES)?;
-            self.checkpoints.start(self.path.clone());
             c.set_prepared_statement_cache_capacity(STATEMENTS);
             let (watch, memo) = (self.watch.recorder(), self.memo.recorder());
             c.update_hook(Some(
@@ -455,7 +462,6 @@ impl Index {
             let tx = conn.transaction()?;
             let out = f(&tx)?;
             tx.commit()?;
-            self.checkpoints.committed();
             Ok(out)
         })();
         // Committed or rolled back, the rows it touched are kept as they now stand or leave
@@ -469,9 +475,14 @@ impl Index {
     /// connection committed since its last read, so while files are being written every
     /// pooled reader starts cold (a dozen page reads for one row); the writer's cache
     /// survives its own commits. For point reads only: a long read here would hold up
-    /// every write behind it.
+    /// every write behind it, and none while a transaction waits for the connection.
     fn with_warm_conn<T>(&self, f: impl FnOnce(&Connection) -> IndexResult<T>) -> IndexResult<T> {
-        if let Ok(guard) = self.writer.try_lock() {
+        // Only while no transaction waits: a stream of reads (a configure's stats) must not
+        // starve the writes behind them.
+        let waiting = self
+            .writers_waiting
+            .load(std::sync::atomic::Ordering::Acquire);
+        if let (0, Ok(guard)) = (waiting, self.writer.try_lock()) {
             if let Some(c) = guard.as_ref() {
                 return f(c);
             }
@@ -774,5 +785,35 @@ impl Index {
                 .optional()?
                 .unwrap_or((0, 0)))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::memo::tests::empty_index;
+    use std::sync::atomic::Ordering;
+
+    /// Whether `c` is the writer connection: only it carries the memo's temporary triggers.
+    fn is_writer(c: &rusqlite::Connection) -> super::IndexResult<bool> {
+        let n: i64 = c.query_row("SELECT count(*) FROM sqlite_temp_master", [], |r| r.get(0))?;
+        Ok(n > 0)
+    }
+
+    #[test]
+    fn point_reads_use_the_idle_writer_and_leave_it_to_a_waiting_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = empty_index(dir.path());
+        index.write(|_| Ok(())).unwrap();
+        assert!(index.with_warm_conn(is_writer).unwrap(), "idle: the writer");
+        assert!(!index.with_conn(is_writer).unwrap(), "the pool");
+        index.writers_waiting.fetch_add(1, Ordering::AcqRel);
+        assert!(
+            !index.with_warm_conn(is_writer).unwrap(),
+            "a transaction waits: the pool"
+        );
+        index.writers_waiting.fetch_sub(1, Ordering::AcqRel);
+        let held = index.writer.lock().unwrap();
+        assert!(!index.with_warm_conn(is_writer).unwrap(), "busy: the pool");
+        drop(held);
     }
 }
