@@ -470,15 +470,13 @@ impl Index {
         out
     }
 
-    /// Runs `f` on the writer connection when no transaction holds it, else on a pooled
-    /// read connection. In WAL mode a connection drops its whole page cache when another
-    /// connection committed since its last read, so while files are being written every
-    /// pooled reader starts cold (a dozen page reads for one row); the writer's cache
-    /// survives its own commits. For point reads only: a long read here would hold up
-    /// every write behind it, and none while a transaction waits for the connection.
+    /// Runs `f` on the writer connection when it is idle and no transaction waits for it,
+    /// else on a pooled read connection. In WAL mode a connection drops its whole page cache
+    /// when another connection committed since its last read, so while files are being
+    /// written every pooled reader starts cold (a dozen page reads for one row); the
+    /// writer's cache survives its own commits. For point reads only: a long read, or a
+    /// stream of short ones (a configure's stats), would hold up the writes behind them.
     fn with_warm_conn<T>(&self, f: impl FnOnce(&Connection) -> IndexResult<T>) -> IndexResult<T> {
-        // Only while no transaction waits: a stream of reads (a configure's stats) must not
-        // starve the writes behind them.
         let waiting = self
             .writers_waiting
             .load(std::sync::atomic::Ordering::Acquire);
