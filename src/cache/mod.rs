@@ -648,13 +648,19 @@ fn md5_file(p: &Path) -> std::io::Result<Vec<u8>> {
 mod tests {
     use super::read_vec;
 
-    #[test]
-    fn read_vec_reads_the_range_and_stops_short_at_the_end_of_the_file() {
+    /// A 100,000-byte file of a known pattern, opened, and its bytes.
+    fn patterned_file() -> (tempfile::TempDir, std::fs::File, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &body).unwrap();
         let f = std::fs::File::open(&path).unwrap();
+        (dir, f, body)
+    }
+
+    #[test]
+    fn read_vec_reads_the_range_and_stops_short_at_the_end_of_the_file() {
+        let (_dir, f, body) = patterned_file();
         assert_eq!(read_vec(&f, 4096, 1000).unwrap(), &body[1000..5096]);
         assert_eq!(read_vec(&f, 1 << 20, 99_000).unwrap(), &body[99_000..]);
         assert!(read_vec(&f, 10, 200_000).unwrap().is_empty());
@@ -663,11 +669,7 @@ mod tests {
 
     #[test]
     fn a_read_into_a_roomier_buffer_returns_no_more_than_asked() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &body).unwrap();
-        let f = std::fs::File::open(&path).unwrap();
+        let (_dir, f, body) = patterned_file();
         let mut buf = Vec::with_capacity(1 << 20);
         super::pread_into(&f, &mut buf, 4096, 1000).unwrap();
         assert_eq!(buf, &body[1000..5096]);

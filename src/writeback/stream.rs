@@ -390,7 +390,7 @@ impl Writeback {
                 .filter(|(_, (_, done, _))| !done)
                 .map(|(b, (id, _, _))| async move {
                     let off = b as u64 * block;
-                    let data = read_at(file, off, block.min(size - off))?;
+                    let data = crate::blob::upload::read_local(file, off, block.min(size - off))?;
                     self.store.stage_block(name, id, data).await?;
                     Ok::<_, crate::blob::upload::UploadError>(())
                 }),
@@ -403,12 +403,9 @@ impl Writeback {
     }
 }
 
-fn read_at(file: &std::fs::File, off: u64, len: u64) -> std::io::Result<Bytes> {
-    crate::blob::upload::read_local(file, off, len)
-}
-
 fn read_block(path: &Path, off: u64, len: u64) -> std::io::Result<Bytes> {
-    read_at(&crate::blob::upload::open_local_copy(path)?, off, len)
+    use crate::blob::upload::{open_local_copy, read_local};
+    read_local(&open_local_copy(path)?, off, len)
 }
 
 #[cfg(test)]
