@@ -124,8 +124,11 @@ fn mount(
         ttl,
         threads: 2,
         noexec: false,
-        passthrough: false,
-        list_unopened: true,
+        kernel_features: simfs::fuse::KernelFeatures {
+            passthrough: false,
+            list_unopened: true,
+            direct_writes: true,
+        },
         refresh_interval: Duration::ZERO,
         prime_entries: 0,
         read_ahead: 0,

@@ -590,7 +590,7 @@ fn mmap_read(p: &Path) -> Vec<u8> {
 }
 
 /// Writes `data` at `offset` of `f` through a shared mapping, synced and unmapped.
-fn mmap_write(f: &std::fs::File, offset: usize, data: &[u8]) {
+pub(crate) fn mmap_write(f: &std::fs::File, offset: usize, data: &[u8]) {
     let len = f.metadata().unwrap().len() as usize;
     assert!(offset + data.len() <= len);
     // SAFETY: a shared mapping of a file we hold open for writing, written within its

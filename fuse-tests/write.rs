@@ -604,3 +604,99 @@ fn listing_follows_changes(container: &str, extra: &[&str]) {
         assert!(log.contains("FileHandle(0)"));
     }
 }
+
+/// How many pages of the FUSE file `f` (of `len` bytes) the kernel holds in its page cache.
+fn resident_pages(f: &std::fs::File, len: usize) -> usize {
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a read-only mapping of a file we hold open, only asked about, then unmapped.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(f),
+            0,
+        );
+        assert_ne!(
+            addr,
+            libc::MAP_FAILED,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+        libc::munmap(addr, len);
+    }
+    vec.iter().filter(|&&b| b & 1 == 1).count()
+}
+
+#[test]
+fn a_write_only_handle_of_a_new_file_writes_past_the_page_cache_and_readers_follow_it() {
+    let resident = written_and_followed("direct-writes", &[]);
+    assert_eq!(resident, 0, "the written bytes are not held a second time");
+}
+
+/// The fallback for kernels before 6.6, which leave stale pages over a direct write.
+#[test]
+fn with_buffered_writes_the_kernel_keeps_the_written_pages_and_readers_follow_them() {
+    let resident = written_and_followed("buffered-writes", &["--buffered-writes"]);
+    assert_eq!(
+        resident, 128,
+        "every page written whole stays in the page cache"
+    );
+}
+
+/// Writes 512 KiB to a new file through a write-only handle, then appends while a reader
+/// follows the file; returns how many of the 128 pages written first the kernel held once
+/// the reader opened it.
+fn written_and_followed(container: &str, extra: &[&str]) -> usize {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let az = empty_container(container);
+    let cache = tempfile::tempdir().unwrap();
+    let m = mount(&az, container, cache.path(), extra);
+    let r = m.path();
+    let mut expected: Vec<u8> = (0..512 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut w = std::fs::File::create(r.join("log")).unwrap();
+    w.write_all(&expected).unwrap();
+    let mut reader = std::fs::File::open(r.join("log")).unwrap();
+    let resident = resident_pages(&reader, expected.len());
+    let mut seen = Vec::new();
+    reader.read_to_end(&mut seen).unwrap();
+    assert!(seen == expected);
+    // Appends, each read by the follower from where it stopped: the page it read last is
+    // the one each append fills further.
+    for (i, n) in [100usize, 5000, 3, 70_000].into_iter().enumerate() {
+        let more: Vec<u8> = (0..n).map(|j| (j % 13) as u8 + i as u8 * 16 + 1).collect();
+        w.write_all(&more).unwrap();
+        expected.extend_from_slice(&more);
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        assert!(got == more, "append {i}: read {} bytes of {n}", got.len());
+    }
+    let mut whole = vec![0u8; expected.len()];
+    reader.read_exact_at(&mut whole, 0).unwrap();
+    assert!(whole == expected, "the pages read while the file grew");
+    drop(w);
+    drop(reader);
+    assert!(
+        std::fs::read(r.join("log")).unwrap() == expected,
+        "after a reopen"
+    );
+    // A new file opened for reading and writing stays in the page cache, so it can be
+    // mapped shared (direct handles cannot be on kernels before 6.6, nor without
+    // FUSE_DIRECT_IO_ALLOW_MMAP).
+    let rw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(r.join("mapped"))
+        .unwrap();
+    rw.set_len(8192).unwrap();
+    crate::mmap_write(&rw, 4096, b"mapped");
+    let mut back = [0u8; 6];
+    rw.read_exact_at(&mut back, 4096).unwrap();
+    assert_eq!(&back, b"mapped");
+    resident
+}

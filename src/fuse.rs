@@ -48,6 +48,18 @@ struct Backing {
     file: std::fs::File,
 }
 
+/// The kernel features a mount may use where the kernel offers them; each one off falls back
+/// to what older kernels do (for comparisons, debugging and the tests of those fallbacks).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelFeatures {
+    /// FUSE passthrough for cached files (Linux 6.9+).
+    pub passthrough: bool,
+    /// Directories listed without OPENDIR and RELEASEDIR (Linux 5.1+).
+    pub list_unopened: bool,
+    /// Write-only handles of new files write past the page cache (Linux 6.6+).
+    pub direct_writes: bool,
+}
+
 pub struct SimFuse {
     fs: Arc<SimFs>,
     ttl: Duration,
@@ -63,6 +75,12 @@ pub struct SimFuse {
     /// OPENDIR is answered ENOSYS, and from then on readdir comes with no handle. Asked for
     /// at init when allowed, granted when the kernel offers it.
     no_opendir: AtomicBool,
+    /// Write-only handles of new files write past the kernel's page cache (`iomode`): asked
+    /// for, then kept only where the kernel drops its cached pages over a direct write's
+    /// range (Linux 6.6+, the release that also offers FUSE_DIRECT_IO_ALLOW_MMAP). Older
+    /// kernels leave those pages stale, so a reader following a log as it grows (`tail -f`)
+    /// would read its old pages: there every write goes through the page cache.
+    direct_writes: AtomicBool,
     /// Tells the kernel to drop cached pages.
     kernel: Kernel,
 }
@@ -72,18 +90,18 @@ impl SimFuse {
         fs: Arc<SimFs>,
         ttl: Duration,
         rt: tokio::runtime::Handle,
-        passthrough: bool,
-        list_unopened: bool,
+        kernel_features: KernelFeatures,
         kernel: Kernel,
     ) -> SimFuse {
         SimFuse {
             fs,
             ttl,
             rt,
-            passthrough: AtomicBool::new(passthrough),
+            passthrough: AtomicBool::new(kernel_features.passthrough),
             modes: IoModes::default(),
             opens: Mutex::default(),
-            no_opendir: AtomicBool::new(list_unopened),
+            no_opendir: AtomicBool::new(kernel_features.list_unopened),
+            direct_writes: AtomicBool::new(kernel_features.direct_writes),
             kernel,
         }
     }
@@ -119,6 +137,26 @@ impl SimFuse {
                 }
             }
         })
+    }
+
+    /// The inode `fh` writes direct while other handles of it are open: the kernel drops
+    /// their cached pages over a direct write's range before the write, but a read between
+    /// then and the write's reply caches the old bytes again (a reader following a growing
+    /// file would keep zeros where the new bytes are). So simfs drops them once more after.
+    fn direct_beside_others(&self, fh: u64) -> Option<u64> {
+        if !self.direct_writes.load(Ordering::Relaxed) {
+            return None;
+        }
+        let ino = match self
+            .opens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+        {
+            Some((ino, Open::Direct)) => *ino,
+            _ => return None,
+        };
+        self.modes.shared(ino).then_some(ino)
     }
 
     /// Records how open file `fh` of `ino` was answered, for its release. Called before the
@@ -273,6 +311,14 @@ impl Filesystem for SimFuse {
                 "this kernel opens every directory it lists (no FUSE_NO_OPENDIR_SUPPORT)"
             );
         }
+        if self.direct_writes.load(Ordering::Relaxed)
+            && !config
+                .capabilities()
+                .contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+        {
+            self.direct_writes.store(false, Ordering::Relaxed);
+            tracing::info!("this kernel (before 6.6) keeps stale pages over direct writes: every write goes through the page cache");
+        }
         if self.passthrough.load(Ordering::Relaxed) {
             // Depth 1: backing files on a plain filesystem (the cache disk), not on a stacked
             // one such as overlayfs.
@@ -345,6 +391,7 @@ impl Filesystem for SimFuse {
             // kernel keeps its pages across opens, unless written past them (see `iomode`).
             Open::Cached { keep_cache: true } => (FopenFlags::FOPEN_KEEP_CACHE, None),
             Open::Cached { keep_cache: false } => (FopenFlags::empty(), None),
+            Open::Direct => (FopenFlags::FOPEN_DIRECT_IO, None),
         };
         if !write {
             // A reader's close has nothing to record (locks are the kernel's own), so the
@@ -568,23 +615,32 @@ impl Filesystem for SimFuse {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let _t = metrics::get().fuse("create");
         match self.fs.create(parent.0, name, mode & !umask, caller(req)) {
             Ok((a, fh)) => {
                 self.fs.note_opener(fh, req.pid());
-                // A new file is in the page cache mode: no reader may start passthrough on it
-                // while this handle is open.
-                let how = self.modes.open(a.ino, || None);
+                // A new file is never in passthrough: no reader may start it while this
+                // handle is open.
+                let (how, fopen) = if flags & libc::O_ACCMODE == libc::O_WRONLY
+                    && self.direct_writes.load(Ordering::Relaxed)
+                {
+                    (self.modes.open_direct(a.ino), FopenFlags::FOPEN_DIRECT_IO)
+                } else {
+                    (
+                        self.modes.open(a.ino, || None),
+                        FopenFlags::FOPEN_KEEP_CACHE,
+                    )
+                };
                 self.record_open(fh, a.ino, how);
                 reply.created(
                     &self.ttl,
                     &file_attr(&a),
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
+                    fopen,
                 )
             }
             Err(e) => reply.error(errno(&e)),
@@ -604,18 +660,29 @@ impl Filesystem for SimFuse {
         reply: ReplyWrite,
     ) {
         let t = metrics::get().fuse("write");
+        let others = self.direct_beside_others(fh.0);
         if self.fs.write_may_wait(fh.0) {
             // The handle's first write may fetch the old content first.
             let data = data.to_vec();
-            self.off_thread(t, move |fs| match fs.write(fh.0, offset, &data) {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(errno(&e)),
+            let kernel = self.kernel.clone();
+            self.off_thread(t, move |fs| {
+                match fs.write(fh.0, offset, &data) {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(errno(&e)),
+                }
+                if let Some(ino) = others {
+                    kernel.inval_inode(ino);
+                }
             });
             return;
         }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
+        }
+        if let Some(ino) = others {
+            let kernel = self.kernel.clone();
+            self.rt.spawn_blocking(move || kernel.inval_inode(ino));
         }
     }
 

@@ -12,9 +12,17 @@
 //! (`fs::in_place` finds its writes). An inode first opened while still downloading, or
 //! by a writer, stays in the page cache mode until its last handle closes.
 //!
-//! Writes made in place never pass through the kernel's page cache for the inode, so pages
-//! it kept from before may be stale: the first cached open after a passthrough period tells
-//! the kernel to drop them.
+//! A write-only handle of a new file (a create) is direct: its writes go to simfs without
+//! the kernel copying them into its page cache first. That is a copy and a page allocation
+//! less per byte written, and a checkpoint's gigabytes are not held twice (in the FUSE file's
+//! pages and the cache file's). Nothing is lost: a write-only handle reads nothing and cannot
+//! be mapped. The kernel takes no I/O mode for it; simfs counts it as cached, so no reader
+//! starts passthrough while it writes. (Readers open beside it are kept coherent by the
+//! kernel and `fuse.rs`; see `direct_beside_others` there.)
+//!
+//! Writes made in place or direct never pass through the kernel's page cache for the inode,
+//! so pages it kept from before may be stale: the first cached open after a passthrough
+//! period or a direct writer tells the kernel to drop them.
 //!
 //! This is bookkeeping only, generic over the backing handle, so it is tested without a
 //! kernel; `fuse.rs` registers the backing files and answers the kernel.
@@ -28,6 +36,8 @@ pub enum Open<T> {
     /// Through the kernel's page cache for the inode; whether the pages it holds from
     /// earlier opens are still good.
     Cached { keep_cache: bool },
+    /// Written past the kernel's page cache (a write-only handle of a new file).
+    Direct,
     /// Served by the kernel from this backing file.
     Passthrough(Arc<T>),
 }
@@ -102,13 +112,33 @@ impl<T> IoModes<T> {
         }
     }
 
+    /// A write-only open of `ino` that may write direct: it does, unless the inode is in
+    /// passthrough, whose backing file every open must share (it then writes in place).
+    pub fn open_direct(&self, ino: u64) -> Open<T> {
+        let mut state = self.state();
+        match state.modes.get_mut(&ino) {
+            Some(Mode::Passthrough { backing, opens }) => {
+                *opens += 1;
+                Open::Passthrough(backing.clone())
+            }
+            Some(Mode::Cached(n)) => {
+                *n += 1;
+                Open::Direct
+            }
+            None => {
+                state.modes.insert(ino, Mode::Cached(1));
+                Open::Direct
+            }
+        }
+    }
+
     /// A handle of `ino` opened as `how` is closed; whether it was the inode's last. The last
     /// passthrough handle drops the backing file's registration (`T`'s drop, once the caller
     /// drops `how` too).
     pub fn release(&self, ino: u64, how: &Open<T>) -> bool {
         let mut state = self.state();
         let last = match (state.modes.get_mut(&ino), how) {
-            (Some(Mode::Cached(n)), Open::Cached { .. }) => {
+            (Some(Mode::Cached(n)), Open::Cached { .. } | Open::Direct) => {
                 *n -= 1;
                 *n == 0
             }
@@ -118,12 +148,24 @@ impl<T> IoModes<T> {
             }
             _ => false,
         };
+        if matches!(how, Open::Direct) {
+            state.stale.insert(ino);
+        }
         if last {
             if let Some(Mode::Passthrough { .. }) = state.modes.remove(&ino) {
                 state.stale.insert(ino);
             }
         }
         last
+    }
+
+    /// Whether `ino` has more than one handle open.
+    pub fn shared(&self, ino: u64) -> bool {
+        match self.state().modes.get(&ino) {
+            Some(Mode::Cached(n)) => *n > 1,
+            Some(Mode::Passthrough { opens, .. }) => *opens > 1,
+            None => false,
+        }
     }
 
     /// Whether `ino` has passthrough handles (the tests' view of the bookkeeping).
@@ -214,5 +256,51 @@ mod tests {
         );
         let next = m.open(7, || None);
         assert!(matches!(next, Open::Cached { keep_cache: true }));
+    }
+
+    #[test]
+    fn a_direct_writer_keeps_readers_out_of_passthrough_and_its_close_drops_kept_pages() {
+        let live = Arc::new(AtomicUsize::new(0));
+        let m = IoModes::default();
+        let reader = m.open(9, || None);
+        assert!(matches!(reader, Open::Cached { keep_cache: true }));
+        let writer = m.open_direct(9);
+        assert!(matches!(writer, Open::Direct));
+        assert!(m.shared(9));
+        assert!(!m.release(9, &reader), "the writer is still open");
+        assert!(!m.shared(9), "the writer alone");
+        let during = m.open(9, register(&live));
+        assert!(
+            matches!(during, Open::Cached { .. }),
+            "no passthrough while a writer is open"
+        );
+        m.release(9, &during);
+        assert!(m.release(9, &writer), "its last handle");
+        let after = m.open(9, || None);
+        assert!(
+            matches!(after, Open::Cached { keep_cache: false }),
+            "pages kept from before the direct writes may be stale"
+        );
+        m.release(9, &after);
+        assert!(matches!(
+            m.open(9, || None),
+            Open::Cached { keep_cache: true }
+        ));
+    }
+
+    #[test]
+    fn a_write_only_open_of_a_passthrough_inode_shares_its_backing_file() {
+        let live = Arc::new(AtomicUsize::new(0));
+        let m = IoModes::default();
+        let reader = m.open(11, register(&live));
+        let writer = m.open_direct(11);
+        assert!(
+            matches!((&reader, &writer), (Open::Passthrough(x), Open::Passthrough(y)) if Arc::ptr_eq(x, y))
+        );
+        m.release(11, &writer);
+        drop(writer);
+        m.release(11, &reader);
+        drop(reader);
+        assert_eq!(live.load(Ordering::SeqCst), 0);
     }
 }

@@ -377,10 +377,8 @@ pub struct ServeOptions {
     pub ttl: Duration,
     pub threads: usize,
     pub noexec: bool,
-    /// FUSE passthrough for cached files where the kernel offers it.
-    pub passthrough: bool,
-    /// Directories listed without OPENDIR and RELEASEDIR where the kernel offers it.
-    pub list_unopened: bool,
+    /// Which kernel features to use where the kernel offers them.
+    pub kernel_features: crate::fuse::KernelFeatures,
     /// How often to list the container again for others' changes (zero: never).
     pub refresh_interval: Duration,
     /// Entries listed through the mount before it is reported ready, so the kernel knows
@@ -430,8 +428,7 @@ pub fn session(
         fs.clone(),
         opts.ttl,
         rt.clone(),
-        opts.passthrough,
-        opts.list_unopened,
+        opts.kernel_features,
         kernel,
     );
     let session = fuser::Session::new(fuse, mountpoint, &config)

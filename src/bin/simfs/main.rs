@@ -67,6 +67,11 @@ enum Cmd {
         /// or more, Linux 6.9+, root); reads then go through simfs, as on older kernels.
         #[arg(long)]
         no_passthrough: bool,
+        /// Write every file through the kernel's page cache, as on kernels before 6.6 (by
+        /// default a write-only handle of a new file writes straight to simfs: one copy of
+        /// its data fewer, and no second copy of it held in memory).
+        #[arg(long)]
+        buffered_writes: bool,
         /// Answer OPENDIR and RELEASEDIR for every directory listed, as on a kernel without
         /// FUSE_NO_OPENDIR_SUPPORT (by default the kernel lists without them: two round trips
         /// fewer per directory). For comparisons and debugging.
@@ -285,6 +290,7 @@ fn main() -> ExitCode {
             allow_non_empty,
             noexec,
             no_passthrough,
+            buffered_writes,
             open_dirs,
             refresh_interval,
             prime_entries,
@@ -299,8 +305,11 @@ fn main() -> ExitCode {
                     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
                 }),
                 noexec,
-                passthrough: !no_passthrough,
-                list_unopened: !open_dirs,
+                kernel_features: simfs::fuse::KernelFeatures {
+                    passthrough: !no_passthrough,
+                    list_unopened: !open_dirs,
+                    direct_writes: !buffered_writes,
+                },
                 refresh_interval: Duration::from_secs_f64(refresh_interval),
                 prime_entries,
                 metrics_address,
