@@ -8,6 +8,9 @@
 #   stream   1 GiB written with dd bs=1M, no fsync (the close included)
 #   fio      1 GiB written sequentially by fio (bs=1M, psync, no fsync): the write
 #            syscalls' own throughput, which fio reports, against the same on native
+#   zero     1 GiB from /dev/zero with dd bs=1M into a new file, no fsync: the write syscalls
+#            of a write-only handle (dd's, torch.save's, pip's; fio opens its file read-write),
+#            against native's page cache and the cache disk's O_DIRECT writes
 #   dd       1 GiB written with dd bs=1M conv=fsync, beside the Azure SDK for Python's
 #            upload_blob (max_concurrency=8) and rclone copyto of the same file
 #   drain    after pip on the default (async) mount: `simfs sync` time and the requests the
@@ -21,7 +24,7 @@
 #   RTT_MS=5 COMMITS=3000 ONLY="pip dd" OUT=/tmp/w bash benches/writes.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-RTT_MS="${RTT_MS:-5}"; COMMITS="${COMMITS:-3000}"; ONLY="${ONLY:-pip build clone stream fio dd}"
+RTT_MS="${RTT_MS:-5}"; COMMITS="${COMMITS:-3000}"; ONLY="${ONLY:-pip build clone stream fio zero dd}"
 OUT="${OUT:-$PWD/benches/results/writes}"
 source benches/lib.sh
 bash fuse-tests/setup.sh
@@ -103,6 +106,7 @@ build_job() { cp -r "$proj" proj && cd proj && autoreconf -i >/dev/null 2>&1 && 
 clone_job() { git clone -q --no-local "$repo" clone; }
 stream_job() { dd if="$work/1g.bin" of=1g.bin bs=1M status=none; }
 fio_job() { fio --name=seqwrite --filename=fio.bin --rw=write --bs=1M --size=1G --ioengine=psync --end_fsync=0 --output-format=json --output=fio.json; }
+zero_job() { dd if=/dev/zero of=zero.bin bs=1M count=1024 status=none; }
 dd_job() { dd if="$work/1g.bin" of=1g.bin bs=1M conv=fsync status=none; }
 
 for w in $ONLY; do
@@ -112,9 +116,14 @@ for w in $ONLY; do
     run "$w" "$t" "$d" "${w}_job"
   done
   case "$w" in
-    stream|fio)
+    stream|fio|zero)
       # Its upload goes on after close: let it finish before the next workload.
       "$bin/simfs" sync "$work/async" >/dev/null
+      if [ "$w" = zero ]; then
+        mkdir -p "$work/disk/zero"
+        run zero disk "$work/disk/zero" dd if=/dev/zero of=zero.bin bs=1M count=1024 oflag=direct status=none
+        rm -f "$work/disk/zero/zero.bin"
+      fi
       if [ "$w" = fio ]; then
         # The cache disk's own throughput: the same writes with O_DIRECT, past the page cache.
         mkdir -p "$work/disk/fio"
@@ -153,7 +162,7 @@ out, rtt = sys.argv[2], sys.argv[3]
 iso = sys.argv[4]
 print(f"write workloads, {rtt} ms round trip; seconds (requests the proxy counted)"
       + (f"; service on CPU {iso}, workloads on the others" if iso else "; service and workloads share the CPUs"))
-for w in ["pip", "build", "clone", "stream", "fio", "dd"]:
+for w in ["pip", "build", "clone", "stream", "fio", "zero", "dd"]:
     if (w, "native") not in r:
         continue
     n, a = r[(w, "native")][0], r.get((w, "async"))
@@ -168,6 +177,12 @@ if ("fiobw", "native") in r and ("fiobw", "async") in r:
     print(f"fio    write syscalls: native {n:.0f} MiB/s, simfs {a:.0f} MiB/s = {a / n:.2f}x of native's throughput")
     if ("fiobw", "disk") in r:
         d = r[("fiobw", "disk")][0]
+        print(f"       the cache disk itself (O_DIRECT): {d:.0f} MiB/s; simfs = {a / d:.2f}x of it")
+if ("zero", "native") in r and ("zero", "async") in r:
+    n, a = 1024 / r[("zero", "native")][0], 1024 / r[("zero", "async")][0]
+    print(f"zero   write syscalls of a write-only handle: native {n:.0f} MiB/s, simfs {a:.0f} MiB/s = {a / n:.2f}x of native's throughput")
+    if ("zero", "disk") in r:
+        d = 1024 / r[("zero", "disk")][0]
         print(f"       the cache disk itself (O_DIRECT): {d:.0f} MiB/s; simfs = {a / d:.2f}x of it")
 if ("drain", "async") in r:
     d, s = r[("drain", "async")], r.get(("pip", "sync"))
