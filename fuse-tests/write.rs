@@ -700,3 +700,75 @@ fn written_and_followed(container: &str, extra: &[&str]) -> usize {
     assert_eq!(&back, b"mapped");
     resident
 }
+
+/// A direct (write-only) handle, a buffered appender and a reader on one new file: random
+/// writes (some far past the end), truncates and appends, each range read back as it is
+/// then, and the whole file from a fresh node after.
+#[test]
+fn random_writes_truncates_and_appends_beside_a_direct_writer_read_back_exactly() {
+    use std::os::unix::fs::FileExt;
+    let az = empty_container("direct-random");
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount(&az, "direct-random", cache.path(), &[]);
+    let path = m.path().join("f");
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    let mut appender = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    let reader = std::fs::File::open(&path).unwrap();
+    let mut model: Vec<u8> = Vec::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n.max(1)
+    };
+    for i in 0..400u64 {
+        let fill =
+            |len: usize| -> Vec<u8> { (0..len).map(|j| (j as u64 * 7 + i) as u8 | 1).collect() };
+        match next(10) {
+            0..=4 => {
+                let (off, len) = (next(3 << 20) as usize, 1 + next(200_000) as usize);
+                let data = fill(len);
+                w.write_all_at(&data, off as u64).unwrap();
+                if model.len() < off + len {
+                    model.resize(off + len, 0);
+                }
+                model[off..off + len].copy_from_slice(&data);
+            }
+            5 => {
+                let len = next(3 << 20) as usize;
+                w.set_len(len as u64).unwrap();
+                model.resize(len, 0);
+            }
+            6 => {
+                let data = fill(1 + next(10_000) as usize);
+                appender.write_all(&data).unwrap();
+                model.extend_from_slice(&data);
+            }
+            _ => {
+                let off = next(model.len() as u64 + 1) as usize;
+                let len = (next(300_000) as usize).min(model.len() - off);
+                let mut got = vec![0u8; len];
+                reader.read_exact_at(&mut got, off as u64).unwrap();
+                assert!(got == model[off..off + len], "op {i}: {len} bytes at {off}");
+            }
+        }
+    }
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), model.len() as u64);
+    assert!(std::fs::read(&path).unwrap() == model);
+    drop((w, appender, reader));
+    m.unmount();
+    let fresh = tempfile::tempdir().unwrap();
+    let n = mount(&az, "direct-random", fresh.path(), &[]);
+    assert!(
+        std::fs::read(n.path().join("f")).unwrap() == model,
+        "a fresh node"
+    );
+}
