@@ -258,7 +258,7 @@ pub(super) mod tests {
         Index::open_existing(&path, &source).unwrap().unwrap()
     }
 
-    fn file(index: &Index, name: &str, at: SystemTime) -> u64 {
+    pub(in crate::index) fn file(index: &Index, name: &str, at: SystemTime) -> u64 {
         let node = NewNode {
             kind: Kind::File,
             perm: 0o644,

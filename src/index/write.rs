@@ -159,7 +159,8 @@ impl Index {
         due: SystemTime,
         inserted: impl FnOnce(u64),
     ) -> IndexResult<Attr> {
-        self.write(|tx| {
+        let _gate = self.written.gate();
+        let attr = self.write_gated(|tx| {
             dir(tx, parent)?;
             if entry_of(tx, parent, name)?.is_some() {
                 return Err(Refusal::Exists.into());
@@ -198,7 +199,15 @@ impl Index {
             let a = attr_of(tx, ino)?.ok_or(Refusal::NotFound)?;
             inserted(ino);
             Ok(a)
-        })
+        })?;
+        if node.kind == Kind::File {
+            // The new row is dirty, pending and due, as a first write's transaction would
+            // leave it, so its first writes can go to memory too (`written.rs`): a file
+            // created and written costs one transaction fewer. The entry goes with the next
+            // transaction if no write came before it; the first write then commits as usual.
+            self.written.insert(attr.ino, attr.size, attr.mtime);
+        }
+        Ok(attr)
     }
 
     /// Adds the name `parent/name` to the existing inode `ino` (a hard link).
@@ -436,15 +445,16 @@ impl Index {
     /// Persists the data writes held in memory (the write-back's timer, and before an
     /// inode's upload reads it).
     pub fn persist_written(&self) -> IndexResult<()> {
-        if self.written.is_empty() {
+        if !self.has_written() {
             return Ok(());
         }
         self.write(|_| Ok(()))
     }
 
-    /// Whether data writes are held in memory, waiting for `persist_written`.
+    /// Whether data writes are held in memory, waiting for `persist_written` (an entry
+    /// that took none, a new file's before its first write, has nothing to persist).
     pub fn has_written(&self) -> bool {
-        !self.written.is_empty()
+        self.written.any_writes()
     }
 
     /// Marks `ino` pending (the last handle of an unlinked inode closed: it can go now).

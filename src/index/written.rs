@@ -4,14 +4,17 @@
 //! connection. Instead the first write to an inode after it was last recorded marks it
 //! dirty and pending in a transaction (so a crash never forgets that the local copy holds
 //! data the container lacks) and leaves an entry here; later writes only raise the entry's
-//! size and mtime. Reads overlay the entries, so stat sees every write at once.
+//! size and mtime. A new file's create leaves one too (its row is born dirty and pending),
+//! so a file created and written costs one transaction for the create and one for the close.
+//! Reads overlay the entries, so stat sees every write at once.
 //!
 //! Invariants, which keep write-back's `gen` check exact:
 //! - an entry exists only after the transaction that made its inode dirty and bumped `gen`
 //!   (inserted under the gate, which every transaction holds);
 //! - every transaction first persists the entries that took writes since (bumping `gen`
 //!   again), so an upload that read the inode before those writes can never mark it clean;
-//!   entries that took none are simply dropped.
+//!   entries that took none are simply dropped;
+//! - an entry that took no write has nothing to persist, so it asks for no transaction.
 //!
 //! A read looks at the row, then at the entries: a persist that commits and drops an entry
 //! between the two would hide the write from both. `removals` counts the drops, and a read
@@ -108,8 +111,13 @@ impl Written {
         self.removals.load(Ordering::SeqCst)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len.load(Ordering::Acquire) == 0
+    /// Whether some entry took a write since its transaction.
+    pub fn any_writes(&self) -> bool {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.values().any(|w| w.writes > 0)
     }
 
     /// `a` with the size and times of writes not yet persisted.
@@ -139,4 +147,55 @@ pub(super) fn persist(tx: &Transaction<'_>, ino: u64, w: &Write) -> rusqlite::Re
     )?
     .execute(params![ino as i64, w.size as i64, to_ns(w.mtime)])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::memo::tests::{empty_index, file};
+    use super::super::Index;
+    use std::time::{Duration, SystemTime};
+
+    fn committed_size(index: &Index, ino: u64) -> i64 {
+        index
+            .with_conn(|c| {
+                Ok(c.query_row(
+                    "SELECT size FROM inodes WHERE ino = ?1",
+                    [ino as i64],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_new_files_first_writes_stay_in_memory_until_the_next_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = empty_index(dir.path());
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let ino = file(&index, "new", at);
+        assert!(!index.has_written(), "nothing written yet");
+        let later = at + Duration::from_secs(1);
+        index.wrote(ino, 4096, later, later).unwrap();
+        assert_eq!(committed_size(&index, ino), 0, "no transaction for it");
+        let a = index.getattr(ino).unwrap().unwrap();
+        assert_eq!((a.size, a.mtime), (4096, later), "a stat sees it");
+        assert!(index.has_written());
+        index.persist_written().unwrap();
+        assert_eq!(committed_size(&index, ino), 4096);
+        assert!(!index.has_written());
+    }
+
+    #[test]
+    fn a_new_file_not_yet_written_is_recorded_by_its_first_write_after_another_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = empty_index(dir.path());
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let ino = file(&index, "first", at);
+        // Another transaction drops the entry that took no write...
+        file(&index, "second", at);
+        assert!(index.written.snapshot().iter().all(|(i, _)| *i != ino));
+        // ...so the first write commits, as for any file written after its last record.
+        index.wrote(ino, 100, at, at).unwrap();
+        assert_eq!(committed_size(&index, ino), 100);
+    }
 }
