@@ -156,7 +156,7 @@ impl SimFuse {
             Some((ino, Open::Direct)) => *ino,
             _ => return None,
         };
-        self.modes.shared(ino).then_some(ino)
+        self.modes.beside_direct_writer(ino).then_some(ino)
     }
 
     /// Records how open file `fh` of `ino` was answered, for its release. Called before the

@@ -22,7 +22,9 @@
 //!
 //! Writes made in place or direct never pass through the kernel's page cache for the inode,
 //! so pages it kept from before may be stale: the first cached open after a passthrough
-//! period or a direct writer tells the kernel to drop them.
+//! period, or after a direct writer that had readers beside it, tells the kernel to drop
+//! them. (A direct writer alone leaves no mark: its file was new, and nothing cached it, so
+//! the marks do not grow with every file written.)
 //!
 //! This is bookkeeping only, generic over the backing handle, so it is tested without a
 //! kernel; `fuse.rs` registers the backing files and answers the kernel.
@@ -148,9 +150,6 @@ impl<T> IoModes<T> {
             }
             _ => false,
         };
-        if matches!(how, Open::Direct) {
-            state.stale.insert(ino);
-        }
         if last {
             if let Some(Mode::Passthrough { .. }) = state.modes.remove(&ino) {
                 state.stale.insert(ino);
@@ -159,13 +158,21 @@ impl<T> IoModes<T> {
         last
     }
 
-    /// Whether `ino` has more than one handle open.
-    pub fn shared(&self, ino: u64) -> bool {
-        match self.state().modes.get(&ino) {
+    /// A direct writer of `ino` wrote: whether other handles of it are open, whose pages the
+    /// caller must then drop. Their reads may race with the write (see `fuse.rs`), so the
+    /// first cached open once all are closed drops the pages again. A direct writer alone
+    /// leaves nothing behind: its file was new, and it cached nothing.
+    pub fn beside_direct_writer(&self, ino: u64) -> bool {
+        let mut state = self.state();
+        let others = match state.modes.get(&ino) {
             Some(Mode::Cached(n)) => *n > 1,
             Some(Mode::Passthrough { opens, .. }) => *opens > 1,
             None => false,
+        };
+        if others {
+            state.stale.insert(ino);
         }
+        others
     }
 
     /// Whether `ino` has passthrough handles (the tests' view of the bookkeeping).
@@ -259,31 +266,41 @@ mod tests {
     }
 
     #[test]
-    fn a_direct_writer_keeps_readers_out_of_passthrough_and_its_close_drops_kept_pages() {
+    fn a_direct_writer_keeps_readers_out_of_passthrough_and_pages_read_beside_it_are_dropped() {
         let live = Arc::new(AtomicUsize::new(0));
         let m = IoModes::default();
-        let reader = m.open(9, || None);
-        assert!(matches!(reader, Open::Cached { keep_cache: true }));
         let writer = m.open_direct(9);
         assert!(matches!(writer, Open::Direct));
-        assert!(m.shared(9));
-        assert!(!m.release(9, &reader), "the writer is still open");
-        assert!(!m.shared(9), "the writer alone");
-        let during = m.open(9, register(&live));
+        assert!(!m.beside_direct_writer(9), "alone");
+        let reader = m.open(9, register(&live));
         assert!(
-            matches!(during, Open::Cached { .. }),
+            matches!(reader, Open::Cached { keep_cache: true }),
             "no passthrough while a writer is open"
         );
-        m.release(9, &during);
+        assert_eq!(live.load(Ordering::SeqCst), 0);
+        assert!(m.beside_direct_writer(9), "a reader beside it");
+        assert!(!m.release(9, &reader), "the writer is still open");
         assert!(m.release(9, &writer), "its last handle");
         let after = m.open(9, || None);
         assert!(
             matches!(after, Open::Cached { keep_cache: false }),
-            "pages kept from before the direct writes may be stale"
+            "pages read beside the direct writes may be stale"
         );
         m.release(9, &after);
         assert!(matches!(
             m.open(9, || None),
+            Open::Cached { keep_cache: true }
+        ));
+    }
+
+    #[test]
+    fn a_direct_writer_alone_leaves_the_next_open_its_kept_pages() {
+        let m: IoModes<Backing> = IoModes::default();
+        let writer = m.open_direct(10);
+        assert!(!m.beside_direct_writer(10));
+        assert!(m.release(10, &writer));
+        assert!(matches!(
+            m.open(10, || None),
             Open::Cached { keep_cache: true }
         ));
     }
