@@ -442,6 +442,26 @@ fn check_lists_what_the_mount_hides() {
     assert_eq!(std::fs::read(m.path().join("ok/file")).unwrap(), b"raw");
 }
 
+/// The clean copies in the cache directory `cache` (under `cache/data`). The cache evicts
+/// while this looks: a file listed may be gone by the time of its stat, and is not counted.
+fn clean_copies(cache: &Path) -> Vec<std::fs::Metadata> {
+    let mut out = Vec::new();
+    let mut stack = vec![cache.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for p in entries.flatten().map(|e| e.path()) {
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => stack.push(p),
+                Ok(m) if d.ends_with("cache/data") => out.push(m),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn a_data_set_twice_the_cache_size_reads_whole_twice_within_the_bound() {
     let az = Azurite::start();
@@ -455,24 +475,11 @@ fn a_data_set_twice_the_cache_size_reads_whole_twice_within_the_bound() {
     az.seed("evict", &[format!("{}=", data.path().display())], 0, 0);
     let cache = tempfile::tempdir().unwrap();
     let m = mount(&az, "evict", cache.path(), &["--cache-size", "5M"]);
-    // The cache evicts while this looks: a file listed may be gone by the time of its stat,
-    // and then it holds no bytes.
     let clean_bytes = || -> u64 {
-        let mut sum = 0;
-        let mut stack = vec![cache.path().to_path_buf()];
-        while let Some(d) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for p in entries.flatten().map(|e| e.path()) {
-                match std::fs::symlink_metadata(&p) {
-                    Ok(m) if m.is_dir() => stack.push(p),
-                    Ok(m) if d.ends_with("cache/data") => sum += m.blocks() * 512,
-                    _ => {}
-                }
-            }
-        }
-        sum
+        clean_copies(cache.path())
+            .iter()
+            .map(|m| m.blocks() * 512)
+            .sum()
     };
     for round in 0..2 {
         for i in 0..20 {
@@ -506,12 +513,7 @@ fn stage_hydrates_a_tree_refuses_what_does_not_fit_and_evicts() {
     let cache = tempfile::tempdir().unwrap();
     // Room for 8 of the 16 training shards under the high watermark (95%).
     let m = mount(&az, "stage", cache.path(), &["--cache-size", "2.2M"]);
-    let clean_files = || {
-        walk(cache.path())
-            .iter()
-            .filter(|p| p.parent().is_some_and(|d| d.ends_with("cache/data")))
-            .count()
-    };
+    let clean_files = || clean_copies(cache.path()).len();
     let stage = |args: &[&str]| {
         let out = Command::new(SIMFS)
             .arg("stage")
