@@ -60,6 +60,13 @@ pub struct KernelFeatures {
     pub direct_writes: bool,
 }
 
+/// Whether a kernel offering `offered` at INIT drops cached pages over a direct write's
+/// range (Linux 6.6+). The release that made it do so added FUSE_DIRECT_IO_ALLOW_MMAP too,
+/// and the flag is what INIT shows.
+fn drops_pages_over_direct_writes(offered: InitFlags) -> bool {
+    offered.contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+}
+
 pub struct SimFuse {
     fs: Arc<SimFs>,
     ttl: Duration,
@@ -312,9 +319,7 @@ impl Filesystem for SimFuse {
             );
         }
         if self.direct_writes.load(Ordering::Relaxed)
-            && !config
-                .capabilities()
-                .contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            && !drops_pages_over_direct_writes(config.capabilities())
         {
             self.direct_writes.store(false, Ordering::Relaxed);
             tracing::info!("this kernel (before 6.6) keeps stale pages over direct writes: every write goes through the page cache");
@@ -891,5 +896,23 @@ impl Filesystem for SimFuse {
             ),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_writes_need_a_kernel_that_drops_pages_over_them() {
+        // What Ubuntu 22.04's 5.15 offers: no FUSE_DIRECT_IO_ALLOW_MMAP (protocol 7.34).
+        let old = InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        assert!(!drops_pages_over_direct_writes(old));
+        assert!(drops_pages_over_direct_writes(
+            old | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP
+        ));
     }
 }
