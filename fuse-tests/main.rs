@@ -577,44 +577,23 @@ fn stage_hydrates_a_tree_refuses_what_does_not_fit_and_evicts() {
     }
 }
 
-/// Reads `p` through mmap.
-fn mmap_read(p: &Path) -> Vec<u8> {
-    let f = std::fs::File::open(p).unwrap();
-    let len = f.metadata().unwrap().len() as usize;
-    // SAFETY: a private read-only mapping of a file we hold open, unmapped before return.
+/// Maps the first `len` bytes of `f` with `prot` and `flags`, hands the mapping to `use_it`,
+/// and unmaps it after.
+pub(crate) fn with_mapping<T>(
+    f: &std::fs::File,
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    use_it: impl FnOnce(*mut u8) -> T,
+) -> T {
+    // SAFETY: a mapping of a file the caller holds open, used only inside `use_it` and
+    // unmapped before return.
     unsafe {
         let addr = libc::mmap(
             std::ptr::null_mut(),
             len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            std::os::fd::AsRawFd::as_raw_fd(&f),
-            0,
-        );
-        assert_ne!(
-            addr,
-            libc::MAP_FAILED,
-            "{}",
-            std::io::Error::last_os_error()
-        );
-        let data = std::slice::from_raw_parts(addr as *const u8, len).to_vec();
-        libc::munmap(addr, len);
-        data
-    }
-}
-
-/// Writes `data` at `offset` of `f` through a shared mapping, synced and unmapped.
-pub(crate) fn mmap_write(f: &std::fs::File, offset: usize, data: &[u8]) {
-    let len = f.metadata().unwrap().len() as usize;
-    assert!(offset + data.len() <= len);
-    // SAFETY: a shared mapping of a file we hold open for writing, written within its
-    // length and unmapped before return.
-    unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
+            prot,
+            flags,
             std::os::fd::AsRawFd::as_raw_fd(f),
             0,
         );
@@ -624,10 +603,34 @@ pub(crate) fn mmap_write(f: &std::fs::File, offset: usize, data: &[u8]) {
             "{}",
             std::io::Error::last_os_error()
         );
-        std::ptr::copy_nonoverlapping(data.as_ptr(), (addr as *mut u8).add(offset), data.len());
-        assert_eq!(libc::msync(addr, len, libc::MS_SYNC), 0);
+        let out = use_it(addr as *mut u8);
         libc::munmap(addr, len);
+        out
     }
+}
+
+/// Reads `p` through mmap.
+fn mmap_read(p: &Path) -> Vec<u8> {
+    let f = std::fs::File::open(p).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    with_mapping(&f, len, libc::PROT_READ, libc::MAP_PRIVATE, |addr| {
+        // SAFETY: `len` bytes of a private read-only mapping of that length.
+        unsafe { std::slice::from_raw_parts(addr, len).to_vec() }
+    })
+}
+
+/// Writes `data` at `offset` of `f` through a shared mapping, synced and unmapped.
+pub(crate) fn mmap_write(f: &std::fs::File, offset: usize, data: &[u8]) {
+    let len = f.metadata().unwrap().len() as usize;
+    assert!(offset + data.len() <= len);
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    with_mapping(f, len, prot, libc::MAP_SHARED, |addr| {
+        // SAFETY: written within the mapping's length, then synced.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), addr.add(offset), data.len());
+            assert_eq!(libc::msync(addr.cast(), len, libc::MS_SYNC), 0);
+        }
+    })
 }
 
 #[test]

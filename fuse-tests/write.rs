@@ -607,27 +607,14 @@ fn listing_follows_changes(container: &str, extra: &[&str]) {
 
 /// How many pages of the FUSE file `f` (of `len` bytes) the kernel holds in its page cache.
 fn resident_pages(f: &std::fs::File, len: usize) -> usize {
-    let pages = len.div_ceil(4096);
-    let mut vec = vec![0u8; pages];
-    // SAFETY: a read-only mapping of a file we hold open, only asked about, then unmapped.
-    unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(f),
-            0,
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    crate::with_mapping(f, len, libc::PROT_READ, libc::MAP_SHARED, |addr| {
+        // SAFETY: mincore writes one byte per page of the mapping into `vec`, that long.
+        assert_eq!(
+            unsafe { libc::mincore(addr.cast(), len, vec.as_mut_ptr()) },
+            0
         );
-        assert_ne!(
-            addr,
-            libc::MAP_FAILED,
-            "{}",
-            std::io::Error::last_os_error()
-        );
-        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
-        libc::munmap(addr, len);
-    }
+    });
     vec.iter().filter(|&&b| b & 1 == 1).count()
 }
 
