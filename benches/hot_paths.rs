@@ -128,6 +128,7 @@ fn mount(
             passthrough: false,
             list_unopened: true,
             direct_writes: true,
+            in_place_writes: false,
         },
         refresh_interval: Duration::ZERO,
         prime_entries: 0,

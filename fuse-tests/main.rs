@@ -4,6 +4,7 @@ mod faults;
 mod fresh;
 mod harness;
 mod helper;
+mod in_place;
 mod limits;
 mod metrics;
 mod posix;

@@ -172,7 +172,7 @@ fn a_thousand_files_closed_right_before_a_sigkill_all_reach_a_fresh_node() {
 
 /// The distinct block ids staged through `proxy` (Put Block, not Put Block List), decoded,
 /// in the order first seen.
-fn staged_block_ids(proxy: &FaultProxy) -> Vec<String> {
+pub(crate) fn staged_block_ids(proxy: &FaultProxy) -> Vec<String> {
     use base64::Engine;
     let mut ids: Vec<String> = Vec::new();
     for line in proxy.injected() {

@@ -58,6 +58,9 @@ pub struct KernelFeatures {
     pub list_unopened: bool,
     /// Write-only handles of new files write past the page cache (Linux 6.6+).
     pub direct_writes: bool,
+    /// Files created read-write are written by the kernel straight into their local copy
+    /// (FUSE passthrough, Linux 6.9+; needs `passthrough`).
+    pub in_place_writes: bool,
 }
 
 /// Whether a kernel offering `offered` at INIT drops cached pages over a direct write's
@@ -88,6 +91,13 @@ pub struct SimFuse {
     /// kernels leave those pages stale, so a reader following a log as it grows (`tail -f`)
     /// would read its old pages: there every write goes through the page cache.
     direct_writes: AtomicBool,
+    /// Files created read-write (fio, git's packs and lock files, SQLite, HDF5, linkers'
+    /// outputs) are opened in passthrough on their local copy, so their writes, reads and
+    /// shared mappings cost no request at all; `fs::in_place` finds what they wrote. The
+    /// price: simfs does not see their writes as they happen, so such a file's blocks are
+    /// not staged while it is written, and its first fsync uploads it whole. Write-only
+    /// creates (checkpoints, `dd`, `cp`) keep streaming.
+    in_place_writes: bool,
     /// Tells the kernel to drop cached pages.
     kernel: Kernel,
 }
@@ -109,6 +119,7 @@ impl SimFuse {
             opens: Mutex::default(),
             no_opendir: AtomicBool::new(kernel_features.list_unopened),
             direct_writes: AtomicBool::new(kernel_features.direct_writes),
+            in_place_writes: kernel_features.in_place_writes,
             kernel,
         }
     }
@@ -124,26 +135,97 @@ impl SimFuse {
     }
 
     /// How to answer the open `fh` of `ino`: passthrough for a reader of a whole file of
-    /// 1 MiB or more when the kernel allows it, and for any open of an inode already in
-    /// passthrough (see `iomode`).
-    fn io_mode(&self, ino: u64, fh: u64, write: bool, reply: &ReplyOpen) -> Open<Backing> {
-        self.modes.open(ino, || {
-            if write || !self.passthrough.load(Ordering::Relaxed) {
+    /// 1 MiB or more when the kernel allows it, for a read-write open of such a file or an
+    /// empty one (see `in_place_writes`), and for any open of an inode already in
+    /// passthrough (see `iomode`). A writer in passthrough writes in place: `fs::in_place`
+    /// looks for its writes.
+    fn io_mode(
+        &self,
+        ino: u64,
+        fh: u64,
+        flags: OpenFlags,
+        reply: &ReplyOpen,
+    ) -> FsResult<Open<Backing>> {
+        let started = std::cell::Cell::new(false);
+        let how = self.modes.open(ino, || {
+            if !self.passthrough.load(Ordering::Relaxed) {
                 return None;
             }
-            let file = self.fs.passthrough_file(fh, PASSTHROUGH_MIN)?;
-            match reply.open_backing(&file) {
-                Ok(id) => Some(Backing { id, file }),
-                Err(e) => {
-                    if self.passthrough.swap(false, Ordering::Relaxed) {
-                        tracing::warn!(
-                            "FUSE passthrough is not available ({e}; it needs CAP_SYS_ADMIN and a cache disk that is not itself stacked): cached reads go through simfs"
-                        );
-                    }
-                    None
+            let file = match flags.acc_mode() {
+                OpenAccMode::O_RDONLY => self.fs.passthrough_file(fh, PASSTHROUGH_MIN)?,
+                OpenAccMode::O_RDWR if self.in_place_writes => {
+                    self.fs.in_place_file(fh, PASSTHROUGH_MIN)?
                 }
+                _ => return None,
+            };
+            started.set(true);
+            self.register(file, |f| reply.open_backing(f))
+        });
+        if flags.acc_mode() == OpenAccMode::O_RDONLY {
+            return Ok(how);
+        }
+        // A writer that joined readers in passthrough has no other way (the kernel allows
+        // no other mode beside them): if it cannot write in place, its open fails.
+        self.write_in_place(ino, fh, how)
+            .or_else(|e| match started.get() {
+                true => Ok(self.through_simfs(ino, e)),
+                false => Err(e),
+            })
+    }
+
+    /// Writer `fh` of `ino`, answered `how`, writes its backing file in place if `how` is
+    /// passthrough. If it cannot, its passthrough open is undone.
+    fn write_in_place(&self, ino: u64, fh: u64, how: Open<Backing>) -> FsResult<Open<Backing>> {
+        let Open::Passthrough(b) = &how else {
+            return Ok(how);
+        };
+        match self.fs.write_in_place(fh, &b.file) {
+            Ok(()) => Ok(how),
+            Err(e) => {
+                self.modes.release(ino, &how);
+                Err(e)
             }
-        })
+        }
+    }
+
+    /// A writer of `ino` that started passthrough could not write in place (`e`): it goes
+    /// through the page cache instead.
+    fn through_simfs(&self, ino: u64, e: FsError) -> Open<Backing> {
+        tracing::debug!("the writer of inode {ino} goes through simfs: {e}");
+        self.modes.open(ino, || None)
+    }
+
+    /// `file` registered with the kernel as a backing file by `open_backing`; None, and
+    /// passthrough off for good, when the kernel refuses.
+    fn register(
+        &self,
+        file: std::fs::File,
+        open_backing: impl FnOnce(&std::fs::File) -> std::io::Result<BackingId>,
+    ) -> Option<Backing> {
+        match open_backing(&file) {
+            Ok(id) => Some(Backing { id, file }),
+            Err(e) => {
+                if self.passthrough.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "FUSE passthrough is not available ({e}; it needs CAP_SYS_ADMIN and a cache disk that is not itself stacked): files go through simfs"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// How to answer the create of `ino` read-write, handle `fh`: in passthrough on its local
+    /// copy where allowed (see `in_place_writes`), else through the page cache.
+    fn create_mode(&self, ino: u64, fh: u64, reply: &ReplyCreate) -> Open<Backing> {
+        let in_place = self.in_place_writes && self.passthrough.load(Ordering::Relaxed);
+        let how = self.modes.open(ino, || {
+            let file = in_place.then(|| self.fs.in_place_file(fh, 0))??;
+            self.register(file, |f| reply.open_backing(f))
+        });
+        // A new inode: this create started whatever mode it is in.
+        self.write_in_place(ino, fh, how)
+            .unwrap_or_else(|e| self.through_simfs(ino, e))
     }
 
     /// The inode `fh` writes direct while other handles of it are open: the kernel drops
@@ -380,16 +462,13 @@ impl Filesystem for SimFuse {
             Err(e) => return reply.error(errno(&e)),
         };
         self.fs.note_opener(fh, req.pid());
-        let how = self.io_mode(ino.0, fh, write, &reply);
-        if let (true, Open::Passthrough(b)) = (write, &how) {
-            // A writer of an inode the kernel reads in passthrough shares the backing file,
-            // and its writes reach it without a WRITE request: simfs looks for them.
-            if let Err(e) = self.fs.write_in_place(fh, &b.file) {
-                self.modes.release(ino.0, &how);
+        let how = match self.io_mode(ino.0, fh, flags, &reply) {
+            Ok(how) => how,
+            Err(e) => {
                 let _ = self.fs.release(fh);
                 return reply.error(errno(&e));
             }
-        }
+        };
         let (mut flags, backing) = match &how {
             Open::Passthrough(b) => (FopenFlags::empty(), Some(b.clone())),
             // Data changes only through this mount, which keeps the page cache coherent: the
@@ -627,26 +706,33 @@ impl Filesystem for SimFuse {
         match self.fs.create(parent.0, name, mode & !umask, caller(req)) {
             Ok((a, fh)) => {
                 self.fs.note_opener(fh, req.pid());
-                // A new file is never in passthrough: no reader may start it while this
-                // handle is open.
-                let (how, fopen) = if flags & libc::O_ACCMODE == libc::O_WRONLY
-                    && self.direct_writes.load(Ordering::Relaxed)
-                {
-                    (self.modes.open_direct(a.ino), FopenFlags::FOPEN_DIRECT_IO)
-                } else {
-                    (
-                        self.modes.open(a.ino, || None),
-                        FopenFlags::FOPEN_KEEP_CACHE,
-                    )
+                // A new file is never in passthrough unless its creator writes it in place:
+                // no reader may start it while this handle is open.
+                let how = match flags & libc::O_ACCMODE {
+                    libc::O_WRONLY if self.direct_writes.load(Ordering::Relaxed) => {
+                        self.modes.open_direct(a.ino)
+                    }
+                    libc::O_RDWR => self.create_mode(a.ino, fh, &reply),
+                    _ => self.modes.open(a.ino, || None),
+                };
+                let (fopen, backing) = match &how {
+                    Open::Direct => (FopenFlags::FOPEN_DIRECT_IO, None),
+                    Open::Passthrough(b) => (FopenFlags::empty(), Some(b.clone())),
+                    Open::Cached { .. } => (FopenFlags::FOPEN_KEEP_CACHE, None),
                 };
                 self.record_open(fh, a.ino, how);
-                reply.created(
-                    &self.ttl,
-                    &file_attr(&a),
-                    Generation(0),
-                    FileHandle(fh),
-                    fopen,
-                )
+                let (ttl, attr) = (&self.ttl, &file_attr(&a));
+                match backing {
+                    Some(b) => reply.created_passthrough(
+                        ttl,
+                        attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        fopen,
+                        &b.id,
+                    ),
+                    None => reply.created(ttl, attr, Generation(0), FileHandle(fh), fopen),
+                }
             }
             Err(e) => reply.error(errno(&e)),
         }

@@ -232,12 +232,31 @@ impl SimFs {
                 return None;
             }
         }
-        // Through the descriptor, not the path: the copy may be renamed into place.
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
-            .ok()
+        reopen_read_write(&f)
+    }
+
+    /// The local copy writer `fh` writes, for the kernel to write in place (FUSE
+    /// passthrough; `write_in_place` then watches it): for a file being made (empty) or of
+    /// at least `min_size` bytes whose data is all on the cache disk already. A whole
+    /// cached copy is moved into place for it (the open pins it, so it cannot be evicted in
+    /// between); a file still downloading, or not at all, is None: its writer would wait.
+    pub fn in_place_file(&self, fh: u64, min_size: u64) -> Option<File> {
+        let h = self.file_handle(fh).ok()?;
+        let size = self.attr(h.ino).ok()?.size;
+        if !h.write || (size > 0 && size < min_size) {
+            return None;
+        }
+        if !self.index.is_local(h.ino).ok()? {
+            let blob = self.index.blob_of(h.ino).ok()??;
+            if !self.cache.is_hydrated(&blob) {
+                return None;
+            }
+            self.make_local(h.ino, false).ok()?;
+        }
+        match self.readable(&h).ok()? {
+            Data::Local(f) => reopen_read_write(&f),
+            _ => None,
+        }
     }
 
     /// Whether a read may wait for the network (the FUSE adapter answers it off its threads).
@@ -255,4 +274,14 @@ impl SimFs {
         self.file_handle(fh)
             .is_ok_and(|h| h.write && !matches!(h.data(), Data::Local(_)))
     }
+}
+
+/// `f` opened again, read-write, through its descriptor rather than its path: the copy may
+/// be renamed into place meanwhile.
+fn reopen_read_write(f: &File) -> Option<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .ok()
 }

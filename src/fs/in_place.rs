@@ -16,6 +16,10 @@
 //!   never forgotten (at worst the file is uploaded once more than needed);
 //! - meanwhile getattr reports the file's own length and mtime, which the kernel tracks
 //!   for the writer too;
+//! - a time set meanwhile (`utimes`, as rsync and `cp -p` set it after writing; a truncate)
+//!   takes in the writes made so far first and puts the sentinel back, so the next look
+//!   does not take the time set for a new write. A write racing that is still uploaded
+//!   (the upload reads the file), but its time and length wait for the next write's look;
 //! - a marker file beside the copy (`<ino>.in-place`) lives from the first such writer's
 //!   open to the last one's release: after a crash, the next mount uploads the copies it
 //!   marks, since their writes may never have reached the journal.
@@ -98,10 +102,18 @@ impl SimFs {
         };
         w.handles += 1;
         h.in_place.store(true, Ordering::Relaxed);
-        // Its writes reach the file unseen: until its close it counts as writing, and no
-        // block staged ahead of the commit can be trusted.
+        // Its writes reach the file unseen: until its close it counts as writing, and its
+        // blocks are staged ahead by looking (`writeback::unseen`).
         self.hold_upload(&h);
-        self.writable()?.forget_stream(h.ino);
+        if let Some(wb) = &self.writeback {
+            // The kernel's writes never ask for room: the cache makes it as the file grows,
+            // evicting clean copies (a full disk fails the writer's own write, ENOSPC).
+            let cache = self.cache.clone();
+            let grew = Arc::new(move |bytes| {
+                let _ = cache.check_room(bytes);
+            });
+            wb.write_unseen(h.ino, backing.metadata()?.len(), grew);
+        }
         Ok(())
     }
 
@@ -117,9 +129,19 @@ impl SimFs {
         }
         let (now, due) = self.due()?;
         self.index.wrote(ino, md.len(), now, due)?;
-        self.writable()?.forget_stream(ino);
         self.changed(due);
         Ok(true)
+    }
+
+    /// The times of `ino` are about to be set: writes made in place so far are taken in
+    /// first, and the copy's mtime goes back to the sentinel (see the module's notes).
+    pub(super) fn before_times_set(&self, ino: u64) -> FsResult<()> {
+        let Some(file) = self.in_place.file(ino) else {
+            return Ok(());
+        };
+        self.adopt_in_place(ino)?;
+        file.set_modified(UNWRITTEN)?;
+        Ok(())
     }
 
     /// Writer `fh` in place is closed: a last look at its writes, and the inode leaves the
@@ -132,6 +154,9 @@ impl SimFs {
             if w.handles == 0 {
                 writers.remove(&ino);
                 self.in_place.count.fetch_sub(1, Ordering::AcqRel);
+                if let Ok(wb) = self.writable() {
+                    wb.unseen_done(ino);
+                }
                 // The journal knows everything now; unless it could not be told.
                 if adopted.is_ok() {
                     let _ = std::fs::remove_file(self.local.in_place_marker(ino));

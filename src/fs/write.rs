@@ -256,6 +256,9 @@ impl SimFs {
                 c.mtime = Some(SetTime::Now);
             }
         }
+        if c.mtime.is_some() {
+            self.before_times_set(ino)?;
+        }
         let a = self.index.setattr(ino, &c, now, due)?;
         self.changed(due);
         Ok(a)

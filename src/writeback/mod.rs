@@ -15,6 +15,7 @@
 //! - `scheduler.rs`: due changes in parallel batches, drain, mount-time recovery, and the
 //!   background thread, which sleeps until the next change is due or it is woken;
 //! - `stream.rs`: blocks of a file being written sequentially, staged before its commit;
+//! - `unseen.rs`: the same for files written in place, found by looking, checked at commit;
 //! - `window.rs`: the bounded window of closed-but-uncommitted data (back-pressure on close);
 //! - `sync.rs`: the barrier of `simfs sync PATH`.
 //!
@@ -38,6 +39,7 @@ mod intents;
 mod scheduler;
 mod stream;
 mod sync;
+mod unseen;
 mod window;
 
 pub use scheduler::Background;

@@ -26,6 +26,9 @@
 //! service drops uncommitted blocks and refuses the list) makes the upload fall back to a
 //! whole one, and the stream starts over. Nothing here is journaled: after a crash the
 //! previous version is still the committed one, and the next mount uploads the file whole.
+//!
+//! Writers in place (`fs::in_place`) write where simfs cannot see it; their streams are fed
+//! and checked differently (`unseen.rs`).
 
 use super::Writeback;
 use crate::blob::upload::UploadOptions;
@@ -38,10 +41,14 @@ use std::sync::{Arc, Mutex};
 /// Blocks being staged at once across the mount (each is read into memory).
 const IN_FLIGHT: usize = 8;
 /// A block blob holds at most this many blocks.
-const MAX_BLOCKS: u64 = 50_000;
+pub(super) const MAX_BLOCKS: u64 = 50_000;
+
+/// One block of a commit: its id, whether the service has it, and the sequence number its
+/// data is read at.
+type PlannedBlock = (Vec<u8>, bool, u64);
 
 #[derive(Default)]
-struct Stream {
+pub(super) struct Stream {
     /// The blob name the blocks are staged for, from the first staging on.
     name: Option<String>,
     /// Distinguishes this stream's block ids from any other upload's.
@@ -50,18 +57,20 @@ struct Stream {
     changed: Vec<u64>,
     /// Staged (or staged and committed) blocks: id and the sequence number their data was
     /// read at.
-    staged: HashMap<u64, (Vec<u8>, u64)>,
+    pub(super) staged: HashMap<u64, (Vec<u8>, u64)>,
     /// Blocks being staged now.
-    staging: std::collections::HashSet<u64>,
+    pub(super) staging: std::collections::HashSet<u64>,
     next_seq: u64,
     /// Changes counted, and their count when the last commit planned: equal when nothing
     /// changed since.
     touches: u64,
     committed_touches: u64,
     /// The first block not yet looked at for staging.
-    cursor: u64,
+    pub(super) cursor: u64,
     /// A commit is under way (or the stream was dropped): no new staging.
-    closed: bool,
+    pub(super) closed: bool,
+    /// Its writes are not seen (writers in place): see `unseen.rs`.
+    pub(super) unseen: Option<super::unseen::Unseen>,
 }
 
 impl Stream {
@@ -82,6 +91,9 @@ impl Stream {
         self.name = None;
         self.staged.clear();
         self.cursor = 0;
+        if let Some(u) = &mut self.unseen {
+            u.sums.clear();
+        }
     }
 
     /// A fresh id for block `block`, never used before by this stream.
@@ -123,26 +135,56 @@ impl Streams {
     fn get(&self, ino: u64) -> Arc<Mutex<Stream>> {
         self.map()
             .entry(ino)
-            .or_insert_with(|| {
-                let nonce = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos()
-                    ^ (ino as u128) << 64;
-                Arc::new(Mutex::new(Stream {
-                    nonce,
-                    ..Default::default()
-                }))
-            })
+            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(ino, None))))
             .clone()
+    }
+
+    /// `ino`'s stream, if any.
+    pub(super) fn find(&self, ino: u64) -> Option<Arc<Mutex<Stream>>> {
+        self.map().get(&ino).cloned()
+    }
+
+    /// Makes `stream` `ino`'s, in place of any it had (which stages nothing more).
+    pub(super) fn replace(&self, ino: u64, stream: Arc<Mutex<Stream>>) {
+        if let Some(old) = self.map().insert(ino, stream) {
+            lock(&old).closed = true;
+        }
     }
 
     fn take(&self, ino: u64) -> Option<Arc<Mutex<Stream>>> {
         self.map().remove(&ino)
     }
+
+    /// Drops `ino`'s stream if it is still `stream`.
+    pub(super) fn remove_if(&self, ino: u64, stream: &Arc<Mutex<Stream>>) {
+        let mut map = self.map();
+        if map.get(&ino).is_some_and(|s| Arc::ptr_eq(s, stream)) {
+            map.remove(&ino);
+        }
+    }
+
+    /// The block size and the single-PUT bound.
+    pub(super) fn opts(&self) -> &UploadOptions {
+        &self.opts
+    }
 }
 
-fn lock(s: &Mutex<Stream>) -> std::sync::MutexGuard<'_, Stream> {
+impl Stream {
+    pub(super) fn new(ino: u64, unseen: Option<super::unseen::Unseen>) -> Stream {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            ^ (ino as u128) << 64;
+        Stream {
+            nonce,
+            unseen,
+            ..Default::default()
+        }
+    }
+}
+
+pub(super) fn lock(s: &Mutex<Stream>) -> std::sync::MutexGuard<'_, Stream> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -206,6 +248,10 @@ impl Writeback {
         let to = (s.changed.len() as u64).max(from + 1) - 1;
         s.touch(from, to);
         s.cursor = s.cursor.min(from);
+        if s.unseen.is_some() {
+            // Their data is gone; a file growing again is staged again.
+            s.staged.retain(|b, _| *b < from);
+        }
     }
 
     /// `ino`'s local copy changes where simfs cannot see it (writers in place): no block
@@ -220,9 +266,13 @@ impl Writeback {
     /// has nothing left to do (a file fsynced, then closed unchanged, is not uploaded
     /// again); one with changes serves the upload the close made due.
     pub(super) fn writers_done(&self, ino: u64) {
+        // Unseen writes count no change: such a stream serves the commit the close made due.
         let idle = self.streams.map().get(&ino).is_some_and(|s| {
             let s = lock(s);
-            s.touches == s.committed_touches && s.staging.is_empty() && !s.closed
+            s.touches == s.committed_touches
+                && s.staging.is_empty()
+                && !s.closed
+                && s.unseen.is_none()
         });
         if idle {
             self.streams.take(ino);
@@ -230,23 +280,37 @@ impl Writeback {
     }
 
     /// Stages block `b` (already counted in `staging`) on the runtime.
-    fn stage_in_background(self: &Arc<Self>, ino: u64, stream: Arc<Mutex<Stream>>, b: u64) {
+    pub(super) fn stage_in_background(
+        self: &Arc<Self>,
+        ino: u64,
+        stream: Arc<Mutex<Stream>>,
+        b: u64,
+    ) {
         let wb = self.clone();
         self.rt.spawn(async move {
             let staged = wb.stage_one(ino, &stream, b).await;
             let mut s = lock(&stream);
             s.staging.remove(&b);
             match staged {
-                Some((id, seq)) => {
+                Some((id, seq, sum)) => {
                     s.staged.insert(b, (id, seq));
+                    if let Some(u) = &mut s.unseen {
+                        u.sums.insert(b, sum);
+                    }
                 }
                 None => tracing::debug!("inode {ino}: block {b} left for the commit"),
             }
         });
     }
 
-    /// Stages block `b` of `ino` as it is now; its id and the sequence number it was read at.
-    async fn stage_one(&self, ino: u64, stream: &Mutex<Stream>, b: u64) -> Option<(Vec<u8>, u64)> {
+    /// Stages block `b` of `ino` as it is now; its id, the sequence number it was read at
+    /// and, for a stream of unseen writes, the checksum of what it held (else 0).
+    async fn stage_one(
+        &self,
+        ino: u64,
+        stream: &Mutex<Stream>,
+        b: u64,
+    ) -> Option<(Vec<u8>, u64, u64)> {
         let _permit = self.streams.in_flight.clone().acquire_owned().await.ok()?;
         // (Bound first: a guard in a match's scrutinee lives through the whole match.)
         let known = lock(stream).name.clone();
@@ -257,13 +321,20 @@ impl Writeback {
                 lock(stream).name.get_or_insert(n).clone()
             }
         };
-        let (id, seq) = {
-            let s = lock(stream);
+        let (id, seq, unseen) = {
+            let mut s = lock(stream);
             if s.closed {
                 return None;
             }
-            let seq = *s.changed.get(b as usize)?;
-            (s.id(b, seq), seq)
+            match s.unseen.is_some() {
+                // No change is counted: each staging gets an id of its own, so one that
+                // lands late never passes for a later one.
+                true => (s.fresh_id(b), 0, true),
+                false => {
+                    let seq = *s.changed.get(b as usize)?;
+                    (s.id(b, seq), seq, false)
+                }
+            }
         };
         let block = self.streams.opts.block_size;
         let path = self.local.path(ino);
@@ -274,8 +345,9 @@ impl Writeback {
         if data.len() as u64 != block {
             return None;
         }
+        let sum = if unseen { super::unseen::sum(&data) } else { 0 };
         self.store.stage_block(&name, &id, data).await.ok()?;
-        Some((id, seq))
+        Some((id, seq, sum))
     }
 
     /// The name `ino`'s data would be uploaded to now (None: it has no name).
@@ -334,10 +406,15 @@ impl Writeback {
         if size <= self.streams.opts.single_put_max || count > MAX_BLOCKS {
             return None;
         }
-        // Per block: its id, whether the service has it, and the sequence number it is
-        // read at.
-        let plan: Vec<(Vec<u8>, bool, u64)> = {
+        // Unseen writes: the staged blocks that still hold what they were staged with.
+        let unchanged = self.unseen_unchanged(stream, path).await;
+        let plan: Vec<PlannedBlock> = {
             let mut s = lock(stream);
+            // Nothing staged yet: this commit stages every block, for the next to reuse
+            // (a file rewritten here and there and fsynced, as databases do).
+            if s.staged.is_empty() && s.staging.is_empty() {
+                s.name = Some(name.to_owned());
+            }
             if s.name.as_deref() != Some(name) {
                 return None;
             }
@@ -347,8 +424,12 @@ impl Writeback {
                 .map(|b| {
                     let seq = s.changed.get(b as usize).copied().unwrap_or(0);
                     let full = (b + 1) * block <= size;
+                    let good = |at: u64| match &unchanged {
+                        Some(u) => u.contains(&b),
+                        None => at == seq,
+                    };
                     match s.staged.get(&b) {
-                        Some((id, at)) if *at == seq && full => (id.clone(), true, seq),
+                        Some((id, at)) if good(*at) && full => (id.clone(), true, seq),
                         // A fresh id: never one a stale staging used.
                         _ => (s.fresh_id(b), false, seq),
                     }
@@ -356,9 +437,9 @@ impl Writeback {
                 .collect()
         };
         let result = self
-            .stage_rest_and_commit(name, path, &plan, size, meta, expect)
+            .stage_rest_and_commit(name, path, (&plan, size), meta, expect, unchanged.is_some())
             .await;
-        if result.is_ok() {
+        if let Ok((_, sums)) = &result {
             // Whole blocks read at `seq` are the service's now under their ids; a write
             // since then changed the block's number, so it is staged again.
             let mut s = lock(stream);
@@ -367,43 +448,51 @@ impl Writeback {
                     s.staged.insert(b as u64, (id, seq));
                 }
             }
+            if let Some(u) = &mut s.unseen {
+                u.sums.extend(sums.iter().copied());
+            }
         }
-        Some(result)
+        Some(result.map(|(etag, _)| etag))
     }
 
     async fn stage_rest_and_commit(
         &self,
         name: &str,
         path: &Path,
-        plan: &[(Vec<u8>, bool, u64)],
-        size: u64,
+        (plan, size): (&[PlannedBlock], u64),
         meta: &Metadata,
         expect: &Expect,
-    ) -> Result<String, crate::blob::upload::UploadError> {
+        unseen: bool,
+    ) -> Result<(String, Vec<(u64, u64)>), crate::blob::upload::UploadError> {
         use futures::{StreamExt, TryStreamExt};
         let block = self.streams.opts.block_size;
         let file = crate::blob::upload::open_local_copy(path)?;
         let file = &file;
-        futures::stream::iter(
+        // For unseen writes, the checksum of each whole block staged here, for the next
+        // commit to check.
+        let sums = futures::stream::iter(
             plan.iter()
                 .enumerate()
                 .filter(|(_, (_, done, _))| !done)
                 .map(|(b, (id, _, _))| async move {
                     let off = b as u64 * block;
                     let data = crate::blob::upload::read_local(file, off, block.min(size - off))?;
+                    let sum = (unseen && data.len() as u64 == block)
+                        .then(|| (b as u64, super::unseen::sum(&data)));
                     self.store.stage_block(name, id, data).await?;
-                    Ok::<_, crate::blob::upload::UploadError>(())
+                    Ok::<_, crate::blob::upload::UploadError>(sum)
                 }),
         )
         .buffer_unordered(self.streams.opts.parallel.max(1))
         .try_collect::<Vec<_>>()
         .await?;
         let ids: Vec<Vec<u8>> = plan.iter().map(|(id, _, _)| id.clone()).collect();
-        Ok(self.store.commit_blocks(name, &ids, meta, expect).await?)
+        let etag = self.store.commit_blocks(name, &ids, meta, expect).await?;
+        Ok((etag, sums.into_iter().flatten().collect()))
     }
 }
 
-fn read_block(path: &Path, off: u64, len: u64) -> std::io::Result<Bytes> {
+pub(super) fn read_block(path: &Path, off: u64, len: u64) -> std::io::Result<Bytes> {
     use crate::blob::upload::{open_local_copy, read_local};
     read_local(&open_local_copy(path)?, off, len)
 }

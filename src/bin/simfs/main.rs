@@ -309,6 +309,7 @@ fn main() -> ExitCode {
                     passthrough: !no_passthrough,
                     list_unopened: !open_dirs,
                     direct_writes: !buffered_writes,
+                    in_place_writes: !buffered_writes,
                 },
                 refresh_interval: Duration::from_secs_f64(refresh_interval),
                 prime_entries,

@@ -1,0 +1,184 @@
+//! Writers in place: a file created or opened read-write is written by the kernel straight
+//! into its local copy (FUSE passthrough, Linux 6.9+), with no WRITE request, and is still
+//! streamed while it grows and committed exactly. `--buffered-writes` (and kernels without
+//! passthrough) write the same files through simfs; both must give the same blob.
+
+use crate::harness::*;
+use crate::writeback::staged_block_ids;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+/// A mount through `proxy` (its requests logged) whose log shows fuser's requests.
+fn logged_mount(
+    proxy: &FaultProxy,
+    container: &str,
+    cache: &std::path::Path,
+    extra: &[&str],
+) -> Mount {
+    let mut args = vec![container, "--cache-dir", cache.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Mount::start(
+        &args,
+        &[
+            ("AZURE_STORAGE_CONNECTION_STRING", proxy.connection_string()),
+            (
+                "SIMFS_LOG",
+                "warn,simfs::fuse=info,fuser::request=debug".into(),
+            ),
+        ],
+    )
+    .expect("mount")
+}
+
+/// WRITE requests simfs answered so far, and whether the kernel offered passthrough.
+fn writes_seen(m: &Mount) -> (usize, bool) {
+    let log = m.log_text();
+    let writes = log.lines().filter(|l| l.contains(" WRITE ")).count();
+    (
+        writes,
+        log.contains("cached files are read by the kernel directly"),
+    )
+}
+
+fn waits_for_blocks(proxy: &FaultProxy, n: usize) {
+    let start = Instant::now();
+    while staged_block_ids(proxy).len() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "staged: {:?}",
+            staged_block_ids(proxy)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_read_write_checkpoint_is_streamed_in_place_and_a_rewritten_block_staged_again() {
+    let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 241) as u8).collect();
+    let mut want = Vec::with_capacity(65 << 20);
+    for _ in 0..65 {
+        want.extend_from_slice(&mib);
+    }
+    want[4096..4105].copy_from_slice(b"rewritten");
+    for (container, extra) in [
+        ("inplace", &[][..]),
+        ("buffered", &["--buffered-writes"][..]),
+    ] {
+        let az = crate::write::empty_container(container);
+        let proxy = FaultProxy::start(&az);
+        proxy.set(r#"{"log_all": true}"#);
+        let cache = tempfile::tempdir().unwrap();
+        let mut m = logged_mount(&proxy, container, cache.path(), extra);
+        // As HDF5 and SQLite open what they make: read-write.
+        let path = m.path().join("model.h5");
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        for _ in 0..65 {
+            f.write_all(&mib).unwrap();
+        }
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            65 << 20,
+            "{container}: stat while the writer is open"
+        );
+        // The eight whole 8 MiB blocks go up while the file is open.
+        waits_for_blocks(&proxy, 8);
+        assert_eq!(staged_block_ids(&proxy).len(), 8, "{container}");
+        f.write_all_at(b"rewritten", 4096).unwrap();
+        let mut back = [0u8; 9];
+        f.read_exact_at(&mut back, 4096).unwrap();
+        assert_eq!(
+            &back, b"rewritten",
+            "{container}: the writer reads its write"
+        );
+        f.sync_all().unwrap();
+        let ids = staged_block_ids(&proxy);
+        assert_eq!(
+            ids.len(),
+            10,
+            "{container}: block 0 again and the tail, no other block twice: {ids:?}"
+        );
+        drop(f);
+        let (writes, passthrough) = writes_seen(&m);
+        match extra.is_empty() && passthrough {
+            true => assert_eq!(writes, 0, "{container}: the kernel wrote in place"),
+            false => assert!(writes > 0, "{container}: writes went through simfs"),
+        }
+        unmount_clean(&mut m);
+        let fresh = tempfile::tempdir().unwrap();
+        let n = crate::mount(&az, container, fresh.path(), &[]);
+        assert!(
+            std::fs::read(n.path().join("model.h5")).unwrap() == want,
+            "{container}"
+        );
+    }
+}
+
+#[test]
+fn a_file_laid_out_then_overwritten_in_place_is_committed_whole_and_exact() {
+    // fio and databases reserve a file's length first, then write into it: it never grows,
+    // so nothing of it may be staged before it is written.
+    let az = crate::write::empty_container("laidout");
+    let proxy = FaultProxy::start(&az);
+    proxy.set(r#"{"log_all": true}"#);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = logged_mount(&proxy, "laidout", cache.path(), &[]);
+    let path = m.path().join("data.bin");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(24 << 20)
+        .unwrap();
+    let synced = std::process::Command::new(SIMFS)
+        .arg("sync")
+        .arg(m.path())
+        .output()
+        .unwrap();
+    assert!(synced.status.success(), "{synced:?}");
+    let before = staged_block_ids(&proxy).len();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let body: Vec<u8> = (0..24u32 << 20).map(|i| (i % 251) as u8).collect();
+    for (i, chunk) in body.chunks(1 << 20).enumerate() {
+        f.write_all_at(chunk, (i as u64) << 20).unwrap();
+    }
+    // Several looks at the file: its length never moved.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        staged_block_ids(&proxy).len(),
+        before,
+        "nothing staged while it is overwritten"
+    );
+    f.sync_all().unwrap();
+    assert_eq!(
+        staged_block_ids(&proxy).len(),
+        before + 3,
+        "its three blocks, staged by the fsync"
+    );
+    // A block written after the fsync is staged again at the next; the others are not.
+    f.write_all_at(b"last", 0).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(
+        staged_block_ids(&proxy).len(),
+        before + 4,
+        "block 0 again, and no other"
+    );
+    drop(f);
+    let (writes, passthrough) = writes_seen(&m);
+    if passthrough {
+        assert_eq!(writes, 0, "the kernel wrote in place");
+    }
+    unmount_clean(&mut m);
+    let mut want = body;
+    want[..4].copy_from_slice(b"last");
+    let fresh = tempfile::tempdir().unwrap();
+    let n = crate::mount(&az, "laidout", fresh.path(), &[]);
+    assert!(std::fs::read(n.path().join("data.bin")).unwrap() == want);
+}

@@ -1,0 +1,191 @@
+//! Streams of files written in place, whose writes simfs never sees.
+//!
+//! A writer in place (`fs::in_place`: FUSE passthrough) writes the local copy through the
+//! kernel with no WRITE request, so no change is counted per block (`stream.rs`). Its
+//! checkpoint is streamed all the same, by looking instead of being told:
+//!
+//! - every `POLL` the file's length is looked at, and the whole blocks it has grown into
+//!   since the writers in place opened it (or since a truncate below them) are staged, each
+//!   once, with the CRC64 of what it held. A file laid out first and then overwritten (fio,
+//!   databases: `fallocate` or `ftruncate`, then writes) does not grow, so nothing of it is
+//!   staged ahead: its blocks would be staged before they were written;
+//! - the commit reads every staged block again and reuses it only where its checksum still
+//!   matches, so a block rewritten after it was staged is staged again, and the committed
+//!   blob is the file as the commit read it. That costs a local read of what was staged
+//!   (page cache or disk speed), and no block goes up twice unless it changed;
+//! - each look hands the file's growth to `grew` (the cache makes room for it, evicting
+//!   clean copies: the kernel's writes never ask simfs for room);
+//! - the poll ends with the last writer in place, or when the stream goes (its commit once
+//!   no one writes, an unlink); a poll restarted for a new writer ends any older one.
+
+use super::stream::{lock, read_block, Stream, MAX_BLOCKS};
+use super::Writeback;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often a file written in place is looked at.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Told how many bytes a file written in place grew by since the last look.
+pub type Grew = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// What a stream of unseen writes keeps besides the staged blocks.
+#[derive(Default)]
+pub(super) struct Unseen {
+    /// Blocks before this one were there when the writers in place opened the file: they
+    /// are not staged ahead (they may be rewritten in place, and nothing would tell).
+    pub(super) from: u64,
+    /// The CRC64 of each staged block's data as it was staged.
+    pub(super) sums: HashMap<u64, u64>,
+    /// The poll that may run; bumped to end it.
+    poll: u64,
+    /// Whether writers in place have the file open (a poll runs).
+    polling: bool,
+}
+
+/// The checksum a staged block is checked against at the commit.
+pub(super) fn sum(data: &[u8]) -> u64 {
+    let mut d = crc64fast_nvme::Digest::new();
+    d.write(data);
+    d.sum64()
+}
+
+impl Writeback {
+    /// `ino`'s local copy, `size` bytes now, is written in place from now on. Its stream is
+    /// replaced by one of unseen writes (blocks staged before could be overwritten unseen),
+    /// unless it has one, and the poll runs, telling `grew` how the file grows.
+    pub fn write_unseen(self: &Arc<Self>, ino: u64, size: u64, grew: Grew) {
+        let block = self.streams.opts().block_size.max(1);
+        let stream = match self.streams.find(ino) {
+            Some(s) if lock(&s).unseen.is_some() => s,
+            _ => {
+                let unseen = Unseen {
+                    from: size / block,
+                    ..Default::default()
+                };
+                let s = Arc::new(Mutex::new(Stream::new(ino, Some(unseen))));
+                self.streams.replace(ino, s.clone());
+                s
+            }
+        };
+        let poll = {
+            let mut s = lock(&stream);
+            let Some(u) = &mut s.unseen else {
+                return;
+            };
+            if u.polling {
+                return;
+            }
+            u.polling = true;
+            u.poll += 1;
+            u.poll
+        };
+        self.poll_unseen(ino, stream, poll, size, grew);
+    }
+
+    /// The last writer in place of `ino` is done: the poll ends, and the commit its close
+    /// made due stages what is left. A stream that staged nothing has nothing to offer that
+    /// commit, and goes.
+    pub fn unseen_done(&self, ino: u64) {
+        let Some(stream) = self.streams.find(ino) else {
+            return;
+        };
+        let mut s = lock(&stream);
+        let Some(u) = &mut s.unseen else {
+            return;
+        };
+        u.polling = false;
+        u.poll += 1;
+        if s.staged.is_empty() && s.staging.is_empty() {
+            drop(s);
+            self.streams.remove_if(ino, &stream);
+        }
+    }
+
+    /// Stages the blocks `ino` grows into from `size` bytes, every `POLL`, while poll number
+    /// `poll` of `stream` is the one that may run.
+    fn poll_unseen(
+        self: &Arc<Self>,
+        ino: u64,
+        stream: Arc<Mutex<Stream>>,
+        poll: u64,
+        mut size: u64,
+        grew: Grew,
+    ) {
+        let wb = self.clone();
+        let path = self.local.path(ino);
+        let opts = self.streams.opts().clone();
+        let block = opts.block_size.max(1);
+        self.rt.spawn(async move {
+            loop {
+                tokio::time::sleep(POLL).await;
+                if !wb
+                    .streams
+                    .find(ino)
+                    .is_some_and(|s| Arc::ptr_eq(&s, &stream))
+                {
+                    break;
+                }
+                let Ok(now) = std::fs::metadata(&path).map(|m| m.len()) else {
+                    continue;
+                };
+                if now > size {
+                    let grew = grew.clone();
+                    let _ = tokio::task::spawn_blocking(move || grew(now - size)).await;
+                }
+                size = now;
+                let ready: Vec<u64> = {
+                    let mut s = lock(&stream);
+                    let from = match &s.unseen {
+                        Some(u) if u.poll == poll => u.from,
+                        _ => break,
+                    };
+                    if s.closed || size <= opts.single_put_max {
+                        continue;
+                    }
+                    let end = (size / block).min(MAX_BLOCKS);
+                    let ready: Vec<u64> = (s.cursor.max(from)..end)
+                        .filter(|b| !s.staging.contains(b) && !s.staged.contains_key(b))
+                        .collect();
+                    s.staging.extend(&ready);
+                    s.cursor = s.cursor.max(end);
+                    ready
+                };
+                for b in ready {
+                    wb.stage_in_background(ino, stream.clone(), b);
+                }
+            }
+        });
+    }
+
+    /// For a stream of unseen writes, its staged blocks whose data at `path` still has the
+    /// checksum it was staged with (None: the stream's writes are seen and counted).
+    pub(super) async fn unseen_unchanged(
+        &self,
+        stream: &Mutex<Stream>,
+        path: &Path,
+    ) -> Option<HashSet<u64>> {
+        let sums: Vec<(u64, u64)> = {
+            let s = lock(stream);
+            let u = s.unseen.as_ref()?;
+            s.staged
+                .keys()
+                .filter_map(|b| u.sums.get(b).map(|sum| (*b, *sum)))
+                .collect()
+        };
+        let block = self.streams.opts().block_size;
+        let path = path.to_owned();
+        let unchanged = tokio::task::spawn_blocking(move || {
+            sums.into_iter()
+                .filter(|(b, want)| {
+                    read_block(&path, b * block, block)
+                        .is_ok_and(|d| d.len() as u64 == block && sum(&d) == *want)
+                })
+                .map(|(b, _)| b)
+                .collect()
+        });
+        Some(unchanged.await.unwrap_or_default())
+    }
+}
