@@ -7,10 +7,11 @@
 //! backing id (anything else, direct I/O included, fails the open with EIO); while cached
 //! handles are open, no passthrough open is allowed.
 //!
-//! Only readers start passthrough. A later open of an inode in passthrough shares its
+//! Readers start passthrough, and so do read-write opens whose data is all on the cache
+//! disk (`fuse.rs` decides which). A later open of an inode in passthrough shares its
 //! backing file whatever it is: a reader, or a writer, which then writes the file in place
 //! (`fs::in_place` finds its writes). An inode first opened while still downloading, or
-//! by a writer, stays in the page cache mode until its last handle closes.
+//! by a write-only writer, stays in the page cache mode until its last handle closes.
 //!
 //! A write-only handle of a new file (a create) is direct: its writes go to simfs without
 //! the kernel copying them into its page cache first. That is a copy and a page allocation

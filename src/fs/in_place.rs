@@ -1,9 +1,11 @@
 //! Writers whose writes never reach simfs: the kernel makes them straight into the local copy.
 //!
-//! With FUSE passthrough the kernel reads a cached file directly, and it holds an inode in
-//! one I/O mode at a time: while a reader has it open that way, a writer's open must be
-//! passthrough on the same backing file too. Such a writer's `write(2)`s and shared mappings
-//! land in the file with no WRITE request. So its local copy is made *the backing file
+//! With FUSE passthrough the kernel reads and writes a file on the cache disk directly. A
+//! read-write open whose data is all local starts it (`fuse.rs`: fio, databases, git's packs
+//! then write at the disk's speed), and the kernel holds an inode in one I/O mode at a time:
+//! while a reader has it open that way, a writer's open must be passthrough on the same
+//! backing file too. Such a writer's `write(2)`s and shared mappings land in the file with no
+//! WRITE request. So its local copy is made *the backing file
 //! itself* (the cached copy is renamed into place, never copied; `O_TRUNC` truncates it in
 //! place), and its writes are found afterwards:
 //!
@@ -12,7 +14,7 @@
 //!   the current time;
 //! - each flush, fsync and release of the inode looks: a moved mtime marks the inode written
 //!   with the file's length, and close and fsync upload as after any write;
-//! - the sentinel is never reset while such writers remain, so a write racing a look is
+//! - a look never resets the sentinel while such writers remain, so a write racing a look is
 //!   never forgotten (at worst the file is uploaded once more than needed);
 //! - meanwhile getattr reports the file's own length and mtime, which the kernel tracks
 //!   for the writer too;
@@ -24,8 +26,9 @@
 //!   open to the last one's release: after a crash, the next mount uploads the copies it
 //!   marks, since their writes may never have reached the journal.
 //!
-//! Writers that arrive while no one reads in place write through simfs as usual; this path
-//! exists because the kernel gives no other choice.
+//! The writes are not seen as they happen, so the file's blocks are staged ahead by
+//! looking at its length instead (`writeback::unseen`), and checked before the commit.
+//! Write-only writers, and writers of files not all on the cache disk, write through simfs.
 
 use super::{FsError, FsResult, ListedEntry, SimFs};
 use crate::posix::Attr;

@@ -67,9 +67,10 @@ enum Cmd {
         /// or more, Linux 6.9+, root); reads then go through simfs, as on older kernels.
         #[arg(long)]
         no_passthrough: bool,
-        /// Write every file through the kernel's page cache, as on kernels before 6.6 (by
-        /// default a write-only handle of a new file writes straight to simfs: one copy of
-        /// its data fewer, and no second copy of it held in memory).
+        /// Write every file through the kernel's page cache and simfs, as on kernels before
+        /// 6.6 (by default a write-only handle of a new file writes straight to simfs: one
+        /// copy of its data fewer, and no second copy of it held in memory; and on 6.9+ a
+        /// file created or opened read-write is written by the kernel into its local copy).
         #[arg(long)]
         buffered_writes: bool,
         /// Answer OPENDIR and RELEASEDIR for every directory listed, as on a kernel without
