@@ -207,3 +207,94 @@ fn a_writer_that_fsyncs_as_it_goes_pays_each_time_only_what_changed() {
     w.fs.flush(fh).unwrap();
     w.fs.release(fh).unwrap();
 }
+
+/// A new file written in place, as `fuse.rs` opens a read-write create in passthrough: its
+/// handle, and the backing file the kernel would write.
+fn create_in_place(w: &World, name: &str) -> (u64, u64, std::fs::File) {
+    let (a, fh) = w.fs.create(ROOT_INO, OsStr::new(name), 0o644, ME).unwrap();
+    let backing = w.fs.in_place_file(fh, 0).expect("a new file's local copy");
+    w.fs.write_in_place(fh, &backing).unwrap();
+    (a.ino, fh, backing)
+}
+
+#[test]
+fn a_file_written_in_place_is_staged_as_it_grows_and_a_block_rewritten_unseen_is_staged_again() {
+    use std::os::unix::fs::FileExt;
+    let w = world();
+    let before = puts(&w);
+    let mut data = data();
+    let (ino, fh, backing) = create_in_place(&w, "model.h5");
+    // The kernel's writes: simfs is not told.
+    for (i, chunk) in data.chunks(4096).enumerate() {
+        backing.write_all_at(chunk, (i * 4096) as u64).unwrap();
+    }
+    eventually("the twelve whole blocks are staged by looking", || {
+        puts(&w) - before == 12
+    });
+    backing.write_all_at(b"REWRITTEN", 100).unwrap();
+    data[100..109].copy_from_slice(b"REWRITTEN");
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(
+        puts(&w) - before,
+        15,
+        "block 0 again (its checksum moved), the tail and the commit"
+    );
+    assert_eq!(w.store.inner().data("model.h5").unwrap(), data);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    assert_eq!(w.fs.getattr(ino).unwrap().size, SIZE as u64);
+}
+
+#[test]
+fn a_file_laid_out_then_written_in_place_is_staged_by_its_fsync_and_then_only_what_changed() {
+    use std::os::unix::fs::FileExt;
+    let w = world();
+    let mut data = data();
+    let (ino, fh, backing) = create_in_place(&w, "table.db");
+    let c = AttrChanges {
+        size: Some(SIZE as u64),
+        ..Default::default()
+    };
+    w.fs.setattr_via(Some(fh), ino, &c).unwrap();
+    let before = puts(&w);
+    for (i, chunk) in data.chunks(4096).enumerate() {
+        backing.write_all_at(chunk, (i * 4096) as u64).unwrap();
+    }
+    // Several looks: the file never grew, so nothing is staged before it is written.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(puts(&w), before, "nothing staged ahead");
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(puts(&w) - before, 14, "every block and the commit");
+    backing.write_all_at(b"ROW", 5 * BLOCK as u64 + 7).unwrap();
+    data[5 * BLOCK + 7..5 * BLOCK + 10].copy_from_slice(b"ROW");
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(
+        puts(&w) - before,
+        14 + 3,
+        "the block written and the tail again, and the commit"
+    );
+    assert_eq!(w.store.inner().data("table.db").unwrap(), data);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}
+
+#[test]
+fn times_set_after_writes_in_place_are_kept_through_the_close() {
+    use std::os::unix::fs::FileExt;
+    let w = world();
+    let (ino, fh, backing) = create_in_place(&w, "copied");
+    backing.write_all_at(b"rsync's temporary file", 0).unwrap();
+    // rsync and `cp -p` set the source's times once the data is written.
+    let then = std::time::UNIX_EPOCH + Duration::from_secs(1_577_934_245);
+    let c = AttrChanges {
+        mtime: Some(SetTime::At(then)),
+        ..Default::default()
+    };
+    w.fs.setattr_via(Some(fh), ino, &c).unwrap();
+    assert_eq!(w.fs.getattr(ino).unwrap().mtime, then, "while open");
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    let a = w.fs.getattr(ino).unwrap();
+    assert_eq!(a.mtime, then, "after the close's look at the writes");
+    assert_eq!(a.size, 22);
+}

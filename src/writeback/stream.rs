@@ -215,6 +215,12 @@ impl Writeback {
         let ready: Vec<u64> = {
             let mut s = lock(&stream);
             s.touch(first, last);
+            if let Some(u) = &mut s.unseen {
+                // Written in place, so this is an allocation (`fallocate`): room laid out
+                // for writes to come, not staged ahead (see `unseen.rs`).
+                u.from = u.from.max((off + len) / block);
+                return;
+            }
             if s.closed || small {
                 return;
             }
@@ -248,8 +254,10 @@ impl Writeback {
         let to = (s.changed.len() as u64).max(from + 1) - 1;
         s.touch(from, to);
         s.cursor = s.cursor.min(from);
-        if s.unseen.is_some() {
-            // Their data is gone; a file growing again is staged again.
+        if let Some(u) = &mut s.unseen {
+            // Their data is gone; a file growing again is staged again, and one extended
+            // by the truncate is laid out for writes to come, not staged ahead.
+            u.from = from;
             s.staged.retain(|b, _| *b < from);
         }
     }

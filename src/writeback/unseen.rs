@@ -7,8 +7,9 @@
 //! - every `POLL` the file's length is looked at, and the whole blocks it has grown into
 //!   since the writers in place opened it (or since a truncate below them) are staged, each
 //!   once, with the CRC64 of what it held. A file laid out first and then overwritten (fio,
-//!   databases: `fallocate` or `ftruncate`, then writes) does not grow, so nothing of it is
-//!   staged ahead: its blocks would be staged before they were written;
+//!   databases: `fallocate` or `ftruncate`, then writes) does not grow by writes, so nothing
+//!   of it is staged ahead: its blocks would be staged before they were written (a
+//!   truncate or an allocation moves the first block that may be staged to its end);
 //! - the commit reads every staged block again and reuses it only where its checksum still
 //!   matches, so a block rewritten after it was staged is staged again, and the committed
 //!   blob is the file as the commit read it. That costs a local read of what was staged
