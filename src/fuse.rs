@@ -136,7 +136,7 @@ impl SimFuse {
 
     /// How to answer the open `fh` of `ino`: passthrough for a reader of a whole file of
     /// 1 MiB or more when the kernel allows it, for a read-write open of such a file or an
-    /// empty one (see `in_place_writes`), and for any open of an inode already in
+    /// empty one that has a local copy (see `in_place_writes`), and for any open of an inode already in
     /// passthrough (see `iomode`). A writer in passthrough writes in place: `fs::in_place`
     /// looks for its writes.
     fn io_mode(

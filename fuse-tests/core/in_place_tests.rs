@@ -158,3 +158,30 @@ fn writes_in_place_cut_short_by_a_crash_are_uploaded_by_the_next_mount() {
     want[..3].copy_from_slice(b"CUT");
     assert_eq!(read_all(&n, CKPT).unwrap(), want);
 }
+
+#[test]
+fn only_files_written_on_this_node_are_opened_read_write_in_place() {
+    let w = rw(fixture());
+    // A clean cached copy: taking it over would keep it on the cache disk for good (a
+    // local copy is never evicted), even for a writer that only reads.
+    read_all(&w, CKPT).unwrap();
+    w.fs.cache().settle();
+    let ino = path(&w, CKPT).unwrap().ino;
+    let fh = w.fs.open(ino, true, false).unwrap();
+    assert!(w.fs.in_place_file(fh, 0).is_none(), "a clean copy");
+    // Once written here, the file has a local copy, which the kernel may write itself.
+    w.fs.write(fh, 0, b"NEW").unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    let fh = w.fs.open(ino, true, false).unwrap();
+    assert!(
+        w.fs.in_place_file(fh, 10_001).is_none(),
+        "under the minimum"
+    );
+    let backing = w.fs.in_place_file(fh, 10_000).expect("a local copy");
+    w.fs.write_in_place(fh, &backing).unwrap();
+    backing.write_all_at(b"OLD", 0).unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    assert_eq!(&w.store.inner().data(CKPT).unwrap()[..3], b"OLD");
+}

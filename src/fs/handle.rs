@@ -237,21 +237,15 @@ impl SimFs {
 
     /// The local copy writer `fh` writes, for the kernel to write in place (FUSE
     /// passthrough; `write_in_place` then watches it): for a file being made (empty) or of
-    /// at least `min_size` bytes whose data is all on the cache disk already. A whole
-    /// cached copy is moved into place for it (the open pins it, so it cannot be evicted in
-    /// between); a file still downloading, or not at all, is None: its writer would wait.
+    /// at least `min_size` bytes, that has a local copy already (it was written on this
+    /// node). A clean cached copy is not taken over for it: a local copy is never evicted,
+    /// and a file opened read-write only to be read (`h5py` in `r+`, a memmap in `r+`)
+    /// would keep its copy on the cache disk for good. Such writers go through simfs.
     pub fn in_place_file(&self, fh: u64, min_size: u64) -> Option<File> {
         let h = self.file_handle(fh).ok()?;
         let size = self.attr(h.ino).ok()?.size;
-        if !h.write || (size > 0 && size < min_size) {
+        if !h.write || (size > 0 && size < min_size) || !self.index.is_local(h.ino).ok()? {
             return None;
-        }
-        if !self.index.is_local(h.ino).ok()? {
-            let blob = self.index.blob_of(h.ino).ok()??;
-            if !self.cache.is_hydrated(&blob) {
-                return None;
-            }
-            self.make_local(h.ino, false).ok()?;
         }
         match self.readable(&h).ok()? {
             Data::Local(f) => reopen_read_write(&f),

@@ -1,7 +1,7 @@
 //! Writers whose writes never reach simfs: the kernel makes them straight into the local copy.
 //!
 //! With FUSE passthrough the kernel reads and writes a file on the cache disk directly. A
-//! read-write open whose data is all local starts it (`fuse.rs`: fio, databases, git's packs
+//! read-write open of a file written on this node starts it (`fuse.rs`: fio, databases, git's packs
 //! then write at the disk's speed), and the kernel holds an inode in one I/O mode at a time:
 //! while a reader has it open that way, a writer's open must be passthrough on the same
 //! backing file too. Such a writer's `write(2)`s and shared mappings land in the file with no
@@ -28,7 +28,7 @@
 //!
 //! The writes are not seen as they happen, so the file's blocks are staged ahead by
 //! looking at its length instead (`writeback::unseen`), and checked before the commit.
-//! Write-only writers, and writers of files not all on the cache disk, write through simfs.
+//! Write-only writers, and writers of files not written on this node, write through simfs.
 
 use super::{FsError, FsResult, ListedEntry, SimFs};
 use crate::posix::Attr;
