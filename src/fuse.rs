@@ -58,8 +58,8 @@ pub struct KernelFeatures {
     pub list_unopened: bool,
     /// Write-only handles of new files write past the page cache (Linux 6.6+).
     pub direct_writes: bool,
-    /// Files created read-write are written by the kernel straight into their local copy
-    /// (FUSE passthrough, Linux 6.9+; needs `passthrough`).
+    /// Files created or opened read-write are written by the kernel straight into their
+    /// local copy (FUSE passthrough, Linux 6.9+; needs `passthrough`).
     pub in_place_writes: bool,
 }
 
@@ -92,11 +92,11 @@ pub struct SimFuse {
     /// would read its old pages: there every write goes through the page cache.
     direct_writes: AtomicBool,
     /// Files created read-write (fio, git's packs and lock files, SQLite, HDF5, linkers'
-    /// outputs) are opened in passthrough on their local copy, so their writes, reads and
-    /// shared mappings cost no request at all; `fs::in_place` finds what they wrote. The
-    /// price: simfs does not see their writes as they happen, so such a file's blocks are
-    /// not staged while it is written, and its first fsync uploads it whole. Write-only
-    /// creates (checkpoints, `dd`, `cp`) keep streaming.
+    /// outputs), and read-write opens of files written on this node, are opened in
+    /// passthrough on their local copy, so their writes, reads and shared mappings cost no
+    /// request at all; `fs::in_place` finds what they wrote. simfs does not see the writes
+    /// as they happen, so such a file's blocks are staged ahead by looking at its length
+    /// and checked at the commit (`writeback::unseen`).
     in_place_writes: bool,
     /// Tells the kernel to drop cached pages.
     kernel: Kernel,
@@ -136,9 +136,9 @@ impl SimFuse {
 
     /// How to answer the open `fh` of `ino`: passthrough for a reader of a whole file of
     /// 1 MiB or more when the kernel allows it, for a read-write open of such a file or an
-    /// empty one that has a local copy (see `in_place_writes`), and for any open of an inode already in
-    /// passthrough (see `iomode`). A writer in passthrough writes in place: `fs::in_place`
-    /// looks for its writes.
+    /// empty one that has a local copy (see `in_place_writes`), and for any open of an
+    /// inode already in passthrough (see `iomode`). A writer in passthrough writes in place:
+    /// `fs::in_place` looks for its writes.
     fn io_mode(
         &self,
         ino: u64,

@@ -1,13 +1,13 @@
 //! Writers whose writes never reach simfs: the kernel makes them straight into the local copy.
 //!
 //! With FUSE passthrough the kernel reads and writes a file on the cache disk directly. A
-//! read-write open of a file written on this node starts it (`fuse.rs`: fio, databases, git's packs
-//! then write at the disk's speed), and the kernel holds an inode in one I/O mode at a time:
-//! while a reader has it open that way, a writer's open must be passthrough on the same
-//! backing file too. Such a writer's `write(2)`s and shared mappings land in the file with no
-//! WRITE request. So its local copy is made *the backing file
-//! itself* (the cached copy is renamed into place, never copied; `O_TRUNC` truncates it in
-//! place), and its writes are found afterwards:
+//! read-write create, or a read-write open of a file written on this node, starts it
+//! (`fuse.rs`: fio, databases, git's packs then write at the disk's speed). The kernel holds
+//! an inode in one I/O mode at a time: while a reader has it open that way, a writer's open
+//! must be passthrough on the same backing file too. Such a writer's `write(2)`s and shared
+//! mappings land in the file with no WRITE request. So its local copy is made *the backing
+//! file itself* (the cached copy is renamed into place, never copied; `O_TRUNC` truncates
+//! it in place), and its writes are found afterwards:
 //!
 //! - when the first such writer of an inode opens, the copy's mtime is set to a sentinel no
 //!   write can produce (the epoch); any write, through `write(2)` or a mapping, moves it to

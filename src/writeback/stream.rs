@@ -74,6 +74,19 @@ pub(super) struct Stream {
 }
 
 impl Stream {
+    pub(super) fn new(ino: u64, unseen: Option<super::unseen::Unseen>) -> Stream {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            ^ (ino as u128) << 64;
+        Stream {
+            nonce,
+            unseen,
+            ..Default::default()
+        }
+    }
+
     fn touch(&mut self, first: u64, last: u64) {
         if self.changed.len() <= last as usize {
             self.changed.resize(last as usize + 1, 0);
@@ -169,21 +182,6 @@ impl Streams {
     }
 }
 
-impl Stream {
-    pub(super) fn new(ino: u64, unseen: Option<super::unseen::Unseen>) -> Stream {
-        let nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos()
-            ^ (ino as u128) << 64;
-        Stream {
-            nonce,
-            unseen,
-            ..Default::default()
-        }
-    }
-}
-
 pub(super) fn lock(s: &Mutex<Stream>) -> std::sync::MutexGuard<'_, Stream> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -262,8 +260,7 @@ impl Writeback {
         }
     }
 
-    /// `ino`'s local copy changes where simfs cannot see it (writers in place): no block
-    /// staged so far can be trusted, and none is staged until its next upload.
+    /// `ino` has no name left to stage for (unlinked): its stream stages nothing more.
     pub fn forget_stream(&self, ino: u64) {
         if let Some(s) = self.streams.take(ino) {
             lock(&s).closed = true;
