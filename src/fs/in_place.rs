@@ -111,9 +111,14 @@ impl SimFs {
         if let Some(wb) = &self.writeback {
             // The kernel's writes never ask for room: the cache makes it as the file grows,
             // evicting clean copies (a full disk fails the writer's own write, ENOSPC).
-            let cache = self.cache.clone();
+            let (cache, ino) = (self.cache.clone(), h.ino);
+            let warned = std::sync::atomic::AtomicBool::new(false);
             let grew = Arc::new(move |bytes| {
-                let _ = cache.check_room(bytes);
+                if cache.check_room(bytes).is_err() && !warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "inode {ino}, written in place, is filling the cache disk past the writers' reserve (see cache.md, \"Not yet\")"
+                    );
+                }
             });
             wb.write_unseen(h.ino, backing.metadata()?.len(), grew);
         }
