@@ -261,6 +261,17 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Free bytes of the filesystem holding `path`, as an unprivileged writer sees them.
+fn free_bytes(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs fills the zeroed struct we own; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_bavail * st.f_frsize
+}
+
 #[test]
 fn a_full_cache_disk_gives_enospc_and_corrupts_nothing() {
     let az = empty_container("full");
@@ -276,8 +287,28 @@ fn a_full_cache_disk_gives_enospc_and_corrupts_nothing() {
         .expect("64 MiB cannot fit a 16 MiB cache disk");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     drop(f);
-    // Freeing the space works, and the mount goes on as before.
     std::fs::remove_file(r.join("big.bin")).unwrap();
+    // A read-write writer too: the kernel would write it in place, past the reserve, on a
+    // roomy disk, but not on one this full.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(r.join("big.db"))
+        .unwrap();
+    let err = (0..64)
+        .find_map(|i| std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20).err())
+        .or_else(|| f.sync_all().err())
+        .expect("64 MiB cannot fit a 16 MiB cache disk");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(
+        free_bytes(disk.0.path()) >= 512 << 10,
+        "the writers' reserve (1 MiB here) is left free: {}",
+        free_bytes(disk.0.path())
+    );
+    drop(f);
+    // Freeing the space works, and the mount goes on as before.
+    std::fs::remove_file(r.join("big.db")).unwrap();
     std::fs::write(r.join("after.txt"), "written after").unwrap();
     assert_eq!(
         std::fs::read_to_string(r.join("small.txt")).unwrap(),

@@ -48,6 +48,10 @@ pub(super) struct OpenFile {
     opener: AtomicU32,
 }
 
+/// The free space above the writers' reserve below which no writer goes in place (its
+/// writes could not be refused at the reserve).
+pub const IN_PLACE_HEADROOM: u64 = 1 << 30;
+
 impl OpenFile {
     pub fn handle(ino: u64, write: bool, data: Data) -> Handle {
         Handle::File(Arc::new(OpenFile {
@@ -240,11 +244,21 @@ impl SimFs {
     /// at least `min_size` bytes, that has a local copy already (it was written on this
     /// node). A clean cached copy is not taken over for it: a local copy is never evicted,
     /// and a file opened read-write only to be read (`h5py` in `r+`, a memmap in `r+`)
-    /// would keep its copy on the cache disk for good. Such writers go through simfs.
+    /// would keep its copy on the cache disk for good. Such writers go through simfs, as do
+    /// all writers while the cache disk has less than `IN_PLACE_HEADROOM` free above the
+    /// writers' reserve.
     pub fn in_place_file(&self, fh: u64, min_size: u64) -> Option<File> {
         let h = self.file_handle(fh).ok()?;
         let size = self.attr(h.ino).ok()?.size;
         if !h.write || (size > 0 && size < min_size) || !self.index.is_local(h.ino).ok()? {
+            return None;
+        }
+        // Writes in place cannot be held to the writers' reserve: not near a full disk.
+        if !self
+            .cache
+            .free_space()
+            .is_ok_and(|(free, _)| free >= IN_PLACE_HEADROOM)
+        {
             return None;
         }
         match self.readable(&h).ok()? {
