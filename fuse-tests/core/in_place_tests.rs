@@ -185,3 +185,33 @@ fn only_files_written_on_this_node_are_opened_read_write_in_place() {
     w.fs.release(fh).unwrap();
     assert_eq!(&w.store.inner().data(CKPT).unwrap()[..3], b"OLD");
 }
+
+#[test]
+fn a_new_file_written_in_place_and_cut_short_by_a_crash_is_uploaded_whole_by_the_next_mount() {
+    use crate::world::world_on;
+    use crate::write_tests::{copy_dir, drain, fresh, ME};
+    use simfs::index::ROOT_INO;
+    let store = Arc::new(simfs::blob::faulty::FaultyStore::new(fixture()));
+    let dir = tempfile::tempdir().unwrap();
+    let keep = dir.path().to_path_buf();
+    let hour = Some(std::time::Duration::from_secs(3600));
+    let w = world_on(store.clone(), dir, "", 1 << 20, hour);
+    // A read-write create, as `fuse.rs` answers it in passthrough: the index holds an empty
+    // file, and only the copy knows what the kernel wrote.
+    let (_, fh) =
+        w.fs.create(ROOT_INO, std::ffi::OsStr::new("new.db"), 0o644, ME)
+            .unwrap();
+    let backing = w.fs.in_place_file(fh, 0).expect("a new file's local copy");
+    w.fs.write_in_place(fh, &backing).unwrap();
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    backing.write_all_at(&body, 0).unwrap();
+    // "kill -9" before any close, fsync or release.
+    std::mem::forget(w);
+    let dir = tempfile::TempDir::new().unwrap();
+    copy_dir(&keep, dir.path());
+    let again = world_on(store.clone(), dir, "", 1 << 20, hour);
+    drain(&again);
+    let n = fresh(&again);
+    assert_eq!(read_all(&n, "new.db").unwrap(), body);
+    assert_eq!(path(&n, "new.db").unwrap().size, 100_000);
+}
