@@ -298,3 +298,34 @@ fn times_set_after_writes_in_place_are_kept_through_the_close() {
     assert_eq!(a.mtime, then, "after the close's look at the writes");
     assert_eq!(a.size, 22);
 }
+
+#[test]
+fn blocks_staged_through_simfs_still_serve_the_commit_once_a_writer_goes_in_place() {
+    use std::os::unix::fs::FileExt;
+    // The README's checkpoint recipe: saved through simfs (its blocks staged as written),
+    // then opened read-write, in place, to be fsynced.
+    let w = world();
+    let before = puts(&w);
+    let mut data = data();
+    let (ino, saver) = write_sequentially(&w, &data);
+    eventually("staged through simfs", || puts(&w) - before == 12);
+    let fh = w.fs.open(ino, true, false).unwrap();
+    let backing = w.fs.in_place_file(fh, 0).expect("a local copy");
+    w.fs.write_in_place(fh, &backing).unwrap();
+    w.fs.flush(saver).unwrap();
+    w.fs.release(saver).unwrap();
+    // One block rewritten in place, unseen.
+    backing
+        .write_all_at(b"IN PLACE", 3 * BLOCK as u64 + 5)
+        .unwrap();
+    data[3 * BLOCK + 5..3 * BLOCK + 13].copy_from_slice(b"IN PLACE");
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(
+        puts(&w) - before,
+        15,
+        "block 3 again, the tail and the commit; the other eleven reused"
+    );
+    assert_eq!(w.store.inner().data("ckpt.pt").unwrap(), data);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}

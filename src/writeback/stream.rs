@@ -58,6 +58,10 @@ pub(super) struct Stream {
     /// Staged (or staged and committed) blocks: id and the sequence number their data was
     /// read at.
     pub(super) staged: HashMap<u64, (Vec<u8>, u64)>,
+    /// The CRC64 of each staged block's data as it was staged: what the commit checks the
+    /// blocks against once writes are no longer seen (`unseen.rs`; a stream can become one
+    /// of unseen writes, when a writer in place opens the file, without losing its blocks).
+    pub(super) sums: HashMap<u64, u64>,
     /// Blocks being staged now.
     pub(super) staging: std::collections::HashSet<u64>,
     next_seq: u64,
@@ -104,9 +108,7 @@ impl Stream {
         self.name = None;
         self.staged.clear();
         self.cursor = 0;
-        if let Some(u) = &mut self.unseen {
-            u.sums.clear();
-        }
+        self.sums.clear();
     }
 
     /// A fresh id for block `block`, never used before by this stream.
@@ -299,9 +301,7 @@ impl Writeback {
             match staged {
                 Some((id, seq, sum)) => {
                     s.staged.insert(b, (id, seq));
-                    if let Some(u) = &mut s.unseen {
-                        u.sums.insert(b, sum);
-                    }
+                    s.sums.insert(b, sum);
                 }
                 None => tracing::debug!("inode {ino}: block {b} left for the commit"),
             }
@@ -309,7 +309,7 @@ impl Writeback {
     }
 
     /// Stages block `b` of `ino` as it is now; its id, the sequence number it was read at
-    /// and, for a stream of unseen writes, the checksum of what it held (else 0).
+    /// and the checksum of what it held.
     async fn stage_one(
         &self,
         ino: u64,
@@ -326,7 +326,7 @@ impl Writeback {
                 lock(stream).name.get_or_insert(n).clone()
             }
         };
-        let (id, seq, unseen) = {
+        let (id, seq) = {
             let mut s = lock(stream);
             if s.closed {
                 return None;
@@ -334,23 +334,27 @@ impl Writeback {
             match s.unseen.is_some() {
                 // No change is counted: each staging gets an id of its own, so one that
                 // lands late never passes for a later one.
-                true => (s.fresh_id(b), 0, true),
+                true => (s.fresh_id(b), 0),
                 false => {
                     let seq = *s.changed.get(b as usize)?;
-                    (s.id(b, seq), seq, false)
+                    (s.id(b, seq), seq)
                 }
             }
         };
         let block = self.streams.opts.block_size;
         let path = self.local.path(ino);
-        let data = tokio::task::spawn_blocking(move || read_block(&path, b * block, block))
-            .await
-            .ok()?
-            .ok()?;
+        let (data, sum) = tokio::task::spawn_blocking(move || {
+            read_block(&path, b * block, block).map(|d| {
+                let sum = super::unseen::sum(&d);
+                (d, sum)
+            })
+        })
+        .await
+        .ok()?
+        .ok()?;
         if data.len() as u64 != block {
             return None;
         }
-        let sum = if unseen { super::unseen::sum(&data) } else { 0 };
         self.store.stage_block(&name, &id, data).await.ok()?;
         Some((id, seq, sum))
     }
@@ -442,7 +446,7 @@ impl Writeback {
                 .collect()
         };
         let result = self
-            .stage_rest_and_commit(name, path, (&plan, size), meta, expect, unchanged.is_some())
+            .stage_rest_and_commit(name, path, (&plan, size), meta, expect)
             .await;
         if let Ok((_, sums)) = &result {
             // Whole blocks read at `seq` are the service's now under their ids; a write
@@ -453,9 +457,7 @@ impl Writeback {
                     s.staged.insert(b as u64, (id, seq));
                 }
             }
-            if let Some(u) = &mut s.unseen {
-                u.sums.extend(sums.iter().copied());
-            }
+            s.sums.extend(sums.iter().copied());
         }
         Some(result.map(|(etag, _)| etag))
     }
@@ -467,14 +469,13 @@ impl Writeback {
         (plan, size): (&[PlannedBlock], u64),
         meta: &Metadata,
         expect: &Expect,
-        unseen: bool,
     ) -> Result<(String, Vec<(u64, u64)>), crate::blob::upload::UploadError> {
         use futures::{StreamExt, TryStreamExt};
         let block = self.streams.opts.block_size;
         let file = crate::blob::upload::open_local_copy(path)?;
         let file = &file;
-        // For unseen writes, the checksum of each whole block staged here, for the next
-        // commit to check.
+        // The checksum of each whole block staged here, for the next commit to check if
+        // writes are no longer seen by then.
         let sums = futures::stream::iter(
             plan.iter()
                 .enumerate()
@@ -482,8 +483,8 @@ impl Writeback {
                 .map(|(b, (id, _, _))| async move {
                     let off = b as u64 * block;
                     let data = crate::blob::upload::read_local(file, off, block.min(size - off))?;
-                    let sum = (unseen && data.len() as u64 == block)
-                        .then(|| (b as u64, super::unseen::sum(&data)));
+                    let sum =
+                        (data.len() as u64 == block).then(|| (b as u64, super::unseen::sum(&data)));
                     self.store.stage_block(name, id, data).await?;
                     Ok::<_, crate::blob::upload::UploadError>(sum)
                 }),

@@ -16,12 +16,15 @@
 //!   (page cache or disk speed), and no block goes up twice unless it changed;
 //! - each look hands the file's growth to `grew` (the cache makes room for it, evicting
 //!   clean copies: the kernel's writes never ask simfs for room);
+//! - a stream that was fed by seen writes (a checkpoint written through simfs, then opened
+//!   read-write in place to be fsynced) keeps its staged blocks: every staged block's CRC64
+//!   is kept from its staging on, so the commit checks those like the rest;
 //! - the poll ends with the last writer in place, or when the stream goes (its commit once
 //!   no one writes, an unlink); a poll restarted for a new writer ends any older one.
 
 use super::stream::{lock, read_block, Stream, MAX_BLOCKS};
 use super::Writeback;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,8 +41,6 @@ pub(super) struct Unseen {
     /// Blocks before this one were there when the writers in place opened the file: they
     /// are not staged ahead (they may be rewritten in place, and nothing would tell).
     pub(super) from: u64,
-    /// The CRC64 of each staged block's data as it was staged.
-    pub(super) sums: HashMap<u64, u64>,
     /// The poll that may run; bumped to end it.
     poll: u64,
     /// Whether writers in place have the file open (a poll runs).
@@ -54,19 +55,24 @@ pub(super) fn sum(data: &[u8]) -> u64 {
 }
 
 impl Writeback {
-    /// `ino`'s local copy, `size` bytes now, is written in place from now on. Its stream is
-    /// replaced by one of unseen writes (blocks staged before could be overwritten unseen),
-    /// unless it has one, and the poll runs, telling `grew` how the file grows.
+    /// `ino`'s local copy, `size` bytes now, is written in place from now on: its stream
+    /// becomes one of unseen writes (or one is made), and the poll runs, telling `grew` how
+    /// the file grows. Blocks a stream staged before keep serving the commit, checked like
+    /// the rest: a checkpoint saved, closed and opened again read-write to be fsynced (the
+    /// README's recipe) still pays only its tail.
     pub fn write_unseen(self: &Arc<Self>, ino: u64, size: u64, grew: Grew) {
         let block = self.streams.opts().block_size.max(1);
+        let unseen = || Unseen {
+            from: size / block,
+            ..Default::default()
+        };
         let stream = match self.streams.find(ino) {
-            Some(s) if lock(&s).unseen.is_some() => s,
-            _ => {
-                let unseen = Unseen {
-                    from: size / block,
-                    ..Default::default()
-                };
-                let s = Arc::new(Mutex::new(Stream::new(ino, Some(unseen))));
+            Some(s) => {
+                lock(&s).unseen.get_or_insert_with(unseen);
+                s
+            }
+            None => {
+                let s = Arc::new(Mutex::new(Stream::new(ino, Some(unseen()))));
                 self.streams.replace(ino, s.clone());
                 s
             }
@@ -170,10 +176,10 @@ impl Writeback {
     ) -> Option<HashSet<u64>> {
         let sums: Vec<(u64, u64)> = {
             let s = lock(stream);
-            let u = s.unseen.as_ref()?;
+            s.unseen.as_ref()?;
             s.staged
                 .keys()
-                .filter_map(|b| u.sums.get(b).map(|sum| (*b, *sum)))
+                .filter_map(|b| s.sums.get(b).map(|sum| (*b, *sum)))
                 .collect()
         };
         let block = self.streams.opts().block_size;
