@@ -135,8 +135,10 @@ fn truncating_a_file_read_in_place_by_path_truncates_the_file_the_kernel_reads()
     w.fs.release(reader).unwrap();
 }
 
-#[test]
-fn writes_in_place_cut_short_by_a_crash_are_uploaded_by_the_next_mount() {
+/// A mount over the fixture whose uploads wait an hour (nothing goes up by itself), `act`
+/// on it, then "kill -9" before any close, fsync or release: returns a fresh node's view
+/// once the next mount, on a copy of the same cache directory, has drained.
+fn crash_after(act: impl FnOnce(&World)) -> World {
     use crate::world::world_on;
     use crate::write_tests::{copy_dir, drain, fresh};
     let store = Arc::new(simfs::blob::faulty::FaultyStore::new(fixture()));
@@ -144,16 +146,22 @@ fn writes_in_place_cut_short_by_a_crash_are_uploaded_by_the_next_mount() {
     let keep = dir.path().to_path_buf();
     let hour = Some(std::time::Duration::from_secs(3600));
     let w = world_on(store.clone(), dir, "", 1 << 20, hour);
-    let (ino, _reader, backing) = read_in_place(&w);
-    writer_in_place(&w, ino, &backing, false);
-    backing.write_all_at(b"CUT", 0).unwrap();
-    // "kill -9" before any close, fsync or release.
+    act(&w);
     std::mem::forget(w);
     let dir = tempfile::TempDir::new().unwrap();
     copy_dir(&keep, dir.path());
-    let again = world_on(store.clone(), dir, "", 1 << 20, hour);
+    let again = world_on(store, dir, "", 1 << 20, hour);
     drain(&again);
-    let n = fresh(&again);
+    fresh(&again)
+}
+
+#[test]
+fn writes_in_place_cut_short_by_a_crash_are_uploaded_by_the_next_mount() {
+    let n = crash_after(|w| {
+        let (ino, _reader, backing) = read_in_place(w);
+        writer_in_place(w, ino, &backing, false);
+        backing.write_all_at(b"CUT", 0).unwrap();
+    });
     let mut want = vec![7u8; 10_000];
     want[..3].copy_from_slice(b"CUT");
     assert_eq!(read_all(&n, CKPT).unwrap(), want);
@@ -188,30 +196,19 @@ fn only_files_written_on_this_node_are_opened_read_write_in_place() {
 
 #[test]
 fn a_new_file_written_in_place_and_cut_short_by_a_crash_is_uploaded_whole_by_the_next_mount() {
-    use crate::world::world_on;
-    use crate::write_tests::{copy_dir, drain, fresh, ME};
+    use crate::write_tests::ME;
     use simfs::index::ROOT_INO;
-    let store = Arc::new(simfs::blob::faulty::FaultyStore::new(fixture()));
-    let dir = tempfile::tempdir().unwrap();
-    let keep = dir.path().to_path_buf();
-    let hour = Some(std::time::Duration::from_secs(3600));
-    let w = world_on(store.clone(), dir, "", 1 << 20, hour);
-    // A read-write create, as `fuse.rs` answers it in passthrough: the index holds an empty
-    // file, and only the copy knows what the kernel wrote.
-    let (_, fh) =
-        w.fs.create(ROOT_INO, std::ffi::OsStr::new("new.db"), 0o644, ME)
-            .unwrap();
-    let backing = w.fs.in_place_file(fh, 0).expect("a new file's local copy");
-    w.fs.write_in_place(fh, &backing).unwrap();
     let body: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
-    backing.write_all_at(&body, 0).unwrap();
-    // "kill -9" before any close, fsync or release.
-    std::mem::forget(w);
-    let dir = tempfile::TempDir::new().unwrap();
-    copy_dir(&keep, dir.path());
-    let again = world_on(store.clone(), dir, "", 1 << 20, hour);
-    drain(&again);
-    let n = fresh(&again);
+    let n = crash_after(|w| {
+        // A read-write create, as `fuse.rs` answers it in passthrough: the index holds an
+        // empty file, and only the copy knows what the kernel wrote.
+        let (_, fh) =
+            w.fs.create(ROOT_INO, std::ffi::OsStr::new("new.db"), 0o644, ME)
+                .unwrap();
+        let backing = w.fs.in_place_file(fh, 0).expect("a new file's local copy");
+        w.fs.write_in_place(fh, &backing).unwrap();
+        backing.write_all_at(&body, 0).unwrap();
+    });
     assert_eq!(read_all(&n, "new.db").unwrap(), body);
     assert_eq!(path(&n, "new.db").unwrap().size, 100_000);
 }
