@@ -78,7 +78,7 @@ pub(super) struct Stream {
 }
 
 impl Stream {
-    pub(super) fn new(ino: u64, unseen: Option<super::unseen::Unseen>) -> Stream {
+    fn new(ino: u64) -> Stream {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -86,7 +86,6 @@ impl Stream {
             ^ (ino as u128) << 64;
         Stream {
             nonce,
-            unseen,
             ..Default::default()
         }
     }
@@ -147,23 +146,17 @@ impl Streams {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, ino: u64) -> Arc<Mutex<Stream>> {
+    /// `ino`'s stream, made if it has none.
+    pub(super) fn get(&self, ino: u64) -> Arc<Mutex<Stream>> {
         self.map()
             .entry(ino)
-            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(ino, None))))
+            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(ino))))
             .clone()
     }
 
     /// `ino`'s stream, if any.
     pub(super) fn find(&self, ino: u64) -> Option<Arc<Mutex<Stream>>> {
         self.map().get(&ino).cloned()
-    }
-
-    /// Makes `stream` `ino`'s, in place of any it had (which stages nothing more).
-    pub(super) fn replace(&self, ino: u64, stream: Arc<Mutex<Stream>>) {
-        if let Some(old) = self.map().insert(ino, stream) {
-            lock(&old).closed = true;
-        }
     }
 
     fn take(&self, ino: u64) -> Option<Arc<Mutex<Stream>>> {

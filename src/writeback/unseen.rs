@@ -62,26 +62,13 @@ impl Writeback {
     /// README's recipe) still pays only its tail.
     pub fn write_unseen(self: &Arc<Self>, ino: u64, size: u64, grew: Grew) {
         let block = self.streams.opts().block_size.max(1);
-        let unseen = || Unseen {
-            from: size / block,
-            ..Default::default()
-        };
-        let stream = match self.streams.find(ino) {
-            Some(s) => {
-                lock(&s).unseen.get_or_insert_with(unseen);
-                s
-            }
-            None => {
-                let s = Arc::new(Mutex::new(Stream::new(ino, Some(unseen()))));
-                self.streams.replace(ino, s.clone());
-                s
-            }
-        };
+        let stream = self.streams.get(ino);
         let poll = {
             let mut s = lock(&stream);
-            let Some(u) = &mut s.unseen else {
-                return;
-            };
+            let u = s.unseen.get_or_insert_with(|| Unseen {
+                from: size / block,
+                ..Default::default()
+            });
             if u.polling {
                 return;
             }
