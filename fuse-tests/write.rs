@@ -290,12 +290,7 @@ fn a_full_cache_disk_gives_enospc_and_corrupts_nothing() {
     std::fs::remove_file(r.join("big.bin")).unwrap();
     // A read-write writer too: the kernel would write it in place, past the reserve, on a
     // roomy disk, but not on one this full.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(r.join("big.db"))
-        .unwrap();
+    let f = create_read_write(&r.join("big.db"));
     let err = (0..64)
         .find_map(|i| std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i << 20).err())
         .or_else(|| f.sync_all().err())
@@ -702,15 +697,10 @@ fn written_and_followed(container: &str, extra: &[&str]) -> usize {
         std::fs::read(r.join("log")).unwrap() == expected,
         "after a reopen"
     );
-    // A new file opened for reading and writing stays in the page cache, so it can be
-    // mapped shared (direct handles cannot be on kernels before 6.6, nor without
-    // FUSE_DIRECT_IO_ALLOW_MMAP).
-    let rw = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(r.join("mapped"))
-        .unwrap();
+    // A new file opened for reading and writing is not direct, so it can be mapped shared
+    // (in place on Linux 6.9+, else through the page cache; direct handles cannot be on
+    // kernels before 6.6, nor without FUSE_DIRECT_IO_ALLOW_MMAP).
+    let rw = create_read_write(&r.join("mapped"));
     rw.set_len(8192).unwrap();
     crate::mmap_write(&rw, 4096, b"mapped");
     let mut back = [0u8; 6];

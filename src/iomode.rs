@@ -7,8 +7,8 @@
 //! backing id (anything else, direct I/O included, fails the open with EIO); while cached
 //! handles are open, no passthrough open is allowed.
 //!
-//! Readers start passthrough, and so do read-write opens whose data is all on the cache
-//! disk (`fuse.rs` decides which). A later open of an inode in passthrough shares its
+//! Readers start passthrough, and so do read-write opens of files written on this node
+//! (`fuse.rs` decides which). A later open of an inode in passthrough shares its
 //! backing file whatever it is: a reader, or a writer, which then writes the file in place
 //! (`fs::in_place` finds its writes). An inode first opened while still downloading, or
 //! by a write-only writer, stays in the page cache mode until its last handle closes.
