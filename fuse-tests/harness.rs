@@ -392,3 +392,14 @@ pub fn mount_with(cs: String, source: &str, cache: &Path, extra: &[&str]) -> Mou
     args.extend_from_slice(extra);
     Mount::start(&args, &[("AZURE_STORAGE_CONNECTION_STRING", cs)]).expect("mount")
 }
+
+/// A new file at `path`, opened for reading and writing (`O_RDWR | O_CREAT | O_EXCL`, as
+/// SQLite, HDF5 and `mkstemp` make theirs).
+pub fn create_read_write(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .unwrap()
+}

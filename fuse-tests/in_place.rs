@@ -4,10 +4,10 @@
 //! passthrough) write the same files through simfs; both must give the same blob.
 
 use crate::harness::*;
-use crate::writeback::staged_block_ids;
+use crate::writeback::{logged_container, staged_block_ids, waits_for_blocks};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A mount through `proxy` (its requests logged) whose log shows fuser's requests.
 fn logged_mount(
@@ -41,18 +41,6 @@ fn writes_seen(m: &Mount) -> (usize, bool) {
     )
 }
 
-fn waits_for_blocks(proxy: &FaultProxy, n: usize) {
-    let start = Instant::now();
-    while staged_block_ids(proxy).len() < n {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "staged: {:?}",
-            staged_block_ids(proxy)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_read_write_checkpoint_is_streamed_in_place_and_a_rewritten_block_staged_again() {
     let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 241) as u8).collect();
@@ -65,19 +53,12 @@ fn a_read_write_checkpoint_is_streamed_in_place_and_a_rewritten_block_staged_aga
         ("inplace", &[][..]),
         ("buffered", &["--buffered-writes"][..]),
     ] {
-        let az = crate::write::empty_container(container);
-        let proxy = FaultProxy::start(&az);
-        proxy.set(r#"{"log_all": true}"#);
+        let (az, proxy) = logged_container(container);
         let cache = tempfile::tempdir().unwrap();
         let mut m = logged_mount(&proxy, container, cache.path(), extra);
         // As HDF5 and SQLite open what they make: read-write.
         let path = m.path().join("model.h5");
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
+        let mut f = create_read_write(&path);
         for _ in 0..65 {
             f.write_all(&mib).unwrap();
         }
@@ -123,9 +104,7 @@ fn a_read_write_checkpoint_is_streamed_in_place_and_a_rewritten_block_staged_aga
 fn a_file_laid_out_then_overwritten_in_place_is_committed_whole_and_exact() {
     // fio and databases reserve a file's length first, then write into it: it never grows,
     // so nothing of it may be staged before it is written.
-    let az = crate::write::empty_container("laidout");
-    let proxy = FaultProxy::start(&az);
-    proxy.set(r#"{"log_all": true}"#);
+    let (az, proxy) = logged_container("laidout");
     let cache = tempfile::tempdir().unwrap();
     let mut m = logged_mount(&proxy, "laidout", cache.path(), &[]);
     let path = m.path().join("data.bin");

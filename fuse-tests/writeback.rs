@@ -170,6 +170,28 @@ fn a_thousand_files_closed_right_before_a_sigkill_all_reach_a_fresh_node() {
     }
 }
 
+/// An empty container `name` behind a proxy that logs every request (what
+/// `staged_block_ids` reads).
+pub(crate) fn logged_container(name: &str) -> (Azurite, FaultProxy) {
+    let az = crate::write::empty_container(name);
+    let proxy = FaultProxy::start(&az);
+    proxy.set(r#"{"log_all": true}"#);
+    (az, proxy)
+}
+
+/// Waits (at most a minute) until `n` distinct blocks were staged through `proxy`.
+pub(crate) fn waits_for_blocks(proxy: &FaultProxy, n: usize) {
+    let start = Instant::now();
+    while staged_block_ids(proxy).len() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "staged: {:?}",
+            staged_block_ids(proxy)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The distinct block ids staged through `proxy` (Put Block, not Put Block List), decoded,
 /// in the order first seen.
 pub(crate) fn staged_block_ids(proxy: &FaultProxy) -> Vec<String> {
@@ -197,9 +219,7 @@ pub(crate) fn staged_block_ids(proxy: &FaultProxy) -> Vec<String> {
 
 #[test]
 fn a_streamed_checkpoint_stages_each_block_once_and_a_rewritten_block_again() {
-    let az = crate::write::empty_container("stream");
-    let proxy = FaultProxy::start(&az);
-    proxy.set(r#"{"log_all": true}"#);
+    let (az, proxy) = logged_container("stream");
     let cache = tempfile::tempdir().unwrap();
     // Write-back's own decisions are logged, for a failure to explain itself.
     let mut m = Mount::start(
@@ -221,15 +241,7 @@ fn a_streamed_checkpoint_stages_each_block_once_and_a_rewritten_block_again() {
     for _ in 0..65 {
         f.write_all(&mib).unwrap();
     }
-    let start = Instant::now();
-    while blocks() < 8 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "staged: {}",
-            blocks()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    waits_for_blocks(&proxy, 8);
     assert_eq!(
         blocks(),
         8,
@@ -262,9 +274,7 @@ fn a_streamed_checkpoint_stages_each_block_once_and_a_rewritten_block_again() {
 fn a_file_fsynced_as_it_grows_stages_each_block_once_across_the_fsyncs() {
     // Azurite, like the service, takes a block list naming blocks of the previous commit:
     // the second fsync stages what was written since the first, nothing before it.
-    let az = crate::write::empty_container("grow");
-    let proxy = FaultProxy::start(&az);
-    proxy.set(r#"{"log_all": true}"#);
+    let (az, proxy) = logged_container("grow");
     let cache = tempfile::tempdir().unwrap();
     let mut m = mount_via(&proxy, "grow", cache.path(), &[]);
     let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 233) as u8).collect();

@@ -33,14 +33,21 @@ fn eventually(what: &str, done: impl Fn() -> bool) {
     }
 }
 
+/// Hands `write` each 4 KiB of `data` and its offset, in order: a sequential writer.
+fn in_order(data: &[u8], mut write: impl FnMut(u64, &[u8])) {
+    for (i, chunk) in data.chunks(4096).enumerate() {
+        write((i * 4096) as u64, chunk);
+    }
+}
+
 /// Writes `data` sequentially in 4 KiB writes to a new file; returns its inode and handle.
 fn write_sequentially(w: &World, data: &[u8]) -> (u64, u64) {
     let (a, fh) =
         w.fs.create(ROOT_INO, OsStr::new("ckpt.pt"), 0o644, ME)
             .unwrap();
-    for (i, chunk) in data.chunks(4096).enumerate() {
-        w.fs.write(fh, (i * 4096) as u64, chunk).unwrap();
-    }
+    in_order(data, |at, chunk| {
+        w.fs.write(fh, at, chunk).unwrap();
+    });
     (a.ino, fh)
 }
 
@@ -148,9 +155,9 @@ fn a_crash_mid_stream_keeps_the_previous_version_and_the_next_mount_uploads_the_
     let data = data();
     // Counted before the writes: the blocks may all be staged before the last write returns.
     let before = puts(&w);
-    for (i, chunk) in data.chunks(4096).enumerate() {
-        w.fs.write(fh, (i * 4096) as u64, chunk).unwrap();
-    }
+    in_order(&data, |at, chunk| {
+        w.fs.write(fh, at, chunk).unwrap();
+    });
     eventually("blocks staged", || puts(&w) > before);
     // "kill -9" with the blocks staged and nothing committed.
     let copy = tempfile::tempdir().unwrap();
@@ -225,9 +232,7 @@ fn a_file_written_in_place_is_staged_as_it_grows_and_a_block_rewritten_unseen_is
     let mut data = data();
     let (ino, fh, backing) = create_in_place(&w, "model.h5");
     // The kernel's writes: simfs is not told.
-    for (i, chunk) in data.chunks(4096).enumerate() {
-        backing.write_all_at(chunk, (i * 4096) as u64).unwrap();
-    }
+    in_order(&data, |at, chunk| backing.write_all_at(chunk, at).unwrap());
     eventually("the twelve whole blocks are staged by looking", || {
         puts(&w) - before == 12
     });
@@ -257,9 +262,7 @@ fn a_file_laid_out_then_written_in_place_is_staged_by_its_fsync_and_then_only_wh
     };
     w.fs.setattr_via(Some(fh), ino, &c).unwrap();
     let before = puts(&w);
-    for (i, chunk) in data.chunks(4096).enumerate() {
-        backing.write_all_at(chunk, (i * 4096) as u64).unwrap();
-    }
+    in_order(&data, |at, chunk| backing.write_all_at(chunk, at).unwrap());
     // Several looks: the file never grew, so nothing is staged before it is written.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(puts(&w), before, "nothing staged ahead");

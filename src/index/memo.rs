@@ -258,6 +258,14 @@ pub(super) mod tests {
         Index::open_existing(&path, &source).unwrap().unwrap()
     }
 
+    /// An empty index in a temporary directory (kept alive with it), and a fixed time.
+    pub(in crate::index) fn fresh_index() -> (tempfile::TempDir, Index, SystemTime) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = empty_index(dir.path());
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        (dir, index, at)
+    }
+
     pub(in crate::index) fn file(index: &Index, name: &str, at: SystemTime) -> u64 {
         let node = NewNode {
             kind: Kind::File,
@@ -276,9 +284,7 @@ pub(super) mod tests {
 
     #[test]
     fn a_small_commit_leaves_its_rows_in_memory_as_they_now_stand() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = empty_index(dir.path());
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let (_dir, index, at) = fresh_index();
         let ino = file(&index, "new", at);
         let root = index
             .memo
@@ -294,9 +300,7 @@ pub(super) mod tests {
 
     #[test]
     fn a_large_commit_drops_its_rows_and_readers_read_them_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = empty_index(dir.path());
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let (_dir, index, at) = fresh_index();
         let inos: Vec<u64> = (0..super::REFILL + 1)
             .map(|i| file(&index, &format!("f{i}"), at))
             .collect();

@@ -151,9 +151,9 @@ pub(super) fn persist(tx: &Transaction<'_>, ino: u64, w: &Write) -> rusqlite::Re
 
 #[cfg(test)]
 mod tests {
-    use super::super::memo::tests::{empty_index, file};
+    use super::super::memo::tests::{file, fresh_index};
     use super::super::Index;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     fn committed_size(index: &Index, ino: u64) -> i64 {
         index
@@ -169,9 +169,7 @@ mod tests {
 
     #[test]
     fn a_new_files_first_writes_stay_in_memory_until_the_next_transaction() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = empty_index(dir.path());
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let (_dir, index, at) = fresh_index();
         let ino = file(&index, "new", at);
         assert!(!index.has_written(), "nothing written yet");
         let later = at + Duration::from_secs(1);
@@ -187,9 +185,7 @@ mod tests {
 
     #[test]
     fn a_new_file_not_yet_written_is_recorded_by_its_first_write_after_another_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let index = empty_index(dir.path());
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let (_dir, index, at) = fresh_index();
         let ino = file(&index, "first", at);
         // Another transaction drops the entry that took no write...
         file(&index, "second", at);
