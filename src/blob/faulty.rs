@@ -13,7 +13,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// A ranged read going out or coming back, by the offset it starts at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadEvent {
+    Sent(u64),
+    Answered(u64),
+}
 
 #[derive(Default, Debug)]
 pub struct Counters {
@@ -71,6 +78,8 @@ pub struct FaultyStore<S> {
     /// Answers that said "throttled" and were retried to success (as the SDK does).
     throttled: AtomicU64,
     throttle_reads: AtomicU64,
+    /// Every ranged read sent and answered, in order: which request waited for which.
+    reads: Mutex<Vec<ReadEvent>>,
 }
 
 impl<S: BlobStore> FaultyStore<S> {
@@ -90,7 +99,80 @@ impl<S: BlobStore> FaultyStore<S> {
             omit_md5: AtomicBool::new(false),
             throttled: AtomicU64::new(0),
             throttle_reads: AtomicU64::new(0),
+            reads: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The ranged reads so far, sent and answered, in the order they happened.
+    pub fn read_events(&self) -> Vec<ReadEvent> {
+        self.reads.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn read_event(&self, e: ReadEvent) {
+        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        // Enough for any test that looks; a long model run does not keep them all.
+        if reads.len() < 100_000 {
+            reads.push(e);
+        }
+    }
+
+    /// `read_range` with the faults injected, once it is on its way.
+    async fn read_range_now(
+        &self,
+        name: &str,
+        range: Range<u64>,
+        etag: &str,
+        want: Option<Checksum>,
+        sink: &mut Sink<'_>,
+    ) -> Result<Got, ReadError> {
+        self.round_trip().await;
+        self.counters.get.fetch_add(1, Ordering::SeqCst);
+        self.gate()?;
+        if range.start == self.fail_get_at.load(Ordering::SeqCst) {
+            return Err(BlobError::Service("injected: ranged GET failed".into()).into());
+        }
+        if self
+            .throttle_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.throttled.fetch_add(1, Ordering::SeqCst);
+        }
+        if self.restart_next_read.swap(false, Ordering::SeqCst) {
+            let first = self.inner.get_range(name, range.clone(), etag).await?;
+            let garbled: Vec<u8> = first.iter().take(4096).map(|b| !b).collect();
+            sink(0, Bytes::from(garbled)).map_err(ReadError::Sink)?;
+        }
+        let corrupt = self.corrupt_reads.load(Ordering::SeqCst) > 0
+            && self
+                .corrupt_reads
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        let mut got = if corrupt {
+            // One bit flipped on the way: the service's checksum is of what it sent.
+            let mut first = true;
+            self.inner
+                .read_range(name, range, etag, want, &mut |at, piece: Bytes| {
+                    if std::mem::take(&mut first) && !piece.is_empty() {
+                        let mut p = piece.to_vec();
+                        p[0] ^= 1;
+                        return sink(at, Bytes::from(p));
+                    }
+                    sink(at, piece)
+                })
+                .await?
+        } else {
+            self.inner.read_range(name, range, etag, want, sink).await?
+        };
+        let omit = match want {
+            Some(Checksum::Crc64) => &self.omit_crc64,
+            Some(Checksum::Md5) => &self.omit_md5,
+            None => return Ok(got),
+        };
+        if omit.load(Ordering::SeqCst) {
+            got.sum = None;
+        }
+        Ok(got)
     }
 
     /// The next `n` writes are carried out but answered with a connection error.
@@ -234,54 +316,11 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
         want: Option<Checksum>,
         sink: &mut Sink<'_>,
     ) -> Result<Got, ReadError> {
-        self.round_trip().await;
-        self.counters.get.fetch_add(1, Ordering::SeqCst);
-        self.gate()?;
-        if range.start == self.fail_get_at.load(Ordering::SeqCst) {
-            return Err(BlobError::Service("injected: ranged GET failed".into()).into());
-        }
-        if self
-            .throttle_reads
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            self.throttled.fetch_add(1, Ordering::SeqCst);
-        }
-        if self.restart_next_read.swap(false, Ordering::SeqCst) {
-            let first = self.inner.get_range(name, range.clone(), etag).await?;
-            let garbled: Vec<u8> = first.iter().take(4096).map(|b| !b).collect();
-            sink(0, Bytes::from(garbled)).map_err(ReadError::Sink)?;
-        }
-        let corrupt = self.corrupt_reads.load(Ordering::SeqCst) > 0
-            && self
-                .corrupt_reads
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-        let mut got = if corrupt {
-            // One bit flipped on the way: the service's checksum is of what it sent.
-            let mut first = true;
-            self.inner
-                .read_range(name, range, etag, want, &mut |at, piece: Bytes| {
-                    if std::mem::take(&mut first) && !piece.is_empty() {
-                        let mut p = piece.to_vec();
-                        p[0] ^= 1;
-                        return sink(at, Bytes::from(p));
-                    }
-                    sink(at, piece)
-                })
-                .await?
-        } else {
-            self.inner.read_range(name, range, etag, want, sink).await?
-        };
-        let omit = match want {
-            Some(Checksum::Crc64) => &self.omit_crc64,
-            Some(Checksum::Md5) => &self.omit_md5,
-            None => return Ok(got),
-        };
-        if omit.load(Ordering::SeqCst) {
-            got.sum = None;
-        }
-        Ok(got)
+        let start = range.start;
+        self.read_event(ReadEvent::Sent(start));
+        let got = self.read_range_now(name, range, etag, want, sink).await;
+        self.read_event(ReadEvent::Answered(start));
+        got
     }
 
     fn throttled(&self) -> u64 {

@@ -8,6 +8,17 @@
 //! low and doubles while each doubling still raises the measured rate (up to a maximum), so
 //! a fast link is filled without a fixed constant and a slow one is not flooded.
 //!
+//! Requests in flight share the link, so a read must not find it full of the sweep:
+//! - A read away from the sweep's front (a seek in a shard; the loader faulting in a shared
+//!   object's data segment, near its end) is a *jump*: its chunks get requests of their own
+//!   at once, beyond the parallelism, and the sweep sends nothing new until they land. It
+//!   then goes on from there (readers that jump mostly read forward) and comes back for
+//!   what it skipped.
+//! - At the start, and again once a jump has landed, the sweep runs two requests until a
+//!   read has been served: the loader reads the header, then jumps; relocates, then jumps
+//!   again. A sequential reader opens the sweep with its second read; it opens anyway after
+//!   `OPENING` with no read waiting, or for someone who waits for the whole.
+//!
 //! Two modes. `Whole`: every chunk is fetched, the file is verified (Content-MD5 when the
 //! service has one) and renamed into `data/`; from then on the cache serves it like any
 //! hydrated file. Data read before the verification is served as fetched: a mismatch found
@@ -28,7 +39,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
@@ -44,6 +55,10 @@ const CALM_CHUNKS: u32 = 4;
 
 /// How many times a range that arrives corrupted is fetched again before its read fails.
 const RANGE_RETRIES: u32 = 2;
+
+/// How long after its first chunk lands a fill waits for its reader's next read before the
+/// sweep runs at full parallelism anyway (about a round trip).
+pub(super) const OPENING: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// How many bytes of an answer are gathered before the blocking pool writes them.
 const WRITE_BATCH: u64 = 1 << 20;
@@ -77,6 +92,8 @@ pub(super) struct Tuning {
     pub max_chunk: u64,
     pub start_parallel: usize,
     pub max_parallel: usize,
+    /// `OPENING` but in tests.
+    pub opening: std::time::Duration,
 }
 
 impl Tuning {
@@ -112,6 +129,13 @@ struct State {
     chunks: Vec<Chunk>,
     present: usize,
     urgent: VecDeque<usize>,
+    /// Chunks a reader jumped to (whole mode), and how many of them have not landed: while
+    /// any has not, the sweep starts nothing new.
+    jumped: Vec<bool>,
+    jumps: usize,
+    /// The sweep may run at full parallelism: a chunk has landed and the reader asked
+    /// again, or `OPENING` passed.
+    opened: bool,
     /// Next chunk the background sweep considers.
     cursor: usize,
     /// Bumped at every failure; a waiting reader gives up when it moves.
@@ -152,6 +176,8 @@ pub struct Fill {
     /// Some range came without the checksum asked for: the whole-blob check decides.
     unverified: AtomicBool,
     complete: AtomicBool,
+    /// Reads waiting for chunks now.
+    waiting: AtomicUsize,
     st: Mutex<State>,
     cv: Condvar,
     /// Bumped with every `cv` notification, for async waiters (the prefetcher).
@@ -197,6 +223,9 @@ impl Fill {
             chunks: vec![Chunk::Missing; n],
             present: 0,
             urgent: VecDeque::new(),
+            jumped: vec![false; n],
+            jumps: 0,
+            opened: false,
             cursor: 0,
             failures: 0,
             error: None,
@@ -225,6 +254,7 @@ impl Fill {
             verifier,
             unverified: AtomicBool::new(false),
             complete: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
             st: Mutex::new(st),
             cv: Condvar::new(),
             events: tokio::sync::watch::Sender::new(0),
@@ -335,9 +365,20 @@ impl Fill {
 
     /// Waits until chunks `r` are present (window mode: and marks them being read).
     fn wait_for(&self, r: std::ops::Range<usize>) -> Result<(), CacheError> {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
         let mut st = self.state();
         let mut asked = false;
         let seen = st.failures;
+        // A read after a chunk landed shows where the reader goes: once it is served the
+        // sweep may fill the link, unless it jumped (then the next read decides).
+        let mut opens = st.present > 0 && !st.opened;
         if let Mode::Window { chunks } = self.mode {
             // Read-ahead follows the reader wherever it goes, forwards or back.
             st.demand_hi = r.end - 1;
@@ -351,6 +392,10 @@ impl Fill {
                 return Err(e.clone());
             }
             if st.chunks[r.clone()].iter().all(|c| *c == Chunk::Present) {
+                if opens && !st.opened {
+                    st.opened = true;
+                    self.spawn_workers(&mut st);
+                }
                 if self.is_window() {
                     st.tick += 1;
                     let t = st.tick;
@@ -372,10 +417,21 @@ impl Fill {
                 // A reader asking is what retries failed chunks: its own first, the rest
                 // with the sweep.
                 retry_failed(&mut st);
+                let front = self.sweep_front(&st);
                 for i in r.clone().rev() {
                     if st.chunks[i] == Chunk::Missing {
                         st.urgent.push_front(i);
+                        if !self.is_window() && Some(i) != front && !st.jumped[i] {
+                            st.jumped[i] = true;
+                            st.jumps += 1;
+                        }
                     }
+                }
+                if st.jumps > 0 {
+                    // The sweep goes on from where the reader went (it comes back for what
+                    // it skipped): readers that jump mostly read forward from there.
+                    st.cursor = r.end;
+                    opens = false;
                 }
                 self.spawn_workers(&mut st);
             }
@@ -388,6 +444,8 @@ impl Fill {
         let mut st = self.state();
         let seen = st.failures;
         retry_failed(&mut st);
+        // Someone wants all of it: nothing to learn from the next read.
+        st.opened = true;
         self.spawn_workers(&mut st);
         loop {
             if self.is_complete() {
@@ -436,19 +494,29 @@ impl Fill {
             Mode::Whole { .. } => (0, st.chunks.len()),
             Mode::Window { chunks } => (st.cursor, self.sweep_limit(st, chunks)),
         };
-        let wanted = st.urgent.len()
-            + st.chunks[from.min(to)..to]
+        let sweep = if st.jumps > 0 {
+            0
+        } else {
+            st.chunks[from.min(to)..to]
                 .iter()
                 .filter(|c| **c == Chunk::Missing)
-                .count();
+                .count()
+        };
+        let wanted = st.urgent.len() + sweep;
         // Until the first chunk lands only two requests run: the first byte does not share
-        // the link with a full set of large chunks.
-        let limit = if st.present == 0 {
+        // the link with a full set of large chunks. A jump gets its own request at once.
+        let limit = if !st.opened {
             st.target.min(2)
         } else {
             st.target
+        } + st.jumps;
+        // Workers take the queue's chunks as they come free; a jump does not wait for that.
+        let need = if st.jumps > 0 {
+            st.workers + st.urgent.len()
+        } else {
+            wanted
         };
-        while st.workers < wanted.min(limit) {
+        while st.workers < need.min(limit) {
             st.workers += 1;
             // Whole fills keep themselves alive to the end (the copy is worth finishing);
             // a window lives only as long as its readers.
@@ -470,6 +538,10 @@ impl Fill {
                 return Some(i);
             }
         }
+        if st.jumps > 0 {
+            // The link is the jumping reader's until its chunks land.
+            return None;
+        }
         let limit = match self.mode {
             Mode::Whole { .. } => st.chunks.len(),
             Mode::Window { chunks } => self.sweep_limit(st, chunks),
@@ -490,6 +562,34 @@ impl Fill {
             }
         }
         None
+    }
+
+    /// Lets the sweep run at full parallelism after `wait`, if no read did so before. While
+    /// a read waits it is left to that read (which opens it once served): opening it under
+    /// the read would share the link with the read's own chunk.
+    fn open_after(&self, wait: std::time::Duration) {
+        let me = self.me.clone();
+        self.rt.spawn(async move {
+            loop {
+                tokio::time::sleep(wait).await;
+                let Some(fill) = me.upgrade() else { return };
+                let mut st = fill.state();
+                if st.opened {
+                    return;
+                }
+                if fill.waiting.load(Ordering::Relaxed) == 0 {
+                    st.opened = true;
+                    fill.spawn_workers(&mut st);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The chunk the sweep would request next (whole mode): a reader waiting for it is
+    /// reading sequentially, not jumping.
+    fn sweep_front(&self, st: &State) -> Option<usize> {
+        (st.cursor..st.chunks.len()).find(|&i| st.chunks[i] == Chunk::Missing)
     }
 
     /// Where a window's read-ahead stops: half a window past the last read.
@@ -642,6 +742,16 @@ impl Fill {
     /// Records the outcome of chunk `i`; false when the worker should stop.
     fn landed(&self, i: usize, r: Result<u64, CacheError>) -> bool {
         let mut st = self.state();
+        if st.jumped[i] {
+            st.jumped[i] = false;
+            st.jumps -= 1;
+            if st.jumps == 0 && st.opened {
+                // The reader's next read may be a jump again (a loader goes from the data
+                // segment to the relocations): until it comes, two requests, not a round.
+                st.opened = false;
+                self.open_after(self.tuning.opening);
+            }
+        }
         let ok = match r {
             Ok(bytes) => {
                 st.chunks[i] = Chunk::Present;
@@ -653,6 +763,7 @@ impl Fill {
                 if st.present == 1 {
                     // The rate is measured from here, at full parallelism.
                     st.round = (Instant::now(), 0);
+                    self.open_after(self.tuning.opening);
                 } else if !self.ease_off(&mut st) {
                     self.adapt(&mut st, bytes);
                 }
@@ -670,6 +781,11 @@ impl Fill {
                 // Nobody retries on their own: the next read (or open) asks again.
                 st.urgent.clear();
                 st.cursor = 0;
+                let State { chunks, jumped, .. } = &mut *st;
+                for (j, c) in jumped.iter_mut().zip(chunks.iter()) {
+                    *j &= *c == Chunk::Fetching;
+                }
+                st.jumps = st.jumped.iter().filter(|j| **j).count();
                 false
             }
         };
@@ -833,7 +949,7 @@ impl Worker {
             // worker and everything is present.
             let next = {
                 let mut st = fill.state();
-                if st.workers > st.target.max(1) && !st.finishing {
+                if st.workers > st.target.max(1) + st.jumps && !st.finishing {
                     // The fill eased off: this worker goes (the others carry on).
                     st.workers -= 1;
                     return;
@@ -899,7 +1015,7 @@ fn punch(file: &File, off: u64, len: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::{Fill, Mode, Tuning};
-    use crate::blob::faulty::FaultyStore;
+    use crate::blob::faulty::{FaultyStore, ReadEvent};
     use crate::blob::memory::MemoryStore;
     use crate::blob::{BlobRef, BlobStore};
     use crate::cache::verify::{Verifier, Verify};
@@ -926,6 +1042,7 @@ mod tests {
             max_chunk: 64 << 10,
             start_parallel: 4,
             max_parallel: 8,
+            opening: super::OPENING,
         };
         let fill = Fill::new(
             blob,
@@ -957,12 +1074,188 @@ mod tests {
         );
     }
 
+    /// An opening no test reaches: only a reader opens the sweep.
+    const LONG: std::time::Duration = std::time::Duration::from_secs(600);
+
+    /// A whole fill of a blob of `chunks` chunks of 64 KiB, each request taking 30 ms, at
+    /// most `parallel` in flight, the sweep opened after `opening` if no reader does it.
+    fn slow_fill(
+        chunks: u64,
+        parallel: usize,
+        opening: std::time::Duration,
+    ) -> (
+        tokio::runtime::Runtime,
+        Arc<Fill>,
+        Arc<FaultyStore<MemoryStore>>,
+        tempfile::TempDir,
+    ) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mem = MemoryStore::new();
+        mem.put("b", vec![5u8; (chunks << 16) as usize], &[]);
+        let p = rt.block_on(mem.head("b")).unwrap();
+        let blob = BlobRef {
+            name: "b".into(),
+            etag: p.etag,
+            size: p.size,
+            content_md5: None,
+        };
+        let store = Arc::new(FaultyStore::new(mem));
+        store.set_latency(std::time::Duration::from_millis(30));
+        let dir = tempfile::tempdir().unwrap();
+        let tuning = Tuning {
+            min_chunk: 64 << 10,
+            max_chunk: 64 << 10,
+            start_parallel: parallel,
+            max_parallel: parallel,
+            opening,
+        };
+        let fill = Fill::new(
+            blob,
+            dir.path().join("tmp"),
+            Mode::Whole {
+                dest: dir.path().join("dest"),
+            },
+            tuning,
+            (
+                store.clone() as Arc<dyn BlobStore>,
+                Arc::new(Verifier::new(Verify::None)),
+            ),
+            rt.handle().clone(),
+            Box::new(|_, _| {}),
+        )
+        .unwrap();
+        (rt, fill, store, dir)
+    }
+
+    fn read_chunk(fill: &Fill, i: u64) {
+        fill.read_with(i << 16, 1, |_| Ok(())).unwrap().unwrap();
+    }
+
+    /// Requests sent and not yet answered just before the one for the chunk at `off`.
+    fn in_flight_when_sent(events: &[ReadEvent], off: u64) -> usize {
+        let at = events.iter().position(|e| *e == ReadEvent::Sent(off));
+        let mut open = std::collections::HashSet::new();
+        for e in &events[..at.expect("the chunk was requested")] {
+            match e {
+                ReadEvent::Sent(o) => open.insert(*o),
+                ReadEvent::Answered(o) => open.remove(o),
+            };
+        }
+        open.len()
+    }
+
+    #[test]
+    fn a_read_away_from_the_sweep_is_sent_at_once_and_the_sweep_waits_for_it() {
+        let (_rt, fill, store, _dir) = slow_fill(48, 4, LONG);
+        store.set_latency(std::time::Duration::from_millis(100));
+        fill.start();
+        read_chunk(&fill, 0);
+        // A sequential read: the sweep runs at its full four.
+        read_chunk(&fill, 1);
+        // Well inside their round trip (not at its end, when a worker comes free anyway).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        read_chunk(&fill, 40);
+        let ev = store.read_events();
+        let jump = 40 << 16;
+        assert_eq!(
+            in_flight_when_sent(&ev, jump),
+            4,
+            "the jump did not wait for a sweep request to come back: {ev:?}"
+        );
+        let sent = ev.iter().position(|e| *e == ReadEvent::Sent(jump)).unwrap();
+        let answered = ev
+            .iter()
+            .position(|e| *e == ReadEvent::Answered(jump))
+            .unwrap();
+        assert!(
+            !ev[sent + 1..answered]
+                .iter()
+                .any(|e| matches!(e, ReadEvent::Sent(_))),
+            "nothing new was sent while the jump was in flight: {ev:?}"
+        );
+        // Then the sweep goes on from where the reader went, two at a time until the reader
+        // shows where it goes next (well inside the round trip of those two).
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        let ev = store.read_events();
+        let after = ev[answered..]
+            .iter()
+            .filter(|e| matches!(e, ReadEvent::Sent(_)))
+            .count();
+        assert!(after <= 2, "{after} sent after the jump landed: {ev:?}");
+        fill.wait_complete().unwrap();
+        let ev = store.read_events();
+        let next = ev[answered..]
+            .iter()
+            .find_map(|e| match e {
+                ReadEvent::Sent(o) => Some(*o),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(next, 41 << 16, "{ev:?}");
+    }
+
+    fn most_in_flight(events: &[ReadEvent]) -> usize {
+        let (mut open, mut most) = (0usize, 0);
+        for e in events {
+            match e {
+                ReadEvent::Sent(_) => open += 1,
+                ReadEvent::Answered(_) => open -= 1,
+            }
+            most = most.max(open);
+        }
+        most
+    }
+
+    #[test]
+    fn the_sweep_fills_the_link_only_once_the_reader_showed_where_it_goes() {
+        let (_rt, fill, store, _dir) = slow_fill(64, 8, LONG);
+        fill.start();
+        // A loader: the header, then straight to the data near the end.
+        read_chunk(&fill, 0);
+        read_chunk(&fill, 50);
+        let ev = store.read_events();
+        let before = ev
+            .iter()
+            .take_while(|e| **e != ReadEvent::Sent(50 << 16))
+            .filter(|e| matches!(e, ReadEvent::Sent(_)))
+            .count();
+        assert!(
+            before <= 4,
+            "{before} requests went out before the jump (the sweep ran two): {ev:?}"
+        );
+        fill.wait_complete().unwrap();
+        let most = most_in_flight(&store.read_events());
+        assert!(most > 4, "then the sweep ran at full parallelism ({most})");
+    }
+
+    #[test]
+    fn without_a_second_read_the_sweep_opens_after_a_while_or_for_a_whole_waiter() {
+        let (rt, fill, store, _dir) = slow_fill(32, 8, LONG);
+        fill.start();
+        rt.block_on(fill.settled());
+        let most = most_in_flight(&store.read_events());
+        assert_eq!(most, 2, "no reader and a long opening: two at a time");
+
+        let (rt, fill, store, _dir) = slow_fill(32, 8, std::time::Duration::from_millis(1));
+        fill.start();
+        rt.block_on(fill.settled());
+        let most = most_in_flight(&store.read_events());
+        assert!(most > 2, "the opening passed: the sweep ran wider ({most})");
+
+        let (_rt, fill, store, _dir) = slow_fill(32, 8, LONG);
+        fill.start();
+        fill.wait_complete().unwrap();
+        let most = most_in_flight(&store.read_events());
+        assert!(most > 2, "a wait for the whole opens at once ({most})");
+    }
+
     fn tuning() -> Tuning {
         Tuning {
             min_chunk: 1 << 20,
             max_chunk: 8 << 20,
             start_parallel: 8,
             max_parallel: 16,
+            opening: super::OPENING,
         }
     }
 

@@ -108,6 +108,7 @@ impl CacheOptions {
             max_chunk: self.chunk_size,
             start_parallel: (self.parallel / 2).max(1),
             max_parallel: self.parallel.max(1),
+            opening: fill::OPENING,
         }
     }
 }
