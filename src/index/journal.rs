@@ -80,7 +80,7 @@ impl Index {
     /// not pending (or gone).
     pub fn pending_inode(&self, ino: u64) -> IndexResult<Option<PendingInode>> {
         self.persist_written()?;
-        self.with_conn(|c| {
+        self.with_warm_conn(|c| {
             let mut st = c.prepare_cached(&format!(
                 "SELECT {ATTR_COLS}, i.blob, i.etag, i.link_id, i.target, i.local, i.dirty, i.gen
                  FROM inodes i WHERE i.ino = ?1 AND i.pending = 1"
@@ -247,7 +247,7 @@ impl Index {
 
     /// Who claims blob `name`, if anyone.
     pub fn claim_on(&self, name: &str) -> IndexResult<Option<Claim>> {
-        self.with_conn(|c| {
+        self.with_warm_conn(|c| {
             let mut st = c.prepare_cached(
                 "SELECT ino, etag, 0 FROM inodes WHERE blob = ?1
                  UNION ALL SELECT ino, etag, 1 FROM stubs WHERE blob = ?1

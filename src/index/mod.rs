@@ -757,7 +757,7 @@ impl Index {
     /// The names from the root to `ino` (one of them, for a hard-linked inode); None when it
     /// has no name.
     pub fn path_of(&self, ino: u64) -> IndexResult<Option<Vec<Name>>> {
-        self.with_conn(|c| {
+        self.with_warm_conn(|c| {
             let Some(parts) = path_parts(c, ino)? else {
                 return Ok(None);
             };

@@ -486,7 +486,7 @@ impl Index {
 
     /// Whether the inode's data lives in its local file.
     pub fn is_local(&self, ino: u64) -> IndexResult<bool> {
-        self.with_conn(|c| {
+        self.with_warm_conn(|c| {
             let mut st = c.prepare_cached("SELECT local FROM inodes WHERE ino = ?1")?;
             Ok(st
                 .query_row([ino as i64], |r| r.get::<_, bool>(0))
