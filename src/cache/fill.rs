@@ -1021,12 +1021,19 @@ mod tests {
     use crate::cache::verify::{Verifier, Verify};
     use std::sync::Arc;
 
-    /// A whole fill of a 4 MiB blob in 64 chunks, the store throttling its first
-    /// `throttled` reads (each retried to success); the parallelism it ended at.
-    fn parallelism_after(throttled: u64) -> usize {
+    type Rig = (
+        tokio::runtime::Runtime,
+        Arc<Fill>,
+        Arc<FaultyStore<MemoryStore>>,
+        tempfile::TempDir,
+    );
+
+    /// A whole fill (not started) of a blob of `chunks` chunks of 64 KiB through a
+    /// failure-injecting store, with `start..=max` requests in flight.
+    fn rig(chunks: u64, (start, max): (usize, usize), opening: std::time::Duration) -> Rig {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let mem = MemoryStore::new();
-        mem.put("b", vec![3u8; 4 << 20], &[]);
+        mem.put("b", vec![5u8; (chunks << 16) as usize], &[]);
         let p = rt.block_on(mem.head("b")).unwrap();
         let blob = BlobRef {
             name: "b".into(),
@@ -1035,14 +1042,13 @@ mod tests {
             content_md5: None,
         };
         let store = Arc::new(FaultyStore::new(mem));
-        store.throttle_reads(throttled);
         let dir = tempfile::tempdir().unwrap();
         let tuning = Tuning {
             min_chunk: 64 << 10,
             max_chunk: 64 << 10,
-            start_parallel: 4,
-            max_parallel: 8,
-            opening: super::OPENING,
+            start_parallel: start,
+            max_parallel: max,
+            opening,
         };
         let fill = Fill::new(
             blob,
@@ -1059,6 +1065,14 @@ mod tests {
             Box::new(|_, _| {}),
         )
         .unwrap();
+        (rt, fill, store, dir)
+    }
+
+    /// A whole fill of a 4 MiB blob in 64 chunks, the store throttling its first
+    /// `throttled` reads (each retried to success); the parallelism it ended at.
+    fn parallelism_after(throttled: u64) -> usize {
+        let (_rt, fill, store, _dir) = rig(64, (4, 8), super::OPENING);
+        store.throttle_reads(throttled);
         fill.start();
         fill.wait_complete().unwrap();
         fill.parallelism()
@@ -1079,52 +1093,10 @@ mod tests {
 
     /// A whole fill of a blob of `chunks` chunks of 64 KiB, each request taking 30 ms, at
     /// most `parallel` in flight, the sweep opened after `opening` if no reader does it.
-    fn slow_fill(
-        chunks: u64,
-        parallel: usize,
-        opening: std::time::Duration,
-    ) -> (
-        tokio::runtime::Runtime,
-        Arc<Fill>,
-        Arc<FaultyStore<MemoryStore>>,
-        tempfile::TempDir,
-    ) {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let mem = MemoryStore::new();
-        mem.put("b", vec![5u8; (chunks << 16) as usize], &[]);
-        let p = rt.block_on(mem.head("b")).unwrap();
-        let blob = BlobRef {
-            name: "b".into(),
-            etag: p.etag,
-            size: p.size,
-            content_md5: None,
-        };
-        let store = Arc::new(FaultyStore::new(mem));
-        store.set_latency(std::time::Duration::from_millis(30));
-        let dir = tempfile::tempdir().unwrap();
-        let tuning = Tuning {
-            min_chunk: 64 << 10,
-            max_chunk: 64 << 10,
-            start_parallel: parallel,
-            max_parallel: parallel,
-            opening,
-        };
-        let fill = Fill::new(
-            blob,
-            dir.path().join("tmp"),
-            Mode::Whole {
-                dest: dir.path().join("dest"),
-            },
-            tuning,
-            (
-                store.clone() as Arc<dyn BlobStore>,
-                Arc::new(Verifier::new(Verify::None)),
-            ),
-            rt.handle().clone(),
-            Box::new(|_, _| {}),
-        )
-        .unwrap();
-        (rt, fill, store, dir)
+    fn slow_fill(chunks: u64, parallel: usize, opening: std::time::Duration) -> Rig {
+        let rig = rig(chunks, (parallel, parallel), opening);
+        rig.2.set_latency(std::time::Duration::from_millis(30));
+        rig
     }
 
     fn read_chunk(fill: &Fill, i: u64) {
