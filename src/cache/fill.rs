@@ -1166,6 +1166,21 @@ mod tests {
         assert_eq!(next, 41 << 16, "{ev:?}");
     }
 
+    #[test]
+    fn a_jump_that_fails_fails_its_read_and_holds_the_sweep_no_longer() {
+        let (_rt, fill, store, _dir) = slow_fill(48, 4, LONG);
+        fill.start();
+        read_chunk(&fill, 0);
+        store.fail_get_at(40 << 16);
+        assert!(
+            fill.read_with(40 << 16, 1, |_| Ok(())).is_err(),
+            "the jump's request failed, so does its read"
+        );
+        store.fail_get_at(u64::MAX);
+        fill.wait_complete().unwrap();
+        assert!(fill.is_complete(), "the sweep went on to the end");
+    }
+
     fn most_in_flight(events: &[ReadEvent]) -> usize {
         let (mut open, mut most) = (0usize, 0);
         for e in events {
