@@ -116,65 +116,6 @@ impl<S: BlobStore> FaultyStore<S> {
         }
     }
 
-    /// `read_range` with the faults injected, once it is on its way.
-    async fn read_range_now(
-        &self,
-        name: &str,
-        range: Range<u64>,
-        etag: &str,
-        want: Option<Checksum>,
-        sink: &mut Sink<'_>,
-    ) -> Result<Got, ReadError> {
-        self.round_trip().await;
-        self.counters.get.fetch_add(1, Ordering::SeqCst);
-        self.gate()?;
-        if range.start == self.fail_get_at.load(Ordering::SeqCst) {
-            return Err(BlobError::Service("injected: ranged GET failed".into()).into());
-        }
-        if self
-            .throttle_reads
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            self.throttled.fetch_add(1, Ordering::SeqCst);
-        }
-        if self.restart_next_read.swap(false, Ordering::SeqCst) {
-            let first = self.inner.get_range(name, range.clone(), etag).await?;
-            let garbled: Vec<u8> = first.iter().take(4096).map(|b| !b).collect();
-            sink(0, Bytes::from(garbled)).map_err(ReadError::Sink)?;
-        }
-        let corrupt = self.corrupt_reads.load(Ordering::SeqCst) > 0
-            && self
-                .corrupt_reads
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-        let mut got = if corrupt {
-            // One bit flipped on the way: the service's checksum is of what it sent.
-            let mut first = true;
-            self.inner
-                .read_range(name, range, etag, want, &mut |at, piece: Bytes| {
-                    if std::mem::take(&mut first) && !piece.is_empty() {
-                        let mut p = piece.to_vec();
-                        p[0] ^= 1;
-                        return sink(at, Bytes::from(p));
-                    }
-                    sink(at, piece)
-                })
-                .await?
-        } else {
-            self.inner.read_range(name, range, etag, want, sink).await?
-        };
-        let omit = match want {
-            Some(Checksum::Crc64) => &self.omit_crc64,
-            Some(Checksum::Md5) => &self.omit_md5,
-            None => return Ok(got),
-        };
-        if omit.load(Ordering::SeqCst) {
-            got.sum = None;
-        }
-        Ok(got)
-    }
-
     /// The next `n` writes are carried out but answered with a connection error.
     pub fn lose_answers(&self, n: u64) {
         self.lose_answers.store(n, Ordering::SeqCst);
@@ -318,7 +259,58 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
     ) -> Result<Got, ReadError> {
         let start = range.start;
         self.read_event(ReadEvent::Sent(start));
-        let got = self.read_range_now(name, range, etag, want, sink).await;
+        // Every way out, failures included, counts as answered.
+        let got = async {
+            self.round_trip().await;
+            self.counters.get.fetch_add(1, Ordering::SeqCst);
+            self.gate()?;
+            if range.start == self.fail_get_at.load(Ordering::SeqCst) {
+                return Err(BlobError::Service("injected: ranged GET failed".into()).into());
+            }
+            if self
+                .throttle_reads
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                self.throttled.fetch_add(1, Ordering::SeqCst);
+            }
+            if self.restart_next_read.swap(false, Ordering::SeqCst) {
+                let first = self.inner.get_range(name, range.clone(), etag).await?;
+                let garbled: Vec<u8> = first.iter().take(4096).map(|b| !b).collect();
+                sink(0, Bytes::from(garbled)).map_err(ReadError::Sink)?;
+            }
+            let corrupt = self.corrupt_reads.load(Ordering::SeqCst) > 0
+                && self
+                    .corrupt_reads
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+            let mut got = if corrupt {
+                // One bit flipped on the way: the service's checksum is of what it sent.
+                let mut first = true;
+                self.inner
+                    .read_range(name, range, etag, want, &mut |at, piece: Bytes| {
+                        if std::mem::take(&mut first) && !piece.is_empty() {
+                            let mut p = piece.to_vec();
+                            p[0] ^= 1;
+                            return sink(at, Bytes::from(p));
+                        }
+                        sink(at, piece)
+                    })
+                    .await?
+            } else {
+                self.inner.read_range(name, range, etag, want, sink).await?
+            };
+            let omit = match want {
+                Some(Checksum::Crc64) => &self.omit_crc64,
+                Some(Checksum::Md5) => &self.omit_md5,
+                None => return Ok(got),
+            };
+            if omit.load(Ordering::SeqCst) {
+                got.sum = None;
+            }
+            Ok(got)
+        }
+        .await;
         self.read_event(ReadEvent::Answered(start));
         got
     }
