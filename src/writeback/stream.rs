@@ -491,7 +491,7 @@ impl Writeback {
     }
 }
 
-pub(super) fn read_block(path: &Path, off: u64, len: u64) -> std::io::Result<Bytes> {
+fn read_block(path: &Path, off: u64, len: u64) -> std::io::Result<Bytes> {
     use crate::blob::upload::{open_local_copy, read_local};
     read_local(&open_local_copy(path)?, off, len)
 }

@@ -22,8 +22,9 @@
 //! - the poll ends with the last writer in place, or when the stream goes (its commit once
 //!   no one writes, an unlink); a poll restarted for a new writer ends any older one.
 
-use super::stream::{lock, read_block, Stream, MAX_BLOCKS};
+use super::stream::{lock, Stream, MAX_BLOCKS};
 use super::Writeback;
+use crate::blob::upload::{open_local_copy, read_local};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -172,9 +173,13 @@ impl Writeback {
         let block = self.streams.opts().block_size;
         let path = path.to_owned();
         let unchanged = tokio::task::spawn_blocking(move || {
+            // One open for all of them (a large checkpoint has thousands staged).
+            let Ok(file) = open_local_copy(&path) else {
+                return HashSet::new();
+            };
             sums.into_iter()
                 .filter(|(b, want)| {
-                    read_block(&path, b * block, block)
+                    read_local(&file, b * block, block)
                         .is_ok_and(|d| d.len() as u64 == block && sum(&d) == *want)
                 })
                 .map(|(b, _)| b)
