@@ -261,17 +261,6 @@ impl Drop for SmallDisk {
     }
 }
 
-/// Free bytes of the filesystem holding `path`, as an unprivileged writer sees them.
-fn free_bytes(path: &Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: statvfs fills the zeroed struct we own; the path is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-    st.f_bavail * st.f_frsize
-}
-
 #[test]
 fn a_full_cache_disk_gives_enospc_and_corrupts_nothing() {
     let az = empty_container("full");
@@ -296,10 +285,10 @@ fn a_full_cache_disk_gives_enospc_and_corrupts_nothing() {
         .or_else(|| f.sync_all().err())
         .expect("64 MiB cannot fit a 16 MiB cache disk");
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    let free = simfs::cache::available(disk.0.path()).unwrap();
     assert!(
-        free_bytes(disk.0.path()) >= 512 << 10,
-        "the writers' reserve (1 MiB here) is left free: {}",
-        free_bytes(disk.0.path())
+        free >= 512 << 10,
+        "the writers' reserve (1 MiB here) is left free: {free}"
     );
     drop(f);
     // Freeing the space works, and the mount goes on as before.

@@ -26,7 +26,7 @@ pub mod verify;
 
 pub use fill::Fill;
 pub use prefetch::BUDGET_FILES as PREFETCH_FILES;
-pub use space::disk_size;
+pub use space::{available, disk_size};
 
 use crate::blob::{BlobError, BlobRef, BlobStore};
 use crate::pins::Pins;

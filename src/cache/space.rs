@@ -42,6 +42,13 @@ pub fn disk_size(path: &Path) -> std::io::Result<u64> {
     Ok(st.f_blocks * st.f_frsize)
 }
 
+/// Free bytes on the filesystem that holds `path`, as an unprivileged writer sees them
+/// (the writers' reserve included).
+pub fn available(path: &Path) -> std::io::Result<u64> {
+    let st = raw_statvfs(path)?;
+    Ok(st.f_bavail * st.f_frsize)
+}
+
 /// Free bytes and free inodes on the filesystem of `dir`, less the writers' reserve.
 fn statvfs(dir: &Path) -> std::io::Result<(u64, u64)> {
     let st = raw_statvfs(dir)?;
