@@ -2,7 +2,7 @@
 //!
 //! A cached file is named by the blob's name *and* ETag, so a blob that changed in the
 //! container is never served from a stale copy: its new ETag names a different file.
-//! Opening an uncached blob starts a `Fill` (`fill.rs`) and returns at once; reads wait only
+//! Opening an uncached blob starts a `Fill` (`fill/`) and returns at once; reads wait only
 //! for their own chunks. A fill goes to `tmp/` and is renamed into `data/` only once complete
 //! and verified, so any file in `data/` is whole. Concurrent opens of one blob share one fill.
 //! A blob larger than the cache may hold is streamed through a bounded window instead and
