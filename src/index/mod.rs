@@ -294,7 +294,7 @@ pub struct Index {
     writers_waiting: std::sync::atomic::AtomicUsize,
     /// Data writes not yet persisted (see `written.rs`).
     written: Written,
-    /// Inodes changed since a refresh began (see `refresh.rs`).
+    /// Inodes changed since a refresh began (see `refresh/`).
     watch: refresh::Watch,
     /// Hot rows in memory (see `memo.rs`).
     memo: Memo,
