@@ -229,6 +229,7 @@ impl Writeback {
     /// background, and returned.
     pub fn upload(&self, ino: u64) -> WbResult<()> {
         let _waiting = self.foreground.enter();
+        let _flight = self.concurrency.begin();
         self.upload_inode(ino)
     }
 

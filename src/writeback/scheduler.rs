@@ -86,12 +86,47 @@ impl Drop for Waiting<'_> {
 /// INSTALLER: behind 64 queued uploads on a single-threaded Azurite they took 30 to 340 ms.
 /// So past `START` a small upload's time, against the fastest lately (the floor), steers:
 /// near the floor the service keeps up and one more runs; at several times it, uploads queue
-/// and one fewer runs. The floor creeps up (1/256 per sample) so a link that became slower
-/// is relearned.
+/// and one fewer runs.
+///
+/// The floor is the round trip of an upload that ran nearly alone (`ALONE`): a queue the
+/// background builds itself must never become the floor, or every upload looks fast against
+/// it and the background grows into the queue it measures. An earlier floor that crept up
+/// on every slow upload did just that: during a `pip install` it doubled every 180 uploads,
+/// the background grew to 64 at once, and pip's fsyncs waited 150 to 270 ms behind them
+/// where 16 at once cost 40 to 50 ms, for the same uploads per second. Uploads that ran
+/// nearly alone creep the floor up (1/32 each) so a link that became slower is relearned;
+/// while none do (sustained load), the floor stays, and slow uploads hold the background at
+/// `START`.
 pub(super) struct Concurrency {
     now: AtomicUsize,
     /// The fastest small upload lately, in microseconds (`u64::MAX`: none yet).
     floor_us: AtomicU64,
+    /// Uploads under way (background and foreground).
+    in_flight: AtomicUsize,
+}
+
+/// An upload that started with fewer than this many others under way measures the round
+/// trip, not a queue.
+const ALONE: usize = 2;
+
+/// How one upload of a batch went, besides its result.
+pub(super) struct Ran {
+    pub(super) took: Duration,
+    /// Uploads under way when it started.
+    pub(super) others: usize,
+}
+
+/// One upload under way, counted in `Concurrency::in_flight` until dropped.
+pub(super) struct Flight<'a> {
+    of: &'a Concurrency,
+    /// Uploads under way when it started.
+    pub(super) others: usize,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        self.of.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for Concurrency {
@@ -99,6 +134,7 @@ impl Default for Concurrency {
         Concurrency {
             now: AtomicUsize::new(START),
             floor_us: AtomicU64::new(u64::MAX),
+            in_flight: AtomicUsize::new(0),
         }
     }
 }
@@ -108,19 +144,32 @@ impl Concurrency {
         self.now.load(Ordering::Relaxed).clamp(1, MOST)
     }
 
-    /// An upload of `size` bytes succeeded in `took`.
-    fn succeeded(&self, took: Duration, size: u64) {
+    /// An upload starts; counted until the returned flight is dropped.
+    pub(super) fn begin(&self) -> Flight<'_> {
+        let others = self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Flight { of: self, others }
+    }
+
+    /// An upload of `size` bytes that started with `others` under way succeeded in `took`.
+    fn succeeded(&self, took: Duration, size: u64, others: usize) {
         if size > SMALL || took < NO_REQUEST {
             return;
         }
         let us = (took.as_micros() as u64).max(1);
-        let floor = self
+        let alone = others < ALONE;
+        let floor = match self
             .floor_us
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
-                Some(if us < f { us } else { f + (f / 256).max(1) })
-            })
-            .unwrap_or(us)
-            .min(us);
+                if us < f {
+                    Some(us)
+                } else if alone {
+                    Some(f + (f / 32).max(1))
+                } else {
+                    None
+                }
+            }) {
+            Ok(f) | Err(f) => f.min(us),
+        };
         // Back up to `START` after a push-back as before; past it only while uploads stay
         // fast, and back down to it when they queue. Slow uploads never take it below
         // `START`: they may be slow for the client's own reasons (a busy CPU), and fewer
@@ -296,14 +345,14 @@ impl Writeback {
     }
 
     /// Uploads `inos`, `workers` at a time (each upload is mostly a round trip), calling
-    /// `done(i, result)` as the `i`th ends. A failure is recorded with its retry time by
+    /// `done(i, result, ran)` as the `i`th ends. A failure is recorded with its retry time by
     /// `upload` itself.
     pub(super) fn upload_each(
         &self,
         inos: &[u64],
         workers: usize,
         background: bool,
-        done: &(dyn Fn(usize, &WbResult<()>, Duration) + Sync),
+        done: &(dyn Fn(usize, &WbResult<()>, Ran) + Sync),
     ) {
         let next = AtomicUsize::new(0);
         let _waiting = (!background).then(|| self.foreground.enter());
@@ -318,8 +367,12 @@ impl Writeback {
                         return;
                     };
                     let started = std::time::Instant::now();
+                    let flight = self.concurrency.begin();
                     let r = self.upload_inode(*ino);
-                    done(i, &r, started.elapsed());
+                    let others = flight.others;
+                    drop(flight);
+                    let took = started.elapsed();
+                    done(i, &r, Ran { took, others });
                 });
             }
         });
@@ -346,20 +399,16 @@ impl Writeback {
                 }
             }
             let progress = AtomicBool::new(false);
-            self.upload_each(
-                &ready,
-                self.concurrency.now(),
-                true,
-                &|i, r, took| match r {
-                    Ok(()) => {
-                        progress.store(true, Ordering::Relaxed);
-                        let size = self.index.getattr(ready[i]).ok().flatten();
-                        self.concurrency.succeeded(took, size.map_or(0, |a| a.size));
-                    }
-                    Err(e) if e.is_pushback() => self.concurrency.pushed_back(),
-                    Err(_) => {}
-                },
-            );
+            self.upload_each(&ready, self.concurrency.now(), true, &|i, r, ran| match r {
+                Ok(()) => {
+                    progress.store(true, Ordering::Relaxed);
+                    let size = self.index.getattr(ready[i]).ok().flatten();
+                    self.concurrency
+                        .succeeded(ran.took, size.map_or(0, |a| a.size), ran.others);
+                }
+                Err(e) if e.is_pushback() => self.concurrency.pushed_back(),
+                Err(_) => {}
+            });
             after_batch();
             if !progress.load(Ordering::Relaxed) {
                 break;
@@ -462,14 +511,14 @@ mod tests {
             c.pushed_back();
         }
         assert_eq!(c.now(), 1, "never below one");
-        c.succeeded(ms(6), 3000);
+        c.succeeded(ms(6), 3000, 0);
         assert_eq!(
             c.now(),
             2,
             "the first small upload sets the floor, and is fast"
         );
         for _ in 0..200 {
-            c.succeeded(ms(8), 3000);
+            c.succeeded(ms(8), 3000, 0);
         }
         assert_eq!(c.now(), MOST, "never above the most");
     }
@@ -479,47 +528,74 @@ mod tests {
         let ms = Duration::from_millis;
         let c = Concurrency::default();
         for _ in 0..14 {
-            c.succeeded(ms(6), 3000);
+            c.succeeded(ms(6), 3000, 0);
         }
         assert_eq!(c.now(), START + 14, "fast uploads: one more each");
         for _ in 0..10 {
-            c.succeeded(ms(40), 3000);
+            c.succeeded(ms(40), 3000, START);
         }
         assert_eq!(c.now(), START + 4, "each upload at 6x the floor: one fewer");
-        c.succeeded(ms(18), 3000);
+        c.succeeded(ms(18), 3000, 0);
         assert_eq!(c.now(), START + 4, "at 3x the floor: held");
         for _ in 0..10 {
-            c.succeeded(ms(900), 64 << 20);
+            c.succeeded(ms(900), 64 << 20, 0);
         }
         assert_eq!(c.now(), START + 4, "a large upload's time is its transfer");
         for _ in 0..10 {
-            c.succeeded(Duration::from_micros(50), 0);
+            c.succeeded(Duration::from_micros(50), 0, 0);
         }
-        c.succeeded(ms(18), 3000);
+        c.succeeded(ms(18), 3000, 0);
         assert_eq!(
             c.now(),
             START + 4,
             "an upload that made no request is no floor"
         );
         for _ in 0..100 {
-            c.succeeded(ms(300), 3000);
+            c.succeeded(ms(300), 3000, START);
         }
         assert_eq!(c.now(), START, "slow uploads never take it below the start");
         c.pushed_back();
-        c.succeeded(ms(300), 3000);
+        c.succeeded(ms(300), 3000, START);
         assert_eq!(
             c.now(),
             START / 2 + 1,
             "after a push-back it grows back to the start"
         );
-        // The floor creeps up while every upload is slow: a link that became slower (or a
-        // floor that was a fluke) is relearned, and concurrency grows past the start again.
+        // Uploads that ran nearly alone relearn a link that became slower (or a floor that
+        // was a fluke), and concurrency grows past the start again.
         let mut grew = false;
         for _ in 0..2000 {
-            c.succeeded(ms(300), 3000);
+            c.succeeded(ms(300), 3000, 0);
             grew |= c.now() > START;
         }
         assert!(grew, "a floor of 6 ms relearned as 300 ms");
+    }
+
+    #[test]
+    fn a_queue_the_background_builds_itself_never_becomes_the_floor() {
+        let ms = Duration::from_millis;
+        let c = Concurrency::default();
+        c.succeeded(ms(13), 3000, 0);
+        // Sustained load on a service that answers one request at a time: every upload
+        // waits behind the others in flight, and more at once would only queue longer.
+        for _ in 0..5000 {
+            let n = c.now() as u64;
+            c.succeeded(ms(3 * n + 5), 3000, c.now() - 1);
+            assert!(c.now() <= START + 1, "grew into its own queue: {}", c.now());
+        }
+        assert_eq!(c.now(), START);
+    }
+
+    #[test]
+    fn uploads_count_as_under_way_until_their_flight_ends() {
+        let c = Concurrency::default();
+        let a = c.begin();
+        let b = c.begin();
+        assert_eq!((a.others, b.others), (0, 1));
+        drop(a);
+        assert_eq!(c.begin().others, 1, "a's flight ended, b's goes on");
+        drop(b);
+        assert_eq!(c.begin().others, 0);
     }
 
     #[test]
