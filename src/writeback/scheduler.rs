@@ -587,6 +587,18 @@ mod tests {
     }
 
     #[test]
+    fn a_service_that_answers_in_parallel_lets_the_background_grow_under_load() {
+        let ms = Duration::from_millis;
+        let c = Concurrency::default();
+        c.succeeded(ms(20), 3000, 0);
+        // Many at once, each about as fast as one alone (jitter of up to 1.5x).
+        for i in 0..200u64 {
+            c.succeeded(ms(20 + (i % 11)), 3000, c.now() - 1);
+        }
+        assert_eq!(c.now(), MOST);
+    }
+
+    #[test]
     fn uploads_count_as_under_way_until_their_flight_ends() {
         let c = Concurrency::default();
         let a = c.begin();
