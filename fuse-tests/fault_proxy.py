@@ -129,10 +129,12 @@ async def handle(reader, writer):
         writer.close()
         return
     fault = choose(method, path)
+    # The body's length ends the line: what a request carried.
+    sent = len(request) - request.index(b"\r\n\r\n") - 4
     if fault and not fault.startswith("delay:"):
-        log.write(f"{time.time():.3f} {fault} {method} {path}\n")
+        log.write(f"{time.time():.3f} {fault} {method} {path} bytes={sent}\n")
     elif state["cfg"].get("log_all"):
-        log.write(f"{time.time():.3f} pass {method} {path}\n")
+        log.write(f"{time.time():.3f} pass {method} {path} bytes={sent}\n")
     try:
         if fault == "hang":
             mtime = state["mtime"]

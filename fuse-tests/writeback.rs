@@ -192,6 +192,16 @@ pub(crate) fn waits_for_blocks(proxy: &FaultProxy, n: usize) {
     }
 }
 
+/// The bytes the PUTs through `proxy` carried (blobs, blocks and block lists).
+fn bytes_put(proxy: &FaultProxy) -> u64 {
+    proxy
+        .injected()
+        .iter()
+        .filter(|l| l.contains(" PUT "))
+        .filter_map(|l| l.rsplit(" bytes=").next()?.trim().parse::<u64>().ok())
+        .sum()
+}
+
 /// The distinct block ids staged through `proxy` (Put Block, not Put Block List), decoded,
 /// in the order first seen.
 pub(crate) fn staged_block_ids(proxy: &FaultProxy) -> Vec<String> {
@@ -223,7 +233,15 @@ fn a_streamed_checkpoint_stages_each_block_once_and_a_rewritten_block_again() {
     let cache = tempfile::tempdir().unwrap();
     // Write-back's own decisions are logged, for a failure to explain itself.
     let mut m = Mount::start(
-        &["stream", "--cache-dir", cache.path().to_str().unwrap()],
+        // (Not staged for pauses: a writer held up on a loaded machine would stage a
+        // partial block, and the count here pins the sequential writer's.)
+        &[
+            "stream",
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+            "--stage-when-quiet",
+            "0",
+        ],
         &[
             ("AZURE_STORAGE_CONNECTION_STRING", proxy.connection_string()),
             ("SIMFS_LOG", "warn,simfs::writeback=debug".into()),
@@ -271,12 +289,75 @@ fn a_streamed_checkpoint_stages_each_block_once_and_a_rewritten_block_again() {
 }
 
 #[test]
+fn a_writer_that_pauses_before_its_fsync_has_its_tail_staged_and_the_fsync_only_commits() {
+    // git's index-pack writes its pack, resolves deltas, then fsyncs the pack; a trainer
+    // saves, then syncs. Both ways of writing: through simfs (write-only, seen) and read-write
+    // (written by the kernel in place where it can, looked at).
+    let (az, proxy) = logged_container("quiet");
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount_via(&proxy, "quiet", cache.path(), &[]);
+    let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 229) as u8).collect();
+    let mut want = Vec::new();
+    for _ in 0..11 {
+        want.extend_from_slice(&mib);
+    }
+    let mut written = Vec::new();
+    for (name, read_write) in [("seen.pack", false), ("in-place.pack", true)] {
+        let before = staged_block_ids(&proxy).len();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .read(read_write)
+            .open(m.path().join(name))
+            .unwrap();
+        f.write_all(&want).unwrap();
+        // The whole 8 MiB block, and the 3 MiB tail once the writer is quiet.
+        waits_for_blocks(&proxy, before + 2);
+        let ids = staged_block_ids(&proxy);
+        f.sync_all().unwrap();
+        assert_eq!(
+            staged_block_ids(&proxy),
+            ids,
+            "{name}: the fsync staged nothing more"
+        );
+        // Appended after its tail was staged: the next fsync sends only what was added,
+        // as a block of its own after the staged part.
+        let sent = bytes_put(&proxy);
+        f.write_all(b"appended").unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(
+            staged_block_ids(&proxy).len(),
+            ids.len() + 1,
+            "{name}: one block for the appended bytes"
+        );
+        assert!(
+            bytes_put(&proxy) - sent < 64 << 10,
+            "{name}: the staged part was not sent again ({} bytes)",
+            bytes_put(&proxy) - sent
+        );
+        written.push((name, f));
+    }
+    want.extend_from_slice(b"appended");
+    drop(written);
+    unmount_clean(&mut m);
+    let fresh = tempfile::tempdir().unwrap();
+    let n = crate::mount(&az, "quiet", fresh.path(), &[]);
+    for name in ["seen.pack", "in-place.pack"] {
+        assert!(
+            std::fs::read(n.path().join(name)).unwrap() == want,
+            "{name} reads back whole on a fresh node"
+        );
+    }
+}
+
+#[test]
 fn a_file_fsynced_as_it_grows_stages_each_block_once_across_the_fsyncs() {
     // Azurite, like the service, takes a block list naming blocks of the previous commit:
     // the second fsync stages what was written since the first, nothing before it.
     let (az, proxy) = logged_container("grow");
     let cache = tempfile::tempdir().unwrap();
-    let mut m = mount_via(&proxy, "grow", cache.path(), &[]);
+    let mut m = mount_via(&proxy, "grow", cache.path(), &["--stage-when-quiet", "0"]);
     let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 233) as u8).collect();
     let mut f = std::fs::File::create(m.path().join("train.log")).unwrap();
     for _ in 0..17 {

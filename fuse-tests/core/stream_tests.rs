@@ -81,6 +81,133 @@ fn a_sequential_writers_blocks_are_staged_before_its_close_and_each_only_once() 
     w.fs.release(fh).unwrap();
 }
 
+/// A world whose writers count as quiet after 30 ms without a write.
+fn quick_world() -> World {
+    let store = Arc::new(FaultyStore::new(fixture()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = crate::world::config(&dir, 1 << 20, Some(Duration::ZERO), false);
+    cfg.writeback.quiet = Some(Duration::from_millis(30));
+    crate::world::world_from(store, dir, "", &cfg)
+}
+
+#[test]
+fn a_writer_gone_quiet_has_its_tail_staged_so_its_fsync_only_commits() {
+    let w = quick_world();
+    let before = puts(&w);
+    let data = data();
+    let (ino, fh) = write_sequentially(&w, &data);
+    eventually("the twelve blocks and the partial tail are staged", || {
+        puts(&w) - before == 13
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        puts(&w) - before,
+        13,
+        "a quiet writer's tail is staged once"
+    );
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(puts(&w) - before, 14, "the fsync only commits the list");
+    assert_eq!(w.store.inner().data("ckpt.pt").unwrap(), data);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}
+
+fn bytes_sent(w: &World) -> u64 {
+    w.store.counters.put_bytes.load(Ordering::SeqCst)
+}
+
+#[test]
+fn a_tail_staged_while_quiet_is_staged_again_only_once_it_has_doubled() {
+    // A log appended now and then: its partial last block is not sent again for every
+    // line; the commit sends what was appended after the part staged.
+    let w = quick_world();
+    let before = puts(&w);
+    let mut data = data();
+    let (ino, fh) = write_sequentially(&w, &data);
+    eventually("staged with the tail", || puts(&w) - before == 13);
+    let line = b"one more line\n";
+    let end = data.len() as u64;
+    w.fs.write(fh, end, line).unwrap();
+    data.extend_from_slice(line);
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(
+        puts(&w) - before,
+        13,
+        "a tail grown by a line is left for the commit"
+    );
+    let sent = bytes_sent(&w);
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(
+        puts(&w) - before,
+        15,
+        "the line, as a block, and the commit"
+    );
+    assert_eq!(
+        bytes_sent(&w) - sent,
+        line.len() as u64,
+        "only the line is sent"
+    );
+    assert_eq!(w.store.inner().data("ckpt.pt").unwrap(), data);
+    // Grown to twice what was staged of it, it is staged ahead again.
+    let more = vec![7u8; 2 * (SIZE % BLOCK)];
+    let end = data.len() as u64;
+    w.fs.write(fh, end, &more).unwrap();
+    data.extend_from_slice(&more);
+    let before = puts(&w);
+    eventually("the doubled tail is staged", || puts(&w) - before == 1);
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(puts(&w) - before, 2, "then only the commit");
+    assert_eq!(w.store.inner().data("ckpt.pt").unwrap(), data);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}
+
+#[test]
+fn a_tail_staged_while_quiet_and_then_rewritten_is_staged_again_for_the_commit() {
+    let w = quick_world();
+    let before = puts(&w);
+    let mut data = data();
+    let (ino, fh) = write_sequentially(&w, &data);
+    eventually("staged with the tail", || puts(&w) - before == 13);
+    // Rewritten in its staged part, then cut shorter, before a quiet spell could stage it.
+    let at = 12 * BLOCK + 10;
+    w.fs.write(fh, at as u64, b"CHANGED").unwrap();
+    data[at..at + 7].copy_from_slice(b"CHANGED");
+    let c = AttrChanges {
+        size: Some((SIZE - 1000) as u64),
+        ..Default::default()
+    };
+    w.fs.setattr_via(Some(fh), ino, &c).unwrap();
+    data.truncate(SIZE - 1000);
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(w.store.inner().data("ckpt.pt").unwrap(), data);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}
+
+#[test]
+fn a_tail_staged_while_quiet_then_cut_and_grown_again_is_not_taken_for_the_file() {
+    // The staged part's bytes are gone by the truncate, even though the file is as long.
+    let w = quick_world();
+    let before = puts(&w);
+    let mut data = data();
+    let (ino, fh) = write_sequentially(&w, &data);
+    eventually("staged with the tail", || puts(&w) - before == 13);
+    let cut = 12 * BLOCK + 100;
+    let c = AttrChanges {
+        size: Some(cut as u64),
+        ..Default::default()
+    };
+    w.fs.setattr_via(Some(fh), ino, &c).unwrap();
+    let again = vec![9u8; SIZE - cut];
+    w.fs.write(fh, cut as u64, &again).unwrap();
+    data[cut..].copy_from_slice(&again);
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(w.store.inner().data("ckpt.pt").unwrap(), data);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}
+
 #[test]
 fn a_block_written_again_after_it_was_staged_is_staged_again() {
     let w = world();
@@ -248,6 +375,31 @@ fn a_file_written_in_place_is_staged_as_it_grows_and_a_block_rewritten_unseen_is
     w.fs.flush(fh).unwrap();
     w.fs.release(fh).unwrap();
     assert_eq!(w.fs.getattr(ino).unwrap().size, SIZE as u64);
+}
+
+#[test]
+fn a_file_written_in_place_has_its_tail_staged_when_quiet_and_checked_at_the_commit() {
+    use std::os::unix::fs::FileExt;
+    let w = quick_world();
+    let before = puts(&w);
+    let mut data = data();
+    let (ino, fh, backing) = create_in_place(&w, "pack");
+    in_order(&data, |at, chunk| backing.write_all_at(chunk, at).unwrap());
+    eventually(
+        "the twelve blocks and the tail are staged by looking",
+        || puts(&w) - before == 13,
+    );
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(puts(&w) - before, 14, "the fsync only commits the list");
+    assert_eq!(w.store.inner().data("pack").unwrap(), data);
+    // Rewritten in place in its staged tail, the length unchanged: the checksum tells.
+    let at = 12 * BLOCK + 7;
+    backing.write_all_at(b"HEADER", at as u64).unwrap();
+    data[at..at + 6].copy_from_slice(b"HEADER");
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(w.store.inner().data("pack").unwrap(), data);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
 }
 
 #[test]

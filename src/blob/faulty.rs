@@ -29,6 +29,8 @@ pub struct Counters {
     pub get: AtomicU64,
     /// Whole-blob PUTs, staged blocks and block commits.
     pub put: AtomicU64,
+    /// The bytes those PUTs and staged blocks carried.
+    pub put_bytes: AtomicU64,
     pub set_metadata: AtomicU64,
     pub copy: AtomicU64,
     pub delete: AtomicU64,
@@ -334,12 +336,18 @@ impl<S: BlobStore> BlobStore for FaultyStore<S> {
     ) -> BlobResult<String> {
         self.round_trip().await;
         self.write_gate(&self.counters.put)?;
+        self.counters
+            .put_bytes
+            .fetch_add(data.len() as u64, Ordering::SeqCst);
         self.answer(self.inner.put(name, data, metadata, expect).await)
     }
 
     async fn stage_block(&self, name: &str, id: &[u8], data: Bytes) -> BlobResult<()> {
         self.round_trip().await;
         self.write_gate(&self.counters.put)?;
+        self.counters
+            .put_bytes
+            .fetch_add(data.len() as u64, Ordering::SeqCst);
         self.answer(self.inner.stage_block(name, id, data).await)
     }
 

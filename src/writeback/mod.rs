@@ -141,6 +141,10 @@ pub struct WritebackOptions {
     /// Longest wait between retries of a failing upload.
     pub max_backoff: Duration,
     pub upload: UploadOptions,
+    /// How long a writer with a large file open must write nothing before the blocks it
+    /// has not staged, the partial last one included, are staged ahead of the commit
+    /// (None: only whole blocks the writer has moved past are).
+    pub quiet: Option<Duration>,
 }
 
 impl Default for WritebackOptions {
@@ -152,6 +156,7 @@ impl Default for WritebackOptions {
             max_pending_files: DEFAULT_MAX_PENDING_FILES,
             max_backoff: Duration::from_secs(60),
             upload: UploadOptions::default(),
+            quiet: Some(Duration::from_millis(50)),
         }
     }
 }
@@ -198,7 +203,7 @@ impl Writeback {
         opts: WritebackOptions,
     ) -> WbResult<Writeback> {
         let writer = index.writer_id()?;
-        let streams = stream::Streams::new(&opts.upload);
+        let streams = stream::Streams::new(&opts.upload, opts.quiet);
         Ok(Writeback {
             store,
             writer,

@@ -27,6 +27,15 @@
 //! whole one, and the stream starts over. Nothing here is journaled: after a crash the
 //! previous version is still the committed one, and the next mount uploads the file whole.
 //!
+//! A writer that goes quiet with the file still open (`git index-pack` resolving deltas
+//! before it fsyncs the pack it wrote, a trainer between a save and its fsync) has its
+//! unstaged blocks staged after a quiet spell (`WritebackOptions::quiet`), the partial last
+//! one too. That part serves the commit as the first part of its block while no write or
+//! truncate reached into it (unseen writes: while its checksum holds); what was appended
+//! after it goes up at the commit as a block of its own, so block sizes in a list vary. A
+//! tail is staged again while quiet only once it has doubled, and not below a quarter
+//! block, so a log appended slowly costs at most about twice its bytes.
+//!
 //! Writers in place (`fs::in_place`) write where simfs cannot see it; their streams are fed
 //! and checked differently (`unseen.rs`).
 
@@ -43,9 +52,19 @@ const IN_FLIGHT: usize = 8;
 /// A block blob holds at most this many blocks.
 pub(super) const MAX_BLOCKS: u64 = 50_000;
 
-/// One block of a commit: its id, whether the service has it, and the sequence number its
-/// data is read at.
-type PlannedBlock = (Vec<u8>, bool, u64);
+/// One block of a commit.
+struct Planned {
+    id: Vec<u8>,
+    /// The service has it (staged ahead).
+    done: bool,
+    /// The sequence number of the file's block its data is read at.
+    seq: u64,
+    /// Where in the file it starts, and its length: a whole block, the file's last
+    /// (partial) one, or a part of one (a prefix staged while the writer was quiet, and
+    /// the rest).
+    off: u64,
+    len: u64,
+}
 
 #[derive(Default)]
 pub(super) struct Stream {
@@ -64,6 +83,11 @@ pub(super) struct Stream {
     pub(super) sums: HashMap<u64, u64>,
     /// Blocks being staged now.
     pub(super) staging: std::collections::HashSet<u64>,
+    /// The partial last block staged while the writer was quiet, and its length: the only
+    /// entry of `staged` shorter than a block.
+    pub(super) tail: Option<(u64, u64)>,
+    /// A task waits for the writer to go quiet.
+    quiet_armed: bool,
     next_seq: u64,
     /// Changes counted, and their count when the last commit planned: equal when nothing
     /// changed since.
@@ -106,8 +130,22 @@ impl Stream {
     fn start_over(&mut self) {
         self.name = None;
         self.staged.clear();
+        self.tail = None;
         self.cursor = 0;
         self.sums.clear();
+    }
+
+    /// Bytes from `from` on changed (a write, or a truncate to `from`): a prefix staged
+    /// while the writer was quiet that reaches past `from` no longer holds the file's data.
+    /// (Appends past it keep it: the commit stages the rest of its block after it.)
+    fn tail_overwritten(&mut self, from: u64, block: u64) {
+        if let Some((b, len)) = self.tail {
+            if from < b * block + len {
+                self.tail = None;
+                self.staged.remove(&b);
+                self.sums.remove(&b);
+            }
+        }
     }
 
     /// A fresh id for block `block`, never used before by this stream.
@@ -131,14 +169,17 @@ pub(super) struct Streams {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Block size and the single-PUT bound, as the upload uses them.
     opts: UploadOptions,
+    /// How long a writer must have written nothing before the rest is staged.
+    pub(super) quiet: Option<std::time::Duration>,
 }
 
 impl Streams {
-    pub(super) fn new(opts: &UploadOptions) -> Streams {
+    pub(super) fn new(opts: &UploadOptions, quiet: Option<std::time::Duration>) -> Streams {
         Streams {
             map: Mutex::default(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)),
             opts: opts.clone(),
+            quiet,
         }
     }
 
@@ -205,9 +246,10 @@ impl Writeback {
             None if small => return,
             None => self.streams.get(ino),
         };
-        let ready: Vec<u64> = {
+        let (ready, arm) = {
             let mut s = lock(&stream);
             s.touch(first, last);
+            s.tail_overwritten(off, block);
             if let Some(u) = &mut s.unseen {
                 // Written in place, so this is an allocation (`fallocate`): room laid out
                 // for writes to come, not staged ahead (see `unseen.rs`).
@@ -229,11 +271,49 @@ impl Writeback {
                 .collect();
             s.staging.extend(&ready);
             s.cursor = first;
-            ready
+            let arm = self.streams.quiet.is_some() && !s.quiet_armed;
+            s.quiet_armed |= arm;
+            (ready, arm)
         };
         for b in ready {
-            self.stage_in_background(ino, stream.clone(), b);
+            self.stage(ino, stream.clone(), b, false);
         }
+        if arm {
+            self.when_quiet(ino, stream);
+        }
+    }
+
+    /// Once `stream`'s writer has written nothing for the quiet spell, stages the blocks it has not
+    /// staged, the partial last one included (see the module's notes).
+    fn when_quiet(self: &Arc<Self>, ino: u64, stream: Arc<Mutex<Stream>>) {
+        let Some(quiet) = self.streams.quiet else {
+            return;
+        };
+        let wb = self.clone();
+        self.rt.spawn(async move {
+            let mut seen = lock(&stream).touches;
+            loop {
+                tokio::time::sleep(quiet).await;
+                let mut s = lock(&stream);
+                if s.touches != seen && !s.closed && s.unseen.is_none() {
+                    seen = s.touches;
+                    continue;
+                }
+                s.quiet_armed = false;
+                if s.closed || s.unseen.is_some() {
+                    return;
+                }
+                drop(s);
+                let Ok(size) = std::fs::metadata(wb.local.path(ino)).map(|m| m.len()) else {
+                    return;
+                };
+                let ready = unstaged(&mut lock(&stream), size, wb.streams.opts());
+                for (b, partial) in ready {
+                    wb.stage(ino, stream.clone(), b, partial);
+                }
+                return;
+            }
+        });
     }
 
     /// `ino` was truncated to `size`: blocks from the one holding the new end on change.
@@ -246,6 +326,7 @@ impl Writeback {
         let from = size / block;
         let to = (s.changed.len() as u64).max(from + 1) - 1;
         s.touch(from, to);
+        s.tail_overwritten(size, block);
         s.cursor = s.cursor.min(from);
         if let Some(u) = &mut s.unseen {
             // Their data is gone; a file growing again is staged again, and one extended
@@ -280,35 +361,55 @@ impl Writeback {
     }
 
     /// Stages block `b` (already counted in `staging`) on the runtime.
-    pub(super) fn stage_in_background(
+    /// Stages block `b` (already counted in `staging`) on the runtime; a `partial` one may be
+    /// shorter than a block (the file's last).
+    pub(super) fn stage(
         self: &Arc<Self>,
         ino: u64,
         stream: Arc<Mutex<Stream>>,
         b: u64,
+        partial: bool,
     ) {
         let wb = self.clone();
         self.rt.spawn(async move {
-            let staged = wb.stage_one(ino, &stream, b).await;
+            let staged = wb.stage_one(ino, &stream, b, partial).await;
             let mut s = lock(&stream);
             s.staging.remove(&b);
+            let whole = wb.streams.opts.block_size;
             match staged {
-                Some((id, seq, sum)) => {
+                // A prefix is only known to hold the file's data if nothing wrote to its
+                // block while it was read and sent (an unseen stream's sum is checked).
+                Some((_, seq, len, _))
+                    if len < whole
+                        && s.unseen.is_none()
+                        && s.changed.get(b as usize).copied() != Some(seq) =>
+                {
+                    tracing::debug!("inode {ino}: block {b} changed while staged in part")
+                }
+                Some((id, seq, len, sum)) => {
+                    tracing::debug!("inode {ino}: block {b} staged ({len} bytes)");
                     s.staged.insert(b, (id, seq));
                     s.sums.insert(b, sum);
+                    s.tail = match len == whole {
+                        true => s.tail.filter(|(t, _)| *t != b),
+                        false => Some((b, len)),
+                    };
                 }
                 None => tracing::debug!("inode {ino}: block {b} left for the commit"),
             }
         });
     }
 
-    /// Stages block `b` of `ino` as it is now; its id, the sequence number it was read at
-    /// and the checksum of what it held.
+    /// Stages block `b` of `ino` as it is now (`partial`: even if shorter than a block);
+    /// its id, the sequence number it was read at, its length and the checksum of what it
+    /// held.
     async fn stage_one(
         &self,
         ino: u64,
         stream: &Mutex<Stream>,
         b: u64,
-    ) -> Option<(Vec<u8>, u64, u64)> {
+        partial: bool,
+    ) -> Option<(Vec<u8>, u64, u64, u64)> {
         let _permit = self.streams.in_flight.clone().acquire_owned().await.ok()?;
         // (Bound first: a guard in a match's scrutinee lives through the whole match.)
         let known = lock(stream).name.clone();
@@ -345,11 +446,12 @@ impl Writeback {
         .await
         .ok()?
         .ok()?;
-        if data.len() as u64 != block {
+        let len = data.len() as u64;
+        if len != block && !(partial && len > 0) {
             return None;
         }
         self.store.stage_block(&name, &id, data).await.ok()?;
-        Some((id, seq, sum))
+        Some((id, seq, len, sum))
     }
 
     /// The name `ino`'s data would be uploaded to now (None: it has no name).
@@ -410,7 +512,7 @@ impl Writeback {
         }
         // Unseen writes: the staged blocks that still hold what they were staged with.
         let unchanged = self.unseen_unchanged(stream, path).await;
-        let plan: Vec<PlannedBlock> = {
+        let plan: Vec<Planned> = {
             let mut s = lock(stream);
             // Nothing staged yet: this commit stages every block, for the next to reuse
             // (a file rewritten here and there and fsynced, as databases do).
@@ -422,33 +524,86 @@ impl Writeback {
             }
             let touches = s.touches;
             s.committed_touches = touches;
-            (0..count)
-                .map(|b| {
-                    let seq = s.changed.get(b as usize).copied().unwrap_or(0);
-                    let full = (b + 1) * block <= size;
-                    let good = |at: u64| match &unchanged {
-                        Some(u) => u.contains(&b),
-                        None => at == seq,
-                    };
-                    match s.staged.get(&b) {
-                        Some((id, at)) if good(*at) && full => (id.clone(), true, seq),
-                        // A fresh id: never one a stale staging used.
-                        _ => (s.fresh_id(b), false, seq),
+            let mut plan = Vec::with_capacity(count as usize + 1);
+            for b in 0..count {
+                let seq = s.changed.get(b as usize).copied().unwrap_or(0);
+                let (off, len) = (b * block, block.min(size - b * block));
+                let staged = s.staged.get(&b).cloned();
+                // Seen writes: whole blocks by their numbers, a partial prefix while no
+                // write overlapped it (it goes otherwise). Unseen: by their checksums.
+                let good = |at: u64| match &unchanged {
+                    Some(u) => u.contains(&b),
+                    None => at == seq,
+                };
+                match (staged, s.tail) {
+                    (Some((id, _)), Some((t, l)))
+                        if t == b
+                            && l <= len
+                            && unchanged.as_ref().is_none_or(|u| u.contains(&b)) =>
+                    {
+                        plan.push(Planned {
+                            id,
+                            done: true,
+                            seq,
+                            off,
+                            len: l,
+                        });
+                        if l < len {
+                            let id = s.fresh_id(b);
+                            plan.push(Planned {
+                                id,
+                                done: false,
+                                seq,
+                                off: off + l,
+                                len: len - l,
+                            });
+                        }
                     }
-                })
-                .collect()
+                    (Some((id, at)), tail)
+                        if good(at) && len == block && tail.is_none_or(|(t, _)| t != b) =>
+                    {
+                        plan.push(Planned {
+                            id,
+                            done: true,
+                            seq,
+                            off,
+                            len,
+                        })
+                    }
+                    // A fresh id: never one a stale staging used.
+                    _ => {
+                        let id = s.fresh_id(b);
+                        plan.push(Planned {
+                            id,
+                            done: false,
+                            seq,
+                            off,
+                            len,
+                        })
+                    }
+                }
+            }
+            plan
         };
+        if plan.len() as u64 > MAX_BLOCKS {
+            return None;
+        }
+        tracing::debug!(
+            "{name}: committing {} blocks, {} of them staged ahead",
+            plan.len(),
+            plan.iter().filter(|p| p.done).count()
+        );
         let result = self
-            .stage_rest_and_commit(name, path, (&plan, size), meta, expect)
+            .stage_rest_and_commit(name, path, &plan, meta, expect)
             .await;
         if let Ok((_, sums)) = &result {
             // Whole blocks read at `seq` are the service's now under their ids; a write
             // since then changed the block's number, so it is staged again.
             let mut s = lock(stream);
-            for (b, (id, _, seq)) in plan.into_iter().enumerate() {
-                if (b as u64 + 1) * block <= size {
-                    s.staged.insert(b as u64, (id, seq));
-                }
+            for p in plan.into_iter().filter(|p| p.len == block) {
+                let b = p.off / block;
+                s.staged.insert(b, (p.id, p.seq));
+                s.tail = s.tail.filter(|(t, _)| *t != b);
             }
             s.sums.extend(sums.iter().copied());
         }
@@ -459,7 +614,7 @@ impl Writeback {
         &self,
         name: &str,
         path: &Path,
-        (plan, size): (&[PlannedBlock], u64),
+        plan: &[Planned],
         meta: &Metadata,
         expect: &Expect,
     ) -> Result<(String, Vec<(u64, u64)>), crate::blob::upload::UploadError> {
@@ -469,26 +624,49 @@ impl Writeback {
         let file = &file;
         // The checksum of each whole block staged here, for the next commit to check if
         // writes are no longer seen by then.
-        let sums = futures::stream::iter(
-            plan.iter()
-                .enumerate()
-                .filter(|(_, (_, done, _))| !done)
-                .map(|(b, (id, _, _))| async move {
-                    let off = b as u64 * block;
-                    let data = crate::blob::upload::read_local(file, off, block.min(size - off))?;
-                    let sum =
-                        (data.len() as u64 == block).then(|| (b as u64, super::unseen::sum(&data)));
-                    self.store.stage_block(name, id, data).await?;
-                    Ok::<_, crate::blob::upload::UploadError>(sum)
-                }),
-        )
+        let sums = futures::stream::iter(plan.iter().filter(|p| !p.done).map(|p| async move {
+            let data = crate::blob::upload::read_local(file, p.off, p.len)?;
+            let sum =
+                (data.len() as u64 == block).then(|| (p.off / block, super::unseen::sum(&data)));
+            self.store.stage_block(name, &p.id, data).await?;
+            Ok::<_, crate::blob::upload::UploadError>(sum)
+        }))
         .buffer_unordered(self.streams.opts.parallel.max(1))
         .try_collect::<Vec<_>>()
         .await?;
-        let ids: Vec<Vec<u8>> = plan.iter().map(|(id, _, _)| id.clone()).collect();
+        let ids: Vec<Vec<u8>> = plan.iter().map(|p| p.id.clone()).collect();
         let etag = self.store.commit_blocks(name, &ids, meta, expect).await?;
         Ok((etag, sums.into_iter().flatten().collect()))
     }
+}
+
+/// The blocks of a file of `size` bytes that `s` has not staged as they are now, marked as
+/// staging; each with whether it is the partial last block. That one is left out while
+/// shorter than a quarter block, or than twice what was staged of it before.
+fn unstaged(s: &mut Stream, size: u64, opts: &UploadOptions) -> Vec<(u64, bool)> {
+    let block = opts.block_size.max(1);
+    let count = size.div_ceil(block);
+    if size <= opts.single_put_max || count > MAX_BLOCKS {
+        return Vec::new();
+    }
+    let ready: Vec<(u64, bool)> = (s.cursor.min(count)..count)
+        .filter(|b| !s.staging.contains(b))
+        .filter(|b| {
+            let seq = s.changed.get(*b as usize).copied().unwrap_or(0);
+            s.staged.get(b).is_none_or(|(_, at)| *at != seq)
+        })
+        .map(|b| (b, (b + 1) * block > size))
+        .filter(|&(b, partial)| !partial || tail_worth_staging(s, b, size - b * block, block))
+        .collect();
+    s.staging.extend(ready.iter().map(|(b, _)| *b));
+    ready
+}
+
+/// Whether `len` bytes of partial block `b` are worth staging while the writer is quiet: a
+/// quarter block at least, and twice what was staged of it before.
+pub(super) fn tail_worth_staging(s: &Stream, b: u64, len: u64, block: u64) -> bool {
+    let before = s.tail.filter(|(t, _)| *t == b).map_or(0, |(_, l)| l);
+    len >= block / 4 && len >= 2 * before
 }
 
 fn read_block(path: &Path, off: u64, len: u64) -> std::io::Result<Bytes> {

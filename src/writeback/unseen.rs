@@ -22,7 +22,7 @@
 //! - the poll ends with the last writer in place, or when the stream goes (its commit once
 //!   no one writes, an unlink); a poll restarted for a new writer ends any older one.
 
-use super::stream::{lock, Stream, MAX_BLOCKS};
+use super::stream::{lock, tail_worth_staging, Stream, MAX_BLOCKS};
 use super::Writeback;
 use crate::blob::upload::{open_local_copy, read_local};
 use std::collections::HashSet;
@@ -113,7 +113,10 @@ impl Writeback {
         let path = self.local.path(ino);
         let opts = self.streams.opts().clone();
         let block = opts.block_size.max(1);
+        let quiet = self.streams.quiet;
         self.rt.spawn(async move {
+            // How long the length has stayed the same: the writer may have gone quiet.
+            let mut still = Duration::ZERO;
             loop {
                 tokio::time::sleep(POLL).await;
                 if !wb
@@ -130,8 +133,13 @@ impl Writeback {
                     let grew = grew.clone();
                     let _ = tokio::task::spawn_blocking(move || grew(now - size)).await;
                 }
+                still = if now == size {
+                    still + POLL
+                } else {
+                    Duration::ZERO
+                };
                 size = now;
-                let ready: Vec<u64> = {
+                let ready: Vec<(u64, bool)> = {
                     let mut s = lock(&stream);
                     let from = match &s.unseen {
                         Some(u) if u.poll == poll => u.from,
@@ -141,15 +149,31 @@ impl Writeback {
                         continue;
                     }
                     let end = (size / block).min(MAX_BLOCKS);
-                    let ready: Vec<u64> = (s.cursor.max(from)..end)
-                        .filter(|b| !s.staging.contains(b) && !s.staged.contains_key(b))
+                    // (A block staged partial while the writer paused is not whole yet.)
+                    let whole =
+                        |b: &u64| s.staged.contains_key(b) && s.tail.is_none_or(|(t, _)| t != *b);
+                    let mut ready: Vec<(u64, bool)> = (s.cursor.max(from)..end)
+                        .filter(|b| !s.staging.contains(b) && !whole(b))
+                        .map(|b| (b, false))
                         .collect();
-                    s.staging.extend(&ready);
+                    // Quiet: the partial last block too (the commit checks its checksum).
+                    let (last, len) = (size / block, size % block);
+                    if quiet.is_some_and(|q| still >= q)
+                        && len > 0
+                        && last >= from
+                        && last < MAX_BLOCKS
+                        && !s.staging.contains(&last)
+                        && s.tail != Some((last, len))
+                        && tail_worth_staging(&s, last, len, block)
+                    {
+                        ready.push((last, true));
+                    }
+                    s.staging.extend(ready.iter().map(|(b, _)| *b));
                     s.cursor = s.cursor.max(end);
                     ready
                 };
-                for b in ready {
-                    wb.stage_in_background(ino, stream.clone(), b);
+                for (b, partial) in ready {
+                    wb.stage(ino, stream.clone(), b, partial);
                 }
             }
         });
@@ -162,15 +186,19 @@ impl Writeback {
         stream: &Mutex<Stream>,
         path: &Path,
     ) -> Option<HashSet<u64>> {
-        let sums: Vec<(u64, u64)> = {
+        let block = self.streams.opts().block_size;
+        // Each staged block with its checksum and length (the partial last one's is its own).
+        let sums: Vec<(u64, u64, u64)> = {
             let s = lock(stream);
             s.unseen.as_ref()?;
             s.staged
                 .keys()
-                .filter_map(|b| s.sums.get(b).map(|sum| (*b, *sum)))
+                .filter_map(|b| {
+                    let len = s.tail.filter(|(t, _)| t == b).map_or(block, |(_, l)| l);
+                    s.sums.get(b).map(|sum| (*b, *sum, len))
+                })
                 .collect()
         };
-        let block = self.streams.opts().block_size;
         let path = path.to_owned();
         let unchanged = tokio::task::spawn_blocking(move || {
             // One open for all of them (a large checkpoint has thousands staged).
@@ -178,11 +206,11 @@ impl Writeback {
                 return HashSet::new();
             };
             sums.into_iter()
-                .filter(|(b, want)| {
-                    read_local(&file, b * block, block)
-                        .is_ok_and(|d| d.len() as u64 == block && sum(&d) == *want)
+                .filter(|(b, want, len)| {
+                    read_local(&file, b * block, *len)
+                        .is_ok_and(|d| d.len() as u64 == *len && sum(&d) == *want)
                 })
-                .map(|(b, _)| b)
+                .map(|(b, _, _)| b)
                 .collect()
         });
         Some(unchanged.await.unwrap_or_default())

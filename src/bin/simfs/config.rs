@@ -101,6 +101,12 @@ pub struct SourceArgs {
     /// closed regardless.
     #[arg(long, default_value_t = 1.0, value_parser = parse_delay)]
     pub upload_delay: f64,
+    /// How long a writer of a large file (over 8 MiB) may write nothing, the file still
+    /// open, before what it has not staged yet, its partial last block included, is staged
+    /// ahead of the fsync or close (seconds, or `50ms`); `0` stages only whole blocks the
+    /// writer has moved past.
+    #[arg(long, default_value_t = 0.05, value_parser = parse_delay)]
+    pub stage_when_quiet: f64,
     /// How long a request to the service may go unanswered (seconds, or `30s`, `2m`), plus a
     /// second per MiB it moves, before it fails; what waited for it gets EIO and uploads
     /// are retried.
@@ -602,6 +608,8 @@ impl SourceArgs {
         cfg.list_concurrency = self.list_concurrency;
         cfg.read_only = self.read_only;
         cfg.writeback.delay = std::time::Duration::from_secs_f64(self.upload_delay);
+        cfg.writeback.quiet = (self.stage_when_quiet > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(self.stage_when_quiet));
         cfg.request_timeout = std::time::Duration::from_secs_f64(self.request_timeout);
         let bytes = |size: CacheSize| match size {
             CacheSize::Bytes(b) => Some(b),
