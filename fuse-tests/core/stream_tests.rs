@@ -209,6 +209,25 @@ fn a_tail_staged_while_quiet_then_cut_and_grown_again_is_not_taken_for_the_file(
 }
 
 #[test]
+fn a_writer_rewriting_the_middle_of_its_file_has_nothing_staged_when_quiet() {
+    // A database's pages: staged at its fsync, not at every pause between its writes.
+    let w = quick_world();
+    let data = data();
+    let (ino, fh) = write_sequentially(&w, &data);
+    w.fs.fsync(ino).unwrap();
+    let before = puts(&w);
+    w.fs.write(fh, 100, b"page").unwrap();
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(
+        puts(&w),
+        before,
+        "nothing staged for a rewrite in the middle"
+    );
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}
+
+#[test]
 fn a_block_written_again_after_it_was_staged_is_staged_again() {
     let w = world();
     let before = puts(&w);

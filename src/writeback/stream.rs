@@ -27,9 +27,9 @@
 //! whole one, and the stream starts over. Nothing here is journaled: after a crash the
 //! previous version is still the committed one, and the next mount uploads the file whole.
 //!
-//! A writer that goes quiet with the file still open (`git index-pack` resolving deltas
-//! before it fsyncs the pack it wrote, a trainer between a save and its fsync) has its
-//! unstaged blocks staged after a quiet spell (`WritebackOptions::quiet`), the partial last
+//! A writer appending to a file that goes quiet with the file still open (`git index-pack`
+//! resolving deltas before it fsyncs the pack it wrote, a trainer between a save and its
+//! fsync) has its unstaged blocks staged after a quiet spell (`WritebackOptions::quiet`), the partial last
 //! one too. That part serves the commit as the first part of its block while no write or
 //! truncate reached into it (unseen writes: while its checksum holds); what was appended
 //! after it goes up at the commit as a block of its own, so block sizes in a list vary. A
@@ -88,6 +88,10 @@ pub(super) struct Stream {
     pub(super) tail: Option<(u64, u64)>,
     /// A task waits for the writer to go quiet.
     quiet_armed: bool,
+    /// Where the last seen write ended: a writer whose last write ended at the file's end
+    /// is appending, and only such a writer has its blocks staged when it goes quiet (a
+    /// database rewriting blocks here and there would have them staged again and again).
+    last_end: u64,
     next_seq: u64,
     /// Changes counted, and their count when the last commit planned: equal when nothing
     /// changed since.
@@ -250,6 +254,7 @@ impl Writeback {
             let mut s = lock(&stream);
             s.touch(first, last);
             s.tail_overwritten(off, block);
+            s.last_end = off + len;
             if let Some(u) = &mut s.unseen {
                 // Written in place, so this is an allocation (`fallocate`): room laid out
                 // for writes to come, not staged ahead (see `unseen.rs`).
@@ -307,6 +312,9 @@ impl Writeback {
                 let Ok(size) = std::fs::metadata(wb.local.path(ino)).map(|m| m.len()) else {
                     return;
                 };
+                if size != lock(&stream).last_end {
+                    return;
+                }
                 let ready = unstaged(&mut lock(&stream), size, wb.streams.opts());
                 for (b, partial) in ready {
                     wb.stage(ino, stream.clone(), b, partial);
