@@ -29,12 +29,12 @@
 //!
 //! A writer appending to a file that goes quiet with the file still open (`git index-pack`
 //! resolving deltas before it fsyncs the pack it wrote, a trainer between a save and its
-//! fsync) has its unstaged blocks staged after a quiet spell (`WritebackOptions::quiet`), the partial last
-//! one too. That part serves the commit as the first part of its block while no write or
-//! truncate reached into it (unseen writes: while its checksum holds); what was appended
-//! after it goes up at the commit as a block of its own, so block sizes in a list vary. A
-//! tail is staged again while quiet only once it has doubled, and not below a quarter
-//! block, so a log appended slowly costs at most about twice its bytes.
+//! fsync) has its unstaged blocks staged after a quiet spell (`WritebackOptions::quiet`),
+//! the partial last one too. That part serves the commit as the first part of its block
+//! while no write or truncate reached into it (unseen writes: while its checksum holds);
+//! what was appended after it goes up at the commit as a block of its own, so block sizes
+//! in a list vary. A tail is staged again while quiet only once it has doubled, and not
+//! below a quarter block, so a log appended slowly costs at most about twice its bytes.
 //!
 //! Writers in place (`fs::in_place`) write where simfs cannot see it; their streams are fed
 //! and checked differently (`unseen.rs`).
@@ -288,8 +288,8 @@ impl Writeback {
         }
     }
 
-    /// Once `stream`'s writer has written nothing for the quiet spell, stages the blocks it has not
-    /// staged, the partial last one included (see the module's notes).
+    /// Once `stream`'s writer has written nothing for the quiet spell, stages the blocks it
+    /// has not staged, the partial last one included (see the module's notes).
     fn when_quiet(self: &Arc<Self>, ino: u64, stream: Arc<Mutex<Stream>>) {
         let Some(quiet) = self.streams.quiet else {
             return;
@@ -368,7 +368,6 @@ impl Writeback {
         }
     }
 
-    /// Stages block `b` (already counted in `staging`) on the runtime.
     /// Stages block `b` (already counted in `staging`) on the runtime; a `partial` one may be
     /// shorter than a block (the file's last).
     pub(super) fn stage(

@@ -10,6 +10,8 @@
 //!   databases: `fallocate` or `ftruncate`, then writes) does not grow by writes, so nothing
 //!   of it is staged ahead: its blocks would be staged before they were written (a
 //!   truncate or an allocation moves the first block that may be staged to its end);
+//! - once the length has stayed the same for the quiet spell (`WritebackOptions::quiet`),
+//!   the partial last block is staged too, with its own length and CRC64 (`stream.rs`);
 //! - the commit reads every staged block again and reuses it only where its checksum still
 //!   matches, so a block rewritten after it was staged is staged again, and the committed
 //!   blob is the file as the commit read it. That costs a local read of what was staged
