@@ -99,7 +99,7 @@ async def read_request(reader):
         kept.append(line)
     body = await reader.readexactly(length) if length else b""
     kept.append("Connection: close")
-    return method, path, ("\r\n".join(kept) + "\r\n\r\n").encode("latin-1") + body
+    return method, path, ("\r\n".join(kept) + "\r\n\r\n").encode("latin-1") + body, length
 
 
 async def forward(request):
@@ -124,13 +124,12 @@ BUSY = (b'<?xml version="1.0" encoding="utf-8"?><Error><Code>ServerBusy</Code>'
 
 async def handle(reader, writer):
     try:
-        method, path, request = await read_request(reader)
+        method, path, request, sent = await read_request(reader)
     except (asyncio.IncompleteReadError, ConnectionError, ValueError):
         writer.close()
         return
     fault = choose(method, path)
-    # The body's length ends the line: what a request carried.
-    sent = len(request) - request.index(b"\r\n\r\n") - 4
+    # The body's length (`sent`) ends the line: what a request carried.
     if fault and not fault.startswith("delay:"):
         log.write(f"{time.time():.3f} {fault} {method} {path} bytes={sent}\n")
     elif state["cfg"].get("log_all"):

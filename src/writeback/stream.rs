@@ -312,10 +312,13 @@ impl Writeback {
                 let Ok(size) = std::fs::metadata(wb.local.path(ino)).map(|m| m.len()) else {
                     return;
                 };
-                if size != lock(&stream).last_end {
-                    return;
-                }
-                let ready = unstaged(&mut lock(&stream), size, wb.streams.opts());
+                let ready = {
+                    let mut s = lock(&stream);
+                    if size != s.last_end {
+                        return;
+                    }
+                    unstaged(&mut s, size, wb.streams.opts())
+                };
                 for (b, partial) in ready {
                     wb.stage(ino, stream.clone(), b, partial);
                 }
