@@ -788,8 +788,80 @@ impl Index {
 
 #[cfg(test)]
 mod tests {
-    use super::memo::tests::empty_index;
+    use super::memo::tests::{empty_index, file, fresh_index};
+    use super::names::Name;
+    use super::write::NewNode;
+    use super::{Index, ROOT_INO};
+    use crate::posix::{Kind, RenameMode};
     use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    /// Records `ino` as uploaded to `blob`; its generation then.
+    fn uploaded(index: &Index, ino: u64, blob: &str) -> i64 {
+        let gen = index.pending_inode(ino).unwrap().unwrap().gen;
+        let b = (blob.to_string(), "\"etag\"".to_string());
+        index
+            .record_upload(ino, gen, Some(&b), &[], true, false)
+            .unwrap();
+        assert!(index.pending_inode(ino).unwrap().is_none());
+        gen
+    }
+
+    #[test]
+    fn a_rename_marks_the_inode_and_the_uploaded_ones_below_it_with_a_new_generation() {
+        let (_dir, index, at) = fresh_index();
+        let name = |n: &str| Name::new(n.as_bytes()).unwrap();
+        let f = file(&index, "f", at);
+        let dir = NewNode {
+            kind: Kind::Dir,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            target: None,
+            rdev: 0,
+        };
+        let d = index
+            .create(ROOT_INO, &name("d"), &dir, at, at, |_| {})
+            .unwrap()
+            .ino;
+        let g = file(&index, "g", at);
+        index
+            .rename(
+                ROOT_INO,
+                &name("g"),
+                d,
+                &name("g"),
+                RenameMode::Replace,
+                at,
+                at,
+            )
+            .unwrap();
+        let gens = [(f, "f"), (d, "d"), (g, "d/g")].map(|(i, b)| (i, uploaded(&index, i, b)));
+        let later = at + Duration::from_secs(5);
+        for (from, to) in [("f", "f2"), ("d", "d2")] {
+            index
+                .rename(
+                    ROOT_INO,
+                    &name(from),
+                    ROOT_INO,
+                    &name(to),
+                    RenameMode::Replace,
+                    later,
+                    later,
+                )
+                .unwrap();
+        }
+        for (ino, gen) in gens {
+            let p = index.pending_inode(ino).unwrap().expect("pending again");
+            assert_eq!(p.gen, gen + 1, "inode {ino}: a new generation");
+            let moved = ino != g;
+            assert_eq!(
+                p.attr.ctime == later,
+                moved,
+                "inode {ino}: ctime of a moved inode"
+            );
+        }
+    }
 
     /// Whether `c` is the writer connection: only it carries the memo's temporary triggers.
     fn is_writer(c: &rusqlite::Connection) -> super::IndexResult<bool> {

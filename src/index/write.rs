@@ -95,6 +95,24 @@ fn mark_subtree(tx: &Transaction<'_>, ino: u64, due: SystemTime) -> IndexResult<
     Ok(())
 }
 
+/// `a` got a new path: its ctime changes, and it and everything below it are marked as
+/// `mark_subtree` says. Only a directory has anything below it: any other inode is one row,
+/// updated by one statement (a rename's statements are most of its cost; pip renames each
+/// compiled module into place).
+fn moved(tx: &Transaction<'_>, a: &Attr, now: SystemTime, due: SystemTime) -> IndexResult<()> {
+    if a.kind == Kind::Dir {
+        set_ctime(tx, a.ino, now)?;
+        return mark_subtree(tx, a.ino, due);
+    }
+    tx.prepare_cached(
+        "UPDATE inodes SET ctime_ns = ?2, gen = gen + 1,
+             due_ns = CASE WHEN pending = 1 THEN min(due_ns, ?3) ELSE ?3 END, pending = 1
+         WHERE ino = ?1",
+    )?
+    .execute(params![a.ino as i64, to_ns(now), to_ns(due)])?;
+    Ok(())
+}
+
 /// Whether `ino` is `ancestor` or lies below it.
 fn is_within(tx: &Transaction<'_>, mut ino: u64, ancestor: u64) -> IndexResult<bool> {
     let mut st = tx.prepare_cached("SELECT parent FROM dentries WHERE ino = ?1 LIMIT 1")?;
@@ -331,8 +349,7 @@ impl Index {
                         add_nlink(tx, newparent, delta(&src) - delta(d))?;
                     }
                     for a in [&src, d] {
-                        set_ctime(tx, a.ino, now)?;
-                        mark_subtree(tx, a.ino, due)?;
+                        moved(tx, a, now, due)?;
                     }
                     touch_dir(tx, parent, now, due)?;
                     touch_dir(tx, newparent, now, due)?;
@@ -367,8 +384,7 @@ impl Index {
                 add_nlink(tx, parent, -1)?;
                 add_nlink(tx, newparent, 1)?;
             }
-            set_ctime(tx, src.ino, now)?;
-            mark_subtree(tx, src.ino, due)?;
+            moved(tx, &src, now, due)?;
             touch_dir(tx, parent, now, due)?;
             if newparent != parent {
                 touch_dir(tx, newparent, now, due)?;
