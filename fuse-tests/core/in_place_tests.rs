@@ -212,3 +212,72 @@ fn a_new_file_written_in_place_and_cut_short_by_a_crash_is_uploaded_whole_by_the
     assert_eq!(read_all(&n, "new.db").unwrap(), body);
     assert_eq!(path(&n, "new.db").unwrap().size, 100_000);
 }
+
+/// A small file written in place by a read-write create (git's `.idx` and `.rev`, pip's
+/// RECORD): its handle and the file the kernel writes.
+fn created_in_place(w: &World, name: &str) -> (u64, u64, File) {
+    use crate::write_tests::ME;
+    use simfs::index::ROOT_INO;
+    let (a, fh) =
+        w.fs.create(ROOT_INO, std::ffi::OsStr::new(name), 0o644, ME)
+            .unwrap();
+    let backing = w.fs.in_place_file(fh, 0).expect("a new file's local copy");
+    w.fs.write_in_place(fh, &backing).unwrap();
+    (a.ino, fh, backing)
+}
+
+#[test]
+fn a_file_written_in_place_fsynced_closed_and_renamed_sends_its_bytes_once() {
+    use simfs::index::ROOT_INO;
+    use simfs::posix::RenameMode;
+    use std::ffi::OsStr;
+    let w = rw(fixture());
+    let c = &w.store.counters;
+    let sent = || c.put_bytes.load(Ordering::SeqCst);
+    let body: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    let len = body.len() as u64;
+    for (tmp, done, rewrite) in [
+        ("tmp_idx", "pack.idx", false),
+        ("tmp_rev", "pack.rev", true),
+    ] {
+        let before = (sent(), c.copy.load(Ordering::SeqCst));
+        let (ino, fh, backing) = created_in_place(&w, tmp);
+        backing.write_all_at(&body, 0).unwrap();
+        w.fs.fsync(ino).unwrap();
+        assert_eq!(sent() - before.0, len, "{tmp}: the fsync sends the file");
+        if rewrite {
+            // A write after the fsync, the length unchanged: it goes up.
+            backing.write_all_at(b"X", 7).unwrap();
+        }
+        w.fs.flush(fh).unwrap();
+        w.fs.release(fh).unwrap();
+        w.fs.rename(
+            ROOT_INO,
+            OsStr::new(tmp),
+            ROOT_INO,
+            OsStr::new(done),
+            RenameMode::Replace,
+        )
+        .unwrap();
+        crate::write_tests::drain(&w);
+        let mut want = body.clone();
+        if rewrite {
+            want[7] = b'X';
+        }
+        assert_eq!(w.store.inner().data(done).unwrap(), want, "{done}");
+        assert!(w.store.inner().data(tmp).is_none(), "{tmp} is gone");
+        if rewrite {
+            assert!(
+                sent() - before.0 >= 2 * len,
+                "{tmp}: the rewritten file went up again"
+            );
+        } else {
+            assert_eq!(sent() - before.0, len, "{tmp}: its bytes went up once");
+            assert_eq!(
+                c.copy.load(Ordering::SeqCst) - before.1,
+                1,
+                "copied to {done}"
+            );
+        }
+    }
+}

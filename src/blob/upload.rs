@@ -86,11 +86,29 @@ pub async fn upload_file(
     expect: &Expect,
     opts: &UploadOptions,
 ) -> Result<String, UploadError> {
+    Ok(
+        upload_file_summed(store, name, path, metadata, expect, opts)
+            .await?
+            .0,
+    )
+}
+
+/// `upload_file`, also returning the length and CRC64 of the body a single PUT committed
+/// (None for an upload in blocks).
+pub async fn upload_file_summed(
+    store: &dyn BlobStore,
+    name: &str,
+    path: &Path,
+    metadata: &Metadata,
+    expect: &Expect,
+    opts: &UploadOptions,
+) -> Result<(String, Option<(u64, u64)>), UploadError> {
     let file = open_local_copy(path)?;
     let size = file.metadata()?.len();
     if size <= opts.single_put_max {
         let data = read_range(&file, 0, size)?;
-        return Ok(store.put(name, data, metadata, expect).await?);
+        let sum = (size, crc64(&data));
+        return Ok((store.put(name, data, metadata, expect).await?, Some(sum)));
     }
     // A block blob holds at most 50,000 blocks: very large files get larger blocks.
     let block = opts.block_size.max(size.div_ceil(50_000)).max(1);
@@ -115,7 +133,17 @@ pub async fn upload_file(
     .buffer_unordered(opts.parallel.max(1))
     .try_collect::<Vec<_>>()
     .await?;
-    Ok(store.commit_blocks(name, &ids, metadata, expect).await?)
+    Ok((
+        store.commit_blocks(name, &ids, metadata, expect).await?,
+        None,
+    ))
+}
+
+/// The CRC64 (NVMe polynomial, as `x-ms-content-crc64`) of `data`.
+pub fn crc64(data: &[u8]) -> u64 {
+    let mut d = crc64fast_nvme::Digest::new();
+    d.write(data);
+    d.sum64()
 }
 
 #[cfg(test)]

@@ -14,9 +14,10 @@
 //! prefix and later moved to its own name, so no order of renames can lose data. Taking a
 //! name from another inode needs that inode's lock (`locked`), which `upload` took.
 
+use super::settled;
 use super::{WbResult, Writeback, WritebackError};
 use crate::blob::format::{blob_name_for, render, Role, KEY_PATH, KEY_WRITER};
-use crate::blob::upload::upload_file;
+use crate::blob::upload::upload_file_summed;
 use crate::blob::{BlobError, Expect, Metadata};
 use crate::index::journal::PendingInode;
 use crate::index::ROOT_INO;
@@ -232,8 +233,21 @@ impl Writeback {
                 a.mtime,
             ),
         )?;
-        let result = if v.dirty || v.blob.is_none() {
-            self.upload_local(cx, ino, &anchor, &meta, v.local).await
+        // A file written in place whose local copy still holds what its last upload
+        // committed sends no data again (see `settled.rs`).
+        let settled = self.settled.take(ino);
+        let unchanged = match (&settled, &v.blob) {
+            (Some(c), Some(b)) if v.dirty && v.local => c.holds(b, &self.local.path(ino)),
+            _ => false,
+        };
+        let mut sum = settled.filter(|_| unchanged).map(|c| (c.len, c.sum));
+        let result = if (v.dirty && !unchanged) || v.blob.is_none() {
+            self.upload_local(cx, ino, &anchor, &meta, v.local)
+                .await
+                .map(|(etag, s)| {
+                    sum = s;
+                    etag
+                })
         } else {
             let (old, old_etag) = v.blob.clone().expect("checked above");
             if old == anchor {
@@ -254,9 +268,13 @@ impl Writeback {
                     .await;
                 match copied {
                     // The source is gone or changed: the local copy, if whole, still has it.
-                    Err(WritebackError::Blob(BlobError::NotFound(_))) if v.local => {
-                        self.upload_local(cx, ino, &anchor, &meta, true).await
-                    }
+                    Err(WritebackError::Blob(BlobError::NotFound(_))) if v.local => self
+                        .upload_local(cx, ino, &anchor, &meta, true)
+                        .await
+                        .map(|(etag, s)| {
+                            sum = s;
+                            etag
+                        }),
                     r => r,
                 }
             }
@@ -295,6 +313,16 @@ impl Writeback {
                 stubs.push((p.clone(), e));
             }
         }
+        if let Some((len, sum)) = sum.filter(|_| unchanged || self.written_in_place(ino)) {
+            let blob = anchor.clone();
+            let c = settled::Committed {
+                blob,
+                etag: etag.clone(),
+                len,
+                sum,
+            };
+            self.settled.keep(ino, c);
+        }
         index.record_upload(ino, v.gen, Some(&(anchor, etag)), &stubs, v.dirty, false)?;
         Ok(())
     }
@@ -306,7 +334,7 @@ impl Writeback {
         name: &str,
         meta: &Metadata,
         local: bool,
-    ) -> WbResult<String> {
+    ) -> WbResult<(String, Option<(u64, u64)>)> {
         if !local {
             return Err(WritebackError::Invalid(format!(
                 "inode {ino} has neither a blob nor a local copy"
@@ -314,29 +342,42 @@ impl Writeback {
         }
         let expect = self.make_room(cx, ino, name).await?;
         let path = self.local.path(ino);
-        self.converge(name, expect, |e| {
-            let path = &path;
-            async move {
-                // Blocks staged while the file was written are reused; a list the service
-                // refuses (it dropped them: another commit to the name) falls back to a
-                // whole upload, unless the name holds another version (a conflict).
-                match self.commit_stream(ino, name, path, meta, &e).await {
-                    Some(Ok(etag)) => return Ok(etag),
-                    Some(Err(err)) if err.is_changed() => return Err(err.into()),
-                    Some(Err(err)) => {
-                        tracing::info!(
-                            "{name}: the staged blocks were refused ({err}); uploading whole"
-                        )
+        // The length and CRC64 of the body a single PUT committed (`settled.rs`).
+        let sum = std::sync::Mutex::new(None);
+        let etag = self
+            .converge(name, expect, |e| {
+                let (path, sum) = (&path, &sum);
+                async move {
+                    // Only the attempt that commits tells what was committed.
+                    *sum.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    // Blocks staged while the file was written are reused; a list the service
+                    // refuses (it dropped them: another commit to the name) falls back to a
+                    // whole upload, unless the name holds another version (a conflict).
+                    match self.commit_stream(ino, name, path, meta, &e).await {
+                        Some(Ok(etag)) => return Ok(etag),
+                        Some(Err(err)) if err.is_changed() => return Err(err.into()),
+                        Some(Err(err)) => {
+                            tracing::info!(
+                                "{name}: the staged blocks were refused ({err}); uploading whole"
+                            )
+                        }
+                        None => {}
                     }
-                    None => {}
+                    let (etag, s) = upload_file_summed(
+                        self.store.as_ref(),
+                        name,
+                        path,
+                        meta,
+                        &e,
+                        &self.opts.upload,
+                    )
+                    .await?;
+                    *sum.lock().unwrap_or_else(|p| p.into_inner()) = s;
+                    Ok(etag)
                 }
-                Ok(
-                    upload_file(self.store.as_ref(), name, path, meta, &e, &self.opts.upload)
-                        .await?,
-                )
-            }
-        })
-        .await
+            })
+            .await?;
+        Ok((etag, sum.into_inner().unwrap_or_else(|p| p.into_inner())))
     }
 
     /// What a write to `name` must expect, after moving aside a blob that holds another

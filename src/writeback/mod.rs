@@ -16,6 +16,8 @@
 //!   background thread, which sleeps until the next change is due or it is woken;
 //! - `stream.rs`: blocks of a file being written sequentially, staged before its commit;
 //! - `unseen.rs`: the same for files written in place, found by looking, checked at commit;
+//! - `settled.rs`: what an upload of a small file written in place committed, so a look
+//!   that finds nothing new costs no data upload;
 //! - `window.rs`: the bounded window of closed-but-uncommitted data (back-pressure on close);
 //! - `sync.rs`: the barrier of `simfs sync PATH`.
 //!
@@ -37,6 +39,7 @@ mod conflict;
 mod inode;
 mod intents;
 mod scheduler;
+mod settled;
 mod stream;
 mod sync;
 mod unseen;
@@ -188,6 +191,8 @@ pub struct Writeback {
     concurrency: scheduler::Concurrency,
     /// Uploads someone waits for (fsync, a sync close, a barrier): the background holds back.
     foreground: scheduler::Foreground,
+    /// What uploads of small files written in place committed (see `settled.rs`).
+    settled: settled::Settled,
 }
 
 impl Writeback {
@@ -221,6 +226,7 @@ impl Writeback {
             streams,
             concurrency: scheduler::Concurrency::default(),
             foreground: scheduler::Foreground::default(),
+            settled: settled::Settled::default(),
         })
     }
 

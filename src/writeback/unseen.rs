@@ -52,9 +52,7 @@ pub(super) struct Unseen {
 
 /// The checksum a staged block is checked against at the commit.
 pub(super) fn sum(data: &[u8]) -> u64 {
-    let mut d = crc64fast_nvme::Digest::new();
-    d.write(data);
-    d.sum64()
+    crate::blob::upload::crc64(data)
 }
 
 impl Writeback {
@@ -80,6 +78,13 @@ impl Writeback {
             u.poll
         };
         self.poll_unseen(ino, stream, poll, size, grew);
+    }
+
+    /// Whether writers in place have `ino` open.
+    pub(super) fn written_in_place(&self, ino: u64) -> bool {
+        self.streams
+            .find(ino)
+            .is_some_and(|s| lock(&s).unseen.as_ref().is_some_and(|u| u.polling))
     }
 
     /// The last writer in place of `ino` is done: the poll ends, and the commit its close

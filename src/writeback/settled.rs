@@ -1,0 +1,123 @@
+//! What the last upload of a small file written in place committed, by checksum.
+//!
+//! A writer in place (`fs::in_place`) is found by looking, and each look (an fsync, then the
+//! close's flush and release) takes its writes in again: nothing tells a write made since
+//! the last look from one already committed, as a write within the same clock tick leaves the
+//! mtime as it was. So a file fsynced and then closed was marked written once or twice more
+//! and went up again whole, and renamed into place after that (git's `.idx` and `.rev`,
+//! pip's RECORD), once more under its new name instead of being copied there.
+//!
+//! So an upload of such a file in one PUT keeps the length and CRC64 of the body it
+//! committed, with the blob and the ETag it got. The inode's next upload takes the entry; if
+//! the local copy still has that length and checksum and the claimed blob is still that
+//! version, it sends no data: the file is treated as unchanged (its metadata updated in place,
+//! or the blob copied to a new name), and the entry is kept for the upload after, with the
+//! new ETag. A write racing the check is found by the next look, as before, and uploaded.
+//!
+//! In memory only (a remount uploads as before); one entry per inode, taken by its next
+//! upload, at most `MOST` in all. The check reads the whole local copy, at most one PUT's
+//! worth, in the upload's own thread.
+
+use crate::blob::upload::{crc64, open_local_copy, read_local};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Entries kept at most: each is an upload that may be saved, not a need.
+const MOST: usize = 4096;
+
+/// One upload's committed body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Committed {
+    pub(super) blob: String,
+    pub(super) etag: String,
+    pub(super) len: u64,
+    pub(super) sum: u64,
+}
+
+impl Committed {
+    /// Whether the container's `blob` (name, ETag) is this version and the local copy at
+    /// `path` holds the very bytes it committed.
+    pub(super) fn holds(&self, blob: &(String, String), path: &Path) -> bool {
+        if (&self.blob, &self.etag) != (&blob.0, &blob.1) {
+            return false;
+        }
+        let Ok(file) = open_local_copy(path) else {
+            return false;
+        };
+        if file.metadata().map(|m| m.len()).ok() != Some(self.len) {
+            return false;
+        }
+        read_local(&file, 0, self.len)
+            .is_ok_and(|data| data.len() as u64 == self.len && crc64(&data) == self.sum)
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Settled(Mutex<HashMap<u64, Committed>>);
+
+impl Settled {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Committed>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `ino`'s entry, which leaves the map: an upload of `ino` is starting.
+    pub(super) fn take(&self, ino: u64) -> Option<Committed> {
+        self.map().remove(&ino)
+    }
+
+    pub(super) fn keep(&self, ino: u64, c: Committed) {
+        let mut map = self.map();
+        if map.len() < MOST || map.contains_key(&ino) {
+            map.insert(ino, c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copy_holds_what_was_committed_only_with_the_same_bytes_and_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"committed").unwrap();
+        let c = Committed {
+            blob: "a/f".into(),
+            etag: "\"1\"".into(),
+            len: 9,
+            sum: crc64(b"committed"),
+        };
+        let blob = |e: &str| ("a/f".to_string(), e.to_string());
+        assert!(c.holds(&blob("\"1\""), &path));
+        assert!(!c.holds(&blob("\"2\""), &path), "another version");
+        assert!(
+            !c.holds(&("a/g".into(), "\"1\"".into()), &path),
+            "another blob"
+        );
+        std::fs::write(&path, b"Committed").unwrap();
+        assert!(!c.holds(&blob("\"1\""), &path), "a byte changed");
+        std::fs::write(&path, b"committed!").unwrap();
+        assert!(!c.holds(&blob("\"1\""), &path), "longer");
+        std::fs::remove_file(&path).unwrap();
+        assert!(!c.holds(&blob("\"1\""), &path), "gone");
+    }
+
+    #[test]
+    fn an_entry_is_taken_once_and_the_map_is_bounded() {
+        let s = Settled::default();
+        let c = |n: u64| Committed {
+            blob: format!("b{n}"),
+            etag: "e".into(),
+            len: 0,
+            sum: 0,
+        };
+        for n in 0..MOST as u64 + 10 {
+            s.keep(n, c(n));
+        }
+        assert_eq!(s.map().len(), MOST);
+        assert_eq!(s.take(0), Some(c(0)));
+        assert_eq!(s.take(0), None);
+    }
+}
