@@ -77,25 +77,9 @@ fn read_range(file: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
     Ok(data)
 }
 
-/// Uploads `path` as blob `name`; returns the committed ETag.
+/// Uploads `path` as blob `name`; returns the committed ETag, and the length and CRC64 of
+/// the body when one PUT committed it (None for an upload in blocks).
 pub async fn upload_file(
-    store: &dyn BlobStore,
-    name: &str,
-    path: &Path,
-    metadata: &Metadata,
-    expect: &Expect,
-    opts: &UploadOptions,
-) -> Result<String, UploadError> {
-    Ok(
-        upload_file_summed(store, name, path, metadata, expect, opts)
-            .await?
-            .0,
-    )
-}
-
-/// `upload_file`, also returning the length and CRC64 of the body a single PUT committed
-/// (None for an upload in blocks).
-pub async fn upload_file_summed(
     store: &dyn BlobStore,
     name: &str,
     path: &Path,
@@ -212,16 +196,34 @@ mod tests {
         };
         let rt = tokio::runtime::Runtime::new().unwrap();
         let meta = Metadata::from([("permissions".to_string(), "0644".to_string())]);
-        rt.block_on(upload_file(
-            &store,
-            "a/f",
-            &path,
-            &meta,
-            &Expect::Absent,
-            &opts,
-        ))
-        .unwrap();
+        let (_, sum) = rt
+            .block_on(upload_file(
+                &store,
+                "a/f",
+                &path,
+                &meta,
+                &Expect::Absent,
+                &opts,
+            ))
+            .unwrap();
         assert_eq!(store.data("a/f").unwrap(), data);
+        assert_eq!(sum, None, "an upload in blocks reports no body");
+        let small = UploadOptions::default();
+        let (_, sum) = rt
+            .block_on(upload_file(
+                &store,
+                "a/g",
+                &path,
+                &meta,
+                &Expect::Absent,
+                &small,
+            ))
+            .unwrap();
+        assert_eq!(
+            sum,
+            Some((100_000, crc64(&data))),
+            "one PUT reports its body"
+        );
         // A second upload expecting "absent" is refused: the blob exists now.
         let again = rt.block_on(upload_file(
             &store,

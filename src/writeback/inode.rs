@@ -17,7 +17,7 @@
 use super::settled;
 use super::{WbResult, Writeback, WritebackError};
 use crate::blob::format::{blob_name_for, render, Role, KEY_PATH, KEY_WRITER};
-use crate::blob::upload::upload_file_summed;
+use crate::blob::upload::upload_file;
 use crate::blob::{BlobError, Expect, Metadata};
 use crate::index::journal::PendingInode;
 use crate::index::ROOT_INO;
@@ -363,15 +363,9 @@ impl Writeback {
                         }
                         None => {}
                     }
-                    let (etag, s) = upload_file_summed(
-                        self.store.as_ref(),
-                        name,
-                        path,
-                        meta,
-                        &e,
-                        &self.opts.upload,
-                    )
-                    .await?;
+                    let (etag, s) =
+                        upload_file(self.store.as_ref(), name, path, meta, &e, &self.opts.upload)
+                            .await?;
                     *sum.lock().unwrap_or_else(|p| p.into_inner()) = s;
                     Ok(etag)
                 }
