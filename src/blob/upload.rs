@@ -196,43 +196,27 @@ mod tests {
         };
         let rt = tokio::runtime::Runtime::new().unwrap();
         let meta = Metadata::from([("permissions".to_string(), "0644".to_string())]);
-        let (_, sum) = rt
-            .block_on(upload_file(
+        let up = |name: &str, opts: &UploadOptions| {
+            rt.block_on(upload_file(
                 &store,
-                "a/f",
+                name,
                 &path,
                 &meta,
                 &Expect::Absent,
-                &opts,
+                opts,
             ))
-            .unwrap();
+        };
+        let (_, sum) = up("a/f", &opts).unwrap();
         assert_eq!(store.data("a/f").unwrap(), data);
         assert_eq!(sum, None, "an upload in blocks reports no body");
-        let small = UploadOptions::default();
-        let (_, sum) = rt
-            .block_on(upload_file(
-                &store,
-                "a/g",
-                &path,
-                &meta,
-                &Expect::Absent,
-                &small,
-            ))
-            .unwrap();
+        let (_, sum) = up("a/g", &UploadOptions::default()).unwrap();
         assert_eq!(
             sum,
             Some((100_000, crc64(&data))),
             "one PUT reports its body"
         );
         // A second upload expecting "absent" is refused: the blob exists now.
-        let again = rt.block_on(upload_file(
-            &store,
-            "a/f",
-            &path,
-            &meta,
-            &Expect::Absent,
-            &opts,
-        ));
+        let again = up("a/f", &opts);
         assert!(matches!(
             again,
             Err(UploadError::Blob(BlobError::Changed(_)))

@@ -240,14 +240,10 @@ impl Writeback {
             (Some(c), Some(b)) if v.dirty && v.local => c.holds(b, &self.local.path(ino)),
             _ => false,
         };
-        let mut sum = settled.filter(|_| unchanged).map(|c| (c.len, c.sum));
+        // What the blob will hold when no data goes up: the body it already committed.
+        let kept = settled.filter(|_| unchanged).map(|c| (c.len, c.sum));
         let result = if (v.dirty && !unchanged) || v.blob.is_none() {
-            self.upload_local(cx, ino, &anchor, &meta, v.local)
-                .await
-                .map(|(etag, s)| {
-                    sum = s;
-                    etag
-                })
+            self.upload_local(cx, ino, &anchor, &meta, v.local).await
         } else {
             let (old, old_etag) = v.blob.clone().expect("checked above");
             if old == anchor {
@@ -258,6 +254,7 @@ impl Writeback {
                     Ok(self.store.set_metadata(&anchor, &meta, &etag).await?)
                 })
                 .await
+                .map(|etag| (etag, kept))
             } else {
                 let expect = self.make_room(cx, ino, &anchor).await?;
                 let (old, old_etag, to, m) = (&old, &old_etag, &anchor, &meta);
@@ -268,19 +265,15 @@ impl Writeback {
                     .await;
                 match copied {
                     // The source is gone or changed: the local copy, if whole, still has it.
-                    Err(WritebackError::Blob(BlobError::NotFound(_))) if v.local => self
-                        .upload_local(cx, ino, &anchor, &meta, true)
-                        .await
-                        .map(|(etag, s)| {
-                            sum = s;
-                            etag
-                        }),
-                    r => r,
+                    Err(WritebackError::Blob(BlobError::NotFound(_))) if v.local => {
+                        self.upload_local(cx, ino, &anchor, &meta, true).await
+                    }
+                    r => r.map(|etag| (etag, kept)),
                 }
             }
         };
-        let etag = match result {
-            Ok(e) => e,
+        let (etag, sum) = match result {
+            Ok(r) => r,
             Err(e) if e.is_changed() => {
                 if !(v.dirty || v.local) {
                     // Only attributes changed here, and the data changed there: theirs wins

@@ -449,7 +449,7 @@ impl Writeback {
         let path = self.local.path(ino);
         let (data, sum) = tokio::task::spawn_blocking(move || {
             read_block(&path, b * block, block).map(|d| {
-                let sum = super::unseen::sum(&d);
+                let sum = crate::blob::upload::crc64(&d);
                 (d, sum)
             })
         })
@@ -636,8 +636,8 @@ impl Writeback {
         // writes are no longer seen by then.
         let sums = futures::stream::iter(plan.iter().filter(|p| !p.done).map(|p| async move {
             let data = crate::blob::upload::read_local(file, p.off, p.len)?;
-            let sum =
-                (data.len() as u64 == block).then(|| (p.off / block, super::unseen::sum(&data)));
+            let sum = (data.len() as u64 == block)
+                .then(|| (p.off / block, crate::blob::upload::crc64(&data)));
             self.store.stage_block(name, &p.id, data).await?;
             Ok::<_, crate::blob::upload::UploadError>(sum)
         }))

@@ -26,7 +26,7 @@
 
 use super::stream::{lock, tail_worth_staging, Stream, MAX_BLOCKS};
 use super::Writeback;
-use crate::blob::upload::{open_local_copy, read_local};
+use crate::blob::upload::{crc64, open_local_copy, read_local};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -48,11 +48,6 @@ pub(super) struct Unseen {
     poll: u64,
     /// Whether writers in place have the file open (a poll runs).
     polling: bool,
-}
-
-/// The checksum a staged block is checked against at the commit.
-pub(super) fn sum(data: &[u8]) -> u64 {
-    crate::blob::upload::crc64(data)
 }
 
 impl Writeback {
@@ -215,7 +210,7 @@ impl Writeback {
             sums.into_iter()
                 .filter(|(b, want, len)| {
                     read_local(&file, b * block, *len)
-                        .is_ok_and(|d| d.len() as u64 == *len && sum(&d) == *want)
+                        .is_ok_and(|d| d.len() as u64 == *len && crc64(&d) == *want)
                 })
                 .map(|(b, _, _)| b)
                 .collect()
