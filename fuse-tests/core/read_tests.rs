@@ -472,8 +472,11 @@ fn crossing_the_high_watermark_trims_in_the_background_and_spares_open_files() {
     }
     // Ten files fill the bound exactly: no open had to evict, yet the cache is over its
     // high watermark (95%) until the thread trims it to the low one (90%).
-    eventually("a trim to the low watermark", || {
-        w.fs.cache().stats().used <= 9 * (64 << 10)
+    // The thread takes its victims off the books before it deletes and counts them: wait for
+    // the count (bytes are counted last), not only for the bytes in use.
+    eventually("a trim to the low watermark, counted", || {
+        let stats = w.fs.cache().stats();
+        stats.used <= 9 * (64 << 10) && stats.evicted_bytes >= 64 << 10
     });
     let stats = w.fs.cache().stats();
     assert_eq!((stats.evictions, stats.evicted_bytes), (1, 64 << 10));
@@ -516,7 +519,9 @@ fn a_disk_under_the_free_space_floor_keeps_only_open_files() {
     }
     assert_eq!(w.fs.read(held, 0, 3).unwrap(), vec![3; 3]);
     w.fs.cache().settle();
-    eventually("the closed files evicted", || cached_bytes(&w) <= 8192);
+    eventually("the closed files evicted and counted", || {
+        cached_bytes(&w) <= 8192 && w.fs.cache().stats().evictions >= 3
+    });
     assert_eq!(w.fs.cache().stats().evictions, 3);
     let gets = w.store.counters.get.load(Ordering::SeqCst);
     assert_eq!(w.fs.read(held, 4000, 3).unwrap(), vec![3; 3]);
