@@ -227,19 +227,22 @@ fn created_in_place(w: &World, name: &str) -> (u64, u64, File) {
 }
 
 #[test]
-fn a_file_written_in_place_fsynced_closed_and_renamed_sends_its_bytes_once() {
+fn a_file_written_in_place_fsynced_closed_and_renamed_sends_its_bytes_once_in_one_put_or_in_blocks()
+{
     use simfs::index::ROOT_INO;
     use simfs::posix::RenameMode;
     use std::ffi::OsStr;
     let w = rw(fixture());
     let c = &w.store.counters;
     let sent = || c.put_bytes.load(Ordering::SeqCst);
-    let body: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
-    let len = body.len() as u64;
-    for (tmp, done, rewrite) in [
-        ("tmp_idx", "pack.idx", false),
-        ("tmp_rev", "pack.rev", true),
+    // One PUT's worth, and a file committed in blocks (this world's single PUT is 64 KiB).
+    for (tmp, done, rewrite, len) in [
+        ("tmp_idx", "pack.idx", false, 50_000),
+        ("tmp_rev", "pack.rev", true, 50_000),
+        ("tmp_pack", "pack.pack", false, 150_000),
+        ("tmp_pack2", "pack2.pack", true, 150_000),
     ] {
+        let body: Vec<u8> = (0..len as u32).map(|i| (i % 251) as u8).collect();
         let before = (sent(), c.copy.load(Ordering::SeqCst));
         let (ino, fh, backing) = created_in_place(&w, tmp);
         backing.write_all_at(&body, 0).unwrap();

@@ -419,6 +419,49 @@ fn a_file_written_in_place_has_its_tail_staged_when_quiet_and_checked_at_the_com
 }
 
 #[test]
+fn a_pack_staged_ahead_fsynced_closed_and_renamed_is_copied_to_its_name_not_sent_again() {
+    use simfs::posix::RenameMode;
+    use std::os::unix::fs::FileExt;
+    let w = quick_world();
+    let c = &w.store.counters;
+    let data = data();
+    // git's index-pack: written in place, fsynced, closed, renamed into place.
+    let (ino, fh, backing) = create_in_place(&w, "tmp_pack");
+    in_order(&data, |at, chunk| backing.write_all_at(chunk, at).unwrap());
+    let before = puts(&w);
+    eventually("the blocks and the tail are staged by looking", || {
+        puts(&w) - before == 13
+    });
+    w.fs.fsync(ino).unwrap();
+    assert_eq!(puts(&w) - before, 14, "the fsync only commits the list");
+    let sent = c.put_bytes.load(Ordering::SeqCst);
+    let copies = c.copy.load(Ordering::SeqCst);
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new("tmp_pack"),
+        ROOT_INO,
+        OsStr::new("pack-1.pack"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    crate::write_tests::drain(&w);
+    assert_eq!(w.store.inner().data("pack-1.pack").unwrap(), data);
+    assert!(w.store.inner().data("tmp_pack").is_none());
+    assert_eq!(
+        c.put_bytes.load(Ordering::SeqCst) - sent,
+        0,
+        "no data sent again"
+    );
+    assert_eq!(
+        c.copy.load(Ordering::SeqCst) - copies,
+        1,
+        "copied to its name"
+    );
+}
+
+#[test]
 fn a_file_laid_out_then_written_in_place_is_staged_by_its_fsync_and_then_only_what_changed() {
     use std::os::unix::fs::FileExt;
     let w = world();

@@ -78,7 +78,7 @@ fn read_range(file: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
 }
 
 /// Uploads `path` as blob `name`; returns the committed ETag, and the length and CRC64 of
-/// the body when one PUT committed it (None for an upload in blocks).
+/// each part of the body it committed, in order (the one PUT, or each block).
 pub async fn upload_file(
     store: &dyn BlobStore,
     name: &str,
@@ -86,13 +86,13 @@ pub async fn upload_file(
     metadata: &Metadata,
     expect: &Expect,
     opts: &UploadOptions,
-) -> Result<(String, Option<(u64, u64)>), UploadError> {
+) -> Result<(String, Vec<(u64, u64)>), UploadError> {
     let file = open_local_copy(path)?;
     let size = file.metadata()?.len();
     if size <= opts.single_put_max {
         let data = read_range(&file, 0, size)?;
         let sum = (size, crc64(&data));
-        return Ok((store.put(name, data, metadata, expect).await?, Some(sum)));
+        return Ok((store.put(name, data, metadata, expect).await?, vec![sum]));
     }
     // A block blob holds at most 50,000 blocks: very large files get larger blocks.
     let block = opts.block_size.max(size.div_ceil(50_000)).max(1);
@@ -108,18 +108,19 @@ pub async fn upload_file(
         .collect();
     debug_assert!(ids.iter().all(|id| id.len() == BLOCK_ID_LEN));
     let file = &file;
-    futures::stream::iter(ids.iter().enumerate().map(|(i, id)| async move {
+    let parts = futures::stream::iter(ids.iter().enumerate().map(|(i, id)| async move {
         let off = i as u64 * block;
         let data = read_range(file, off, block.min(size - off))?;
+        let sum = (data.len() as u64, crc64(&data));
         store.stage_block(name, id, data).await?;
-        Ok::<_, UploadError>(())
+        Ok::<_, UploadError>(sum)
     }))
-    .buffer_unordered(opts.parallel.max(1))
+    .buffered(opts.parallel.max(1))
     .try_collect::<Vec<_>>()
     .await?;
     Ok((
         store.commit_blocks(name, &ids, metadata, expect).await?,
-        None,
+        parts,
     ))
 }
 
@@ -206,13 +207,17 @@ mod tests {
                 opts,
             ))
         };
-        let (_, sum) = up("a/f", &opts).unwrap();
+        let (_, parts) = up("a/f", &opts).unwrap();
         assert_eq!(store.data("a/f").unwrap(), data);
-        assert_eq!(sum, None, "an upload in blocks reports no body");
-        let (_, sum) = up("a/g", &UploadOptions::default()).unwrap();
+        let blocks: Vec<(u64, u64)> = data
+            .chunks(7000)
+            .map(|b| (b.len() as u64, crc64(b)))
+            .collect();
+        assert_eq!(parts, blocks, "an upload in blocks reports each block");
+        let (_, parts) = up("a/g", &UploadOptions::default()).unwrap();
         assert_eq!(
-            sum,
-            Some((100_000, crc64(&data))),
+            parts,
+            vec![(100_000, crc64(&data))],
             "one PUT reports its body"
         );
         // A second upload expecting "absent" is refused: the blob exists now.

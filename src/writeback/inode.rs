@@ -241,7 +241,7 @@ impl Writeback {
             _ => false,
         };
         // What the blob will hold when no data goes up: the body it already committed.
-        let kept = settled.filter(|_| unchanged).map(|c| (c.len, c.sum));
+        let kept = settled.filter(|_| unchanged).map(|c| c.parts);
         let result = if (v.dirty && !unchanged) || v.blob.is_none() {
             self.upload_local(cx, ino, &anchor, &meta, v.local).await
         } else {
@@ -272,7 +272,7 @@ impl Writeback {
                 }
             }
         };
-        let (etag, sum) = match result {
+        let (etag, parts) = match result {
             Ok(r) => r,
             Err(e) if e.is_changed() => {
                 if !(v.dirty || v.local) {
@@ -306,13 +306,12 @@ impl Writeback {
                 stubs.push((p.clone(), e));
             }
         }
-        if let Some((len, sum)) = sum.filter(|_| unchanged || self.written_in_place(ino)) {
+        if let Some(parts) = parts.filter(|_| unchanged || self.written_in_place(ino)) {
             let blob = anchor.clone();
             let c = settled::Committed {
                 blob,
                 etag: etag.clone(),
-                len,
-                sum,
+                parts,
             };
             self.settled.keep(ino, c);
         }
@@ -327,7 +326,7 @@ impl Writeback {
         name: &str,
         meta: &Metadata,
         local: bool,
-    ) -> WbResult<(String, Option<(u64, u64)>)> {
+    ) -> WbResult<(String, Option<settled::Parts>)> {
         if !local {
             return Err(WritebackError::Invalid(format!(
                 "inode {ino} has neither a blob nor a local copy"
@@ -335,19 +334,22 @@ impl Writeback {
         }
         let expect = self.make_room(cx, ino, name).await?;
         let path = self.local.path(ino);
-        // The length and CRC64 of the body a single PUT committed (`settled.rs`).
-        let sum = std::sync::Mutex::new(None);
+        // The parts of the body committed, with their checksums (`settled.rs`).
+        let parts = std::sync::Mutex::new(None);
         let etag = self
             .converge(name, expect, |e| {
-                let (path, sum) = (&path, &sum);
+                let (path, parts) = (&path, &parts);
                 async move {
                     // Only the attempt that commits tells what was committed.
-                    *sum.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    *parts.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     // Blocks staged while the file was written are reused; a list the service
                     // refuses (it dropped them: another commit to the name) falls back to a
                     // whole upload, unless the name holds another version (a conflict).
                     match self.commit_stream(ino, name, path, meta, &e).await {
-                        Some(Ok(etag)) => return Ok(etag),
+                        Some(Ok((etag, committed))) => {
+                            *parts.lock().unwrap_or_else(|p| p.into_inner()) = committed;
+                            return Ok(etag);
+                        }
                         Some(Err(err)) if err.is_changed() => return Err(err.into()),
                         Some(Err(err)) => {
                             tracing::info!(
@@ -359,12 +361,12 @@ impl Writeback {
                     let (etag, s) =
                         upload_file(self.store.as_ref(), name, path, meta, &e, &self.opts.upload)
                             .await?;
-                    *sum.lock().unwrap_or_else(|p| p.into_inner()) = s;
+                    *parts.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                     Ok(etag)
                 }
             })
             .await?;
-        Ok((etag, sum.into_inner().unwrap_or_else(|p| p.into_inner())))
+        Ok((etag, parts.into_inner().unwrap_or_else(|p| p.into_inner())))
     }
 
     /// What a write to `name` must expect, after moving aside a blob that holds another

@@ -16,7 +16,7 @@
 //!   background thread, which sleeps until the next change is due or it is woken;
 //! - `stream.rs`: blocks of a file being written sequentially, staged before its commit;
 //! - `unseen.rs`: the same for files written in place, found by looking, checked at commit;
-//! - `settled.rs`: what an upload of a small file written in place committed, so a look
+//! - `settled.rs`: what an upload of a file written in place committed, so a look
 //!   that finds nothing new costs no data upload;
 //! - `window.rs`: the bounded window of closed-but-uncommitted data (back-pressure on close);
 //! - `sync.rs`: the barrier of `simfs sync PATH`.
@@ -191,7 +191,7 @@ pub struct Writeback {
     concurrency: scheduler::Concurrency,
     /// Uploads someone waits for (fsync, a sync close, a barrier): the background holds back.
     foreground: scheduler::Foreground,
-    /// What uploads of small files written in place committed (see `settled.rs`).
+    /// What uploads of files written in place committed (see `settled.rs`).
     settled: settled::Settled,
 }
 

@@ -1,22 +1,23 @@
-//! What the last upload of a small file written in place committed, by checksum.
+//! What the last upload of a file written in place committed, by checksum.
 //!
 //! A writer in place (`fs::in_place`) is found by looking, and each look (an fsync, then the
 //! close's flush and release) takes its writes in again: nothing tells a write made since
 //! the last look from one already committed, as a write within the same clock tick leaves the
 //! mtime as it was. So a file fsynced and then closed was marked written once or twice more
-//! and went up again whole, and renamed into place after that (git's `.idx` and `.rev`,
-//! pip's RECORD), once more under its new name instead of being copied there.
+//! and went up again whole, and renamed into place after that (git's packs, `.idx` and
+//! `.rev`, pip's RECORD), once more under its new name instead of being copied there.
 //!
-//! So an upload of such a file in one PUT keeps the length and CRC64 of the body it
-//! committed, with the blob and the ETag it got. The inode's next upload takes the entry; if
-//! the local copy still has that length and checksum and the claimed blob is still that
-//! version, it sends no data: the file is treated as unchanged (its metadata updated in place,
-//! or the blob copied to a new name), and the entry is kept for the upload after, with the
-//! new ETag. A write racing the check is found by the next look, as before, and uploaded.
+//! So an upload of such a file keeps the CRC64 of each part of the body it committed (the
+//! one PUT, or each block of a committed block list, from the very bytes the service got),
+//! with the blob and the ETag it got. The inode's next upload takes the entry; if the local
+//! copy still has those parts and the claimed blob is still that version, it sends no data:
+//! the file is treated as unchanged (its metadata updated in place, or the blob copied to a
+//! new name), and the entry is kept for the upload after, with the new ETag. A write racing
+//! the check is found by the next look, as before, and uploaded.
 //!
 //! In memory only (a remount uploads as before); one entry per inode, taken by its next
-//! upload, at most `MOST` in all. The check reads the whole local copy, at most one PUT's
-//! worth, in the upload's own thread.
+//! upload, at most `MOST` in all. The check reads the whole local copy, a part at a time, in
+//! the upload's own thread: for a large file that is far cheaper than sending it again.
 
 use crate::blob::upload::{crc64, open_local_copy, read_local};
 use std::collections::HashMap;
@@ -26,13 +27,15 @@ use std::sync::Mutex;
 /// Entries kept at most: each is an upload that may be saved, not a need.
 const MOST: usize = 4096;
 
+/// The parts of a committed body, in order: each one's length and CRC64.
+pub(super) type Parts = Vec<(u64, u64)>;
+
 /// One upload's committed body.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Committed {
     pub(super) blob: String,
     pub(super) etag: String,
-    pub(super) len: u64,
-    pub(super) sum: u64,
+    pub(super) parts: Parts,
 }
 
 impl Committed {
@@ -45,11 +48,17 @@ impl Committed {
         let Ok(file) = open_local_copy(path) else {
             return false;
         };
-        if file.metadata().map(|m| m.len()).ok() != Some(self.len) {
+        let len: u64 = self.parts.iter().map(|(l, _)| l).sum();
+        if file.metadata().map(|m| m.len()).ok() != Some(len) {
             return false;
         }
-        read_local(&file, 0, self.len)
-            .is_ok_and(|data| data.len() as u64 == self.len && crc64(&data) == self.sum)
+        let mut off = 0;
+        self.parts.iter().all(|&(len, sum)| {
+            let same = read_local(&file, off, len)
+                .is_ok_and(|data| data.len() as u64 == len && crc64(&data) == sum);
+            off += len;
+            same
+        })
     }
 }
 
@@ -86,8 +95,7 @@ mod tests {
         let c = Committed {
             blob: "a/f".into(),
             etag: "\"1\"".into(),
-            len: 9,
-            sum: crc64(b"committed"),
+            parts: vec![(4, crc64(b"comm")), (5, crc64(b"itted"))],
         };
         let blob = |e: &str| ("a/f".to_string(), e.to_string());
         assert!(c.holds(&blob("\"1\""), &path));
@@ -97,7 +105,15 @@ mod tests {
             "another blob"
         );
         std::fs::write(&path, b"Committed").unwrap();
-        assert!(!c.holds(&blob("\"1\""), &path), "a byte changed");
+        assert!(
+            !c.holds(&blob("\"1\""), &path),
+            "a byte of the first part changed"
+        );
+        std::fs::write(&path, b"committeD").unwrap();
+        assert!(
+            !c.holds(&blob("\"1\""), &path),
+            "a byte of the last part changed"
+        );
         std::fs::write(&path, b"committed!").unwrap();
         assert!(!c.holds(&blob("\"1\""), &path), "longer");
         std::fs::remove_file(&path).unwrap();
@@ -110,8 +126,7 @@ mod tests {
         let c = |n: u64| Committed {
             blob: format!("b{n}"),
             etag: "e".into(),
-            len: 0,
-            sum: 0,
+            parts: Vec::new(),
         };
         for n in 0..MOST as u64 + 10 {
             s.keep(n, c(n));

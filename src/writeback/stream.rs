@@ -39,6 +39,7 @@
 //! Writers in place (`fs::in_place`) write where simfs cannot see it; their streams are fed
 //! and checked differently (`unseen.rs`).
 
+use super::settled::Parts;
 use super::Writeback;
 use crate::blob::upload::UploadOptions;
 use crate::blob::{Expect, Metadata};
@@ -473,7 +474,9 @@ impl Writeback {
     }
 
     /// Uploads `ino`'s local copy at `path` as blob `name` using the blocks its stream staged
-    /// there; None when there is no stream for that name (the caller uploads whole).
+    /// there; None when there is no stream for that name (the caller uploads whole). With
+    /// the ETag, the committed body's parts, when each one's checksum is known
+    /// (`settled.rs`).
     pub(super) async fn commit_stream(
         &self,
         ino: u64,
@@ -481,7 +484,7 @@ impl Writeback {
         path: &Path,
         meta: &Metadata,
         expect: &Expect,
-    ) -> Option<Result<String, crate::blob::upload::UploadError>> {
+    ) -> Option<Result<(String, Option<Parts>), crate::blob::upload::UploadError>> {
         let stream = self.streams.map().get(&ino).cloned()?;
         lock(&stream).closed = true;
         // Blocks being staged finish first (at most a few): their ids may be reused.
@@ -513,7 +516,7 @@ impl Writeback {
         path: &Path,
         meta: &Metadata,
         expect: &Expect,
-    ) -> Option<Result<String, crate::blob::upload::UploadError>> {
+    ) -> Option<Result<(String, Option<Parts>), crate::blob::upload::UploadError>> {
         let block = self.streams.opts.block_size;
         let size = std::fs::metadata(path).ok()?.len();
         let count = size.div_ceil(block);
@@ -606,18 +609,35 @@ impl Writeback {
         let result = self
             .stage_rest_and_commit(name, path, &plan, meta, expect)
             .await;
-        if let Ok((_, sums)) = &result {
-            // Whole blocks read at `seq` are the service's now under their ids; a write
-            // since then changed the block's number, so it is staged again.
-            let mut s = lock(stream);
-            for p in plan.into_iter().filter(|p| p.len == block) {
+        let (etag, sums) = match result {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut s = lock(stream);
+        // The committed body's parts: a block staged ahead has the checksum of the data it
+        // was staged with (an unseen one was checked against it above), one staged here
+        // that of the data just sent.
+        let parts = plan
+            .iter()
+            .zip(&sums)
+            .map(|(p, sent)| match sent {
+                Some(sent) => Some(*sent),
+                None => s.sums.get(&(p.off / block)).map(|sum| (p.len, *sum)),
+            })
+            .collect::<Option<Parts>>();
+        // Whole blocks read at `seq` are the service's now under their ids; a write since
+        // then changed the block's number, so it is staged again.
+        for (p, sent) in plan.into_iter().zip(sums) {
+            if p.len == block {
                 let b = p.off / block;
                 s.staged.insert(b, (p.id, p.seq));
                 s.tail = s.tail.filter(|(t, _)| *t != b);
+                if let Some((_, sum)) = sent.filter(|(len, _)| *len == block) {
+                    s.sums.insert(b, sum);
+                }
             }
-            s.sums.extend(sums.iter().copied());
         }
-        Some(result.map(|(etag, _)| etag))
+        Some(Ok((etag, parts)))
     }
 
     async fn stage_rest_and_commit(
@@ -627,26 +647,27 @@ impl Writeback {
         plan: &[Planned],
         meta: &Metadata,
         expect: &Expect,
-    ) -> Result<(String, Vec<(u64, u64)>), crate::blob::upload::UploadError> {
+    ) -> Result<(String, Vec<Option<(u64, u64)>>), crate::blob::upload::UploadError> {
         use futures::{StreamExt, TryStreamExt};
-        let block = self.streams.opts.block_size;
         let file = crate::blob::upload::open_local_copy(path)?;
         let file = &file;
-        // The checksum of each whole block staged here, for the next commit to check if
-        // writes are no longer seen by then.
-        let sums = futures::stream::iter(plan.iter().filter(|p| !p.done).map(|p| async move {
+        // The checksum of each part staged here, as sent: for the next commit to check a
+        // whole block against once writes are no longer seen, and for `settled.rs`.
+        let sums = futures::stream::iter(plan.iter().map(|p| async move {
+            if p.done {
+                return Ok(None);
+            }
             let data = crate::blob::upload::read_local(file, p.off, p.len)?;
-            let sum = (data.len() as u64 == block)
-                .then(|| (p.off / block, crate::blob::upload::crc64(&data)));
+            let sent = (data.len() as u64, crate::blob::upload::crc64(&data));
             self.store.stage_block(name, &p.id, data).await?;
-            Ok::<_, crate::blob::upload::UploadError>(sum)
+            Ok::<_, crate::blob::upload::UploadError>(Some(sent))
         }))
-        .buffer_unordered(self.streams.opts.parallel.max(1))
+        .buffered(self.streams.opts.parallel.max(1))
         .try_collect::<Vec<_>>()
         .await?;
         let ids: Vec<Vec<u8>> = plan.iter().map(|p| p.id.clone()).collect();
         let etag = self.store.commit_blocks(name, &ids, meta, expect).await?;
-        Ok((etag, sums.into_iter().flatten().collect()))
+        Ok((etag, sums))
     }
 }
 
