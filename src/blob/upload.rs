@@ -108,16 +108,19 @@ pub async fn upload_file(
         .collect();
     debug_assert!(ids.iter().all(|id| id.len() == BLOCK_ID_LEN));
     let file = &file;
-    let parts = futures::stream::iter(ids.iter().enumerate().map(|(i, id)| async move {
+    // Unordered, so a slow block holds up no other; each part is put back in its place.
+    let mut parts = futures::stream::iter(ids.iter().enumerate().map(|(i, id)| async move {
         let off = i as u64 * block;
         let data = read_range(file, off, block.min(size - off))?;
         let sum = (data.len() as u64, crc64(&data));
         store.stage_block(name, id, data).await?;
-        Ok::<_, UploadError>(sum)
+        Ok::<_, UploadError>((i, sum))
     }))
-    .buffered(opts.parallel.max(1))
+    .buffer_unordered(opts.parallel.max(1))
     .try_collect::<Vec<_>>()
     .await?;
+    parts.sort_unstable_by_key(|(i, _)| *i);
+    let parts = parts.into_iter().map(|(_, sum)| sum).collect();
     Ok((
         store.commit_blocks(name, &ids, metadata, expect).await?,
         parts,

@@ -653,18 +653,22 @@ impl Writeback {
         let file = &file;
         // The checksum of each part staged here, as sent: for the next commit to check a
         // whole block against once writes are no longer seen, and for `settled.rs`.
-        let sums = futures::stream::iter(plan.iter().map(|p| async move {
-            if p.done {
-                return Ok(None);
-            }
-            let data = crate::blob::upload::read_local(file, p.off, p.len)?;
-            let sent = (data.len() as u64, crate::blob::upload::crc64(&data));
-            self.store.stage_block(name, &p.id, data).await?;
-            Ok::<_, crate::blob::upload::UploadError>(Some(sent))
-        }))
-        .buffered(self.streams.opts.parallel.max(1))
+        // Unordered, so a slow block holds up no other; each sum is put back in its place.
+        let staged = futures::stream::iter(plan.iter().enumerate().filter(|(_, p)| !p.done).map(
+            |(i, p)| async move {
+                let data = crate::blob::upload::read_local(file, p.off, p.len)?;
+                let sent = (data.len() as u64, crate::blob::upload::crc64(&data));
+                self.store.stage_block(name, &p.id, data).await?;
+                Ok::<_, crate::blob::upload::UploadError>((i, sent))
+            },
+        ))
+        .buffer_unordered(self.streams.opts.parallel.max(1))
         .try_collect::<Vec<_>>()
         .await?;
+        let mut sums = vec![None; plan.len()];
+        for (i, sent) in staged {
+            sums[i] = Some(sent);
+        }
         let ids: Vec<Vec<u8>> = plan.iter().map(|p| p.id.clone()).collect();
         let etag = self.store.commit_blocks(name, &ids, meta, expect).await?;
         Ok((etag, sums))
