@@ -234,10 +234,16 @@ impl Writeback {
             ),
         )?;
         // A file written in place whose local copy still holds what its last upload
-        // committed sends no data again (see `settled.rs`).
+        // committed sends no data again (see `settled.rs`). The check reads the copy: a
+        // file larger than one PUT is not checked while a handle may still be writing it
+        // (not flushed since it opened: a database fsyncing as it goes has changed it, and
+        // its commit reads the staged blocks again anyway), only from its close's flush on.
         let settled = self.settled.take(ino);
         let unchanged = match (&settled, &v.blob) {
-            (Some(c), Some(b)) if v.dirty && v.local => c.holds(b, &self.local.path(ino)),
+            (Some(c), Some(b)) if v.dirty && v.local => {
+                let small = c.len() <= self.opts.upload.single_put_max;
+                (small || !self.pins.is_writing(ino)) && c.holds(b, &self.local.path(ino))
+            }
             _ => false,
         };
         // What the blob will hold when no data goes up: the body it already committed.

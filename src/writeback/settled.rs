@@ -39,6 +39,11 @@ pub(super) struct Committed {
 }
 
 impl Committed {
+    /// The committed body's length.
+    pub(super) fn len(&self) -> u64 {
+        self.parts.iter().map(|(l, _)| l).sum()
+    }
+
     /// Whether the container's `blob` (name, ETag) is this version and the local copy at
     /// `path` holds the very bytes it committed.
     pub(super) fn holds(&self, blob: &(String, String), path: &Path) -> bool {
@@ -48,8 +53,7 @@ impl Committed {
         let Ok(file) = open_local_copy(path) else {
             return false;
         };
-        let len: u64 = self.parts.iter().map(|(l, _)| l).sum();
-        if file.metadata().map(|m| m.len()).ok() != Some(len) {
+        if file.metadata().map(|m| m.len()).ok() != Some(self.len()) {
             return false;
         }
         let mut off = 0;
