@@ -16,16 +16,19 @@
 //! the check is found by the next look, as before, and uploaded.
 //!
 //! In memory only (a remount uploads as before); one entry per inode, taken by its next
-//! upload, at most `MOST` in all. The check reads the whole local copy, a part at a time, in
-//! the upload's own thread: for a large file that is far cheaper than sending it again.
+//! upload, at most `MOST` entries and `MOST_PARTS` parts (16 MiB) in all. The check reads
+//! the whole local copy, a part at a time, in the upload's own thread: for a large file that
+//! is far cheaper than sending it again.
 
 use crate::blob::upload::{crc64, open_local_copy, read_local};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-/// Entries kept at most: each is an upload that may be saved, not a need.
+/// Entries kept at most, and their parts in all (16 bytes each): each is an upload that
+/// may be saved, not a need.
 const MOST: usize = 4096;
+const MOST_PARTS: usize = 1 << 20;
 
 /// The parts of a committed body, in order: each one's length and CRC64.
 pub(super) type Parts = Vec<(u64, u64)>;
@@ -67,22 +70,37 @@ impl Committed {
 }
 
 #[derive(Default)]
-pub(super) struct Settled(Mutex<HashMap<u64, Committed>>);
+pub(super) struct Settled(Mutex<Kept>);
+
+#[derive(Default)]
+struct Kept {
+    map: HashMap<u64, Committed>,
+    /// The parts of all the entries.
+    parts: usize,
+}
 
 impl Settled {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Committed>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `ino`'s entry, which leaves the map: an upload of `ino` is starting.
     pub(super) fn take(&self, ino: u64) -> Option<Committed> {
-        self.map().remove(&ino)
+        let mut kept = self.kept();
+        let c = kept.map.remove(&ino)?;
+        kept.parts -= c.parts.len();
+        Some(c)
     }
 
+    /// Keeps `c` as `ino`'s entry, unless the bounds are reached (then `ino` has none).
     pub(super) fn keep(&self, ino: u64, c: Committed) {
-        let mut map = self.map();
-        if map.len() < MOST || map.contains_key(&ino) {
-            map.insert(ino, c);
+        let mut kept = self.kept();
+        if let Some(old) = kept.map.remove(&ino) {
+            kept.parts -= old.parts.len();
+        }
+        if kept.map.len() < MOST && kept.parts + c.parts.len() <= MOST_PARTS {
+            kept.parts += c.parts.len();
+            kept.map.insert(ino, c);
         }
     }
 }
@@ -135,8 +153,21 @@ mod tests {
         for n in 0..MOST as u64 + 10 {
             s.keep(n, c(n));
         }
-        assert_eq!(s.map().len(), MOST);
+        assert_eq!(s.kept().map.len(), MOST);
         assert_eq!(s.take(0), Some(c(0)));
         assert_eq!(s.take(0), None);
+        // The parts are bounded too: a file of many blocks is kept only while they fit.
+        let s = Settled::default();
+        let blocks = |n: u64, count: usize| Committed {
+            parts: vec![(8 << 20, 0); count],
+            ..c(n)
+        };
+        s.keep(1, blocks(1, MOST_PARTS - 10));
+        s.keep(2, blocks(2, 11));
+        assert_eq!(s.take(2), None, "over the bound: not kept");
+        s.keep(2, blocks(2, 10));
+        assert_eq!(s.take(1), Some(blocks(1, MOST_PARTS - 10)));
+        s.keep(3, blocks(3, MOST_PARTS - 10));
+        assert_eq!(s.kept().parts, MOST_PARTS, "taken parts are freed");
     }
 }
