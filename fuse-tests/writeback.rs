@@ -352,6 +352,42 @@ fn a_writer_that_pauses_before_its_fsync_has_its_tail_staged_and_the_fsync_only_
 }
 
 #[test]
+fn a_pack_written_in_place_fsynced_and_renamed_into_place_goes_up_once() {
+    // git's index-pack: a read-write create (written by the kernel in place where it can),
+    // written, fsynced and closed, then renamed to its final name. The close takes its writes
+    // in again; the copy still holds what the fsync committed, so the rename is a copy made
+    // by the service, and no byte of the pack is sent again.
+    let (az, proxy) = logged_container("packs");
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount_via(&proxy, "packs", cache.path(), &[]);
+    let want: Vec<u8> = (0..11u32 << 20).map(|i| (i % 227) as u8).collect();
+    let tmp = m.path().join("tmp_pack_1");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&tmp)
+        .unwrap();
+    f.write_all(&want).unwrap();
+    f.sync_all().unwrap();
+    let sent = bytes_put(&proxy);
+    drop(f);
+    std::fs::rename(&tmp, m.path().join("pack-1.pack")).unwrap();
+    simfs_sync(m.path());
+    assert!(
+        bytes_put(&proxy) - sent < 64 << 10,
+        "the pack went up again: {} bytes after its fsync",
+        bytes_put(&proxy) - sent
+    );
+    unmount_clean(&mut m);
+    let fresh = tempfile::tempdir().unwrap();
+    let n = crate::mount(&az, "packs", fresh.path(), &[]);
+    assert!(std::fs::read(n.path().join("pack-1.pack")).unwrap() == want);
+    assert!(!n.path().join("tmp_pack_1").exists());
+}
+
+#[test]
 fn a_file_fsynced_as_it_grows_stages_each_block_once_across_the_fsyncs() {
     // Azurite, like the service, takes a block list naming blocks of the previous commit:
     // the second fsync stages what was written since the first, nothing before it.
