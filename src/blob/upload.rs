@@ -69,6 +69,11 @@ pub fn read_local(file: &File, offset: u64, len: u64) -> std::io::Result<Bytes> 
     Ok(crate::cache::pread_vec(file, len as usize, offset)?.into())
 }
 
+/// Whether `len` bytes of a local copy at `offset` are there and have CRC64 `sum`.
+pub fn range_has(file: &File, offset: u64, len: u64, sum: u64) -> bool {
+    read_local(file, offset, len).is_ok_and(|d| d.len() as u64 == len && crc64(&d) == sum)
+}
+
 fn read_range(file: &File, offset: u64, len: u64) -> std::io::Result<Bytes> {
     let data = read_local(file, offset, len)?;
     if (data.len() as u64) < len {

@@ -15,9 +15,9 @@
 //! - each flush, fsync and release of the inode looks: a moved mtime marks the inode written
 //!   with the file's length, and close and fsync upload as after any write;
 //! - a look never resets the sentinel while such writers remain, so a write racing a look is
-//!   never forgotten (at worst the file is taken in again with nothing new; an upload of
-//!   a small file then finds its copy as its last upload committed it and sends no data,
-//!   see `writeback::settled`);
+//!   never forgotten (at worst the file is taken in again with nothing new; its upload
+//!   then finds the copy as its last upload committed it and sends no data, see
+//!   `writeback::settled`);
 //! - meanwhile getattr reports the file's own length and mtime, which the kernel tracks
 //!   for the writer too;
 //! - a time set meanwhile (`utimes`, as rsync and `cp -p` set it after writing; a truncate)

@@ -64,10 +64,10 @@ impl Writeback {
     /// whose answer was lost, or whose result a crash kept out of the journal), the write is
     /// repeated expecting that version: every step converges instead of failing forever or
     /// raising a conflict with itself. Someone else's version still fails the precondition.
-    async fn converge<F, Fut>(&self, name: &str, expect: Expect, mut write: F) -> WbResult<String>
+    async fn converge<T, F, Fut>(&self, name: &str, expect: Expect, mut write: F) -> WbResult<T>
     where
         F: FnMut(Expect) -> Fut,
-        Fut: std::future::Future<Output = WbResult<String>>,
+        Fut: std::future::Future<Output = WbResult<T>>,
     {
         match write(expect).await {
             Err(e) if e.is_changed() => match self.store.head(name).await {
@@ -340,39 +340,31 @@ impl Writeback {
         }
         let expect = self.make_room(cx, ino, name).await?;
         let path = self.local.path(ino);
-        // The parts of the body committed, with their checksums (`settled.rs`).
-        let parts = std::sync::Mutex::new(None);
-        let etag = self
-            .converge(name, expect, |e| {
-                let (path, parts) = (&path, &parts);
-                async move {
-                    // Only the attempt that commits tells what was committed.
-                    *parts.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    // Blocks staged while the file was written are reused; a list the service
-                    // refuses (it dropped them: another commit to the name) falls back to a
-                    // whole upload, unless the name holds another version (a conflict).
-                    match self.commit_stream(ino, name, path, meta, &e).await {
-                        Some(Ok((etag, committed))) => {
-                            *parts.lock().unwrap_or_else(|p| p.into_inner()) = committed;
-                            return Ok(etag);
-                        }
-                        Some(Err(err)) if err.is_changed() => return Err(err.into()),
-                        Some(Err(err)) => {
-                            tracing::info!(
-                                "{name}: the staged blocks were refused ({err}); uploading whole"
-                            )
-                        }
-                        None => {}
+        // With the ETag, the parts of the body committed and their checksums (`settled.rs`),
+        // from the attempt that committed.
+        self.converge(name, expect, |e| {
+            let path = &path;
+            async move {
+                // Blocks staged while the file was written are reused; a list the service
+                // refuses (it dropped them: another commit to the name) falls back to a
+                // whole upload, unless the name holds another version (a conflict).
+                match self.commit_stream(ino, name, path, meta, &e).await {
+                    Some(Ok(committed)) => return Ok(committed),
+                    Some(Err(err)) if err.is_changed() => return Err(err.into()),
+                    Some(Err(err)) => {
+                        tracing::info!(
+                            "{name}: the staged blocks were refused ({err}); uploading whole"
+                        )
                     }
-                    let (etag, s) =
-                        upload_file(self.store.as_ref(), name, path, meta, &e, &self.opts.upload)
-                            .await?;
-                    *parts.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-                    Ok(etag)
+                    None => {}
                 }
-            })
-            .await?;
-        Ok((etag, parts.into_inner().unwrap_or_else(|p| p.into_inner())))
+                let (etag, parts) =
+                    upload_file(self.store.as_ref(), name, path, meta, &e, &self.opts.upload)
+                        .await?;
+                Ok((etag, Some(parts)))
+            }
+        })
+        .await
     }
 
     /// What a write to `name` must expect, after moving aside a blob that holds another

@@ -20,7 +20,7 @@
 //! the whole local copy, a part at a time, in the upload's own thread: for a large file that
 //! is far cheaper than sending it again.
 
-use crate::blob::upload::{crc64, open_local_copy, read_local};
+use crate::blob::upload::{open_local_copy, range_has};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
@@ -61,8 +61,7 @@ impl Committed {
         }
         let mut off = 0;
         self.parts.iter().all(|&(len, sum)| {
-            let same = read_local(&file, off, len)
-                .is_ok_and(|data| data.len() as u64 == len && crc64(&data) == sum);
+            let same = range_has(&file, off, len, sum);
             off += len;
             same
         })
@@ -108,6 +107,7 @@ impl Settled {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blob::upload::crc64;
 
     #[test]
     fn a_copy_holds_what_was_committed_only_with_the_same_bytes_and_version() {

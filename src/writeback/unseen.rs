@@ -26,7 +26,7 @@
 
 use super::stream::{lock, tail_worth_staging, Stream, MAX_BLOCKS};
 use super::Writeback;
-use crate::blob::upload::{crc64, open_local_copy, read_local};
+use crate::blob::upload::{open_local_copy, range_has};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -208,10 +208,7 @@ impl Writeback {
                 return HashSet::new();
             };
             sums.into_iter()
-                .filter(|(b, want, len)| {
-                    read_local(&file, b * block, *len)
-                        .is_ok_and(|d| d.len() as u64 == *len && crc64(&d) == *want)
-                })
+                .filter(|(b, want, len)| range_has(&file, b * block, *len, *want))
                 .map(|(b, _, _)| b)
                 .collect()
         });
