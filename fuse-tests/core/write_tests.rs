@@ -150,6 +150,33 @@ fn hard_links_survive_a_fresh_node_and_any_name_can_go() {
 }
 
 #[test]
+fn a_file_with_many_hard_links_writes_its_stubs_side_by_side() {
+    let w = rw(fixture());
+    let f = write_file(&w, "", "many.bin", b"linked many times");
+    for i in 0..40 {
+        w.fs.link(f.ino, ROOT_INO, OsStr::new(&format!("link-{i:02}")))
+            .unwrap();
+    }
+    w.store.set_latency(Duration::from_millis(2));
+    w.store.counters.most_at_once.store(0, Ordering::SeqCst);
+    drain(&w);
+    let at_once = w.store.counters.most_at_once.load(Ordering::SeqCst);
+    assert!(
+        (2..=16).contains(&at_once),
+        "40 stubs of one file went out {at_once} at a time"
+    );
+    w.store.set_latency(Duration::ZERO);
+    let n = fresh(&w);
+    assert_eq!(path(&n, "link-39").unwrap().nlink, 41);
+    for i in [0, 17, 39] {
+        assert_eq!(
+            read_all(&n, &format!("link-{i:02}")).unwrap(),
+            b"linked many times"
+        );
+    }
+}
+
+#[test]
 fn renaming_a_directory_moves_every_blob_once() {
     let w = rw(fixture());
     let before = read_all(&w, "venv/bin/python3.11").unwrap();

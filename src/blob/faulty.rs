@@ -34,6 +34,9 @@ pub struct Counters {
     pub set_metadata: AtomicU64,
     pub copy: AtomicU64,
     pub delete: AtomicU64,
+    /// Requests in their round trip now, and the most at once so far (with a latency set).
+    pub in_flight: AtomicU64,
+    pub most_at_once: AtomicU64,
 }
 
 impl Counters {
@@ -147,6 +150,16 @@ impl<S: BlobStore> FaultyStore<S> {
     async fn round_trip(&self) {
         let ms = self.latency_ms.load(Ordering::SeqCst);
         if ms > 0 {
+            struct Flight<'a>(&'a AtomicU64);
+            impl Drop for Flight<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            let c = &self.counters;
+            let now = c.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            let _flight = Flight(&c.in_flight);
+            c.most_at_once.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
     }

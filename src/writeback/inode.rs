@@ -25,6 +25,9 @@ use crate::posix::Kind;
 use bytes::Bytes;
 use std::time::SystemTime;
 
+/// Stub blobs of one hard-linked file written at once.
+const STUBS_AT_ONCE: usize = 16;
+
 /// What one upload works with.
 struct Ctx<'a> {
     /// Inodes whose locks the upload holds: it may take names from these.
@@ -293,25 +296,10 @@ impl Writeback {
             }
             Err(e) => return Err(e),
         };
-        let mut stubs = Vec::new();
-        if let Some(id) = v.link_id.as_deref().filter(|_| paths.len() > 1) {
-            let stub_meta = render(Role::Stub(id), 0, 0, 0, a.mtime);
-            for (p, n) in paths.iter().zip(&v.names).filter(|(p, _)| **p != anchor) {
-                if let Some(s) = v.stubs.iter().find(|s| &s.0 == p) {
-                    stubs.push(s.clone());
-                    continue;
-                }
-                let expect = self.make_room(cx, ino, p).await?;
-                let stub_meta = self.with_path(&n.path, &stub_meta)?;
-                let stub_meta = &stub_meta;
-                let e = self
-                    .converge(p, expect, |e| async move {
-                        Ok(self.store.put(p, Bytes::new(), stub_meta, &e).await?)
-                    })
-                    .await?;
-                stubs.push((p.clone(), e));
-            }
-        }
+        let stubs = match v.link_id.as_deref().filter(|_| paths.len() > 1) {
+            Some(id) => self.put_stubs(cx, v, id, &paths, &anchor).await?,
+            None => Vec::new(),
+        };
         if let Some(parts) = parts.filter(|_| unchanged || self.written_in_place(ino)) {
             let blob = anchor.clone();
             let c = settled::Committed {
@@ -323,6 +311,52 @@ impl Writeback {
         }
         index.record_upload(ino, v.gen, Some(&(anchor, etag)), &stubs, v.dirty, false)?;
         Ok(())
+    }
+
+    /// The stub blobs of a hard-linked file's names other than its anchor: those it has are
+    /// kept, the rest written, `STUBS_AT_ONCE` at a time (a file may have thousands of
+    /// names, and each stub is a round trip). Returns every stub with its ETag.
+    async fn put_stubs(
+        &self,
+        cx: &Ctx<'_>,
+        v: &PendingInode,
+        id: &str,
+        paths: &[String],
+        anchor: &str,
+    ) -> WbResult<Vec<(String, String)>> {
+        use futures::{StreamExt, TryStreamExt};
+        let ino = v.attr.ino;
+        let stub_meta = render(Role::Stub(id), 0, 0, 0, v.attr.mtime);
+        let have: std::collections::HashMap<&str, &String> =
+            v.stubs.iter().map(|(b, e)| (b.as_str(), e)).collect();
+        let mut stubs = Vec::with_capacity(paths.len());
+        let mut missing = Vec::new();
+        for (p, n) in paths.iter().zip(&v.names).filter(|(p, _)| *p != anchor) {
+            match have.get(p.as_str()) {
+                Some(e) => stubs.push((p.clone(), (*e).clone())),
+                None => missing.push((p, n)),
+            }
+        }
+        let written: Vec<(String, String)> = futures::stream::iter(missing)
+            .map(|(p, n)| {
+                let stub_meta = &stub_meta;
+                async move {
+                    let expect = self.make_room(cx, ino, p).await?;
+                    let meta = self.with_path(&n.path, stub_meta)?;
+                    let meta = &meta;
+                    let e = self
+                        .converge(p, expect, |e| async move {
+                            Ok(self.store.put(p, Bytes::new(), meta, &e).await?)
+                        })
+                        .await?;
+                    Ok::<_, WritebackError>((p.clone(), e))
+                }
+            })
+            .buffer_unordered(STUBS_AT_ONCE)
+            .try_collect()
+            .await?;
+        stubs.extend(written);
+        Ok(stubs)
     }
 
     async fn upload_local(
