@@ -177,6 +177,41 @@ fn a_file_with_many_hard_links_writes_its_stubs_side_by_side() {
 }
 
 #[test]
+fn names_removed_while_their_file_uploads_get_no_stub() {
+    let w = rw(fixture());
+    let f = write_file(&w, "", "held.bin", b"linked, then mostly unlinked");
+    for i in 0..40 {
+        w.fs.link(f.ino, ROOT_INO, OsStr::new(&format!("held-{i:02}")))
+            .unwrap();
+    }
+    let puts = w.store.counters.put.load(Ordering::SeqCst);
+    // The upload has read the file's 41 names and waits for its first request.
+    w.store.hold(true);
+    std::thread::scope(|s| {
+        let upload = s.spawn(|| w.fs.fsync(f.ino));
+        while w.store.counters.held.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for i in 10..40 {
+            w.fs.unlink(ROOT_INO, OsStr::new(&format!("held-{i:02}")))
+                .unwrap();
+        }
+        w.store.hold(false);
+        upload.join().unwrap().unwrap();
+    });
+    let stubs = w.store.counters.put.load(Ordering::SeqCst) - puts;
+    assert_eq!(stubs, 10, "stubs written for 10 names left of 40");
+    drain(&w);
+    let n = fresh(&w);
+    assert_eq!(path(&n, "held.bin").unwrap().nlink, 11);
+    assert!(path(&n, "held-25").is_err());
+    assert_eq!(
+        read_all(&n, "held-09").unwrap(),
+        b"linked, then mostly unlinked"
+    );
+}
+
+#[test]
 fn renaming_a_directory_moves_every_blob_once() {
     let w = rw(fixture());
     let before = read_all(&w, "venv/bin/python3.11").unwrap();

@@ -37,6 +37,8 @@ pub struct Counters {
     /// Requests in their round trip now, and the most at once so far (with a latency set).
     pub in_flight: AtomicU64,
     pub most_at_once: AtomicU64,
+    /// Requests waiting for `FaultyStore::hold` to end.
+    pub held: AtomicU64,
 }
 
 impl Counters {
@@ -68,6 +70,8 @@ pub struct FaultyStore<S> {
     writes_left: AtomicU64,
     /// Every request takes this long (milliseconds) before it is answered: a round trip.
     latency_ms: AtomicU64,
+    /// Requests wait before going out while this is set (`hold`).
+    hold: AtomicBool,
     /// This many more writes are carried out, but their answer is lost (a connection reset
     /// after the service committed).
     lose_answers: AtomicU64,
@@ -97,6 +101,7 @@ impl<S: BlobStore> FaultyStore<S> {
             refuse_writes: AtomicBool::new(false),
             writes_left: AtomicU64::new(u64::MAX),
             latency_ms: AtomicU64::new(0),
+            hold: AtomicBool::new(false),
             lose_answers: AtomicU64::new(0),
             restart_next_read: AtomicBool::new(false),
             corrupt_reads: AtomicU64::new(0),
@@ -147,7 +152,20 @@ impl<S: BlobStore> FaultyStore<S> {
             .store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// While `on`, every request waits before it goes out (counted in `Counters::held`):
+    /// a test can change the filesystem while an upload is known to be under way.
+    pub fn hold(&self, on: bool) {
+        self.hold.store(on, Ordering::SeqCst);
+    }
+
     async fn round_trip(&self) {
+        if self.hold.load(Ordering::SeqCst) {
+            self.counters.held.fetch_add(1, Ordering::SeqCst);
+            while self.hold.load(Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            self.counters.held.fetch_sub(1, Ordering::SeqCst);
+        }
         let ms = self.latency_ms.load(Ordering::SeqCst);
         if ms > 0 {
             struct Flight<'a>(&'a AtomicU64);

@@ -19,7 +19,8 @@ use super::{WbResult, Writeback, WritebackError};
 use crate::blob::format::{blob_name_for, render, Role, KEY_PATH, KEY_WRITER};
 use crate::blob::upload::upload_file;
 use crate::blob::{BlobError, Expect, Metadata};
-use crate::index::journal::PendingInode;
+use crate::index::journal::{NameRef, PendingInode};
+use crate::index::names::Name;
 use crate::index::ROOT_INO;
 use crate::posix::Kind;
 use bytes::Bytes;
@@ -334,7 +335,10 @@ impl Writeback {
         for (p, n) in paths.iter().zip(&v.names).filter(|(p, _)| *p != anchor) {
             match have.get(p.as_str()) {
                 Some(e) => stubs.push((p.clone(), (*e).clone())),
-                None => missing.push((p, n)),
+                // A name removed since this upload read the inode gets no stub: it would
+                // only go to the trash again (the inode is pending again for the change).
+                None if self.names_it(ino, n) => missing.push((p, n)),
+                None => {}
             }
         }
         let written: Vec<(String, String)> = futures::stream::iter(missing)
@@ -357,6 +361,19 @@ impl Writeback {
             .await?;
         stubs.extend(written);
         Ok(stubs)
+    }
+
+    /// Whether `name` still names inode `ino` (an error says yes: writing a stub too many
+    /// only costs its deletion later).
+    fn names_it(&self, ino: u64, name: &NameRef) -> bool {
+        let Ok(n) = Name::new(&name.name) else {
+            return true;
+        };
+        match self.index.lookup(name.parent, &n) {
+            Ok(Some(a)) => a.ino == ino,
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 
     async fn upload_local(
