@@ -149,14 +149,19 @@ fn hard_links_survive_a_fresh_node_and_any_name_can_go() {
         .any(|b| b.starts_with("data.bin")));
 }
 
+/// Gives `ino` the names `STEM-00` to `STEM-{n - 1}` in the root.
+fn link_in_root(w: &World, ino: u64, stem: &str, n: usize) {
+    for i in 0..n {
+        w.fs.link(ino, ROOT_INO, OsStr::new(&format!("{stem}-{i:02}")))
+            .unwrap();
+    }
+}
+
 #[test]
 fn a_file_with_many_hard_links_writes_its_stubs_side_by_side() {
     let w = rw(fixture());
     let f = write_file(&w, "", "many.bin", b"linked many times");
-    for i in 0..40 {
-        w.fs.link(f.ino, ROOT_INO, OsStr::new(&format!("link-{i:02}")))
-            .unwrap();
-    }
+    link_in_root(&w, f.ino, "link", 40);
     w.store.set_latency(Duration::from_millis(2));
     w.store.counters.most_at_once.store(0, Ordering::SeqCst);
     drain(&w);
@@ -180,10 +185,7 @@ fn a_file_with_many_hard_links_writes_its_stubs_side_by_side() {
 fn names_removed_while_their_file_uploads_get_no_stub() {
     let w = rw(fixture());
     let f = write_file(&w, "", "held.bin", b"linked, then mostly unlinked");
-    for i in 0..40 {
-        w.fs.link(f.ino, ROOT_INO, OsStr::new(&format!("held-{i:02}")))
-            .unwrap();
-    }
+    link_in_root(&w, f.ino, "held", 40);
     let puts = w.store.counters.put.load(Ordering::SeqCst);
     // The upload has read the file's 41 names and waits for its first request.
     w.store.hold(true);
