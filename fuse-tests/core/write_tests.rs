@@ -203,7 +203,13 @@ fn names_removed_while_their_file_uploads_get_no_stub() {
     });
     let stubs = w.store.counters.put.load(Ordering::SeqCst) - puts;
     assert_eq!(stubs, 10, "stubs written for 10 names left of 40");
+    let heads = w.store.counters.head.load(Ordering::SeqCst);
     drain(&w);
+    let heads = w.store.counters.head.load(Ordering::SeqCst) - heads;
+    assert_eq!(
+        heads, 0,
+        "the names skipped were never written: nothing to look up"
+    );
     let n = fresh(&w);
     assert_eq!(path(&n, "held.bin").unwrap().nlink, 11);
     assert!(path(&n, "held-25").is_err());

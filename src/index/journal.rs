@@ -363,15 +363,32 @@ impl Index {
     }
 
     /// Records that inode `ino` is about to write `names` (those it does not claim yet).
-    pub fn intend(&self, ino: u64, names: &[String]) -> IndexResult<()> {
+    /// Returns the names that had no intent yet: no earlier attempt can have written those.
+    pub fn intend(&self, ino: u64, names: &[String]) -> IndexResult<Vec<String>> {
+        self.write(|tx| {
+            let mut fresh = Vec::new();
+            for n in names {
+                let added = tx
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO intents(blob, ino) SELECT ?1, ?2
+                         WHERE NOT EXISTS (SELECT 1 FROM inodes WHERE ino = ?2 AND blob = ?1)
+                           AND NOT EXISTS (SELECT 1 FROM stubs WHERE ino = ?2 AND blob = ?1)",
+                    )?
+                    .execute(params![n, ino as i64])?;
+                if added > 0 {
+                    fresh.push(n.clone());
+                }
+            }
+            Ok(fresh)
+        })
+    }
+
+    /// Drops inode `ino`'s intents on `names`, which nothing ever wrote.
+    pub fn forget_intents(&self, ino: u64, names: &[String]) -> IndexResult<()> {
         self.write(|tx| {
             for n in names {
-                tx.prepare_cached(
-                    "INSERT OR IGNORE INTO intents(blob, ino) SELECT ?1, ?2
-                     WHERE NOT EXISTS (SELECT 1 FROM inodes WHERE ino = ?2 AND blob = ?1)
-                       AND NOT EXISTS (SELECT 1 FROM stubs WHERE ino = ?2 AND blob = ?1)",
-                )?
-                .execute(params![n, ino as i64])?;
+                tx.prepare_cached("DELETE FROM intents WHERE blob = ?1 AND ino = ?2")?
+                    .execute(params![n, ino as i64])?;
             }
             Ok(())
         })

@@ -33,6 +33,8 @@ const STUBS_AT_ONCE: usize = 16;
 struct Ctx<'a> {
     /// Inodes whose locks the upload holds: it may take names from these.
     locked: &'a [u64],
+    /// Names this upload recorded an intent on that had none: no earlier attempt wrote them.
+    fresh: Vec<String>,
 }
 
 impl Writeback {
@@ -148,11 +150,13 @@ impl Writeback {
             })
             .cloned()
             .collect();
-        if !new.is_empty() {
-            index.intend(ino, &new)?;
-        }
+        let fresh = if new.is_empty() {
+            Vec::new()
+        } else {
+            index.intend(ino, &new)?
+        };
         let _writing = index.writing(names);
-        let cx = Ctx { locked };
+        let cx = Ctx { locked, fresh };
         let cx = &cx;
         let a = &v.attr;
         match a.kind {
@@ -297,10 +301,18 @@ impl Writeback {
             }
             Err(e) => return Err(e),
         };
-        let stubs = match v.link_id.as_deref().filter(|_| paths.len() > 1) {
+        let (stubs, skipped) = match v.link_id.as_deref().filter(|_| paths.len() > 1) {
             Some(id) => self.put_stubs(cx, v, id, &paths, &anchor).await?,
-            None => Vec::new(),
+            None => Default::default(),
         };
+        // Names skipped that no earlier attempt wrote leave nothing to look up later.
+        let unwritten: Vec<String> = skipped
+            .into_iter()
+            .filter(|n| cx.fresh.contains(n))
+            .collect();
+        if !unwritten.is_empty() {
+            index.forget_intents(ino, &unwritten)?;
+        }
         if let Some(parts) = parts.filter(|_| unchanged || self.written_in_place(ino)) {
             let blob = anchor.clone();
             let c = settled::Committed {
@@ -316,7 +328,8 @@ impl Writeback {
 
     /// The stub blobs of a hard-linked file's names other than its anchor: those it has are
     /// kept, the rest written, `STUBS_AT_ONCE` at a time (a file may have thousands of
-    /// names, and each stub is a round trip). Returns every stub with its ETag.
+    /// names, and each stub is a round trip). Returns every stub with its ETag, and the
+    /// names skipped because they no longer name the file.
     async fn put_stubs(
         &self,
         cx: &Ctx<'_>,
@@ -324,21 +337,21 @@ impl Writeback {
         id: &str,
         paths: &[String],
         anchor: &str,
-    ) -> WbResult<Vec<(String, String)>> {
+    ) -> WbResult<(Vec<(String, String)>, Vec<String>)> {
         use futures::{StreamExt, TryStreamExt};
         let ino = v.attr.ino;
         let stub_meta = render(Role::Stub(id), 0, 0, 0, v.attr.mtime);
         let have: std::collections::HashMap<&str, &String> =
             v.stubs.iter().map(|(b, e)| (b.as_str(), e)).collect();
         let mut stubs = Vec::with_capacity(paths.len());
-        let mut missing = Vec::new();
+        let (mut missing, mut skipped) = (Vec::new(), Vec::new());
         for (p, n) in paths.iter().zip(&v.names).filter(|(p, _)| *p != anchor) {
             match have.get(p.as_str()) {
                 Some(e) => stubs.push((p.clone(), (*e).clone())),
                 // A name removed since this upload read the inode gets no stub: it would
                 // only go to the trash again (the inode is pending again for the change).
                 None if self.names_it(ino, n) => missing.push((p, n)),
-                None => {}
+                None => skipped.push(p.clone()),
             }
         }
         let written: Vec<(String, String)> = futures::stream::iter(missing)
@@ -360,7 +373,7 @@ impl Writeback {
             .try_collect()
             .await?;
         stubs.extend(written);
-        Ok(stubs)
+        Ok((stubs, skipped))
     }
 
     /// Whether `name` still names inode `ino` (an error says yes: writing a stub too many
