@@ -306,12 +306,13 @@ impl Writeback {
             None => Default::default(),
         };
         // Names skipped that no earlier attempt wrote leave nothing to look up later.
-        let unwritten: Vec<String> = skipped
-            .into_iter()
-            .filter(|n| cx.fresh.contains(n))
-            .collect();
-        if !unwritten.is_empty() {
-            index.forget_intents(ino, &unwritten)?;
+        if !skipped.is_empty() {
+            let fresh: std::collections::HashSet<&String> = cx.fresh.iter().collect();
+            let unwritten: Vec<String> =
+                skipped.into_iter().filter(|n| fresh.contains(n)).collect();
+            if !unwritten.is_empty() {
+                index.forget_intents(ino, &unwritten)?;
+            }
         }
         if let Some(parts) = parts.filter(|_| unchanged || self.written_in_place(ino)) {
             let blob = anchor.clone();
