@@ -480,8 +480,8 @@ fn a_file_laid_out_then_written_in_place_is_staged_by_its_fsync_and_then_only_wh
     w.fs.fsync(ino).unwrap();
     assert_eq!(
         puts(&w) - before,
-        14 + 3,
-        "the block written and the tail again, and the commit"
+        14 + 2,
+        "the block written and the commit: the tail, unchanged, is named again"
     );
     assert_eq!(w.store.inner().data("table.db").unwrap(), data);
     w.fs.flush(fh).unwrap();

@@ -626,13 +626,23 @@ impl Writeback {
             })
             .collect::<Option<Parts>>();
         // Whole blocks read at `seq` are the service's now under their ids; a write since
-        // then changed the block's number, so it is staged again.
+        // then changed the block's number, so it is staged again. The partial last block,
+        // sent here in one part, is kept as a tail staged while quiet is: a look at a
+        // writer still holding the file open (the quiet spell, the poll of a writer in
+        // place) must not send it again, and the next commit starts its block with it
+        // while no write reached into it.
         for (p, sent) in plan.into_iter().zip(sums) {
+            let b = p.off / block;
             if p.len == block {
-                let b = p.off / block;
                 s.staged.insert(b, (p.id, p.seq));
                 s.tail = s.tail.filter(|(t, _)| *t != b);
                 if let Some((_, sum)) = sent.filter(|(len, _)| *len == block) {
+                    s.sums.insert(b, sum);
+                }
+            } else if let Some((len, sum)) = sent.filter(|_| p.off % block == 0) {
+                if p.off + len == size {
+                    s.staged.insert(b, (p.id, p.seq));
+                    s.tail = Some((b, len));
                     s.sums.insert(b, sum);
                 }
             }
