@@ -640,7 +640,10 @@ impl Writeback {
                     s.sums.insert(b, sum);
                 }
             } else if let Some((len, sum)) = sent.filter(|_| p.off % block == 0) {
-                if p.off + len == size {
+                // Only while nothing wrote to the block since it was read: a seen write
+                // moved its number (an unseen one is caught by the checksum at the commit).
+                let still = s.unseen.is_some() || s.changed.get(b as usize) == Some(&p.seq);
+                if p.off + len == size && still {
                     s.staged.insert(b, (p.id, p.seq));
                     s.tail = Some((b, len));
                     s.sums.insert(b, sum);
