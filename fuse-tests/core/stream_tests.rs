@@ -138,6 +138,37 @@ fn bytes_sent(w: &World) -> u64 {
 }
 
 #[test]
+fn a_write_into_the_last_block_while_the_fsync_sends_it_is_committed_by_the_next_fsync() {
+    let w = world();
+    let before = puts(&w);
+    let mut data = data();
+    let (ino, fh) = write_sequentially(&w, &data);
+    eventually("the twelve whole blocks are staged", || {
+        puts(&w) - before >= 12
+    });
+    // The fsync has read the partial last block and waits to send it; a write lands in it.
+    w.store.hold(true);
+    std::thread::scope(|s| {
+        let fsync = s.spawn(|| w.fs.fsync(ino));
+        while w.store.counters.held.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let at = 12 * BLOCK + 7;
+        w.fs.write(fh, at as u64, b"LATE").unwrap();
+        data[at..at + 4].copy_from_slice(b"LATE");
+        w.store.hold(false);
+        fsync.join().unwrap().unwrap();
+    });
+    w.fs.fsync(ino).unwrap();
+    assert!(
+        w.store.inner().data("ckpt.pt").unwrap() == data,
+        "the second fsync commits the write the first one missed"
+    );
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+}
+
+#[test]
 fn a_tail_staged_while_quiet_is_staged_again_only_once_it_has_doubled() {
     // A log appended now and then: its partial last block is not sent again for every
     // line; the commit sends what was appended after the part staged.
