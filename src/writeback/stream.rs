@@ -153,6 +153,36 @@ impl Stream {
         }
     }
 
+    /// Block `b`, `len` bytes read at write number `seq`, is the service's under `id`
+    /// (staged, or committed), with CRC64 `sum` when it was sent just now. A partial one,
+    /// the file's last, becomes the tail the next commit starts its block with; it is only
+    /// known to hold the file's data if nothing wrote to its block while it was read and
+    /// sent (an unseen stream's sum is checked at the commit), so otherwise it is not kept.
+    /// Returns whether it was kept.
+    fn staged_as(
+        &mut self,
+        b: u64,
+        id: Vec<u8>,
+        seq: u64,
+        len: u64,
+        sum: Option<u64>,
+        block: u64,
+    ) -> bool {
+        let partial = len < block;
+        if partial && self.unseen.is_none() && self.changed.get(b as usize) != Some(&seq) {
+            return false;
+        }
+        self.staged.insert(b, (id, seq));
+        if let Some(sum) = sum {
+            self.sums.insert(b, sum);
+        }
+        self.tail = match partial {
+            true => Some((b, len)),
+            false => self.tail.filter(|(t, _)| *t != b),
+        };
+        true
+    }
+
     /// A fresh id for block `block`, never used before by this stream.
     fn fresh_id(&mut self, block: u64) -> Vec<u8> {
         self.next_seq += 1;
@@ -388,23 +418,12 @@ impl Writeback {
             s.staging.remove(&b);
             let whole = wb.streams.opts.block_size;
             match staged {
-                // A prefix is only known to hold the file's data if nothing wrote to its
-                // block while it was read and sent (an unseen stream's sum is checked).
-                Some((_, seq, len, _))
-                    if len < whole
-                        && s.unseen.is_none()
-                        && s.changed.get(b as usize).copied() != Some(seq) =>
-                {
-                    tracing::debug!("inode {ino}: block {b} changed while staged in part")
-                }
                 Some((id, seq, len, sum)) => {
-                    tracing::debug!("inode {ino}: block {b} staged ({len} bytes)");
-                    s.staged.insert(b, (id, seq));
-                    s.sums.insert(b, sum);
-                    s.tail = match len == whole {
-                        true => s.tail.filter(|(t, _)| *t != b),
-                        false => Some((b, len)),
-                    };
+                    if s.staged_as(b, id, seq, len, Some(sum), whole) {
+                        tracing::debug!("inode {ino}: block {b} staged ({len} bytes)");
+                    } else {
+                        tracing::debug!("inode {ino}: block {b} changed while staged in part");
+                    }
                 }
                 None => tracing::debug!("inode {ino}: block {b} left for the commit"),
             }
@@ -634,19 +653,11 @@ impl Writeback {
         for (p, sent) in plan.into_iter().zip(sums) {
             let b = p.off / block;
             if p.len == block {
-                s.staged.insert(b, (p.id, p.seq));
-                s.tail = s.tail.filter(|(t, _)| *t != b);
-                if let Some((_, sum)) = sent.filter(|(len, _)| *len == block) {
-                    s.sums.insert(b, sum);
-                }
+                let sum = sent.filter(|(len, _)| *len == block).map(|(_, sum)| sum);
+                s.staged_as(b, p.id, p.seq, block, sum, block);
             } else if let Some((len, sum)) = sent.filter(|_| p.off % block == 0) {
-                // Only while nothing wrote to the block since it was read: a seen write
-                // moved its number (an unseen one is caught by the checksum at the commit).
-                let still = s.unseen.is_some() || s.changed.get(b as usize) == Some(&p.seq);
-                if p.off + len == size && still {
-                    s.staged.insert(b, (p.id, p.seq));
-                    s.tail = Some((b, len));
-                    s.sums.insert(b, sum);
+                if p.off + len == size {
+                    s.staged_as(b, p.id, p.seq, len, Some(sum), block);
                 }
             }
         }
