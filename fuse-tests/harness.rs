@@ -180,8 +180,44 @@ impl Mount {
 
     /// Like `start`, at an existing directory `at`.
     pub fn start_at(at: &Path, args: &[&str], env: &[(&str, String)]) -> Result<Mount, String> {
+        Mount::start_command(at, mount_command(args, at, env), env)
+    }
+
+    /// Like `start`, with the daemon's soft limit on open files set to `soft` (the hard limit
+    /// stays), as a systemd unit or a login shell would start it.
+    pub fn start_with_open_files(
+        args: &[&str],
+        env: &[(&str, String)],
+        soft: u64,
+    ) -> Result<Mount, String> {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = mount_command(args, dir.path(), env);
+        // SAFETY: between fork and exec only getrlimit and setrlimit run, which are
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                lim.rlim_cur = soft.min(lim.rlim_max);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut m = Mount::start_command(dir.path(), cmd, env)?;
+        m.dir = Some(dir);
+        Ok(m)
+    }
+
+    fn start_command(at: &Path, mut cmd: Command, env: &[(&str, String)]) -> Result<Mount, String> {
         let log = tempfile::NamedTempFile::new().unwrap();
-        let mut cmd = mount_command(args, at, env);
         cmd.arg("--foreground");
         // Warnings only, unless the test asks for more (or SIMFS_TEST_LOG does, for a
         // debugging run: `SIMFS_TEST_LOG=fuser=debug,simfs=debug cargo test --test fuse X`).

@@ -9,11 +9,39 @@ bash fuse-tests/setup.sh
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --all-targets
+
+# Runs "$@" for at most $1 seconds. A hung test would otherwise hold CI until its own limit
+# and say nothing; past the bound, every thread of the test processes still running is
+# printed (gdb), they are killed, their mounts are lazily unmounted, and the stage fails.
+bounded() {
+  local limit=$1 waited=0
+  shift
+  "$@" &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    if [ "$waited" -ge "$limit" ]; then
+      echo "run-all: '$*' still running after ${limit}s; the threads of its test processes:" >&2
+      for p in $(pgrep -f '/deps/[a-z_]+-[0-9a-f]{16}( |$)'); do
+        echo "=== $(tr '\0' ' ' </proc/"$p"/cmdline)" >&2
+        gdb -p "$p" -batch -ex 'thread apply all bt' >&2 2>&1 || true
+      done
+      pkill -KILL -f '/deps/[a-z_]+-[0-9a-f]{16}( |$)' || true
+      kill "$pid" 2>/dev/null || true
+      wait "$pid" || true
+      grep -E ' /tmp/\S+ fuse(\.simfs)? ' /proc/mounts | cut -d' ' -f2 | xargs -r -n1 fusermount3 -uz || true
+      return 124
+    fi
+    sleep 5
+    waited=$((waited + 5))
+  done
+  wait "$pid"
+}
+
+bounded 2700 cargo test --all-targets
 # The heavier, bounded stage: about 10,000 random operations against the POSIX model with
 # uploads racing them, and fsx with 20,000 operations on a real mount.
-SIMFS_MODEL_CASES=100 SIMFS_MODEL_OPS=200 cargo test --test core model_tests
-SIMFS_FSX_OPS=20000 cargo test --test fuse fsx_
+SIMFS_MODEL_CASES=100 SIMFS_MODEL_OPS=200 bounded 900 cargo test --test core model_tests
+SIMFS_FSX_OPS=20000 bounded 900 cargo test --test fuse fsx_
 # The Debian package, installed and mounted three ways (needs root: CI runs as root).
 if [ "$(id -u)" = 0 ]; then
   bash packaging/test-deb.sh

@@ -170,6 +170,34 @@ fn a_thousand_files_closed_right_before_a_sigkill_all_reach_a_fresh_node() {
     }
 }
 
+/// A daemon started under a soft limit of 256 open files (systemd's is 1,024) holds 600
+/// files open at once, as a build or a data loader may: it raises its own limit.
+#[test]
+fn a_mount_started_under_a_low_open_files_limit_holds_hundreds_of_files_open() {
+    let az = crate::write::empty_container("many-open");
+    let cache = tempfile::tempdir().unwrap();
+    let args = ["many-open", "--cache-dir", cache.path().to_str().unwrap()];
+    let env = [("AZURE_STORAGE_CONNECTION_STRING", az.connection_string())];
+    let mut m = Mount::start_with_open_files(&args, &env, 256).expect("mount");
+    let root = m.path().to_path_buf();
+    let mut open = Vec::new();
+    for i in 0..600 {
+        let mut f = std::fs::File::create(root.join(format!("f{i}")))
+            .unwrap_or_else(|e| panic!("create f{i} with {i} files open: {e}"));
+        writeln!(f, "file {i}").unwrap();
+        open.push(f);
+    }
+    drop(open);
+    simfs_sync(&root);
+    unmount_clean(&mut m);
+    let fresh = tempfile::tempdir().unwrap();
+    let n = crate::mount(&az, "many-open", fresh.path(), &[]);
+    for i in 0..600 {
+        let got = std::fs::read_to_string(n.path().join(format!("f{i}"))).unwrap();
+        assert_eq!(got, format!("file {i}\n"));
+    }
+}
+
 /// An empty container `name` behind a proxy that logs every request (what
 /// `staged_block_ids` reads).
 pub(crate) fn logged_container(name: &str) -> (Azurite, FaultProxy) {

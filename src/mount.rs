@@ -184,6 +184,38 @@ pub struct Prepared {
     pub state_dir: PathBuf,
 }
 
+/// Raises the soft limit on open files to the hard one, as Go programs do when they start.
+///
+/// A mount holds a descriptor for every open handle of a written or cached file, besides its
+/// SQLite readers, cache fills and connections. The usual soft limit, 1,024 (systemd's
+/// default, and many shells'), is a few hundred open files away: past it every create and
+/// open fails with EMFILE, a data loader's or a build's included. The hard limit is what the
+/// administrator allows, so it is taken whole. Returns the soft limit now in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let was = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            tracing::warn!(
+                "could not raise the open files limit from {was}: {}",
+                std::io::Error::last_os_error()
+            );
+            return Some(was);
+        }
+        tracing::debug!("open files limit raised from {was} to {}", lim.rlim_cur);
+    }
+    Some(lim.rlim_cur)
+}
+
 /// Opens (or builds) the index, the cache and the write-back engine for `source` on
 /// `store`, and recovers an earlier mount's pending changes. What changes behind the kernel's
 /// back is told to `kernel` (`Kernel::for_session` for a mount, `Kernel::none` without).
@@ -196,6 +228,7 @@ pub fn prepare_with_store(
     progress: &(dyn Fn(IngestProgress) + Sync),
 ) -> Result<Prepared, MountError> {
     rt.block_on(store.check_access())?;
+    raise_open_files_limit();
     let dir = state_dir(&cfg.cache_dir, source);
     std::fs::create_dir_all(&dir)
         .and_then(|_| {

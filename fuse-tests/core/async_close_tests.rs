@@ -1,7 +1,7 @@
 //! Close on the default (`async`) mount: local and journaled, uploaded at once in the
 //! background, bounded by the window, and never lost by a crash.
 
-use crate::world::{config, fixture, path, read_all, world_async, world_from, World};
+use crate::world::{config, fixture, path, read_all, world_async, world_from, StopOnDrop, World};
 use crate::write_tests::{copy_dir, drain, fresh, ME};
 use simfs::blob::faulty::FaultyStore;
 use simfs::blob::memory::MemoryStore;
@@ -149,6 +149,9 @@ fn a_background_racing_creates_never_uploads_a_file_before_its_creator_closes_it
                 w.wb().upload_due(false).unwrap();
             }
         });
+        // A create that fails must fail the test: CI once waited 75 minutes here for a
+        // background told to stop only after the last create.
+        let stopping = StopOnDrop(&stop);
         let handles: Vec<u64> = names
             .iter()
             .map(|n| {
@@ -156,7 +159,7 @@ fn a_background_racing_creates_never_uploads_a_file_before_its_creator_closes_it
                 fh
             })
             .collect();
-        stop.store(true, Ordering::SeqCst);
+        drop(stopping);
         background.join().unwrap();
         let early: Vec<&String> = names
             .iter()

@@ -3,7 +3,7 @@
 //! when a change is due and is idle otherwise. Timings are compared with generous factors,
 //! never against fixed budgets.
 
-use crate::world::{path, read_all, world_on, World};
+use crate::world::{path, read_all, world_on, StopOnDrop, World};
 use simfs::blob::faulty::FaultyStore;
 use simfs::blob::memory::MemoryStore;
 use simfs::fs::write::Caller;
@@ -186,15 +186,6 @@ fn with_new_file(name: &str, mode: u32) -> (World, Attr, u64) {
     let w = rw_on(MemoryStore::new(), 1 << 20, Duration::from_secs(60));
     let (attr, fh) = w.fs.create(ROOT_INO, OsStr::new(name), mode, ME).unwrap();
     (w, attr, fh)
-}
-
-/// Raises its flag when dropped, so the threads a test races stop even if the test fails.
-struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
 }
 
 /// The race CI's fsx hit: a stat read the index row before the background persisted the

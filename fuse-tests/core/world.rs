@@ -223,3 +223,14 @@ pub(crate) fn world_with_capacity(
     cfg.cache.capacity = Some(capacity);
     world_from(store, dir, "", &cfg)
 }
+
+/// Raises its flag when dropped, so the threads a test races stop even if the test fails:
+/// a panic inside `thread::scope` waits for every thread of the scope, and one looping until
+/// told to stop would hold the test (and CI) for ever instead of failing it.
+pub(crate) struct StopOnDrop<'a>(pub(crate) &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
