@@ -190,30 +190,38 @@ pub struct Prepared {
 /// SQLite readers, cache fills and connections. The usual soft limit, 1,024 (systemd's
 /// default, and many shells'), is a few hundred open files away: past it every create and
 /// open fails with EMFILE, a data loader's or a build's included. The hard limit is what the
-/// administrator allows, so it is taken whole. Returns the soft limit now in force.
-pub fn raise_open_files_limit() -> Option<u64> {
+/// administrator allows, so it is taken whole (an unlimited one as the kernel's `nr_open`,
+/// the most a process may have).
+fn raise_open_files_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit and setrlimit only read and write the struct passed.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return None;
+        return;
     }
-    if lim.rlim_cur < lim.rlim_max {
-        let was = lim.rlim_cur;
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            tracing::warn!(
-                "could not raise the open files limit from {was}: {}",
-                std::io::Error::last_os_error()
-            );
-            return Some(was);
-        }
-        tracing::debug!("open files limit raised from {was} to {}", lim.rlim_cur);
+    let mut most = lim.rlim_max;
+    if most == libc::RLIM_INFINITY {
+        most = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20);
     }
-    Some(lim.rlim_cur)
+    if lim.rlim_cur >= most {
+        return;
+    }
+    let was = lim.rlim_cur;
+    lim.rlim_cur = most;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        tracing::warn!(
+            "could not raise the open files limit from {was}: {}",
+            std::io::Error::last_os_error()
+        );
+    } else {
+        tracing::debug!("open files limit raised from {was} to {most}");
+    }
 }
 
 /// Opens (or builds) the index, the cache and the write-back engine for `source` on
