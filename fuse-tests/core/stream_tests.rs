@@ -3,7 +3,7 @@
 //! the file at the commit whatever was rewritten or truncated after staging. (The test world
 //! uploads in 16 KiB blocks, files over 64 KiB in blocks.)
 
-use crate::world::{fixture, world_async, World};
+use crate::world::{fixture, world_async, Held, World};
 use crate::write_tests::ME;
 use simfs::blob::faulty::FaultyStore;
 use simfs::fs::*;
@@ -147,16 +147,14 @@ fn a_write_into_the_last_block_while_the_fsync_sends_it_is_committed_by_the_next
         puts(&w) - before >= 12
     });
     // The fsync has read the partial last block and waits to send it; a write lands in it.
-    w.store.hold(true);
     std::thread::scope(|s| {
+        let held = Held::new(&w.store);
         let fsync = s.spawn(|| w.fs.fsync(ino));
-        while w.store.counters.held.load(Ordering::SeqCst) == 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        held.wait_for_request(&fsync);
         let at = 12 * BLOCK + 7;
         w.fs.write(fh, at as u64, b"LATE").unwrap();
         data[at..at + 4].copy_from_slice(b"LATE");
-        w.store.hold(false);
+        drop(held);
         fsync.join().unwrap().unwrap();
     });
     w.fs.fsync(ino).unwrap();

@@ -234,3 +234,36 @@ impl Drop for StopOnDrop<'_> {
         self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// While it lives, every request the store sends waits (counted in `counters.held`): a test
+/// changes the filesystem while an upload is known to be under way. Dropped, by a failing
+/// test too, it lets them go, so a held upload cannot keep `thread::scope` waiting for ever.
+pub(crate) struct Held<'a>(&'a FaultyStore<MemoryStore>);
+
+impl<'a> Held<'a> {
+    pub(crate) fn new(store: &'a FaultyStore<MemoryStore>) -> Held<'a> {
+        store.hold(true);
+        Held(store)
+    }
+
+    /// Waits until a request is held; fails if `by` ended first (it sent none) or after a
+    /// minute.
+    pub(crate) fn wait_for_request<T>(&self, by: &std::thread::ScopedJoinHandle<'_, T>) {
+        use std::sync::atomic::Ordering;
+        let start = std::time::Instant::now();
+        while self.0.counters.held.load(Ordering::SeqCst) == 0 {
+            assert!(!by.is_finished(), "it ended without sending a request");
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "no request held within a minute"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.hold(false);
+    }
+}

@@ -1,7 +1,7 @@
 //! Unit tests of the write path: every change is checked in the container and, where it
 //! matters, through a "fresh node" (a new index built from the container alone).
 
-use crate::world::{fixture, path, read_all, world_on, World};
+use crate::world::{fixture, path, read_all, world_on, Held, World};
 use simfs::blob::faulty::FaultyStore;
 use simfs::blob::memory::MemoryStore;
 use simfs::fs::write::Caller;
@@ -188,17 +188,15 @@ fn names_removed_while_their_file_uploads_get_no_stub() {
     link_in_root(&w, f.ino, "held", 40);
     let puts = w.store.counters.put.load(Ordering::SeqCst);
     // The upload has read the file's 41 names and waits for its first request.
-    w.store.hold(true);
     std::thread::scope(|s| {
+        let held = Held::new(&w.store);
         let upload = s.spawn(|| w.fs.fsync(f.ino));
-        while w.store.counters.held.load(Ordering::SeqCst) == 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        held.wait_for_request(&upload);
         for i in 10..40 {
             w.fs.unlink(ROOT_INO, OsStr::new(&format!("held-{i:02}")))
                 .unwrap();
         }
-        w.store.hold(false);
+        drop(held);
         upload.join().unwrap().unwrap();
     });
     let stubs = w.store.counters.put.load(Ordering::SeqCst) - puts;
