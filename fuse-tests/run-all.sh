@@ -14,18 +14,18 @@ cargo clippy --all-targets --quiet -- -D warnings
 # and say nothing; past the bound, every thread of the test processes still running is
 # printed (gdb), they are killed, their mounts are lazily unmounted, and the stage fails.
 bounded() {
-  local limit=$1 waited=0
+  local limit=$1 waited=0 tests='/deps/[a-z_]+-[0-9a-f]{16}( |$)'
   shift
   "$@" &
   local pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     if [ "$waited" -ge "$limit" ]; then
       echo "run-all: '$*' still running after ${limit}s; the threads of its test processes:" >&2
-      for p in $(pgrep -f '/deps/[a-z_]+-[0-9a-f]{16}( |$)'); do
+      for p in $(pgrep -f "$tests"); do
         echo "=== $(tr '\0' ' ' </proc/"$p"/cmdline)" >&2
         gdb -p "$p" -batch -ex 'thread apply all bt' >&2 2>&1 || true
       done
-      pkill -KILL -f '/deps/[a-z_]+-[0-9a-f]{16}( |$)' || true
+      pkill -KILL -f "$tests" || true
       kill "$pid" 2>/dev/null || true
       wait "$pid" || true
       grep -E ' /tmp/\S+ fuse(\.simfs)? ' /proc/mounts | cut -d' ' -f2 | xargs -r -n1 fusermount3 -uz || true
