@@ -131,6 +131,12 @@ impl Policy for CountAttempts {
                 .get_optional_str(&HeaderName::from_static("x-ms-error-code"))
         });
         let outcome = crate::metrics::blob_outcome(status, code);
+        // Per request, for tracing where a wait went (`SIMFS_LOG=simfs::blob=trace`).
+        tracing::trace!(
+            "{op} {} {sent} bytes: {outcome} in {:.1?}",
+            request.url().path(),
+            start.elapsed()
+        );
         if outcome == "throttled" {
             self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }

@@ -459,7 +459,12 @@ impl Index {
         }
         let conn = guard.as_mut().expect("opened above");
         let out = (|| {
-            let tx = conn.transaction()?;
+            // IMMEDIATE: the write lock is taken before the first read, where SQLite waits
+            // for it (busy_timeout). A deferred transaction that read first is refused at
+            // once when another connection holds the lock as it upgrades ("database is
+            // locked"), and a pooled reader takes it for a moment whenever it finds the
+            // log's header mid-update, so busy metadata work saw such refusals as EIO.
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let out = f(&tx)?;
             tx.commit()?;
             Ok(out)
@@ -861,6 +866,34 @@ mod tests {
                 "inode {ino}: ctime of a moved inode"
             );
         }
+    }
+
+    /// A write transaction that reads before it writes (most do) while another connection
+    /// holds the write lock for a moment, as a reader does when it finds the log's header
+    /// mid-update: it waits, where a deferred one failed at once with "database is locked".
+    #[test]
+    fn a_write_waits_for_a_lock_another_connection_holds_for_a_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = empty_index(dir.path());
+        index.write(|_| Ok(())).unwrap();
+        let other = rusqlite::Connection::open(dir.path().join("index.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            other.execute_batch("COMMIT").unwrap();
+        });
+        // Held until the holder commits: a deferred transaction reaches its UPDATE well
+        // before then.
+        let wrote = index.write(|tx| {
+            let n: i64 = tx.query_row("SELECT count(*) FROM inodes", [], |r| r.get(0))?;
+            tx.execute(
+                "UPDATE inodes SET nlink = nlink WHERE ino = ?1",
+                [super::ROOT_INO as i64],
+            )?;
+            Ok(n)
+        });
+        holder.join().unwrap();
+        assert!(wrote.is_ok(), "{wrote:?}");
     }
 
     /// Whether `c` is the writer connection: only it carries the memo's temporary triggers.
