@@ -13,6 +13,7 @@ mod model_tests;
 mod read_tests;
 mod refresh_tests;
 mod snapshot_tests;
+mod storm_tests;
 mod stream_tests;
 mod world;
 mod write_tests;

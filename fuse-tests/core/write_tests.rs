@@ -832,6 +832,79 @@ fn a_lost_answer_to_any_write_converges_on_retry_without_a_conflict() {
     assert_eq!(path(&n, "dir").unwrap().perm, 0o700);
 }
 
+/// A name in the trash (its file was renamed) is written again by a new file whose answer
+/// is lost, and that file is renamed too before its next upload. The trash's delete then
+/// finds a version that is not the one it trashed, yet it is this mount's: it must go, or
+/// other nodes see a file that no longer exists (before, until this node mounted again).
+#[test]
+fn a_trashed_name_rewritten_by_a_lost_answer_goes_once_its_file_moves_on() {
+    let w = rw(MemoryStore::new());
+    let old = write_file(&w, "", "n", b"old");
+    drain(&w);
+    let rename = |from: &str, to: &str| {
+        w.fs.rename(
+            ROOT_INO,
+            OsStr::new(from),
+            ROOT_INO,
+            OsStr::new(to),
+            RenameMode::Replace,
+        )
+        .unwrap()
+    };
+    rename("n", "m");
+    // Its copy to m, with n left in the trash.
+    w.wb().upload(old.ino).unwrap();
+    assert!(
+        w.store.inner().data("n").is_some(),
+        "n is still in the trash"
+    );
+    let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("n"), 0o644, ME).unwrap();
+    w.fs.write(fh, 0, b"new").unwrap();
+    w.store.lose_answers(1);
+    assert_eq!(errno(w.fs.fsync(a.ino)), libc::EIO);
+    assert_eq!(w.store.inner().data("n").unwrap(), &b"new"[..]);
+    rename("n", "q");
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    drain(&w);
+    assert!(w.store.inner().data("n").is_none(), "n is gone");
+    no_conflicts(&w);
+    let f = fresh(&w);
+    assert_eq!(read_all(&f, "m").unwrap(), b"old");
+    assert_eq!(read_all(&f, "q").unwrap(), b"new");
+    assert!(path(&f, "n").is_err());
+}
+
+/// The upload that follows a failed one settles the names the failed one may have written
+/// and the file has since left: the blob is trashed then, not at the next drain or mount
+/// (a drain skips the intents of a file the background is uploading at that moment).
+#[test]
+fn the_upload_after_a_lost_answer_trashes_the_name_the_file_has_left() {
+    let w = rw(MemoryStore::new());
+    let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("tmp"), 0o644, ME).unwrap();
+    w.fs.write(fh, 0, b"record").unwrap();
+    w.store.lose_answers(1);
+    assert_eq!(errno(w.fs.fsync(a.ino)), libc::EIO);
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new("tmp"),
+        ROOT_INO,
+        OsStr::new("RECORD"),
+        RenameMode::Replace,
+    )
+    .unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    w.wb().upload(a.ino).unwrap();
+    let index = w.fs.index();
+    assert_eq!(index.open_intents(None).unwrap(), vec![]);
+    let trashed: Vec<String> = index.trash(10).unwrap().into_iter().map(|t| t.0).collect();
+    assert_eq!(trashed, vec!["tmp".to_string()]);
+    drain(&w);
+    assert!(w.store.inner().data("tmp").is_none());
+    assert_eq!(w.store.inner().data("RECORD").unwrap(), &b"record"[..]);
+}
+
 #[test]
 fn open_with_o_trunc_empties_the_file_without_downloading_it() {
     let w = rw(fixture());

@@ -36,6 +36,8 @@ pub struct PendingInode {
     pub local: bool,
     pub dirty: bool,
     pub gen: i64,
+    /// Upload attempts that failed since the last one that succeeded.
+    pub failures: u32,
     /// The inode's names, sorted by path; empty once unlinked.
     pub names: Vec<NameRef>,
     /// Claimed hard-link stub blobs and their ETags.
@@ -82,7 +84,8 @@ impl Index {
         self.persist_written()?;
         self.with_warm_conn(|c| {
             let mut st = c.prepare_cached(&format!(
-                "SELECT {ATTR_COLS}, i.blob, i.etag, i.link_id, i.target, i.local, i.dirty, i.gen
+                "SELECT {ATTR_COLS}, i.blob, i.etag, i.link_id, i.target, i.local, i.dirty, i.gen,
+                        i.failures
                  FROM inodes i WHERE i.ino = ?1 AND i.pending = 1"
             ))?;
             let Some(mut view) = st
@@ -98,6 +101,7 @@ impl Index {
                         local: r.get(n + 4)?,
                         dirty: r.get(n + 5)?,
                         gen: r.get(n + 6)?,
+                        failures: r.get::<_, i64>(n + 7)? as u32,
                         names: Vec::new(),
                         stubs: Vec::new(),
                     })
@@ -417,8 +421,13 @@ impl Index {
             tx.prepare_cached("DELETE FROM intents WHERE blob = ?1")?
                 .execute([blob])?;
             if let Some(e) = etag {
-                tx.prepare_cached("INSERT OR REPLACE INTO trash(blob, etag) VALUES (?1, ?2)")?
-                    .execute(params![blob, e])?;
+                // Not a name an inode claims now: its upload recorded it after the lookup.
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO trash(blob, etag) SELECT ?1, ?2
+                     WHERE NOT EXISTS (SELECT 1 FROM inodes WHERE blob = ?1)
+                       AND NOT EXISTS (SELECT 1 FROM stubs WHERE blob = ?1)",
+                )?
+                .execute(params![blob, e])?;
             }
             Ok(())
         })

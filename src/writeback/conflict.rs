@@ -58,14 +58,15 @@ impl Writeback {
                 .collect();
             let results: Vec<_> = self.rt.block_on(
                 futures::stream::iter(batch.into_iter().map(|(blob, etag, g)| async move {
-                    let r = quiet_delete(self.store.delete(&blob, &etag).await);
-                    (blob, etag, r, g)
+                    let r = self.store.delete(&blob, &etag).await;
+                    let replaced = matches!(r, Err(BlobError::Changed(_)));
+                    (blob, etag, quiet_delete(r), replaced, g)
                 }))
                 .buffer_unordered(16)
                 .collect(),
             );
-            let mut failed = 0;
-            for (blob, etag, r, _name_lock) in results {
+            let (mut failed, mut replaced_any) = (0, false);
+            for (blob, etag, r, replaced, _name_lock) in results {
                 match r {
                     Ok(()) => self.index.trash_done(&blob, &etag)?,
                     Err(e) => {
@@ -73,6 +74,14 @@ impl Writeback {
                         failed += 1;
                     }
                 }
+                replaced_any |= replaced;
+            }
+            if replaced_any {
+                // The version that replaced a trashed one may be this mount's own, written
+                // by an upload whose answer was lost (its intent was hidden while the name
+                // sat in the trash): settled now, it goes to the trash under its own ETag
+                // and this loop deletes it, rather than waiting for the next mount.
+                self.rt.block_on(self.settle_intents(None))?;
             }
             if failed + busy > 0 {
                 return Ok(failed + busy);

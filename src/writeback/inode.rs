@@ -182,6 +182,15 @@ impl Writeback {
                 index.record_upload(ino, v.gen, Some(&(name, etag)), &[], false, false)?;
             }
         }
+        // A failed earlier attempt whose answer was lost may have written a name the inode
+        // has since left (a file fsynced, then renamed): that blob goes now, not at the
+        // next mount, which a node that is deallocated never has. The upload is recorded
+        // whatever happens here; what cannot be settled now a drain looks at again.
+        if v.failures > 0 {
+            if let Err(e) = self.settle_intents(Some(ino)).await {
+                tracing::warn!("inode {ino}: settling names an earlier attempt wrote: {e}");
+            }
+        }
         Ok(())
     }
 

@@ -5,7 +5,13 @@
 //! and is deleted like any other stale name; an absent one, or someone else's, is forgotten.
 //! An intent of an inode whose upload runs now is left for later: its request may still be
 //! in flight. So is one whose inode still has that name and is pending: its next upload
-//! writes the name again and settles it.
+//! writes the name again and settles it, and one whose name another upload is writing.
+//!
+//! When they are settled: at mount and at the start of a drain (every inode's); after an
+//! inode's upload that follows a failed one (its own: a lost answer may have written a name
+//! the file left since, as a file fsynced and then renamed); and after the trash finds a
+//! trashed name replaced (an intent is hidden while its name sits in the trash, and the
+//! version that replaced it may be this mount's lost answer).
 
 use super::{WbResult, Writeback};
 use crate::blob::format::KEY_WRITER;
@@ -28,6 +34,12 @@ impl Writeback {
                 // blob there). Trashing it now would race that upload.
                 continue;
             }
+            // Another inode may be writing the name now (a file created there since): what
+            // it writes carries this mount's id too, so it is left alone until it is done
+            // (and then claimed, which `settle_intent` checks).
+            let Some(_name) = self.names.try_lock(&blob) else {
+                continue;
+            };
             let etag = match self.store.head(&blob).await {
                 Ok(p) if p.metadata.get(KEY_WRITER) == Some(&self.writer) => Some(p.etag),
                 Ok(_) | Err(BlobError::NotFound(_)) => None,
