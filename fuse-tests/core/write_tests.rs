@@ -53,6 +53,18 @@ pub(crate) fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> At
     a
 }
 
+/// Renames `from` to `to` in the root, replacing what is there.
+fn rename_in_root(w: &World, from: &str, to: &str) {
+    w.fs.rename(
+        ROOT_INO,
+        OsStr::new(from),
+        ROOT_INO,
+        OsStr::new(to),
+        RenameMode::Replace,
+    )
+    .unwrap()
+}
+
 pub(crate) fn drain(w: &World) {
     assert_eq!(w.wb().drain(true, |_| {}).unwrap(), 0, "everything uploads");
 }
@@ -736,16 +748,7 @@ fn a_rotation_of_many_names_uploaded_in_parallel_loses_nothing() {
     for i in 0..n {
         write_file(&w, "", &format!("f{i}"), format!("content {i}").as_bytes());
     }
-    let mv = |a: &str, b: &str| {
-        w.fs.rename(
-            ROOT_INO,
-            OsStr::new(a),
-            ROOT_INO,
-            OsStr::new(b),
-            RenameMode::Replace,
-        )
-        .unwrap()
-    };
+    let mv = |a: &str, b: &str| rename_in_root(&w, a, b);
     // f0 → tmp, f1 → f0, ..., tmp → f(n-1): every name now holds its neighbour's data.
     mv("f0", "tmp");
     for i in 1..n {
@@ -841,17 +844,7 @@ fn a_trashed_name_rewritten_by_a_lost_answer_goes_once_its_file_moves_on() {
     let w = rw(MemoryStore::new());
     let old = write_file(&w, "", "n", b"old");
     drain(&w);
-    let rename = |from: &str, to: &str| {
-        w.fs.rename(
-            ROOT_INO,
-            OsStr::new(from),
-            ROOT_INO,
-            OsStr::new(to),
-            RenameMode::Replace,
-        )
-        .unwrap()
-    };
-    rename("n", "m");
+    rename_in_root(&w, "n", "m");
     // Its copy to m, with n left in the trash.
     w.wb().upload(old.ino).unwrap();
     assert!(
@@ -863,7 +856,7 @@ fn a_trashed_name_rewritten_by_a_lost_answer_goes_once_its_file_moves_on() {
     w.store.lose_answers(1);
     assert_eq!(errno(w.fs.fsync(a.ino)), libc::EIO);
     assert_eq!(w.store.inner().data("n").unwrap(), &b"new"[..]);
-    rename("n", "q");
+    rename_in_root(&w, "n", "q");
     w.fs.flush(fh).unwrap();
     w.fs.release(fh).unwrap();
     drain(&w);
@@ -885,14 +878,7 @@ fn the_upload_after_a_lost_answer_trashes_the_name_the_file_has_left() {
     w.fs.write(fh, 0, b"record").unwrap();
     w.store.lose_answers(1);
     assert_eq!(errno(w.fs.fsync(a.ino)), libc::EIO);
-    w.fs.rename(
-        ROOT_INO,
-        OsStr::new("tmp"),
-        ROOT_INO,
-        OsStr::new("RECORD"),
-        RenameMode::Replace,
-    )
-    .unwrap();
+    rename_in_root(&w, "tmp", "RECORD");
     w.fs.flush(fh).unwrap();
     w.fs.release(fh).unwrap();
     w.wb().upload(a.ino).unwrap();
