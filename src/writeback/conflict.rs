@@ -15,10 +15,12 @@ use crate::index::names::Name;
 use crate::posix::RenameMode;
 use std::time::SystemTime;
 
-fn quiet_delete(r: Result<(), BlobError>) -> Result<(), BlobError> {
+/// A trashed version's delete is done when it is gone, already or now, or replaced by
+/// another version (not this one to delete); true in that last case.
+fn quiet_delete(r: Result<(), BlobError>) -> Result<bool, BlobError> {
     match r {
-        // Gone already, or replaced by a version that is not ours to delete.
-        Ok(()) | Err(BlobError::NotFound(_)) | Err(BlobError::Changed(_)) => Ok(()),
+        Ok(()) | Err(BlobError::NotFound(_)) => Ok(false),
+        Err(BlobError::Changed(_)) => Ok(true),
         Err(e) => Err(e),
     }
 }
@@ -58,23 +60,24 @@ impl Writeback {
                 .collect();
             let results: Vec<_> = self.rt.block_on(
                 futures::stream::iter(batch.into_iter().map(|(blob, etag, g)| async move {
-                    let r = self.store.delete(&blob, &etag).await;
-                    let replaced = matches!(r, Err(BlobError::Changed(_)));
-                    (blob, etag, quiet_delete(r), replaced, g)
+                    let r = quiet_delete(self.store.delete(&blob, &etag).await);
+                    (blob, etag, r, g)
                 }))
                 .buffer_unordered(16)
                 .collect(),
             );
             let (mut failed, mut replaced_any) = (0, false);
-            for (blob, etag, r, replaced, _name_lock) in results {
+            for (blob, etag, r, _name_lock) in results {
                 match r {
-                    Ok(()) => self.index.trash_done(&blob, &etag)?,
+                    Ok(replaced) => {
+                        self.index.trash_done(&blob, &etag)?;
+                        replaced_any |= replaced;
+                    }
                     Err(e) => {
                         tracing::warn!("deleting {blob:?} failed (will retry): {e}");
                         failed += 1;
                     }
                 }
-                replaced_any |= replaced;
             }
             if replaced_any {
                 // The version that replaced a trashed one may be this mount's own, written
