@@ -229,9 +229,6 @@ fn created_in_place(w: &World, name: &str) -> (u64, u64, File) {
 #[test]
 fn a_file_written_in_place_fsynced_closed_and_renamed_sends_its_bytes_once_in_one_put_or_in_blocks()
 {
-    use simfs::index::ROOT_INO;
-    use simfs::posix::RenameMode;
-    use std::ffi::OsStr;
     let w = rw(fixture());
     let c = &w.store.counters;
     let sent = || c.put_bytes.load(Ordering::SeqCst);
@@ -254,14 +251,7 @@ fn a_file_written_in_place_fsynced_closed_and_renamed_sends_its_bytes_once_in_on
         }
         w.fs.flush(fh).unwrap();
         w.fs.release(fh).unwrap();
-        w.fs.rename(
-            ROOT_INO,
-            OsStr::new(tmp),
-            ROOT_INO,
-            OsStr::new(done),
-            RenameMode::Replace,
-        )
-        .unwrap();
+        crate::write_tests::rename_in_root(&w, tmp, done);
         crate::write_tests::drain(&w);
         let mut want = body.clone();
         if rewrite {

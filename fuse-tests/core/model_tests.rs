@@ -369,11 +369,7 @@ fn check(ops: &[Op], latency: Duration) {
     drop(_background);
     w.store.set_latency(Duration::ZERO);
     assert_eq!(w.wb().drain(true, |_| {}).unwrap(), 0, "everything uploads");
-    let names = store.inner().names();
-    assert!(
-        !names.iter().any(|n| n.contains(".conflict-")),
-        "a mount conflicted with itself: {names:?}"
-    );
+    crate::write_tests::no_conflicts(&w);
     let fresh = world_on(store, tempfile::tempdir().unwrap(), "", 1 << 20, None);
     compare(&fresh, &model, "a fresh node");
 }

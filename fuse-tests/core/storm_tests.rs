@@ -11,7 +11,7 @@
 
 use crate::refresh_tests::{tree, Seen};
 use crate::world::{world_async, StopOnDrop, World};
-use crate::write_tests::{drain, fresh};
+use crate::write_tests::{drain, fresh, no_conflicts};
 use simfs::blob::faulty::FaultyStore;
 use simfs::blob::memory::MemoryStore;
 use simfs::fs::write::Caller;
@@ -171,11 +171,7 @@ fn a_storm_of_namespace_changes_with_lost_answers_leaves_the_container_as_the_mo
     let errors = errors.0.into_inner().unwrap();
     assert!(errors.is_empty(), "unexpected errors: {errors:?}");
     drain(&w);
-    let names = w.store.inner().names();
-    assert!(
-        !names.iter().any(|n| n.contains(".conflict-")),
-        "a mount conflicted with itself: {names:?}"
-    );
+    no_conflicts(&w);
     let (mine, theirs) = (seen(&w), seen(&fresh(&w)));
     let only = |a: &[Entry], b: &[Entry]| -> Vec<String> {
         a.iter()

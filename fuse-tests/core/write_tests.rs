@@ -54,7 +54,7 @@ pub(crate) fn write_file(w: &World, parent: &str, name: &str, data: &[u8]) -> At
 }
 
 /// Renames `from` to `to` in the root, replacing what is there.
-fn rename_in_root(w: &World, from: &str, to: &str) {
+pub(crate) fn rename_in_root(w: &World, from: &str, to: &str) {
     w.fs.rename(
         ROOT_INO,
         OsStr::new(from),
@@ -265,18 +265,9 @@ fn renames_that_swap_two_files_lose_nothing() {
     let w = rw(MemoryStore::new());
     write_file(&w, "", "a", b"AAA");
     write_file(&w, "", "b", b"BBB");
-    let r = |x: &str, y: &str| {
-        w.fs.rename(
-            ROOT_INO,
-            OsStr::new(x),
-            ROOT_INO,
-            OsStr::new(y),
-            RenameMode::Replace,
-        )
-    };
-    r("a", "tmp").unwrap();
-    r("b", "a").unwrap();
-    r("tmp", "b").unwrap();
+    rename_in_root(&w, "a", "tmp");
+    rename_in_root(&w, "b", "a");
+    rename_in_root(&w, "tmp", "b");
     drain(&w);
     let m = w.store.inner();
     assert_eq!(m.data("a").unwrap(), "BBB");
@@ -765,7 +756,7 @@ fn a_rotation_of_many_names_uploaded_in_parallel_loses_nothing() {
 }
 
 /// No name in the container marks a conflict.
-fn no_conflicts(w: &World) {
+pub(crate) fn no_conflicts(w: &World) {
     let names = w.store.inner().names();
     assert!(
         !names.iter().any(|n| n.contains(".conflict-")),
