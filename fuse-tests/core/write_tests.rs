@@ -883,6 +883,62 @@ fn the_upload_after_a_lost_answer_trashes_the_name_the_file_has_left() {
 }
 
 #[test]
+fn a_barrier_returns_after_the_name_an_upload_in_flight_left_behind_is_deleted() {
+    // The background's upload after a lost answer records its result first and settles the
+    // name the file left afterwards (a HEAD, then the trash): a drain or `simfs sync` that
+    // looked only at what is pending returned in between, and a fresh node listed a blob
+    // that was deleted a moment later.
+    type Barrier = fn(&World);
+    let barriers: [(&str, Barrier); 2] = [
+        ("drain", drain),
+        ("sync", |w| {
+            let out = w.wb().sync_paths(&[], &|_, _| {}).unwrap();
+            assert!(out.failed.is_empty(), "{out:?}");
+        }),
+    ];
+    for (what, barrier) in barriers {
+        let w = crate::world::world_async(
+            Arc::new(FaultyStore::new(MemoryStore::new())),
+            tempfile::tempdir().unwrap(),
+            Duration::ZERO,
+        );
+        let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("tmp"), 0o644, ME).unwrap();
+        w.fs.write(fh, 0, b"record").unwrap();
+        w.store.lose_answers(1);
+        assert_eq!(errno(w.fs.fsync(a.ino)), libc::EIO);
+        rename_in_root(&w, "tmp", "RECORD");
+        w.fs.flush(fh).unwrap();
+        w.fs.release(fh).unwrap();
+        // Long enough that this thread sees the upload between its record and its end.
+        w.store.set_latency(Duration::from_millis(500));
+        let index = w.fs.index();
+        std::thread::scope(|s| {
+            let upload = s.spawn(|| w.wb().upload(a.ino));
+            // Recorded: the upload is now settling the name it left, its HEAD under way.
+            while index.pending_inode(a.ino).unwrap().is_some() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(
+                !upload.is_finished(),
+                "{what}: the upload ended before this looked"
+            );
+            assert!(
+                w.store.inner().data("tmp").is_some(),
+                "the lost answer's blob"
+            );
+            barrier(&w);
+            assert!(
+                w.store.inner().data("tmp").is_none(),
+                "{what} returned with the lost answer's blob still there"
+            );
+            upload.join().unwrap().unwrap();
+        });
+        assert_eq!(w.store.inner().data("RECORD").unwrap(), &b"record"[..]);
+        assert_eq!(index.open_intents(None).unwrap(), vec![], "{what}");
+    }
+}
+
+#[test]
 fn open_with_o_trunc_empties_the_file_without_downloading_it() {
     let w = rw(fixture());
     let gets = || {

@@ -84,7 +84,7 @@ impl Writeback {
                 // by an upload whose answer was lost (its intent was hidden while the name
                 // sat in the trash): settled now, it goes to the trash under its own ETag
                 // and this loop deletes it, rather than waiting for the next mount.
-                self.rt.block_on(self.settle_intents(None))?;
+                self.rt.block_on(self.settle_intents(None, false))?;
             }
             if failed + busy > 0 {
                 return Ok(failed + busy);

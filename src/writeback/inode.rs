@@ -128,7 +128,7 @@ impl Writeback {
             self.forget_stream(ino);
             index.record_upload(ino, v.gen, None, &[], v.dirty, !is_open)?;
             // A first write that landed and was never recorded goes too.
-            self.settle_intents(Some(ino)).await?;
+            self.settle_intents(Some(ino), false).await?;
             if !is_open {
                 self.local.remove(ino);
             }
@@ -187,7 +187,7 @@ impl Writeback {
         // next mount, which a node that is deallocated never has. The upload is recorded
         // whatever happens here; what cannot be settled now a drain looks at again.
         if v.failures > 0 {
-            if let Err(e) = self.settle_intents(Some(ino)).await {
+            if let Err(e) = self.settle_intents(Some(ino), false).await {
                 tracing::warn!("inode {ino}: settling names an earlier attempt wrote: {e}");
             }
         }

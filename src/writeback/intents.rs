@@ -9,23 +9,29 @@
 //!
 //! When they are settled: at mount and at the start of a drain (every inode's); after an
 //! inode's upload that follows a failed one (its own: a lost answer may have written a name
-//! the file left since, as a file fsynced and then renamed); and after the trash finds a
+//! the file left since, as a file fsynced and then renamed); after the trash finds a
 //! trashed name replaced (an intent is hidden while its name sits in the trash, and the
-//! version that replaced it may be this mount's lost answer).
+//! version that replaced it may be this mount's lost answer); and at the end of a drain or
+//! a whole mount's `simfs sync`, which waits for the uploads that hold an intent's inode or
+//! name instead of leaving it: the background's upload after a lost answer records its
+//! result first and settles the name it left afterwards, so a barrier that returned on
+//! "nothing pending" alone let a fresh node list a blob that was deleted a moment later.
 
 use super::{WbResult, Writeback};
 use crate::blob::format::KEY_WRITER;
 use crate::blob::BlobError;
 
 impl Writeback {
-    /// Settles the open intents of `ino` (its lock held by the caller), or of every inode
-    /// not uploading now.
-    pub(super) async fn settle_intents(&self, ino: Option<u64>) -> WbResult<()> {
+    /// Settles the open intents of `ino` (its lock held by the caller), or of every inode:
+    /// those not uploading now, or all of them once their uploads are done when `wait`.
+    pub(super) async fn settle_intents(&self, ino: Option<u64>, wait: bool) -> WbResult<()> {
         for (blob, owner) in self.index.open_intents(ino)? {
+            // (An upload takes its inodes' locks before its names', and so does this.)
             let _held = match ino {
                 Some(_) => None,
                 None => match self.locks.try_lock(&owner) {
                     Some(g) => Some(g),
+                    None if wait => Some(self.locks.lock(&owner)),
                     None => continue,
                 },
             };
@@ -37,8 +43,10 @@ impl Writeback {
             // Another inode may be writing the name now (a file created there since): what
             // it writes carries this mount's id too, so it is left alone until it is done
             // (and then claimed, which `settle_intent` checks).
-            let Some(_name) = self.names.try_lock(&blob) else {
-                continue;
+            let _name = match self.names.try_lock(&blob) {
+                Some(g) => g,
+                None if wait => self.names.lock(&blob),
+                None => continue,
             };
             let etag = match self.store.head(&blob).await {
                 Ok(p) if p.metadata.get(KEY_WRITER) == Some(&self.writer) => Some(p.etag),
@@ -57,6 +65,14 @@ impl Writeback {
             }
             self.index.settle_intent(&blob, etag.as_deref())?;
         }
+        Ok(())
+    }
+
+    /// A barrier's last step (a drain, a whole mount's `simfs sync`): every open intent is
+    /// settled, after the uploads that hold its inode or name, and the trash is emptied.
+    pub(super) fn settle_all(&self) -> WbResult<()> {
+        self.rt.block_on(self.settle_intents(None, true))?;
+        self.empty_trash(true)?;
         Ok(())
     }
 

@@ -280,7 +280,7 @@ impl Writeback {
     }
 
     fn background(&self) {
-        if let Err(e) = self.rt.block_on(self.settle_intents(None)) {
+        if let Err(e) = self.rt.block_on(self.settle_intents(None, false)) {
             tracing::warn!("write-back: settling interrupted uploads: {e}");
         }
         loop {
@@ -419,11 +419,11 @@ impl Writeback {
     }
 
     /// Uploads everything pending now (files still open for writing too when
-    /// `writers_too`), calling `progress` with the number left after each round; returns how
-    /// many changes are still failing.
+    /// `writers_too`), calling `progress` with the number left after each round, then settles
+    /// what lost answers left (`settle_all`); returns how many changes are still failing.
     pub fn drain(&self, writers_too: bool, mut progress: impl FnMut(u64)) -> WbResult<u64> {
         self.index.persist_written()?;
-        self.rt.block_on(self.settle_intents(None))?;
+        self.rt.block_on(self.settle_intents(None, false))?;
         self.index.all_due_now()?;
         let mut last_left = u64::MAX;
         loop {
@@ -435,6 +435,7 @@ impl Writeback {
             let left = self.index.pending()?.0;
             progress(left);
             if left == 0 {
+                self.settle_all()?;
                 return Ok(0);
             }
             if left >= last_left {

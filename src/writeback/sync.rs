@@ -4,10 +4,11 @@
 //! It takes the pending inodes whose names lie under one of the paths (all of them for the
 //! whole mount), uploads them `PARALLEL` at a time whatever their due time, and then
 //! completes the pending deletions (all of them: they are one cheap request each, and a
-//! deletion no longer knows its path's inode). A file that a handle is still writing (written
-//! and not yet closed) is not part of the barrier, since it was not closed before the call:
-//! it is reported, not waited for. What fails stays pending and is retried by the background
-//! as before; the caller gets each failure with its path.
+//! deletion no longer knows its path's inode); a whole mount's barrier also settles what lost
+//! answers left (`intents.rs`), after the uploads under way that hold it. A file that a
+//! handle is still writing (written and not yet closed) is not part of the barrier, since it
+//! was not closed before the call: it is reported, not waited for. What fails stays pending
+//! and is retried by the background as before; the caller gets each failure with its path.
 
 use super::{WbResult, Writeback};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,7 +77,11 @@ impl Writeback {
         }
         out.failed = self.upload_all(&todo, progress);
         out.committed = todo.len() as u64 - out.failed.len() as u64;
-        self.empty_trash(true)?;
+        if whole {
+            self.settle_all()?;
+        } else {
+            self.empty_trash(true)?;
+        }
         Ok(out)
     }
 
