@@ -939,6 +939,39 @@ fn a_barrier_returns_after_the_name_an_upload_in_flight_left_behind_is_deleted()
 }
 
 #[test]
+fn a_lost_answer_to_a_rewrite_leaves_no_blob_once_the_file_moves_on() {
+    // The file's blob is known; a rewrite's answer is lost (the service has the new version),
+    // then the file is renamed or removed before its retry. The old name goes to the trash
+    // under the version simfs knew, and the delete finds another version there: this
+    // mount's own, which stayed for good.
+    for removed in [false, true] {
+        let w = rw(MemoryStore::new());
+        let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("old"), 0o644, ME).unwrap();
+        w.fs.write(fh, 0, b"one").unwrap();
+        w.fs.flush(fh).unwrap();
+        w.fs.release(fh).unwrap();
+        assert_eq!(w.store.inner().data("old").unwrap(), &b"one"[..]);
+        let fh = w.fs.open(a.ino, true, false).unwrap();
+        w.fs.write(fh, 0, b"two").unwrap();
+        w.store.lose_answers(1);
+        assert_eq!(errno(w.fs.fsync(a.ino)), libc::EIO);
+        assert_eq!(w.store.inner().data("old").unwrap(), &b"two"[..]);
+        match removed {
+            false => rename_in_root(&w, "old", "new"),
+            true => w.fs.unlink(ROOT_INO, OsStr::new("old")).unwrap(),
+        }
+        w.fs.flush(fh).unwrap();
+        w.fs.release(fh).unwrap();
+        drain(&w);
+        let expected: &[&str] = if removed { &[] } else { &["new"] };
+        assert_eq!(w.store.inner().names(), expected, "removed: {removed}");
+        if !removed {
+            assert_eq!(w.store.inner().data("new").unwrap(), &b"two"[..]);
+        }
+    }
+}
+
+#[test]
 fn open_with_o_trunc_empties_the_file_without_downloading_it() {
     let w = rw(fixture());
     let gets = || {

@@ -9,6 +9,7 @@
 //! deleting with that ETag never removes a version someone else wrote since.
 
 use super::{WbResult, Writeback, WritebackError};
+use crate::blob::format::KEY_WRITER;
 use crate::blob::BlobError;
 use crate::index::journal::PendingInode;
 use crate::index::names::Name;
@@ -60,7 +61,13 @@ impl Writeback {
                 .collect();
             let results: Vec<_> = self.rt.block_on(
                 futures::stream::iter(batch.into_iter().map(|(blob, etag, g)| async move {
-                    let r = quiet_delete(self.store.delete(&blob, &etag).await);
+                    let mut r: WbResult<bool> =
+                        quiet_delete(self.store.delete(&blob, &etag).await).map_err(Into::into);
+                    if let Ok(true) = r {
+                        if let Err(e) = self.delete_own_replacement(&blob).await {
+                            r = Err(e);
+                        }
+                    }
                     (blob, etag, r, g)
                 }))
                 .buffer_unordered(16)
@@ -90,6 +97,24 @@ impl Writeback {
                 return Ok(failed + busy);
             }
         }
+    }
+
+    /// A trashed version of `blob` (its name lock held) was replaced. By someone else, whose
+    /// version stays; or by this mount, in a write whose answer was lost (a file rewritten,
+    /// then renamed or removed before its retry: the trash has the version simfs knew, not
+    /// the one the service committed). That version goes too unless an inode claims it now.
+    async fn delete_own_replacement(&self, blob: &str) -> WbResult<()> {
+        let etag = match self.store.head(blob).await {
+            Ok(p) if p.metadata.get(KEY_WRITER) == Some(&self.writer) => p.etag,
+            Ok(_) | Err(BlobError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if self.index.claim_on(blob)?.is_some_and(|c| c.ino != 0) {
+            return Ok(());
+        }
+        tracing::info!("{blob}: written by an upload whose answer was lost; deleting it");
+        quiet_delete(self.store.delete(blob, &etag).await)?;
+        Ok(())
     }
 
     /// The conflict rule: the local file takes a new name and is uploaded there later.
