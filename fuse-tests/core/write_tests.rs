@@ -972,6 +972,38 @@ fn a_lost_answer_to_a_rewrite_leaves_no_blob_once_the_file_moves_on() {
 }
 
 #[test]
+fn a_name_whose_trashed_version_is_gone_takes_a_new_file_without_a_conflict() {
+    // The trash's delete of the old version was carried out but its answer was lost, so the
+    // name stays in the trash; a file created there since expects that version, finds the
+    // name empty, and is uploaded (it is not someone else's change).
+    let w = rw(MemoryStore::new());
+    let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("x"), 0o644, ME).unwrap();
+    w.fs.write(fh, 0, b"first").unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    rename_in_root(&w, "x", "y");
+    w.wb().upload(a.ino).unwrap();
+    let index = w.fs.index();
+    let trashed: Vec<String> = index.trash(10).unwrap().into_iter().map(|t| t.0).collect();
+    assert_eq!(trashed, vec!["x".to_string()]);
+    w.store.lose_answers(1);
+    w.wb().upload_due(true).unwrap();
+    assert!(
+        w.store.inner().data("x").is_none(),
+        "the delete was carried out"
+    );
+    assert_eq!(index.trash(10).unwrap().len(), 1, "its answer was lost");
+    let (_, fh) = w.fs.create(ROOT_INO, OsStr::new("x"), 0o644, ME).unwrap();
+    w.fs.write(fh, 0, b"second").unwrap();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    drain(&w);
+    assert_eq!(w.store.inner().data("x").unwrap(), &b"second"[..]);
+    assert_eq!(w.store.inner().data("y").unwrap(), &b"first"[..]);
+    no_conflicts(&w);
+}
+
+#[test]
 fn open_with_o_trunc_empties_the_file_without_downloading_it() {
     let w = rw(fixture());
     let gets = || {

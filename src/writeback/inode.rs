@@ -69,7 +69,9 @@ impl Writeback {
     /// holds another version and that version carries this mount's writer id (a write
     /// whose answer was lost, or whose result a crash kept out of the journal), the write is
     /// repeated expecting that version: every step converges instead of failing forever or
-    /// raising a conflict with itself. Someone else's version still fails the precondition.
+    /// raising a conflict with itself. So is a name found empty where the trash's version
+    /// was expected (its delete's answer was lost). Someone else's version still fails the
+    /// precondition.
     async fn converge<T, F, Fut>(&self, name: &str, expect: Expect, mut write: F) -> WbResult<T>
     where
         F: FnMut(Expect) -> Fut,
@@ -81,11 +83,22 @@ impl Writeback {
                     tracing::info!("{name}: found this mount's own earlier write; continuing");
                     write(Expect::Etag(p.etag)).await
                 }
+                // The version expected was one in the trash, on its way out: its delete
+                // went through and only the answer was lost. The name is free.
+                Err(BlobError::NotFound(_)) if self.only_trashed(name)? => {
+                    write(Expect::Absent).await
+                }
                 Ok(_) | Err(BlobError::NotFound(_)) => Err(e),
                 Err(h) => Err(h.into()),
             },
             r => r,
         }
+    }
+
+    /// Whether the only claim on `name` is the trash's (its caller holds the name's lock,
+    /// so the trash does not delete it meanwhile).
+    fn only_trashed(&self, name: &str) -> WbResult<bool> {
+        Ok(self.index.claim_on(name)?.is_some_and(|c| c.ino == 0))
     }
 
     /// The blob names an upload of `p` may write (the aside copies of `make_room` are
