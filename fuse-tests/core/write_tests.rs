@@ -859,20 +859,27 @@ fn a_trashed_name_rewritten_by_a_lost_answer_goes_once_its_file_moves_on() {
     assert!(path(&f, "n").is_err());
 }
 
-/// The upload that follows a failed one settles the names the failed one may have written
-/// and the file has since left: the blob is trashed then, not at the next drain or mount
-/// (a drain skips the intents of a file the background is uploading at that moment).
-#[test]
-fn the_upload_after_a_lost_answer_trashes_the_name_the_file_has_left() {
-    let w = rw(MemoryStore::new());
+/// `tmp` is written and fsynced, the service commits but the answer is lost, and the file
+/// is renamed to `RECORD` and closed: the blob `tmp` is this mount's, and nothing claims it.
+/// Returns the file's inode.
+fn fsynced_lost_then_renamed(w: &World) -> u64 {
     let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("tmp"), 0o644, ME).unwrap();
     w.fs.write(fh, 0, b"record").unwrap();
     w.store.lose_answers(1);
     assert_eq!(errno(w.fs.fsync(a.ino)), libc::EIO);
-    rename_in_root(&w, "tmp", "RECORD");
+    rename_in_root(w, "tmp", "RECORD");
     w.fs.flush(fh).unwrap();
     w.fs.release(fh).unwrap();
-    w.wb().upload(a.ino).unwrap();
+    a.ino
+}
+
+/// The upload that follows a failed one settles the names the failed one may have written
+/// and the file has since left: the blob is trashed then, not at the next drain or mount.
+#[test]
+fn the_upload_after_a_lost_answer_trashes_the_name_the_file_has_left() {
+    let w = rw(MemoryStore::new());
+    let ino = fsynced_lost_then_renamed(&w);
+    w.wb().upload(ino).unwrap();
     let index = w.fs.index();
     assert_eq!(index.open_intents(None).unwrap(), vec![]);
     let trashed: Vec<String> = index.trash(10).unwrap().into_iter().map(|t| t.0).collect();
@@ -902,20 +909,14 @@ fn a_barrier_returns_after_the_name_an_upload_in_flight_left_behind_is_deleted()
             tempfile::tempdir().unwrap(),
             Duration::ZERO,
         );
-        let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("tmp"), 0o644, ME).unwrap();
-        w.fs.write(fh, 0, b"record").unwrap();
-        w.store.lose_answers(1);
-        assert_eq!(errno(w.fs.fsync(a.ino)), libc::EIO);
-        rename_in_root(&w, "tmp", "RECORD");
-        w.fs.flush(fh).unwrap();
-        w.fs.release(fh).unwrap();
+        let ino = fsynced_lost_then_renamed(&w);
         // Long enough that this thread sees the upload between its record and its end.
         w.store.set_latency(Duration::from_millis(500));
         let index = w.fs.index();
         std::thread::scope(|s| {
-            let upload = s.spawn(|| w.wb().upload(a.ino));
+            let upload = s.spawn(|| w.wb().upload(ino));
             // Recorded: the upload is now settling the name it left, its HEAD under way.
-            while index.pending_inode(a.ino).unwrap().is_some() {
+            while index.pending_inode(ino).unwrap().is_some() {
                 std::thread::sleep(Duration::from_millis(1));
             }
             assert!(
