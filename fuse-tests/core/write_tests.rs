@@ -947,10 +947,7 @@ fn a_lost_answer_to_a_rewrite_leaves_no_blob_once_the_file_moves_on() {
     // mount's own, which stayed for good.
     for removed in [false, true] {
         let w = rw(MemoryStore::new());
-        let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("old"), 0o644, ME).unwrap();
-        w.fs.write(fh, 0, b"one").unwrap();
-        w.fs.flush(fh).unwrap();
-        w.fs.release(fh).unwrap();
+        let a = write_file(&w, "", "old", b"one");
         assert_eq!(w.store.inner().data("old").unwrap(), &b"one"[..]);
         let fh = w.fs.open(a.ino, true, false).unwrap();
         w.fs.write(fh, 0, b"two").unwrap();
@@ -978,10 +975,7 @@ fn a_name_whose_trashed_version_is_gone_takes_a_new_file_without_a_conflict() {
     // name stays in the trash; a file created there since expects that version, finds the
     // name empty, and is uploaded (it is not someone else's change).
     let w = rw(MemoryStore::new());
-    let (a, fh) = w.fs.create(ROOT_INO, OsStr::new("x"), 0o644, ME).unwrap();
-    w.fs.write(fh, 0, b"first").unwrap();
-    w.fs.flush(fh).unwrap();
-    w.fs.release(fh).unwrap();
+    let a = write_file(&w, "", "x", b"first");
     rename_in_root(&w, "x", "y");
     w.wb().upload(a.ino).unwrap();
     let index = w.fs.index();
@@ -994,10 +988,7 @@ fn a_name_whose_trashed_version_is_gone_takes_a_new_file_without_a_conflict() {
         "the delete was carried out"
     );
     assert_eq!(index.trash(10).unwrap().len(), 1, "its answer was lost");
-    let (_, fh) = w.fs.create(ROOT_INO, OsStr::new("x"), 0o644, ME).unwrap();
-    w.fs.write(fh, 0, b"second").unwrap();
-    w.fs.flush(fh).unwrap();
-    w.fs.release(fh).unwrap();
+    write_file(&w, "", "x", b"second");
     drain(&w);
     assert_eq!(w.store.inner().data("x").unwrap(), &b"second"[..]);
     assert_eq!(w.store.inner().data("y").unwrap(), &b"first"[..]);

@@ -9,7 +9,6 @@
 //! deleting with that ETag never removes a version someone else wrote since.
 
 use super::{WbResult, Writeback, WritebackError};
-use crate::blob::format::KEY_WRITER;
 use crate::blob::BlobError;
 use crate::index::journal::PendingInode;
 use crate::index::names::Name;
@@ -104,10 +103,8 @@ impl Writeback {
     /// then renamed or removed before its retry: the trash has the version simfs knew, not
     /// the one the service committed). That version goes too unless an inode claims it now.
     async fn delete_own_replacement(&self, blob: &str) -> WbResult<()> {
-        let etag = match self.store.head(blob).await {
-            Ok(p) if p.metadata.get(KEY_WRITER) == Some(&self.writer) => p.etag,
-            Ok(_) | Err(BlobError::NotFound(_)) => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let Some(etag) = self.own_version(blob).await? else {
+            return Ok(());
         };
         if self.index.claim_on(blob)?.is_some_and(|c| c.ino != 0) {
             return Ok(());

@@ -48,9 +48,8 @@ impl Writeback {
                 None if wait => self.names.lock(&blob),
                 None => continue,
             };
-            let etag = match self.store.head(&blob).await {
-                Ok(p) if p.metadata.get(KEY_WRITER) == Some(&self.writer) => Some(p.etag),
-                Ok(_) | Err(BlobError::NotFound(_)) => None,
+            let etag = match self.own_version(&blob).await {
+                Ok(etag) => etag,
                 Err(e) => {
                     tracing::info!(
                         "{blob}: left from an interrupted upload; looked up later ({e})"
@@ -66,6 +65,16 @@ impl Writeback {
             self.index.settle_intent(&blob, etag.as_deref())?;
         }
         Ok(())
+    }
+
+    /// The ETag of the version at `blob` when this index wrote it (its `simfs_writer` is
+    /// ours); None when the name is empty or holds someone else's version.
+    pub(super) async fn own_version(&self, blob: &str) -> Result<Option<String>, BlobError> {
+        match self.store.head(blob).await {
+            Ok(p) if p.metadata.get(KEY_WRITER) == Some(&self.writer) => Ok(Some(p.etag)),
+            Ok(_) | Err(BlobError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// A barrier's last step (a drain, a whole mount's `simfs sync`): every open intent is
