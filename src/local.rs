@@ -56,19 +56,22 @@ impl LocalCopies {
     /// Gives `ino` a local copy: the hydrated blob moved into place, or an empty file when
     /// there is no blob or its content is about to be discarded (`empty`).
     pub fn make(&self, ino: u64, blob: Option<&BlobRef>, empty: bool) -> Result<(), CacheError> {
-        let dest = self.path(ino);
         match blob {
-            Some(b) if !empty => self.cache.take_whole(ino, b, &dest),
-            _ => {
-                OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&dest)?;
-                Ok(())
-            }
+            Some(b) if !empty => self.cache.take_whole(ino, b, &self.path(ino)),
+            _ => self.make_empty(ino).map(drop),
         }
+    }
+
+    /// Gives `ino` an empty local copy and returns it open read-write: a create's handle
+    /// needs no second open of the file it just made.
+    pub fn make_empty(&self, ino: u64) -> Result<File, CacheError> {
+        Ok(OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.path(ino))?)
     }
 
     /// Removes the local copy of a deleted inode.

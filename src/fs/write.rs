@@ -65,7 +65,7 @@ impl SimFs {
         who: Caller,
         target: Option<&[u8]>,
         inserted: impl FnOnce(u64),
-    ) -> FsResult<Attr> {
+    ) -> FsResult<(Attr, Option<std::fs::File>)> {
         let (now, due) = self.due()?;
         let name = new_name(parent, name)?;
         let p = self.attr(parent)?;
@@ -88,11 +88,12 @@ impl SimFs {
         let attr = self
             .index
             .create(parent, &name, &node, now, due, inserted)?;
-        if kind == Kind::File {
-            self.local.make(attr.ino, None, true)?;
-        }
+        let local = match kind {
+            Kind::File => Some(self.local.make_empty(attr.ino)?),
+            _ => None,
+        };
         self.changed(due);
-        Ok(attr)
+        Ok((attr, local))
     }
 
     /// Creates and opens a regular file.
@@ -115,7 +116,10 @@ impl SimFs {
                 self.pins.start_writing(ino);
                 held.set(Some(ino));
             })
-            .and_then(|attr| Ok((self.local.open(attr.ino, true)?, attr)));
+            .and_then(|(attr, local)| match local {
+                Some(file) => Ok((file, attr)),
+                None => Ok((self.local.open(attr.ino, true)?, attr)),
+            });
         let (file, attr) = match made {
             Ok(made) => made,
             Err(e) => {
@@ -156,11 +160,15 @@ impl SimFs {
             Kind::CharDevice | Kind::BlockDevice => rdev,
             _ => 0,
         };
-        self.new_inode(parent, name, kind, mode, rdev, who, None, |_| {})
+        Ok(self
+            .new_inode(parent, name, kind, mode, rdev, who, None, |_| {})?
+            .0)
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, who: Caller) -> FsResult<Attr> {
-        self.new_inode(parent, name, Kind::Dir, mode, 0, who, None, |_| {})
+        Ok(self
+            .new_inode(parent, name, Kind::Dir, mode, 0, who, None, |_| {})?
+            .0)
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &[u8], who: Caller) -> FsResult<Attr> {
@@ -170,7 +178,7 @@ impl SimFs {
         if target.len() as u64 > crate::index::build::MAX_TARGET {
             return Err(FsError::Name(crate::index::names::NameError::TooLong));
         }
-        self.new_inode(
+        let made = self.new_inode(
             parent,
             name,
             Kind::Symlink,
@@ -179,7 +187,8 @@ impl SimFs {
             who,
             Some(target),
             |_| {},
-        )
+        )?;
+        Ok(made.0)
     }
 
     pub fn link(&self, ino: u64, parent: u64, name: &OsStr) -> FsResult<Attr> {

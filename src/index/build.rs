@@ -86,6 +86,7 @@ impl TreeBuilder {
             let _ = std::fs::remove_file(p);
         }
         let conn = Connection::open(&tmp)?;
+        conn.pragma_update(None, "page_size", super::PAGE_SIZE)?;
         // The file is renamed into place only when complete: nothing needs journaling.
         conn.pragma_update(None, "journal_mode", "OFF")?;
         conn.pragma_update(None, "synchronous", "OFF")?;
