@@ -410,3 +410,72 @@ fn two_barriers_emptying_the_trash_at_once_delete_each_blob_once() {
         assert!(w.store.inner().data(&format!("t{i}.tmp")).is_none());
     }
 }
+
+#[test]
+fn a_drain_with_the_service_down_gives_up_after_a_few_attempts_and_loses_nothing() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir, 1 << 20, Some(Duration::ZERO), false);
+    cfg.writeback.give_up_after = Duration::from_millis(100);
+    let w = world_from(store, dir, "", &cfg);
+    // Every attempt takes a while and fails, as against a service that is gone (where the
+    // client's own retries take seconds).
+    w.store.set_latency(Duration::from_millis(30));
+    w.store.set_offline(true);
+    for i in 0..300 {
+        close_new(&w, &format!("f{i}"), b"data");
+    }
+    let left = w.wb().drain(true, |_| {}).unwrap();
+    assert_eq!(left, 300, "nothing could go, and the drain says so");
+    let attempts = w.store.counters.put.load(Ordering::SeqCst);
+    assert!(
+        attempts < 150,
+        "{attempts} uploads tried for 300 files with the service down"
+    );
+    // The service comes back: everything is still there, and goes.
+    w.store.set_offline(false);
+    w.store.set_latency(Duration::ZERO);
+    assert_eq!(w.wb().drain(true, |_| {}).unwrap(), 0);
+    for i in [0, 150, 299] {
+        assert_eq!(
+            w.store.inner().data(&format!("f{i}")).as_deref(),
+            Some(&b"data"[..])
+        );
+    }
+}
+
+#[test]
+fn deletions_with_the_service_down_give_up_after_a_few_attempts_and_are_kept() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir, 1 << 20, Some(Duration::ZERO), false);
+    cfg.writeback.give_up_after = Duration::from_millis(100);
+    let w = world_from(store, dir, "", &cfg);
+    for i in 0..200 {
+        close_new(&w, &format!("f{i}"), b"data");
+    }
+    drain(&w);
+    for i in 0..200 {
+        w.fs.unlink(ROOT_INO, OsStr::new(&format!("f{i}"))).unwrap();
+    }
+    w.store.set_latency(Duration::from_millis(30));
+    w.store.set_offline(true);
+    assert!(
+        w.wb().drain(true, |_| {}).unwrap() > 0,
+        "the deletions are left"
+    );
+    let attempts = w.store.counters.delete.load(Ordering::SeqCst);
+    // Two rounds, each stopped within a few attempts of its 16 deletes at once: fewer than
+    // one attempt per name in all, where each round used to try every one.
+    assert!(
+        attempts < 200,
+        "{attempts} deletes tried for 200 names with the service down"
+    );
+    w.store.set_offline(false);
+    w.store.set_latency(Duration::ZERO);
+    drain(&w);
+    assert!(
+        (0..200).all(|i| w.store.inner().data(&format!("f{i}")).is_none()),
+        "every name is deleted once the service is back"
+    );
+}

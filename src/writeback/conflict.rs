@@ -58,8 +58,12 @@ impl Writeback {
                     }
                 })
                 .collect();
+            let down = &super::scheduler::Down::new(self.opts.give_up_after);
             let results: Vec<_> = self.rt.block_on(
                 futures::stream::iter(batch.into_iter().map(|(blob, etag, g)| async move {
+                    if down.given_up() {
+                        return (blob, etag, None, g);
+                    }
                     let mut r: WbResult<bool> =
                         quiet_delete(self.store.delete(&blob, &etag).await).map_err(Into::into);
                     if let Ok(true) = r {
@@ -67,7 +71,8 @@ impl Writeback {
                             r = Err(e);
                         }
                     }
-                    (blob, etag, r, g)
+                    down.ended(&r);
+                    (blob, etag, Some(r), g)
                 }))
                 .buffer_unordered(16)
                 .collect(),
@@ -75,14 +80,16 @@ impl Writeback {
             let (mut failed, mut replaced_any) = (0, false);
             for (blob, etag, r, _name_lock) in results {
                 match r {
-                    Ok(replaced) => {
+                    Some(Ok(replaced)) => {
                         self.index.trash_done(&blob, &etag)?;
                         replaced_any |= replaced;
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         tracing::warn!("deleting {blob:?} failed (will retry): {e}");
                         failed += 1;
                     }
+                    // Not tried: the service cannot be reached.
+                    None => failed += 1,
                 }
             }
             if replaced_any {

@@ -86,6 +86,15 @@ impl WritebackError {
         }
     }
 
+    /// The service could not be reached at all (after the client's own retries).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            WritebackError::Blob(BlobError::Unreachable(_))
+                | WritebackError::Upload(UploadError::Blob(BlobError::Unreachable(_)))
+        )
+    }
+
     /// The service pushed back (see `BlobError::is_pushback`).
     pub fn is_pushback(&self) -> bool {
         match self {
@@ -148,6 +157,11 @@ pub struct WritebackOptions {
     /// has not staged, the partial last one included, are staged ahead of the commit
     /// (None: only whole blocks the writer has moved past are).
     pub quiet: Option<Duration>,
+    /// How long a batch of uploads goes on while every upload fails because the service
+    /// cannot be reached: past it the rest of the batch is left due for a later round, so a
+    /// drain (an unmount, `simfs sync`) with the service down ends with the failure listed
+    /// after a few attempts, not after one attempt of seconds per pending file.
+    pub give_up_after: Duration,
 }
 
 impl Default for WritebackOptions {
@@ -160,6 +174,7 @@ impl Default for WritebackOptions {
             max_backoff: Duration::from_secs(60),
             upload: UploadOptions::default(),
             quiet: Some(Duration::from_millis(50)),
+            give_up_after: Duration::from_secs(10),
         }
     }
 }

@@ -78,6 +78,40 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// Whether a batch of uploads (or of deletes) should stop: the service has not been reached by two uploads
+/// in a row, and none has succeeded for `after` (since the batch began, or the last
+/// success). Each such failure already took the client's own retries (seconds each), so a
+/// batch of thousands of files against a service that is down would otherwise take one
+/// failing attempt per file, hours, before a drain could report it. A failure for any other
+/// reason, or a success, resets the streak: a flaky link is not a dead one.
+pub(super) struct Down {
+    after: Duration,
+    state: Mutex<(std::time::Instant, u32)>,
+}
+
+impl Down {
+    pub(super) fn new(after: Duration) -> Down {
+        Down {
+            after,
+            state: Mutex::new((std::time::Instant::now(), 0)),
+        }
+    }
+
+    pub(super) fn ended<T>(&self, r: &WbResult<T>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(_) => *st = (std::time::Instant::now(), 0),
+            Err(e) if e.is_unreachable() => st.1 += 1,
+            Err(_) => st.1 = 0,
+        }
+    }
+
+    pub(super) fn given_up(&self) -> bool {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.1 >= 2 && st.0.elapsed() >= self.after
+    }
+}
+
 /// How many uploads the background runs at once, adapted to the service.
 ///
 /// More uploads at once help only while the service answers them in parallel. Past that they
@@ -355,12 +389,16 @@ impl Writeback {
         done: &(dyn Fn(usize, &WbResult<()>, Ran) + Sync),
     ) {
         let next = AtomicUsize::new(0);
+        let down = Down::new(self.opts.give_up_after);
         let _waiting = (!background).then(|| self.foreground.enter());
         std::thread::scope(|scope| {
             for _ in 0..workers.min(inos.len()) {
                 scope.spawn(|| loop {
                     if background {
                         self.foreground.yield_to();
+                    }
+                    if down.given_up() {
+                        return;
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(ino) = inos.get(i) else {
@@ -372,10 +410,17 @@ impl Writeback {
                     let others = flight.others;
                     drop(flight);
                     let took = started.elapsed();
+                    down.ended(&r);
                     done(i, &r, Ran { took, others });
                 });
             }
         });
+        if down.given_up() {
+            tracing::warn!(
+                "write-back: the storage service cannot be reached; {} uploads left for later",
+                inos.len().saturating_sub(next.load(Ordering::Relaxed))
+            );
+        }
     }
 
     /// `upload_due`, calling `after_batch` after each batch of (up to 256) inodes.
