@@ -47,9 +47,9 @@ use written::Written;
 pub const ROOT_INO: u64 = 1;
 
 /// The page size of a new index. Every commit appends each page it changed to the log
-/// whole, and a create, a close or a rename changes six or seven pages (the row, the
+/// whole, and a create, a close or a rename changes about seven pages (the row, the
 /// indexes it is in, the directory's row, the totals): at SQLite's default of 4 KiB that
-/// was some 26 KiB copied and checksummed per commit, most of a small file's cost in the
+/// was some 28 KiB copied and checksummed per commit, most of a small file's cost in the
 /// daemon. At 1 KiB (core probe of 3,000 small files created, written, closed and renamed,
 /// one CPU) a close's transaction took 38 to 48 us against 75 to 91, a rename's 54 to 59
 /// against 81 to 97; indexing a listing of 300,000 blobs took about 25 % longer (2.1

@@ -78,12 +78,12 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Whether a batch of uploads (or of deletes) should stop: the service has not been reached by two uploads
-/// in a row, and none has succeeded for `after` (since the batch began, or the last
-/// success). Each such failure already took the client's own retries (seconds each), so a
-/// batch of thousands of files against a service that is down would otherwise take one
-/// failing attempt per file, hours, before a drain could report it. A failure for any other
-/// reason, or a success, resets the streak: a flaky link is not a dead one.
+/// Whether a batch of uploads (or of trash deletes) should stop: two requests in a row could
+/// not reach the service, and none has succeeded for `after` (since the batch began, or
+/// the last success). Each such failure already took the client's own retries (seconds
+/// each), so a batch of thousands of files against a service that is down would otherwise
+/// make one failing attempt per file, hours, before a drain could report it. A failure for
+/// any other reason, or a success, resets the streak: a flaky link is not a dead one.
 pub(super) struct Down {
     after: Duration,
     state: Mutex<(std::time::Instant, u32)>,
