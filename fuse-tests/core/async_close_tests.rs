@@ -479,3 +479,36 @@ fn deletions_with_the_service_down_give_up_after_a_few_attempts_and_are_kept() {
         "every name is deleted once the service is back"
     );
 }
+
+#[test]
+fn a_sync_or_a_directory_fsync_with_the_service_down_fails_for_every_file_it_did_not_commit() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir, 1 << 20, Some(Duration::ZERO), false);
+    cfg.writeback.give_up_after = Duration::from_millis(100);
+    let w = world_from(store, dir, "", &cfg);
+    w.store.set_latency(Duration::from_millis(30));
+    w.store.set_offline(true);
+    for i in 0..200 {
+        close_new(&w, &format!("f{i}"), b"data");
+    }
+    let out = w.wb().sync_paths(&[], &|_, _| {}).unwrap();
+    assert!(
+        w.store.counters.put.load(Ordering::SeqCst) < 100,
+        "it gave up after a few attempts"
+    );
+    assert_eq!(
+        out.committed, 0,
+        "nothing was committed, and none is said to be"
+    );
+    assert_eq!(out.failed.len(), 200, "every file is listed as failed");
+    assert!(
+        w.fs.fsyncdir(ROOT_INO).is_err(),
+        "fsync of the directory cannot succeed either"
+    );
+    w.store.set_offline(false);
+    w.store.set_latency(Duration::ZERO);
+    let out = w.wb().sync_paths(&[], &|_, _| {}).unwrap();
+    assert!(out.failed.is_empty());
+    assert_eq!(w.store.inner().data("f199").as_deref(), Some(&b"data"[..]));
+}
