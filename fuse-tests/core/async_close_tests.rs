@@ -411,17 +411,27 @@ fn two_barriers_emptying_the_trash_at_once_delete_each_blob_once() {
     }
 }
 
-#[test]
-fn a_drain_with_the_service_down_gives_up_after_a_few_attempts_and_loses_nothing() {
+/// A world that gives up on an unreachable service after 100 ms (10 s on a mount).
+fn quick_to_give_up() -> World {
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&dir, 1 << 20, Some(Duration::ZERO), false);
     cfg.writeback.give_up_after = Duration::from_millis(100);
-    let w = world_from(store, dir, "", &cfg);
-    // Every attempt takes a while and fails, as against a service that is gone (where the
-    // client's own retries take seconds).
-    w.store.set_latency(Duration::from_millis(30));
-    w.store.set_offline(true);
+    world_from(store, dir, "", &cfg)
+}
+
+/// The service goes away, every attempt taking a while to fail (against a real one the
+/// client's own retries take seconds), or comes back.
+fn service_down(w: &World, down: bool) {
+    w.store
+        .set_latency(Duration::from_millis(if down { 30 } else { 0 }));
+    w.store.set_offline(down);
+}
+
+#[test]
+fn a_drain_with_the_service_down_gives_up_after_a_few_attempts_and_loses_nothing() {
+    let w = quick_to_give_up();
+    service_down(&w, true);
     for i in 0..300 {
         close_new(&w, &format!("f{i}"), b"data");
     }
@@ -433,8 +443,7 @@ fn a_drain_with_the_service_down_gives_up_after_a_few_attempts_and_loses_nothing
         "{attempts} uploads tried for 300 files with the service down"
     );
     // The service comes back: everything is still there, and goes.
-    w.store.set_offline(false);
-    w.store.set_latency(Duration::ZERO);
+    service_down(&w, false);
     assert_eq!(w.wb().drain(true, |_| {}).unwrap(), 0);
     for i in [0, 150, 299] {
         assert_eq!(
@@ -446,11 +455,7 @@ fn a_drain_with_the_service_down_gives_up_after_a_few_attempts_and_loses_nothing
 
 #[test]
 fn deletions_with_the_service_down_give_up_after_a_few_attempts_and_are_kept() {
-    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&dir, 1 << 20, Some(Duration::ZERO), false);
-    cfg.writeback.give_up_after = Duration::from_millis(100);
-    let w = world_from(store, dir, "", &cfg);
+    let w = quick_to_give_up();
     for i in 0..200 {
         close_new(&w, &format!("f{i}"), b"data");
     }
@@ -458,8 +463,7 @@ fn deletions_with_the_service_down_give_up_after_a_few_attempts_and_are_kept() {
     for i in 0..200 {
         w.fs.unlink(ROOT_INO, OsStr::new(&format!("f{i}"))).unwrap();
     }
-    w.store.set_latency(Duration::from_millis(30));
-    w.store.set_offline(true);
+    service_down(&w, true);
     assert!(
         w.wb().drain(true, |_| {}).unwrap() > 0,
         "the deletions are left"
@@ -471,8 +475,7 @@ fn deletions_with_the_service_down_give_up_after_a_few_attempts_and_are_kept() {
         attempts < 200,
         "{attempts} deletes tried for 200 names with the service down"
     );
-    w.store.set_offline(false);
-    w.store.set_latency(Duration::ZERO);
+    service_down(&w, false);
     drain(&w);
     assert!(
         (0..200).all(|i| w.store.inner().data(&format!("f{i}")).is_none()),
@@ -482,13 +485,8 @@ fn deletions_with_the_service_down_give_up_after_a_few_attempts_and_are_kept() {
 
 #[test]
 fn a_sync_or_a_directory_fsync_with_the_service_down_fails_for_every_file_it_did_not_commit() {
-    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&dir, 1 << 20, Some(Duration::ZERO), false);
-    cfg.writeback.give_up_after = Duration::from_millis(100);
-    let w = world_from(store, dir, "", &cfg);
-    w.store.set_latency(Duration::from_millis(30));
-    w.store.set_offline(true);
+    let w = quick_to_give_up();
+    service_down(&w, true);
     for i in 0..200 {
         close_new(&w, &format!("f{i}"), b"data");
     }
@@ -506,8 +504,7 @@ fn a_sync_or_a_directory_fsync_with_the_service_down_fails_for_every_file_it_did
         w.fs.fsyncdir(ROOT_INO).is_err(),
         "fsync of the directory cannot succeed either"
     );
-    w.store.set_offline(false);
-    w.store.set_latency(Duration::ZERO);
+    service_down(&w, false);
     let out = w.wb().sync_paths(&[], &|_, _| {}).unwrap();
     assert!(out.failed.is_empty());
     assert_eq!(w.store.inner().data("f199").as_deref(), Some(&b"data"[..]));
