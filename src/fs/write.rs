@@ -54,6 +54,7 @@ impl SimFs {
         }
     }
 
+    /// Creates `parent/name`; a regular file gets its empty local copy, returned open.
     #[allow(clippy::too_many_arguments)]
     fn new_inode(
         &self,
@@ -116,9 +117,9 @@ impl SimFs {
                 self.pins.start_writing(ino);
                 held.set(Some(ino));
             })
-            .and_then(|(attr, local)| match local {
-                Some(file) => Ok((file, attr)),
-                None => Ok((self.local.open(attr.ino, true)?, attr)),
+            .and_then(|(attr, local)| {
+                let file = local.ok_or(FsError::Invalid("a new file without its local copy"))?;
+                Ok((file, attr))
             });
         let (file, attr) = match made {
             Ok(made) => made,

@@ -380,14 +380,15 @@ impl Writeback {
 
     /// Uploads `inos`, `workers` at a time (each upload is mostly a round trip), calling
     /// `done(i, result, ran)` as the `i`th ends. A failure is recorded with its retry time by
-    /// `upload` itself.
+    /// `upload` itself. Returns how many were tried: they are handed out in order, so when
+    /// the batch gives up on a service it cannot reach, `inos[tried..]` were not.
     pub(super) fn upload_each(
         &self,
         inos: &[u64],
         workers: usize,
         background: bool,
         done: &(dyn Fn(usize, &WbResult<()>, Ran) + Sync),
-    ) {
+    ) -> usize {
         let next = AtomicUsize::new(0);
         let down = Down::new(self.opts.give_up_after);
         let _waiting = (!background).then(|| self.foreground.enter());
@@ -415,12 +416,14 @@ impl Writeback {
                 });
             }
         });
-        if down.given_up() {
+        let tried = next.into_inner().min(inos.len());
+        if tried < inos.len() {
             tracing::warn!(
                 "write-back: the storage service cannot be reached; {} uploads left for later",
-                inos.len().saturating_sub(next.load(Ordering::Relaxed))
+                inos.len() - tried
             );
         }
+        tried
     }
 
     /// `upload_due`, calling `after_batch` after each batch of (up to 256) inodes.

@@ -11,7 +11,7 @@
 //! and is retried by the background as before; the caller gets each failure with its path.
 
 use super::{WbResult, Writeback};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Uploads at once.
@@ -119,10 +119,8 @@ impl Writeback {
         progress(0, total);
         let done = AtomicU64::new(0);
         let failed = Mutex::new(Vec::new());
-        let tried: Vec<AtomicBool> = todo.iter().map(|_| AtomicBool::new(false)).collect();
         let inos: Vec<u64> = todo.iter().map(|(ino, _)| *ino).collect();
-        self.upload_each(&inos, PARALLEL, false, &|i, r, _| {
-            tried[i].store(true, Ordering::Relaxed);
+        let tried = self.upload_each(&inos, PARALLEL, false, &|i, r, _| {
             if let Err(e) = r {
                 let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                 f.push((todo[i].1.clone(), e.to_string()));
@@ -132,17 +130,12 @@ impl Writeback {
         let mut failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
         // Left untried when the batch gave up on a service it could not reach: not
         // committed, so the barrier fails for them too.
-        failed.extend(
-            todo.iter()
-                .zip(&tried)
-                .filter(|(_, t)| !t.load(Ordering::Relaxed))
-                .map(|((_, path), _)| {
-                    (
-                        path.clone(),
-                        "not tried: the storage service cannot be reached".to_string(),
-                    )
-                }),
-        );
+        failed.extend(todo[tried..].iter().map(|(_, path)| {
+            (
+                path.clone(),
+                "not tried: the storage service cannot be reached".to_string(),
+            )
+        }));
         failed.sort();
         failed
     }
