@@ -74,6 +74,26 @@ fn close_returns_before_the_service_answers_and_a_sync_mount_waits_for_it() {
     }
 }
 
+/// The files `simfs status` says are waiting for upload on the mount at `mountpoint`.
+fn pending_files_in_status(mountpoint: &Path) -> u64 {
+    let out = std::process::Command::new(SIMFS)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ours = text
+        .split_inclusive('\n')
+        .skip_while(|l| l.trim_end() != mountpoint.display().to_string())
+        .find_map(|l| l.trim().strip_prefix("pending uploads"))
+        .unwrap_or_else(|| panic!("no pending uploads for {}: {text}", mountpoint.display()));
+    // "N changes; F files (M MiB) of data; ..."
+    ours.split(';')
+        .nth(1)
+        .and_then(|f| f.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable pending uploads: {ours}"))
+}
+
 #[test]
 fn past_max_pending_files_the_next_close_waits_for_uploads() {
     let az = crate::write::empty_container("window");
@@ -98,6 +118,10 @@ fn past_max_pending_files_the_next_close_waits_for_uploads() {
         !finishes_within(&fourth, Duration::from_millis(800)),
         "three files wait for the service: the fourth close waits too"
     );
+    // Only the daemon can read its index: `simfs status` asks it, and it answers while its
+    // uploads hang and a close waits.
+    let files = pending_files_in_status(m.path());
+    assert!(files >= 3, "simfs status shows {files} files waiting");
     proxy.set("{}");
     assert!(
         finishes_within(&fourth, Duration::from_secs(20)),

@@ -10,7 +10,9 @@
 //! - `Refresh`: lists that subtree (all of the container for `""`) and applies what
 //!   changed; one `Refreshed` with the report once the change is visible;
 //! - `Sync`: commits what is pending under the paths; `Syncing` progress (at most ten a
-//!   second) and a closing `Synced` with what failed.
+//!   second) and a closing `Synced` with what failed;
+//! - `Status`: one `Status` with the journal's figures and the last refresh (`simfs
+//!   status`: another process cannot open a serving mount's index, see `index`).
 //!
 //! Any failure is an `Error` event. Paths are relative to the mount's root. A client that
 //! goes away cancels its staging: the next event cannot be written and the workers stop.
@@ -85,6 +87,21 @@ pub fn serve(fs: &SimFs, conn: UnixStream) {
         Request::Metrics => {
             send(Event::Metrics {
                 text: crate::metrics::get().render(),
+            });
+        }
+        Request::Status => {
+            let index = fs.index();
+            let last_refresh = index
+                .meta(crate::refresh::LAST_REFRESH)
+                .ok()
+                .flatten()
+                .and_then(|j| serde_json::from_str(&j).ok());
+            send(match crate::protocol::Pending::of(index) {
+                Ok(pending) => Event::Status {
+                    pending,
+                    last_refresh,
+                },
+                Err(e) => error(e.to_string()),
             });
         }
         Request::Refresh { path } => {

@@ -39,6 +39,8 @@ pub enum Request {
     Sync { paths: Vec<String> },
     /// The daemon's metrics now (`simfs stats`).
     Metrics,
+    /// What the mount has not committed yet, and its last refresh (`simfs status`).
+    Status,
 }
 
 /// What staging will do.
@@ -99,10 +101,66 @@ pub enum Event {
     Metrics {
         text: String,
     },
+    /// The journal's figures; the last refresh (None: none since the index was built).
+    Status {
+        pending: Pending,
+        last_refresh: Option<Report>,
+    },
     /// The request failed.
     Error {
         message: String,
     },
+}
+
+/// What a mount has not committed to the container yet, from its journal.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    /// Pending changes (inodes and deletions), and how many of those keep failing.
+    pub changes: u64,
+    pub failing: usize,
+    /// Closed files whose data is not uploaded yet, and their bytes: what a wiped cache disk
+    /// would lose.
+    pub files: u64,
+    pub bytes: u64,
+    /// When the least recently changed pending inode changed, in ms since the epoch.
+    pub oldest_ms: Option<u64>,
+}
+
+impl Pending {
+    pub fn of(i: &crate::index::Index) -> crate::index::IndexResult<Pending> {
+        let (files, bytes) = i.pending_data(0)?;
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        Ok(Pending {
+            changes: i.pending()?.0,
+            failing: i.failing()?.len(),
+            files,
+            bytes,
+            oldest_ms: i.oldest_pending()?.map(ms),
+        })
+    }
+
+    /// When the least recently changed pending inode changed.
+    pub fn oldest(&self) -> Option<std::time::SystemTime> {
+        self.oldest_ms
+            .map(|ms| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+    }
+}
+
+/// Connects to the daemon whose state directory is `state_dir` and sends `req`.
+fn send(state_dir: &Path, req: &Request) -> Result<UnixStream, String> {
+    let sock = state_dir.join(SOCKET);
+    let mut conn = UnixStream::connect(&sock)
+        .map_err(|e| format!("cannot reach the mount's daemon at {}: {e}", sock.display()))?;
+    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
+    writeln!(conn, "{line}").map_err(|e| format!("{}: {e}", sock.display()))?;
+    Ok(conn)
+}
+
+fn event(line: &str) -> Result<Event, String> {
+    serde_json::from_str::<Event>(line).map_err(|e| format!("bad answer {line:?}: {e}"))
 }
 
 /// Sends `req` to the daemon whose state directory is `state_dir`; its events, as they come.
@@ -111,15 +169,23 @@ pub fn request(
     state_dir: &Path,
     req: &Request,
 ) -> Result<impl Iterator<Item = Result<Event, String>>, String> {
-    let sock = state_dir.join(SOCKET);
-    let mut conn = UnixStream::connect(&sock)
-        .map_err(|e| format!("cannot reach the mount's daemon at {}: {e}", sock.display()))?;
-    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
-    writeln!(conn, "{line}").map_err(|e| format!("{}: {e}", sock.display()))?;
+    let conn = send(state_dir, req)?;
     Ok(BufReader::new(conn)
         .lines()
         .map_while(Result::ok)
-        .map(|l| serde_json::from_str::<Event>(&l).map_err(|e| format!("bad answer {l:?}: {e}"))))
+        .map(|l| event(&l)))
+}
+
+/// Sends `req` and returns the daemon's first answer, waiting at most `wait` for it.
+pub fn ask(state_dir: &Path, req: &Request, wait: std::time::Duration) -> Result<Event, String> {
+    let conn = send(state_dir, req)?;
+    conn.set_read_timeout(Some(wait))
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer from the mount's daemon: {e}"))?;
+    event(line.trim_end())
 }
 
 /// A serving mount, as `simfs status` finds it (one file per daemon, named by its pid).

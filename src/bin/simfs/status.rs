@@ -3,13 +3,13 @@
 //! Each serving simfs process registers itself with a small file in a runtime directory
 //! (`/run/simfs` for root, `$XDG_RUNTIME_DIR/simfs` otherwise), named by its pid and removed
 //! when it exits; a file whose process is gone (a crash) is ignored and cleaned up. The
-//! figures come from the mount's own state directory: the index's size, the cache's size
-//! and the number of changes waiting to be uploaded (read from the index, which SQLite lets
-//! another process read while the mount writes).
+//! figures come from the mount's own state directory (the index's size, the cache's size)
+//! and from the daemon, over its control socket (the changes waiting to be uploaded, which
+//! only the daemon can read from its index).
 
 use simfs::cache::CacheStats;
 use simfs::index::Index;
-use simfs::protocol;
+use simfs::protocol::{self, Pending};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -74,53 +74,25 @@ pub fn register(
     Ok(Registration(path))
 }
 
-/// What a mount has not committed to the container yet.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Pending {
-    /// Pending changes (inodes and deletions), and how many of those keep failing.
-    pub changes: u64,
-    pub failing: usize,
-    /// Closed files whose data is not uploaded yet, and their bytes: what a wiped cache disk
-    /// would lose.
-    pub files: u64,
-    pub bytes: u64,
-    /// When the least recently changed pending inode changed.
-    pub oldest: Option<std::time::SystemTime>,
-}
-
-impl Pending {
-    fn of(i: &Index) -> simfs::index::IndexResult<Pending> {
-        let (files, bytes) = i.pending_data(0)?;
-        Ok(Pending {
-            changes: i.pending()?.0,
-            failing: i.failing()?.len(),
-            files,
-            bytes,
-            oldest: i.oldest_pending()?,
-        })
+/// One line for `simfs status`: what a mount has not committed to the container yet.
+fn summary(p: &Pending) -> String {
+    if p.changes == 0 {
+        return "none".to_string();
     }
-
-    /// One line for `simfs status`.
-    fn summary(&self) -> String {
-        if self.changes == 0 {
-            return "none".to_string();
-        }
-        let mut s = format!(
-            "{} changes; {} files ({:.1} MiB) of data",
-            self.changes,
-            self.files,
-            self.bytes as f64 / (1 << 20) as f64
-        );
-        if let Some(age) = self.oldest.and_then(|t| t.elapsed().ok()) {
-            s += &format!("; oldest {:.0} s old", age.as_secs_f64());
-        }
-        if self.failing > 0 {
-            s += &format!("; {} failing (see the log)", self.failing);
-        }
-        s
+    let mut s = format!(
+        "{} changes; {} files ({:.1} MiB) of data",
+        p.changes,
+        p.files,
+        p.bytes as f64 / (1 << 20) as f64
+    );
+    if let Some(age) = p.oldest().and_then(|t| t.elapsed().ok()) {
+        s += &format!("; oldest {:.0} s old", age.as_secs_f64());
     }
+    if p.failing > 0 {
+        s += &format!("; {} failing (see the log)", p.failing);
+    }
+    s
 }
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountInfo {
     pub pid: u32,
@@ -153,6 +125,29 @@ fn tree_size(p: &Path) -> u64 {
         .sum()
 }
 
+/// What the journal in `state_dir` holds, and the last refresh. The serving daemon answers
+/// (only it can open its index); a daemon that does not (too busy, or an older simfs that
+/// leaves its index open to others) is read directly.
+fn journal(state_dir: &Path) -> (Option<Pending>, Option<simfs::refresh::Report>) {
+    let wait = std::time::Duration::from_secs(2);
+    if let Ok(protocol::Event::Status {
+        pending,
+        last_refresh,
+    }) = protocol::ask(state_dir, &protocol::Request::Status, wait)
+    {
+        return (Some(pending), last_refresh);
+    }
+    let Ok(index) = Index::open_read_only(&state_dir.join("index.db")) else {
+        return (None, None);
+    };
+    let last_refresh = index
+        .meta(simfs::refresh::LAST_REFRESH)
+        .ok()
+        .flatten()
+        .and_then(|j| serde_json::from_str(&j).ok());
+    (Pending::of(&index).ok(), last_refresh)
+}
+
 /// The mounts registered in `dir` whose process still runs.
 pub fn list(dir: &Path) -> Vec<MountInfo> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -171,17 +166,11 @@ pub fn list(dir: &Path) -> Vec<MountInfo> {
             continue;
         };
         let state_dir = reg.state_dir;
-        let db = state_dir.join("index.db");
         let index_bytes = ["index.db", "index.db-wal"]
             .iter()
             .map(|f| std::fs::metadata(state_dir.join(f)).map_or(0, |m| m.len()))
             .sum();
-        let index = Index::open_read_only(&db).ok();
-        let pending = index.as_ref().and_then(|i| Pending::of(i).ok());
-        let last_refresh = index
-            .as_ref()
-            .and_then(|i| i.meta(simfs::refresh::LAST_REFRESH).ok().flatten())
-            .and_then(|j| serde_json::from_str(&j).ok());
+        let (pending, last_refresh) = journal(&state_dir);
         out.push(MountInfo {
             pid,
             mountpoint: reg.mountpoint,
@@ -207,10 +196,7 @@ pub fn status() -> ExitCode {
     }
     let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
     for m in mounts {
-        let pending = m
-            .pending
-            .as_ref()
-            .map_or("unknown".to_string(), Pending::summary);
+        let pending = m.pending.as_ref().map_or("unknown".to_string(), summary);
         println!("{}", m.mountpoint.display());
         println!("  source          {}", m.source);
         println!("  process         {}", m.pid);
@@ -295,9 +281,15 @@ mod tests {
             failing: 1,
             files: 3,
             bytes: 3 << 20,
-            oldest: Some(std::time::SystemTime::now() - std::time::Duration::from_secs(90)),
+            oldest_ms: Some(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as u64
+                    - 90_000,
+            ),
         };
-        let s = p.summary();
+        let s = summary(&p);
         assert!(
             s.starts_with("4 changes; 3 files (3.0 MiB) of data; oldest 9"),
             "{s}"
@@ -308,8 +300,8 @@ mod tests {
             failing: 0,
             files: 0,
             bytes: 0,
-            oldest: None,
+            oldest_ms: None,
         };
-        assert_eq!(none.summary(), "none");
+        assert_eq!(summary(&none), "none");
     }
 }
