@@ -406,9 +406,12 @@ impl Index {
     }
 
     fn connect(&self) -> IndexResult<Connection> {
+        // Opened read-write (`query_only` keeps it from writing): unix-excl keeps its locks
+        // in memory only for connections that may write. A read-only connection that opens
+        // the index first makes the log's index a shared file again, locked by fcntl.
         let c = Connection::open_with_flags_and_vfs(
             &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             VFS,
         )?;
         c.pragma_update(None, "query_only", true)?;
@@ -925,6 +928,38 @@ mod tests {
     fn is_writer(c: &rusqlite::Connection) -> super::IndexResult<bool> {
         let n: i64 = c.query_row("SELECT count(*) FROM sqlite_temp_master", [], |r| r.get(0))?;
         Ok(n > 0)
+    }
+
+    /// The log's index lives in the heap (no `-shm` file, no fcntl per transaction), with
+    /// the reader that opens the index first too, and another process is kept out.
+    #[test]
+    fn the_log_index_is_kept_in_memory_and_the_file_is_this_process_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = empty_index(dir.path());
+        // A pooled reader first, as a mount's open does, then writes.
+        assert!(index.getattr(super::ROOT_INO).unwrap().is_some());
+        index.write(|_| Ok(())).unwrap();
+        index
+            .write(|tx| Ok(tx.execute_batch("UPDATE inodes SET nlink = nlink WHERE ino = 1")?))
+            .unwrap();
+        assert!(dir.path().join("index.db-wal").exists());
+        assert!(
+            !dir.path().join("index.db-shm").exists(),
+            "the log's index is a shared file"
+        );
+        let other = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3,sys; sqlite3.connect(sys.argv[1], timeout=0).execute('SELECT count(*) FROM inodes').fetchall()",
+            ])
+            .arg(dir.path().join("index.db"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&other.stderr);
+        assert!(
+            !other.status.success() && err.contains("locked"),
+            "another process read the index: {err}"
+        );
     }
 
     #[test]
