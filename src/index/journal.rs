@@ -77,64 +77,111 @@ fn dir_path(c: &Connection, ino: u64) -> IndexResult<Option<Vec<u8>>> {
     Ok(super::path_parts(c, ino)?.map(|parts| parts.join(&b'/')))
 }
 
+/// The state of pending inode `ino` as `c` sees it; None when it is not pending (or gone).
+fn pending_view(c: &Connection, ino: u64) -> IndexResult<Option<PendingInode>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {ATTR_COLS}, i.blob, i.etag, i.link_id, i.target, i.local, i.dirty, i.gen,
+                    i.failures
+             FROM inodes i WHERE i.ino = ?1 AND i.pending = 1"
+    ))?;
+    let Some(mut view) = st
+        .query_row([ino as i64], |r| {
+            let n = ATTR_N;
+            let blob: Option<String> = r.get(n)?;
+            let etag: Option<String> = r.get(n + 1)?;
+            Ok(PendingInode {
+                attr: row_attr(r, 0)?,
+                blob: blob.map(|b| (b, etag.unwrap_or_default())),
+                link_id: r.get(n + 2)?,
+                target: r.get(n + 3)?,
+                local: r.get(n + 4)?,
+                dirty: r.get(n + 5)?,
+                gen: r.get(n + 6)?,
+                failures: r.get::<_, i64>(n + 7)? as u32,
+                names: Vec::new(),
+                stubs: Vec::new(),
+            })
+        })
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let mut names = c.prepare_cached("SELECT parent, name FROM dentries WHERE ino = ?1")?;
+    let rows = names
+        .query_map([ino as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    for (parent, name) in rows {
+        if let Some(mut path) = dir_path(c, parent as u64)? {
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(&name);
+            view.names.push(NameRef {
+                path,
+                parent: parent as u64,
+                name,
+            });
+        }
+    }
+    view.names.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut stubs = c.prepare_cached("SELECT blob, etag FROM stubs WHERE ino = ?1")?;
+    view.stubs = stubs
+        .query_map([ino as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(view))
+}
+
+/// `Index::intend`, in transaction `tx`.
+fn intend_in(tx: &Connection, ino: u64, names: &[String]) -> IndexResult<Vec<String>> {
+    let mut fresh = Vec::new();
+    for n in names {
+        let added = tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO intents(blob, ino) SELECT ?1, ?2
+                 WHERE NOT EXISTS (SELECT 1 FROM inodes WHERE ino = ?2 AND blob = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM stubs WHERE ino = ?2 AND blob = ?1)",
+            )?
+            .execute(params![n, ino as i64])?;
+        if added > 0 {
+            fresh.push(n.clone());
+        }
+    }
+    Ok(fresh)
+}
+
 impl Index {
     /// The state of a pending inode, data writes held in memory included; None when it is
     /// not pending (or gone).
     pub fn pending_inode(&self, ino: u64) -> IndexResult<Option<PendingInode>> {
         self.persist_written()?;
-        self.with_warm_conn(|c| {
-            let mut st = c.prepare_cached(&format!(
-                "SELECT {ATTR_COLS}, i.blob, i.etag, i.link_id, i.target, i.local, i.dirty, i.gen,
-                        i.failures
-                 FROM inodes i WHERE i.ino = ?1 AND i.pending = 1"
-            ))?;
-            let Some(mut view) = st
-                .query_row([ino as i64], |r| {
-                    let n = ATTR_N;
-                    let blob: Option<String> = r.get(n)?;
-                    let etag: Option<String> = r.get(n + 1)?;
-                    Ok(PendingInode {
-                        attr: row_attr(r, 0)?,
-                        blob: blob.map(|b| (b, etag.unwrap_or_default())),
-                        link_id: r.get(n + 2)?,
-                        target: r.get(n + 3)?,
-                        local: r.get(n + 4)?,
-                        dirty: r.get(n + 5)?,
-                        gen: r.get(n + 6)?,
-                        failures: r.get::<_, i64>(n + 7)? as u32,
-                        names: Vec::new(),
-                        stubs: Vec::new(),
-                    })
-                })
-                .optional()?
-            else {
+        self.with_warm_conn(|c| pending_view(c, ino))
+    }
+
+    /// The state of a pending inode as the journal records it, without persisting the data
+    /// writes held in memory first: its names are exact (every name change is a
+    /// transaction), its size and times may be older than what stat shows.
+    pub fn pending_inode_as_recorded(&self, ino: u64) -> IndexResult<Option<PendingInode>> {
+        self.with_warm_conn(|c| pending_view(c, ino))
+    }
+
+    /// The start of an upload of `ino` in one transaction: the data writes held in memory
+    /// are persisted, the pending state is read, and the names `new` picks from it (those
+    /// the upload will write for the first time) are recorded as intents (see `intend`).
+    /// Returns the state and the names that had no intent yet; None when not pending.
+    pub fn begin_upload(
+        &self,
+        ino: u64,
+        new: impl FnOnce(&PendingInode) -> Vec<String>,
+    ) -> IndexResult<Option<(PendingInode, Vec<String>)>> {
+        self.write(|tx| {
+            let Some(view) = pending_view(tx, ino)? else {
                 return Ok(None);
             };
-            let mut names = c.prepare_cached("SELECT parent, name FROM dentries WHERE ino = ?1")?;
-            let rows = names
-                .query_map([ino as i64], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            for (parent, name) in rows {
-                if let Some(mut path) = dir_path(c, parent as u64)? {
-                    if !path.is_empty() {
-                        path.push(b'/');
-                    }
-                    path.extend_from_slice(&name);
-                    view.names.push(NameRef {
-                        path,
-                        parent: parent as u64,
-                        name,
-                    });
-                }
-            }
-            view.names.sort_by(|a, b| a.path.cmp(&b.path));
-            let mut stubs = c.prepare_cached("SELECT blob, etag FROM stubs WHERE ino = ?1")?;
-            view.stubs = stubs
-                .query_map([ino as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Some(view))
+            let names = new(&view);
+            let fresh = intend_in(tx, ino, &names)?;
+            Ok(Some((view, fresh)))
         })
     }
 
@@ -215,19 +262,6 @@ impl Index {
                 |r| r.get::<_, Option<i64>>(0),
             )?
             .map(from_ns))
-        })
-    }
-
-    /// `ino`'s upload is due at `now` (a written file was closed, a deleted one can go); the
-    /// data writes held in memory are persisted with it, so the journal has its size and
-    /// times.
-    pub fn due_now(&self, ino: u64, now: SystemTime) -> IndexResult<()> {
-        self.write(|tx| {
-            tx.prepare_cached(
-                "UPDATE inodes SET due_ns = min(due_ns, ?2) WHERE ino = ?1 AND pending = 1",
-            )?
-            .execute(params![ino as i64, to_ns(now)])?;
-            Ok(())
         })
     }
 
@@ -369,22 +403,7 @@ impl Index {
     /// Records that inode `ino` is about to write `names` (those it does not claim yet).
     /// Returns the names that had no intent yet: no earlier attempt can have written those.
     pub fn intend(&self, ino: u64, names: &[String]) -> IndexResult<Vec<String>> {
-        self.write(|tx| {
-            let mut fresh = Vec::new();
-            for n in names {
-                let added = tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO intents(blob, ino) SELECT ?1, ?2
-                         WHERE NOT EXISTS (SELECT 1 FROM inodes WHERE ino = ?2 AND blob = ?1)
-                           AND NOT EXISTS (SELECT 1 FROM stubs WHERE ino = ?2 AND blob = ?1)",
-                    )?
-                    .execute(params![n, ino as i64])?;
-                if added > 0 {
-                    fresh.push(n.clone());
-                }
-            }
-            Ok(fresh)
-        })
+        self.write(|tx| intend_in(tx, ino, names))
     }
 
     /// Drops inode `ino`'s intents on `names`, which nothing ever wrote.

@@ -128,8 +128,33 @@ impl Writeback {
         Ok(holders)
     }
 
-    /// Brings pending inode `v` up to date; `locked` are the inodes whose locks are held.
-    pub(super) async fn apply(&self, locked: &[u64], v: &PendingInode) -> WbResult<()> {
+    /// The names an upload of `v` writes for the first time: until its result is recorded,
+    /// they are intents (see `index::journal`). None for the root and unlinked inodes.
+    pub(super) fn new_names(&self, v: &PendingInode) -> WbResult<Vec<String>> {
+        if v.attr.ino == ROOT_INO || v.names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut new = Vec::new();
+        for n in &v.names {
+            let name = self.blob_name(&n.path)?;
+            if v.blob.as_ref().is_none_or(|(b, _)| *b != name)
+                && !v.stubs.iter().any(|(s, _)| *s == name)
+            {
+                new.push(name);
+            }
+        }
+        Ok(new)
+    }
+
+    /// Brings pending inode `v` up to date; `locked` are the inodes whose locks are held,
+    /// `fresh` the names of `new_names(v)` that had no intent before (the caller recorded
+    /// the intents).
+    pub(super) async fn apply(
+        &self,
+        locked: &[u64],
+        v: &PendingInode,
+        fresh: Vec<String>,
+    ) -> WbResult<()> {
         let index = &self.index;
         let ino = v.attr.ino;
         if ino == ROOT_INO {
@@ -154,20 +179,6 @@ impl Writeback {
             .iter()
             .map(|n| self.blob_name(&n.path))
             .collect::<WbResult<Vec<_>>>()?;
-        // Names written for the first time are intents until their result is recorded.
-        let new: Vec<String> = names
-            .iter()
-            .filter(|n| {
-                v.blob.as_ref().is_none_or(|(b, _)| b != *n)
-                    && !v.stubs.iter().any(|(s, _)| s == *n)
-            })
-            .cloned()
-            .collect();
-        let fresh = if new.is_empty() {
-            Vec::new()
-        } else {
-            index.intend(ino, &new)?
-        };
         let _writing = index.writing(names);
         let cx = Ctx { locked, fresh };
         let cx = &cx;

@@ -121,11 +121,10 @@ impl Writeback {
         self.due_at_once(ino)
     }
 
-    /// `ino`'s upload is due now (its journal entry persisted) and the background is woken.
+    /// `ino`'s upload is due now and the background is woken; in memory (`Closed`).
     fn due_at_once(&self, ino: u64) -> WbResult<()> {
-        let now = SystemTime::now();
-        self.index.due_now(ino, now)?;
-        self.changed(now);
+        self.closed.add(ino);
+        self.changed(SystemTime::now());
         Ok(())
     }
 }
@@ -208,6 +207,8 @@ pub struct Writeback {
     foreground: scheduler::Foreground,
     /// What uploads of files written in place committed (see `settled.rs`).
     settled: settled::Settled,
+    /// Files closed, due at once (see `scheduler::Closed`).
+    closed: scheduler::Closed,
 }
 
 impl Writeback {
@@ -242,6 +243,7 @@ impl Writeback {
             concurrency: scheduler::Concurrency::default(),
             foreground: scheduler::Foreground::default(),
             settled: settled::Settled::default(),
+            closed: scheduler::Closed::default(),
         })
     }
 
@@ -265,18 +267,43 @@ impl Writeback {
         let mut rounds = 0;
         let result = loop {
             let _held = self.locks.lock_all(&locked);
-            let Some(p) = self.index.pending_inode(ino)? else {
+            // The names, to lock them: exact without persisting the writes held in memory.
+            let Some(seen) = self.index.pending_inode_as_recorded(ino)? else {
                 return Ok(());
             };
             // Claims on a name change only under its lock, so who holds the names this
             // upload writes is read with those locks held.
-            let names = self.names_written(&p)?;
+            let names = self.names_written(&seen)?;
             let _names = self.names.lock_all(&names);
             // Names this upload takes from other live inodes: those inodes wait too. Decided
             // before anything is written, so a redo starts from a clean slate.
             let holders = self.claim_holders(&names, ino)?;
             if holders.iter().all(|h| locked.contains(h)) {
-                break self.rt.block_on(self.apply(&locked, &p));
+                // The state uploaded, read after the writes held in memory are persisted (its
+                // `gen` covers every write so far), and the intents on the names it writes
+                // first: one transaction, or none when there is neither.
+                let new = self.new_names(&seen)?;
+                let begun = if new.is_empty() && !self.index.has_written() {
+                    Some((seen.clone(), Vec::new()))
+                } else {
+                    let mut named = Ok(());
+                    let begun = self.index.begin_upload(ino, |v| match self.new_names(v) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            named = Err(e);
+                            Vec::new()
+                        }
+                    })?;
+                    named?;
+                    begun
+                };
+                let Some((p, fresh)) = begun else {
+                    return Ok(());
+                };
+                // Renamed between the two reads: its names are not the ones locked.
+                if p.names == seen.names {
+                    break self.rt.block_on(self.apply(&locked, &p, fresh));
+                }
             }
             rounds += 1;
             if rounds > 4 {

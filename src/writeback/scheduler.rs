@@ -249,6 +249,40 @@ struct WakeState {
     wake_at: Option<SystemTime>,
 }
 
+/// Files closed (and deleted inodes let go) since the background last looked, in that
+/// order: due at once. Kept in memory, so a close costs no transaction: the journal already
+/// says the file is pending (its create or first write did), the data is in its local copy,
+/// and after a crash every pending inode is due and mount-time recovery takes a size the
+/// journal lacks from the local copy (`recover`). The background takes these first, then
+/// what the journal says is due.
+#[derive(Default)]
+pub(super) struct Closed(
+    Mutex<(
+        std::collections::VecDeque<u64>,
+        std::collections::HashSet<u64>,
+    )>,
+);
+
+impl Closed {
+    pub(super) fn add(&self, ino: u64) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1.insert(ino) {
+            g.0.push_back(ino);
+        }
+    }
+
+    /// The oldest `most`, no longer marked.
+    fn take(&self, most: usize) -> Vec<u64> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = most.min(g.0.len());
+        let taken: Vec<u64> = g.0.drain(..n).collect();
+        for i in &taken {
+            g.1.remove(i);
+        }
+        taken
+    }
+}
+
 #[derive(Default)]
 pub(super) struct Wakeup {
     state: Mutex<WakeState>,
@@ -326,11 +360,6 @@ impl Writeback {
                 st.busy = true;
                 st.changed = false;
             }
-            if self.index.has_written() {
-                if let Err(e) = self.index.persist_written() {
-                    tracing::warn!("write-back: recording data writes: {e}");
-                }
-            }
             let next = match self.upload_due(false) {
                 Ok(next) => next,
                 Err(e) => {
@@ -338,6 +367,12 @@ impl Writeback {
                     Some(SystemTime::now() + Duration::from_secs(1))
                 }
             };
+            // After the uploads, whose first transactions persist them too.
+            if self.index.has_written() {
+                if let Err(e) = self.index.persist_written() {
+                    tracing::warn!("write-back: recording data writes: {e}");
+                }
+            }
             let next = if self.index.has_written() {
                 let tick = SystemTime::now() + PERSIST_WRITES;
                 Some(next.map_or(tick, |n| n.min(tick)))
@@ -434,7 +469,16 @@ impl Writeback {
     ) -> WbResult<Option<SystemTime>> {
         loop {
             let now = SystemTime::now();
-            let due = self.index.due(now, 256)?;
+            let mut due = self.closed.take(256);
+            let mut seen: std::collections::HashSet<u64> = due.iter().copied().collect();
+            for ino in self.index.due(now, 256)? {
+                if due.len() >= 256 {
+                    break;
+                }
+                if seen.insert(ino) {
+                    due.push(ino);
+                }
+            }
             if due.is_empty() {
                 break;
             }
