@@ -13,7 +13,7 @@
 //! deleted from there: a crash between writing the new name and deleting the old one leaves
 //! a trash row, never an unclaimed duplicate.
 //!
-//! A name write-back is about to write for the first time is an *intent* first (`intend`),
+//! A name write-back is about to write for the first time is an *intent* first (`begin_upload`),
 //! persisted before the request: a crash after the service committed it and before the
 //! result was recorded would otherwise leave a blob no one claims (a temporary file renamed
 //! while its upload ran, seen by every other node). `record_upload` drops the intents it
@@ -133,7 +133,8 @@ fn pending_view(c: &Connection, ino: u64) -> IndexResult<Option<PendingInode>> {
     Ok(Some(view))
 }
 
-/// `Index::intend`, in transaction `tx`.
+/// Records in `tx` that inode `ino` is about to write `names` (those it does not claim
+/// yet). Returns the names that had no intent yet: no earlier attempt can have written those.
 fn intend_in(tx: &Connection, ino: u64, names: &[String]) -> IndexResult<Vec<String>> {
     let mut fresh = Vec::new();
     for n in names {
@@ -168,7 +169,7 @@ impl Index {
 
     /// The start of an upload of `ino` in one transaction: the data writes held in memory
     /// are persisted, the pending state is read, and the names `new` picks from it (those
-    /// the upload will write for the first time) are recorded as intents (see `intend`).
+    /// the upload will write for the first time) are recorded as intents (`intend_in`).
     /// Returns the state and the names that had no intent yet; None when not pending.
     pub fn begin_upload(
         &self,
@@ -398,12 +399,6 @@ impl Index {
             ])?;
             Ok(())
         })
-    }
-
-    /// Records that inode `ino` is about to write `names` (those it does not claim yet).
-    /// Returns the names that had no intent yet: no earlier attempt can have written those.
-    pub fn intend(&self, ino: u64, names: &[String]) -> IndexResult<Vec<String>> {
-        self.write(|tx| intend_in(tx, ino, names))
     }
 
     /// Drops inode `ino`'s intents on `names`, which nothing ever wrote.
