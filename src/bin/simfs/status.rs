@@ -93,6 +93,7 @@ fn summary(p: &Pending) -> String {
     }
     s
 }
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountInfo {
     pub pid: u32,
@@ -126,8 +127,8 @@ fn tree_size(p: &Path) -> u64 {
 }
 
 /// What the journal in `state_dir` holds, and the last refresh. The serving daemon answers
-/// (only it can open its index); a daemon that does not (too busy, or an older simfs that
-/// leaves its index open to others) is read directly.
+/// (only it can open its index). Without an answer within 2 s the index is read directly,
+/// which only an older simfs's index allows; else the figures are unknown.
 fn journal(state_dir: &Path) -> (Option<Pending>, Option<simfs::refresh::Report>) {
     let wait = std::time::Duration::from_secs(2);
     if let Ok(protocol::Event::Status {
