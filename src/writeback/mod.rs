@@ -282,21 +282,18 @@ impl Writeback {
                 // The state uploaded, read after the writes held in memory are persisted (its
                 // `gen` covers every write so far), and the intents on the names it writes
                 // first: one transaction, or none when there is neither.
-                let new = self.new_names(&seen)?;
-                let begun = if new.is_empty() && !self.index.has_written() {
-                    Some((seen.clone(), Vec::new()))
-                } else {
-                    let mut named = Ok(());
-                    let begun = self.index.begin_upload(ino, |v| match self.new_names(v) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            named = Err(e);
-                            Vec::new()
-                        }
-                    })?;
-                    named?;
-                    begun
-                };
+                if self.new_names(&seen)?.is_empty() && !self.index.has_written() {
+                    break self.rt.block_on(self.apply(&locked, &seen, Vec::new()));
+                }
+                let mut named = Ok(());
+                let begun = self.index.begin_upload(ino, |v| match self.new_names(v) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        named = Err(e);
+                        Vec::new()
+                    }
+                })?;
+                named?;
                 let Some((p, fresh)) = begun else {
                     return Ok(());
                 };
