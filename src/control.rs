@@ -90,16 +90,10 @@ pub fn serve(fs: &SimFs, conn: UnixStream) {
             });
         }
         Request::Status => {
-            let index = fs.index();
-            let last_refresh = index
-                .meta(crate::refresh::LAST_REFRESH)
-                .ok()
-                .flatten()
-                .and_then(|j| serde_json::from_str(&j).ok());
-            send(match crate::protocol::Pending::of(index) {
+            send(match crate::protocol::Pending::of(fs.index()) {
                 Ok(pending) => Event::Status {
                     pending,
-                    last_refresh,
+                    last_refresh: crate::refresh::last_report(fs.index()),
                 },
                 Err(e) => error(e.to_string()),
             });

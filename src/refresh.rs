@@ -33,6 +33,13 @@ const ENTRY_WAIT: Duration = Duration::from_secs(5);
 /// The index `meta` key holding the last refresh's report (JSON), for `simfs status`.
 pub const LAST_REFRESH: &str = "last_refresh";
 
+/// The last refresh's report recorded in `index` (None: none since it was built, or
+/// unreadable).
+pub fn last_report(index: &Index) -> Option<Report> {
+    let json = index.meta(LAST_REFRESH).ok().flatten()?;
+    serde_json::from_str(&json).ok()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     #[error("listing the container: {0}")]

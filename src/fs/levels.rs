@@ -19,11 +19,7 @@ impl SimFs {
             .flatten()
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .map_or(0.0, |d| d.as_secs_f64());
-        let report = index
-            .meta(crate::refresh::LAST_REFRESH)
-            .ok()
-            .flatten()
-            .and_then(|j| serde_json::from_str::<crate::refresh::Report>(&j).ok());
+        let report = crate::refresh::last_report(index);
         Levels {
             cache_used_bytes: cache.used,
             cache_limit_bytes: cache.capacity,

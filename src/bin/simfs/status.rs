@@ -141,12 +141,10 @@ fn journal(state_dir: &Path) -> (Option<Pending>, Option<simfs::refresh::Report>
     let Ok(index) = Index::open_read_only(&state_dir.join("index.db")) else {
         return (None, None);
     };
-    let last_refresh = index
-        .meta(simfs::refresh::LAST_REFRESH)
-        .ok()
-        .flatten()
-        .and_then(|j| serde_json::from_str(&j).ok());
-    (Pending::of(&index).ok(), last_refresh)
+    (
+        Pending::of(&index).ok(),
+        simfs::refresh::last_report(&index),
+    )
 }
 
 /// The mounts registered in `dir` whose process still runs.
