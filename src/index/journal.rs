@@ -340,67 +340,99 @@ impl Index {
         uploaded_data: bool,
         remove: bool,
     ) -> IndexResult<()> {
-        self.write(|tx| {
-            let mut names: Vec<&str> = stubs.iter().map(|s| s.0.as_str()).collect();
-            if let Some((b, _)) = blob {
-                names.push(b);
-            }
-            let old: Vec<(String, String)> = tx
-                .prepare_cached(
-                    "SELECT blob, coalesce(etag, '') FROM inodes WHERE ino = ?1 AND blob IS NOT NULL
-                     UNION ALL SELECT blob, etag FROM stubs WHERE ino = ?1",
-                )?
-                .query_map([ino as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            for (b, e) in &old {
-                if !names.contains(&b.as_str()) {
-                    tx.prepare_cached("INSERT OR REPLACE INTO trash(blob, etag) VALUES (?1, ?2)")?
-                        .execute(params![b, e])?;
-                }
-            }
-            for n in &names {
-                tx.prepare_cached(
-                    "UPDATE inodes SET blob = NULL, etag = NULL WHERE blob = ?1 AND ino != ?2",
-                )?
-                .execute(params![n, ino as i64])?;
-                tx.prepare_cached("DELETE FROM stubs WHERE blob = ?1")?
-                    .execute([n])?;
-                tx.prepare_cached("DELETE FROM trash WHERE blob = ?1")?
-                    .execute([n])?;
-            }
-            tx.prepare_cached("DELETE FROM stubs WHERE ino = ?1")?
-                .execute([ino as i64])?;
-            // The names now claimed (or trashed) are settled intents.
-            for n in &names {
-                tx.prepare_cached("DELETE FROM intents WHERE blob = ?1")?
-                    .execute([n])?;
-            }
-            if remove {
-                tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1 AND nlink = 0")?
-                    .execute([ino as i64])?;
-                return Ok(());
-            }
-            for (b, e) in stubs {
-                tx.prepare_cached("INSERT INTO stubs(blob, ino, etag) VALUES (?1, ?2, ?3)")?
-                    .execute(params![b, ino as i64, e])?;
-            }
-            tx.prepare_cached(
-                "UPDATE inodes SET blob = ?2, etag = ?3, md5 = NULL, failures = 0, last_error = NULL,
-                     dirty = CASE WHEN gen = ?4 AND ?5 THEN 0 ELSE dirty END,
-                     pending = CASE WHEN gen = ?4 THEN 0 ELSE 1 END
-                 WHERE ino = ?1",
-            )?
-            .execute(params![
-                ino as i64,
-                blob.map(|b| b.0.as_str()),
-                blob.map(|b| b.1.as_str()),
-                gen,
-                uploaded_data
-            ])?;
-            Ok(())
-        })
+        self.write(|tx| record(tx, ino, gen, blob, stubs, uploaded_data, remove))
     }
 
+    /// `record_upload`, done by the next transaction anyone makes within `within` (see
+    /// `riders.rs`). The caller's locks cover it until it is done, as they cover a
+    /// commit of its own.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_upload_soon(
+        &self,
+        within: std::time::Duration,
+        ino: u64,
+        gen: i64,
+        blob: Option<(String, String)>,
+        stubs: Vec<(String, String)>,
+        uploaded_data: bool,
+        remove: bool,
+    ) -> IndexResult<()> {
+        self.write_soon(within, move |tx| {
+            record(tx, ino, gen, blob.as_ref(), &stubs, uploaded_data, remove)
+        })
+    }
+}
+
+/// What `record_upload` records, in `tx`.
+fn record(
+    tx: &rusqlite::Transaction<'_>,
+    ino: u64,
+    gen: i64,
+    blob: Option<&(String, String)>,
+    stubs: &[(String, String)],
+    uploaded_data: bool,
+    remove: bool,
+) -> IndexResult<()> {
+    let mut names: Vec<&str> = stubs.iter().map(|s| s.0.as_str()).collect();
+    if let Some((b, _)) = blob {
+        names.push(b);
+    }
+    let old: Vec<(String, String)> = tx
+        .prepare_cached(
+            "SELECT blob, coalesce(etag, '') FROM inodes WHERE ino = ?1 AND blob IS NOT NULL
+             UNION ALL SELECT blob, etag FROM stubs WHERE ino = ?1",
+        )?
+        .query_map([ino as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (b, e) in &old {
+        if !names.contains(&b.as_str()) {
+            tx.prepare_cached("INSERT OR REPLACE INTO trash(blob, etag) VALUES (?1, ?2)")?
+                .execute(params![b, e])?;
+        }
+    }
+    for n in &names {
+        tx.prepare_cached(
+            "UPDATE inodes SET blob = NULL, etag = NULL WHERE blob = ?1 AND ino != ?2",
+        )?
+        .execute(params![n, ino as i64])?;
+        tx.prepare_cached("DELETE FROM stubs WHERE blob = ?1")?
+            .execute([n])?;
+        tx.prepare_cached("DELETE FROM trash WHERE blob = ?1")?
+            .execute([n])?;
+    }
+    tx.prepare_cached("DELETE FROM stubs WHERE ino = ?1")?
+        .execute([ino as i64])?;
+    // The names now claimed (or trashed) are settled intents.
+    for n in &names {
+        tx.prepare_cached("DELETE FROM intents WHERE blob = ?1")?
+            .execute([n])?;
+    }
+    if remove {
+        tx.prepare_cached("DELETE FROM inodes WHERE ino = ?1 AND nlink = 0")?
+            .execute([ino as i64])?;
+        return Ok(());
+    }
+    for (b, e) in stubs {
+        tx.prepare_cached("INSERT INTO stubs(blob, ino, etag) VALUES (?1, ?2, ?3)")?
+            .execute(params![b, ino as i64, e])?;
+    }
+    tx.prepare_cached(
+        "UPDATE inodes SET blob = ?2, etag = ?3, md5 = NULL, failures = 0, last_error = NULL,
+             dirty = CASE WHEN gen = ?4 AND ?5 THEN 0 ELSE dirty END,
+             pending = CASE WHEN gen = ?4 THEN 0 ELSE 1 END
+         WHERE ino = ?1",
+    )?
+    .execute(params![
+        ino as i64,
+        blob.map(|b| b.0.as_str()),
+        blob.map(|b| b.1.as_str()),
+        gen,
+        uploaded_data
+    ])?;
+    Ok(())
+}
+
+impl Index {
     /// Drops inode `ino`'s intents on `names`, which nothing ever wrote.
     pub fn forget_intents(&self, ino: u64, names: &[String]) -> IndexResult<()> {
         self.write(|tx| {

@@ -31,6 +31,7 @@ pub mod journal;
 mod memo;
 pub mod names;
 pub mod refresh;
+mod riders;
 pub mod snapshot;
 pub mod write;
 mod written;
@@ -320,6 +321,8 @@ pub struct Index {
     watch: refresh::Watch,
     /// Hot rows in memory (see `memo.rs`).
     memo: Memo,
+    /// Work waiting to be done by the next transaction (see `riders.rs`).
+    riders: riders::Riders,
 }
 
 impl Index {
@@ -337,6 +340,7 @@ impl Index {
             written: Written::default(),
             watch: refresh::Watch::default(),
             memo: Memo::default(),
+            riders: Default::default(),
         };
         let ok = index.with_conn(|c| {
             let get = |k: &str| meta_value(c, k);
@@ -400,6 +404,7 @@ impl Index {
             written: Written::default(),
             watch: refresh::Watch::default(),
             memo: Memo::default(),
+            riders: Default::default(),
         };
         index.with_conn(|_| Ok(()))?;
         Ok(index)
@@ -437,14 +442,21 @@ impl Index {
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> IndexResult<T>,
     ) -> IndexResult<T> {
         let persisted = self.written.snapshot();
+        let mut taken = riders::Taken::default();
         let out = self.transaction(|tx| {
             for (ino, w) in &persisted {
                 written::persist(tx, *ino, w)?;
             }
-            f(tx)
+            taken = riders::Taken::board(&self.riders, tx)?;
+            if taken.is_empty() {
+                return f(tx).map(Ok);
+            }
+            // Riders aboard: a failure of `f` undoes `f` alone, and the rest commits.
+            riders::in_savepoint(tx, "host", f)
         })?;
+        taken.committed();
         self.written.persisted(&persisted);
-        Ok(out)
+        out
     }
 
     fn transaction<T>(

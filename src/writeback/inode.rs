@@ -24,10 +24,15 @@ use crate::index::names::Name;
 use crate::index::ROOT_INO;
 use crate::posix::Kind;
 use bytes::Bytes;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// Stub blobs of one hard-linked file written at once.
 const STUBS_AT_ONCE: usize = 16;
+
+/// How long a background upload's record waits for another transaction to carry it. While
+/// files are written, a create or the next upload's start comes within a few milliseconds;
+/// the upload's slot in the window and its locks are held meanwhile.
+const RECORD_WITHIN: Duration = Duration::from_millis(20);
 
 /// What one upload works with.
 struct Ctx<'a> {
@@ -356,8 +361,27 @@ impl Writeback {
             };
             self.settled.keep(ino, c);
         }
-        index.record_upload(ino, v.gen, Some(&(anchor, etag)), &stubs, v.dirty, false)?;
+        index.record_upload_soon(
+            self.record_within(),
+            ino,
+            v.gen,
+            Some((anchor, etag)),
+            stubs,
+            v.dirty,
+            false,
+        )?;
         Ok(())
+    }
+
+    /// How long a finished upload's record may wait for another transaction to take it
+    /// along (`index/riders.rs`): not at all while someone waits for a commit (an fsync, a
+    /// sync, a close on a `sync` mount), else `RECORD_WITHIN`.
+    fn record_within(&self) -> Duration {
+        if self.foreground.is_waiting() {
+            Duration::ZERO
+        } else {
+            RECORD_WITHIN
+        }
     }
 
     /// The stub blobs of a hard-linked file's names other than its anchor: those it has are

@@ -59,6 +59,11 @@ impl Foreground {
         Waiting(self)
     }
 
+    /// Whether a foreground upload runs: someone waits for a commit now.
+    pub(super) fn is_waiting(&self) -> bool {
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) > 0
+    }
+
     /// Waits (at most `YIELD_AT_MOST`) until no foreground upload runs.
     fn yield_to(&self) {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
