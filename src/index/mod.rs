@@ -26,6 +26,7 @@
 //! back the rows it changed as they now stand (a few) or drops them (many).
 
 pub mod build;
+mod checkpoint;
 pub mod ingest;
 pub mod journal;
 mod memo;
@@ -58,7 +59,8 @@ pub const ROOT_INO: u64 = 1;
 /// lookups as long. Keys longer than about 230 bytes (a blob path that long) spill to an
 /// overflow page. An index keeps the page size it was built with.
 const PAGE_SIZE: i64 = 1024;
-/// How much log the writer lets grow before it copies it back (SQLite counts in pages).
+/// How much log the writer lets grow before it copies it back and starts it over (SQLite
+/// counts in pages). A thread copies most of it before that (`checkpoint.rs`).
 const CHECKPOINT_BYTES: i64 = 4 << 20;
 const SCHEMA_VERSION: &str = "2";
 /// Prepared statements kept per connection. rusqlite keeps 16 by default, fewer than the
@@ -323,6 +325,8 @@ pub struct Index {
     memo: Memo,
     /// Work waiting to be done by the next transaction (see `riders.rs`).
     riders: riders::Riders,
+    /// Copies the log back into the index file (see `checkpoint.rs`).
+    checkpoints: checkpoint::Checkpointer,
 }
 
 impl Index {
@@ -341,6 +345,7 @@ impl Index {
             watch: refresh::Watch::default(),
             memo: Memo::default(),
             riders: Default::default(),
+            checkpoints: Default::default(),
         };
         let ok = index.with_conn(|c| {
             let get = |k: &str| meta_value(c, k);
@@ -405,6 +410,7 @@ impl Index {
             watch: refresh::Watch::default(),
             memo: Memo::default(),
             riders: Default::default(),
+            checkpoints: Default::default(),
         };
         index.with_conn(|_| Ok(()))?;
         Ok(index)
@@ -512,6 +518,9 @@ impl Index {
         // Committed or rolled back, the rows it touched are kept as they now stand or leave
         // memory (still under the writer's lock, so no other transaction's changes mix in).
         self.memo.ended(conn);
+        if out.is_ok() {
+            self.checkpoints.committed(&self.path);
+        }
         out
     }
 

@@ -1,0 +1,127 @@
+//! The log copied back into the index file by a thread of its own.
+//!
+//! SQLite checkpoints in the commit that takes the log past its threshold: that commit
+//! syncs the log, copies its pages into the index file and syncs that too, while it still
+//! holds the writer. During a `pip install` into the mount this came some 16 times, and
+//! each time a create or a rename on a FUSE thread waited about 20 ms for it (two fsyncs
+//! and the copy), with every other writer queued behind it. Here a thread checkpoints
+//! instead, once a second while commits come, on a connection of its own: a passive
+//! checkpoint never takes the writer's lock, so commits go on meanwhile. The writer keeps
+//! SQLite's own checkpoint, at a threshold far above what this thread lets the log reach,
+//! as a backstop should this thread fall behind (or fail: its errors are only logged).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How often the thread looks for new commits to copy back.
+const PERIOD: Duration = Duration::from_millis(250);
+
+#[derive(Default)]
+struct Shared {
+    commits: AtomicU64,
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// The index's checkpoint thread, started by its first commit and stopped with the index.
+#[derive(Default)]
+pub(super) struct Checkpointer {
+    shared: Arc<Shared>,
+    thread: OnceLock<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// A transaction committed on the index at `path`.
+    pub(super) fn committed(&self, path: &Path) {
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        self.thread.get_or_init(|| {
+            let (shared, path) = (self.shared.clone(), path.to_path_buf());
+            std::thread::Builder::new()
+                .name("simfs-checkpoint".into())
+                .spawn(move || run(&shared, &path))
+                .expect("spawning the index's checkpoint thread")
+        });
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        *self.shared.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(shared: &Shared, path: &Path) {
+    let mut conn = None;
+    let mut done = 0;
+    loop {
+        let stop = shared.stop.lock().unwrap_or_else(|p| p.into_inner());
+        let (stop, _) = shared
+            .wake
+            .wait_timeout_while(stop, PERIOD, |s| !*s)
+            .unwrap_or_else(|p| p.into_inner());
+        if *stop {
+            return;
+        }
+        drop(stop);
+        let commits = shared.commits.load(Ordering::Relaxed);
+        if commits == done {
+            continue;
+        }
+        done = commits;
+        if let Err(e) = checkpoint(&mut conn, path) {
+            tracing::debug!("checkpoint of {}: {e}", path.display());
+            conn = None;
+        }
+    }
+}
+
+fn checkpoint(conn: &mut Option<rusqlite::Connection>, path: &Path) -> rusqlite::Result<()> {
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(rusqlite::Connection::open_with_flags_and_vfs(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            super::VFS,
+        )?),
+    };
+    c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::memo::tests::{file, fresh_index};
+    use std::time::{Duration, Instant};
+
+    /// New pages live in the log until a checkpoint copies them into the index file; the
+    /// writer's own checkpoint waits for a log 16 times larger than the 4 MiB written here,
+    /// so only the thread can have made the file grow.
+    #[test]
+    fn commits_are_copied_back_into_the_index_file_by_the_checkpoint_thread() {
+        let (dir, index, at) = fresh_index();
+        let db = dir.path().join("index.db");
+        let log = dir.path().join("index.db-wal");
+        let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let before = size(&db);
+        let mut i = 0;
+        while size(&log) < 4 << 20 {
+            file(&index, &format!("a-file-with-a-long-name-{i:06}"), at);
+            i += 1;
+        }
+        let t = Instant::now();
+        while size(&db) <= before && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            size(&db) > before,
+            "the index file stayed at {} bytes after {i} creates",
+            size(&db)
+        );
+    }
+}
