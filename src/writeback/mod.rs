@@ -257,6 +257,9 @@ impl Writeback {
     /// background, and returned.
     pub fn upload(&self, ino: u64) -> WbResult<()> {
         let _waiting = self.foreground.enter();
+        // A background upload of `ino` that waits for its record to be carried holds the
+        // inode's lock meanwhile: commit it now rather than when its wait runs out.
+        self.index.hurry_riders()?;
         let _flight = self.concurrency.begin();
         self.upload_inode(ino)
     }
