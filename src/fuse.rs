@@ -536,7 +536,11 @@ impl Filesystem for SimFuse {
             }
         }
         // The last close of an unlinked file deletes its blobs.
-        self.off_thread(t, move |fs| reply_empty(fs.release(fh.0), reply));
+        if self.fs.release_may_wait(fh.0) {
+            self.off_thread(t, move |fs| reply_empty(fs.release(fh.0), reply));
+        } else {
+            reply_empty(self.fs.release(fh.0), reply);
+        }
     }
 
     fn setattr(

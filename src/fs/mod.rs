@@ -294,6 +294,29 @@ impl SimFs {
                 .is_some_and(|wb| wb.close_may_wait())
     }
 
+    /// Whether a release of `fh` may wait: to adopt an in-place writer's copy, for room in
+    /// the write-back window (a writer's last close), or to delete an unlinked file's blobs
+    /// (its last close). Any other release is a few updates in memory, answered on the FUSE
+    /// thread. (A file unlinked between this check and the release has its blobs deleted on
+    /// the FUSE thread: correct, only slower.)
+    pub fn release_may_wait(&self, fh: u64) -> bool {
+        let Ok(h) = self.file_handle(fh) else {
+            return false;
+        };
+        if h.in_place.load(std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        if h.is_writing()
+            && self
+                .writeback
+                .as_ref()
+                .is_some_and(|wb| wb.close_may_wait())
+        {
+            return true;
+        }
+        self.attr(h.ino).map_or(true, |a| a.nlink == 0)
+    }
+
     /// Gives `ino` its local copy if it has none yet. The download happens before the
     /// inode's lock is taken (concurrent callers share it through the cache's
     /// single-flight), so no lock is held across the network and other inodes never wait.
