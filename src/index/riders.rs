@@ -205,8 +205,6 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    type Boxed = Box<dyn Fn(&rusqlite::Transaction<'_>) -> super::IndexResult<()> + Send + Sync>;
-
     fn perm_of(index: &super::Index, ino: u64) -> i64 {
         index
             .with_conn(|c| {
@@ -232,20 +230,27 @@ mod tests {
         }
     }
 
+    /// A rider whose wait only another transaction can cut short, once it is queued.
+    fn board(
+        index: &Arc<super::Index>,
+        work: impl Fn(&rusqlite::Transaction<'_>) -> super::IndexResult<()> + Send + Sync + 'static,
+    ) -> std::thread::JoinHandle<super::IndexResult<()>> {
+        let before = index.riders.queue.lock().unwrap().len();
+        let i2 = index.clone();
+        let h = std::thread::spawn(move || i2.write_soon(Duration::from_secs(60), work));
+        while index.riders.queue.lock().unwrap().len() == before {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        h
+    }
+
     #[test]
     fn a_rider_is_committed_by_the_next_transaction_of_anyone() {
         let (_d, index, at) = fresh_index();
         let ino = file(&index, "a", at);
         let other = file(&index, "b", at);
         let index = Arc::new(index);
-        let i2 = index.clone();
-        // A long wait: only another transaction can end it early.
-        let rider = std::thread::spawn(move || {
-            i2.write_soon(Duration::from_secs(60), set_perm(0o600, ino))
-        });
-        while index.riders.queue.lock().unwrap().is_empty() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let rider = board(&index, set_perm(0o600, ino));
         let t = std::time::Instant::now();
         index.write(set_perm(0o640, other)).unwrap();
         rider.join().unwrap().unwrap();
@@ -259,13 +264,7 @@ mod tests {
         let (_d, index, at) = fresh_index();
         let ino = file(&index, "a", at);
         let index = Arc::new(index);
-        let i2 = index.clone();
-        let rider = std::thread::spawn(move || {
-            i2.write_soon(Duration::from_secs(60), set_perm(0o600, ino))
-        });
-        while index.riders.queue.lock().unwrap().is_empty() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let rider = board(&index, set_perm(0o600, ino));
         let t = std::time::Instant::now();
         index.hurry_riders().unwrap();
         rider.join().unwrap().unwrap();
@@ -291,22 +290,13 @@ mod tests {
         let other = file(&index, "b", at);
         let index = Arc::new(index);
         let ran = Arc::new(AtomicUsize::new(0));
-        let spawn_rider = |work: Boxed| {
-            let i2 = index.clone();
-            let before = i2.riders.queue.lock().unwrap().len();
-            let h = std::thread::spawn(move || i2.write_soon(Duration::from_secs(60), work));
-            while index.riders.queue.lock().unwrap().len() == before {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            h
-        };
-        let good = spawn_rider(Box::new(set_perm(0o600, ino)));
+        let good = board(&index, set_perm(0o600, ino));
         let r2 = ran.clone();
-        let bad = spawn_rider(Box::new(move |tx| {
+        let bad = board(&index, move |tx| {
             r2.fetch_add(1, Ordering::SeqCst);
             set_perm(0o700, ino)(tx)?;
             Err(IndexError::Corrupt("the rider fails".into()))
-        }));
+        });
         let host = index.write(|tx| {
             set_perm(0o640, other)(tx)?;
             Err::<(), _>(IndexError::Corrupt("the host fails".into()))
