@@ -458,7 +458,7 @@ impl Index {
                 return f(tx).map(Ok);
             }
             // Riders aboard: a failure of `f` undoes `f` alone, and the rest commits.
-            riders::in_savepoint(tx, "host", f)
+            riders::in_savepoint(tx, f)
         })?;
         taken.committed();
         self.written.persisted(&persisted);

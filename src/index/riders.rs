@@ -98,7 +98,7 @@ impl Taken {
             riders: queue.into_iter().map(|r| (r, None)).collect(),
         };
         for (r, result) in &mut taken.riders {
-            *result = Some(in_savepoint(tx, "rider", |tx| (r.work)(tx))?);
+            *result = Some(in_savepoint(tx, |tx| (r.work)(tx))?);
         }
         Ok(taken)
     }
@@ -123,18 +123,18 @@ impl Drop for Taken {
 
 /// Runs `f` in a savepoint of `tx`: its changes stay if it succeeds and are undone if it
 /// fails, the rest of the transaction untouched either way. The outer error is the
-/// savepoint's own (the transaction is then unusable); the inner one is `f`'s.
+/// savepoint's own (the transaction is then unusable); the inner one is `f`'s. (One name
+/// serves every savepoint: they follow one another, never nest.)
 pub(super) fn in_savepoint<T>(
     tx: &Transaction<'_>,
-    name: &str,
     f: impl FnOnce(&Transaction<'_>) -> IndexResult<T>,
 ) -> IndexResult<IndexResult<T>> {
-    tx.execute_batch(&format!("SAVEPOINT {name}"))?;
+    tx.prepare_cached("SAVEPOINT simfs_part")?.execute([])?;
     let out = f(tx);
     if out.is_err() {
-        tx.execute_batch(&format!("ROLLBACK TO {name}"))?;
+        tx.prepare_cached("ROLLBACK TO simfs_part")?.execute([])?;
     }
-    tx.execute_batch(&format!("RELEASE {name}"))?;
+    tx.prepare_cached("RELEASE simfs_part")?.execute([])?;
     Ok(out)
 }
 
