@@ -208,7 +208,15 @@ impl Writeback {
                     &render(role, a.perm, a.uid, a.gid, a.mtime),
                 )?;
                 let etag = self.put_small(cx, ino, &name, body, &meta).await?;
-                index.record_upload(ino, v.gen, Some(&(name, etag)), &[], false, false)?;
+                index.record_upload_soon(
+                    self.record_within(),
+                    ino,
+                    v.gen,
+                    Some((name, etag)),
+                    Vec::new(),
+                    false,
+                    false,
+                )?;
             }
         }
         // A failed earlier attempt whose answer was lost may have written a name the inode
