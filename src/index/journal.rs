@@ -77,6 +77,21 @@ fn dir_path(c: &Connection, ino: u64) -> IndexResult<Option<Vec<u8>>> {
     Ok(super::path_parts(c, ino)?.map(|parts| parts.join(&b'/')))
 }
 
+/// What an upload of one inode put in the container, for `Index::record_upload`.
+pub struct Uploaded {
+    pub ino: u64,
+    /// The generation the upload read: a change since keeps the inode pending.
+    pub gen: i64,
+    /// The data blob and its ETag (None: nothing, e.g. the root or an unlinked inode).
+    pub blob: Option<(String, String)>,
+    /// The stub blobs of its other names, with their ETags.
+    pub stubs: Vec<(String, String)>,
+    /// Its data went up (not only its metadata): unchanged since, it is clean.
+    pub uploaded_data: bool,
+    /// The (unlinked) inode's row goes too.
+    pub remove: bool,
+}
+
 /// The state of pending inode `ino` as `c` sees it; None when it is not pending (or gone).
 fn pending_view(c: &Connection, ino: u64) -> IndexResult<Option<PendingInode>> {
     let mut st = c.prepare_cached(&format!(
@@ -327,52 +342,27 @@ impl Index {
         })
     }
 
-    /// Records what write-back uploaded for `ino`: its data blob (None: nothing, e.g. the root)
-    /// and stubs. Claims other inodes had on these names are dropped; names `ino` claimed
-    /// before and no longer does go to the trash. The inode stops being pending unless it
-    /// changed meanwhile (`gen`). With `remove`, the (unlinked) inode's row goes too.
-    pub fn record_upload(
-        &self,
-        ino: u64,
-        gen: i64,
-        blob: Option<&(String, String)>,
-        stubs: &[(String, String)],
-        uploaded_data: bool,
-        remove: bool,
-    ) -> IndexResult<()> {
-        self.write(|tx| record(tx, ino, gen, blob, stubs, uploaded_data, remove))
-    }
-
-    /// `record_upload`, done by the next transaction anyone makes within `within` (see
-    /// `riders.rs`). The caller's locks cover it until it is done, as they cover a
-    /// commit of its own.
-    #[allow(clippy::too_many_arguments)]
-    pub fn record_upload_soon(
-        &self,
-        within: std::time::Duration,
-        ino: u64,
-        gen: i64,
-        blob: Option<(String, String)>,
-        stubs: Vec<(String, String)>,
-        uploaded_data: bool,
-        remove: bool,
-    ) -> IndexResult<()> {
-        self.write_soon(within, move |tx| {
-            record(tx, ino, gen, blob.as_ref(), &stubs, uploaded_data, remove)
-        })
+    /// Records what write-back uploaded (`Uploaded`). Claims other inodes had on its names
+    /// are dropped; names the inode claimed before and no longer does go to the trash. The
+    /// inode stops being pending unless it changed meanwhile (`gen`). The record is done by
+    /// the next transaction anyone makes within `within` (see `riders.rs`; zero: one of its
+    /// own, at once); the caller's locks cover it until it is done, as they cover a commit
+    /// of its own.
+    pub fn record_upload(&self, within: Duration, u: Uploaded) -> IndexResult<()> {
+        self.write_soon(within, move |tx| record(tx, &u))
     }
 }
 
 /// What `record_upload` records, in `tx`.
-fn record(
-    tx: &rusqlite::Transaction<'_>,
-    ino: u64,
-    gen: i64,
-    blob: Option<&(String, String)>,
-    stubs: &[(String, String)],
-    uploaded_data: bool,
-    remove: bool,
-) -> IndexResult<()> {
+fn record(tx: &rusqlite::Transaction<'_>, u: &Uploaded) -> IndexResult<()> {
+    let Uploaded {
+        ino,
+        gen,
+        ref blob,
+        ref stubs,
+        uploaded_data,
+        remove,
+    } = *u;
     let mut names: Vec<&str> = stubs.iter().map(|s| s.0.as_str()).collect();
     if let Some((b, _)) = blob {
         names.push(b);
@@ -424,8 +414,8 @@ fn record(
     )?
     .execute(params![
         ino as i64,
-        blob.map(|b| b.0.as_str()),
-        blob.map(|b| b.1.as_str()),
+        blob.as_ref().map(|b| b.0.as_str()),
+        blob.as_ref().map(|b| b.1.as_str()),
         gen,
         uploaded_data
     ])?;

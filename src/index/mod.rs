@@ -853,10 +853,15 @@ mod tests {
     /// Records `ino` as uploaded to `blob`; its generation then.
     fn uploaded(index: &Index, ino: u64, blob: &str) -> i64 {
         let gen = index.pending_inode(ino).unwrap().unwrap().gen;
-        let b = (blob.to_string(), "\"etag\"".to_string());
-        index
-            .record_upload(ino, gen, Some(&b), &[], true, false)
-            .unwrap();
+        let u = super::journal::Uploaded {
+            ino,
+            gen,
+            blob: Some((blob.to_string(), "\"etag\"".to_string())),
+            stubs: Vec::new(),
+            uploaded_data: true,
+            remove: false,
+        };
+        index.record_upload(Duration::ZERO, u).unwrap();
         assert!(index.pending_inode(ino).unwrap().is_none());
         gen
     }

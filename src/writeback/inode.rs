@@ -19,7 +19,7 @@ use super::{WbResult, Writeback, WritebackError};
 use crate::blob::format::{blob_name_for, render, Role, KEY_PATH, KEY_WRITER};
 use crate::blob::upload::upload_file;
 use crate::blob::{BlobError, Expect, Metadata};
-use crate::index::journal::{NameRef, PendingInode};
+use crate::index::journal::{NameRef, PendingInode, Uploaded};
 use crate::index::names::Name;
 use crate::index::ROOT_INO;
 use crate::posix::Kind;
@@ -33,6 +33,23 @@ const STUBS_AT_ONCE: usize = 16;
 /// files are written, a create or the next upload's start comes within a few milliseconds;
 /// the upload's slot in the window and its locks are held meanwhile.
 const RECORD_WITHIN: Duration = Duration::from_millis(20);
+
+/// The record of an upload of `v` (its row stays).
+fn uploaded(
+    v: &PendingInode,
+    blob: Option<(String, String)>,
+    stubs: Vec<(String, String)>,
+    uploaded_data: bool,
+) -> Uploaded {
+    Uploaded {
+        ino: v.attr.ino,
+        gen: v.gen,
+        blob,
+        stubs,
+        uploaded_data,
+        remove: false,
+    }
+}
 
 /// What one upload works with.
 struct Ctx<'a> {
@@ -163,13 +180,17 @@ impl Writeback {
         let index = &self.index;
         let ino = v.attr.ino;
         if ino == ROOT_INO {
-            return Ok(index.record_upload(ino, v.gen, None, &[], false, false)?);
+            return Ok(index.record_upload(Duration::ZERO, uploaded(v, None, Vec::new(), false))?);
         }
         if v.names.is_empty() {
             // Unlinked: every claimed name goes to the trash; the row goes once unused.
             let is_open = self.pins.is_open(ino);
             self.forget_stream(ino);
-            index.record_upload(ino, v.gen, None, &[], v.dirty, !is_open)?;
+            let u = Uploaded {
+                remove: !is_open,
+                ..uploaded(v, None, Vec::new(), v.dirty)
+            };
+            index.record_upload(Duration::ZERO, u)?;
             // A first write that landed and was never recorded goes too.
             self.settle_intents(Some(ino), false).await?;
             if !is_open {
@@ -208,15 +229,8 @@ impl Writeback {
                     &render(role, a.perm, a.uid, a.gid, a.mtime),
                 )?;
                 let etag = self.put_small(cx, ino, &name, body, &meta).await?;
-                index.record_upload_soon(
-                    self.record_within(),
-                    ino,
-                    v.gen,
-                    Some((name, etag)),
-                    Vec::new(),
-                    false,
-                    false,
-                )?;
+                let u = uploaded(v, Some((name, etag)), Vec::new(), false);
+                index.record_upload(self.record_within(), u)?;
             }
         }
         // A failed earlier attempt whose answer was lost may have written a name the inode
@@ -338,7 +352,8 @@ impl Writeback {
                 if !(v.dirty || v.local) {
                     // Only attributes changed here, and the data changed there: theirs wins
                     // and the attribute change is dropped rather than retried forever.
-                    index.record_upload(ino, v.gen, v.blob.as_ref(), &v.stubs, false, false)?;
+                    let u = uploaded(v, v.blob.clone(), v.stubs.clone(), false);
+                    index.record_upload(Duration::ZERO, u)?;
                     return Err(WritebackError::Invalid(format!(
                         "{anchor} was changed in the container by someone else; the local change of its attributes was dropped"
                     )));
@@ -369,15 +384,8 @@ impl Writeback {
             };
             self.settled.keep(ino, c);
         }
-        index.record_upload_soon(
-            self.record_within(),
-            ino,
-            v.gen,
-            Some((anchor, etag)),
-            stubs,
-            v.dirty,
-            false,
-        )?;
+        let u = uploaded(v, Some((anchor, etag)), stubs, v.dirty);
+        index.record_upload(self.record_within(), u)?;
         Ok(())
     }
 
