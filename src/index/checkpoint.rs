@@ -129,4 +129,31 @@ mod tests {
             size(&db)
         );
     }
+
+    /// Once copied back, the log starts over at the next commit, cut back to that commit
+    /// (`journal_size_limit`): new frames are appended, never written into old blocks that
+    /// would have to be read from the disk first.
+    #[test]
+    fn a_log_that_starts_over_is_cut_back_rather_than_overwritten() {
+        let (dir, index, at) = fresh_index();
+        let log = dir.path().join("index.db-wal");
+        let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let grown = (super::super::CHECKPOINT_BYTES / 2) as u64;
+        let mut i = 0;
+        while size(&log) < grown {
+            file(&index, &format!("a-file-with-a-long-name-{i:06}"), at);
+            i += 1;
+        }
+        let t = Instant::now();
+        while size(&log) >= grown / 4 && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+            file(&index, &format!("one-more-{i:06}"), at);
+            i += 1;
+        }
+        assert!(
+            size(&log) < grown / 4,
+            "the log stayed at {} bytes after it was copied back",
+            size(&log)
+        );
+    }
 }

@@ -490,6 +490,12 @@ impl Index {
             c.pragma_update(None, "cache_size", -16_000)?;
             let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
             c.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_BYTES / page.max(512))?;
+            // A log that starts over is cut back to what its first commit wrote. Overwriting
+            // the old one in place wrote 1 KiB frames into 4 KiB blocks that were no longer
+            // cached (dropped caches, memory pressure), and each such block was read from
+            // the disk first, with the writer held: during one `git clone` into the mount
+            // 1,043 reads kept creates waiting 0.25 s in all. Appending reads nothing.
+            c.pragma_update(None, "journal_size_limit", 0)?;
             c.set_prepared_statement_cache_capacity(STATEMENTS);
             let (watch, memo) = (self.watch.recorder(), self.memo.recorder());
             c.update_hook(Some(
