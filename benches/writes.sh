@@ -18,14 +18,18 @@
 #
 # Each workload starts on a mount with nothing pending (an untimed `simfs sync` after the one
 # before). Ratios are simfs over native, measured one after the other in one run; the results land
-# in OUT (default benches/results/writes): table.txt and writes.json.
+# in OUT (default benches/results/writes): table.txt and writes.json. pip, build and clone run
+# ROUNDS times (default 1), native and simfs alternating, each round in a fresh folder: on a
+# shared VM one pair can be off by a third, and the table gives each round's ratio and their
+# sum's (the drain after each pip; the -o sync pip once).
 #
 #   bash benches/writes.sh
 #   SERVICE_CPUS=1 bash benches/writes.sh   # Azurite and the proxy on CPU 1 only, the rest elsewhere
 #   RTT_MS=5 COMMITS=3000 ONLY="pip dd" OUT=/tmp/w bash benches/writes.sh
+#   ROUNDS=3 ONLY="pip build clone" bash benches/writes.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-RTT_MS="${RTT_MS:-5}"; COMMITS="${COMMITS:-3000}"; ONLY="${ONLY:-pip build clone stream fio zero dd}"
+RTT_MS="${RTT_MS:-5}"; COMMITS="${COMMITS:-3000}"; ROUNDS="${ROUNDS:-1}"; ONLY="${ONLY:-pip build clone stream fio zero dd}"
 OUT="${OUT:-$PWD/benches/results/writes}"
 source benches/lib.sh
 bash fuse-tests/setup.sh
@@ -94,14 +98,16 @@ sdk_cs="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eb
 "$bin/simfs" mount w-sync "$work/sync" --cache-dir "$work/cache-s" --sync
 
 results="$work/results.txt"; : > "$results"
-# run NAME TARGET_LABEL DIR COMMAND...: times COMMAND in DIR, records "NAME LABEL SECONDS REQUESTS".
+# run NAME TARGET_LABEL DIR COMMAND...: times COMMAND in DIR, records "NAME LABEL SECONDS
+# REQUESTS ROUND" (ROUND: $round, 1 unless set).
+round=1
 run() {
   local name="$1" label="$2" dir="$3"; shift 3
   sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
   local r0 t0 t1 r1; r0="$(requests)"; t0=$EPOCHREALTIME
   (cd "$dir" && "$@") > "$work/$name-$label.log" 2>&1 || { echo "$name on $label failed:" >&2; tail -5 "$work/$name-$label.log" >&2; return 1; }
   t1=$EPOCHREALTIME; r1="$(requests)"
-  awk -v n="$name" -v l="$label" -v a="$t0" -v b="$t1" -v r=$((r1 - r0)) 'BEGIN { printf "%s %s %.2f %d\n", n, l, b - a, r }' | tee -a "$results"
+  awk -v n="$name" -v l="$label" -v a="$t0" -v b="$t1" -v r=$((r1 - r0)) -v k="$round" 'BEGIN { printf "%s %s %.2f %d %d\n", n, l, b - a, r, k }' | tee -a "$results"
 }
 pip_job() { python3 -m venv venv && venv/bin/pip install -q --disable-pip-version-check --no-index --find-links "$wheels" numpy requests && venv/bin/python -c 'import numpy, requests'; }
 build_job() { cp -r "$proj" proj && cd proj && autoreconf -i >/dev/null 2>&1 && ./configure -q && make -s -j2; }
@@ -113,8 +119,11 @@ dd_job() { dd if="$work/1g.bin" of=1g.bin bs=1M conv=fsync status=none; }
 
 for w in $ONLY; do
   echo "== $w"
+  rounds=1; case "$w" in pip|build|clone) rounds="$ROUNDS" ;; esac
+  for round in $(seq "$rounds"); do
   for t in native async; do
-    d="$work/$t/$w"; mkdir -p "$d"
+    d="$work/$t/$w"; [ "$rounds" -gt 1 ] && d="$d/$round"
+    mkdir -p "$d"
     run "$w" "$t" "$d" "${w}_job"
   done
   case "$w" in
@@ -132,7 +141,7 @@ for w in $ONLY; do
         (cd "$work/disk/fio" && fio --name=disk --filename=fio.bin --rw=write --bs=1M --size=1G \
           --ioengine=psync --direct=1 --output-format=json --output=fio.json && rm -f fio.bin)
         for t in native disk async; do
-          python3 -c 'import json,sys; print("fiobw", sys.argv[2], json.load(open(sys.argv[1]))["jobs"][0]["write"]["bw_bytes"] / 2**20, 0)' \
+          python3 -c 'import json,sys; print("fiobw", sys.argv[2], json.load(open(sys.argv[1]))["jobs"][0]["write"]["bw_bytes"] / 2**20, 0, 1)' \
             "$work/$t/fio/fio.json" "$t" | tee -a "$results"
         done
       fi ;;
@@ -143,7 +152,7 @@ for w in $ONLY; do
     pip)
       # What the async mount still owes the container, and what it costs to pay it.
       run drain async "$work/async/pip" "$bin/simfs" sync .
-      mkdir -p "$work/sync/pip"; run pip sync "$work/sync/pip" pip_job ;;
+      if [ "$round" = 1 ]; then mkdir -p "$work/sync/pip"; run pip sync "$work/sync/pip" pip_job; fi ;;
     dd)
       if [ -x "$work/sdk/bin/python" ] && "$work/sdk/bin/python" -c 'import azure.storage.blob' 2>/dev/null; then
         run dd sdk "$work" "$work/sdk/bin/python" -c '
@@ -156,6 +165,7 @@ with open(sys.argv[2], "rb") as f:
       RCLONE_CONFIG_AZ_TYPE=azureblob RCLONE_CONFIG_AZ_SAS_URL="$sas_url" \
         run dd rclone "$work" rclone copyto "$work/1g.bin" az:w-ref/rclone-1g.bin --azureblob-upload-concurrency 8 ;;
   esac
+  done
 done
 "$bin/simfs" unmount "$work/async"
 "$bin/simfs" unmount "$work/sync"
@@ -163,7 +173,12 @@ done
 python3 - "$results" "$OUT" "$RTT_MS" "${SERVICE_CPUS:-}" <<'PY' | tee "$OUT/table.txt"
 import json, sys, os
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
-r = {(n, t): (float(s), int(q)) for n, t, s, q in rows}
+# Summed over rounds; each round's own figures kept for the per-round ratios.
+r, each = {}, {}
+for n, t, s, q, k in rows:
+    a = r.get((n, t), (0.0, 0))
+    r[(n, t)] = (a[0] + float(s), a[1] + int(q))
+    each.setdefault((n, t), []).append(float(s))
 out, rtt = sys.argv[2], sys.argv[3]
 iso = sys.argv[4]
 print(f"write workloads, {rtt} ms round trip; seconds (requests the proxy counted)"
@@ -172,7 +187,11 @@ for w in ["pip", "build", "clone", "stream", "fio", "zero", "dd"]:
     if (w, "native") not in r:
         continue
     n, a = r[(w, "native")][0], r.get((w, "async"))
+    rounds = len(each[(w, "native")])
     line = f"{w:6} native {n:7.2f} s   simfs {a[0]:7.2f} s ({a[1]} requests) = {a[0] / n:.2f}x"
+    if rounds > 1 and len(each.get((w, "async"), [])) == rounds:
+        per = " ".join(f"{b / x:.2f}x" for x, b in zip(each[(w, "native")], each[(w, "async")]))
+        line += f" summed over {rounds} rounds; each round: {per}"
     if w == "dd":
         for ref in ["sdk", "rclone"]:
             if (w, ref) in r:
@@ -192,8 +211,11 @@ if ("zero", "native") in r and ("zero", "async") in r:
         print(f"       the cache disk itself (O_DIRECT): {d:.0f} MiB/s; simfs = {a / d:.2f}x of it")
 if ("drain", "async") in r:
     d, s = r[("drain", "async")], r.get(("pip", "sync"))
+    drains = len(each[("drain", "async")])
     print(f"drain  simfs sync after pip: {d[0]:.2f} s, {d[1]} requests"
+          + (f" (after {drains} pips)" if drains > 1 else "")
           + (f";  pip on a -o sync mount: {s[0]:.2f} s ({s[1]} requests)" if s else ""))
-json.dump([{"workload": n, "target": t, "s": float(s), "requests": int(q)} for n, t, s, q in rows],
+json.dump([{"workload": n, "target": t, "s": float(s), "requests": int(q), "round": int(k)}
+           for n, t, s, q, k in rows],
           open(os.path.join(out, "writes.json"), "w"), indent=1)
 PY
