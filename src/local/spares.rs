@@ -213,7 +213,12 @@ mod tests {
         let p = dir.path().join("again");
         written(&p, b"y");
         spares.remove(&p);
-        assert_eq!(spares.count(), 4, "a fourth name, not one of the three");
+        assert_eq!(spares.count(), 4);
+        assert_eq!(
+            std::fs::read_dir(&spare_dir).unwrap().count(),
+            4,
+            "a fourth name, not one of the three"
+        );
         for i in 0..4 {
             let f = spares
                 .make_empty(&dir.path().join(format!("new-{i}")))
