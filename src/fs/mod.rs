@@ -287,11 +287,7 @@ impl SimFs {
         if h.in_place.load(std::sync::atomic::Ordering::Relaxed) {
             return true;
         }
-        h.wrote.load(std::sync::atomic::Ordering::Relaxed)
-            && self
-                .writeback
-                .as_ref()
-                .is_some_and(|wb| wb.close_may_wait())
+        h.wrote.load(std::sync::atomic::Ordering::Relaxed) && self.window_may_hold_close()
     }
 
     /// Whether a release of `fh` may wait: to adopt an in-place writer's copy, for room in
@@ -306,15 +302,18 @@ impl SimFs {
         if h.in_place.load(std::sync::atomic::Ordering::Relaxed) {
             return true;
         }
-        if h.is_writing()
-            && self
-                .writeback
-                .as_ref()
-                .is_some_and(|wb| wb.close_may_wait())
-        {
+        if h.is_writing() && self.window_may_hold_close() {
             return true;
         }
         self.attr(h.ino).map_or(true, |a| a.nlink == 0)
+    }
+
+    /// Whether a writer's close may have to wait for room in the write-back window (or for
+    /// its upload, on a `sync` mount).
+    fn window_may_hold_close(&self) -> bool {
+        self.writeback
+            .as_ref()
+            .is_some_and(|wb| wb.close_may_wait())
     }
 
     /// Gives `ino` its local copy if it has none yet. The download happens before the
