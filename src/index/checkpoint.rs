@@ -102,7 +102,26 @@ fn checkpoint(conn: &mut Option<rusqlite::Connection>, path: &Path) -> rusqlite:
 #[cfg(test)]
 mod tests {
     use super::super::memo::tests::{file, fresh_index};
-    use std::time::{Duration, Instant};
+    use super::super::Index;
+    use std::path::Path;
+    use std::time::{Duration, Instant, SystemTime};
+
+    /// Half the writer's own checkpoint threshold: a log this long is the thread's to copy.
+    const HALF: u64 = (super::super::CHECKPOINT_BYTES / 2) as u64;
+
+    fn size(p: &Path) -> u64 {
+        std::fs::metadata(p).map_or(0, |m| m.len())
+    }
+
+    /// Creates files until the log at `log` holds `HALF`; how many.
+    fn grow_log(index: &Index, log: &Path, at: SystemTime) -> usize {
+        let mut i = 0;
+        while size(log) < HALF {
+            file(index, &format!("a-file-with-a-long-name-{i:06}"), at);
+            i += 1;
+        }
+        i
+    }
 
     /// New pages live in the log until a checkpoint copies them into the index file; the
     /// writer's own checkpoint waits for a log twice the size written here, so only the
@@ -112,13 +131,8 @@ mod tests {
         let (dir, index, at) = fresh_index();
         let db = dir.path().join("index.db");
         let log = dir.path().join("index.db-wal");
-        let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let before = size(&db);
-        let mut i = 0;
-        while size(&log) < (super::super::CHECKPOINT_BYTES / 2) as u64 {
-            file(&index, &format!("a-file-with-a-long-name-{i:06}"), at);
-            i += 1;
-        }
+        let i = grow_log(&index, &log, at);
         let t = Instant::now();
         while size(&db) <= before && t.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(50));
@@ -137,21 +151,15 @@ mod tests {
     fn a_log_that_starts_over_is_cut_back_rather_than_overwritten() {
         let (dir, index, at) = fresh_index();
         let log = dir.path().join("index.db-wal");
-        let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
-        let grown = (super::super::CHECKPOINT_BYTES / 2) as u64;
-        let mut i = 0;
-        while size(&log) < grown {
-            file(&index, &format!("a-file-with-a-long-name-{i:06}"), at);
-            i += 1;
-        }
+        let mut i = grow_log(&index, &log, at);
         let t = Instant::now();
-        while size(&log) >= grown / 4 && t.elapsed() < Duration::from_secs(30) {
+        while size(&log) >= HALF / 4 && t.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_millis(50));
             file(&index, &format!("one-more-{i:06}"), at);
             i += 1;
         }
         assert!(
-            size(&log) < grown / 4,
+            size(&log) < HALF / 4,
             "the log stayed at {} bytes after it was copied back",
             size(&log)
         );
