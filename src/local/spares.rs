@@ -108,7 +108,15 @@ impl Spares {
         emptied?;
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         std::fs::rename(path, self.path(n))?;
-        self.kept().push(n);
+        // `remove` looked at the count without the lock: removals at once can get here
+        // together, and the bound holds only if the last word is said under it.
+        let mut kept = self.kept();
+        if kept.len() >= MOST {
+            drop(kept);
+            let _ = std::fs::remove_file(self.path(n));
+        } else {
+            kept.push(n);
+        }
         Ok(())
     }
 
