@@ -98,16 +98,24 @@ sdk_cs="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eb
 "$bin/simfs" mount w-sync "$work/sync" --cache-dir "$work/cache-s" --sync
 
 results="$work/results.txt"; : > "$results"
+# The async mount's daemon, whose CPU each workload on it is charged.
+daemon="$(pgrep -n -f "cache-dir $work/cache-a")" || { echo "bench: no daemon found for the async mount" >&2; exit 1; }
 # run NAME TARGET_LABEL DIR COMMAND...: times COMMAND in DIR, records "NAME LABEL SECONDS
-# REQUESTS ROUND" (ROUND: $round, 1 unless set).
+# REQUESTS ROUND JOB_CPU DAEMON_CPU" (ROUND: $round, 1 unless set; the CPU seconds of the
+# command and its children, and of the async mount's daemon meanwhile). On a shared VM CPU
+# seconds vary less than wall time from one run to the next.
 round=1
 run() {
   local name="$1" label="$2" dir="$3"; shift 3
   sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-  local r0 t0 t1 r1; r0="$(requests)"; t0=$EPOCHREALTIME
-  (cd "$dir" && "$@") > "$work/$name-$label.log" 2>&1 || { echo "$name on $label failed:" >&2; tail -5 "$work/$name-$label.log" >&2; return 1; }
-  t1=$EPOCHREALTIME; r1="$(requests)"
-  awk -v n="$name" -v l="$label" -v a="$t0" -v b="$t1" -v r=$((r1 - r0)) -v k="$round" 'BEGIN { printf "%s %s %.2f %d %d\n", n, l, b - a, r, k }' | tee -a "$results"
+  local r0 t0 t1 r1 c0 c1 job; r0="$(requests)"; c0="$(cpu_of "$daemon")"; t0=$EPOCHREALTIME
+  # In the command substitution's own shell, so the cd stays there; `time` of a subshell
+  # would send its report into the log with the command's output.
+  job="$( { TIMEFORMAT='%3U %3S'; time { cd "$dir" && "$@"; } > "$work/$name-$label.log" 2>&1; } 2>&1 )" \
+    || { echo "$name on $label failed:" >&2; tail -5 "$work/$name-$label.log" >&2; return 1; }
+  t1=$EPOCHREALTIME; c1="$(cpu_of "$daemon")"; r1="$(requests)"
+  awk -v n="$name" -v l="$label" -v a="$t0" -v b="$t1" -v r=$((r1 - r0)) -v k="$round" -v j="$job" -v c0="$c0" -v c1="$c1" \
+    'BEGIN { split(j, u, " "); printf "%s %s %.2f %d %d %.2f %.2f\n", n, l, b - a, r, k, u[1] + u[2], c1 - c0 }' | tee -a "$results"
 }
 pip_job() { python3 -m venv venv && venv/bin/pip install -q --disable-pip-version-check --no-index --find-links "$wheels" numpy requests && venv/bin/python -c 'import numpy, requests'; }
 build_job() { cp -r "$proj" proj && cd proj && autoreconf -i >/dev/null 2>&1 && ./configure -q && make -s -j2; }
@@ -141,7 +149,7 @@ for w in $ONLY; do
         (cd "$work/disk/fio" && fio --name=disk --filename=fio.bin --rw=write --bs=1M --size=1G \
           --ioengine=psync --direct=1 --output-format=json --output=fio.json && rm -f fio.bin)
         for t in native disk async; do
-          python3 -c 'import json,sys; print("fiobw", sys.argv[2], json.load(open(sys.argv[1]))["jobs"][0]["write"]["bw_bytes"] / 2**20, 0, 1)' \
+          python3 -c 'import json,sys; print("fiobw", sys.argv[2], json.load(open(sys.argv[1]))["jobs"][0]["write"]["bw_bytes"] / 2**20, 0, 1, 0, 0)' \
             "$work/$t/fio/fio.json" "$t" | tee -a "$results"
         done
       fi ;;
@@ -174,11 +182,13 @@ python3 - "$results" "$OUT" "$RTT_MS" "${SERVICE_CPUS:-}" <<'PY' | tee "$OUT/tab
 import json, sys, os
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 # Summed over rounds; each round's own figures kept for the per-round ratios.
-r, each = {}, {}
-for n, t, s, q, k in rows:
+r, each, cpu = {}, {}, {}
+for n, t, s, q, k, j, d in rows:
     a = r.get((n, t), (0.0, 0))
     r[(n, t)] = (a[0] + float(s), a[1] + int(q))
     each.setdefault((n, t), []).append(float(s))
+    c = cpu.get((n, t), (0.0, 0.0))
+    cpu[(n, t)] = (c[0] + float(j), c[1] + float(d))
 out, rtt = sys.argv[2], sys.argv[3]
 iso = sys.argv[4]
 print(f"write workloads, {rtt} ms round trip; seconds (requests the proxy counted)"
@@ -192,6 +202,9 @@ for w in ["pip", "build", "clone", "stream", "fio", "zero", "dd"]:
     if rounds > 1 and len(each.get((w, "async"), [])) == rounds:
         per = " ".join(f"{b / x:.2f}x" for x, b in zip(each[(w, "native")], each[(w, "async")]))
         line += f" summed over {rounds} rounds; each round: {per}"
+    if w in ("pip", "build", "clone"):
+        line += (f";  CPU-s: the job {cpu[(w, 'native')][0]:.2f} native, {cpu[(w, 'async')][0]:.2f} on simfs,"
+                 f" simfs's daemon {cpu[(w, 'async')][1]:.2f}")
     if w == "dd":
         for ref in ["sdk", "rclone"]:
             if (w, ref) in r:
@@ -215,7 +228,8 @@ if ("drain", "async") in r:
     print(f"drain  simfs sync after pip: {d[0]:.2f} s, {d[1]} requests"
           + (f" (after {drains} pips)" if drains > 1 else "")
           + (f";  pip on a -o sync mount: {s[0]:.2f} s ({s[1]} requests)" if s else ""))
-json.dump([{"workload": n, "target": t, "s": float(s), "requests": int(q), "round": int(k)}
-           for n, t, s, q, k in rows],
+json.dump([{"workload": n, "target": t, "s": float(s), "requests": int(q), "round": int(k),
+            "job_cpu_s": float(j), "daemon_cpu_s": float(d)}
+           for n, t, s, q, k, j, d in rows],
           open(os.path.join(out, "writes.json"), "w"), indent=1)
 PY
