@@ -3,10 +3,11 @@
 //! Why: on ext4 without a journal (a common choice for scratch NVMe, and this project's
 //! test machines), allocating an inode skips every inode of its group freed in the last
 //! minute or more, checking each one's deletion time; local copies all live in one folder,
-//! so one group, and a workload that deletes thousands of files (pip's temporary trees)
-//! made every create after it scan past all of them. A `git clone` right after a
-//! `pip install` spent a third of the daemon's CPU there. Reusing the inode allocates and
-//! frees none.
+//! so one group, and after a workload deletes many files on the mount (`make clean`, a test
+//! suite's temporary trees, files replaced by a rename over them) every create scans past
+//! all of them. Reusing the inode allocates and frees none. (Deletions elsewhere in the
+//! group, such as an old cache directory removed before a mount, cost the same and are not
+//! helped.)
 //!
 //! A copy is reused only when no one else has it open, which the kernel vouches for: a
 //! write lease is granted only to the sole open file of an inode. That rules out simfs's own
