@@ -102,8 +102,8 @@ results="$work/results.txt"; : > "$results"
 daemon="$(pgrep -n -f "cache-dir $work/cache-a")" || { echo "bench: no daemon found for the async mount" >&2; exit 1; }
 # run NAME TARGET_LABEL DIR COMMAND...: times COMMAND in DIR, records "NAME LABEL SECONDS
 # REQUESTS ROUND JOB_CPU DAEMON_CPU" (ROUND: $round, 1 unless set; the CPU seconds of the
-# command and its children, and of the async mount's daemon meanwhile). On a shared VM CPU
-# seconds vary less than wall time from one run to the next.
+# command and its children, and of the async mount's daemon meanwhile: with SERVICE_CPUS the
+# daemon shares the workload's CPU, and its CPU seconds are part of simfs's wall time).
 round=1
 run() {
   local name="$1" label="$2" dir="$3"; shift 3
