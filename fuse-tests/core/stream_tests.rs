@@ -491,6 +491,42 @@ fn a_pack_staged_ahead_fsynced_closed_and_renamed_is_copied_to_its_name_not_sent
 }
 
 #[test]
+fn a_file_written_in_place_fsynced_then_closed_keeps_the_version_its_fsync_committed() {
+    use std::os::unix::fs::FileExt;
+    // A checkpoint created read-write, written by the kernel, fsynced, closed. The close
+    // takes the writes in again and finds what the fsync committed: another node may be
+    // reading that version already, and a new ETag would tell it the blob changed.
+    let w = quick_world();
+    let c = &w.store.counters;
+    let data = data();
+    let (ino, fh, backing) = create_in_place(&w, "step-1000.pt");
+    in_order(&data, |at, chunk| backing.write_all_at(chunk, at).unwrap());
+    w.fs.fsync(ino).unwrap();
+    let etag = w
+        .store
+        .inner()
+        .etag("step-1000.pt")
+        .expect("committed by the fsync");
+    let writes = c.writes();
+    w.fs.flush(fh).unwrap();
+    w.fs.release(fh).unwrap();
+    crate::write_tests::drain(&w);
+    assert_eq!(
+        c.writes() - writes,
+        0,
+        "no request after the fsync (puts {}, metadata sets {}, copies {})",
+        c.put.load(Ordering::SeqCst),
+        c.set_metadata.load(Ordering::SeqCst),
+        c.copy.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        w.store.inner().etag("step-1000.pt").as_deref(),
+        Some(etag.as_str())
+    );
+    assert_eq!(w.store.inner().data("step-1000.pt").unwrap(), data);
+}
+
+#[test]
 fn a_file_laid_out_then_written_in_place_is_staged_by_its_fsync_and_then_only_what_changed() {
     use std::os::unix::fs::FileExt;
     let w = world();

@@ -116,6 +116,15 @@ impl MemoryStore {
         self.blobs.read().unwrap().get(name).map(|s| s.data.clone())
     }
 
+    /// The ETag of `name`, if it exists.
+    pub fn etag(&self, name: &str) -> Option<String> {
+        self.blobs
+            .read()
+            .unwrap()
+            .get(name)
+            .map(|s| s.props.etag.clone())
+    }
+
     /// Every blob name in order.
     pub fn names(&self) -> Vec<String> {
         self.blobs.read().unwrap().keys().cloned().collect()

@@ -13,7 +13,7 @@
 //!   write can produce (the epoch); any write, through `write(2)` or a mapping, moves it to
 //!   the current time;
 //! - each flush, fsync and release of the inode looks: a moved mtime marks the inode written
-//!   with the file's length, and close and fsync upload as after any write;
+//!   with the file's length and that mtime, and close and fsync upload as after any write;
 //! - a look never resets the sentinel while such writers remain, so a write racing a look is
 //!   never forgotten (at worst the file is taken in again with nothing new; its upload
 //!   then finds the copy as its last upload committed it and sends no data, see
@@ -137,8 +137,11 @@ impl SimFs {
         if md.modified()? == UNWRITTEN {
             return Ok(false);
         }
-        let (now, due) = self.due()?;
-        self.index.wrote(ino, md.len(), now, due)?;
+        // The copy's own mtime, the time of the last write the kernel made, not the look's:
+        // a look that finds nothing new since the last one then changes nothing either, and
+        // a file fsynced and then closed keeps the metadata its fsync committed.
+        let (_, due) = self.due()?;
+        self.index.wrote(ino, md.len(), md.modified()?, due)?;
         self.changed(due);
         Ok(true)
     }

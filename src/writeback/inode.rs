@@ -314,13 +314,18 @@ impl Writeback {
             }
             _ => false,
         };
+        // The same metadata as well: the blob already is what this upload would make.
+        let same = unchanged && settled.as_ref().is_some_and(|c| c.meta == meta);
         // What the blob will hold when no data goes up: the body it already committed.
         let kept = settled.filter(|_| unchanged).map(|c| c.parts);
         let result = if (v.dirty && !unchanged) || v.blob.is_none() {
             self.upload_local(cx, ino, &anchor, &meta, v.local).await
         } else {
             let (old, old_etag) = v.blob.clone().expect("checked above");
-            if old == anchor {
+            if old == anchor && same {
+                // A new ETag would only tell other nodes reading this version that it changed.
+                Ok((old_etag, kept))
+            } else if old == anchor {
                 self.converge(&anchor, Expect::Etag(old_etag), |e| async {
                     let Expect::Etag(etag) = e else {
                         unreachable!("set_metadata always expects a version")
@@ -381,6 +386,7 @@ impl Writeback {
                 blob,
                 etag: etag.clone(),
                 parts,
+                meta: meta.clone(),
             };
             self.settled.keep(ino, c);
         }

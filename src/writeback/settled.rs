@@ -12,7 +12,9 @@
 //! with the blob and the ETag it got. The inode's next upload takes the entry; if the local
 //! copy still has those parts and the claimed blob is still that version, it sends no data:
 //! the file is treated as unchanged (its metadata updated in place, or the blob copied to a
-//! new name), and the entry is kept for the upload after, with the new ETag. A write racing
+//! new name; nothing at all when the metadata is what that upload committed too, so a file
+//! fsynced and then closed keeps the version its fsync made, which other nodes may already
+//! be reading), and the entry is kept for the upload after, with the new ETag. A write racing
 //! the check is found by the next look, as before, and uploaded.
 //!
 //! In memory only (a remount uploads as before); one entry per inode, taken by its next
@@ -39,6 +41,8 @@ pub(super) struct Committed {
     pub(super) blob: String,
     pub(super) etag: String,
     pub(super) parts: Parts,
+    /// The metadata committed with it: the same again needs no request at all.
+    pub(super) meta: crate::blob::Metadata,
 }
 
 impl Committed {
@@ -118,6 +122,7 @@ mod tests {
             blob: "a/f".into(),
             etag: "\"1\"".into(),
             parts: vec![(4, crc64(b"comm")), (5, crc64(b"itted"))],
+            meta: Default::default(),
         };
         let blob = |e: &str| ("a/f".to_string(), e.to_string());
         assert!(c.holds(&blob("\"1\""), &path));
@@ -149,6 +154,7 @@ mod tests {
             blob: format!("b{n}"),
             etag: "e".into(),
             parts: Vec::new(),
+            meta: Default::default(),
         };
         for n in 0..MOST as u64 + 10 {
             s.keep(n, c(n));
@@ -160,6 +166,7 @@ mod tests {
         let s = Settled::default();
         let blocks = |n: u64, count: usize| Committed {
             parts: vec![(8 << 20, 0); count],
+            meta: Default::default(),
             ..c(n)
         };
         s.keep(1, blocks(1, MOST_PARTS - 10));
