@@ -132,11 +132,11 @@ touched=""
 for w in $ONLY; do
   echo "== $w"
   rounds=1; case "$w" in pip|build|clone|stream) rounds="$ROUNDS" ;; esac
-  if [ -z "$touched" ] && [ "${MEM_TOUCH_GIB:-4}" -gt 0 ]; then case "$w" in stream|fio|zero)
+  if [ -z "$touched" ]; then case "$w" in stream|fio|zero)
     # This VM backs guest memory on first touch (BENCHMARKS, "Cold reads and this VM's
     # memory"): the first GiB written into fresh pages took 1.42 s native, the next 0.42 s.
     # Whichever side of a 1 GiB write ran first paid that; touch the memory once before.
-    python3 -c "bytearray(${MEM_TOUCH_GIB:-4} << 30)"; touched=1 ;;
+    cold_start "${MEM_TOUCH_GIB:-4}"; touched=1 ;;
   esac; fi
   for round in $(seq "$rounds"); do
   for t in native async; do
