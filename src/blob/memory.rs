@@ -29,6 +29,9 @@ pub struct MemoryStore {
     page_size: usize,
     etag_counter: std::sync::atomic::AtomicU64,
     staged: Mutex<HashMap<(String, Vec<u8>), Bytes>>,
+    /// As Azurite: a name with staged blocks but no committed blob refuses Put Blob's
+    /// `If-None-Match: *` (Put Block List's still sees no blob there).
+    staged_refuse_put: std::sync::atomic::AtomicBool,
 }
 
 impl Default for MemoryStore {
@@ -42,6 +45,13 @@ impl MemoryStore {
         Self::with_page_size(5000)
     }
 
+    /// From now on, as Azurite: a name with staged blocks but no committed blob refuses a
+    /// Put Blob that expects no blob there.
+    pub fn staged_blocks_refuse_put_blob(&self) {
+        self.staged_refuse_put
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// A store whose listing pages hold at most `page_size` blobs (small pages exercise paging).
     pub fn with_page_size(page_size: usize) -> Self {
         MemoryStore {
@@ -49,6 +59,7 @@ impl MemoryStore {
             page_size: page_size.max(1),
             etag_counter: Default::default(),
             staged: Default::default(),
+            staged_refuse_put: Default::default(),
         }
     }
 
@@ -259,6 +270,16 @@ impl BlobStore for MemoryStore {
         expect: &Expect,
     ) -> BlobResult<String> {
         self.check(name, expect)?;
+        if matches!(expect, Expect::Absent)
+            && self
+                .staged_refuse_put
+                .load(std::sync::atomic::Ordering::Relaxed)
+            && self.staged.lock().unwrap().keys().any(|(n, _)| n == name)
+        {
+            return Err(BlobError::Changed(format!(
+                "{name}: BlobAlreadyExists (staged blocks)"
+            )));
+        }
         Ok(self.store(name, data, metadata.clone()))
     }
 

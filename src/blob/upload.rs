@@ -97,21 +97,21 @@ pub async fn upload_file(
     if size <= opts.single_put_max {
         let data = read_range(&file, 0, size)?;
         let sum = (size, crc64(&data));
-        return Ok((store.put(name, data, metadata, expect).await?, vec![sum]));
+        let etag = match store.put(name, data.clone(), metadata, expect).await {
+            Err(BlobError::Changed(_)) if only_staged_blocks(store, name, expect).await => {
+                let ids = block_ids(u64::from(size > 0));
+                for id in &ids {
+                    store.stage_block(name, id, data.clone()).await?;
+                }
+                store.commit_blocks(name, &ids, metadata, expect).await?
+            }
+            r => r?,
+        };
+        return Ok((etag, vec![sum]));
     }
     // A block blob holds at most 50,000 blocks: very large files get larger blocks.
     let block = opts.block_size.max(size.div_ceil(50_000)).max(1);
-    let count = size.div_ceil(block);
-    // Equal-length ids, unique per upload so a concurrent or abandoned upload's blocks never
-    // mix with ours.
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let ids: Vec<Vec<u8>> = (0..count)
-        .map(|i| format!("{nonce:032x}{i:08x}").into_bytes())
-        .collect();
-    debug_assert!(ids.iter().all(|id| id.len() == BLOCK_ID_LEN));
+    let ids = block_ids(size.div_ceil(block));
     let file = &file;
     // Unordered, so a slow block holds up no other; each part is put back in its place.
     let mut parts = futures::stream::iter(ids.iter().enumerate().map(|(i, id)| async move {
@@ -130,6 +130,30 @@ pub async fn upload_file(
         store.commit_blocks(name, &ids, metadata, expect).await?,
         parts,
     ))
+}
+
+/// Whether a create (`expect`ing no blob) was refused at `name` while no blob is committed
+/// there: the name holds only staged blocks (an earlier, longer version of the file, streamed
+/// while it was written and then truncated; or someone else's upload in progress). Azurite
+/// counts those as a blob for Put Blob's `If-None-Match: *`, though not for Put Block
+/// List's, so the body goes up as one block committed under the same precondition.
+async fn only_staged_blocks(store: &dyn BlobStore, name: &str, expect: &Expect) -> bool {
+    matches!(expect, Expect::Absent)
+        && matches!(store.head(name).await, Err(BlobError::NotFound(_)))
+}
+
+/// Ids for `count` blocks: of equal length, unique per upload so a concurrent or abandoned
+/// upload's blocks never mix with ours.
+fn block_ids(count: u64) -> Vec<Vec<u8>> {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let ids: Vec<Vec<u8>> = (0..count)
+        .map(|i| format!("{nonce:032x}{i:08x}").into_bytes())
+        .collect();
+    debug_assert!(ids.iter().all(|id| id.len() == BLOCK_ID_LEN));
+    ids
 }
 
 /// The CRC64 (NVMe polynomial, as `x-ms-content-crc64`) of `data`.
@@ -166,6 +190,38 @@ mod tests {
             libc::munmap(at, len);
             pages.iter().filter(|p| *p & 1 == 1).count()
         }
+    }
+
+    #[tokio::test]
+    async fn a_small_file_is_created_where_only_staged_blocks_are_and_not_over_a_committed_blob() {
+        let store = MemoryStore::new();
+        store.staged_blocks_refuse_put_blob();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy");
+        std::fs::write(&path, b"the file, truncated and written again").unwrap();
+        // Blocks of a longer version, staged while it was written, never committed.
+        let old_id = format!("{:040x}", 7).into_bytes();
+        store
+            .stage_block("ckpt.pt", &old_id, Bytes::from(vec![1u8; 100]))
+            .await
+            .unwrap();
+        let opts = UploadOptions::default();
+        let meta = Metadata::new();
+        let (etag, parts) = upload_file(&store, "ckpt.pt", &path, &meta, &Expect::Absent, &opts)
+            .await
+            .unwrap();
+        let data = store.data("ckpt.pt").expect("committed");
+        assert_eq!(&data[..], b"the file, truncated and written again");
+        assert_eq!(store.etag("ckpt.pt"), Some(etag));
+        assert_eq!(parts, vec![(37, crc64(&data))]);
+        // A committed blob there is someone else's: still refused.
+        let err = upload_file(&store, "ckpt.pt", &path, &meta, &Expect::Absent, &opts)
+            .await
+            .unwrap_err();
+        assert!(
+            err.is_changed(),
+            "a committed blob is not overwritten: {err}"
+        );
     }
 
     #[test]
