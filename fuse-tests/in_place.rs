@@ -1,7 +1,8 @@
-//! Writers in place: a file created or opened read-write is written by the kernel straight
+//! Writers in place: a file created or opened for writing is written by the kernel straight
 //! into its local copy (FUSE passthrough, Linux 6.9+), with no WRITE request, and is still
-//! streamed while it grows and committed exactly. `--buffered-writes` (and kernels without
-//! passthrough) write the same files through simfs; both must give the same blob.
+//! streamed while it grows and committed exactly. `--buffered-writes`, `--no-passthrough`
+//! (and kernels without passthrough) write the same files through simfs; all must give the
+//! same blob.
 
 use crate::harness::*;
 use crate::writeback::{logged_container, staged_block_ids, waits_for_blocks};
@@ -160,4 +161,56 @@ fn a_file_laid_out_then_overwritten_in_place_is_committed_whole_and_exact() {
     let fresh = tempfile::tempdir().unwrap();
     let n = crate::mount(&az, "laidout", fresh.path(), &[]);
     assert!(std::fs::read(n.path().join("data.bin")).unwrap() == want);
+}
+
+#[test]
+fn a_write_only_file_is_written_in_place_streamed_and_committed_exact() {
+    // dd's and torch.save's open: write-only, created or truncated.
+    let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 239) as u8).collect();
+    for (container, extra) in [("wonly", &[][..]), ("wonlynopt", &["--no-passthrough"][..])] {
+        let (az, proxy) = logged_container(container);
+        let cache = tempfile::tempdir().unwrap();
+        let mut m = logged_mount(&proxy, container, cache.path(), extra);
+        let path = m.path().join("ckpt.pt");
+        let mut f = std::fs::File::create(&path).unwrap();
+        for _ in 0..17 {
+            f.write_all(&mib).unwrap();
+        }
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            17 << 20,
+            "{container}: stat while the writer is open"
+        );
+        // The two whole 8 MiB blocks start up while the file is open.
+        waits_for_blocks(&proxy, 2);
+        drop(f);
+        // The next epoch's save truncates the file written here and writes it again, while
+        // those blocks are still going up (slowly, through the proxy): the short file's
+        // create must not be taken for someone else's blob.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(&mib[..5000]).unwrap();
+        f.write_all(b"end").unwrap();
+        drop(f);
+        let (writes, passthrough) = writes_seen(&m);
+        match extra.is_empty() && passthrough {
+            true => assert_eq!(writes, 0, "{container}: the kernel wrote in place"),
+            false => assert!(writes > 0, "{container}: writes went through simfs"),
+        }
+        unmount_clean(&mut m);
+        let mut want = mib[..5000].to_vec();
+        want.extend_from_slice(b"end");
+        let fresh = tempfile::tempdir().unwrap();
+        let n = crate::mount(&az, container, fresh.path(), &[]);
+        let got = std::fs::read(n.path().join("ckpt.pt"));
+        assert!(
+            got.as_ref().is_ok_and(|g| *g == want),
+            "{container}: {:?} bytes; the writing mount's log:\n{}",
+            got.map(|g| g.len()),
+            m.log_text()
+        );
+    }
 }

@@ -58,7 +58,7 @@ pub struct KernelFeatures {
     pub list_unopened: bool,
     /// Write-only handles of new files write past the page cache (Linux 6.6+).
     pub direct_writes: bool,
-    /// Files created or opened read-write are written by the kernel straight into their
+    /// Files created or opened for writing are written by the kernel straight into their
     /// local copy (FUSE passthrough, Linux 6.9+; needs `passthrough`).
     pub in_place_writes: bool,
 }
@@ -91,12 +91,15 @@ pub struct SimFuse {
     /// kernels leave those pages stale, so a reader following a log as it grows (`tail -f`)
     /// would read its old pages: there every write goes through the page cache.
     direct_writes: AtomicBool,
-    /// Files created read-write (fio, git's packs and lock files, SQLite, HDF5, linkers'
-    /// outputs), and read-write opens of files written on this node, are opened in
-    /// passthrough on their local copy, so their writes, reads and shared mappings cost no
-    /// request at all; `fs::in_place` finds what they wrote. simfs does not see the writes
-    /// as they happen, so such a file's blocks are staged ahead by looking at its length
-    /// and checked at the commit (`writeback::unseen`).
+    /// Files created for writing (`dd`, `torch.save`, pip, fio, git's packs and lock files,
+    /// SQLite, HDF5, linkers' outputs), and opens for writing of files written on this node,
+    /// are opened in passthrough on their local copy, so their writes, reads and shared
+    /// mappings cost no request at all; `fs::in_place` finds what they wrote. simfs does
+    /// not see the writes as they happen, so such a file's blocks are staged ahead by
+    /// looking at its length and checked at the commit (`writeback::unseen`). Write-only
+    /// handles went through simfs until the in-place set-up of a small file cost about what
+    /// its WRITE requests do (a mark in an extended attribute instead of a marker file, its
+    /// close answered on the FUSE thread): a 1 GiB `dd` then writes at the disk's speed.
     in_place_writes: bool,
     /// Tells the kernel to drop cached pages.
     kernel: Kernel,
@@ -135,7 +138,7 @@ impl SimFuse {
     }
 
     /// How to answer the open `fh` of `ino`: passthrough for a reader of a whole file of
-    /// 1 MiB or more when the kernel allows it, for a read-write open of such a file or an
+    /// 1 MiB or more when the kernel allows it, for a writer's open of such a file or an
     /// empty one that has a local copy (see `in_place_writes`), and for any open of an
     /// inode already in passthrough (see `iomode`). A writer in passthrough writes in place:
     /// `fs::in_place` looks for its writes.
@@ -153,7 +156,7 @@ impl SimFuse {
             }
             let file = match flags.acc_mode() {
                 OpenAccMode::O_RDONLY => self.fs.passthrough_file(fh, PASSTHROUGH_MIN)?,
-                OpenAccMode::O_RDWR if self.in_place_writes => {
+                OpenAccMode::O_RDWR | OpenAccMode::O_WRONLY if self.in_place_writes => {
                     self.fs.in_place_file(fh, PASSTHROUGH_MIN)?
                 }
                 _ => return None,
@@ -215,15 +218,30 @@ impl SimFuse {
         }
     }
 
-    /// How to answer the create of `ino` read-write, handle `fh`: in passthrough on its local
-    /// copy where allowed (see `in_place_writes`), else through the page cache.
-    fn create_mode(&self, ino: u64, fh: u64, reply: &ReplyCreate) -> Open<Backing> {
+    /// How to answer the create of `ino` for writing, handle `fh`: in passthrough on its
+    /// local copy where allowed (see `in_place_writes`); else a write-only handle writes
+    /// past the page cache where the kernel keeps readers coherent (see `direct_writes`),
+    /// and a read-write one through it.
+    fn create_mode(
+        &self,
+        ino: u64,
+        fh: u64,
+        write_only: bool,
+        reply: &ReplyCreate,
+    ) -> Open<Backing> {
         let in_place = self.in_place_writes && self.passthrough.load(Ordering::Relaxed);
-        let how = self.modes.open(ino, || {
-            let file = in_place.then(|| self.fs.in_place_file(fh, 0))??;
-            self.register(file, |f| reply.open_backing(f))
-        });
-        // A new inode: this create started whatever mode it is in.
+        let backing = in_place
+            .then(|| self.fs.in_place_file(fh, 0))
+            .flatten()
+            .and_then(|file| self.register(file, |f| reply.open_backing(f)));
+        let how = match backing {
+            // (An open racing the create may have set the inode's mode first: then `b` goes.)
+            Some(b) => self.modes.open(ino, || Some(b)),
+            None if write_only && self.direct_writes.load(Ordering::Relaxed) => {
+                return self.modes.open_direct(ino)
+            }
+            None => return self.modes.open(ino, || None),
+        };
         self.write_in_place(ino, fh, how)
             .unwrap_or_else(|e| self.through_simfs(ino, e))
     }
@@ -713,10 +731,9 @@ impl Filesystem for SimFuse {
                 // A new file is never in passthrough unless its creator writes it in place:
                 // no reader may start it while this handle is open.
                 let how = match flags & libc::O_ACCMODE {
-                    libc::O_WRONLY if self.direct_writes.load(Ordering::Relaxed) => {
-                        self.modes.open_direct(a.ino)
+                    acc @ (libc::O_WRONLY | libc::O_RDWR) => {
+                        self.create_mode(a.ino, fh, acc == libc::O_WRONLY, &reply)
                     }
-                    libc::O_RDWR => self.create_mode(a.ino, fh, &reply),
                     _ => self.modes.open(a.ino, || None),
                 };
                 let (fopen, backing) = match &how {

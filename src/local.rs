@@ -6,8 +6,8 @@
 //! copied, so read handles opened before the first write (and a kernel reading the clean copy
 //! in passthrough) see the writes too, as on a local disk.
 //!
-//! A marker beside a copy (`<ino>.in-place`) says writers may be writing it in place, past the
-//! journal (`fs::in_place`): a crash leaves it for mount-time recovery to find.
+//! A mark on a copy says writers may be writing it in place, past the journal
+//! (`fs::in_place`): a crash leaves it for mount-time recovery to find (`marks`).
 //!
 //! A deleted inode's copy is emptied and kept for a new inode when no one else has it open
 //! (`spares`): allocating inodes after many were freed is slow on ext4 without a journal.
@@ -21,12 +21,14 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod marks;
 mod spares;
 
 pub struct LocalCopies {
     dir: PathBuf,
     cache: Arc<Cache>,
     spares: spares::Spares,
+    marks: marks::Marks,
 }
 
 impl LocalCopies {
@@ -37,6 +39,7 @@ impl LocalCopies {
             dir: dir.to_path_buf(),
             cache,
             spares: spares::Spares::new(&dir.join("spare"))?,
+            marks: marks::Marks::new(dir),
         })
     }
 
@@ -45,10 +48,26 @@ impl LocalCopies {
         self.dir.join(ino.to_string())
     }
 
-    /// Where a marker says that writers may be writing `ino`'s local copy in place, past
-    /// the journal (`fs::in_place`): a crash leaves it for recovery to find.
-    pub fn in_place_marker(&self, ino: u64) -> PathBuf {
-        self.dir.join(format!("{ino}.in-place"))
+    /// Marks `ino`'s local copy, open as `copy`, as written in place from now on: a crash
+    /// leaves the mark for recovery (`marked_in_place`).
+    pub fn mark_in_place(&self, ino: u64, copy: &File) -> std::io::Result<()> {
+        self.marks.mark(ino, copy)
+    }
+
+    /// Removes `ino`'s mark (its copy open as `copy`): the journal knows its writes.
+    pub fn unmark_in_place(&self, ino: u64, copy: &File) {
+        self.marks.unmark(ino, copy)
+    }
+
+    /// Whether `ino`'s copy was marked as written in place when simfs last stopped.
+    pub fn marked_in_place(&self, ino: u64) -> bool {
+        self.marks.marked(ino, &self.path(ino))
+    }
+
+    /// Removes the mark of `ino`'s copy, found by recovery (`marked_in_place`), once the
+    /// journal has taken the copy in.
+    pub fn clear_in_place_mark(&self, ino: u64) {
+        self.marks.clear(ino, &self.path(ino))
     }
 
     /// Opens the local copy of `ino`, read-write when `write`.

@@ -578,17 +578,16 @@ fn a_directory_rename_interrupted_at_every_step_resumes_without_loss_or_duplicat
     }
 }
 
+/// Copies the cache directory `from` into `to` as a crash leaves it on its disk: with the
+/// extended attributes that mark copies written in place (`cp -a` keeps them).
 pub(crate) fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            std::fs::create_dir_all(&dest).unwrap();
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), &dest).unwrap();
-        }
-    }
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from.join("."))
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -a {from:?} {to:?}: {status}");
 }
 
 #[test]

@@ -72,6 +72,12 @@ impl OpenFile {
         opener != 0 && pid != 0 && pid != opener
     }
 
+    /// Whether data may have changed through this handle: it wrote through simfs, or the
+    /// kernel writes it in place (unseen until a look).
+    pub fn may_have_written(&self) -> bool {
+        self.wrote.load(Ordering::Relaxed) || self.in_place.load(Ordering::Relaxed)
+    }
+
     /// Whether data changed through this handle since its writer was last done.
     pub fn is_writing(&self) -> bool {
         self.writing.load(Ordering::Acquire)

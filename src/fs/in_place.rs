@@ -24,7 +24,7 @@
 //!   takes in the writes made so far first and puts the sentinel back, so the next look
 //!   does not take the time set for a new write. A write racing that is still uploaded
 //!   (the upload reads the file), but its time and length wait for the next write's look;
-//! - a marker file beside the copy (`<ino>.in-place`) lives from the first such writer's
+//! - a mark on the copy (`LocalCopies::mark_in_place`) lives from the first such writer's
 //!   open to the last one's release: after a crash, the next mount uploads the copies it
 //!   marks, since their writes may never have reached the journal.
 //!
@@ -99,7 +99,7 @@ impl SimFs {
             Entry::Vacant(e) => {
                 // Before any write can happen: a crash from here on leaves the marker, and
                 // the next mount uploads the copy (`Scheduler::recover`).
-                File::create(self.local.in_place_marker(h.ino))?;
+                self.local.mark_in_place(h.ino, &file)?;
                 file.set_modified(UNWRITTEN)?;
                 self.in_place.count.fetch_add(1, Ordering::AcqRel);
                 e.insert(Writers { handles: 0, file })
@@ -134,14 +134,15 @@ impl SimFs {
             return Ok(false);
         };
         let md = file.metadata()?;
-        if md.modified()? == UNWRITTEN {
+        let look = (md.len(), md.modified()?);
+        if look.1 == UNWRITTEN {
             return Ok(false);
         }
         // The copy's own mtime, the time of the last write the kernel made, not the look's:
         // a look that finds nothing new since the last one then changes nothing either, and
         // a file fsynced and then closed keeps the metadata its fsync committed.
         let (_, due) = self.due()?;
-        self.index.wrote(ino, md.len(), md.modified()?, due)?;
+        self.index.wrote(ino, look.0, look.1, due)?;
         self.changed(due);
         Ok(true)
     }
@@ -162,18 +163,18 @@ impl SimFs {
     pub(super) fn release_in_place(&self, ino: u64) -> FsResult<()> {
         let adopted = self.adopt_in_place(ino);
         let mut writers = self.in_place.writers();
-        if let Some(w) = writers.get_mut(&ino) {
+        let last = writers.get_mut(&ino).is_some_and(|w| {
             w.handles -= 1;
-            if w.handles == 0 {
-                writers.remove(&ino);
-                self.in_place.count.fetch_sub(1, Ordering::AcqRel);
-                if let Ok(wb) = self.writable() {
-                    wb.unseen_done(ino);
-                }
-                // The journal knows everything now; unless it could not be told.
-                if adopted.is_ok() {
-                    let _ = std::fs::remove_file(self.local.in_place_marker(ino));
-                }
+            w.handles == 0
+        });
+        if let Some(w) = last.then(|| writers.remove(&ino)).flatten() {
+            self.in_place.count.fetch_sub(1, Ordering::AcqRel);
+            if let Ok(wb) = self.writable() {
+                wb.unseen_done(ino);
+            }
+            // The journal knows everything now; unless it could not be told.
+            if adopted.is_ok() {
+                self.local.unmark_in_place(ino, &w.file);
             }
         }
         adopted.map(|_| ())

@@ -274,35 +274,28 @@ impl SimFs {
         Ok(fh)
     }
 
-    /// Whether a flush of `fh` may wait: for its upload (a `sync` mount), for room in the
-    /// write-back window, or to adopt an in-place writer's copy. One that cannot is answered
-    /// on the FUSE thread, without handing it to another thread first.
+    /// Whether a flush of `fh` may wait: for its upload (a `sync` mount) or for room in the
+    /// write-back window, if it wrote (an in-place writer may have: its look is a stat and
+    /// an index update, as a write's record is). One that cannot is answered on the FUSE
+    /// thread, without handing it to another thread first.
     pub fn flush_may_wait(&self, fh: u64) -> bool {
         let Ok(h) = self.file_handle(fh) else {
             return false;
         };
-        if !h.write {
-            return false;
-        }
-        if h.in_place.load(std::sync::atomic::Ordering::Relaxed) {
-            return true;
-        }
-        h.wrote.load(std::sync::atomic::Ordering::Relaxed) && self.window_may_hold_close()
+        h.write && h.may_have_written() && self.window_may_hold_close()
     }
 
-    /// Whether a release of `fh` may wait: to adopt an in-place writer's copy, for room in
-    /// the write-back window (a writer's last close), or to delete an unlinked file's blobs
-    /// (its last close). Any other release is a few updates in memory, answered on the FUSE
-    /// thread. (A file unlinked between this check and the release has its blobs deleted on
-    /// the FUSE thread: correct, only slower.)
+    /// Whether a release of `fh` may wait: for room in the write-back window (a writer's
+    /// last close, an in-place writer's too), or to delete an unlinked file's blobs (its last
+    /// close). Any other release is a few updates in memory and at most a look at an in-place
+    /// writer's copy, answered on the FUSE thread. (A file unlinked between this check and
+    /// the release has its blobs deleted on the FUSE thread: correct, only slower.)
     pub fn release_may_wait(&self, fh: u64) -> bool {
         let Ok(h) = self.file_handle(fh) else {
             return false;
         };
-        if h.in_place.load(std::sync::atomic::Ordering::Relaxed) {
-            return true;
-        }
-        if h.is_writing() && self.window_may_hold_close() {
+        let in_place = h.in_place.load(std::sync::atomic::Ordering::Relaxed);
+        if (in_place || h.is_writing()) && self.window_may_hold_close() {
             return true;
         }
         self.attr(h.ino).map_or(true, |a| a.nlink == 0)

@@ -567,13 +567,12 @@ impl Writeback {
             }
             // Written in place by the kernel (FUSE passthrough) when the crash came: what was
             // written may never have reached the journal, so the copy is uploaded.
-            let marker = self.local.in_place_marker(ino);
-            if marker.exists() {
+            if self.local.marked_in_place(ino) {
                 if let (Ok(md), true) = (std::fs::metadata(&path), a.nlink > 0) {
                     let now = SystemTime::now();
                     self.index.wrote(ino, md.len(), now, now)?;
                 }
-                let _ = std::fs::remove_file(&marker);
+                self.local.clear_in_place_mark(ino);
                 continue;
             }
             if let Ok(md) = std::fs::metadata(&path) {
