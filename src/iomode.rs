@@ -7,18 +7,19 @@
 //! backing id (anything else, direct I/O included, fails the open with EIO); while cached
 //! handles are open, no passthrough open is allowed.
 //!
-//! Readers start passthrough, and so do read-write opens of files written on this node
+//! Readers start passthrough, and so do opens for writing of files written on this node
 //! (`fuse.rs` decides which). A later open of an inode in passthrough shares its
 //! backing file whatever it is: a reader, or a writer, which then writes the file in place
 //! (`fs::in_place` finds its writes). An inode first opened while still downloading, or
 //! by a write-only writer, stays in the page cache mode until its last handle closes.
 //!
-//! A write-only handle of a new file (a create) is direct: its writes go to simfs without
-//! the kernel copying them into its page cache first. That is a copy and a page allocation
-//! less per byte written, and a checkpoint's gigabytes are not held twice (in the FUSE file's
-//! pages and the cache file's). Nothing is lost: a write-only handle reads nothing and cannot
-//! be mapped. The kernel takes no I/O mode for it; simfs counts it as cached, so no reader
-//! starts passthrough while it writes. (Readers open beside it are kept coherent by the
+//! Where it cannot go in place (no passthrough), a write-only handle of a new file (a
+//! create) is direct: its writes go to simfs without the kernel copying them into its page
+//! cache first. That is a copy and a page allocation less per byte written, and a
+//! checkpoint's gigabytes are not held twice (in the FUSE file's pages and the cache
+//! file's). Nothing is lost: a write-only handle reads nothing and cannot be mapped. The
+//! kernel takes no I/O mode for it; simfs counts it as cached, so no reader starts
+//! passthrough while it writes. (Readers open beside it are kept coherent by the
 //! kernel and `fuse.rs`; see `direct_beside_others` there.)
 //!
 //! Writes made in place or direct never pass through the kernel's page cache for the inode,

@@ -68,9 +68,9 @@ enum Cmd {
         #[arg(long)]
         no_passthrough: bool,
         /// Write every file through the kernel's page cache and simfs, as on kernels before
-        /// 6.6 (by default a write-only handle of a new file writes straight to simfs: one
-        /// copy of its data fewer, and no second copy of it held in memory; and on 6.9+ a
-        /// file created or opened read-write is written by the kernel into its local copy).
+        /// 6.6 (by default, on 6.9+, a file created or opened for writing is written by the
+        /// kernel into its local copy; on 6.6 to 6.8 a write-only handle of a new file writes
+        /// straight to simfs: one copy of its data fewer, none held twice in memory).
         #[arg(long)]
         buffered_writes: bool,
         /// Answer OPENDIR and RELEASEDIR for every directory listed, as on a kernel without
