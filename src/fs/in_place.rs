@@ -2,12 +2,12 @@
 //!
 //! With FUSE passthrough the kernel reads and writes a file on the cache disk directly. A
 //! create for writing, or an open for writing of a file written on this node, starts it
-//! (`fuse.rs`: dd, torch.save, fio, databases, git's packs then write at the disk's speed). The kernel holds
-//! an inode in one I/O mode at a time: while a reader has it open that way, a writer's open
-//! must be passthrough on the same backing file too. Such a writer's `write(2)`s and shared
-//! mappings land in the file with no WRITE request. So its local copy is made *the backing
-//! file itself* (the cached copy is renamed into place, never copied; `O_TRUNC` truncates
-//! it in place), and its writes are found afterwards:
+//! (`fuse.rs`: dd, torch.save, fio, databases, git's packs then write at the disk's speed).
+//! The kernel holds an inode in one I/O mode at a time: while a reader has it open that
+//! way, a writer's open must be passthrough on the same backing file too. Such a writer's
+//! `write(2)`s and shared mappings land in the file with no WRITE request. So its local copy
+//! is made *the backing file itself* (the cached copy is renamed into place, never copied;
+//! `O_TRUNC` truncates it in place), and its writes are found afterwards:
 //!
 //! - when the first such writer of an inode opens, the copy's mtime is set to a sentinel no
 //!   write can produce (the epoch); any write, through `write(2)` or a mapping, moves it to
@@ -97,7 +97,7 @@ impl SimFs {
         let w = match writers.entry(h.ino) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
-                // Before any write can happen: a crash from here on leaves the marker, and
+                // Before any write can happen: a crash from here on leaves the mark, and
                 // the next mount uploads the copy (`Scheduler::recover`).
                 self.local.mark_in_place(h.ino, &file)?;
                 file.set_modified(UNWRITTEN)?;
@@ -134,15 +134,14 @@ impl SimFs {
             return Ok(false);
         };
         let md = file.metadata()?;
-        let look = (md.len(), md.modified()?);
-        if look.1 == UNWRITTEN {
+        if md.modified()? == UNWRITTEN {
             return Ok(false);
         }
         // The copy's own mtime, the time of the last write the kernel made, not the look's:
         // a look that finds nothing new since the last one then changes nothing either, and
         // a file fsynced and then closed keeps the metadata its fsync committed.
         let (_, due) = self.due()?;
-        self.index.wrote(ino, look.0, look.1, due)?;
+        self.index.wrote(ino, md.len(), md.modified()?, due)?;
         self.changed(due);
         Ok(true)
     }
