@@ -42,6 +42,29 @@ fn writes_seen(m: &Mount) -> (usize, bool) {
     )
 }
 
+/// Checks that the writes of mount `m`, mounted with `extra`, were made in place by the
+/// kernel where it offers passthrough and nothing asked otherwise, else through simfs.
+fn wrote_where_asked(m: &Mount, extra: &[&str], what: &str) {
+    let (writes, passthrough) = writes_seen(m);
+    match extra.is_empty() && passthrough {
+        true => assert_eq!(writes, 0, "{what}: the kernel wrote in place"),
+        false => assert!(writes > 0, "{what}: writes went through simfs"),
+    }
+}
+
+/// Writes `mib` `n` times through `f`, open at `path`, and checks `stat` sees them all
+/// while the writer is open.
+fn write_mibs(f: &mut std::fs::File, path: &std::path::Path, mib: &[u8], n: u64, what: &str) {
+    for _ in 0..n {
+        f.write_all(mib).unwrap();
+    }
+    assert_eq!(
+        std::fs::metadata(path).unwrap().len(),
+        n * mib.len() as u64,
+        "{what}: stat while the writer is open"
+    );
+}
+
 #[test]
 fn a_read_write_checkpoint_is_streamed_in_place_and_a_rewritten_block_staged_again() {
     let mib: Vec<u8> = (0..1u32 << 20).map(|i| (i % 241) as u8).collect();
@@ -60,14 +83,7 @@ fn a_read_write_checkpoint_is_streamed_in_place_and_a_rewritten_block_staged_aga
         // As HDF5 and SQLite open what they make: read-write.
         let path = m.path().join("model.h5");
         let mut f = create_read_write(&path);
-        for _ in 0..65 {
-            f.write_all(&mib).unwrap();
-        }
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().len(),
-            65 << 20,
-            "{container}: stat while the writer is open"
-        );
+        write_mibs(&mut f, &path, &mib, 65, container);
         // The eight whole 8 MiB blocks go up while the file is open.
         waits_for_blocks(&proxy, 8);
         assert_eq!(staged_block_ids(&proxy).len(), 8, "{container}");
@@ -86,11 +102,7 @@ fn a_read_write_checkpoint_is_streamed_in_place_and_a_rewritten_block_staged_aga
             "{container}: block 0 again and the tail, no other block twice: {ids:?}"
         );
         drop(f);
-        let (writes, passthrough) = writes_seen(&m);
-        match extra.is_empty() && passthrough {
-            true => assert_eq!(writes, 0, "{container}: the kernel wrote in place"),
-            false => assert!(writes > 0, "{container}: writes went through simfs"),
-        }
+        wrote_where_asked(&m, extra, container);
         unmount_clean(&mut m);
         let fresh = tempfile::tempdir().unwrap();
         let n = crate::mount(&az, container, fresh.path(), &[]);
@@ -173,14 +185,7 @@ fn a_write_only_file_is_written_in_place_streamed_and_committed_exact() {
         let mut m = logged_mount(&proxy, container, cache.path(), extra);
         let path = m.path().join("ckpt.pt");
         let mut f = std::fs::File::create(&path).unwrap();
-        for _ in 0..17 {
-            f.write_all(&mib).unwrap();
-        }
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().len(),
-            17 << 20,
-            "{container}: stat while the writer is open"
-        );
+        write_mibs(&mut f, &path, &mib, 17, container);
         // The two whole 8 MiB blocks start up while the file is open.
         waits_for_blocks(&proxy, 2);
         drop(f);
@@ -195,11 +200,7 @@ fn a_write_only_file_is_written_in_place_streamed_and_committed_exact() {
         f.write_all(&mib[..5000]).unwrap();
         f.write_all(b"end").unwrap();
         drop(f);
-        let (writes, passthrough) = writes_seen(&m);
-        match extra.is_empty() && passthrough {
-            true => assert_eq!(writes, 0, "{container}: the kernel wrote in place"),
-            false => assert!(writes > 0, "{container}: writes went through simfs"),
-        }
+        wrote_where_asked(&m, extra, container);
         unmount_clean(&mut m);
         let mut want = mib[..5000].to_vec();
         want.extend_from_slice(b"end");
