@@ -11,7 +11,8 @@
 //! (`fuse.rs` decides which). A later open of an inode in passthrough shares its
 //! backing file whatever it is: a reader, or a writer, which then writes the file in place
 //! (`fs::in_place` finds its writes). An inode first opened while still downloading, or
-//! by a write-only writer, stays in the page cache mode until its last handle closes.
+//! by a writer that cannot write in place (its file only cached clean, or no passthrough),
+//! stays in the page cache mode until its last handle closes.
 //!
 //! Where it cannot go in place (no passthrough), a write-only handle of a new file (a
 //! create) is direct: its writes go to simfs without the kernel copying them into its page
