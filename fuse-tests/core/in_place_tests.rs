@@ -274,3 +274,37 @@ fn a_file_written_in_place_fsynced_closed_and_renamed_sends_its_bytes_once_in_on
         }
     }
 }
+
+/// rsync and `cp -p` set a file's times right after writing it. The kernel sends the
+/// release of the writer's handle after close has returned, so it can reach simfs while
+/// that setattr is under way, on another thread: the release's last look at the copy must
+/// never put the time of the write back over the time just set.
+#[test]
+fn a_time_set_right_after_close_is_kept_against_the_release_racing_it() {
+    use simfs::posix::{AttrChanges, SetTime};
+    use std::time::{Duration, SystemTime};
+    let w = rw(fixture());
+    for i in 0..200u64 {
+        let name = format!("copied-{i}");
+        let (ino, fh, backing) = created_in_place(&w, &name);
+        backing.write_all_at(b"copied bytes", 0).unwrap();
+        w.fs.flush(fh).unwrap();
+        let set = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000 + i);
+        let times = AttrChanges {
+            mtime: Some(SetTime::At(set)),
+            ..Default::default()
+        };
+        let start = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                start.wait();
+                w.fs.release(fh).unwrap();
+            });
+            s.spawn(|| {
+                start.wait();
+                w.fs.setattr(ino, &times).unwrap();
+            });
+        });
+        assert_eq!(w.fs.getattr(ino).unwrap().mtime, set, "{name}");
+    }
+}

@@ -22,8 +22,11 @@
 //!   for the writer too;
 //! - a time set meanwhile (`utimes`, as rsync and `cp -p` set it after writing; a truncate)
 //!   takes in the writes made so far first and puts the sentinel back, so the next look
-//!   does not take the time set for a new write. A write racing that is still uploaded
-//!   (the upload reads the file), but its time and length wait for the next write's look;
+//!   does not take the time set for a new write. Looks and time sets hold the inode's lock
+//!   from reading the copy's mtime to writing the index: the kernel's release of a handle
+//!   arrives after close has returned, so its look can race the `utimes` that follows. A
+//!   write racing a time set is still uploaded (the upload reads the file), but its time
+//!   and length wait for the next write's look;
 //! - a mark on the copy (`LocalCopies::mark_in_place`) lives from the first such writer's
 //!   open to the last one's release: after a crash, the next mount uploads the copies it
 //!   marks, since their writes may never have reached the journal.
@@ -55,6 +58,10 @@ pub(super) struct InPlace {
 struct Writers {
     handles: usize,
     file: Arc<File>,
+    /// Held by a look and by a time set, each from reading the copy's mtime to writing the
+    /// index: the release of a handle comes after its close has returned, so it can race
+    /// the `utimes` that follows (see `before_times_set`).
+    look: Arc<Mutex<()>>,
 }
 
 impl InPlace {
@@ -63,11 +70,22 @@ impl InPlace {
     }
 
     fn file(&self, ino: u64) -> Option<Arc<File>> {
+        self.entry(ino).map(|(file, _)| file)
+    }
+
+    /// The file writers in place write for `ino`, and its look's lock.
+    fn entry(&self, ino: u64) -> Option<(Arc<File>, Arc<Mutex<()>>)> {
         if self.count.load(Ordering::Acquire) == 0 {
             return None;
         }
-        self.writers().get(&ino).map(|w| w.file.clone())
+        self.writers()
+            .get(&ino)
+            .map(|w| (w.file.clone(), w.look.clone()))
     }
+}
+
+fn held(look: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    look.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether two open files are one file on disk.
@@ -102,7 +120,11 @@ impl SimFs {
                 self.local.mark_in_place(h.ino, &file)?;
                 file.set_modified(UNWRITTEN)?;
                 self.in_place.count.fetch_add(1, Ordering::AcqRel);
-                e.insert(Writers { handles: 0, file })
+                e.insert(Writers {
+                    handles: 0,
+                    file,
+                    look: Arc::default(),
+                })
             }
         };
         w.handles += 1;
@@ -130,9 +152,15 @@ impl SimFs {
     /// Takes in what writers in place wrote to `ino` so far into the index (its size and
     /// times, pending upload); whether they wrote anything.
     pub(super) fn adopt_in_place(&self, ino: u64) -> FsResult<bool> {
-        let Some(file) = self.in_place.file(ino) else {
+        let Some((file, look)) = self.in_place.entry(ino) else {
             return Ok(false);
         };
+        let _look = held(&look);
+        self.adopt_file(ino, &file)
+    }
+
+    /// `adopt_in_place` with the look's lock held.
+    fn adopt_file(&self, ino: u64, file: &File) -> FsResult<bool> {
         let md = file.metadata()?;
         if md.modified()? == UNWRITTEN {
             return Ok(false);
@@ -149,10 +177,14 @@ impl SimFs {
     /// The times of `ino` are about to be set: writes made in place so far are taken in
     /// first, and the copy's mtime goes back to the sentinel (see the module's notes).
     pub(super) fn before_times_set(&self, ino: u64) -> FsResult<()> {
-        let Some(file) = self.in_place.file(ino) else {
+        let Some((file, look)) = self.in_place.entry(ino) else {
             return Ok(());
         };
-        self.adopt_in_place(ino)?;
+        // A look between this one and the sentinel would read the write's time and could
+        // record it after the time being set: a `cp -p` or rsync run lost the times it set
+        // (most often on a `sync` mount, where the release is answered off the FUSE thread).
+        let _look = held(&look);
+        self.adopt_file(ino, &file)?;
         file.set_modified(UNWRITTEN)?;
         Ok(())
     }
