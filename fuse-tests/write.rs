@@ -556,6 +556,70 @@ fn ls_cp_a_and_rsync_a_work_without_extended_attributes() {
     }
 }
 
+/// rsync, and programs that write a file, close it and then set its times (a Python
+/// `os.utime` after the write), set them while the kernel's release of the writer's handle
+/// may still be on its way to simfs: on a `sync` mount that release is answered off the
+/// FUSE thread, and its look at the file once recorded the write's time over the one set.
+/// Every time set is kept, on the writer and on a fresh node.
+#[test]
+fn times_set_right_after_writing_are_kept_on_a_sync_mount() {
+    const FILES: u32 = 150;
+    let az = empty_container("times");
+    let src = tempfile::tempdir().unwrap();
+    sh(
+        src.path(),
+        &format!(
+            "mkdir tree && for i in $(seq {FILES}); do echo $i > tree/f$i; \
+             touch -d \"2020-01-02 03:04:$((i % 60))\" tree/f$i; done"
+        ),
+    );
+    let tree = src.path().join("tree");
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount(&az, "times", cache.path(), &["--sync"]);
+    sh(
+        m.path(),
+        &format!("rsync -a {}/ by-rsync && mkdir by-python", tree.display()),
+    );
+    let py = format!(
+        "import os, sys\n\
+         for i in range(1, {FILES} + 1):\n\
+         \x20   src, dst = os.path.join(sys.argv[1], f'f{{i}}'), f'by-python/f{{i}}'\n\
+         \x20   with open(dst, 'wb') as f: f.write(open(src, 'rb').read())\n\
+         \x20   st = os.stat(src)\n\
+         \x20   os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))\n"
+    );
+    let out = Command::new("python3")
+        .args(["-c", &py, tree.to_str().unwrap()])
+        .current_dir(m.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let check = |root: &Path| {
+        for copy in ["by-rsync", "by-python"] {
+            for i in 1..=FILES {
+                let name = format!("f{i}");
+                let got = std::fs::metadata(root.join(copy).join(&name)).unwrap();
+                let want = std::fs::metadata(tree.join(&name)).unwrap();
+                assert_eq!(
+                    (got.mtime(), got.len()),
+                    (want.mtime(), want.len()),
+                    "{copy}/{name} in {}",
+                    root.display()
+                );
+            }
+        }
+    };
+    check(m.path());
+    m.unmount();
+    let fresh = tempfile::tempdir().unwrap();
+    let n = mount(&az, "times", fresh.path(), &[]);
+    check(n.path());
+}
+
 #[test]
 fn a_listing_cached_by_the_kernel_follows_changes_through_the_mount() {
     listing_follows_changes("listing", &[]);
