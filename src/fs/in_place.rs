@@ -181,8 +181,9 @@ impl SimFs {
             return Ok(());
         };
         // A look between this one and the sentinel would read the write's time and could
-        // record it after the time being set: a `cp -p` or rsync run lost the times it set
-        // (most often on a `sync` mount, where the release is answered off the FUSE thread).
+        // record it after the time being set: rsync, and a Python copy setting times after
+        // its close, lost the times they set (on a `sync` mount, where the release is
+        // answered off the FUSE thread).
         let _look = held(&look);
         self.adopt_file(ino, &file)?;
         file.set_modified(UNWRITTEN)?;
