@@ -275,10 +275,11 @@ fn a_file_written_in_place_fsynced_closed_and_renamed_sends_its_bytes_once_in_on
     }
 }
 
-/// rsync and `cp -p` set a file's times right after writing it. The kernel sends the
-/// release of the writer's handle after close has returned, so it can reach simfs while
-/// that setattr is under way, on another thread: the release's last look at the copy must
-/// never put the time of the write back over the time just set.
+/// rsync, and programs that copy with Python's `os.utime`, set a file's times right after
+/// closing it. The kernel sends the release of the writer's handle after close has
+/// returned, so it can reach simfs while that setattr is under way, on another thread: the
+/// release's last look at the copy must never put the time of the write back over the time
+/// just set.
 #[test]
 fn a_time_set_right_after_close_is_kept_against_the_release_racing_it() {
     use simfs::posix::{AttrChanges, SetTime};
