@@ -36,6 +36,7 @@
 //! Writers of files not written on this node (only cached clean) write through simfs.
 
 use super::{FsError, FsResult, ListedEntry, SimFs};
+use crate::locks::InodeLocks;
 use crate::posix::Attr;
 use std::collections::hash_map::{Entry, HashMap};
 use std::fs::File;
@@ -53,15 +54,15 @@ pub(super) struct InPlace {
     writers: Mutex<HashMap<u64, Writers>>,
     /// How many inodes have writers in place: getattr looks at the map only when some do.
     count: std::sync::atomic::AtomicUsize,
+    /// Held by a look and by a time set, each from reading the copy's mtime to writing the
+    /// index: the release of a handle comes after its close has returned, so it can race
+    /// the `utimes` that follows (see `before_times_set`).
+    looks: InodeLocks,
 }
 
 struct Writers {
     handles: usize,
     file: Arc<File>,
-    /// Held by a look and by a time set, each from reading the copy's mtime to writing the
-    /// index: the release of a handle comes after its close has returned, so it can race
-    /// the `utimes` that follows (see `before_times_set`).
-    look: Arc<Mutex<()>>,
 }
 
 impl InPlace {
@@ -70,22 +71,11 @@ impl InPlace {
     }
 
     fn file(&self, ino: u64) -> Option<Arc<File>> {
-        self.entry(ino).map(|(file, _)| file)
-    }
-
-    /// The file writers in place write for `ino`, and its look's lock.
-    fn entry(&self, ino: u64) -> Option<(Arc<File>, Arc<Mutex<()>>)> {
         if self.count.load(Ordering::Acquire) == 0 {
             return None;
         }
-        self.writers()
-            .get(&ino)
-            .map(|w| (w.file.clone(), w.look.clone()))
+        self.writers().get(&ino).map(|w| w.file.clone())
     }
-}
-
-fn held(look: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
-    look.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Whether two open files are one file on disk.
@@ -120,11 +110,7 @@ impl SimFs {
                 self.local.mark_in_place(h.ino, &file)?;
                 file.set_modified(UNWRITTEN)?;
                 self.in_place.count.fetch_add(1, Ordering::AcqRel);
-                e.insert(Writers {
-                    handles: 0,
-                    file,
-                    look: Arc::default(),
-                })
+                e.insert(Writers { handles: 0, file })
             }
         };
         w.handles += 1;
@@ -152,24 +138,25 @@ impl SimFs {
     /// Takes in what writers in place wrote to `ino` so far into the index (its size and
     /// times, pending upload); whether they wrote anything.
     pub(super) fn adopt_in_place(&self, ino: u64) -> FsResult<bool> {
-        let Some((file, look)) = self.in_place.entry(ino) else {
+        let Some(file) = self.in_place.file(ino) else {
             return Ok(false);
         };
-        let _look = held(&look);
+        let _look = self.in_place.looks.lock(&ino);
         self.adopt_file(ino, &file)
     }
 
     /// `adopt_in_place` with the look's lock held.
     fn adopt_file(&self, ino: u64, file: &File) -> FsResult<bool> {
         let md = file.metadata()?;
-        if md.modified()? == UNWRITTEN {
+        let mtime = md.modified()?;
+        if mtime == UNWRITTEN {
             return Ok(false);
         }
         // The copy's own mtime, the time of the last write the kernel made, not the look's:
         // a look that finds nothing new since the last one then changes nothing either, and
         // a file fsynced and then closed keeps the metadata its fsync committed.
         let (_, due) = self.due()?;
-        self.index.wrote(ino, md.len(), md.modified()?, due)?;
+        self.index.wrote(ino, md.len(), mtime, due)?;
         self.changed(due);
         Ok(true)
     }
@@ -177,14 +164,14 @@ impl SimFs {
     /// The times of `ino` are about to be set: writes made in place so far are taken in
     /// first, and the copy's mtime goes back to the sentinel (see the module's notes).
     pub(super) fn before_times_set(&self, ino: u64) -> FsResult<()> {
-        let Some((file, look)) = self.in_place.entry(ino) else {
+        let Some(file) = self.in_place.file(ino) else {
             return Ok(());
         };
         // A look between this one and the sentinel would read the write's time and could
         // record it after the time being set: rsync, and a Python copy setting times after
         // its close, lost the times they set (on a `sync` mount, where the release is
         // answered off the FUSE thread).
-        let _look = held(&look);
+        let _look = self.in_place.looks.lock(&ino);
         self.adopt_file(ino, &file)?;
         file.set_modified(UNWRITTEN)?;
         Ok(())
