@@ -1150,3 +1150,23 @@ fn a_directory_renamed_while_its_child_uploads_leaves_nothing_at_the_old_path() 
     assert_eq!(read_all(&n, "b/sub/f").unwrap(), b"data");
     assert!(path(&n, "a").is_err());
 }
+
+/// On ext4 the cache's folder asks for its folders (hydrated files, local copies) to be
+/// placed away from the folder holding the cache, where the job's own files churn.
+#[test]
+fn the_cache_folder_spreads_its_folders_on_ext4() {
+    let w = rw(fixture());
+    let cache = w.state.join("cache");
+    // SAFETY: statfs fills the zeroed struct it is given.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(cache.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
+    const EXT4: libc::c_long = 0xEF53;
+    if st.f_type as libc::c_long != EXT4 {
+        eprintln!("skipped: {} is not on ext4", cache.display());
+        return;
+    }
+    assert_eq!(simfs::cache::spreads_children(&cache), Some(true));
+    // A folder made before it, the state folder, is left as it was.
+    assert_eq!(simfs::cache::spreads_children(&w.state), Some(false));
+}
