@@ -16,6 +16,8 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 # rsync: a fuse-test copies a tree onto the mount with rsync -a.
 command -v rsync >/dev/null 2>&1 || need_apt+=(rsync)
+# strace: a fuse-test checks that cp asks the mount for copy_file_range.
+command -v strace >/dev/null 2>&1 || need_apt+=(strace)
 # run-all prints the threads of a test that hangs.
 command -v gdb >/dev/null 2>&1 || need_apt+=(gdb)
 if ((${#need_apt[@]})); then

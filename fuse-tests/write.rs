@@ -836,3 +836,35 @@ fn random_writes_truncates_and_appends_beside_a_direct_writer_read_back_exactly(
         "a fresh node"
     );
 }
+
+/// `cp` within the mount asks for copy_file_range first (coreutils 9): simfs declines it, the
+/// kernel copies with reads and writes, the copy is exact and the daemon's log says nothing
+/// about it.
+#[test]
+fn a_copy_within_the_mount_is_exact_and_leaves_the_log_quiet() {
+    let az = empty_container("copied");
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = mount(&az, "copied", cache.path(), &[]);
+    let r = m.path().to_path_buf();
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(r.join("src.bin"), &data).unwrap();
+    let out = Command::new("strace")
+        .args(["-f", "-e", "trace=copy_file_range", "cp"])
+        .arg(r.join("src.bin"))
+        .arg(r.join("dst.bin"))
+        .output()
+        .unwrap();
+    let trace = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cp failed: {trace}");
+    assert!(
+        trace.contains("copy_file_range("),
+        "cp did not ask for copy_file_range: {trace}"
+    );
+    assert_eq!(std::fs::read(r.join("dst.bin")).unwrap(), data);
+    let log = m.log_text();
+    assert!(!log.contains("Not Implemented"), "{log}");
+    m.unmount();
+    let fresh_cache = tempfile::tempdir().unwrap();
+    let n = mount(&az, "copied", fresh_cache.path(), &[]);
+    assert_eq!(std::fs::read(n.path().join("dst.bin")).unwrap(), data);
+}
