@@ -207,9 +207,14 @@ pub(crate) fn init_logging() {
     // When umount(8) or fusermount3 unmounted the filesystem, fuser's session tries again
     // as it ends and warns "Failed to umount filesystem: Invalid argument" every time: the
     // mount is already gone, so that warning says nothing (an unmount by signal is simfs's
-    // own and reports its errors).
+    // own and reports its errors). A reply fuser cannot send is one the kernel no longer
+    // waits for: the request was interrupted (a job stopped with Ctrl-C mid-read, answered
+    // ENOENT) or the mount is gone (ENODEV, which simfs reports itself); fuser logs each as
+    // an ERROR, which users took for a fault.
     let filter = tracing_subscriber::EnvFilter::try_from_env("SIMFS_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,fuser::session=error,fuser::mnt=error")
+        tracing_subscriber::EnvFilter::new(
+            "info,fuser::session=error,fuser::mnt=error,fuser::reply=off",
+        )
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
