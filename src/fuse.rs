@@ -991,7 +991,7 @@ impl Filesystem for SimFuse {
 
     /// Not offered: the kernel copies with reads and writes instead, which simfs serves as
     /// any others, and stops asking. (fuser's default answers the same but logs a warning
-    /// at every mount's first `cp`, which users took for a fault.)
+    /// at every mount's first `cp`, which reads as a fault.)
     fn copy_file_range(
         &self,
         _req: &Request,

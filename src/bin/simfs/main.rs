@@ -210,7 +210,7 @@ pub(crate) fn init_logging() {
     // own and reports its errors). A reply fuser cannot send is one the kernel no longer
     // waits for: the request was interrupted (a job stopped with Ctrl-C mid-read, answered
     // ENOENT) or the mount is gone (ENODEV, which simfs reports itself); fuser logs each as
-    // an ERROR, which users took for a fault.
+    // an ERROR, which reads as a fault.
     let filter = tracing_subscriber::EnvFilter::try_from_env("SIMFS_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
             "info,fuser::session=error,fuser::mnt=error,fuser::reply=off",
