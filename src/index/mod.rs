@@ -34,6 +34,7 @@ pub mod names;
 pub mod refresh;
 mod riders;
 pub mod snapshot;
+mod vfs;
 pub mod write;
 mod written;
 
@@ -73,8 +74,11 @@ const STATEMENTS: usize = 256;
 /// the daemon's CPU during a `pip install` into the mount. With this one the process holds
 /// one exclusive lock on the index for as long as a connection is open, and the log's
 /// index lives in the heap. Another process cannot open a serving mount's index (`simfs
-/// status` asks the daemon instead); nothing else ever needed to.
-const VFS: &std::ffi::CStr = c"unix-excl";
+/// status` asks the daemon instead); nothing else ever needed to. Connections reach it
+/// through `vfs.rs`, which writes each commit's log frames with one call.
+fn vfs_name() -> &'static std::ffi::CStr {
+    vfs::name()
+}
 
 /// The SQLite encoding of a kind.
 fn kind_code(k: Kind) -> i64 {
@@ -423,7 +427,7 @@ impl Index {
         let c = Connection::open_with_flags_and_vfs(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            VFS,
+            vfs_name(),
         )?;
         c.pragma_update(None, "query_only", true)?;
         c.pragma_update(None, "cache_size", -16_000)?;
@@ -481,7 +485,8 @@ impl Index {
             }
         };
         if guard.is_none() {
-            let c = Connection::open_with_flags_and_vfs(&self.path, OpenFlags::default(), VFS)?;
+            let c =
+                Connection::open_with_flags_and_vfs(&self.path, OpenFlags::default(), vfs_name())?;
             c.pragma_update(None, "journal_mode", "WAL")?;
             // A process crash loses nothing committed with NORMAL in WAL mode; only a power
             // loss could, and the cache disk does not survive that anyway.
