@@ -24,6 +24,9 @@
 //! byte sum up to date by triggers, so `statfs` reads one row. Lookups and getattrs are
 //! answered from hot rows kept in memory when they can be (`memo.rs`); every commit puts
 //! back the rows it changed as they now stand (a few) or drops them (many).
+//!
+//! Every connection goes through `vfs.rs`, which writes each commit's log frames with one
+//! call instead of two per changed page.
 
 pub mod build;
 mod checkpoint;

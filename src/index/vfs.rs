@@ -334,7 +334,7 @@ unsafe extern "C" fn truncate(p: *mut ffi::sqlite3_file, size: ffi::sqlite3_int6
         let rc = forward!(p, xTruncate, ffi::SQLITE_IOERR_TRUNCATE, size);
         let held = (*p.cast::<File>()).held;
         if rc == ffi::SQLITE_OK && !held.is_null() {
-            (*held).end = (*held).end.min(size);
+            (*held).end = size;
         }
         rc
     })
