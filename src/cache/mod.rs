@@ -262,8 +262,8 @@ const FS_TOPDIR_FL: libc::c_int = 0x0002_0000;
 /// The cache's folders sat in the groups of the folder holding the cache, beside the job's
 /// own files when the job works on the same disk: a `pip install` into the mount unpacks
 /// its wheels on that disk and deletes them, and then each local copy simfs made paid for
-/// those deletions (9 % of the daemon's CPU in a profile of one). Best effort: other filesystems ignore the
-/// flag or refuse it, and folders already made stay where they are.
+/// those deletions (9 % of the daemon's CPU in a profile of one). Best effort: other
+/// filesystems ignore the flag or refuse it, and folders already made stay where they are.
 pub(crate) fn spread_children(dir: &Path) {
     use std::os::fd::AsRawFd;
     let Ok(d) = File::open(dir) else {
