@@ -93,7 +93,7 @@ fn checkpoint(conn: &mut Option<rusqlite::Connection>, path: &Path) -> rusqlite:
         None => conn.insert(rusqlite::Connection::open_with_flags_and_vfs(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            super::vfs_name(),
+            super::vfs::name(),
         )?),
     };
     c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))

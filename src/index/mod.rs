@@ -71,18 +71,6 @@ const SCHEMA_VERSION: &str = "2";
 /// distinct statements one close or upload runs: past it every statement was parsed again
 /// (SQLite's parser showed in a profile of `pip install`).
 const STATEMENTS: usize = 256;
-/// The SQLite VFS of every connection to an index: unix's, with the locks between this
-/// process's connections kept in memory. The default VFS takes a POSIX lock on the `-shm`
-/// file (an fcntl call) at the start and end of every read and write transaction: 6 % of
-/// the daemon's CPU during a `pip install` into the mount. With this one the process holds
-/// one exclusive lock on the index for as long as a connection is open, and the log's
-/// index lives in the heap. Another process cannot open a serving mount's index (`simfs
-/// status` asks the daemon instead); nothing else ever needed to. Connections reach it
-/// through `vfs.rs`, which writes each commit's log frames with one call.
-fn vfs_name() -> &'static std::ffi::CStr {
-    vfs::name()
-}
-
 /// The SQLite encoding of a kind.
 fn kind_code(k: Kind) -> i64 {
     match k {
@@ -430,7 +418,7 @@ impl Index {
         let c = Connection::open_with_flags_and_vfs(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            vfs_name(),
+            vfs::name(),
         )?;
         c.pragma_update(None, "query_only", true)?;
         c.pragma_update(None, "cache_size", -16_000)?;
@@ -489,7 +477,7 @@ impl Index {
         };
         if guard.is_none() {
             let c =
-                Connection::open_with_flags_and_vfs(&self.path, OpenFlags::default(), vfs_name())?;
+                Connection::open_with_flags_and_vfs(&self.path, OpenFlags::default(), vfs::name())?;
             c.pragma_update(None, "journal_mode", "WAL")?;
             // A process crash loses nothing committed with NORMAL in WAL mode; only a power
             // loss could, and the cache disk does not survive that anyway.
