@@ -120,6 +120,16 @@ fn prometheus_scrapes_what_the_mount_did_and_the_wire_agrees() {
         Some(1.0),
         "Prometheus scrapes the mount"
     );
+    assert_eq!(
+        prom.until("simfs_writeback_upload_window", |v| v == 16.0),
+        Some(16.0),
+        "an idle mount's background starts at 16 uploads at once"
+    );
+    assert_eq!(
+        prom.until("simfs_writeback_uploads_in_flight", |v| v == 0.0),
+        Some(0.0),
+        "and has none under way"
+    );
 
     // Cold reads of every file, then one again (a hit).
     let files = walk(m.path());

@@ -38,6 +38,9 @@ pub struct Levels {
     pub pending_files: u64,
     pub pending_bytes: u64,
     pub oldest_pending_seconds: f64,
+    /// Uploads under way now, and how many the background would run at once now.
+    pub uploads_in_flight: u64,
+    pub upload_window: u64,
     pub index_entries: u64,
     pub refresh_last_success_unix: Option<f64>,
     pub refresh_last_seconds: Option<f64>,
@@ -97,6 +100,16 @@ const LEVELS: &[(&str, &str, Option<Unit>)] = &[
         "writeback_oldest_pending_age",
         "Age of the oldest change not yet committed",
         Some(Unit::Seconds),
+    ),
+    (
+        "writeback_uploads_in_flight",
+        "Uploads under way now, in the background and waited for (fsync, sync)",
+        None,
+    ),
+    (
+        "writeback_upload_window",
+        "How many uploads the background runs at once now, adapted to how the service answers",
+        None,
     ),
     ("index_entries", "Entries (names) in the index", None),
     (
@@ -257,6 +270,8 @@ impl Metrics {
             self.level("writeback_pending_files", l.pending_files as f64);
             self.level("writeback_pending", l.pending_bytes as f64);
             self.level("writeback_oldest_pending_age", l.oldest_pending_seconds);
+            self.level("writeback_uploads_in_flight", l.uploads_in_flight as f64);
+            self.level("writeback_upload_window", l.upload_window as f64);
             self.level("index_entries", l.index_entries as f64);
             if let Some(t) = l.refresh_last_success_unix {
                 self.level("refresh_last_success_timestamp", t);
@@ -487,6 +502,8 @@ mod tests {
         drop(m.fuse("lookup"));
         m.set_source(Box::new(|| Levels {
             pending_files: 3,
+            uploads_in_flight: 5,
+            upload_window: 16,
             ..Default::default()
         }));
         let text = m.render();
@@ -496,6 +513,11 @@ mod tests {
         );
         assert!(text.contains("simfs_fuse_request_seconds_count{opcode=\"lookup\"}"));
         assert!(text.contains("simfs_writeback_pending_files 3"), "{text}");
+        assert!(
+            text.contains("simfs_writeback_uploads_in_flight 5"),
+            "{text}"
+        );
+        assert!(text.contains("simfs_writeback_upload_window 16"), "{text}");
         assert!(text.contains("simfs_process_threads "), "{text}");
     }
 

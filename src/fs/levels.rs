@@ -1,5 +1,5 @@
 //! The mount's levels for the metrics endpoint, read when Prometheus scrapes: cache use,
-//! pending uploads, index size and the last refresh. Each is read from where it lives (the
+//! pending uploads and the uploads under way, index size and the last refresh. Each is read from where it lives (the
 //! cache's counters, the journal, the index), so nothing is kept twice.
 
 use super::SimFs;
@@ -20,6 +20,10 @@ impl SimFs {
             .and_then(|t| SystemTime::now().duration_since(t).ok())
             .map_or(0.0, |d| d.as_secs_f64());
         let report = crate::refresh::last_report(index);
+        let (uploads_in_flight, upload_window) = self
+            .writeback
+            .as_ref()
+            .map_or((0, 0), |wb| wb.uploads_now());
         Levels {
             cache_used_bytes: cache.used,
             cache_limit_bytes: cache.capacity,
@@ -27,6 +31,8 @@ impl SimFs {
             pending_files,
             pending_bytes,
             oldest_pending_seconds: oldest,
+            uploads_in_flight,
+            upload_window,
             index_entries: index.entry_count().unwrap_or(0),
             refresh_last_success_unix: report.as_ref().and_then(|r| {
                 (r.started + r.took)

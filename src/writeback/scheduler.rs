@@ -227,6 +227,14 @@ impl Concurrency {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(step(n)));
     }
 
+    /// Uploads under way now, and how many the background would run at once now.
+    fn levels(&self) -> (u64, u64) {
+        (
+            self.in_flight.load(Ordering::Relaxed) as u64,
+            self.now() as u64,
+        )
+    }
+
     fn pushed_back(&self) {
         let before = self
             .now
@@ -545,6 +553,12 @@ impl Writeback {
         }
     }
 
+    /// Uploads under way now (background and waited for), and how many the background
+    /// would run at once now (`Concurrency`): for the metrics.
+    pub fn uploads_now(&self) -> (u64, u64) {
+        self.concurrency.levels()
+    }
+
     /// Number of pending changes and the ones failing with their last error.
     pub fn pending(&self) -> WbResult<(u64, Vec<Failing>)> {
         Ok((self.index.pending()?.0, self.index.failing()?))
@@ -693,6 +707,17 @@ mod tests {
             c.succeeded(ms(20 + (i % 11)), 3000, c.now() - 1);
         }
         assert_eq!(c.now(), MOST);
+    }
+
+    #[test]
+    fn the_metrics_levels_are_the_uploads_under_way_and_the_window_now() {
+        let c = Concurrency::default();
+        assert_eq!(c.levels(), (0, START as u64));
+        let (a, b) = (c.begin(), c.begin());
+        c.pushed_back();
+        assert_eq!(c.levels(), (2, (START / 2) as u64));
+        drop((a, b));
+        assert_eq!(c.levels(), (0, (START / 2) as u64));
     }
 
     #[test]
