@@ -1,6 +1,7 @@
 //! The mount's levels for the metrics endpoint, read when Prometheus scrapes: cache use,
-//! pending uploads and the uploads under way, index size and the last refresh. Each is read from where it lives (the
-//! cache's counters, the journal, the index), so nothing is kept twice.
+//! pending uploads and the uploads under way, index size and the last refresh. Each is read
+//! from where it lives (the cache's counters, the journal, write-back, the index), so
+//! nothing is kept twice.
 
 use super::SimFs;
 use crate::metrics::Levels;
