@@ -7,6 +7,7 @@
 #   bench_service 5                 # sets $direct and $slow endpoints; DELAY_PROXY_COUNTS and
 #                                   # SERVICE_CPUS (bench_isolate_service) honoured
 #   bench_apt fio autoreconf:autoconf   # installs missing Debian packages
+#   bench_fuse_floor                # sets $floor_bin: libfuse's passthrough_ll, or empty
 
 bench_pids=""
 bench_mounts=()
@@ -76,6 +77,13 @@ bench_apt() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 }
 
+# bench_apt_packages PACKAGE...: installs Debian packages that provide no command to look for.
+bench_apt_packages() {
+  local SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  echo "bench: installing $*" >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
 # bench_wheels: the numpy and requests wheels in $wheels (downloaded from PyPI once per
 # machine, then never again: pip installs them with --no-index); and the reference client,
 # the Azure SDK for Python, in a venv of its own at $work/sdk (skipped, with a warning, when
@@ -89,6 +97,35 @@ bench_wheels() {
   "$work/sdk/bin/pip" install -q --disable-pip-version-check --find-links "$wheels" azure-storage-blob ||
     echo "bench: no azure-storage-blob (PyPI unreachable?): the SDK reference is skipped" >&2
   "$work/sdk/bin/pip" download -q --disable-pip-version-check --dest "$wheels" azure-storage-blob >/dev/null 2>&1 || true
+}
+
+# bench_fuse_floor: libfuse's passthrough_ll example, the reference FUSE filesystem that
+# answers every request by doing it again on a local folder and nothing else, built once per
+# machine in ~/.cache/simfs-bench; sets floor_bin (empty, with a warning, when it cannot be
+# fetched or built). A workload run through it shows what FUSE alone costs on this machine
+# (every request a round trip through the kernel and two context switches), so a ratio of
+# simfs to native can be read as FUSE's share and simfs's own. The source is libfuse 3.14.0's
+# release as Debian ships it (deb.debian.org, the apt mirror this script already uses),
+# checked against its SHA-256; the example builds against any libfuse3 since.
+bench_fuse_floor() {
+  local dir="$HOME/.cache/simfs-bench/fuse-floor-3.14.0"
+  floor_bin=""
+  if [ ! -x "$dir/passthrough_ll" ]; then
+    bench_apt gcc pkg-config curl
+    dpkg -s libfuse3-dev >/dev/null 2>&1 || bench_apt_packages libfuse3-dev
+    # Each step chained (`set -e` does not apply inside a condition), in a subshell for its cd.
+    # shellcheck disable=SC2046
+    if ! (mkdir -p "$dir" && cd "$dir" &&
+           curl -fsS -o orig.tar.xz http://deb.debian.org/debian/pool/main/f/fuse3/fuse3_3.14.0.orig.tar.xz &&
+           echo "96115b2a8ff34bd1e0c7b00c5dfd8297571d7e165042b94498c9a26356a9a70a  orig.tar.xz" | sha256sum -c --quiet &&
+           tar -xf orig.tar.xz --strip-components=2 fuse-3.14.0/example/passthrough_ll.c fuse-3.14.0/example/passthrough_helpers.h &&
+           gcc -O2 -o passthrough_ll passthrough_ll.c $(pkg-config fuse3 --cflags --libs) &&
+           rm -f orig.tar.xz) >/dev/null 2>&1; then
+      echo "bench: could not fetch or build libfuse's passthrough_ll: the FUSE floor is skipped" >&2
+      return 0
+    fi
+  fi
+  floor_bin="$dir/passthrough_ll"
 }
 
 # cold_start: empties the page cache and touches GIB GiB (default 3) of memory first. This

@@ -16,6 +16,11 @@
 #   drain    after pip on the default (async) mount: `simfs sync` time and the requests the
 #            proxy counted; the same pip on a `-o sync` mount for comparison
 #
+# pip, build and clone also run on the FUSE floor (when it can be built: `bench_fuse_floor`):
+# libfuse's passthrough_ll over a folder on the same disk, long timeouts and the kernel's
+# permission checks as simfs has them. What the floor adds to native is what any FUSE
+# filesystem pays on this machine; what simfs adds to the floor is its own.
+#
 # Each workload starts on a mount with nothing pending (an untimed `simfs sync` after the one
 # before). Before the first of stream, fio and zero, MEM_TOUCH_GIB (default 4; 0: skip) GiB of
 # memory are touched once: this VM backs memory on first touch, and a 1 GiB write into
@@ -56,6 +61,7 @@ for c in w-async w-sync w-ref; do
 done
 # The wheels pip installs, and the reference uploader (the Azure SDK for Python).
 bench_wheels
+bench_fuse_floor
 # A small autotools project: 60 sources.
 proj="$work/cproj"; mkdir -p "$proj/src"
 cat > "$proj/configure.ac" <<'AC'
@@ -103,20 +109,28 @@ sdk_cs="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eb
 results="$work/results.txt"; : > "$results"
 # The async mount's daemon, whose CPU each workload on it is charged.
 daemon="$(pgrep -n -f "cache-dir $work/cache-a")" || { echo "bench: no daemon found for the async mount" >&2; exit 1; }
+floor_pid=""
+if [ -n "$floor_bin" ]; then
+  mkdir -p "$work/floor-back"; bench_mount_point "$work/floor"
+  "$floor_bin" -o cache=always,default_permissions,source="$work/floor-back" "$work/floor"
+  floor_pid="$(pgrep -n -f "source=$work/floor-back")" || { echo "bench: the FUSE floor did not start" >&2; exit 1; }
+fi
 # run NAME TARGET_LABEL DIR COMMAND...: times COMMAND in DIR, records "NAME LABEL SECONDS
 # REQUESTS ROUND JOB_CPU DAEMON_CPU" (ROUND: $round, 1 unless set; the CPU seconds of the
-# command and its children, and of the async mount's daemon meanwhile: with SERVICE_CPUS the
-# daemon shares the workload's CPU, and its CPU seconds are part of simfs's wall time).
+# command and its children, and of the async mount's daemon meanwhile, or the floor's for a
+# run on the floor: with SERVICE_CPUS the daemon shares the workload's CPU, and its CPU
+# seconds are part of simfs's wall time).
 round=1
 run() {
   local name="$1" label="$2" dir="$3"; shift 3
   sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-  local r0 t0 t1 r1 c0 c1 job; r0="$(requests)"; c0="$(cpu_of "$daemon")"; t0=$EPOCHREALTIME
+  local r0 t0 t1 r1 c0 c1 job pid="$daemon"; [ "$label" = floor ] && pid="$floor_pid"
+  r0="$(requests)"; c0="$(cpu_of "$pid")"; t0=$EPOCHREALTIME
   # In the command substitution's own shell, so the cd stays there; `time` of a subshell
   # would send its report into the log with the command's output.
   job="$( { TIMEFORMAT='%3U %3S'; time { cd "$dir" && "$@"; } > "$work/$name-$label.log" 2>&1; } 2>&1 )" \
     || { echo "$name on $label failed:" >&2; tail -5 "$work/$name-$label.log" >&2; return 1; }
-  t1=$EPOCHREALTIME; c1="$(cpu_of "$daemon")"; r1="$(requests)"
+  t1=$EPOCHREALTIME; c1="$(cpu_of "$pid")"; r1="$(requests)"
   awk -v n="$name" -v l="$label" -v a="$t0" -v b="$t1" -v r=$((r1 - r0)) -v k="$round" -v j="$job" -v c0="$c0" -v c1="$c1" \
     'BEGIN { split(j, u, " "); printf "%s %s %.2f %d %d %.2f %.2f\n", n, l, b - a, r, k, u[1] + u[2], c1 - c0 }' | tee -a "$results"
 }
@@ -139,7 +153,9 @@ for w in $ONLY; do
     cold_start "${MEM_TOUCH_GIB:-4}"; touched=1 ;;
   esac; fi
   for round in $(seq "$rounds"); do
-  for t in native async; do
+  sides="native async"
+  case "$w" in pip|build|clone) [ -n "$floor_pid" ] && sides="native floor async" ;; esac
+  for t in $sides; do
     d="$work/$t/$w"; [ "$rounds" -gt 1 ] && d="$d/$round"
     mkdir -p "$d"
     run "$w" "$t" "$d" "${w}_job"
@@ -187,6 +203,7 @@ with open(sys.argv[2], "rb") as f:
 done
 "$bin/simfs" unmount "$work/async"
 "$bin/simfs" unmount "$work/sync"
+[ -n "$floor_pid" ] && fusermount3 -u "$work/floor"
 
 python3 - "$results" "$OUT" "$RTT_MS" "${SERVICE_CPUS:-}" <<'PY' | tee "$OUT/table.txt"
 import json, sys, os
@@ -215,6 +232,10 @@ for w in ["pip", "build", "clone", "stream", "fio", "zero", "dd"]:
     if w in ("pip", "build", "clone", "stream"):
         line += (f";  CPU-s: the job {cpu[(w, 'native')][0]:.2f} native, {cpu[(w, 'async')][0]:.2f} on simfs,"
                  f" simfs's daemon {cpu[(w, 'async')][1]:.2f}")
+    if (w, "floor") in r:
+        f = r[(w, "floor")][0]
+        line += (f"\n       FUSE floor (libfuse passthrough_ll) {f:7.2f} s = {f / n:.2f}x native; simfs = {a[0] / f:.2f}x the floor;"
+                 f"  CPU-s: the job {cpu[(w, 'floor')][0]:.2f}, the floor's daemon {cpu[(w, 'floor')][1]:.2f}")
     if w == "dd":
         for ref in ["sdk", "rclone"]:
             if (w, ref) in r:
