@@ -4,8 +4,9 @@
 #
 #   source benches/lib.sh
 #   bench_workdir simfs-cold        # sets $work; removed on exit
-#   bench_service 5                 # sets $direct and $slow endpoints; DELAY_PROXY_COUNTS and
-#                                   # SERVICE_CPUS (bench_isolate_service) honoured
+#   bench_service 5                 # sets $direct and $slow endpoints; DELAY_PROXY_COUNTS,
+#                                   # SERVICE_CPUS (bench_isolate_service) and AZURITE_IN_MEMORY
+#                                   # honoured
 #   bench_apt fio autoreconf:autoconf   # installs missing Debian packages
 #   bench_fuse_floor                # sets $floor_bin: libfuse's passthrough_ll, or empty
 
@@ -36,12 +37,20 @@ wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 
 # bench_service RTT_MS: Azurite on a free port with its data in $work/az, and the delay proxy
 # in front of it; sets direct= (Azurite) and slow= (through the proxy) endpoints.
+# AZURITE_IN_MEMORY=1 keeps Azurite's data in memory instead, for runs of small files only
+# (`ONLY="pip build clone"`). On disk, Azurite saves its whole blob index every 5 s and
+# answers nothing meanwhile: with 20,000 blobs, small PUTs (one every 10 ms for 30 s) waited
+# up to 773 ms, 8 of them over 100 ms; in memory the slowest took 13 ms. A real service never
+# stops like that, and a native directory never waits for one, so the pauses only count
+# against simfs (an fsync, a close on a `sync` mount, a cold read). But in memory Azurite
+# could not take the GiB-sized workloads: after 3 GiB of `stream` its memory was at 7 GB and
+# a 1 GiB upload got no answer for 68 s.
 bench_service() {
-  local az_port proxy_port
+  local az_port proxy_port store=(--location "$work/az")
   az_port="$(free_port)"; proxy_port="$(free_port)"
-  mkdir -p "$work/az"
+  if [ -n "${AZURITE_IN_MEMORY:-}" ]; then store=(--inMemoryPersistence); else mkdir -p "$work/az"; fi
   fuse-tests/node_modules/.bin/azurite-blob --blobHost 127.0.0.1 --blobPort "$az_port" \
-    --location "$work/az" --skipApiVersionCheck --disableTelemetry --silent --loose >/dev/null 2>&1 &
+    "${store[@]}" --skipApiVersionCheck --disableTelemetry --silent --loose >/dev/null 2>&1 &
   bench_pids="$bench_pids $!"
   python3 benches/delay_proxy.py "$proxy_port" "$az_port" "$1" &
   bench_pids="$bench_pids $!"

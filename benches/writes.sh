@@ -35,6 +35,8 @@
 #   SERVICE_CPUS=1 bash benches/writes.sh   # Azurite and the proxy on CPU 1 only, the rest elsewhere
 #   RTT_MS=5 COMMITS=3000 ONLY="pip dd" OUT=/tmp/w bash benches/writes.sh
 #   ROUNDS=3 ONLY="pip build clone" bash benches/writes.sh
+#   AZURITE_IN_MEMORY=1 ONLY="pip build clone" bash benches/writes.sh   # no pauses of Azurite's
+#                                            # own (benches/lib.sh); small files only
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RTT_MS="${RTT_MS:-5}"; COMMITS="${COMMITS:-3000}"; ROUNDS="${ROUNDS:-1}"; ONLY="${ONLY:-pip build clone stream fio zero dd}"
