@@ -81,12 +81,11 @@ bench_apt() {
   local need=() p
   for p in "$@"; do command -v "${p%%:*}" >/dev/null 2>&1 || need+=("${p##*:}"); done
   ((${#need[@]})) || return 0
-  echo "bench: installing ${need[*]}" >&2
-  local SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+  bench_apt_packages "${need[@]}"
 }
 
-# bench_apt_packages PACKAGE...: installs Debian packages that provide no command to look for.
+# bench_apt_packages PACKAGE...: installs these Debian packages (for those that provide no
+# command to look for, `bench_apt` otherwise).
 bench_apt_packages() {
   local SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   echo "bench: installing $*" >&2
