@@ -3,7 +3,7 @@
 # free loopback ports, and a memory-warming step for this kind of VM.
 #
 #   source benches/lib.sh
-#   bench_workdir simfs-cold        # sets $work; removed on exit
+#   bench_workdir simfs-cold        # sets $work (after bench_settle); removed on exit
 #   bench_service 5                 # sets $direct and $slow endpoints; DELAY_PROXY_COUNTS,
 #                                   # SERVICE_CPUS (bench_isolate_service) and AZURITE_IN_MEMORY
 #                                   # honoured
@@ -20,11 +20,40 @@ bench_cleanup() {
   done
   for p in $bench_pids; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
-  [ -n "${work:-}" ] && rm -rf "$work"
+  if [ -n "${work:-}" ]; then
+    rm -rf "$work"
+    mkdir -p "$(dirname "$bench_removed")" && date +%s > "$bench_removed"
+  fi
 }
 
-# bench_workdir NAME: a fresh $work directory, removed (mounts first) on exit.
+# When a bench last removed its work folder (seconds since the epoch), for `bench_settle`.
+bench_removed="$HOME/.cache/simfs-bench/last-removal"
+
+# bench_settle: waits until INODE_SETTLE_SECONDS (default 360) have passed since a bench
+# removed its work folder. On ext4 without a journal (this VM's root filesystem, and a
+# common choice for scratch NVMe), allocating an inode skips every inode of its block group
+# freed in the last 60 s, or the last 360 s while the group's inode table has unwritten
+# changes, which every create makes; each skip is a buffer-cache lookup. A run started right
+# after another removed tens of thousands of files paid that on every create in its fresh
+# cache folder (which ext4 placed among the freed inodes): 28 to 47 % of the daemon's CPU in
+# a clone went to `recently_deleted`, and its CPU per clone doubled, while native clones
+# into fresh folders of /tmp at the same time did not pay it (BENCHMARKS, eighteenth
+# session).
+bench_settle() {
+  local last now left
+  last="$(cat "$bench_removed" 2>/dev/null || echo 0)"
+  now="$(date +%s)"
+  left=$((last + ${INODE_SETTLE_SECONDS:-360} - now))
+  if [ "$left" -gt 0 ]; then
+    echo "bench: a run removed its work folder $((now - last)) s ago; waiting $left s for ext4 to stop skipping the freed inodes (INODE_SETTLE_SECONDS=0 does not wait)" >&2
+    sleep "$left"
+  fi
+}
+
+# bench_workdir NAME: a fresh $work directory, removed (mounts first) on exit; made once no
+# removal by an earlier run can still slow its creates (`bench_settle`).
 bench_workdir() {
+  bench_settle
   work="$(mktemp -d "/tmp/$1.XXXXXX")"
   trap bench_cleanup EXIT
 }
