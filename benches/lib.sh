@@ -33,18 +33,19 @@ bench_cleanup() {
 bench_removed="$HOME/.cache/simfs-bench/last-removal"
 
 # bench_settle: waits until INODE_SETTLE_SECONDS (default 360) have passed since a bench
-# removed a work folder of more than 1,000 files. On ext4 without a journal (this VM's root filesystem, and a
-# common choice for scratch NVMe), allocating an inode skips every inode of its block group
-# freed in the last 60 s, or the last 360 s while the group's inode table has unwritten
-# changes, which every create makes; each skip is a buffer-cache lookup. A run started right
-# after another removed tens of thousands of files paid that on every create in its fresh
-# cache folder (which ext4 placed among the freed inodes): 28 to 47 % of the daemon's CPU in
-# a clone went to `recently_deleted`, and its CPU per clone doubled, while native clones
-# into fresh folders of /tmp at the same time did not pay it (BENCHMARKS, eighteenth
-# session).
+# removed a work folder of more than 1,000 files. On ext4 without a journal (this VM's root
+# filesystem, and a common choice for scratch NVMe), allocating an inode skips every inode
+# of its block group freed in the last 60 s, or the last 360 s while the group's inode table
+# has unwritten changes, which every create makes; each skip is a buffer-cache lookup. A
+# run started right after another removed tens of thousands of files paid that on every
+# create in its fresh cache folder (which ext4 placed among the freed inodes): 28 to 47 % of
+# the daemon's CPU in a clone went to `recently_deleted`, and its CPU per clone doubled,
+# while native clones into fresh folders of /tmp at the same time did not pay it
+# (BENCHMARKS, eighteenth session).
 bench_settle() {
   local last now left
-  last="$(cat "$bench_removed" 2>/dev/null || echo 0)"
+  last="$(cat "$bench_removed" 2>/dev/null || true)"
+  [[ "$last" =~ ^[0-9]+$ ]] || last=0
   now="$(date +%s)"
   left=$((last + ${INODE_SETTLE_SECONDS:-360} - now))
   if [ "$left" -gt 0 ]; then
