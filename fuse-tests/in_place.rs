@@ -157,10 +157,28 @@ fn a_file_laid_out_then_overwritten_in_place_is_committed_whole_and_exact() {
     // A block written after the fsync is staged again at the next; the others are not.
     f.write_all_at(b"last", 0).unwrap();
     f.sync_all().unwrap();
+    let staged = staged_block_ids(&proxy);
+    let mut want = body;
+    want[..4].copy_from_slice(b"last");
+    // What that fsync committed, read by another node while the writer still has the file
+    // open: the contract first, then what it cost (this count once failed in a full suite
+    // run, and alone it cannot tell a lost write from a test that looked too early).
+    {
+        let other = tempfile::tempdir().unwrap();
+        let n = crate::mount(&az, "laidout", other.path(), &[]);
+        let committed = std::fs::read(n.path().join("data.bin")).unwrap();
+        assert!(
+            committed == want,
+            "the second fsync committed the file as it was (first bytes {:?}); requests: {:#?}",
+            &committed[..4],
+            proxy.injected()
+        );
+    }
     assert_eq!(
-        staged_block_ids(&proxy).len(),
+        staged.len(),
         before + 4,
-        "block 0 again, and no other"
+        "block 0 again, and no other; requests: {:#?}",
+        proxy.injected()
     );
     drop(f);
     let (writes, passthrough) = writes_seen(&m);
@@ -168,8 +186,6 @@ fn a_file_laid_out_then_overwritten_in_place_is_committed_whole_and_exact() {
         assert_eq!(writes, 0, "the kernel wrote in place");
     }
     unmount_clean(&mut m);
-    let mut want = body;
-    want[..4].copy_from_slice(b"last");
     let fresh = tempfile::tempdir().unwrap();
     let n = crate::mount(&az, "laidout", fresh.path(), &[]);
     assert!(std::fs::read(n.path().join("data.bin")).unwrap() == want);
