@@ -170,7 +170,7 @@ fn a_file_laid_out_then_overwritten_in_place_is_committed_whole_and_exact() {
         assert!(
             committed == want,
             "the second fsync committed the file as it was (first bytes {:?}); requests: {:#?}",
-            &committed[..4],
+            committed.get(..4),
             proxy.injected()
         );
     }
