@@ -160,20 +160,22 @@ fn a_file_laid_out_then_overwritten_in_place_is_committed_whole_and_exact() {
     let staged = staged_block_ids(&proxy);
     let mut want = body;
     want[..4].copy_from_slice(b"last");
-    // What that fsync committed, read by another node while the writer still has the file
-    // open: the contract first, then what it cost (this count once failed in a full suite
-    // run, and alone it cannot tell a lost write from a test that looked too early).
-    {
-        let other = tempfile::tempdir().unwrap();
-        let n = crate::mount(&az, "laidout", other.path(), &[]);
-        let committed = std::fs::read(n.path().join("data.bin")).unwrap();
-        assert!(
-            committed == want,
-            "the second fsync committed the file as it was (first bytes {:?}); requests: {:#?}",
-            committed.get(..4),
-            proxy.injected()
-        );
-    }
+    // The file as the container holds it, read by a node with an empty cache.
+    let committed = || {
+        let cache = tempfile::tempdir().unwrap();
+        let n = crate::mount(&az, "laidout", cache.path(), &[]);
+        std::fs::read(n.path().join("data.bin")).unwrap()
+    };
+    // What that fsync committed, read while the writer still has the file open: the
+    // contract first, then what it cost (this count once failed in a full suite run, and
+    // alone it cannot tell a lost write from a test that looked too early).
+    let after_fsync = committed();
+    assert!(
+        after_fsync == want,
+        "the second fsync committed the file as it was (first bytes {:?}); requests: {:#?}",
+        after_fsync.get(..4),
+        proxy.injected()
+    );
     assert_eq!(
         staged.len(),
         before + 4,
@@ -186,9 +188,7 @@ fn a_file_laid_out_then_overwritten_in_place_is_committed_whole_and_exact() {
         assert_eq!(writes, 0, "the kernel wrote in place");
     }
     unmount_clean(&mut m);
-    let fresh = tempfile::tempdir().unwrap();
-    let n = crate::mount(&az, "laidout", fresh.path(), &[]);
-    assert!(std::fs::read(n.path().join("data.bin")).unwrap() == want);
+    assert!(committed() == want);
 }
 
 #[test]
